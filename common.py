@@ -1,0 +1,529 @@
+"""Shared core of the H. pylori patch classifier: dataset discovery, patient IDs, splits, model, metrics.
+
+Splits and content hashes live in splits.py. Imported by train.py, evaluate.py, audit_leakage.py and bench.py; nothing here runs at import.
+
+    import common
+    data = common.load_data("HelicoDataSet")            # discover + join workbook rows to files
+    train = common.select(data.labelled, ["B22-47", "B22-111"], include_aug=True)
+    ds = common.PatchDataset(data.root, train, image_size=256)
+
+Every bad input raises DataError with a one-line message naming the file, row or flag; scripts turn it into
+`error: ...` on stderr and exit code 2 (EXIT_BAD_INPUT).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+EXIT_OK, EXIT_LEAK, EXIT_BAD_INPUT = 0, 1, 2
+ANNOTATION_NAMES = ("HP_WSI-CoordAllAnnotatedPatches", "HP_WSI-CoordAnnotatedAllPatches",
+                    "HP_WSI-CoordAnnotatedPatches")  # the names other copies of the dataset use; .xlsx or .csv
+DIAGNOSIS_NAME = "PatientDiagnosis.csv"
+DIAGNOSES = ("NEGATIVA", "BAIXA", "ALTA")  # BAIXA (low density) and ALTA (high) both mean infected
+DEFAULT_REFERENCE = "CrossValidation/Annotated/B22-47_0/01653.png"  # the original pipeline's stain reference
+SOURCES = ("annotated", "supplemental", "holdout")
+
+
+class DataError(Exception):
+    """A bad input: the message is one line naming the file, row or flag."""
+
+
+# ----------------------------------------------------------------------------------------------- names
+_FOLDER = re.compile(r"^(?P<patient>.+?)_(?P<section>\d+)$")
+_PATCH = re.compile(r"^(?P<window>\d+)(?:_Aug(?P<aug>\d+))?\.png$", re.IGNORECASE)
+_WINDOW_ID = re.compile(r"^(?P<window>\d+)(?:_Aug(?P<aug>\d+))?$", re.IGNORECASE)
+
+
+def patient_id(folder_name: str) -> str:
+    """`B22-111_0` and `B22-111_1` -> `B22-111`: strip the section suffix. Exact parsing, never a prefix match."""
+    name = Path(str(folder_name).strip()).name
+    m = _FOLDER.match(name)
+    return m.group("patient") if m else name
+
+
+def folder_section(folder_name: str) -> int | None:
+    m = _FOLDER.match(Path(folder_name).name)
+    return int(m.group("section")) if m else None
+
+
+def parse_patch_name(file_name: str) -> tuple[int, int | None] | None:
+    """`00902_Aug3.png` -> (902, 3); `388.png` -> (388, None); anything else -> None."""
+    m = _PATCH.match(file_name)
+    if not m:
+        return None
+    return int(m.group("window")), (int(m.group("aug")) if m.group("aug") else None)
+
+
+def annotated_file_name(window: int, aug: int | None) -> str:
+    """Annotated files pad the window number (not the whole stem) to 5 digits: `00902_Aug1.png`."""
+    return f"{window:05d}" + (f"_Aug{aug}" if aug is not None else "") + ".png"
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+@dataclass(frozen=True)
+class Annotation:
+    patient: str
+    section: int | None
+    window: int
+    aug: int | None      # K of `_AugK`, None for an original window
+    presence: int        # 1 present, -1 absent, 0 uncertain
+    row: int             # 1-based row in the sheet (header = row 1), for error messages
+    i: int | None = None
+    j: int | None = None
+    h: int | None = None
+    w: int | None = None
+
+
+def find_metadata(root: Path, names: tuple[str, ...], suffixes: tuple[str, ...]) -> Path | None:
+    for name in names:
+        for suffix in suffixes:
+            if (root / (name + suffix)).is_file():
+                return root / (name + suffix)
+    return None
+
+
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, tuple]]]:
+    """Header and (row number, values) of the first sheet of an xlsx or of a CSV (`,` or `;`)."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix.lower() == ".xlsx":
+        import openpyxl  # only needed here
+        try:
+            wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+        except Exception as e:  # openpyxl raises several types for a corrupt file
+            raise DataError(f"{path}: not a readable xlsx workbook ({type(e).__name__}: {e})") from None
+        ws = wb["Sheet1"] if "Sheet1" in wb.sheetnames else wb.worksheets[0]
+        rows = [r for r in ws.iter_rows(values_only=True)]
+        wb.close()
+    else:
+        text = path.read_text(encoding="utf-8-sig")
+        dialect = csv.Sniffer().sniff(text.splitlines()[0] if text else ",", delimiters=",;\t")
+        rows = [tuple(r) for r in csv.reader(text.splitlines(), dialect)]
+    if not rows:
+        raise DataError(f"{path}: empty file, expected a header row")
+    header = [str(h).strip() if h is not None else "" for h in rows[0]]
+    body = [(n, r) for n, r in enumerate(rows[1:], start=2)
+            if any(v is not None and str(v).strip() != "" for v in r)]
+    return header, body
+
+
+def _int_cell(value, path, row, column) -> int:
+    try:
+        f = float(str(value).strip())
+        if f == int(f):
+            return int(f)
+    except (TypeError, ValueError):
+        pass
+    raise DataError(f"{path}: row {row}: column {column} has non-integer value {value!r}")
+
+
+def read_annotations(path) -> list[Annotation]:
+    """Rows of the annotation workbook (xlsx via openpyxl read-only, or a CSV export); a data root also works."""
+    path = Path(path)
+    if path.is_dir():
+        found = find_metadata(path, ANNOTATION_NAMES, (".xlsx", ".csv"))
+        if found is None:
+            raise DataError(f"{path}: no annotation workbook (looked for {', '.join(ANNOTATION_NAMES)} .xlsx/.csv)")
+        path = found
+    header, body = _read_table(path)
+    col = {h.lower(): k for k, h in enumerate(header)}
+    for needed in ("Pat_ID", "Section_ID", "Window_ID", "Presence"):
+        if needed.lower() not in col:
+            raise DataError(f"{path}: missing column {needed!r} (header is {header})")
+    get = lambda r, name: r[col[name.lower()]] if col.get(name.lower()) is not None and col[name.lower()] < len(r) else None
+    out = []
+    for n, r in body:
+        patient = str(get(r, "Pat_ID") or "").strip()
+        if not patient:
+            raise DataError(f"{path}: row {n}: empty Pat_ID")
+        raw_window = get(r, "Window_ID")
+        m = _WINDOW_ID.match(str(int(raw_window)) if isinstance(raw_window, float) and raw_window.is_integer()
+                             else str(raw_window).strip())
+        if not m:
+            raise DataError(f"{path}: row {n}: unparsable Window_ID {raw_window!r} (expected 902 or '902_Aug1')")
+        presence = get(r, "Presence")
+        try:
+            presence_int = _int_cell(presence, path, n, "Presence")
+        except DataError:
+            presence_int = None
+        if presence_int not in (-1, 0, 1):
+            raise DataError(f"{path}: row {n}: unknown Presence value {presence!r} (expected 1, -1 or 0)")
+        section = get(r, "Section_ID")
+        opt = {k: (_int_cell(get(r, k), path, n, k) if get(r, k) not in (None, "") else None) for k in "ijhw"}
+        out.append(Annotation(patient=patient,
+                              section=None if section in (None, "") else _int_cell(section, path, n, "Section_ID"),
+                              window=int(m.group("window")), aug=int(m.group("aug")) if m.group("aug") else None,
+                              presence=presence_int, row=n, **opt))
+    return out
+
+
+def read_diagnosis(path) -> dict[str, str]:
+    """PatientDiagnosis.csv -> {patient: NEGATIVA | BAIXA | ALTA}."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DIAGNOSIS_NAME
+    header, body = _read_table(path)
+    col = {h.upper(): k for k, h in enumerate(header)}
+    if "CODI" not in col or "DENSITAT" not in col:
+        raise DataError(f"{path}: expected columns CODI,DENSITAT (header is {header})")
+    out: dict[str, str] = {}
+    for n, r in body:
+        patient, dx = str(r[col["CODI"]]).strip(), str(r[col["DENSITAT"]]).strip().upper()
+        if dx not in DIAGNOSES:
+            raise DataError(f"{path}: row {n}: unknown DENSITAT {dx!r} for {patient} (expected {'/'.join(DIAGNOSES)})")
+        if out.get(patient, dx) != dx:
+            raise DataError(f"{path}: row {n}: {patient} listed twice with different diagnoses")
+        out[patient] = dx
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- discovery
+@dataclass(frozen=True)
+class Sample:
+    path: str            # relative to the data root, POSIX separators
+    patient: str
+    source: str          # annotated | supplemental | holdout
+    label: int           # 1 positive, 0 negative, -1 unknown (Cropped of infected patients, HoldOut)
+    window: int          # for an `_AugK` copy: the base window it was re-cropped from
+    aug: int | None = None
+    diagnosis: str | None = None
+
+
+@dataclass
+class HelicoData:
+    root: Path
+    annotations: list[Annotation]
+    diagnosis: dict[str, str]
+    folders: dict[str, dict[str, list[str]]]          # tree -> patient -> folder names
+    labelled: list[Sample] = field(default_factory=list)       # the original workflow's sample set
+    cropped: list[Sample] = field(default_factory=list)        # every Cropped patch (patient-level diagnosis)
+    holdout: list[Sample] = field(default_factory=list)
+    rows_without_file: list[Annotation] = field(default_factory=list)
+    files_without_row: list[str] = field(default_factory=list)
+    uncertain: list[Annotation] = field(default_factory=list)  # Presence 0: excluded, counted
+    stray: list[str] = field(default_factory=list)              # non-PNG / non-folder entries skipped
+    duplicate_rows: list[Annotation] = field(default_factory=list)
+    annotated_in_cropped: int = 0     # Cropped patches of NEGATIVA patients that are also annotated windows
+    annotations_file: Path | None = None
+    diagnosis_file: Path | None = None
+
+    @property
+    def cv_patients(self) -> list[str]:
+        return sorted(set(self.folders["annotated"]) | set(self.folders["cropped"]))
+
+    @property
+    def holdout_patients(self) -> list[str]:
+        return sorted(self.folders["holdout"])
+
+    def all_samples(self) -> list[Sample]:
+        return self.labelled + self.cropped + self.holdout
+
+
+TREES = {"annotated": "CrossValidation/Annotated", "cropped": "CrossValidation/Cropped", "holdout": "HoldOut"}
+
+
+def _scan_tree(root: Path, tree: str, stray: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Patient -> folder names, and folder -> PNG names, of one tree; other entries go to `stray`."""
+    base = root / TREES[tree]
+    patients: dict[str, list[str]] = {}
+    files: dict[str, list[str]] = {}
+    if not base.is_dir():
+        return patients, files
+    for entry in sorted(os.scandir(base), key=lambda e: e.name):
+        rel = f"{TREES[tree]}/{entry.name}"
+        if not entry.is_dir() or folder_section(entry.name) is None:
+            stray.append(rel)  # Thumbs.db, .DS_Store, oddly named folders: skipped but reported
+            continue
+        patients.setdefault(patient_id(entry.name), []).append(entry.name)
+        names = []
+        for f in sorted(os.scandir(entry.path), key=lambda e: e.name):
+            if f.is_file() and parse_patch_name(f.name):
+                names.append(f.name)
+            else:
+                stray.append(f"{rel}/{f.name}")
+        files[entry.name] = names
+    return patients, files
+
+
+def load_data(root) -> HelicoData:
+    """Discover a HelicoDataSet root, read its metadata and join workbook rows to files."""
+    root = Path(root)
+    for tree in ("annotated", "cropped"):
+        if not (root / TREES[tree]).is_dir():
+            raise DataError(f"{root}: missing folder {TREES[tree]} (is --data-root the HelicoDataSet folder?)")
+    ann_file = find_metadata(root, ANNOTATION_NAMES, (".xlsx", ".csv"))
+    if ann_file is None:
+        raise DataError(f"{root}: no annotation workbook (looked for {', '.join(ANNOTATION_NAMES)} .xlsx/.csv)")
+    if not (root / DIAGNOSIS_NAME).is_file():
+        raise DataError(f"{root}: missing {DIAGNOSIS_NAME}")
+    data = HelicoData(root=root, annotations=read_annotations(ann_file), diagnosis=read_diagnosis(root / DIAGNOSIS_NAME),
+                      folders={}, annotations_file=ann_file, diagnosis_file=root / DIAGNOSIS_NAME)
+    listing = {}
+    for tree in TREES:
+        data.folders[tree], listing[tree] = _scan_tree(root, tree, data.stray)
+    _join_annotated(data, listing["annotated"])
+    annotated_windows = {(s.patient, s.window) for s in data.labelled if s.source == "annotated"}
+    for tree, source in (("cropped", "supplemental"), ("holdout", "holdout")):
+        for folder, names in listing[tree].items():
+            p = patient_id(folder)
+            dx = data.diagnosis.get(p)
+            for name in names:
+                window, aug = parse_patch_name(name)
+                label = 0 if (dx == "NEGATIVA" and tree == "cropped") else -1
+                s = Sample(f"{TREES[tree]}/{folder}/{name}", p, source, label, window, aug, dx)
+                (data.cropped if tree == "cropped" else data.holdout).append(s)
+                if label == 0:
+                    if (p, window) in annotated_windows:
+                        data.annotated_in_cropped += 1  # already a hard negative: do not count it twice
+                    else:
+                        data.labelled.append(s)
+    return data
+
+
+def _join_annotated(data: HelicoData, listing: dict[str, list[str]]) -> None:
+    """Join rows to Annotated files on (patient, window, aug), whatever the folder's section suffix says."""
+    files: dict[tuple, str] = {}
+    for folder, names in listing.items():
+        for name in names:
+            key = (patient_id(folder), *parse_patch_name(name))
+            files.setdefault(key, f"{TREES['annotated']}/{folder}/{name}")
+    used = set()
+    for a in data.annotations:
+        key = (a.patient, a.window, a.aug)
+        if key in used:
+            data.duplicate_rows.append(a)
+            continue
+        if key not in files:
+            data.rows_without_file.append(a)
+            continue
+        used.add(key)
+        if a.presence == 0:
+            data.uncertain.append(a)
+            continue
+        data.labelled.append(Sample(files[key], a.patient, "annotated", 1 if a.presence == 1 else 0, a.window, a.aug,
+                                    data.diagnosis.get(a.patient)))
+    data.files_without_row = sorted(path for key, path in files.items() if key not in used)
+
+
+def one_per_window(samples: list[Sample]) -> list[Sample]:
+    """Drop `_AugK` copies: each annotated window counted once (its original, else its lowest-K copy)."""
+    best: dict[tuple, Sample] = {}
+    for s in samples:
+        key = (s.patient, s.source, s.window)
+        cur = best.get(key)
+        if cur is None or (cur.aug or 0) > (s.aug or 0) and cur.aug is not None:
+            best[key] = s
+    return [s for s in samples if best[(s.patient, s.source, s.window)] is s]
+
+
+def select(samples: list[Sample], patients, include_aug: bool = False) -> list[Sample]:
+    """The samples of `patients`; Aug copies only when asked (training), so metrics count each window once."""
+    keep = set(patients)
+    chosen = [s for s in samples if s.patient in keep]
+    return chosen if include_aug else one_per_window(chosen)
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+BAD = -100  # label of a patch that could not be decoded (only with skip_bad)
+
+
+class PatchDataset:
+    """uint8 (3, H, W) tensors (RGBA/grey -> RGB, off-size -> resized), label and sample index.
+
+    Workers only decode: stain normalization, jitter and ImageNet normalization run batched on the device."""
+
+    def __init__(self, root, samples: list[Sample], image_size: int | None = 256, skip_bad: bool = False):
+        self.root, self.samples, self.image_size, self.skip_bad = Path(root), list(samples), image_size, skip_bad
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, idx: int):
+        import torch
+        from PIL import Image
+        path = self.root / self.samples[idx].path
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")  # drops alpha (RGBA patches are opaque) and expands grey/palette
+                if self.image_size and im.size != (self.image_size, self.image_size):
+                    im = im.resize((self.image_size, self.image_size), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except (OSError, SyntaxError, ValueError) as e:
+            if not self.skip_bad:
+                raise DataError(f"{path}: unreadable image ({e}); pass --skip-bad-images to skip and list it") from None
+            size = self.image_size or 256
+            return torch.zeros(3, size, size, dtype=torch.uint8), BAD, idx
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), self.samples[idx].label, idx
+
+
+def drop_bad(images, labels, indices):
+    """Remove undecodable patches from a collated batch; returns the rest and the dropped indices."""
+    bad = labels == BAD
+    return images[~bad], labels[~bad], indices[~bad], indices[bad].tolist()
+
+
+# ----------------------------------------------------------------------------------------------- model
+def build_model(arch: str = "resnet18", weights: str = "none"):
+    """Any torchvision classifier by name, its last Linear layer replaced by a one-logit head.
+
+    weights: 'imagenet' (torchvision's download cache), a path to a state dict or checkpoint, or 'none'."""
+    import torch
+    import torchvision
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise DataError(f"--arch {arch}: not a torchvision classifier (e.g. resnet18, resnet50, convnext_tiny)")
+    model = torchvision.models.get_model(arch, weights=None)
+    if weights == "imagenet":
+        try:
+            w = torchvision.models.get_model_weights(arch).DEFAULT
+            model.load_state_dict(w.get_state_dict(progress=False))
+        except Exception as e:  # URLError, socket errors, hash mismatch: all mean 'could not get the file'
+            raise DataError(f"--weights imagenet: could not load {arch} weights ({type(e).__name__}); offline? put "
+                            f"the file in {torch.hub.get_dir()}/checkpoints or pass --weights none/FILE") from None
+    _one_logit_head(model)
+    if weights not in ("none", "imagenet", None):
+        path = Path(weights)
+        if not path.is_file():
+            raise DataError(f"--weights {weights}: file not found (use imagenet, none or a .pt path)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+        own = model.state_dict()
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}  # foreign heads drop out
+        if not state:
+            raise DataError(f"--weights {weights}: no tensor matches {arch}'s layers")
+        model.load_state_dict(state, strict=False)
+    return model
+
+
+def _one_logit_head(model) -> None:
+    import torch.nn as nn
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]  # fc, classifier[-1], heads.head
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, nn.Linear(getattr(parent, attr).in_features, 1))  # Sequential children are named "0", "1"
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def _binary_inputs(y, s):
+    y, s = np.asarray(y).ravel(), np.asarray(s, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels ({y.size}) and scores ({s.size}) differ in length")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    return y.astype(np.int64), s
+
+
+def _one_class(y, name) -> bool:
+    if y.size == 0 or y.min() == y.max():
+        warnings.warn(f"{name} is undefined with only one class present: returning NaN", stacklevel=3)
+        return True
+    return False
+
+
+def average_precision(y, scores) -> float:
+    """Step-wise AP = sum_n (R_n - R_{n-1}) P_n over distinct score thresholds (sklearn's definition)."""
+    y, s = _binary_inputs(y, scores)
+    if _one_class(y, "average precision"):
+        return float("nan")
+    order = np.argsort(-s, kind="mergesort")
+    y, s = y[order], s[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]  # last index of each distinct threshold
+    tps = np.cumsum(y)[last]
+    precision, recall = tps / (last + 1), tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_auc(y, scores) -> float:
+    """Mann-Whitney U / (n_pos n_neg) with mid-ranks for ties (equals the trapezoidal ROC area)."""
+    y, s = _binary_inputs(y, scores)
+    if _one_class(y, "ROC-AUC"):
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], s.size]
+    ranks = np.empty(s.size)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # average 1-based rank per tie group
+    n_pos = y.sum()
+    n_neg = y.size - n_pos
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def confusion_matrix(y, pred) -> np.ndarray:
+    """[[tn, fp], [fn, tp]] as integers."""
+    y, p = np.asarray(y).astype(np.int64).ravel(), np.asarray(pred).astype(np.int64).ravel()
+    return np.bincount(2 * y + p, minlength=4).reshape(2, 2)
+
+
+def _ratio(num, den, name) -> float:
+    if den == 0:
+        warnings.warn(f"{name} is undefined (zero denominator): returning NaN", stacklevel=3)
+        return float("nan")
+    return float(num / den)
+
+
+def precision(y, pred) -> float:
+    (tn, fp), (fn, tp) = confusion_matrix(y, pred)
+    return _ratio(tp, tp + fp, "precision")
+
+
+def recall(y, pred) -> float:
+    (tn, fp), (fn, tp) = confusion_matrix(y, pred)
+    return _ratio(tp, tp + fn, "recall")
+
+
+def f1(y, pred) -> float:
+    (tn, fp), (fn, tp) = confusion_matrix(y, pred)
+    return _ratio(2 * tp, 2 * tp + fp + fn, "F1")
+
+
+def accuracy(y, pred) -> float:
+    cm = confusion_matrix(y, pred)
+    return _ratio(cm[0, 0] + cm[1, 1], cm.sum(), "accuracy")
+
+
+def binary_metrics(y, scores, threshold: float = 0.5) -> dict:
+    """Headline patch metrics at `threshold` (predict positive when score >= threshold)."""
+    y, s = _binary_inputs(y, scores)
+    pred = (s >= threshold).astype(np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NaNs in the dict speak for themselves
+        return {"pr_auc": average_precision(y, s), "roc_auc": roc_auc(y, s), "recall": recall(y, pred),
+                "precision": precision(y, pred), "f1": f1(y, pred), "accuracy": accuracy(y, pred),
+                "threshold": float(threshold), "confusion": confusion_matrix(y, pred).tolist(),
+                "n": int(y.size), "positives": int(y.sum()), "dummy_accuracy": float(1 - y.mean()) if y.size else float("nan")}
+
+
+# ----------------------------------------------------------------------------------------------- files
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_torch_save(obj, path) -> None:
+    import torch
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
