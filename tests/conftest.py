@@ -1,0 +1,34 @@
+"""Session fixtures: one demo dataset and one tiny trained run, shared read-only by every test file.
+
+Tests that need to break the data copy `demo_root` into their tmp_path first (shutil.copytree)."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("XDG_CACHE_HOME", str(ROOT / ".pytest_cache" / "xdg"))  # hash caches stay out of ~
+META = ROOT.parent / "shared" / "helico-metadata"
+
+# The tiny run every evaluation test shares: small images and few epochs so it trains in well under a minute.
+TINY_TRAIN_FLAGS = ["--device", "cpu", "--epochs", "2", "--image-size", "64", "--batch-size", "32",
+                    "--weights", "none", "--workers", "0", "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    import make_demo_data
+    out = tmp_path_factory.mktemp("demo") / "HelicoDataSet"
+    assert make_demo_data.main([str(out), "--seed", "0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_root, tmp_path_factory):
+    import train
+    runs = tmp_path_factory.mktemp("runs")
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-id", "tiny",
+                       *TINY_TRAIN_FLAGS]) == 0
+    return runs / "tiny"
