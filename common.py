@@ -315,11 +315,11 @@ def _join_annotated(data: HelicoData, listing: dict[str, list[str]]) -> None:
 
 def one_per_window(samples: list[Sample]) -> list[Sample]:
     """Drop `_AugK` copies: each annotated window counted once (its original, else its lowest-K copy)."""
+    rank = lambda s: -1 if s.aug is None else s.aug  # the original first, then Aug1, Aug2, ...
     best: dict[tuple, Sample] = {}
     for s in samples:
         key = (s.patient, s.source, s.window)
-        cur = best.get(key)
-        if cur is None or (cur.aug or 0) > (s.aug or 0) and cur.aug is not None:
+        if key not in best or rank(s) < rank(best[key]):
             best[key] = s
     return [s for s in samples if best[(s.patient, s.source, s.window)] is s]
 
@@ -409,6 +409,38 @@ def _one_logit_head(model) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     setattr(parent, attr, nn.Linear(getattr(parent, attr).in_features, 1))  # Sequential children are named "0", "1"
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CHECKPOINT_KEYS = ("model", "arch", "config", "split", "threshold")
+
+
+def to_unit(images, normalizer=None):
+    """uint8 (B, 3, H, W) on the device -> float32 in [0, 1], Macenko-normalized when a normalizer is given."""
+    return normalizer.normalize(images) if normalizer is not None else images.float().div_(255)
+
+
+def imagenet_normalize(x):
+    import torch
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def load_checkpoint(path, required=CHECKPOINT_KEYS) -> dict:
+    """A self-describing checkpoint (see train.py), loaded with weights_only=True; clear errors otherwise."""
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--checkpoint {path}: file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle of foreign objects, ...
+        raise DataError(f"--checkpoint {path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise DataError(f"--checkpoint {path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------- metrics

@@ -1,0 +1,296 @@
+"""common.py: names, metadata readers, data-root join, samples, dataset, model, metrics."""
+import csv
+import shutil
+import warnings
+
+import numpy as np
+import openpyxl
+import pytest
+import torch
+from PIL import Image
+from sklearn import metrics as skm
+
+import common
+from conftest import META
+
+HEADER = ["Pat_ID", "Section_ID", "Window_ID", "i", "j", "h", "w", "Presence"]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def write_xlsx(path, rows, header=HEADER):
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.title = "Sheet1"
+    ws.append(header)
+    for r in rows:
+        ws.append(list(r))
+    wb.save(path)
+
+
+def png(path, size=(8, 8), mode="RGB", colour=(200, 180, 190)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fill = colour if mode == "RGB" else (*colour, 255) if mode == "RGBA" else colour[0]
+    Image.new(mode, size, fill).save(path)
+
+
+def make_root(tmp_path, rows, annotated, cropped, diagnosis, holdout=()):
+    """A minimal data root: workbook rows, file lists per tree (relative 'FOLDER/NAME.png'), diagnosis dict."""
+    root = tmp_path / "root"
+    for tree, names in (("CrossValidation/Annotated", annotated), ("CrossValidation/Cropped", cropped),
+                        ("HoldOut", holdout)):
+        (root / tree).mkdir(parents=True, exist_ok=True)
+        for k, name in enumerate(names):
+            if name.endswith(".png"):
+                png(root / tree / name, colour=(k % 250, 100, 150))
+            else:
+                (root / tree / name).parent.mkdir(parents=True, exist_ok=True)
+                (root / tree / name).write_bytes(b"stray")
+    write_xlsx(root / "HP_WSI-CoordAllAnnotatedPatches.xlsx", [(p, s, w, 0, 0, 256, 256, pr) for p, s, w, pr in rows])
+    with open(root / "PatientDiagnosis.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("CODI", "DENSITAT"), *diagnosis.items()])
+    return root
+
+
+# ------------------------------------------------------------------------------------------ names
+@pytest.mark.parametrize("folder,patient", [("B22-111_0", "B22-111"), ("B22-111_1", "B22-111"), ("B22-11_0", "B22-11"),
+                                            ("B22-10_1", "B22-10"), ("B22-100_0", "B22-100"), ("B22-01_0", "B22-01"),
+                                            ("/data/Cropped/B22-47_0", "B22-47"), ("B22-47", "B22-47")])
+def test_patient_id_strips_only_the_section_suffix(folder, patient):
+    assert common.patient_id(folder) == patient
+
+
+def test_patient_id_never_prefix_matches():
+    folders = ["B22-10_0", "B22-100_0", "B22-101_1", "B22-10_1"]
+    assert [f for f in folders if common.patient_id(f) == "B22-10"] == ["B22-10_0", "B22-10_1"]
+
+
+@pytest.mark.parametrize("name,parsed", [("00902.png", (902, None)), ("00902_Aug3.png", (902, 3)), ("388.png", (388, None)),
+                                         ("1163.PNG", (1163, None)), ("Thumbs.db", None), ("x_Aug1.png", None)])
+def test_parse_patch_name(name, parsed):
+    assert common.parse_patch_name(name) == parsed
+
+
+def test_annotated_names_pad_the_number_before_the_aug_suffix():
+    assert common.annotated_file_name(902, 1) == "00902_Aug1.png"
+    assert common.annotated_file_name(12345, None) == "12345.png"
+    assert "902_Aug1".zfill(5) == "902_Aug1"  # the trap the helper avoids
+
+
+# ------------------------------------------------------------------------------------------ real metadata
+def test_real_workbook_loads_exactly():
+    rows = common.read_annotations(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx")
+    assert len(rows) == 2695
+    assert sum(r.aug is not None for r in rows) == 1312
+    assert [sum(r.presence == v for r in rows) for v in (1, -1, 0)] == [1475, 1216, 4]
+    assert sum(r.presence == 1 and r.aug is None for r in rows) == 163
+    assert {r.aug for r in rows if r.aug is not None} == set(range(1, 9))
+    assert all(isinstance(r.window, int) for r in rows)
+    assert [r.w for r in rows if r.w != 256] == [206]
+    assert rows[0].row == 2  # spreadsheet row numbers, header is row 1
+
+
+def test_real_workbook_has_one_aug_group_without_original():
+    rows = common.read_annotations(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx")
+    originals = {(r.patient, r.window) for r in rows if r.aug is None}
+    orphans = {(r.patient, r.window) for r in rows if r.aug is not None} - originals
+    assert len(orphans) == 1
+
+
+def test_real_diagnosis_loads():
+    dx = common.read_diagnosis(META / "PatientDiagnosis.csv")
+    assert len(dx) == 309
+    assert [sum(v == d for v in dx.values()) for d in common.DIAGNOSES] == [151, 72, 86]
+    assert dx["B22-01"] == "BAIXA"
+
+
+def test_workbook_csv_export_and_other_names_load_the_same(tmp_path):
+    xlsx = common.read_annotations(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx")
+    wb = openpyxl.load_workbook(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx", read_only=True)
+    with open(tmp_path / "HP_WSI-CoordAnnotatedPatches.csv", "w", newline="") as f:
+        csv.writer(f, delimiter=";").writerows(wb["Sheet1"].iter_rows(values_only=True))
+    assert common.read_annotations(tmp_path) == xlsx  # a folder is searched under every known name
+    shutil.copy(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx", tmp_path / "HP_WSI-CoordAnnotatedAllPatches.xlsx")
+    assert common.read_annotations(tmp_path / "HP_WSI-CoordAnnotatedAllPatches.xlsx") == xlsx
+
+
+@pytest.mark.parametrize("header,row,message", [
+    (["Pat_ID", "Section_ID", "Window_ID", "i"], ("B22-1", 0, 5, 0), "missing column 'Presence'"),
+    (HEADER, ("B22-1", 0, 5, 0, 0, 256, 256, 2), "row 2: unknown Presence value 2"),
+    (HEADER, ("B22-1", 0, 5, 0, 0, 256, 256, "yes"), "row 2: unknown Presence value 'yes'"),
+    (HEADER, ("B22-1", 0, "902_Augx", 0, 0, 256, 256, 1), "row 2: unparsable Window_ID '902_Augx'"),
+    (HEADER, ("B22-1", 0, None, 0, 0, 256, 256, 1), "row 2: unparsable Window_ID None"),
+])
+def test_bad_workbook_is_a_clear_error_naming_file_row_and_value(tmp_path, header, row, message):
+    path = tmp_path / "HP_WSI-CoordAllAnnotatedPatches.xlsx"
+    write_xlsx(path, [row], header)
+    with pytest.raises(common.DataError, match=message) as e:
+        common.read_annotations(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_diagnosis_is_a_clear_error(tmp_path):
+    (tmp_path / "PatientDiagnosis.csv").write_text("CODI,DENSITAT\nB22-01,BAIXA\nB22-02,MEDIA\n")
+    with pytest.raises(common.DataError, match=r"PatientDiagnosis.csv: row 3: unknown DENSITAT 'MEDIA'"):
+        common.read_diagnosis(tmp_path / "PatientDiagnosis.csv")
+
+
+# ------------------------------------------------------------------------------------------ data root
+@pytest.fixture
+def small_root(tmp_path):
+    rows = [("B22-5", 0, 1, 1), *[("B22-5", 0, f"1_Aug{k}", 1) for k in (1, 2)],   # positive + 2 Aug copies
+            ("B22-5", 1, 2, -1),                       # Section_ID 1 but the file lives in B22-5_0
+            ("B22-5", 0, 3, 0),                        # uncertain: excluded, counted
+            ("B22-5", 0, 4, -1),                       # row without a file
+            ("B22-50", 0, 7, -1), ("B22-50", 0, 8, -1)]
+    annotated = ["B22-5_0/00001.png", "B22-5_0/00001_Aug1.png", "B22-5_0/00001_Aug2.png", "B22-5_0/00002.png",
+                 "B22-5_0/00003.png", "B22-5_0/00009.png",       # 9: file without a row
+                 "B22-50_1/00007.png", "B22-50_1/00008.png", "B22-50_1/Thumbs.db"]
+    cropped = ["B22-50_0/7.png", "B22-50_0/20.png", "B22-50_1/21.png", "B22-5_0/30.png", "Thumbs.db"]
+    return make_root(tmp_path, rows, annotated, cropped, {"B22-5": "ALTA", "B22-50": "NEGATIVA"},
+                     holdout=["B22-90_0/1.png"])
+
+
+def test_join_is_on_patient_window_aug_not_section(small_root):
+    data = common.load_data(small_root)
+    by_path = {s.path: s for s in data.labelled}
+    assert by_path["CrossValidation/Annotated/B22-5_0/00002.png"].label == 0
+    assert by_path["CrossValidation/Annotated/B22-5_0/00001_Aug2.png"].aug == 2
+    assert by_path["CrossValidation/Annotated/B22-5_0/00001_Aug2.png"].window == 1  # base window
+    assert by_path["CrossValidation/Annotated/B22-50_1/00007.png"].patient == "B22-50"
+
+
+def test_problems_are_reported_never_dropped_silently(small_root):
+    data = common.load_data(small_root)
+    assert [(a.patient, a.window) for a in data.rows_without_file] == [("B22-5", 4)]
+    assert data.files_without_row == ["CrossValidation/Annotated/B22-5_0/00009.png"]
+    assert [(a.window, a.presence) for a in data.uncertain] == [(3, 0)]
+    assert sorted(data.stray) == ["CrossValidation/Annotated/B22-50_1/Thumbs.db", "CrossValidation/Cropped/Thumbs.db"]
+
+
+def test_sample_set_of_the_original_workflow(small_root):
+    data = common.load_data(small_root)
+    kinds = sorted((s.source, s.label, s.patient) for s in data.labelled)
+    assert kinds.count(("annotated", 1, "B22-5")) == 3        # window 1 and its 2 Aug copies
+    assert ("supplemental", 0, "B22-5") not in kinds           # Cropped of an infected patient is not a negative
+    # B22-50's Cropped 7.png is annotated window 7 already: a hard negative, not counted again as an easy one
+    assert sorted(s.path for s in data.labelled if s.source == "supplemental") == [
+        "CrossValidation/Cropped/B22-50_0/20.png", "CrossValidation/Cropped/B22-50_1/21.png"]
+    assert data.annotated_in_cropped == 1
+    assert {s.label for s in data.cropped if s.patient == "B22-5"} == {-1}
+    assert [(s.patient, s.source) for s in data.holdout] == [("B22-90", "holdout")]
+    assert data.cv_patients == ["B22-5", "B22-50"] and data.holdout_patients == ["B22-90"]
+    assert data.folders["cropped"]["B22-50"] == ["B22-50_0", "B22-50_1"]
+
+
+def test_select_counts_each_window_once_unless_training(small_root):
+    data = common.load_data(small_root)
+    assert len([s for s in common.select(data.labelled, ["B22-5"]) if s.label == 1]) == 1
+    assert len([s for s in common.select(data.labelled, ["B22-5"], include_aug=True) if s.label == 1]) == 3
+    orphan = [s for s in data.labelled if s.aug is not None]  # an Aug group with no original keeps one copy
+    assert [s.aug for s in common.one_per_window(orphan)] == [1]
+
+
+def test_missing_layout_pieces_are_clear_errors(small_root):
+    (small_root / "PatientDiagnosis.csv").unlink()
+    with pytest.raises(common.DataError, match="missing PatientDiagnosis.csv"):
+        common.load_data(small_root)
+    with pytest.raises(common.DataError, match="missing folder CrossValidation/Annotated"):
+        common.load_data(small_root / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------ dataset
+def test_dataset_converts_rgba_grey_and_resizes_off_size(tmp_path):
+    samples = []
+    for name, mode, size in (("a.png", "RGBA", (16, 16)), ("b.png", "L", (16, 16)), ("c.png", "RGB", (16, 13))):
+        png(tmp_path / name, size=size, mode=mode)
+        samples.append(common.Sample(name, "B22-1", "annotated", 1, 1))
+    ds = common.PatchDataset(tmp_path, samples, image_size=16)
+    for k in range(3):
+        x, label, idx = ds[k]
+        assert x.dtype == torch.uint8 and x.shape == (3, 16, 16) and (label, idx) == (1, k)
+
+
+def test_truncated_png_is_an_error_naming_the_file_or_skipped_on_request(tmp_path):
+    png(tmp_path / "ok.png", size=(64, 64))
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    samples = [common.Sample("cut.png", "B22-1", "annotated", 0, 1)]
+    with pytest.raises(common.DataError, match="cut.png: unreadable image"):
+        common.PatchDataset(tmp_path, samples, image_size=64)[0]
+    x, label, idx = common.PatchDataset(tmp_path, samples, image_size=64, skip_bad=True)[0]
+    assert label == common.BAD
+    images, labels, indices, bad = common.drop_bad(x[None], torch.tensor([label]), torch.tensor([idx]))
+    assert len(images) == 0 and bad == [0]
+
+
+# ------------------------------------------------------------------------------------------ model
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_build_model_has_one_logit_head(arch):
+    model = common.build_model(arch, "none")
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 1)
+
+
+def test_build_model_loads_a_weights_file_and_rejects_bad_names(tmp_path):
+    src = common.build_model("resnet18", "none")
+    torch.save({"model": src.state_dict()}, tmp_path / "w.pt")
+    loaded = common.build_model("resnet18", str(tmp_path / "w.pt"))
+    assert torch.equal(loaded.conv1.weight, src.conv1.weight)
+    with pytest.raises(common.DataError, match="--arch resnet19"):
+        common.build_model("resnet19", "none")
+    with pytest.raises(common.DataError, match="--weights .*missing.pt: file not found"):
+        common.build_model("resnet18", str(tmp_path / "missing.pt"))
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def random_cases(n_cases=300, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n_cases):
+        n = int(rng.integers(2, 80))
+        y = rng.integers(0, 2, n)
+        if y.min() == y.max():
+            continue
+        scores = rng.integers(0, 6, n) / 5.0 if rng.random() < 0.5 else rng.random(n)  # half with heavy ties
+        yield y, scores
+
+
+def test_ranking_metrics_equal_sklearn_with_ties():
+    for y, s in random_cases():
+        assert abs(common.average_precision(y, s) - skm.average_precision_score(y, s)) < 1e-9
+        assert abs(common.roc_auc(y, s) - skm.roc_auc_score(y, s)) < 1e-9
+
+
+def test_threshold_metrics_equal_sklearn():
+    for y, s in random_cases(seed=1):
+        pred = (s >= 0.5).astype(int)
+        assert common.confusion_matrix(y, pred).tolist() == skm.confusion_matrix(y, pred, labels=[0, 1]).tolist()
+        for ours, ref in ((common.precision, skm.precision_score), (common.recall, skm.recall_score),
+                          (common.f1, skm.f1_score)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                a, b = ours(y, pred), ref(y, pred, zero_division=np.nan)
+            assert (np.isnan(a) and np.isnan(b)) or abs(a - b) < 1e-9
+        assert abs(common.accuracy(y, pred) - skm.accuracy_score(y, pred)) < 1e-9
+
+
+def test_one_class_input_is_nan_with_a_warning_not_a_sentinel():
+    for fn in (common.average_precision, common.roc_auc):
+        with pytest.warns(UserWarning, match="only one class"):
+            assert np.isnan(fn([0, 0, 0], [0.1, 0.5, 0.9]))
+
+
+def test_binary_metrics_reports_the_accuracy_trap():
+    y = np.r_[np.zeros(97), np.ones(3)]
+    m = common.binary_metrics(y, np.zeros(100), threshold=0.5)
+    assert m["accuracy"] == m["dummy_accuracy"] == 0.97 and m["recall"] == 0.0
+    assert m["confusion"] == [[97, 0], [3, 0]] and np.isnan(m["precision"])
+
+
+def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError):
+        with common.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    common.atomic_write_text(target, "whole")
+    assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
