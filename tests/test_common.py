@@ -36,12 +36,12 @@ def png(path, size=(8, 8), mode="RGB", colour=(200, 180, 190)):
 def make_root(tmp_path, rows, annotated, cropped, diagnosis, holdout=()):
     """A minimal data root: workbook rows, file lists per tree (relative 'FOLDER/NAME.png'), diagnosis dict."""
     root = tmp_path / "root"
-    for tree, names in (("CrossValidation/Annotated", annotated), ("CrossValidation/Cropped", cropped),
-                        ("HoldOut", holdout)):
+    for t, (tree, names) in enumerate((("CrossValidation/Annotated", annotated), ("CrossValidation/Cropped", cropped),
+                                       ("HoldOut", holdout))):
         (root / tree).mkdir(parents=True, exist_ok=True)
         for k, name in enumerate(names):
             if name.endswith(".png"):
-                png(root / tree / name, colour=(k % 250, 100, 150))
+                png(root / tree / name, colour=(k % 250, k // 250, 40 * t))  # distinct bytes
             else:
                 (root / tree / name).parent.mkdir(parents=True, exist_ok=True)
                 (root / tree / name).write_bytes(b"stray")

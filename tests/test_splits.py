@@ -1,0 +1,130 @@
+"""splits.py: content hashes, duplicate-patient groups, deterministic stratified patient-level splits."""
+import argparse
+import json
+import shutil
+
+import pytest
+
+import common
+import splits
+from test_common import make_root
+
+DX = {**{f"B22-{n}": "NEGATIVA" for n in range(1, 13)}, **{f"B22-{n}": "BAIXA" for n in range(13, 22)},
+      **{f"B22-{n}": "ALTA" for n in range(22, 31)}, "B22-47": "ALTA", "B22-200": "NEGATIVA", "B22-201": "NEGATIVA",
+      "B22-202": "BAIXA", "B22-203": "BAIXA"}
+
+
+@pytest.fixture
+def root(tmp_path):
+    cropped = [f"{p}_0/{k}.png" for p in DX for k in (1, 2)]
+    annotated = ["B22-47_0/01653.png"]
+    r = make_root(tmp_path, [("B22-47", 0, 1653, -1)], annotated, cropped, DX)
+    for src, dst in (("B22-200_0", "B22-201_0"), ("B22-202_0", "B22-203_0")):  # byte-identical patient folders
+        shutil.rmtree(r / "CrossValidation/Cropped" / dst)
+        shutil.copytree(r / "CrossValidation/Cropped" / src, r / "CrossValidation/Cropped" / dst)
+    return r
+
+
+@pytest.fixture
+def data(root):
+    return common.load_data(root)
+
+
+@pytest.fixture
+def groups(data, tmp_path):
+    return splits.duplicate_groups(splits.shared_content(data, cache=tmp_path / "h.json", progress=False))
+
+
+def test_duplicate_content_patients_are_grouped(groups):
+    assert groups == [["B22-200", "B22-201"], ["B22-202", "B22-203"]]
+
+
+def test_split_is_deterministic_for_a_seed(data, groups):
+    a, b = (splits.make_split(data, seed=3, groups=groups) for _ in range(2))
+    assert a == b
+    assert splits.make_split(data, seed=4, groups=groups)["val"] != a["val"]
+
+
+def test_split_is_stratified_by_diagnosis(data, groups):
+    s = splits.make_split(data, seed=0, groups=groups)
+    val = set(s["val"])
+    for dx, expected in (("NEGATIVA", 3), ("BAIXA", 2), ("ALTA", 2)):  # round(0.2 * units per diagnosis)
+        assert sum(DX[p] == dx for p in val if p not in ("B22-200", "B22-201", "B22-202", "B22-203")) in \
+            (expected - 1, expected, expected + 1)
+    assert set(s["train"]) | val == set(data.cv_patients) and not set(s["train"]) & val
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_duplicate_groups_and_reference_patient_stay_together_in_train_or_val(data, groups, seed):
+    s = splits.make_split(data, seed=seed, keep_in_train=["B22-47"], groups=groups)
+    for g in groups:
+        assert len({("val" if p in s["val"] else "train") for p in g}) == 1
+    assert "B22-47" in s["train"]
+    assert splits.split_problems(s, data, groups, reference=common.DEFAULT_REFERENCE) == []
+
+
+def test_k_folds_partition_the_patients(data, groups):
+    vals = [splits.make_split(data, folds=5, fold=i, keep_in_train=["B22-47"], groups=groups)["val"] for i in range(5)]
+    flat = [p for v in vals for p in v]
+    assert len(flat) == len(set(flat)) == len(data.cv_patients) - 1  # everyone validated once, but B22-47
+    assert max(map(len, vals)) - min(map(len, vals)) <= 2
+
+
+@pytest.mark.parametrize("kwargs,message", [({"folds": 5, "fold": 5}, "--folds 5 --fold 5"),
+                                            ({"folds": 1, "fold": 0}, "--folds 1"),
+                                            ({"val_frac": 1.5}, "--val-frac 1.5")])
+def test_bad_split_flags_are_clear_errors(data, kwargs, message):
+    with pytest.raises(common.DataError, match=message):
+        splits.make_split(data, **kwargs)
+
+
+def test_split_problems_catch_leaks_and_unknown_patients(data, groups):
+    bad = {"train": ["B22-1", "B22-200", "B22-111_0"], "val": ["B22-1", "B22-201", "B22-47", "B22-999"]}
+    text = "\n".join(splits.split_problems(bad, data, groups, reference=common.DEFAULT_REFERENCE))
+    assert "patient B22-1 is in both train and val" in text
+    assert "folder name 'B22-111_0'" in text
+    assert "lacks patient(s) of the split: B22-111, B22-999" in text
+    assert "byte-identical images are split across ['train', 'val']: B22-200, B22-201" in text
+    assert "stain reference patient B22-47 is in val" in text
+
+
+@pytest.mark.parametrize("content,message", [(None, "file not found"), ("{", "not valid JSON"),
+                                             ('{"train": []}', "expected an object with 'train' and 'val' lists"),
+                                             ('{"train": [], "val": ["B22-1"]}', "empty 'train' or 'val'")])
+def test_load_split_rejects_bad_files(tmp_path, content, message):
+    path = tmp_path / "split.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(common.DataError, match=f"--split {path}: {message}"):
+        splits.load_split(path)
+
+
+def test_resolve_split_makes_or_reloads_the_same_split(data, root, tmp_path):
+    parser = argparse.ArgumentParser(parents=[splits.split_args_parser()])
+    args = parser.parse_args(["--data-root", str(root), "--hash-cache", str(tmp_path / "h.json")])
+    made, groups = splits.resolve_split(args, data, progress=False)
+    (tmp_path / "split.json").write_text(json.dumps(made))
+    args = parser.parse_args(["--data-root", str(root), "--split", str(tmp_path / "split.json"),
+                              "--hash-cache", str(tmp_path / "h.json")])
+    loaded, groups2 = splits.resolve_split(args, data, progress=False)
+    assert loaded == made and groups2 == groups and "B22-47" in made["train"]
+
+
+def test_hash_cache_skips_unchanged_files_and_rehashes_changed_ones(data, root, tmp_path, monkeypatch):
+    cache = tmp_path / "cache.json"
+    paths = [s.path for s in data.cropped]
+    first = splits.file_digests(root, paths, cache=cache, progress=False, only_size_collisions=False)
+    hashed = []
+    real = splits._digest
+    monkeypatch.setattr(splits, "_digest", lambda p: hashed.append(p) or real(p))
+    assert splits.file_digests(root, paths, cache=cache, progress=False, only_size_collisions=False) == first
+    assert hashed == []
+    (root / paths[0]).write_bytes(b"changed content")
+    again = splits.file_digests(root, paths, cache=cache, progress=False, only_size_collisions=False)
+    assert len(hashed) == 1 and again[paths[0]] != first[paths[0]]
+
+
+def test_files_with_a_unique_size_are_not_hashed(data, root):
+    (root / data.cropped[0].path).write_bytes(b"x" * 12345)  # no other file has this size
+    digests = splits.file_digests(root, [s.path for s in data.cropped], progress=False)
+    assert data.cropped[0].path not in digests and len(digests) > 0
