@@ -104,9 +104,9 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, tuple]]]:
         rows = [r for r in ws.iter_rows(values_only=True)]
         wb.close()
     else:
-        text = path.read_text(encoding="utf-8-sig")
-        dialect = csv.Sniffer().sniff(text.splitlines()[0] if text else ",", delimiters=",;\t")
-        rows = [tuple(r) for r in csv.reader(text.splitlines(), dialect)]
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        delimiter = max(",;\t", key=lambda d: lines[0].count(d)) if lines else ","  # exports use , or ;
+        rows = [tuple(r) for r in csv.reader(lines, delimiter=delimiter)]
     if not rows:
         raise DataError(f"{path}: empty file, expected a header row")
     header = [str(h).strip() if h is not None else "" for h in rows[0]]
@@ -115,14 +115,13 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, tuple]]]:
     return header, body
 
 
-def _int_cell(value, path, row, column) -> int:
+def _int_or_none(value) -> int | None:
+    """902, 902.0 and "902" -> 902; anything else -> None."""
     try:
         f = float(str(value).strip())
-        if f == int(f):
-            return int(f)
     except (TypeError, ValueError):
-        pass
-    raise DataError(f"{path}: row {row}: column {column} has non-integer value {value!r}")
+        return None
+    return int(f) if f.is_integer() else None
 
 
 def read_annotations(path) -> list[Annotation]:
@@ -138,30 +137,22 @@ def read_annotations(path) -> list[Annotation]:
     for needed in ("Pat_ID", "Section_ID", "Window_ID", "Presence"):
         if needed.lower() not in col:
             raise DataError(f"{path}: missing column {needed!r} (header is {header})")
-    get = lambda r, name: r[col[name.lower()]] if col.get(name.lower()) is not None and col[name.lower()] < len(r) else None
     out = []
     for n, r in body:
-        patient = str(get(r, "Pat_ID") or "").strip()
+        cell = {name: (r[k] if k < len(r) else None) for name, k in col.items()}
+        patient = str(cell["pat_id"] or "").strip()
         if not patient:
             raise DataError(f"{path}: row {n}: empty Pat_ID")
-        raw_window = get(r, "Window_ID")
-        m = _WINDOW_ID.match(str(int(raw_window)) if isinstance(raw_window, float) and raw_window.is_integer()
-                             else str(raw_window).strip())
+        window = cell["window_id"]
+        m = _WINDOW_ID.match(str(_int_or_none(window)) if isinstance(window, float) else str(window).strip())
         if not m:
-            raise DataError(f"{path}: row {n}: unparsable Window_ID {raw_window!r} (expected 902 or '902_Aug1')")
-        presence = get(r, "Presence")
-        try:
-            presence_int = _int_cell(presence, path, n, "Presence")
-        except DataError:
-            presence_int = None
-        if presence_int not in (-1, 0, 1):
-            raise DataError(f"{path}: row {n}: unknown Presence value {presence!r} (expected 1, -1 or 0)")
-        section = get(r, "Section_ID")
-        opt = {k: (_int_cell(get(r, k), path, n, k) if get(r, k) not in (None, "") else None) for k in "ijhw"}
-        out.append(Annotation(patient=patient,
-                              section=None if section in (None, "") else _int_cell(section, path, n, "Section_ID"),
-                              window=int(m.group("window")), aug=int(m.group("aug")) if m.group("aug") else None,
-                              presence=presence_int, row=n, **opt))
+            raise DataError(f"{path}: row {n}: unparsable Window_ID {window!r} (expected 902 or '902_Aug1')")
+        presence = _int_or_none(cell["presence"])
+        if presence not in (-1, 0, 1):
+            raise DataError(f"{path}: row {n}: unknown Presence value {cell['presence']!r} (expected 1, -1 or 0)")
+        out.append(Annotation(patient=patient, section=_int_or_none(cell["section_id"]), window=int(m.group("window")),
+                              aug=int(m.group("aug")) if m.group("aug") else None, presence=presence, row=n,
+                              **{k: _int_or_none(cell.get(k)) for k in "ijhw"}))
     return out
 
 
@@ -176,7 +167,8 @@ def read_diagnosis(path) -> dict[str, str]:
         raise DataError(f"{path}: expected columns CODI,DENSITAT (header is {header})")
     out: dict[str, str] = {}
     for n, r in body:
-        patient, dx = str(r[col["CODI"]]).strip(), str(r[col["DENSITAT"]]).strip().upper()
+        patient, dx = (str(r[col[k]]).strip() if col[k] < len(r) else "" for k in ("CODI", "DENSITAT"))
+        dx = dx.upper()
         if dx not in DIAGNOSES:
             raise DataError(f"{path}: row {n}: unknown DENSITAT {dx!r} for {patient} (expected {'/'.join(DIAGNOSES)})")
         if out.get(patient, dx) != dx:
