@@ -1,0 +1,264 @@
+"""run_h_pylori.sh, run with bash outside SLURM the way a user tries it before `sbatch`.
+
+Each test copies the demo dataset to a "shared" folder in tmp_path and points TMPDIR (the node-local disk when
+SLURM_TMPDIR is absent) at another tmp folder, so staging, the audit gate and the run folder are all observable.
+Staging tests use --stage-only (stage, print the staged path, exit) so they do not pay for training."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY_TRAIN_FLAGS
+
+SCRIPT = ROOT / "run_h_pylori.sh"
+TRAIN_FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "1"]
+CLEARED = ("HELICO_DATA", "PYTHON", "RUNS_DIR", "STAGE_DIR", "STAGE_RESERVE_MB", "STAGE_LOCK_TIMEOUT",
+           "SLURM_TMPDIR", "CUDA_VISIBLE_DEVICES")
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A shared dataset copy, a node-local disk, a runs folder, and a function that launches the script."""
+    shared = tmp_path / "shared" / "HelicoDataSet"
+    return Node(tmp_path, shared)
+
+
+class Node:
+    def __init__(self, tmp_path: Path, shared: Path):
+        self.tmp, self.shared = tmp_path, shared
+        self.local = tmp_path / "node-local"
+        self.runs = tmp_path / "runs"
+        self.local.mkdir()
+
+    def copy_demo(self, demo_root):
+        shutil.copytree(demo_root, self.shared)
+        return self
+
+    def env(self, **extra):
+        env = {k: v for k, v in os.environ.items() if k not in CLEARED and not k.startswith("SLURM_")}
+        env.update(HELICO_DATA=str(self.shared), TMPDIR=str(self.local), PYTHON=sys.executable,
+                   RUNS_DIR=str(self.runs))
+        env.update(extra)
+        return {k: v for k, v in env.items() if v is not None}
+
+    def run(self, *args, timeout=300, **extra) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(SCRIPT), *map(str, args)], env=self.env(**extra), cwd=self.tmp,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def stage(self, **extra) -> tuple[subprocess.CompletedProcess, Path]:
+        r = self.run("--stage-only", **extra)
+        assert r.returncode == 0, r.stderr
+        return r, Path(r.stdout.strip().splitlines()[-1])
+
+    def staged_dirs(self) -> list[Path]:
+        return sorted(p for p in (self.local / "helico-stage").glob("*") if p.is_dir())
+
+
+def files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def marker_of(staged: Path) -> Path:
+    return staged.with_name(staged.name + ".complete")
+
+
+def path_without_rsync(tmp_path: Path) -> str:
+    """A PATH holding every command of the current PATH except rsync (symlinks), like a node without rsync."""
+    bin_dir = tmp_path / "bin-without-rsync"
+    bin_dir.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            target = os.path.join(d, name)
+            if name != "rsync" and not (bin_dir / name).exists() and os.access(target, os.X_OK):
+                (bin_dir / name).symlink_to(target)
+    return str(bin_dir)
+
+
+def require_rsync():
+    # Not a skip: the rsync path is the one clusters use, so a machine without rsync must fail loudly here.
+    assert shutil.which("rsync"), "rsync is not installed (apt-get install -y rsync); the rsync staging path is untested"
+
+
+# ----------------------------------------------------------------------------------------------- staging
+def test_staging_copies_the_dataset_with_rsync_and_writes_a_verified_marker(node, demo_root):
+    require_rsync()
+    r, staged = node.copy_demo(demo_root).stage()
+    assert staged.parent == node.local / "helico-stage"
+    assert "with rsync" in r.stderr
+    assert files(staged) == files(node.shared)
+    n_files, n_bytes, _ = marker_of(staged).read_text().split()
+    assert int(n_files) == len(files(node.shared)) and int(n_bytes) == sum(files(node.shared).values())
+
+
+def test_second_run_reuses_the_marked_copy_without_copying(node, demo_root):
+    _, staged = node.copy_demo(demo_root).stage()
+    marker_time = marker_of(staged).stat().st_mtime_ns
+    r, again = node.stage()
+    assert again == staged
+    assert "reusing verified copy" in r.stderr and "copying" not in r.stderr
+    assert marker_of(staged).stat().st_mtime_ns == marker_time
+
+
+def test_a_file_deleted_from_a_marked_copy_is_not_trusted_and_is_resynced(node, demo_root):
+    _, staged = node.copy_demo(demo_root).stage()
+    (staged / "PatientDiagnosis.csv").unlink()
+    r, again = node.stage()
+    assert "not trusted" in r.stderr and "reusing" not in r.stderr
+    assert files(again) == files(node.shared)
+
+
+def test_a_marker_that_mismatches_the_source_is_not_trusted(node, demo_root):
+    _, staged = node.copy_demo(demo_root).stage()
+    marker_of(staged).write_text("1 2 3\n")
+    r, _ = node.stage()
+    assert "not trusted" in r.stderr and "copying" in r.stderr
+    assert marker_of(staged).read_text().split()[0] == str(len(files(node.shared)))
+
+
+def test_a_changed_source_is_resynced_including_deletions(node, demo_root):
+    _, staged = node.copy_demo(demo_root).stage()
+    (node.shared / "PatientDiagnosis.csv").write_text((node.shared / "PatientDiagnosis.csv").read_text() + "\n")
+    removed = next((node.shared / "HoldOut").rglob("*.png"))
+    removed.unlink()
+    r, _ = node.stage()
+    assert "not trusted" in r.stderr
+    assert files(staged) == files(node.shared)
+
+
+def test_a_partial_copy_without_marker_is_resumed_and_verified(node, demo_root):
+    require_rsync()
+    node.copy_demo(demo_root)
+    _, staged = node.stage()
+    # what a job killed mid-copy leaves: no marker, a truncated file, a folder not copied yet
+    marker_of(staged).unlink()
+    png = next((staged / "CrossValidation" / "Annotated").rglob("*.png"))
+    png.write_bytes(png.read_bytes()[:100])
+    shutil.rmtree(staged / "HoldOut")
+    r, again = node.stage()
+    assert "with rsync" in r.stderr and "verified" in r.stderr
+    assert files(again) == files(node.shared) and marker_of(again).exists()
+
+
+def test_without_rsync_staging_falls_back_to_cp_with_a_warning(node, demo_root):
+    node.copy_demo(demo_root)
+    r, staged = node.stage(PATH=path_without_rsync(node.tmp))
+    assert "WARNING: rsync not found" in r.stderr
+    assert staged.parent == node.local / "helico-stage" and files(staged) == files(node.shared)
+    assert marker_of(staged).exists()
+
+
+def test_not_enough_node_disk_falls_back_to_the_shared_path_with_a_warning(node, demo_root):
+    node.copy_demo(demo_root)
+    r, used = node.stage(STAGE_RESERVE_MB=str(10 ** 12))  # ask to keep an exabyte free
+    assert "WARNING: not enough space" in r.stderr and "training from the shared path" in r.stderr
+    assert used == node.shared
+    assert not any(marker_of(d).exists() for d in node.staged_dirs())
+
+
+def test_two_jobs_on_one_node_copy_the_data_once(node, demo_root):
+    node.copy_demo(demo_root)
+    jobs = [subprocess.Popen(["bash", str(SCRIPT), "--stage-only"], env=node.env(), cwd=node.tmp,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [j.communicate(timeout=120) for j in jobs]
+    assert [j.returncode for j in jobs] == [0, 0]
+    logs = "".join(err for _, err in outs)
+    assert logs.count("staging: copying") == 1, logs
+    assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1
+
+
+def test_stage_dir_off_reads_the_shared_path(node, demo_root):
+    node.copy_demo(demo_root)
+    r, used = node.stage(STAGE_DIR="off")
+    assert used == node.shared and not (node.local / "helico-stage").exists()
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_unset_helico_data_exits_2_with_a_clear_error(node):
+    r = node.run("--run-id", "x", HELICO_DATA=None)
+    assert r.returncode == 2 and "HELICO_DATA is not set" in r.stderr
+
+
+def test_missing_dataset_root_exits_2(node):
+    r = node.run("--run-id", "x", HELICO_DATA=str(node.tmp / "nowhere"))
+    assert r.returncode == 2 and "is not a directory" in r.stderr
+
+
+def test_missing_run_id_exits_2_before_staging(node, demo_root):
+    r = node.copy_demo(demo_root).run("--epochs", "1")
+    assert r.returncode == 2 and "--run-id is required" in r.stderr
+    assert not (node.local / "helico-stage").exists()
+
+
+def test_help_prints_usage_and_environment(node):
+    r = node.run("--help")
+    assert r.returncode == 0 and "HELICO_DATA" in r.stdout and "sbatch run_h_pylori.sh" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+def leaky_split(node, tmp_path) -> Path:
+    """A split file whose validation part repeats a training patient."""
+    import common
+    import splits
+    data = common.load_data(node.shared)
+    split = splits.make_split(data, seed=0, keep_in_train=[splits.reference_patient(common.DEFAULT_REFERENCE)])
+    split["val"].append(next(p for p in split["train"] if p != "B22-47"))
+    path = tmp_path / "leaky_split.json"
+    path.write_text(json.dumps(split))
+    return path
+
+
+@pytest.mark.parametrize("form", ["--split FILE", "--split=FILE"])
+def test_a_leaky_split_stops_the_job_with_exit_1_before_training(node, demo_root, form):
+    node.copy_demo(demo_root)
+    split = leaky_split(node, node.tmp)
+    flag = ["--split", split] if form == "--split FILE" else [f"--split={split}"]
+    r = node.run("--run-id", "leaky", *flag, *TRAIN_FLAGS)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "patient leak" in r.stderr and "not training" in r.stderr
+    assert not (node.runs / "leaky").exists()
+
+
+def test_audit_bad_input_exit_2_passes_through_and_nothing_trains(node, demo_root):
+    r = node.copy_demo(demo_root).run("--run-id", "bad", "--val-frac=1.5", *TRAIN_FLAGS)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert not (node.runs / "bad").exists()
+
+
+def test_clean_run_trains_on_the_staged_copy_and_evaluates_best_checkpoint(node, demo_root):
+    r = node.copy_demo(demo_root).run("--run-id", "demo", *TRAIN_FLAGS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = node.runs / "demo"
+    assert (run / "best.pt").is_file() and (run / "split.json").is_file()
+    assert any((run / "eval").iterdir()), "evaluate.py wrote nothing under the run folder's eval/"
+    staged = node.staged_dirs()
+    assert len(staged) == 1 and marker_of(staged[0]).exists()
+    config = json.loads((run / "config.json").read_text())
+    assert Path(config["data_root"]).resolve() == staged[0].resolve()
+
+
+def test_usr1_is_forwarded_so_training_checkpoints_and_evaluation_is_skipped(node, demo_root):
+    node.copy_demo(demo_root)
+    job = subprocess.Popen(["bash", str(SCRIPT), "--run-id", "pre", *TRAIN_FLAGS, "--epochs", "200"],
+                           env=node.env(), cwd=node.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (node.runs / "pre" / "log.jsonl").exists() and job.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # wait until an epoch finished: training is running, not starting up
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        job.send_signal(signal.SIGUSR1)  # what SLURM's --signal=B:USR1@120 sends to the batch shell
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, err[-3000:]
+    assert "USR1 received" in err and "skipping evaluation" in err
+    assert (node.runs / "pre" / "last.pt").is_file()
+    assert not (node.runs / "pre" / "eval").exists()
