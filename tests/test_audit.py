@@ -1,0 +1,391 @@
+"""audit_leakage.py as a specification: each check fires on data made to have its problem, stays quiet on the
+clean demo, and every bad input is a one-line error with exit code 2.
+
+Broken datasets are hard-linked copies of the session's demo (fast, no image bytes copied): never write into
+an existing file of a copy, unlink it first (replace_file), or the shared demo changes under other tests."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import openpyxl
+import pytest
+from PIL import Image
+
+import audit_leakage
+import common
+import splits
+from conftest import META
+
+CROPPED, ANNOTATED, HOLDOUT = (Path(common.TREES[t]) for t in ("cropped", "annotated", "holdout"))
+WORKBOOK = "HP_WSI-CoordAllAnnotatedPatches.xlsx"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def copy_demo(demo_root, tmp_path) -> Path:
+    dst = tmp_path / "HelicoDataSet"
+    try:
+        shutil.copytree(demo_root, dst, copy_function=os.link)
+    except OSError:  # another file system: real copies
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(demo_root, dst)
+    return dst
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    path.unlink(missing_ok=True)  # break the hard link before writing
+    path.write_bytes(data)
+
+
+def run_audit(root, tmp_path, *flags):
+    """(exit code, JSON report or None) of one audit run."""
+    out = tmp_path / "audit.json"
+    out.unlink(missing_ok=True)
+    rc = audit_leakage.main(["--data-root", str(root), "--no-progress", "--json", str(out), *map(str, flags)])
+    return rc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def finding(report, check):
+    hits = [f for f in report["findings"] if f["check"] == check]
+    assert len(hits) <= 1, "one finding per check"
+    return hits[0] if hits else None
+
+
+def leak_checks(report):
+    return {f["check"] for f in report["findings"] if f["kind"] == "leak"}
+
+
+def write_split(path: Path, **parts) -> Path:
+    path.write_text(json.dumps({k: list(v) for k, v in parts.items()}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_audit(demo_root, tmp_path_factory):
+    """The default audit of the untouched demo, run once for every test that only reads it."""
+    return run_audit(demo_root, tmp_path_factory.mktemp("audit"))
+
+
+@pytest.fixture(scope="module")
+def demo_data(demo_root):
+    return common.load_data(demo_root)
+
+
+def default_split(data):
+    return splits.make_split(data, keep_in_train=["B22-47"],
+                             groups=splits.duplicate_groups(splits.shared_content(data, progress=False)))
+
+
+# ----------------------------------------------------------------------------------------------- clean demo
+def test_default_demo_split_has_no_leak_and_exits_0(demo_audit):
+    rc, report = demo_audit
+    assert rc == common.EXIT_OK
+    assert report["ok"] is True and leak_checks(report) == set()
+
+
+def test_byte_identical_patients_are_reported_but_kept_together_by_default(demo_audit):
+    rc, report = demo_audit
+    group = finding(report, "duplicate_content_groups")
+    assert group["kind"] == "warning" and {"B22-200", "B22-201"} <= set(group["patients"])
+    split = report["split"]["patients"]
+    assert len({part for part, ps in split.items() if {"B22-200", "B22-201"} & set(ps)}) == 1
+
+
+def test_default_split_keeps_the_stain_reference_patient_in_train(demo_audit):
+    assert "B22-47" in demo_audit[1]["split"]["patients"]["train"]
+
+
+@pytest.mark.parametrize("check, patient", [
+    ("multi_section_patients", "B22-111"), ("label_conflicts", "B22-03"), ("presence_zero_rows", "B22-11"),
+    ("rows_without_files", "B22-100"), ("files_without_rows", "B22-11"), ("off_size_images", "B22-100")])
+def test_demo_traps_are_warnings_naming_the_patient(demo_audit, check, patient):
+    f = finding(demo_audit[1], check)
+    assert f is not None and f["kind"] == "warning" and patient in f["patients"]
+
+
+def test_stray_thumbs_db_files_are_listed(demo_audit):
+    files = finding(demo_audit[1], "stray_entries")["files"]
+    assert "CrossValidation/Cropped/Thumbs.db" in files and "CrossValidation/Cropped/B22-10_1/Thumbs.db" in files
+
+
+def test_off_size_image_reports_its_size_and_file(demo_audit):
+    f = finding(demo_audit[1], "off_size_images")
+    assert "206x256" in f["detail"] and f["files"] == ["CrossValidation/Annotated/B22-100_0/02045.png"]
+
+
+def test_clean_demo_has_no_control_mention_or_missing_reference(demo_audit):
+    report = demo_audit[1]
+    assert finding(report, "control_or_external_mentions") is None
+    assert finding(report, "reference_patch_missing") is None
+    assert finding(report, "holdout_in_crossvalidation") is None
+
+
+def test_json_report_has_the_documented_structure(demo_audit):
+    report = demo_audit[1]
+    assert set(report) >= {"ok", "findings", "composition", "split"}
+    for f in report["findings"]:
+        assert f["kind"] in ("leak", "warning") and isinstance(f["check"], str) and f["check"]
+        assert isinstance(f["patients"], list) and isinstance(f["detail"], str) and f["detail"]
+    assert set(report["composition"]) == {"train", "val", "holdout"}
+    assert set(report["composition"]["val"]) >= {"patients", "diagnosis", "positives", "aug_copies", "hard_negatives",
+                                                "easy_negatives", "presence0_excluded", "dummy_accuracy"}
+    assert set(report["split"]["patients"]) == {"train", "val"}
+
+
+def test_json_is_written_atomically_without_leftovers(demo_root, tmp_path):
+    run_audit(demo_root, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["audit.json"]
+
+
+def test_composition_matches_an_independent_count(demo_audit, demo_data):
+    comp, parts = demo_audit[1]["composition"], demo_audit[1]["split"]["patients"]
+    for part in ("train", "val"):
+        once = common.select(demo_data.labelled, parts[part])            # each window once
+        with_aug = common.select(demo_data.labelled, parts[part], include_aug=True)
+        c = comp[part]
+        assert c["patients"] == len(parts[part]) == sum(c["diagnosis"].values())
+        assert c["positives"] == sum(s.label == 1 for s in once)
+        assert c["aug_copies"] == sum(s.label == 1 for s in with_aug) - c["positives"]
+        assert c["hard_negatives"] + c["easy_negatives"] == sum(s.label == 0 for s in once)
+        assert c["easy_negatives"] == sum(s.source == "supplemental" for s in once)
+        assert c["dummy_accuracy"] == pytest.approx(1 - c["positives"] / len(once))
+
+
+def test_accuracy_trap_is_printed_with_the_validation_dummy_accuracy(demo_root, tmp_path, capsys):
+    rc, report = run_audit(demo_root, tmp_path)
+    out = capsys.readouterr().out
+    acc = report["composition"]["val"]["dummy_accuracy"]
+    assert f"ACCURACY TRAP" in out and f"{100 * acc:.1f}% on val" in out
+    assert "VERDICT: no leak found (exit 0)" in out
+
+
+def test_audit_checks_the_split_train_would_make_from_the_same_flags(demo_root, demo_data, tmp_path):
+    rc, report = run_audit(demo_root, tmp_path, "--folds", 3, "--fold", 1, "--split-seed", 7)
+    groups = splits.duplicate_groups(splits.shared_content(demo_data, progress=False))
+    expected = splits.make_split(demo_data, 7, folds=3, fold=1, keep_in_train=["B22-47"], groups=groups)
+    assert report["split"]["patients"] == {"train": expected["train"], "val": expected["val"]}
+    assert rc == common.EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------- leaks
+def test_patient_split_by_section_folders_is_a_leak(demo_data, demo_root, tmp_path):
+    others = [p for p in default_split(demo_data)["train"] if p != "B22-111"]
+    split = write_split(tmp_path / "split.json", train=others + ["B22-111_0"], val=["B22-111_1"])
+    rc, report = run_audit(demo_root, tmp_path, "--split", split)
+    assert rc == common.EXIT_LEAK and report["ok"] is False
+    assert finding(report, "patient_in_several_parts")["patients"] == ["B22-111"]
+    assert finding(report, "split_lists_folder_names")["kind"] == "leak"
+
+
+def test_same_patient_id_in_train_and_val_is_a_leak(demo_data, demo_root, tmp_path):
+    s = default_split(demo_data)
+    split = write_split(tmp_path / "split.json", train=s["train"], val=s["val"] + ["B22-01"])
+    rc, report = run_audit(demo_root, tmp_path, "--split", split)
+    assert rc == common.EXIT_LEAK and finding(report, "patient_in_several_parts")["patients"] == ["B22-01"]
+
+
+def test_byte_identical_patients_in_different_parts_is_a_leak(demo_data, demo_root, tmp_path):
+    s = default_split(demo_data)
+    train = [p for p in s["train"] + s["val"] if p not in ("B22-201", "B22-06")]
+    split = write_split(tmp_path / "split.json", train=train + ["B22-200"], val=["B22-201", "B22-06"])
+    rc, report = run_audit(demo_root, tmp_path, "--split", split)
+    f = finding(report, "identical_images_across_parts")
+    assert rc == common.EXIT_LEAK and set(f["patients"]) == {"B22-200", "B22-201"}
+    assert any("B22-201_0" in p for p in f["files"]) and any("B22-200_0" in p for p in f["files"])
+
+
+def test_one_copied_image_between_parts_is_a_leak(demo_data, demo_root, tmp_path):
+    root = copy_demo(demo_root, tmp_path)
+    s = default_split(demo_data)
+    src = sorted((root / CROPPED / f"{s['train'][0]}_0").glob("*.png"))[0]
+    val_folder = next(f for f in (root / CROPPED).iterdir() if common.patient_id(f.name) == s["val"][0])
+    shutil.copyfile(src, val_folder / "99999.png")
+    split = write_split(tmp_path / "split.json", train=s["train"], val=s["val"])  # made before the copy
+    rc, report = run_audit(root, tmp_path, "--split", split)  # (a split made now would group the two)
+    f = finding(report, "identical_images_across_parts")
+    assert rc == common.EXIT_LEAK and {s["train"][0], s["val"][0]} <= set(f["patients"])
+    assert f"{CROPPED.as_posix()}/{val_folder.name}/99999.png" in f["files"]
+
+
+def test_holdout_image_identical_to_a_crossvalidation_image_is_a_leak(demo_root, tmp_path):
+    root = copy_demo(demo_root, tmp_path)
+    src = sorted((root / CROPPED / "B22-47_0").glob("*.png"))[0]
+    shutil.copyfile(src, next((root / HOLDOUT).iterdir()) / "99999.png")
+    rc, report = run_audit(root, tmp_path)
+    assert rc == common.EXIT_LEAK and "holdout" in finding(report, "identical_images_across_parts")["detail"]
+
+
+def test_aug_copy_in_another_part_than_its_original_is_a_leak(demo_root, tmp_path):
+    root = copy_demo(demo_root, tmp_path)
+    data = common.load_data(root)
+    aug = next(s for s in sorted(data.labelled, key=lambda s: s.path)
+               if s.aug is not None and len(data.folders["annotated"][s.patient]) == 1)
+    folder = Path(aug.path).parent.name
+    other = f"{aug.patient}_{1 - common.folder_section(folder)}"     # a second section folder of that patient
+    (root / ANNOTATED / other).mkdir()
+    os.rename(root / aug.path, root / ANNOTATED / other / Path(aug.path).name)
+    rest = [p for p in data.cv_patients if p != aug.patient]
+    split = write_split(tmp_path / "split.json", train=rest + [folder], val=[other])
+    rc, report = run_audit(root, tmp_path, "--split", split)
+    assert rc == common.EXIT_LEAK and finding(report, "aug_copy_across_parts")["patients"] == [aug.patient]
+
+
+def test_aug_copy_whose_row_names_another_patient_than_its_folder_fires():
+    # A row's Pat_ID (sample.patient) can disagree with the folder the file sits in; the part is the folder's.
+    original = common.Sample("CrossValidation/Annotated/B22-5_0/00012.png", "B22-5", "annotated", 1, 12)
+    copy = common.Sample("CrossValidation/Annotated/B22-6_0/00012_Aug1.png", "B22-5", "annotated", 1, 12, 1)
+    parts = audit_leakage.Parts({"train": ["B22-5"], "val": ["B22-6"]})
+    [f] = audit_leakage.windows_across_parts([original, copy], parts)
+    assert f.check == "aug_copy_across_parts" and f.patients == ["B22-5"] and f.kind == "leak"
+
+
+def test_annotated_and_cropped_copies_of_a_window_in_different_parts_fire():
+    annotated = common.Sample("CrossValidation/Annotated/B22-5_0/00012.png", "B22-5", "annotated", 0, 12)
+    cropped = common.Sample("CrossValidation/Cropped/B22-5_1/12.png", "B22-5", "supplemental", 0, 12)
+    parts = audit_leakage.Parts({"train": ["B22-5_0"], "val": ["B22-5_1"]})
+    assert [f.check for f in audit_leakage.windows_across_parts([annotated, cropped], parts)] == ["window_across_parts"]
+
+
+def test_holdout_patient_also_in_crossvalidation_is_a_leak(demo_root, tmp_path):
+    root = copy_demo(demo_root, tmp_path)
+    os.rename(next((root / HOLDOUT).iterdir()), root / HOLDOUT / "B22-01_0")
+    rc, report = run_audit(root, tmp_path)
+    assert rc == common.EXIT_LEAK and finding(report, "holdout_in_crossvalidation")["patients"] == ["B22-01"]
+
+
+def test_stain_reference_patient_in_validation_is_a_leak(demo_data, demo_root, tmp_path):
+    s = default_split(demo_data)
+    split = write_split(tmp_path / "split.json", train=[p for p in s["train"] if p != "B22-47"], val=s["val"] + ["B22-47"])
+    rc, report = run_audit(demo_root, tmp_path, "--split", split)
+    assert rc == common.EXIT_LEAK and finding(report, "reference_not_in_train")["patients"] == ["B22-47"]
+
+
+def test_any_problem_train_refuses_becomes_a_leak_when_no_check_caught_it():
+    [f] = audit_leakage.split_refused(["something new"], [])
+    assert f.kind == "leak" and "something new" in f.detail
+    assert audit_leakage.split_refused(["x"], [audit_leakage.leak("other", [], "x")]) == []
+
+
+# ----------------------------------------------------------------------------------------------- warnings
+def test_warnings_alone_exit_0(demo_audit):
+    rc, report = demo_audit
+    assert rc == common.EXIT_OK and any(f["kind"] == "warning" for f in report["findings"])
+
+
+def test_missing_reference_patch_is_a_warning(demo_root, tmp_path):
+    rc, report = run_audit(demo_root, tmp_path, "--reference-patch", "CrossValidation/Annotated/B22-47_0/99999.png")
+    assert rc == common.EXIT_OK and finding(report, "reference_patch_missing")["patients"] == ["B22-47"]
+
+
+def test_control_folder_is_reported_from_its_path(demo_root, tmp_path):
+    root = copy_demo(demo_root, tmp_path)
+    shutil.copytree(root / CROPPED / "B22-06_0", root / CROPPED / "Control_0", copy_function=os.link)
+    rc, report = run_audit(root, tmp_path)
+    f = finding(report, "control_or_external_mentions")
+    assert f["kind"] == "warning" and any("Control_0" in p for p in f["files"])
+
+
+def test_workbook_cell_mentioning_external_is_reported_with_its_patient(demo_root, tmp_path):
+    root = copy_demo(demo_root, tmp_path)
+    wb = openpyxl.load_workbook(root / WORKBOOK)
+    ws = wb["Sheet1"]
+    ws.cell(row=1, column=9, value="Comment")
+    row = next(r for r in range(2, ws.max_row + 1) if ws.cell(row=r, column=1).value == "B22-06")
+    ws.cell(row=row, column=9, value="EXTERNAL sample")
+    (root / WORKBOOK).unlink()
+    wb.save(root / WORKBOOK)
+    rc, report = run_audit(root, tmp_path)
+    f = finding(report, "control_or_external_mentions")
+    assert rc == common.EXIT_OK and f["patients"] == ["B22-06"] and f"I{row}" in f["detail"]
+
+
+def test_png_header_size_equals_pil_size(demo_root):
+    for path in sorted((demo_root / ANNOTATED / "B22-100_0").glob("*.png")):
+        with Image.open(path) as im:
+            assert audit_leakage.png_size(path) == im.size
+
+
+def test_file_named_png_without_a_png_header_is_reported(demo_root, tmp_path):
+    root = copy_demo(demo_root, tmp_path)
+    victim = sorted((root / CROPPED / "B22-06_0").glob("*.png"))[0]
+    replace_file(victim, b"not a png at all, just bytes")
+    rc, report = run_audit(root, tmp_path)
+    assert finding(report, "unreadable_png_headers")["files"] == [victim.relative_to(root).as_posix()]
+
+
+def test_patients_left_out_of_a_split_file_are_a_warning(demo_data, demo_root, tmp_path):
+    s = default_split(demo_data)
+    split = write_split(tmp_path / "split.json", train=s["train"], val=s["val"][:-1])
+    rc, report = run_audit(demo_root, tmp_path, "--split", split)
+    assert rc == common.EXIT_OK and finding(report, "patients_outside_split")["patients"] == [s["val"][-1]]
+
+
+def test_patient_without_diagnosis_row_is_a_warning(demo_root, tmp_path):
+    root = copy_demo(demo_root, tmp_path)
+    csv_path = root / common.DIAGNOSIS_NAME
+    lines = csv_path.read_text().splitlines()
+    replace_file(csv_path, ("\n".join(line for line in lines if not line.startswith("B22-06,")) + "\n").encode())
+    rc, report = run_audit(root, tmp_path)
+    assert finding(report, "patients_without_diagnosis")["patients"] == ["B22-06"]
+
+
+# ----------------------------------------------------------------------------------------------- real metadata
+@pytest.fixture(scope="module")
+def real_metadata_root(demo_root, tmp_path_factory):
+    """The demo's images under the real workbook and CSV: most rows then have no file, which must be reported."""
+    root = copy_demo(demo_root, tmp_path_factory.mktemp("real"))
+    for name in (WORKBOOK, common.DIAGNOSIS_NAME):
+        (root / name).unlink()
+        shutil.copyfile(META / name, root / name)
+    return root
+
+
+def test_real_workbook_label_conflict_is_b22_241(real_metadata_root, tmp_path):
+    rc, report = run_audit(real_metadata_root, tmp_path)
+    assert finding(report, "label_conflicts")["patients"] == ["B22-241"]
+    assert len(finding(report, "rows_without_files")["patients"]) > 100   # reported, not a crash
+    assert finding(report, "presence_zero_rows")["patients"] == ["B22-151"]
+    assert finding(report, "duplicate_rows")["patients"] == ["B22-151"]  # its Presence 0 rows repeat -1 windows
+
+
+def test_real_workbook_cells_hold_no_control_mention_until_one_is_added(real_metadata_root, tmp_path):
+    cells = list(audit_leakage.metadata_cells(real_metadata_root / WORKBOOK))
+    assert len(cells) > 2695 * 8 and not any(audit_leakage.MENTION.search(text) for _, _, text in cells)
+    root = tmp_path / "HelicoDataSet"
+    shutil.copytree(real_metadata_root, root, copy_function=os.link)
+    wb = openpyxl.load_workbook(root / WORKBOOK)
+    ws = wb["Sheet1"]
+    row = next(r for r in range(2, ws.max_row + 1) if ws.cell(row=r, column=1).value == "B22-241")
+    ws.cell(row=row, column=9, value="control section")
+    (root / WORKBOOK).unlink()
+    wb.save(root / WORKBOOK)
+    rc, report = run_audit(root, tmp_path)
+    assert finding(report, "control_or_external_mentions")["patients"] == ["B22-241"]
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def bad_input(args, capsys):
+    rc = audit_leakage.main([*map(str, args), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == common.EXIT_BAD_INPUT and err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_missing_data_root_exits_2_naming_it(tmp_path, capsys):
+    assert str(tmp_path / "nowhere") in bad_input(["--data-root", tmp_path / "nowhere"], capsys)
+
+
+def test_bad_split_json_exits_2_naming_the_file(demo_root, tmp_path, capsys):
+    (tmp_path / "split.json").write_text("{not json")
+    assert "split.json" in bad_input(["--data-root", demo_root, "--split", tmp_path / "split.json"], capsys)
+
+
+def test_split_naming_an_unknown_patient_exits_2_naming_it(demo_data, demo_root, tmp_path, capsys):
+    s = default_split(demo_data)
+    split = write_split(tmp_path / "split.json", train=s["train"] + ["B22-999"], val=s["val"])
+    assert "B22-999" in bad_input(["--data-root", demo_root, "--split", split], capsys)
+
+
+@pytest.mark.parametrize("flags", [["--folds", 5, "--fold", 5], ["--folds", 1, "--fold", 0], ["--val-frac", 1.5]])
+def test_bad_fold_or_val_frac_exits_2_naming_the_flag(demo_root, flags, capsys):
+    assert str(flags[0]) in bad_input(["--data-root", demo_root, *flags], capsys)
