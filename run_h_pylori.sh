@@ -21,7 +21,8 @@
 # Every argument goes to train.py (see `python train.py --help`); the split flags among them (--split,
 # --split-seed, --val-frac, --folds, --fold, --reference-patch, --hash-cache) also go to audit_leakage.py,
 # so the audit checks exactly the split that will be trained. Write flags in full (no argparse abbreviations).
-# --run-id is required: the run folder RUNS_DIR/<run-id> is what a requeued job resumes from.
+# The run folder is RUNS_DIR/<run-id>, what a requeued job resumes from; --run-id defaults to $SLURM_JOB_ID
+# (unchanged by a requeue) and is required outside SLURM.
 #
 # Environment:
 #   HELICO_DATA        the dataset root on shared storage (required unless --data-root is given)
@@ -33,7 +34,8 @@
 #   STAGE_LOCK_TIMEOUT seconds to wait for another job's copy on this node before giving up (default 7200)
 #
 # Exit codes: 0 ok; 1 the audit found a patient leak (nothing trained); 2 bad input; otherwise the failing
-# step's own exit code. After a preemption signal the job exits with train.py's code and skips evaluation.
+# step's own exit code. After USR1 (or Ctrl-C) train.py writes last.pt and exits 4 (and requeues itself
+# under SLURM); the script then skips evaluation and exits with train.py's code.
 set -euo pipefail
 
 log() { printf '[run_h_pylori %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }  # stdout is left to the steps
@@ -301,7 +303,10 @@ main() {
   log "host $(hostname), job ${SLURM_JOB_ID:-none} (restart ${SLURM_RESTART_COUNT:-0}), code $CODE_DIR" \
       "at $(git -C "$CODE_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   if (( STAGE_ONLY )); then resolve_data_root; echo "$DATA_ROOT"; return 0; fi
-  [[ -n $RUN_ID ]] || die 2 "--run-id is required (the run folder a requeued job resumes from)"
+  if [[ -z $RUN_ID && -n ${SLURM_JOB_ID:-} ]]; then  # train.py's own default: a requeued job keeps its ID
+    RUN_ID=$SLURM_JOB_ID; TRAIN_ARGS+=(--run-id "$RUN_ID")
+  fi
+  [[ -n $RUN_ID ]] || die 2 "--run-id is required outside SLURM (the run folder to write and to resume from)"
   pick_python
   RUNS=${ARG_RUNS_DIR:-${RUNS_DIR:-runs}}
   resolve_data_root
