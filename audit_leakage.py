@@ -4,35 +4,29 @@
     python audit_leakage.py --data-root HelicoDataSet --folds 5 --fold 2     # one fold of 5
     python audit_leakage.py --data-root HelicoDataSet --split runs/26/split.json --json audit.json
 
-The split is obtained exactly as train.py obtains it from the same flags (splits.resolve_split), so a clean
-audit means the split train.py will use is clean. The report gives the composition of each split part (the
-all-negative classifier's accuracy included: the accuracy trap) and every finding, one line each.
-
-Leaks (kind "leak", exit 1):
-  patient_in_several_parts     one patient (after patient_id) in more than one part, e.g. B22-111_0 in train
-                               and B22-111_1 in val
-  split_lists_folder_names     the split names folders (B22-111_0), not patients: train.py refuses it
-  identical_images_across_parts  byte-identical PNGs in different parts (HoldOut counts as a part of its own)
-  aug_copy_across_parts        an `_AugK` re-crop in another part than its original window (same patient+window)
-  window_across_parts          the Annotated and Cropped copies of one window in different parts
-  holdout_in_crossvalidation   a HoldOut patient that also has CrossValidation folders
-  reference_not_in_train       the stain reference patch's patient in val or test (it would shape the normalizer)
-  split_refused                anything else splits.split_problems reports (train.py would refuse the split)
-Warnings (kind "warning"): multi_section_patients, label_conflicts, presence_zero_rows, rows_without_files,
-  files_without_rows, stray_entries, duplicate_rows, control_or_external_mentions (paths and every workbook/CSV
-  cell), off_size_images, unreadable_png_headers, duplicate_content_groups (even when kept together),
+The split comes from splits.resolve_split, as in train.py, so the audit checks exactly the split train.py makes
+from the same flags. The report shows each part's composition (with the all-negative classifier's accuracy:
+the accuracy trap), then every finding, one line each, under a stable check name:
+- leaks: patient_in_several_parts (B22-111_0 in train, B22-111_1 in val), split_lists_folder_names,
+  identical_images_across_parts (byte-identical PNGs in different parts; HoldOut counts as a part),
+  aug_copy_across_parts (an _AugK re-crop in another part than its window), window_across_parts (Annotated
+  and Cropped copies of a window), holdout_in_crossvalidation, reference_not_in_train (the stain reference
+  patient in val/test), split_refused (anything else splits.split_problems reports: train.py would refuse it);
+- warnings: multi_section_patients, label_conflicts, presence_zero_rows, rows_without_files, files_without_rows,
+  stray_entries, duplicate_rows, control_or_external_mentions (paths and every workbook/CSV cell),
+  off_size_images, unreadable_png_headers, duplicate_content_groups (even when kept together),
   reference_patch_missing, patients_outside_split, patients_without_diagnosis.
 
 Exit codes: 0 no leak (warnings may be printed); 1 at least one leak; 2 bad input (missing or malformed data
-root, workbook or CSV, bad --split JSON, a split patient the data root lacks, bad --folds/--fold/--val-frac):
-one line `error: ...` on stderr. `--json OUT` is written atomically:
+root, workbook or CSV, bad --split JSON, a split patient the data root lacks, bad --folds/--fold/--val-frac),
+with one line `error: ...` on stderr. `--json OUT` is written atomically:
   {"ok": bool, "findings": [{"kind", "check", "patients", "detail", "files"}], "composition": {...}, "split": {...}}
 
-Speed on the real dataset (~220k PNGs, minutes not hours):
-- one directory scan (common.load_data); every later check works on that listing in memory;
-- content hashes only for files whose byte size another file shares (a file with a unique size cannot have a
-  byte-identical twin), read and hashed in a thread pool and cached by (path, size, mtime) in --hash-cache,
-  so a re-run hashes only new or changed files;
+Speed on the real dataset (~220k PNGs: minutes, not hours):
+- one directory scan (common.load_data); every check then works on that listing in memory;
+- content hashes only for files whose byte size another file shares (a file of unique size cannot have a
+  byte-identical twin), hashed in a thread pool and cached by (path, size, mtime) in --hash-cache: a re-run
+  hashes only new or changed files;
 - image sizes from the 24-byte PNG header (signature + IHDR), read in a thread pool; no pixel is decoded.
 """
 from __future__ import annotations
@@ -68,17 +62,23 @@ class Finding:
     files: list = field(default_factory=list)
 
 
-def leak(check, patients, detail, files=()) -> Finding:
-    return Finding("leak", check, sorted(set(patients)), detail, sorted(files))
-
-
-def warning(check, patients, detail, files=()) -> Finding:
-    return Finding("warning", check, sorted(set(patients)), detail, sorted(files))
+def found(kind: str, check: str, items, patients, detail: str, files=()) -> list[Finding]:
+    """The answer of every check: one Finding when `items` (what it looked for) is non-empty, else nothing."""
+    return [Finding(kind, check, sorted(set(patients)), detail, sorted(set(files)))] if items else []
 
 
 def examples(items, n=SHOW) -> str:
     items = list(items)
     return ", ".join(map(str, items[:n])) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def path_patient(path: str) -> str | None:
+    """Patient of a path relative to the data root; None outside patient folders (e.g. Cropped/Thumbs.db)."""
+    for tree in TREES.values():
+        if path.startswith(tree + "/"):
+            folder = path[len(tree) + 1:].split("/")[0]
+            return patient_id(folder) if common.folder_section(folder) is not None else None
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- parts
@@ -112,8 +112,7 @@ def split_patients(split: dict) -> dict[str, list[str]]:
 
 
 def missing_patients(split: dict, data: common.HelicoData) -> list[str]:
-    known = set(data.cv_patients)
-    return sorted({p for ps in split_patients(split).values() for p in ps} - known)
+    return sorted({p for ps in split_patients(split).values() for p in ps} - set(data.cv_patients))
 
 
 # ----------------------------------------------------------------------------------------------- leak checks
@@ -123,85 +122,74 @@ def patient_in_several_parts(split: dict) -> list[Finding]:
         for entry in map(str, split.get(part) or []):
             where[patient_id(entry)].setdefault(part, []).append(entry)
     bad = {p: parts for p, parts in sorted(where.items()) if len(parts) > 1}
-    if not bad:
-        return []
-    lines = [f"{p} in " + " and ".join(f"{part} ({', '.join(e)})" for part, e in parts.items()) for p, parts in bad.items()]
-    return [leak("patient_in_several_parts", bad, f"{len(bad)} patient(s) in more than one part: {examples(lines)}")]
+    lines = [f"{p} in " + " and ".join(f"{part} ({', '.join(e)})" for part, e in parts.items())
+             for p, parts in bad.items()]
+    return found("leak", "patient_in_several_parts", bad, bad,
+                 f"{len(bad)} patient(s) in more than one part: {examples(lines)}")
 
 
 def split_lists_folder_names(split: dict) -> list[Finding]:
     folders = sorted({str(e) for part in PARTS for e in split.get(part) or [] if patient_id(str(e)) != str(e)})
-    if not folders:
-        return []
-    return [leak("split_lists_folder_names", map(patient_id, folders),
+    return found("leak", "split_lists_folder_names", folders, map(patient_id, folders),
                  f"the split names section folders, not patients ({examples(folders)}): a patient's other section "
-                 f"can land in another part unnoticed; train.py refuses such a split. List patient IDs (B22-111)")]
+                 f"can land in another part unnoticed, and train.py refuses such a split; list patient IDs")
 
 
 def identical_images_across_parts(shared: dict[str, list[str]], parts: Parts) -> list[Finding]:
-    """Byte-identical files (splits.shared_content) whose copies sit in different parts."""
-    pairs: dict[tuple, list[str]] = defaultdict(list)
+    """Byte-identical files (splits.shared_content) whose copies sit in different parts (HoldOut is one)."""
+    owners_files: dict[tuple, list[str]] = defaultdict(list)
     for paths in shared.values():
-        owners = {(patient_id(PurePosixPath(p).parent.name), parts.of_path(p)) for p in paths}
+        owners = {(path_patient(p), parts.of_path(p)) for p in paths}
         if len({part for _, part in owners} - {None}) > 1:
-            pairs[tuple(sorted(owners, key=str))].extend(paths)
-    if not pairs:
-        return []
-    lines = [" + ".join(f"{p} ({part or 'no part'})" for p, part in owners) + f": {len(set(paths))} files"
-             for owners, paths in pairs.items()]
-    return [leak("identical_images_across_parts", [p for o in pairs for p, _ in o],
+            owners_files[tuple(sorted(owners, key=str))].extend(paths)
+    lines = [" + ".join(f"{p} ({part or 'no part'})" for p, part in owners) + f": {len(set(files))} files"
+             for owners, files in owners_files.items()]
+    return found("leak", "identical_images_across_parts", owners_files, [p for o in owners_files for p, _ in o],
                  f"byte-identical images in different parts: {examples(lines)}; keep such patients together "
-                 f"(the default split does)", files={p for ps in pairs.values() for p in ps})]
+                 f"(the default split does)", [f for fs in owners_files.values() for f in fs])
 
 
 def windows_across_parts(samples: list[common.Sample], parts: Parts) -> list[Finding]:
     """One slide window (patient + window number) whose files land in different parts: its `_AugK` re-crops
     (aug_copy_across_parts) or its Annotated and Cropped copies (window_across_parts). Works on the joined
-    samples, part decided by each file's folder, so a split by folder or a mislabelled Pat_ID makes it fire."""
+    samples, the part decided by each file's folder, so a split by folder or a row whose Pat_ID differs from its
+    file's folder makes it fire."""
     groups: dict[tuple, list[common.Sample]] = defaultdict(list)
     for s in samples:
         if s.source != "holdout":
             groups[(s.patient, s.window)].append(s)
-    found: dict[str, list] = {"aug_copy_across_parts": [], "window_across_parts": []}
+    hits: dict[str, list] = {"aug_copy_across_parts": [], "window_across_parts": []}
     for (patient, window), group in sorted(groups.items()):
-        where = {parts.of_path(s.path) for s in group}
-        if len(where - {None}) > 1:  # a file in no part is unused, not leaked
+        where = {parts.of_path(s.path) for s in group} - {None}  # a file in no part is unused, not leaked
+        if len(where) > 1:
             check = "aug_copy_across_parts" if any(s.aug is not None for s in group) else "window_across_parts"
-            found[check].append((patient, window, sorted(map(str, where)), [s.path for s in group]))
-    out = []
-    for check, items in found.items():
-        if items:
-            lines = [f"{p} window {w} in {'/'.join(where)}" for p, w, where, _ in items]
-            out.append(leak(check, [p for p, *_ in items], f"{len(items)} window(s) split across parts: "
-                            f"{examples(lines)}", files={f for *_, fs in items for f in fs}))
-    return out
+            hits[check].append((patient, window, sorted(where), [s.path for s in group]))
+    return [f for check, items in hits.items() for f in found(
+        "leak", check, items, [p for p, *_ in items], f"{len(items)} window(s) split across parts: "
+        f"{examples(f'{p} window {w} in ' + '/'.join(where) for p, w, where, _ in items)}",
+        [f for *_, fs in items for f in fs])]
 
 
 def holdout_in_crossvalidation(data: common.HelicoData) -> list[Finding]:
     both = sorted(set(data.holdout_patients) & set(data.cv_patients))
-    if not both:
-        return []
-    return [leak("holdout_in_crossvalidation", both, f"{len(both)} HoldOut patient(s) also in CrossValidation: "
-                 f"{examples(both)}; the HoldOut is no longer independent")]
+    return found("leak", "holdout_in_crossvalidation", both, both, f"{len(both)} HoldOut patient(s) also in "
+                 f"CrossValidation: {examples(both)}; the HoldOut is no longer an independent test")
 
 
 def reference_not_in_train(reference: str | None, parts: Parts) -> list[Finding]:
-    if not reference:
-        return []
-    folder = PurePosixPath(Path(reference).as_posix()).parent.name
-    part = parts.of_folder(folder)
-    if part not in ("val", "test"):
-        return []
-    return [leak("reference_not_in_train", [patient_id(folder)], f"stain reference {reference} belongs to "
-                 f"{patient_id(folder)}, a {part} patient: the normalizer would be fitted on {part} data; keep it "
-                 f"in train (the default split does) or pick another --reference-patch", files=[reference])]
+    folder = PurePosixPath(Path(reference or "").as_posix()).parent.name
+    part = parts.of_folder(folder) if reference else None
+    return found("leak", "reference_not_in_train", part in ("val", "test"), [patient_id(folder)],
+                 f"stain reference {reference} belongs to {patient_id(folder)}, a {part} patient: the normalizer "
+                 f"would be fitted on {part} data; keep it in train (the default split does) or pick another "
+                 f"--reference-patch", [reference])
 
 
 def split_refused(problems: list[str], findings: list[Finding]) -> list[Finding]:
     """Safety net: whatever makes train.py refuse the split is a leak here too, even if no check above caught it."""
-    if not problems or any(f.kind == "leak" for f in findings):
-        return []
-    return [leak("split_refused", [], "train.py would refuse this split: " + "; ".join(problems))]
+    caught = any(f.kind == "leak" for f in findings)
+    return found("leak", "split_refused", problems and not caught, [],
+                 "train.py would refuse this split: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------- warning checks
@@ -211,73 +199,61 @@ def multi_section_patients(data: common.HelicoData) -> list[Finding]:
         for p, names in data.folders[tree].items():
             folders[p].update(names)
     multi = {p: sorted(n) for p, n in sorted(folders.items()) if len(n) > 1}
-    if not multi:
-        return []
-    return [warning("multi_section_patients", multi, f"{len(multi)} patient(s) with several section folders: "
-                    f"{examples(p + ' (' + ' + '.join(n) + ')' for p, n in multi.items())}; they are one patient and "
-                    f"must stay in one part")]
+    return found("warning", "multi_section_patients", multi, multi, f"{len(multi)} patient(s) with several section "
+                 f"folders: {examples(p + ' (' + ' + '.join(n) + ')' for p, n in multi.items())}; one patient, "
+                 f"so one part")
 
 
 def label_conflicts(data: common.HelicoData) -> list[Finding]:
     rows = [a for a in data.annotations if a.presence == 1 and data.diagnosis.get(a.patient) == "NEGATIVA"]
-    if not rows:
-        return []
     windows: dict[str, set] = defaultdict(set)
     for a in rows:
         windows[a.patient].add(a.window)
     lines = [f"{p} (window {', '.join(map(str, sorted(w)))})" for p, w in sorted(windows.items())]
-    return [warning("label_conflicts", windows, f"{len(windows)} NEGATIVA patient(s) with a window annotated "
-                    f"Presence 1 ({len(rows)} rows incl. Aug copies): {examples(lines)}; label noise, kept as "
-                    f"annotated")]
+    return found("warning", "label_conflicts", rows, windows, f"{len(windows)} NEGATIVA patient(s) with a window "
+                 f"annotated Presence 1 ({len(rows)} rows incl. Aug copies): {examples(lines)}; label noise, kept "
+                 f"as annotated")
 
 
 def presence_zero_rows(data: common.HelicoData) -> list[Finding]:
     rows = [a for a in data.annotations if a.presence == 0]
-    if not rows:
-        return []
     per = Counter(a.patient for a in rows)
-    return [warning("presence_zero_rows", per, f"{len(rows)} row(s) with Presence 0 (uncertain), excluded from "
-                    f"training and metrics: {examples(f'{p} ({n})' for p, n in sorted(per.items()))}; rows "
-                    f"{examples(a.row for a in rows)}")]
+    return found("warning", "presence_zero_rows", rows, per, f"{len(rows)} row(s) with Presence 0 (uncertain), "
+                 f"excluded from training and metrics: {examples(f'{p} ({n})' for p, n in sorted(per.items()))}; "
+                 f"rows {examples(a.row for a in rows)}")
 
 
 def rows_without_files(data: common.HelicoData) -> list[Finding]:
     rows = data.rows_without_file
-    if not rows:
-        return []
-    return [warning("rows_without_files", [a.patient for a in rows], f"{len(rows)} workbook row(s) without an "
-                    f"image, ignored: {examples(f'row {a.row} {a.patient} window {a.window}' + (f'_Aug{a.aug}' if a.aug else '') for a in rows)}")]
+    names = (f"row {a.row} {a.patient} window {a.window}" + (f"_Aug{a.aug}" if a.aug else "") for a in rows)
+    return found("warning", "rows_without_files", rows, [a.patient for a in rows],
+                 f"{len(rows)} workbook row(s) without an image, ignored: {examples(names)}")
 
 
 def files_without_rows(data: common.HelicoData) -> list[Finding]:
     files = data.files_without_row
-    if not files:
-        return []
-    return [warning("files_without_rows", [patient_id(PurePosixPath(f).parent.name) for f in files],
-                    f"{len(files)} Annotated image(s) without a workbook row, unused: {examples(files)}", files)]
+    return found("warning", "files_without_rows", files, map(path_patient, files),
+                 f"{len(files)} Annotated image(s) without a workbook row, unused: {examples(files)}", files)
 
 
 def stray_entries(data: common.HelicoData) -> list[Finding]:
-    if not data.stray:
-        return []
-    return [warning("stray_entries", [], f"{len(data.stray)} entr(y/ies) that are not patient folders or patch "
-                    f"PNGs, skipped: {examples(data.stray)}", data.stray)]
+    return found("warning", "stray_entries", data.stray, [], f"{len(data.stray)} entries that are neither patient "
+                 f"folders nor patch PNGs, skipped: {examples(data.stray)}", data.stray)
 
 
 def duplicate_rows(data: common.HelicoData) -> list[Finding]:
     keys: dict[tuple, list[common.Annotation]] = defaultdict(list)
     for a in data.annotations:
         keys[(a.patient, a.window, a.aug)].append(a)
-    dups = {k: rows for k, rows in keys.items() if len(rows) > 1}
-    if not dups:
-        return []
+    dups = sorted((rows for rows in keys.values() if len(rows) > 1), key=lambda rows: rows[0].row)
     lines = []
-    for (p, w, aug), rows in sorted(dups.items(), key=lambda kv: kv[1][0].row):
-        presences = sorted({a.presence for a in rows})
-        lines.append(f"{p} window {w}{f'_Aug{aug}' if aug else ''} rows {'/'.join(str(a.row) for a in rows)}"
-                     + (f" (Presence {'/'.join(map(str, presences))}: the first row is used)" if len(presences) > 1 else ""))
-    return [warning("duplicate_rows", [k[0] for k in dups], f"{len(dups)} (patient, window) key(s) on several "
-                    f"workbook rows: {examples(lines)}")]
+    for rows in dups:
+        a, presences = rows[0], sorted({r.presence for r in rows})
+        lines.append(f"{a.patient} window {a.window}{f'_Aug{a.aug}' if a.aug else ''} rows "
+                     f"{'/'.join(str(r.row) for r in rows)}" + (f" (Presence {'/'.join(map(str, presences))}: "
+                                                                  f"the first row is used)" if len(presences) > 1 else ""))
+    return found("warning", "duplicate_rows", dups, [rows[0].patient for rows in dups], f"{len(dups)} (patient, "
+                 f"window) key(s) on several workbook rows: {examples(lines)}")
 
 
 def metadata_cells(path: Path):
@@ -312,17 +288,14 @@ def metadata_cells(path: Path):
 
 def control_or_external_mentions(data: common.HelicoData, paths) -> list[Finding]:
     """The original pipeline's control-section trace: 'control' / 'external' in any path, workbook or CSV cell."""
-    hits_paths = sorted(p for p in paths if MENTION.search(p))
-    hits_cells = [(where, patient, text) for f in (data.annotations_file, data.diagnosis_file) if f
-                  for where, patient, text in metadata_cells(f) if MENTION.search(text)]
-    if not hits_paths and not hits_cells:
-        return []
-    patients = [patient_id(PurePosixPath(p).parts[-2]) if len(PurePosixPath(p).parts) > 1 else p for p in hits_paths]
-    patients += [p for _, p, _ in hits_cells if p]
-    lines = [f"{where} = {text!r}" + (f" ({p})" if p else "") for where, p, text in hits_cells] + hits_paths
-    return [warning("control_or_external_mentions", patients, f"{len(lines)} mention(s) of control/external "
-                    f"material: {examples(lines)}; check these are not control sections mixed into the patients",
-                    hits_paths)]
+    hit_paths = sorted(p for p in paths if MENTION.search(p))
+    hit_cells = [(where, patient, text) for f in (data.annotations_file, data.diagnosis_file) if f
+                 for where, patient, text in metadata_cells(f) if MENTION.search(text)]
+    lines = [f"{where} = {text!r}" + (f" ({p})" if p else "") for where, p, text in hit_cells] + hit_paths
+    patients = [p for p in map(path_patient, hit_paths) if p] + [p for _, p, _ in hit_cells if p]
+    return found("warning", "control_or_external_mentions", lines, patients, f"{len(lines)} mention(s) of "
+                 f"control/external material: {examples(lines)}; make sure no control section is mixed into the "
+                 f"patients", hit_paths)
 
 
 def png_size(path: Path) -> tuple[int, int] | None:
@@ -340,7 +313,7 @@ def png_size(path: Path) -> tuple[int, int] | None:
 def png_sizes(root: Path, paths, workers: int = 16, progress: bool = True) -> dict[str, tuple | None]:
     from tqdm import tqdm
     paths = sorted(paths)
-    with ThreadPoolExecutor(workers) as pool:  # file opens release the GIL: latency-bound, so threads overlap it
+    with ThreadPoolExecutor(workers) as pool:  # opens and reads release the GIL: threads overlap file latency
         sizes = list(tqdm(pool.map(lambda p: png_size(root / p), paths), total=len(paths), desc="PNG headers",
                           unit="file", disable=not progress or not paths, mininterval=1))
     return dict(zip(paths, sizes))
@@ -349,56 +322,39 @@ def png_sizes(root: Path, paths, workers: int = 16, progress: bool = True) -> di
 def off_size_images(sizes: dict, expected: int) -> list[Finding]:
     off = {p: s for p, s in sizes.items() if s is not None and tuple(s) != (expected, expected)}
     bad = sorted(p for p, s in sizes.items() if s is None)
-    out = []
-    if off:
-        per_size = Counter(f"{w}x{h}" for w, h in off.values())
-        out.append(warning("off_size_images", [patient_id(PurePosixPath(p).parent.name) for p in off],
-                           f"{len(off)} image(s) not {expected}x{expected} (resized when loaded): "
-                           f"{examples(f'{s} ({n})' for s, n in per_size.most_common())}; {examples(off)}", off))
-    if bad:
-        out.append(warning("unreadable_png_headers", [patient_id(PurePosixPath(p).parent.name) for p in bad],
-                           f"{len(bad)} file(s) named .png without a PNG header (truncated or another format): "
-                           f"{examples(bad)}", bad))
-    return out
+    per_size = Counter(f"{w}x{h}" for w, h in off.values())
+    return [*found("warning", "off_size_images", off, map(path_patient, off), f"{len(off)} image(s) not "
+                   f"{expected}x{expected} (resized when loaded): {examples(f'{s} ({n})' for s, n in per_size.most_common())}"
+                   f"; {examples(off)}", off),
+            *found("warning", "unreadable_png_headers", bad, map(path_patient, bad), f"{len(bad)} file(s) named "
+                   f".png without a PNG header (truncated or another format): {examples(bad)}", bad)]
 
 
 def duplicate_content_groups(groups: list[list[str]], parts: Parts, holdout_patients) -> list[Finding]:
-    if not groups:
-        return []
-    holdout = set(holdout_patients)
-    where = lambda p: parts.of_patient(p) or (HOLDOUT if p in holdout else "no part")
+    where = lambda p: parts.of_patient(p) or (HOLDOUT if p in set(holdout_patients) else "no part")
     lines = [" + ".join(f"{p} ({where(p)})" for p in g) for g in groups]
-    return [warning("duplicate_content_groups", [p for g in groups for p in g], f"{len(groups)} group(s) of "
-                    f"patients sharing byte-identical images: {examples(lines)}; one slide under two IDs? they "
-                    f"must stay in one part")]
+    return found("warning", "duplicate_content_groups", groups, [p for g in groups for p in g], f"{len(groups)} "
+                 f"group(s) of patients sharing byte-identical images: {examples(lines)}; one slide under two IDs? "
+                 f"they must stay in one part")
 
 
 def reference_patch_missing(root: Path, reference: str | None) -> list[Finding]:
-    if not reference:
-        return []
-    path = Path(reference) if Path(reference).is_absolute() else root / reference
-    if path.is_file():
-        return []
-    return [warning("reference_patch_missing", [patient_id(Path(reference).parent.name)], f"stain reference "
-                    f"{reference} not found under {root}: Macenko normalization cannot use it; pass "
-                    f"--reference-patch")]
+    path = Path(reference or "")
+    missing = bool(reference) and not (path if path.is_absolute() else root / path).is_file()
+    return found("warning", "reference_patch_missing", missing, [patient_id(path.parent.name)], f"stain reference "
+                 f"{reference} not found under {root}: Macenko normalization cannot use it; pass --reference-patch")
 
 
 def patients_outside_split(split: dict, data: common.HelicoData) -> list[Finding]:
-    listed = {p for ps in split_patients(split).values() for p in ps}
-    outside = sorted(set(data.cv_patients) - listed)
-    if not outside:
-        return []
-    return [warning("patients_outside_split", outside, f"{len(outside)} CrossValidation patient(s) in no part of "
-                    f"the split, unused: {examples(outside)}")]
+    outside = sorted(set(data.cv_patients) - {p for ps in split_patients(split).values() for p in ps})
+    return found("warning", "patients_outside_split", outside, outside, f"{len(outside)} CrossValidation "
+                 f"patient(s) in no part of the split, unused: {examples(outside)}")
 
 
 def patients_without_diagnosis(data: common.HelicoData) -> list[Finding]:
     missing = sorted((set(data.cv_patients) | set(data.holdout_patients)) - set(data.diagnosis))
-    if not missing:
-        return []
-    return [warning("patients_without_diagnosis", missing, f"{len(missing)} patient(s) with images but no "
-                    f"{common.DIAGNOSIS_NAME} row: their Cropped patches get no label: {examples(missing)}")]
+    return found("warning", "patients_without_diagnosis", missing, missing, f"{len(missing)} patient(s) with images "
+                 f"but no {common.DIAGNOSIS_NAME} row, so their Cropped patches get no label: {examples(missing)}")
 
 
 # ----------------------------------------------------------------------------------------------- composition
@@ -452,6 +408,10 @@ def image_paths(data: common.HelicoData) -> set[str]:
     return paths
 
 
+def folder_paths(data: common.HelicoData) -> list[str]:
+    return [f"{TREES[tree]}/{folder}" for tree, pats in data.folders.items() for fs in pats.values() for folder in fs]
+
+
 def run_checks(data, split, groups, shared, sizes, args) -> list[Finding]:
     parts = Parts(split)
     found = [*patient_in_several_parts(split), *split_lists_folder_names(split),
@@ -461,7 +421,7 @@ def run_checks(data, split, groups, shared, sizes, args) -> list[Finding]:
     found += split_refused(splits.split_problems(split, data, groups, args.reference_patch), found)
     found += [*multi_section_patients(data), *label_conflicts(data), *presence_zero_rows(data),
               *rows_without_files(data), *files_without_rows(data), *stray_entries(data), *duplicate_rows(data),
-              *control_or_external_mentions(data, set(sizes) | set(data.stray)),
+              *control_or_external_mentions(data, set(sizes) | set(data.stray) | set(folder_paths(data))),
               *off_size_images(sizes, args.expected_size),
               *duplicate_content_groups(groups, parts, data.holdout_patients),
               *reference_patch_missing(data.root, args.reference_patch),
@@ -483,7 +443,7 @@ def audit(args) -> Audit:
     shared = splits.shared_content(data, cache=cache, progress=False)  # cache hits only: resolve_split just hashed
     sizes = png_sizes(data.root, image_paths(data), progress=progress)
     return Audit(data, split, run_checks(data, split, groups, shared, sizes, args), composition(data, split, Parts(split)),
-                 split_source=f"file {args.split}" if args.split else "made from the flags")
+                 split_source=f"from {args.split}" if args.split else "made from the flags, as train.py makes it")
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -508,24 +468,25 @@ def composition_table(comp: dict) -> list[str]:
 
 def render_report(a: Audit) -> str:
     d, s = a.data, a.split
+    how = (f"fold {s.get('fold')} of {s.get('folds')}" if s.get("folds") else f"val-frac {s.get('val_frac')}")
     lines = [f"Leakage audit of {d.root}",
              f"  {len(d.cv_patients)} CrossValidation patients, {len(d.holdout_patients)} HoldOut patients, "
              f"{len(d.annotations):,} workbook rows ({d.annotations_file.name}), {len(d.diagnosis)} diagnoses",
-             f"  split: {a.split_source}; " + ", ".join(f"{p} {len(ps)} patients" for p, ps in split_patients(s).items())
-             + (f"; seed {s.get('seed')}, " + (f"fold {s.get('fold')} of {s.get('folds')}" if s.get("folds")
-                                                else f"val-frac {s.get('val_frac')}") if "seed" in s else ""),
+             f"  split {a.split_source}: " + ", ".join(f"{p} {len(ps)} patients" for p, ps in split_patients(s).items())
+             + (f" (seed {s['seed']}, {how})" if "seed" in s else ""),
              "", "Composition (windows counted once; +Aug = re-crops training adds; easy = Cropped of NEGATIVA)",
              *composition_table(a.composition)]
     for part in ("val", "test"):
         acc = a.composition.get(part, {}).get("dummy_accuracy")
         if acc is not None:
-            lines.append(f"  ACCURACY TRAP: always answering 'negative' scores {percent(acc)} on {part} without "
-                         f"looking at an image; judge models by recall, precision and PR-AUC, not accuracy.")
+            lines += ["", f"  ACCURACY TRAP: a model answering 'negative' for every patch scores {percent(acc)} "
+                          f"accuracy on {part}.", "  Accuracy says almost nothing here: judge by recall, precision "
+                          "and PR-AUC."]
     for kind, title in (("leak", "LEAKS"), ("warning", "Warnings")):
         items = [f for f in a.findings if f.kind == kind]
         lines += ["", f"{title} ({len(items)})" if items else f"{title}: none"]
         lines += [f"  {'LEAK' if kind == 'leak' else 'warn'} [{f.check}] {f.detail}" for f in items]
-    verdict = (f"VERDICT: {len(a.leaks)} LEAK(S): do not train on this split (exit 1)" if a.leaks
+    verdict = (f"VERDICT: {len(a.leaks)} LEAK(S), do not train on this split (exit 1)" if a.leaks
                else "VERDICT: no leak found (exit 0)")
     return "\n".join(lines + ["", verdict])
 

@@ -155,7 +155,7 @@ def test_accuracy_trap_is_printed_with_the_validation_dummy_accuracy(demo_root, 
     rc, report = run_audit(demo_root, tmp_path)
     out = capsys.readouterr().out
     acc = report["composition"]["val"]["dummy_accuracy"]
-    assert f"ACCURACY TRAP" in out and f"{100 * acc:.1f}% on val" in out
+    assert "ACCURACY TRAP" in out and f"{100 * acc:.1f}% accuracy on val" in out
     assert "VERDICT: no leak found (exit 0)" in out
 
 
@@ -263,7 +263,7 @@ def test_stain_reference_patient_in_validation_is_a_leak(demo_data, demo_root, t
 def test_any_problem_train_refuses_becomes_a_leak_when_no_check_caught_it():
     [f] = audit_leakage.split_refused(["something new"], [])
     assert f.kind == "leak" and "something new" in f.detail
-    assert audit_leakage.split_refused(["x"], [audit_leakage.leak("other", [], "x")]) == []
+    assert audit_leakage.split_refused(["x"], audit_leakage.found("leak", "other", [1], [], "x")) == []
 
 
 # ----------------------------------------------------------------------------------------------- warnings
