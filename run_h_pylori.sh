@@ -283,7 +283,7 @@ run_training() {
     cmd=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$ngpu" "${cmd[@]:1}")
     CHILD_IS_TORCHRUN=1
   fi
-  log "train: ${cmd[*]}  (GPUs: $ngpu, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
+  log "train: ${cmd[*]}  (GPUs: $ngpu, OMP_NUM_THREADS=$OMP_NUM_THREADS, SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-unset})"
   run_forwarding_signals "${cmd[@]}"
 }
 

@@ -17,9 +17,9 @@ import pytest
 from conftest import ROOT, TINY_TRAIN_FLAGS
 
 SCRIPT = ROOT / "run_h_pylori.sh"
-TRAIN_FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "1"]
+TRAIN_FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "1", "--limit-samples", "64"]
 CLEARED = ("HELICO_DATA", "PYTHON", "RUNS_DIR", "STAGE_DIR", "STAGE_RESERVE_MB", "STAGE_LOCK_TIMEOUT",
-           "SLURM_TMPDIR", "CUDA_VISIBLE_DEVICES")
+           "SLURM_TMPDIR", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "SRUN_CPUS_PER_TASK")
 
 
 @pytest.fixture
@@ -262,3 +262,14 @@ def test_usr1_is_forwarded_so_training_checkpoints_and_evaluation_is_skipped(nod
     assert "USR1 received" in err and "skipping evaluation" in err
     assert (node.runs / "pre" / "last.pt").is_file()
     assert not (node.runs / "pre" / "eval").exists()
+
+
+def test_two_listed_gpus_train_under_torchrun_with_one_process_each(node, demo_root):
+    # CUDA_VISIBLE_DEVICES only decides the process count here; --device cpu makes the 2 ranks use gloo.
+    r = node.copy_demo(demo_root).run("--run-id", "ddp", *TRAIN_FLAGS, "--no-macenko",
+                                      CUDA_VISIBLE_DEVICES="0,1", SLURM_CPUS_PER_TASK="2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in r.stderr
+    assert "OMP_NUM_THREADS=1, SRUN_CPUS_PER_TASK=2" in r.stderr  # 2 CPUs shared by 2 processes
+    assert json.loads((node.runs / "ddp" / "config.json").read_text())["world_size"] == 2
+    assert (node.runs / "ddp" / "best.pt").is_file()
