@@ -1,0 +1,509 @@
+"""Evaluate a trained H. pylori patch classifier so that the report cannot fool its reader.
+
+    python evaluate.py --checkpoint runs/26/best.pt                       # -> runs/26/eval/
+    python evaluate.py --checkpoint runs/26/best.pt --holdout             # + HoldOut patients, rule not re-tuned
+    python evaluate.py --checkpoint runs/26/best.pt --data-root /scratch/$USER/HelicoDataSet --out /tmp/ev26
+    python evaluate.py --compare runs/10/best.pt runs/14/best.pt          # deltas with paired patient-bootstrap CIs
+
+Everything comes from the checkpoint (train.py writes it): architecture, weights, image size, the patient split,
+the Macenko stain reference and the patch threshold chosen on validation. Only --data-root may override the
+stored data root (the staged copy moves). Preprocessing is training's eval path: to_unit (Macenko) ->
+imagenet_normalize -> model; score = sigmoid(logit).
+
+What it measures, on the checkpoint's validation patients:
+- patches (labelled windows, each once, Aug copies excluded), at the stored threshold and at 0.5, next to the
+  all-negative dummy's accuracy; and by source: annotated (hard) vs supplemental (Cropped of NEGATIVA, easy);
+- patients: ALL their Cropped patches are scored and aggregated (fraction of positive patches, and the mean of the
+  top-k scores); the rule and its threshold are chosen on the validation patients (Youden's J), so validation
+  patient numbers are optimistic. Annotated windows are NOT aggregated: pathologists picked them knowing the
+  diagnosis (positive windows exist only for infected patients) and HoldOut patients have none, so using them
+  would leak the label and make validation and HoldOut scores incomparable;
+- --holdout: the same rule and threshold applied to the HoldOut patients, never re-tuned: the honest number;
+- 95% CIs by patient-cluster bootstrap (patients resampled, not patches); NaN (with the reason) where a metric is
+  undefined, e.g. recall on a set without positives.
+
+Writes into runs/<id>/eval/ (or --out), built in a temp folder beside it and swapped in whole: report.md,
+metrics.json, predictions.csv, patients.csv, figures/*.png, learning_curves.png (from the run's log.jsonl),
+gradcam/*.png + heatmaps.npz. --compare writes compare.md and compare.json (default <first run>/compare/).
+Report rendering, figures and Grad-CAM live in eval_report.py to keep both files under ~500 lines.
+
+Exit codes: 0 ok; 2 bad input (missing/unreadable/foreign checkpoint, wrong --arch, data root lacking a patient
+of the split, empty split, unreadable image without --skip-bad-images).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import common
+from common import DataError
+
+EVAL_KEYS = (*common.CHECKPOINT_KEYS, "stain", "image_size")
+PATCH_METRICS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
+THRESHOLD_METRICS = ("recall", "precision", "f1", "accuracy")
+PATIENT_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+RULES = ("fraction_positive", "topk_mean")
+INFECTED = ("BAIXA", "ALTA")
+
+
+# ----------------------------------------------------------------------------------------------- flags
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", metavar="CKPT", help="a train.py checkpoint (best.pt: the epoch with the best "
+                      "validation PR-AUC); the report goes to eval/ beside it")
+    what.add_argument("--compare", nargs="+", metavar="CKPT", help="two or more checkpoints: headline metrics side "
+                      "by side, deltas against the first with paired patient-bootstrap CIs, on the validation "
+                      "patients they share")
+    p.add_argument("--data-root", help="HelicoDataSet folder; default: the one stored in the checkpoint. Point it at "
+                   "the staged copy on a cluster node")
+    p.add_argument("--out", help="output folder (default runs/<id>/eval/). An existing one is replaced whole, but "
+                   "only if it holds a previous metrics.json/compare.json")
+    p.add_argument("--arch", help="refuse the checkpoint unless it is this architecture (a guard for scripts)")
+    p.add_argument("--holdout", action="store_true", help="also apply the validation-chosen patient rule and "
+                   "threshold to the HoldOut patients (the honest estimate; slow on the real data: ~89k patches)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="patient-cluster bootstrap resamples for the 95%% CIs; "
+                   "0 skips them. 1000 is plenty for percentile intervals")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed: the same seed gives the same intervals")
+    p.add_argument("--top-k", type=int, default=10, help="k of the top-k-mean patient rule (mean of a patient's k "
+                   "highest patch scores; all patches when the patient has fewer)")
+    p.add_argument("--gradcam", type=int, default=8, help="patches per Grad-CAM grid (top false positives, false "
+                   "negatives, true positives); 0 skips Grad-CAM")
+    p.add_argument("--batch-size", type=int, default=256, help="inference batch; lower it if the GPU runs out of memory")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes decoding "
+                   "PNGs; decoding is the bottleneck, use most CPU cores of the node (0 = in the main process)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    p.add_argument("--no-amp", action="store_true", help="disable float16 autocast on CUDA (slower; scores then "
+                   "match a float32 run to the last digit)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip undecodable PNGs (listed in the report) "
+                   "instead of stopping with an error")
+    return p
+
+
+def check_args(args) -> None:
+    for flag in ("bootstrap", "gradcam", "workers"):
+        if getattr(args, flag) < 0:
+            raise DataError(f"--{flag} {getattr(args, flag)}: must be >= 0")
+    for flag in ("top_k", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.compare and len(args.compare) < 2:
+        raise DataError("--compare: give at least two checkpoints (the first is the baseline)")
+
+
+# ----------------------------------------------------------------------------------------------- model and data
+def model_of(ckpt: dict, path, arch: str | None, device):
+    """(model in eval mode on device, stain normalizer or None) rebuilt from a checkpoint's own settings."""
+    if arch and ckpt["arch"] != arch:
+        raise DataError(f"--checkpoint {path}: architecture {ckpt['arch']}, not --arch {arch}")
+    model = common.build_model(ckpt["arch"], weights="none")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # torch's message: a header line, then one line per kind of mismatch
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise DataError(f"--checkpoint {path}: weights do not fit a {ckpt['arch']} "
+                        f"({detail[min(1, len(detail) - 1)][:160]})") from None
+    model.to(device).eval()
+    normalizer = None
+    if ckpt["stain"] is not None:
+        import macenko_gpu  # only runs trained with stain normalization need it
+        normalizer = macenko_gpu.MacenkoNormalizer.from_state_dict(ckpt["stain"]).to(device)
+    return model, normalizer
+
+
+def data_root_of(ckpt: dict, override: str | None, path) -> str:
+    root = override or (ckpt.get("config") or {}).get("data_root")
+    if not root:
+        raise DataError(f"--checkpoint {path}: no data_root in its config; pass --data-root")
+    return root
+
+
+def validation_patients(ckpt: dict, data: common.HelicoData, path) -> list[str]:
+    val = sorted(ckpt["split"].get("val") or [])
+    if not val:
+        raise DataError(f"--checkpoint {path}: its split has no validation patients")
+    missing = sorted(set(val) - set(data.cv_patients))
+    if missing:
+        raise DataError(f"data root {data.root} lacks patient(s) of the split of {path}: {', '.join(missing[:10])}"
+                        f" (wrong --data-root, or an incomplete staged copy?)")
+    return val
+
+
+@dataclass
+class Predictions:
+    """One row per scored patch (predictions.csv): the raw material of every metric, CI and re-aggregation."""
+    samples: list
+    split: np.ndarray         # val | holdout
+    patch_eval: np.ndarray    # counted in patch-level metrics: a labelled window of a validation patient, once
+    patient_eval: np.ndarray  # aggregated into its patient's score: a Cropped (or HoldOut) patch
+    score: np.ndarray
+
+    def subset(self, mask) -> "Predictions":
+        return Predictions([s for s, k in zip(self.samples, mask) if k], self.split[mask], self.patch_eval[mask],
+                           self.patient_eval[mask], self.score[mask])
+
+    @property
+    def label(self):
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    @property
+    def patient(self):
+        return np.array([s.patient for s in self.samples], dtype=object)
+
+    @property
+    def source(self):
+        return np.array([s.source for s in self.samples], dtype=object)
+
+
+def evaluation_rows(data: common.HelicoData, val: list[str], holdout: list[str] = ()) -> list[tuple]:
+    """(sample, split, patch_eval, patient_eval), each file once: a supplemental negative is both kinds."""
+    rows: dict[str, list] = {}
+    for s in common.select(data.labelled, val):
+        rows[s.path] = [s, "val", True, False]
+    for s in common.select(data.cropped, val):
+        rows.setdefault(s.path, [s, "val", False, False])[3] = True
+    for s in common.select(data.holdout, holdout):
+        rows[s.path] = [s, "holdout", False, True]
+    return [tuple(r) for r in rows.values()]
+
+
+def score_samples(model, normalizer, root, samples, image_size: int, device, args) -> tuple[np.ndarray, list[int]]:
+    """Sigmoid scores (NaN for skipped undecodable files) and the indices skipped; batched, AMP on CUDA."""
+    import torch
+    from tqdm import tqdm
+    ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=args.skip_bad_images)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda")
+    scores, bad = np.full(len(samples), np.nan), []
+    amp = device.type == "cuda" and not args.no_amp
+    with torch.inference_mode():
+        for images, labels, idx in tqdm(loader, desc="scoring", unit="batch", mininterval=2, leave=False):
+            images, labels, idx, dropped = common.drop_bad(images, labels, idx)
+            bad += dropped
+            if len(idx) == 0:
+                continue
+            x = common.imagenet_normalize(common.to_unit(images.to(device, non_blocking=True), normalizer))
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                logits = model(x.contiguous(memory_format=torch.channels_last) if amp else x)
+            scores[idx.numpy()] = torch.sigmoid(logits.float().reshape(-1)).cpu().numpy()
+    return scores, bad
+
+
+def predict(model, normalizer, ckpt, data, rows, device, args) -> tuple[Predictions, list[str]]:
+    samples = [r[0] for r in rows]
+    scores, bad = score_samples(model, normalizer, data.root, samples, int(ckpt["image_size"]), device, args)
+    keep = np.isfinite(scores)
+    pick = lambda k: np.array([r[k] for r in rows])[keep]
+    pred = Predictions([s for s, k in zip(samples, keep) if k], pick(1), pick(2).astype(bool),
+                       pick(3).astype(bool), scores[keep])
+    return pred, [samples[i].path for i in bad]
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def nan_reasons(m: dict, level: str) -> dict[str, str]:
+    """Why each NaN metric is undefined, in words (a NaN is never silently -1 or 0)."""
+    n, pos, many = m.get("n", 0), m.get("positives", 0), f"{level}es" if level == "patch" else f"{level}s"
+    one_class = f"only one class among {n} {many} ({pos} positive)"
+    why = {"pr_auc": one_class, "roc_auc": one_class, "recall": f"no positive {many}",
+           "sensitivity": f"no infected {many}", "specificity": f"no negative {many}",
+           "precision": f"no {level} predicted positive", "f1": f"no positive {many} and none predicted positive",
+           "accuracy": f"no {many}"}
+    return {k: why[k] for k, v in m.items() if k in why and isinstance(v, float) and np.isnan(v)}
+
+
+def patch_metrics(y, s, threshold: float) -> dict:
+    m = common.binary_metrics(y, s, threshold)
+    m["undefined"] = nan_reasons(m, "patch")
+    return m
+
+
+def patient_metrics(y, s, threshold: float) -> dict:
+    """Accuracy, sensitivity (infected found), specificity (NEGATIVA cleared) and ROC-AUC of patient scores."""
+    y, s = np.asarray(y, dtype=np.int64), np.asarray(s, dtype=np.float64)
+    pred = (s >= threshold).astype(np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = {"accuracy": common.accuracy(y, pred), "sensitivity": common.recall(y, pred),
+             "specificity": common.recall(1 - y, 1 - pred), "roc_auc": common.roc_auc(y, s) if y.size else float("nan"),
+             "threshold": float(threshold), "confusion": common.confusion_matrix(y, pred).tolist(),
+             "n": int(y.size), "positives": int(y.sum())}
+    m["undefined"] = nan_reasons(m, "patient")
+    return m
+
+
+def patient_scores(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int):
+    """One row per patient: both aggregate scores of its Cropped/HoldOut patches and its diagnosis label."""
+    use = pred.patient_eval
+    by_patient: dict[str, list[float]] = {}
+    for p, s in zip(pred.patient[use], pred.score[use]):
+        by_patient.setdefault(p, []).append(s)
+    rows = []
+    for p in patients:
+        s = np.sort(np.asarray(by_patient.get(p, []), dtype=np.float64))
+        dx = diagnosis.get(p)
+        rows.append({"patient": p, "diagnosis": dx or "", "label": 1 if dx in INFECTED else 0 if dx == "NEGATIVA" else -1,
+                     "n_patches": int(s.size),
+                     "fraction_positive": float(np.mean(s >= patch_threshold)) if s.size else float("nan"),
+                     "topk_mean": float(s[-top_k:].mean()) if s.size else float("nan")})
+    return rows
+
+
+def youden_threshold(y, s) -> tuple[float, float]:
+    """Threshold maximising sensitivity + specificity - 1, among midpoints between distinct scores (ties: the
+    lowest, i.e. the most sensitive: a missed infection costs more than a second look)."""
+    u = np.unique(s)
+    candidates = np.r_[u[0], (u[1:] + u[:-1]) / 2]
+    best_t, best_j = float(candidates[0]), -np.inf
+    for t in candidates:
+        pred = s >= t
+        j = pred[y == 1].mean() + (~pred[y == 0]).mean() - 1
+        if j > best_j + 1e-12:
+            best_t, best_j = float(t), float(j)
+    return best_t, best_j
+
+
+def choose_patient_rule(rows: list[dict]) -> dict:
+    """Pick the aggregation rule and its threshold on validation patients: best Youden's J, then ROC-AUC."""
+    usable = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0]
+    y = np.array([r["label"] for r in usable], dtype=np.int64)
+    if y.size == 0 or y.min() == y.max():
+        return {"rule": None, "threshold": float("nan"), "candidates": {},
+                "reason": f"validation patients with Cropped patches and a diagnosis are all one class ({y.size} "
+                          f"patients, {int(y.sum())} infected): no patient rule can be tuned"}
+    cands = {}
+    for rule in RULES:
+        s = np.array([r[rule] for r in usable])
+        t, j = youden_threshold(y, s)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cands[rule] = {"threshold": t, "youden_j": j, "roc_auc": common.roc_auc(y, s)}
+    rule = max(RULES, key=lambda r: (cands[r]["youden_j"], cands[r]["roc_auc"], -RULES.index(r)))
+    return {"rule": rule, "threshold": cands[rule]["threshold"], "candidates": cands, "reason": ""}
+
+
+# ----------------------------------------------------------------------------------------------- bootstrap
+def patient_draws(n_patients: int, resamples: int, seed: int, stream: int = 0) -> np.ndarray:
+    """(resamples, n_patients) patient indices drawn with replacement; shared by every model being compared."""
+    return np.random.default_rng([seed, stream]).integers(0, n_patients, size=(resamples, n_patients))
+
+
+def bootstrap_values(groups: list[np.ndarray], draws: np.ndarray, metric_fn) -> dict[str, np.ndarray]:
+    """metric_fn(row indices) for each resample, where a resample concatenates the drawn patients' rows."""
+    out: dict[str, list] = {}
+    for d in draws:
+        idx = np.concatenate([groups[i] for i in d]) if len(d) else np.zeros(0, dtype=np.int64)
+        for k, v in metric_fn(idx).items():
+            out.setdefault(k, []).append(v)
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def ci95(values: np.ndarray) -> list[float]:
+    """Percentile interval over the resamples where the metric is defined ([NaN, NaN] if none is)."""
+    finite = values[np.isfinite(values)]
+    return [float(x) for x in np.percentile(finite, [2.5, 97.5])] if finite.size else [float("nan")] * 2
+
+
+def groups_of(patients_of_rows: np.ndarray, patients: list[str]) -> list[np.ndarray]:
+    where = {p: i for i, p in enumerate(patients)}
+    members: list[list[int]] = [[] for _ in patients]
+    for row, p in enumerate(patients_of_rows):
+        members[where[p]].append(row)
+    return [np.asarray(m, dtype=np.int64) for m in members]
+
+
+def with_ci(point: dict, boot: dict[str, np.ndarray], keys) -> dict:
+    if boot:
+        point["ci95"] = {k: ci95(boot[k]) for k in keys}
+        point["bootstrap_undefined"] = {k: int((~np.isfinite(boot[k])).sum()) for k in keys
+                                        if (~np.isfinite(boot[k])).any()}
+    return point
+
+
+def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
+            draws: np.ndarray, rule: dict | None = None) -> tuple[dict, list[dict], dict]:
+    """Metrics dict, patient rows and the raw bootstrap values ({"patch.pr_auc": array, ...}) of one split.
+
+    Validation (rule None): the patient rule is chosen here. HoldOut: `rule` comes from validation, untouched."""
+    out, boot = {}, {}
+    patch = pred.patch_eval
+    y, s, who, src = pred.label[patch], pred.score[patch], pred.patient[patch], pred.source[patch]
+    if patch.any():
+        everything = np.ones(len(y), bool)
+        sets = {"patch": (everything, patch_threshold, PATCH_METRICS), "patch_at_0.5": (everything, 0.5, THRESHOLD_METRICS),
+                **{f"by_source/{k}": (src == k, patch_threshold, PATCH_METRICS) for k in ("annotated", "supplemental")}}
+        for name, (mask, t, keys) in sets.items():
+            ym, sm = y[mask], s[mask]
+            fn = lambda idx, ym=ym, sm=sm, t=t, keys=keys: {k: v for k, v in common.binary_metrics(ym[idx], sm[idx], t)
+                                                             .items() if k in keys}
+            b = bootstrap_values(groups_of(who[mask], patients), draws, fn) if len(draws) else {}
+            boot.update({f"{name.replace('/', '.')}.{k}": v for k, v in b.items()})
+            _nest(out, name, with_ci(patch_metrics(ym, sm, t), b, keys))
+    rows = patient_scores(pred, patients, diagnosis, patch_threshold, top_k)
+    rule = rule or choose_patient_rule(rows)
+    for r in rows:
+        r["score"] = r[rule["rule"]] if rule["rule"] else float("nan")
+        r["prediction"] = int(r["score"] >= rule["threshold"]) if np.isfinite(r["score"]) else -1
+    known = [i for i, r in enumerate(rows) if r["label"] >= 0 and r["n_patches"] > 0]
+    py = np.array([rows[i]["label"] for i in known], dtype=np.int64)
+    ps = np.array([rows[i]["score"] for i in known], dtype=np.float64)
+    pm = patient_metrics(py, ps, rule["threshold"])
+    if not rule["rule"]:  # no rule, no predictions: every metric is undefined, for the reason the rule gives
+        pm.update({k: float("nan") for k in PATIENT_METRICS}, undefined={k: rule["reason"] for k in PATIENT_METRICS})
+    b = {}
+    if len(draws) and rule["rule"]:
+        slot = {p: k for k, p in enumerate(rows[i]["patient"] for i in known)}
+        groups = [np.asarray([slot[p]] if p in slot else [], dtype=np.int64) for p in patients]
+        b = bootstrap_values(groups, draws, lambda idx: {k: v for k, v in patient_metrics(py[idx], ps[idx],
+                                                         rule["threshold"]).items() if k in PATIENT_METRICS})
+        boot.update({f"patient.{k}": v for k, v in b.items()})
+    out["patient"] = {**with_ci(pm, b, PATIENT_METRICS), **{k: rule[k] for k in ("rule", "candidates", "reason")},
+                      "top_k": top_k, "excluded": {r["patient"]: "no diagnosis" if r["label"] < 0 else "no patches"
+                                                   for k, r in enumerate(rows) if k not in known}}
+    return out, rows, boot
+
+
+def _nest(d: dict, dotted: str, value) -> None:
+    head, _, tail = dotted.partition("/")
+    if tail:
+        _nest(d.setdefault(head, {}), tail, value)
+    else:
+        d[head] = value
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def pick_device(name: str | None):
+    import torch
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise DataError(f"--device {name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def run_evaluation(args, device) -> int:
+    import eval_report
+    path = Path(args.checkpoint)
+    ckpt = common.load_checkpoint(path, required=EVAL_KEYS)
+    model, normalizer = model_of(ckpt, path, args.arch, device)
+    data = common.load_data(data_root_of(ckpt, args.data_root, path))
+    val = validation_patients(ckpt, data, path)
+    holdout = data.holdout_patients if args.holdout else []
+    if args.holdout and not holdout:
+        raise DataError(f"--holdout: {data.root} has no HoldOut patients (missing {common.TREES['holdout']}/ folder?)")
+    rows = evaluation_rows(data, val, holdout)
+    if not any(r[2] for r in rows):
+        raise DataError(f"validation patients of {path} have no labelled patches in {data.root}: empty split")
+    pred, bad = predict(model, normalizer, ckpt, data, rows, device, args)
+    threshold = float(ckpt["threshold"])
+    val_pred = pred.subset(pred.split == "val")
+    metrics, patient_rows, _ = analyse(val_pred, val, data.diagnosis, threshold, args.top_k,
+                                       patient_draws(len(val), args.bootstrap, args.seed))
+    for r in patient_rows:
+        r["split"] = "val"
+    if holdout:  # the validation rule and thresholds, applied as they are: HoldOut never tunes anything
+        ho, ho_rows, _ = analyse(pred.subset(pred.split == "holdout"), holdout, data.diagnosis, threshold, args.top_k,
+                                 patient_draws(len(holdout), args.bootstrap, args.seed, stream=1), rule=metrics["patient"])
+        metrics["holdout"] = {"patient": ho["patient"], "patches": int((pred.split == "holdout").sum())}
+        patient_rows += [{**r, "split": "holdout"} for r in ho_rows]
+    metrics["meta"] = {"checkpoint": str(path), "arch": ckpt["arch"], "image_size": int(ckpt["image_size"]),
+                       "epoch": ckpt.get("epoch"), "data_root": str(data.root), "stain": "macenko" if normalizer else None,
+                       "patch_threshold": threshold, "threshold_rule": ckpt.get("threshold_rule"),
+                       "training_val_metrics": ckpt.get("val_metrics"), "val_patients": val,
+                       "holdout_patients": holdout, "skipped_images": bad, "device": str(device),
+                       "amp": device.type == "cuda" and not args.no_amp,
+                       "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient"}}
+    out = Path(args.out) if args.out else path.parent / "eval"
+    with eval_report.replaced_folder(out) as tmp:
+        eval_report.write_predictions(tmp / "predictions.csv", pred, threshold)
+        eval_report.write_patients(tmp / "patients.csv", patient_rows, metrics["patient"]["rule"])
+        files = eval_report.write_figures(tmp, val_pred, metrics, patient_rows)
+        if (path.parent / "log.jsonl").is_file():
+            files += eval_report.write_learning_curves(path.parent / "log.jsonl", tmp / "learning_curves.png")
+        if args.gradcam:
+            picks = eval_report.gradcam_picks(val_pred, threshold, args.gradcam)
+            files += eval_report.write_gradcam(tmp / "gradcam", model, normalizer, data.root, picks,
+                                               int(ckpt["image_size"]), device)
+        eval_report.write_json(tmp / "metrics.json", metrics)
+        common.atomic_write_text(tmp / "report.md", eval_report.render_report(metrics, files, patient_rows))
+    print("\n".join(eval_report.summary_lines(metrics)))
+    print(f"wrote {out}/report.md")
+    return common.EXIT_OK
+
+
+HEADLINE = [("patch", k) for k in PATCH_METRICS] + [("patient", k) for k in PATIENT_METRICS]
+
+
+def run_compare(args, device) -> int:
+    import eval_report
+    if args.holdout:
+        raise DataError("--holdout: not used with --compare (compare on validation, then evaluate the winner)")
+    paths = [Path(p) for p in args.compare]
+    ckpts = [common.load_checkpoint(p, required=EVAL_KEYS) for p in paths]
+    data = common.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
+    vals = [validation_patients(c, data, p) for c, p in zip(ckpts, paths)]
+    shared = sorted(set.intersection(*map(set, vals)))
+    if not shared:
+        raise DataError("--compare: the checkpoints share no validation patient; a paired comparison needs some")
+    rows = evaluation_rows(data, shared)
+    draws = patient_draws(len(shared), args.bootstrap, args.seed)  # the same resamples for every model: paired
+    results = []
+    for c, p in zip(ckpts, paths):
+        model, normalizer = model_of(c, p, args.arch, device)
+        pred, _ = predict(model, normalizer, c, data, rows, device, args)
+        metrics, _, boot = analyse(pred, shared, data.diagnosis, float(c["threshold"]), args.top_k, draws)
+        results.append({"checkpoint": str(p), "metrics": metrics, "boot": boot})
+        del model
+    table = compare_table(results)
+    table.update({"patients": shared, "same_validation_patients": all(set(v) == set(shared) for v in vals),
+                  "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient", "paired": True}})
+    out = Path(args.out) if args.out else paths[0].parent / "compare"
+    with eval_report.replaced_folder(out) as tmp:
+        eval_report.write_json(tmp / "compare.json", table)
+        common.atomic_write_text(tmp / "compare.md", eval_report.render_compare(table))
+    print(eval_report.render_compare(table))
+    print(f"wrote {out}/compare.md")
+    return common.EXIT_OK
+
+
+def compare_table(results: list[dict]) -> dict:
+    """Headline values of each model, and each model's delta against the first with its paired bootstrap CI."""
+    base = results[0]
+    value = lambda r, level, k: r["metrics"].get(level, {}).get(k, float("nan"))
+    models = [{"checkpoint": r["checkpoint"], **{f"{lv}.{k}": value(r, lv, k) for lv, k in HEADLINE},
+               "patch.threshold": r["metrics"]["patch"]["threshold"], "patient.rule": r["metrics"]["patient"]["rule"]}
+              for r in results]
+    deltas = []
+    for i, r in enumerate(results[1:], start=1):
+        for lv, k in HEADLINE:
+            name = f"{lv}.{k}"
+            diff = r["boot"].get(name, np.array([np.nan])) - base["boot"].get(name, np.array([np.nan]))
+            lo, hi = ci95(diff) if r["boot"] else [float("nan")] * 2
+            deltas.append({"model": i, "checkpoint": r["checkpoint"], "metric": name, "baseline": value(base, lv, k),
+                           "value": value(r, lv, k), "delta": value(r, lv, k) - value(base, lv, k), "ci95": [lo, hi],
+                           "within_noise": bool(lo <= 0 <= hi) if np.isfinite([lo, hi]).all() else None})
+    return {"baseline": base["checkpoint"], "models": models, "deltas": deltas}
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        check_args(args)
+        device = pick_device(args.device)
+        return run_compare(args, device) if args.compare else run_evaluation(args, device)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return common.EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
