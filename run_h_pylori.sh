@@ -126,15 +126,17 @@ enough_space() {
 }
 
 # rsync resumes a partial copy and --delete removes files the source no longer has. Without rsync, cp -a
-# cannot resume or delete, so it starts from an empty directory.
+# cannot resume or delete, so it starts from an empty directory. Shared datasets are often read-only; a copy
+# that kept those modes could be neither re-synced nor deleted by its owner, hence u+w.
 copy_tree() {
   local src=$1 dst=$2
   if command -v rsync >/dev/null; then
     log "staging: copying $src -> $dst with rsync"
-    mkdir -p "$dst" && rsync -a --delete "$src/" "$dst/"
+    mkdir -p "$dst" && rsync -a --delete --chmod=u+w "$src/" "$dst/"
   else
     warn "rsync not found; staging with cp -a (a partial copy is redone from scratch, not resumed)"
-    rm -rf "$dst" && mkdir -p "$dst" && cp -a "$src/." "$dst/"
+    { [[ ! -e $dst ]] || { chmod -R u+w "$dst" && rm -rf "$dst"; }; } && mkdir -p "$dst" && cp -a "$src/." "$dst/" \
+      && chmod -R u+w "$dst"
   fi
 }
 
