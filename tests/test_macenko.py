@@ -1,0 +1,336 @@
+"""macenko_gpu.py: batched Macenko matches torchstain, never poisons a batch, is IHC-safe, round-trips, has a CLI.
+
+References: torchstain's TorchMacenkoNormalizer (per image) and scikit-image's rgb2hed and its real IHC sample image
+(hematoxylin + DAB, shipped in the wheel). Tiles stay small so the file runs in well under a minute on 2 cores."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from skimage.color import hed2rgb, rgb2hed
+from torchstain.torch.normalizers import TorchMacenkoNormalizer
+
+import macenko_gpu
+from macenko_gpu import FALLBACK, SINGLE_STAIN, TWO_STAINS, MacenkoNormalizer, load_rgb, synthetic_ihc_tiles
+
+TILE = 128
+
+
+def chw(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+
+
+def tiles_of(image: torch.Tensor, size=TILE) -> torch.Tensor:
+    _, h, w = image.shape
+    return torch.stack([image[:, y:y + size, x:x + size] for y in range(0, h - size + 1, size)
+                        for x in range(0, w - size + 1, size)])
+
+
+def mean_dab(images) -> np.ndarray:
+    """skimage's DAB optical density averaged per image; images: float [0,1] or uint8 (B, 3, H, W)."""
+    levels = images if images.dtype == torch.uint8 else images.mul(255).round().to(torch.uint8)
+    return np.array([rgb2hed(t.permute(1, 2, 0).numpy())[..., 2].mean() for t in levels])
+
+
+def torchstain_levels(reference, tiles):
+    ts = TorchMacenkoNormalizer()
+    ts.fit(reference)
+    return torch.stack([ts.normalize(t, stains=False)[0].permute(2, 0, 1).float() for t in tiles])
+
+
+@pytest.fixture(scope="module")
+def ihc():
+    return chw(data.immunohistochemistry())  # 512x512 hematoxylin + DAB
+
+
+@pytest.fixture(scope="module")
+def reference(ihc):
+    return ihc[:, 256:, 256:]  # tissue-rich quadrant whose hematoxylin vector carries little DAB
+
+
+@pytest.fixture(scope="module")
+def dab_free_ihc():
+    """The IHC sample with its DAB channel removed (rgb2hed -> DAB = 0 -> hed2rgb) and its hematoxylin tripled so
+    the tiles are tissue-rich: a hematoxylin-only tile, DAB ~0.0001 by rgb2hed, as in issue 3."""
+    hed = rgb2hed(data.immunohistochemistry())
+    hed[..., 0] *= 3
+    hed[..., 2] = 0
+    return hed
+
+
+def to_uint8(hed):
+    return chw((np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8))
+
+
+# ------------------------------------------------------------------------------------ torchstain equivalence
+def assert_matches_torchstain(ours, theirs):
+    diff = (ours * 255 - theirs).abs()
+    assert diff.amax().item() <= 2, f"max difference {diff.amax().item()} grey levels"
+    per_tile = diff.flatten(1).mean(1)
+    assert per_tile.max().item() < 0.35, f"mean difference per tile {per_tile.tolist()}"
+
+
+def test_fit_matches_torchstain_reference_matrices(reference):
+    ours = MacenkoNormalizer().fit(reference)
+    ts = TorchMacenkoNormalizer()
+    ts.fit(reference)
+    assert torch.allclose(ours.stain_matrix, ts.HERef, atol=1e-4)
+    assert torch.allclose(ours.max_concentrations, ts.maxCRef, rtol=1e-4)
+
+
+@pytest.mark.parametrize("single_stain", ["off", "auto"])
+def test_matches_torchstain_on_tissue_rich_real_ihc_tiles(ihc, reference, single_stain):
+    tiles = tiles_of(ihc)
+    norm = MacenkoNormalizer(single_stain=single_stain).fit(reference)
+    info = norm.analyze(tiles)
+    rich = info["tissue_pixels"] >= 0.5 * TILE * TILE
+    assert rich.sum() >= 10
+    assert (info["mode"][rich] == TWO_STAINS).all()  # real two-stain tiles stay canonical in auto mode too
+    assert_matches_torchstain(norm.normalize(tiles)[rich], torchstain_levels(reference, tiles[rich]))
+
+
+def test_matches_torchstain_on_synthetic_beer_lambert_tiles():
+    tiles = synthetic_ihc_tiles(9, 96, seed=1)
+    norm = MacenkoNormalizer(single_stain="off").fit(tiles[1])
+    assert_matches_torchstain(norm.normalize(tiles), torchstain_levels(tiles[1], tiles))
+
+
+def test_fit_recovers_known_stain_vectors_of_synthetic_tiles():
+    norm = MacenkoNormalizer().fit(synthetic_ihc_tiles(2, 96, seed=1)[1])
+    cosine = norm.stain_matrix.T @ macenko_gpu.STAIN_OD  # rows: fitted H, DAB; columns: true H, DAB
+    angle = torch.rad2deg(torch.acos(cosine.clamp(max=1)))
+    assert angle[0, 0] < 5 and angle[1, 1] < 5, angle
+    assert angle[0, 0] < angle[0, 1] and angle[1, 1] < angle[1, 0]
+
+
+# ------------------------------------------------------------------------------------ batches and robustness
+def test_tissue_counts_are_per_image_inside_a_batch(ihc):
+    tiles = torch.cat([tiles_of(ihc)[:4], torch.full((1, 3, TILE, TILE), 255, dtype=torch.uint8)])
+    counts = MacenkoNormalizer().fit(tiles[0]).analyze(tiles)["tissue_pixels"]
+    od = -torch.log((tiles.float() + 1) / 240)  # torchstain's definition: no channel's OD below beta
+    expected = (~(od < 0.15).any(dim=1)).flatten(1).sum(1)
+    assert torch.equal(counts, expected)
+    assert len(set(expected.tolist())) == len(expected)  # the batch really mixes different tissue counts
+
+
+def odd_tiles(ihc):
+    """White, black, one colour, and almost empty (169 tissue pixels: the 99th percentile lands on background)."""
+    white = torch.full((3, TILE, TILE), 255, dtype=torch.uint8)
+    black = torch.zeros((3, TILE, TILE), dtype=torch.uint8)
+    colour = torch.tensor([150, 90, 160], dtype=torch.uint8)[:, None, None].expand(3, TILE, TILE).clone()
+    almost_empty = torch.full((3, TILE, TILE), 250, dtype=torch.uint8)
+    almost_empty[:, :13, :13] = ihc[:, :13, :13]
+    return [white, black, colour, almost_empty]
+
+
+@pytest.mark.parametrize("single_stain", ["off", "auto"])
+def test_white_black_single_colour_and_empty_tiles_leave_neighbours_unchanged(ihc, reference, single_stain):
+    good = tiles_of(ihc)[[0, 5, 10]]
+    white, black, colour, almost_empty = odd_tiles(ihc)
+    batch = torch.stack([good[0], white, good[1], black, colour, almost_empty, good[2]])
+    norm = MacenkoNormalizer(single_stain=single_stain).fit(reference)
+    together = norm.normalize(batch)
+    assert torch.equal(together[[0, 2, 6]], norm.normalize(good))
+    assert torch.isfinite(together).all() and together.min() >= 0 and together.max() <= 1
+    with pytest.raises(IndexError, match="kthvalue"):  # what torchstain does on the white tile
+        torchstain_levels(reference, white[None])
+
+
+def test_tile_with_too_little_tissue_uses_the_reference_stain_matrix(ihc, reference):
+    sparse = torch.full((3, TILE, TILE), 250, dtype=torch.uint8)
+    sparse[:, :5, :10] = tiles_of(ihc)[0][:, :5, :10]  # 50 tissue pixels, fewer than the original's 100
+    norm = MacenkoNormalizer().fit(reference)
+    info = norm.analyze(sparse[None])
+    assert int(info["tissue_pixels"][0]) == 50 and int(info["mode"][0]) == FALLBACK
+    assert torch.equal(info["stain_matrix"][0].float(), norm.stain_matrix)
+    assert torch.isfinite(norm.normalize(sparse[None])).all()
+
+
+def test_batch_of_512_tiles_of_256px_normalizes_with_bounded_memory():
+    # A subprocess measures its own peak RSS. 512 x 256 x 256 = 2^25 pixels per channel, past torch.quantile's
+    # 2^24 limit; without chunking the working set would be ~2 GB on top of the 400 MB float32 output.
+    script = """
+import resource, sys, torch
+import macenko_gpu as mg
+torch.set_num_threads(1)  # correctness and memory are tested here, not speed: stay quick on a busy 2-core box
+tiles = mg.synthetic_ihc_tiles(8, 256, seed=0)
+batch = tiles.repeat(64, 1, 1, 1)
+batch[::37] = 255
+norm = mg.MacenkoNormalizer().fit(tiles[0])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = norm.normalize(batch)
+grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+assert out.shape == (512, 3, 256, 256) and out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+print(grown_mb, float((out[1:8] - out[505:512]).abs().max()))
+"""
+    root = str(Path(macenko_gpu.__file__).parent)
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 0, done.stderr
+    grown_mb, repeat_diff = map(float, done.stdout.split())
+    assert grown_mb < 384 + 400, f"peak memory grew {grown_mb:.0f} MB for a 384 MB output"
+    assert repeat_diff == 0  # the same tile gives the same output in the first and the last chunk
+
+
+# ------------------------------------------------------------------------------------ IHC safety
+def test_dab_free_tiles_gain_no_dab(reference, dab_free_ihc):
+    tiles = tiles_of(to_uint8(dab_free_ihc))
+    assert mean_dab(tiles).max() < 0.001
+    auto = MacenkoNormalizer().fit(reference)
+    assert (auto.analyze(tiles)["mode"] == SINGLE_STAIN).all()
+    assert mean_dab(auto.normalize(tiles)).max() < 0.01
+    canonical = MacenkoNormalizer(single_stain="off").fit(reference)
+    assert mean_dab(canonical.normalize(tiles)).min() > 0.01  # plain Macenko invents DAB: the issue's bug
+
+
+def test_dab_positive_tiles_keep_their_dab(ihc, reference):
+    tiles = tiles_of(ihc)
+    before = mean_dab(tiles)
+    positive = before > 0.03
+    after = mean_dab(MacenkoNormalizer().fit(reference).normalize(tiles[positive]))
+    assert positive.sum() >= 8
+    assert (after > 0.5 * before[positive]).all(), (before[positive], after)
+
+
+def test_sparse_dab_spots_keep_their_dab_and_their_surroundings_stay_dab_free(reference, dab_free_ihc):
+    # bacteria-like brown rods covering < 1% of each tile: canonical Macenko rescales them to the reference's
+    # DAB maximum (and tints the whole tile); IHC-safe mode keeps their DAB as it is
+    rng = np.random.default_rng(1)
+    spots = np.zeros((512, 512), dtype=bool)
+    for y, x in rng.integers(0, 506, size=(60, 2)):
+        spots[y:y + 3, x:x + 6] = True
+    hed = dab_free_ihc.copy()
+    hed[..., 2] = 0.08 * spots
+    tiles, masks = tiles_of(to_uint8(hed)), tiles_of(torch.from_numpy(spots)[None])[:, 0]
+    auto = MacenkoNormalizer().fit(reference).normalize(tiles).mul(255).round().to(torch.uint8)
+    canonical = MacenkoNormalizer(single_stain="off").fit(reference).normalize(tiles)
+    for i in np.flatnonzero(masks.flatten(1).any(1).numpy()):
+        m = masks[i].numpy()
+        dab_in = rgb2hed(tiles[i].permute(1, 2, 0).numpy())[..., 2]
+        dab_auto = rgb2hed(auto[i].permute(1, 2, 0).numpy())[..., 2]
+        assert abs(dab_auto[m].mean() / dab_in[m].mean() - 1) < 0.25
+        assert dab_auto[~m].mean() < 0.01
+    assert mean_dab(canonical).max() > 0.01
+
+
+def test_reference_must_show_both_stains(reference, dab_free_ihc):
+    with pytest.raises(ValueError, match="tissue pixels"):
+        MacenkoNormalizer().fit(torch.full((3, 64, 64), 255, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="both stains"):
+        MacenkoNormalizer().fit(to_uint8(dab_free_ihc)[:, :TILE, :TILE])
+
+
+# ------------------------------------------------------------------------------------ interface
+def test_state_dict_round_trip_through_torch_save_gives_identical_outputs(ihc, reference, tmp_path):
+    tiles = tiles_of(ihc)[:6]
+    norm = MacenkoNormalizer(single_stain_angle=12.0).fit(reference)
+    torch.save({"stain_reference": norm.state_dict()}, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["stain_reference"]
+    restored = MacenkoNormalizer.from_state_dict(state)
+    assert restored.fitted and restored.single_stain_angle == 12.0
+    assert torch.equal(restored.normalize(tiles), norm.normalize(tiles))
+    assert torch.equal(MacenkoNormalizer().load_state_dict(state).normalize(tiles), norm.normalize(tiles))
+
+
+def test_normalize_checks_its_input_and_needs_a_fitted_reference(ihc, reference):
+    with pytest.raises(RuntimeError, match="not fitted"):
+        MacenkoNormalizer().normalize(tiles_of(ihc)[:1])
+    norm = MacenkoNormalizer().fit(reference)
+    assert not MacenkoNormalizer().fitted and norm.fitted and norm.to("cpu") is norm
+    with pytest.raises(ValueError, match="uint8"):
+        norm.normalize(tiles_of(ihc)[:1].float())
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        norm.normalize(tiles_of(ihc)[0])
+    out = norm.normalize(tiles_of(ihc)[:2])
+    assert out.dtype == torch.float32 and out.shape == (2, 3, TILE, TILE)
+    assert torch.equal(out, out.mul(255).round().div(255))  # 8-bit levels, like a saved PNG
+
+
+def test_cuda_selection_path_gives_the_same_output_on_cpu(ihc, reference, monkeypatch):
+    # CUDA uses torch.kthvalue where the CPU uses numpy's partition: run the CUDA variant here, compare
+    tiles = torch.cat([tiles_of(ihc)[:5], torch.stack(odd_tiles(ihc))])
+    norm = MacenkoNormalizer().fit(reference)
+    expected = norm.normalize(tiles)
+    monkeypatch.setattr(macenko_gpu, "_kth_smallest", lambda rows, k: rows.kthvalue(k, dim=-1).values)
+    assert torch.equal(norm.normalize(tiles), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_output_matches_cpu(ihc, reference):
+    tiles = tiles_of(ihc)
+    norm = MacenkoNormalizer().fit(reference)
+    on_gpu = norm.to("cuda").normalize(tiles.cuda())
+    assert on_gpu.device.type == "cuda"
+    assert (on_gpu.cpu() - norm.to("cpu").normalize(tiles)).abs().max() <= 1 / 255 + 1e-6
+
+
+# ------------------------------------------------------------------------------------ CLI
+def write_png(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path)
+
+
+def test_cli_normalizes_a_folder_tree_with_rgba_and_grey_images(ihc, reference, tmp_path):
+    tiles = tiles_of(ihc)[:3].permute(0, 2, 3, 1).numpy()
+    write_png(tmp_path / "ref.png", reference.permute(1, 2, 0).numpy())
+    src = tmp_path / "in"
+    write_png(src / "B22-01_0" / "00001.png", tiles[0])
+    rgba = np.concatenate([tiles[1], np.full((TILE, TILE, 1), 255, np.uint8)], axis=2)
+    write_png(src / "B22-01_0" / "00002.png", rgba, "RGBA")
+    write_png(src / "B22-02_1" / "7.png", tiles[2][..., 0], "L")
+    (src / "B22-02_1" / "Thumbs.db").write_bytes(b"stray")
+    assert macenko_gpu.main(["--reference", str(tmp_path / "ref.png"), str(src), str(tmp_path / "out"),
+                             "--device", "cpu", "--batch-size", "2"]) == 0
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*"))
+    assert written == ["B22-01_0", "B22-01_0/00001.png", "B22-01_0/00002.png", "B22-02_1", "B22-02_1/7.png"]
+    norm = MacenkoNormalizer().fit(reference)
+    for name in ["B22-01_0/00001.png", "B22-01_0/00002.png", "B22-02_1/7.png"]:
+        expected = norm.normalize(load_rgb(src / name)[None])[0].mul(255).round().to(torch.uint8)
+        assert torch.equal(load_rgb(tmp_path / "out" / name), expected), name
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_reference", "reference image not found"),
+    ("empty_folder", "no .png files"),
+    ("unreadable_png", "cannot read image"),
+    ("output_inside_input", "must not be the input folder"),
+])
+def test_cli_bad_input_exits_2_with_a_one_line_error(case, message, reference, tmp_path, capsys):
+    ref = tmp_path / "ref.png"
+    write_png(ref, reference.permute(1, 2, 0).numpy())
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    if case != "empty_folder":
+        write_png(src / "a.png", reference.permute(1, 2, 0).numpy()[:64, :64])
+    if case == "missing_reference":
+        ref = tmp_path / "nope.png"
+    if case == "unreadable_png":
+        (src / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    if case == "output_inside_input":
+        out = src / "normalized"
+    code = macenko_gpu.main(["--reference", str(ref), str(src), str(out), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    if case in ("missing_reference", "unreadable_png"):
+        assert str(ref if case == "missing_reference" else src / "b.png") in err
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_benchmark_prints_both_rates_and_their_ratio(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    assert macenko_gpu.main(["--benchmark", "--device", "cpu", "--batch-size", "3", "--size", "48",
+                             "--repeats", "1", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "macenko_gpu" in printed and "torchstain" in printed and "ratio" in printed
+    result = json.loads(report.read_text())
+    ours, theirs = result["macenko_gpu_img_per_s"], result["torchstain_img_per_s"]
+    assert ours > 0 and theirs > 0
+    assert result["ratio"] == pytest.approx(ours / theirs, rel=0.02)
+    assert result["mean_abs_level_difference"] < 0.35
