@@ -229,7 +229,7 @@ export_thread_counts() {
 CHILD_PID="" CHILD_IS_TORCHRUN=0 STOP_REQUESTED=0
 on_usr1() {
   STOP_REQUESTED=1
-  [[ -n $CHILD_PID ]] || { log "USR1 received before training started"; return 0; }
+  [[ -n $CHILD_PID ]] || { log "USR1 received while training was not running"; return 0; }
   log "USR1 received: asking training to checkpoint and requeue"
   # torchrun would treat USR1 as a failure and kill its workers, so signal the workers (its children) directly.
   if (( CHILD_IS_TORCHRUN )); then pkill -USR1 -P "$CHILD_PID" || true; else kill -USR1 "$CHILD_PID" || true; fi
