@@ -89,6 +89,7 @@ class Parts:
     def __init__(self, split: dict):
         self.by_entry: dict[str, str] = {}
         self.by_patient: dict[str, str] = {}
+        self.folder_memo: dict[str, str | None] = {}
         for part in PARTS:
             for entry in map(str, split.get(part) or []):
                 self.by_entry.setdefault(entry, part)
@@ -103,16 +104,15 @@ class Parts:
     def of_path(self, path: str) -> str | None:
         if path.startswith(TREES["holdout"] + "/"):
             return HOLDOUT
-        return self.of_folder(PurePosixPath(path).parent.name)
+        folder = path.rsplit("/", 2)[-2]  # called per file (~220k): plain string work, one lookup per folder
+        if folder not in self.folder_memo:
+            self.folder_memo[folder] = self.of_folder(folder)
+        return self.folder_memo[folder]
 
 
 def split_patients(split: dict) -> dict[str, list[str]]:
     """part -> patient IDs (folder names reduced to their patient)."""
     return {part: sorted({patient_id(str(e)) for e in split.get(part) or []}) for part in PARTS if part in split}
-
-
-def missing_patients(split: dict, data: common.HelicoData) -> list[str]:
-    return sorted({p for ps in split_patients(split).values() for p in ps} - set(data.cv_patients))
 
 
 # ----------------------------------------------------------------------------------------------- leak checks
@@ -258,32 +258,24 @@ def duplicate_rows(data: common.HelicoData) -> list[Finding]:
 
 def metadata_cells(path: Path):
     """(cell, patient of that row or None, text) for every non-empty cell of an xlsx (all sheets) or a CSV."""
-    def rows_of(table):
-        header = [str(h).strip().lower() if h is not None else "" for h in (table[0] if table else [])]
-        col = next((header.index(c) for c in ("pat_id", "codi") if c in header), None)
-        for r, row in enumerate(table, start=1):
-            patient = str(row[col]).strip() if col is not None and r > 1 and col < len(row) and row[col] else None
-            yield r, row, patient
+    from openpyxl.utils import get_column_letter
     if path.suffix.lower() == ".xlsx":
         import openpyxl
-        from openpyxl.utils import get_column_letter
         wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-        try:
-            for ws in wb.worksheets:
-                yield f"{path.name}: sheet name", None, ws.title
-                for r, row, patient in rows_of(list(ws.iter_rows(values_only=True))):
-                    for c, v in enumerate(row, start=1):
-                        if v is not None:
-                            yield f"{path.name}!{ws.title}!{get_column_letter(c)}{r}", patient, str(v)
-        finally:
-            wb.close()
+        tables = [(f"{path.name}!{ws.title}!", list(ws.iter_rows(values_only=True))) for ws in wb.worksheets]
+        wb.close()
     else:
         text = path.read_text(encoding="utf-8-sig", errors="replace")
         dialect = csv.Sniffer().sniff(text.splitlines()[0] if text.strip() else ",", delimiters=",;\t")
-        for r, row, patient in rows_of([tuple(x) for x in csv.reader(text.splitlines(), dialect)]):
+        tables = [(f"{path.name}!", list(csv.reader(text.splitlines(), dialect)))]
+    for where, rows in tables:
+        header = [str(h if h is not None else "").strip().lower() for h in (rows[0] if rows else [])]
+        col = next((header.index(c) for c in ("pat_id", "codi") if c in header), None)
+        for r, row in enumerate(rows, start=1):
+            patient = str(row[col]).strip() if col is not None and r > 1 and col < len(row) and row[col] else None
             for c, v in enumerate(row, start=1):
-                if v:
-                    yield f"{path.name} row {r} column {c}", patient, v
+                if v is not None and str(v).strip():
+                    yield f"{where}{get_column_letter(c)}{r}", patient, str(v)
 
 
 def control_or_external_mentions(data: common.HelicoData, paths) -> list[Finding]:
@@ -310,13 +302,19 @@ def png_size(path: Path) -> tuple[int, int] | None:
     return struct.unpack(">II", head[16:24])
 
 
-def png_sizes(root: Path, paths, workers: int = 16, progress: bool = True) -> dict[str, tuple | None]:
+def png_sizes(root: Path, paths, workers: int = 16, chunk: int = 512, progress: bool = True) -> dict:
+    """path -> png_size, read in a thread pool (opens and reads release the GIL, so threads overlap file latency);
+    chunks of paths per task, because one task per file costs more in pool overhead than the read itself."""
     from tqdm import tqdm
     paths = sorted(paths)
-    with ThreadPoolExecutor(workers) as pool:  # opens and reads release the GIL: threads overlap file latency
-        sizes = list(tqdm(pool.map(lambda p: png_size(root / p), paths), total=len(paths), desc="PNG headers",
-                          unit="file", disable=not progress or not paths, mininterval=1))
-    return dict(zip(paths, sizes))
+    chunks = [paths[k:k + chunk] for k in range(0, len(paths), chunk)]
+    sizes = {}
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(paths), desc="PNG headers", unit="file",
+                                                   disable=not progress or not paths, mininterval=1) as bar:
+        for part in pool.map(lambda ps: [(p, png_size(root / p)) for p in ps], chunks):
+            sizes.update(part)
+            bar.update(len(part))
+    return sizes
 
 
 def off_size_images(sizes: dict, expected: int) -> list[Finding]:
@@ -408,25 +406,35 @@ def image_paths(data: common.HelicoData) -> set[str]:
     return paths
 
 
-def folder_paths(data: common.HelicoData) -> list[str]:
-    return [f"{TREES[tree]}/{folder}" for tree, pats in data.folders.items() for fs in pats.values() for folder in fs]
+def shared_within_groups(root: Path, paths, groups: list[list[str]], cache: Path) -> dict[str, list[str]]:
+    """splits.shared_content, for the files of duplicate-group patients only. Every byte-identical file shared by
+    two patients lies inside one group (groups are the connected components of such pairs), so this finds them
+    all; their digests are cache hits (resolve_split just hashed them), and nothing is re-stat-ed dataset-wide."""
+    members = {p for g in groups for p in g}
+    if not members:
+        return {}  # no group: nothing shared, and no need to load a cache of ~220k entries
+    by_digest: dict[str, list[str]] = defaultdict(list)
+    mine = sorted(p for p in paths if path_patient(p) in members)
+    for p, d in splits.file_digests(root, mine, cache=cache, progress=False).items():
+        by_digest[d].append(p)
+    return {d: sorted(ps) for d, ps in by_digest.items() if len({path_patient(p) for p in ps}) > 1}
 
 
 def run_checks(data, split, groups, shared, sizes, args) -> list[Finding]:
+    """Leaks first (in the order of the module docstring), then warnings."""
     parts = Parts(split)
-    found = [*patient_in_several_parts(split), *split_lists_folder_names(split),
-             *identical_images_across_parts(shared, parts),
-             *windows_across_parts(data.labelled + data.cropped, parts),
-             *holdout_in_crossvalidation(data), *reference_not_in_train(args.reference_patch, parts)]
-    found += split_refused(splits.split_problems(split, data, groups, args.reference_patch), found)
-    found += [*multi_section_patients(data), *label_conflicts(data), *presence_zero_rows(data),
-              *rows_without_files(data), *files_without_rows(data), *stray_entries(data), *duplicate_rows(data),
-              *control_or_external_mentions(data, set(sizes) | set(data.stray) | set(folder_paths(data))),
-              *off_size_images(sizes, args.expected_size),
-              *duplicate_content_groups(groups, parts, data.holdout_patients),
-              *reference_patch_missing(data.root, args.reference_patch),
-              *patients_outside_split(split, data), *patients_without_diagnosis(data)]
-    return found
+    folders = {f"{TREES[tree]}/{f}" for tree, pats in data.folders.items() for fs in pats.values() for f in fs}
+    findings = [*patient_in_several_parts(split), *split_lists_folder_names(split),
+                *identical_images_across_parts(shared, parts), *windows_across_parts(data.labelled + data.cropped, parts),
+                *holdout_in_crossvalidation(data), *reference_not_in_train(args.reference_patch, parts)]
+    findings += split_refused(splits.split_problems(split, data, groups, args.reference_patch), findings)
+    return findings + [
+        *multi_section_patients(data), *label_conflicts(data), *presence_zero_rows(data), *rows_without_files(data),
+        *files_without_rows(data), *stray_entries(data), *duplicate_rows(data),
+        *control_or_external_mentions(data, set(sizes) | set(data.stray) | folders),
+        *off_size_images(sizes, args.expected_size), *duplicate_content_groups(groups, parts, data.holdout_patients),
+        *reference_patch_missing(data.root, args.reference_patch), *patients_outside_split(split, data),
+        *patients_without_diagnosis(data)]
 
 
 def audit(args) -> Audit:
@@ -435,13 +443,14 @@ def audit(args) -> Audit:
     data = common.load_data(args.data_root)
     progress = not args.no_progress
     split, groups = splits.resolve_split(args, data, progress=progress)
-    missing = missing_patients(split, data)
-    if missing:
+    missing = sorted({p for ps in split_patients(split).values() for p in ps} - set(data.cv_patients))
+    if missing:  # split_problems reports it too; here it is bad input, as it is for train.py
         raise DataError(f"--split {args.split}: data root {data.root} lacks patient(s) of the split: "
                         f"{examples(missing)}")
     cache = Path(args.hash_cache) if args.hash_cache else splits.default_hash_cache(data.root)
-    shared = splits.shared_content(data, cache=cache, progress=False)  # cache hits only: resolve_split just hashed
-    sizes = png_sizes(data.root, image_paths(data), progress=progress)
+    paths = image_paths(data)
+    shared = shared_within_groups(data.root, paths, groups, cache)
+    sizes = png_sizes(data.root, paths, progress=progress)
     return Audit(data, split, run_checks(data, split, groups, shared, sizes, args), composition(data, split, Parts(split)),
                  split_source=f"from {args.split}" if args.split else "made from the flags, as train.py makes it")
 
