@@ -476,7 +476,7 @@ def benchmark(device, batch_size=64, size=224, repeats=3) -> dict:
     diff = runs[0][1].mul(255).round() - torch.stack(theirs_out).permute(0, 3, 1, 2).float()
     ours_rate = batch_size / sorted(t for t, _ in runs)[len(runs) // 2]  # median run
     theirs_rate = batch_size / theirs_s
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU thread(s)"
     return {"device": str(device), "card": card, "batch_size": batch_size, "size": size, "torch": torch.__version__,
             "macenko_gpu_img_per_s": round(ours_rate, 1), "torchstain_img_per_s": round(theirs_rate, 1),
             "ratio": round(ours_rate / theirs_rate, 2), "mean_abs_level_difference": round(float(diff.abs().mean()), 3)}

@@ -334,3 +334,18 @@ def test_benchmark_prints_both_rates_and_their_ratio(tmp_path, capsys):
     assert ours > 0 and theirs > 0
     assert result["ratio"] == pytest.approx(ours / theirs, rel=0.02)
     assert result["mean_abs_level_difference"] < 0.35
+
+
+def test_benchmark_without_torchstain_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchstain.torch.normalizers", None)  # makes the import fail
+    assert macenko_gpu.main(["--benchmark", "--device", "cpu", "--batch-size", "1", "--size", "32"]) == 2
+    assert "pip install -r requirements-dev.txt" in capsys.readouterr().err
+
+
+def test_module_imports_only_runtime_dependencies():
+    root = str(Path(macenko_gpu.__file__).parent)
+    probe = ("import sys, macenko_gpu; "
+             "print([m for m in ('torchstain', 'skimage', 'sklearn', 'common') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
