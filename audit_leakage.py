@@ -442,7 +442,10 @@ def audit(args) -> Audit:
         raise DataError("--data-root: not given (pass the HelicoDataSet folder or set $HELICO_DATA)")
     data = common.load_data(args.data_root)
     progress = not args.no_progress
-    split, groups = splits.resolve_split(args, data, progress=progress)
+    try:
+        split, groups = splits.resolve_split(args, data, progress=progress)
+    except OSError as e:  # e.g. an unwritable --hash-cache, a file vanishing mid-scan
+        raise DataError(f"{e.filename}: {e.strerror} (while hashing; check --hash-cache and the data root)") from None
     missing = sorted({p for ps in split_patients(split).values() for p in ps} - set(data.cv_patients))
     if missing:  # split_problems reports it too; here it is bad input, as it is for train.py
         raise DataError(f"--split {args.split}: data root {data.root} lacks patient(s) of the split: "
@@ -485,12 +488,11 @@ def render_report(a: Audit) -> str:
              + (f" (seed {s['seed']}, {how})" if "seed" in s else ""),
              "", "Composition (windows counted once; +Aug = re-crops training adds; easy = Cropped of NEGATIVA)",
              *composition_table(a.composition)]
-    for part in ("val", "test"):
-        acc = a.composition.get(part, {}).get("dummy_accuracy")
-        if acc is not None:
-            lines += ["", f"  ACCURACY TRAP: a model answering 'negative' for every patch scores {percent(acc)} "
-                          f"accuracy on {part}.", "  Accuracy says almost nothing here: judge by recall, precision "
-                          "and PR-AUC."]
+    trap = [f"{percent(c['dummy_accuracy'])} accuracy on {part}" for part, c in a.composition.items()
+            if part in ("val", "test") and c.get("dummy_accuracy") is not None]
+    if trap:
+        lines += ["", f"  ACCURACY TRAP: a model answering 'negative' for every patch scores {' and '.join(trap)}.",
+                  "  Accuracy says almost nothing here: judge by recall, precision and PR-AUC."]
     for kind, title in (("leak", "LEAKS"), ("warning", "Warnings")):
         items = [f for f in a.findings if f.kind == kind]
         lines += ["", f"{title} ({len(items)})" if items else f"{title}: none"]

@@ -260,6 +260,15 @@ def test_stain_reference_patient_in_validation_is_a_leak(demo_data, demo_root, t
     assert rc == common.EXIT_LEAK and finding(report, "reference_not_in_train")["patients"] == ["B22-47"]
 
 
+def test_a_test_part_is_audited_and_composed_like_val(demo_data, demo_root, tmp_path, capsys):
+    s = default_split(demo_data)
+    split = write_split(tmp_path / "split.json", train=[p for p in s["train"] if p != "B22-47"], val=s["val"],
+                        test=["B22-47"])
+    rc, report = run_audit(demo_root, tmp_path, "--split", split)
+    assert rc == common.EXIT_LEAK and "test patient" in finding(report, "reference_not_in_train")["detail"]
+    assert report["composition"]["test"]["patients"] == 1 and "accuracy on test" in capsys.readouterr().out
+
+
 def test_any_problem_train_refuses_becomes_a_leak_when_no_check_caught_it():
     [f] = audit_leakage.split_refused(["something new"], [])
     assert f.kind == "leak" and "something new" in f.detail
@@ -384,6 +393,11 @@ def test_split_naming_an_unknown_patient_exits_2_naming_it(demo_data, demo_root,
     s = default_split(demo_data)
     split = write_split(tmp_path / "split.json", train=s["train"] + ["B22-999"], val=s["val"])
     assert "B22-999" in bad_input(["--data-root", demo_root, "--split", split], capsys)
+
+
+def test_unwritable_hash_cache_exits_2_naming_it(demo_root, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert "a_file" in bad_input(["--data-root", demo_root, "--hash-cache", tmp_path / "a_file" / "c.json"], capsys)
 
 
 @pytest.mark.parametrize("flags", [["--folds", 5, "--fold", 5], ["--folds", 1, "--fold", 0], ["--val-frac", 1.5]])
