@@ -249,9 +249,9 @@ def duplicate_rows(data: common.HelicoData) -> list[Finding]:
     lines = []
     for rows in dups:
         a, presences = rows[0], sorted({r.presence for r in rows})
+        conflict = f" (Presence {'/'.join(map(str, presences))}: the first row is used)" if len(presences) > 1 else ""
         lines.append(f"{a.patient} window {a.window}{f'_Aug{a.aug}' if a.aug else ''} rows "
-                     f"{'/'.join(str(r.row) for r in rows)}" + (f" (Presence {'/'.join(map(str, presences))}: "
-                                                                  f"the first row is used)" if len(presences) > 1 else ""))
+                     f"{'/'.join(str(r.row) for r in rows)}{conflict}")
     return found("warning", "duplicate_rows", dups, [rows[0].patient for rows in dups], f"{len(dups)} (patient, "
                  f"window) key(s) on several workbook rows: {examples(lines)}")
 
@@ -320,10 +320,9 @@ def png_sizes(root: Path, paths, workers: int = 16, chunk: int = 512, progress: 
 def off_size_images(sizes: dict, expected: int) -> list[Finding]:
     off = {p: s for p, s in sizes.items() if s is not None and tuple(s) != (expected, expected)}
     bad = sorted(p for p, s in sizes.items() if s is None)
-    per_size = Counter(f"{w}x{h}" for w, h in off.values())
+    per_size = [f"{size} ({n})" for size, n in Counter(f"{w}x{h}" for w, h in off.values()).most_common()]
     return [*found("warning", "off_size_images", off, map(path_patient, off), f"{len(off)} image(s) not "
-                   f"{expected}x{expected} (resized when loaded): {examples(f'{s} ({n})' for s, n in per_size.most_common())}"
-                   f"; {examples(off)}", off),
+                   f"{expected}x{expected} (resized when loaded): {examples(per_size)}; {examples(off)}", off),
             *found("warning", "unreadable_png_headers", bad, map(path_patient, bad), f"{len(bad)} file(s) named "
                    f".png without a PNG header (truncated or another format): {examples(bad)}", bad)]
 
@@ -375,7 +374,8 @@ def composition(data: common.HelicoData, split: dict, parts: Parts) -> dict:
     for s in data.labelled:
         by_part[parts.of_path(s.path)].append(s)
     uncertain = Counter(parts.of_patient(a.patient) for a in data.uncertain)
-    out = {part: part_composition(by_part[part], ps, data, uncertain[part]) for part, ps in split_patients(split).items()}
+    out = {part: part_composition(by_part[part], ps, data, uncertain[part])
+           for part, ps in split_patients(split).items()}
     out[HOLDOUT] = {"patients": len(data.holdout_patients), "patches": len(data.holdout),
                     "diagnosis": dict(Counter(data.diagnosis.get(p, "unknown") for p in data.holdout_patients))}
     return out
@@ -425,7 +425,8 @@ def run_checks(data, split, groups, shared, sizes, args) -> list[Finding]:
     parts = Parts(split)
     folders = {f"{TREES[tree]}/{f}" for tree, pats in data.folders.items() for fs in pats.values() for f in fs}
     findings = [*patient_in_several_parts(split), *split_lists_folder_names(split),
-                *identical_images_across_parts(shared, parts), *windows_across_parts(data.labelled + data.cropped, parts),
+                *identical_images_across_parts(shared, parts),
+                *windows_across_parts(data.labelled + data.cropped, parts),
                 *holdout_in_crossvalidation(data), *reference_not_in_train(args.reference_patch, parts)]
     findings += split_refused(splits.split_problems(split, data, groups, args.reference_patch), findings)
     return findings + [
@@ -454,7 +455,8 @@ def audit(args) -> Audit:
     paths = image_paths(data)
     shared = shared_within_groups(data.root, paths, groups, cache)
     sizes = png_sizes(data.root, paths, progress=progress)
-    return Audit(data, split, run_checks(data, split, groups, shared, sizes, args), composition(data, split, Parts(split)),
+    return Audit(data, split, run_checks(data, split, groups, shared, sizes, args),
+                 composition(data, split, Parts(split)),
                  split_source=f"from {args.split}" if args.split else "made from the flags, as train.py makes it")
 
 

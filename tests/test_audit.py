@@ -255,7 +255,8 @@ def test_holdout_patient_also_in_crossvalidation_is_a_leak(demo_root, tmp_path):
 
 def test_stain_reference_patient_in_validation_is_a_leak(demo_data, demo_root, tmp_path):
     s = default_split(demo_data)
-    split = write_split(tmp_path / "split.json", train=[p for p in s["train"] if p != "B22-47"], val=s["val"] + ["B22-47"])
+    split = write_split(tmp_path / "split.json", train=[p for p in s["train"] if p != "B22-47"],
+                        val=s["val"] + ["B22-47"])
     rc, report = run_audit(demo_root, tmp_path, "--split", split)
     assert rc == common.EXIT_LEAK and finding(report, "reference_not_in_train")["patients"] == ["B22-47"]
 
