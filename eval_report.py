@@ -8,9 +8,13 @@ pass the project's ~500-line limit; evaluate.py is the entry point, nothing here
         common.atomic_write_text(tmp / "report.md", eval_report.render_report(metrics, files, patient_rows))
 
 Grad-CAM (Selvaraju et al. 2017) is done by hand with hooks: the target layer's activations A and the gradient
-of the logit with respect to them give per-channel weights mean(dlogit/dA); the map is ReLU(sum_c w_c A_c),
-upsampled bilinearly to the patch size and scaled to [0, 1] per patch (all zero when no location speaks for a
-positive). Target layer: `layer4` for ResNets, otherwise the last module with a 4-D output larger than 1x1.
+of the logit with respect to them give per-channel weights w_c = mean(dlogit/dA_c); the signed map is
+sum_c w_c A_c. One departure: the displayed map is the signed map min-max scaled per patch, not ReLU(map)/max.
+With a one-logit head, the ReLU map is blank wherever the net evidence is negative, which is every location of a
+confidently negative patch (false negatives!) and, at small input sizes where layer4 is 2x2, often of positives
+too; min-max scaling shows where the evidence for H. pylori is strongest relative to the rest of the patch.
+heatmaps.npz keeps the signed maps at the layer's resolution (`<group>_signed`) for canonical ReLU maps.
+Target layer: `layer4` for ResNets, otherwise the last module with a 4-D output larger than 1x1.
 """
 from __future__ import annotations
 
@@ -33,14 +37,19 @@ GRADCAM_GROUPS = {"false_positives": "highest-scoring negatives", "false_negativ
 
 
 # ----------------------------------------------------------------------------------------------- files
-@contextlib.contextmanager
-def replaced_folder(out: Path):
-    """A fresh temp folder beside `out`; on success it replaces `out` whole, so no stale file survives a re-run
-    and a crash leaves the previous evaluation intact."""
+def check_out_folder(out: Path) -> None:
+    """Refuse, before any work, an --out that is a file or a folder this script did not write."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in OUT_MARKERS):
         raise DataError(f"--out {out}: a non-empty folder without {' or '.join(OUT_MARKERS)}; refusing to replace it")
+
+
+@contextlib.contextmanager
+def replaced_folder(out: Path):
+    """A fresh temp folder beside `out`; on success it replaces `out` whole, so no stale file survives a re-run
+    and a crash leaves the previous evaluation intact."""
+    check_out_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -76,7 +85,8 @@ def write_csv(path, header: list[str], rows) -> None:
 
 def write_predictions(path, pred, threshold: float) -> None:
     """One row per scored patch; score in full precision (repr) so metrics recomputed from it are exact."""
-    write_csv(path, ["path", "patient", "source", "label", "score", "prediction", "split", "patch_eval", "patient_eval"],
+    header = ["path", "patient", "source", "label", "score", "prediction", "split", "patch_eval", "patient_eval"]
+    write_csv(path, header,
               ([s.path, s.patient, s.source, s.label, repr(float(sc)), int(sc >= threshold), sp, int(pe), int(qe)]
                for s, sc, sp, pe, qe in zip(pred.samples, pred.score, pred.split, pred.patch_eval, pred.patient_eval)))
 
@@ -248,7 +258,8 @@ def gradcam_layer(model, example):
 
 
 def gradcam(model, layer, x):
-    """(B, H, W) float maps in [0, 1] for the logit of each image of the normalized batch x (B, 3, H, W)."""
+    """Grad-CAM of each image's logit: (maps (B, H, W) in [0, 1] at the input size, signed maps (B, h, w) at the
+    layer's resolution). The displayed map is the signed map min-max scaled per image (see the module docstring)."""
     import torch
     import torch.nn.functional as F
     saved = {}
@@ -265,10 +276,10 @@ def gradcam(model, layer, x):
         handle.remove()
         model.zero_grad(set_to_none=True)
     act, grad = saved["act"].detach().float(), saved["grad"].detach().float()
-    cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    peak = cam.amax(dim=(1, 2), keepdim=True)
-    return torch.where(peak > 0, cam / peak.clamp_min(1e-12), cam)
+    signed = (grad.mean(dim=(2, 3), keepdim=True) * act).sum(1, keepdim=True)
+    cam = F.interpolate(signed, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    low, high = cam.amin(dim=(1, 2), keepdim=True), cam.amax(dim=(1, 2), keepdim=True)
+    return (cam - low) / (high - low).clamp_min(1e-12), signed[:, 0]
 
 
 def write_gradcam(folder: Path, model, normalizer, root, picks: dict, image_size: int, device) -> list[str]:
@@ -282,8 +293,9 @@ def write_gradcam(folder: Path, model, normalizer, root, picks: dict, image_size
         ds = common.PatchDataset(root, [s for s, _ in items], image_size=image_size)
         images = torch.stack([ds[i][0] for i in range(len(ds))])
         x = common.imagenet_normalize(common.to_unit(images.to(device), normalizer))
-        cams = gradcam(model, gradcam_layer(model, x[:1]), x).cpu().numpy()
-        arrays[name], arrays[f"{name}_paths"] = cams.astype(np.float16), np.array([s.path for s, _ in items])
+        cams, signed = (a.cpu().numpy() for a in gradcam(model, gradcam_layer(model, x[:1]), x))
+        arrays.update({name: cams.astype(np.float16), f"{name}_signed": signed.astype(np.float32),
+                       f"{name}_paths": np.array([s.path for s, _ in items])})
         fig, axes = plt.subplots(len(items), 2, figsize=(5, 2.6 * len(items)), squeeze=False, layout="constrained")
         for (sample, score), cam, img, (a, b) in zip(items, cams, images, axes):
             rgb = img.permute(1, 2, 0).numpy()
@@ -368,7 +380,7 @@ def _patch_section(metrics: dict) -> list[str]:
             for k in ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")]
     rows.append(["all-negative dummy accuracy", fmt(m["dummy_accuracy"]), fmt(half["dummy_accuracy"])])
     src = metrics.get("by_source", {})
-    lines = ["", "## Patch level", "", f"Validation patients' labelled patches, each window once (Aug copies excluded): "
+    lines = ["", "## Patch level", "", "Validation patients' labelled patches, each window once (Aug copies excluded): "
              f"{m['n']} patches, {m['positives']} positive. Values with [95% CI].", ""]
     lines += _table(["metric", f"at threshold {fmt(m['threshold'])}", "at 0.5"], rows)
     lines += ["", f"Confusion at {fmt(m['threshold'])}: TN {tn}, FP {fp}, FN {fn}, TP {tp}.", "",
@@ -383,10 +395,10 @@ def _patch_section(metrics: dict) -> list[str]:
 
 def _patient_section(metrics: dict, patient_rows: list[dict]) -> list[str]:
     p = metrics["patient"]
-    lines = ["", "## Patient level", "", f"Each patient's score aggregates ALL its Cropped patches (HoldOut: all its "
-             f"patches): `fraction_positive` = share of patches scoring >= the patch threshold, `topk_mean` = mean of the "
-             f"{p['top_k']} highest scores. Annotated windows are not used: they were picked knowing the diagnosis. "
-             "Label: NEGATIVA = 0, BAIXA/ALTA = 1."]
+    lines = ["", "## Patient level", "", "Each patient's score aggregates ALL its Cropped patches (HoldOut: all its "
+             "patches): `fraction_positive` = share of patches scoring >= the patch threshold, `topk_mean` = mean of "
+             f"the {p['top_k']} highest scores. Annotated windows are not used: they were picked knowing the "
+             "diagnosis. Label: NEGATIVA = 0, BAIXA/ALTA = 1."]
     if p["rule"]:
         lines += ["", f"Rule chosen on the validation patients (best Youden's J, then ROC-AUC): **{p['rule']} >= "
                       f"{fmt(p['threshold'], 4)}**. **Validation patient numbers are optimistic**: rule and threshold "
@@ -403,7 +415,8 @@ def _patient_section(metrics: dict, patient_rows: list[dict]) -> list[str]:
                            [["patients (infected)", *[f"{c['n']} ({c['positives']})" for c in cols.values()]]])
     for name, c in cols.items():
         if c.get("excluded"):
-            lines += ["", f"Left out of {name.split()[0]}: " + ", ".join(f"{k} ({v})" for k, v in c["excluded"].items())]
+            left_out = ", ".join(f"{k} ({v})" for k, v in c["excluded"].items())
+            lines += ["", f"Left out of {name.split()[0]}: {left_out}"]
     lines += ["", "### Per patient", ""]
     lines += _table(PATIENT_COLUMNS, [[r[c] for c in PATIENT_COLUMNS] for r in patient_rows])
     return lines
@@ -418,8 +431,10 @@ def render_report(metrics: dict, files: list[str], patient_rows: list[dict]) -> 
                                         and not f.startswith("gradcam")]
     cams = [f for f in files if f.startswith("gradcam")]
     if cams:
-        lines += ["", "## Grad-CAM", "", "Heatmap of what drives the positive logit (layer4 for ResNets), over the raw "
-                  "patch; the model saw the stain-normalized patch. Raw maps: `gradcam/heatmaps.npz`.", ""]
+        lines += ["", "## Grad-CAM", "", "Where the evidence for H. pylori (the logit) is strongest within each patch "
+                  "(layer4 for ResNets; signed Grad-CAM min-max scaled per patch, so red means 'most positive here', "
+                  "not 'positive'), over the raw patch; the model saw the stain-normalized patch. Signed maps: "
+                  "`gradcam/heatmaps.npz`.", ""]
         lines += [f"- [{Path(f).stem.replace('_', ' ')}]({f})" for f in cams if f.endswith(".png")]
     skipped = metrics["meta"]["skipped_images"]
     if skipped:

@@ -76,12 +76,13 @@ def get_args_parser():
                    "highest patch scores; all patches when the patient has fewer)")
     p.add_argument("--gradcam", type=int, default=8, help="patches per Grad-CAM grid (top false positives, false "
                    "negatives, true positives); 0 skips Grad-CAM")
-    p.add_argument("--batch-size", type=int, default=256, help="inference batch; lower it if the GPU runs out of memory")
+    p.add_argument("--batch-size", type=int, default=256, help="inference batch; lower it if the GPU runs out "
+                   "of memory")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes decoding "
                    "PNGs; decoding is the bottleneck, use most CPU cores of the node (0 = in the main process)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    p.add_argument("--no-amp", action="store_true", help="disable float16 autocast on CUDA (slower; scores then "
-                   "match a float32 run to the last digit)")
+    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA (bf16 where supported, as in "
+                   "training; slower, scores then match a float32 run)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip undecodable PNGs (listed in the report) "
                    "instead of stopping with an error")
     return p
@@ -150,17 +151,9 @@ class Predictions:
         return Predictions([s for s, k in zip(self.samples, mask) if k], self.split[mask], self.patch_eval[mask],
                            self.patient_eval[mask], self.score[mask])
 
-    @property
-    def label(self):
-        return np.array([s.label for s in self.samples], dtype=np.int64)
-
-    @property
-    def patient(self):
-        return np.array([s.patient for s in self.samples], dtype=object)
-
-    @property
-    def source(self):
-        return np.array([s.source for s in self.samples], dtype=object)
+    label = property(lambda self: np.array([s.label for s in self.samples], dtype=np.int64))
+    patient = property(lambda self: np.array([s.patient for s in self.samples], dtype=object))
+    source = property(lambda self: np.array([s.source for s in self.samples], dtype=object))
 
 
 def evaluation_rows(data: common.HelicoData, val: list[str], holdout: list[str] = ()) -> list[tuple]:
@@ -184,6 +177,8 @@ def score_samples(model, normalizer, root, samples, image_size: int, device, arg
                                          pin_memory=device.type == "cuda")
     scores, bad = np.full(len(samples), np.nan), []
     amp = device.type == "cuda" and not args.no_amp
+    # train.py's dtype (bf16 where supported): its validation scores, hence the stored threshold, came from it
+    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     with torch.inference_mode():
         for images, labels, idx in tqdm(loader, desc="scoring", unit="batch", mininterval=2, leave=False):
             images, labels, idx, dropped = common.drop_bad(images, labels, idx)
@@ -191,7 +186,7 @@ def score_samples(model, normalizer, root, samples, image_size: int, device, arg
             if len(idx) == 0:
                 continue
             x = common.imagenet_normalize(common.to_unit(images.to(device, non_blocking=True), normalizer))
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
                 logits = model(x.contiguous(memory_format=torch.channels_last) if amp else x)
             scores[idx.numpy()] = torch.sigmoid(logits.float().reshape(-1)).cpu().numpy()
     return scores, bad
@@ -249,8 +244,8 @@ def patient_scores(pred: Predictions, patients: list[str], diagnosis: dict, patc
     for p in patients:
         s = np.sort(np.asarray(by_patient.get(p, []), dtype=np.float64))
         dx = diagnosis.get(p)
-        rows.append({"patient": p, "diagnosis": dx or "", "label": 1 if dx in INFECTED else 0 if dx == "NEGATIVA" else -1,
-                     "n_patches": int(s.size),
+        label = 1 if dx in INFECTED else 0 if dx == "NEGATIVA" else -1  # -1: not in PatientDiagnosis.csv
+        rows.append({"patient": p, "diagnosis": dx or "", "label": label, "n_patches": int(s.size),
                      "fraction_positive": float(np.mean(s >= patch_threshold)) if s.size else float("nan"),
                      "topk_mean": float(s[-top_k:].mean()) if s.size else float("nan")})
     return rows
@@ -327,55 +322,62 @@ def with_ci(point: dict, boot: dict[str, np.ndarray], keys) -> dict:
     return point
 
 
-def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
-            draws: np.ndarray, rule: dict | None = None) -> tuple[dict, list[dict], dict]:
-    """Metrics dict, patient rows and the raw bootstrap values ({"patch.pr_auc": array, ...}) of one split.
-
-    Validation (rule None): the patient rule is chosen here. HoldOut: `rule` comes from validation, untouched."""
-    out, boot = {}, {}
+def patch_level(pred: Predictions, patients: list[str], threshold: float, draws: np.ndarray) -> tuple[dict, dict]:
+    """Patch metrics at the stored threshold, at 0.5 and by source, with CIs; and their raw bootstrap values."""
     patch = pred.patch_eval
     y, s, who, src = pred.label[patch], pred.score[patch], pred.patient[patch], pred.source[patch]
-    if patch.any():
-        everything = np.ones(len(y), bool)
-        sets = {"patch": (everything, patch_threshold, PATCH_METRICS), "patch_at_0.5": (everything, 0.5, THRESHOLD_METRICS),
-                **{f"by_source/{k}": (src == k, patch_threshold, PATCH_METRICS) for k in ("annotated", "supplemental")}}
-        for name, (mask, t, keys) in sets.items():
-            ym, sm = y[mask], s[mask]
-            fn = lambda idx, ym=ym, sm=sm, t=t, keys=keys: {k: v for k, v in common.binary_metrics(ym[idx], sm[idx], t)
-                                                             .items() if k in keys}
-            b = bootstrap_values(groups_of(who[mask], patients), draws, fn) if len(draws) else {}
-            boot.update({f"{name.replace('/', '.')}.{k}": v for k, v in b.items()})
-            _nest(out, name, with_ci(patch_metrics(ym, sm, t), b, keys))
+    everything = np.ones(len(y), bool)
+    sets = {("patch",): (everything, threshold, PATCH_METRICS), ("patch_at_0.5",): (everything, 0.5, THRESHOLD_METRICS),
+            **{("by_source", k): (src == k, threshold, PATCH_METRICS) for k in ("annotated", "supplemental")}}
+    out, boot = {}, {}
+    for name, (mask, t, keys) in sets.items():
+        ym, sm = y[mask], s[mask]
+
+        def resampled(idx, ym=ym, sm=sm, t=t, keys=keys):
+            return {k: v for k, v in common.binary_metrics(ym[idx], sm[idx], t).items() if k in keys}
+        b = bootstrap_values(groups_of(who[mask], patients), draws, resampled) if len(draws) else {}
+        boot.update({".".join((*name, k)): v for k, v in b.items()})
+        parent = out.setdefault("by_source", {}) if len(name) == 2 else out
+        parent[name[-1]] = with_ci(patch_metrics(ym, sm, t), b, keys)
+    return out, boot
+
+
+def patient_level(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
+                  draws: np.ndarray, rule: dict | None) -> tuple[dict, list[dict], dict]:
+    """Patient scores, the rule (chosen here when `rule` is None), metrics with CIs, and raw bootstrap values."""
     rows = patient_scores(pred, patients, diagnosis, patch_threshold, top_k)
     rule = rule or choose_patient_rule(rows)
     for r in rows:
         r["score"] = r[rule["rule"]] if rule["rule"] else float("nan")
         r["prediction"] = int(r["score"] >= rule["threshold"]) if np.isfinite(r["score"]) else -1
-    known = [i for i, r in enumerate(rows) if r["label"] >= 0 and r["n_patches"] > 0]
-    py = np.array([rows[i]["label"] for i in known], dtype=np.int64)
-    ps = np.array([rows[i]["score"] for i in known], dtype=np.float64)
-    pm = patient_metrics(py, ps, rule["threshold"])
+    known = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0]
+    y = np.array([r["label"] for r in known], dtype=np.int64)
+    s = np.array([r["score"] for r in known], dtype=np.float64)
+    m = patient_metrics(y, s, rule["threshold"])
     if not rule["rule"]:  # no rule, no predictions: every metric is undefined, for the reason the rule gives
-        pm.update({k: float("nan") for k in PATIENT_METRICS}, undefined={k: rule["reason"] for k in PATIENT_METRICS})
+        m.update({k: float("nan") for k in PATIENT_METRICS}, undefined={k: rule["reason"] for k in PATIENT_METRICS})
     b = {}
     if len(draws) and rule["rule"]:
-        slot = {p: k for k, p in enumerate(rows[i]["patient"] for i in known)}
+        slot = {r["patient"]: k for k, r in enumerate(known)}
         groups = [np.asarray([slot[p]] if p in slot else [], dtype=np.int64) for p in patients]
-        b = bootstrap_values(groups, draws, lambda idx: {k: v for k, v in patient_metrics(py[idx], ps[idx],
-                                                         rule["threshold"]).items() if k in PATIENT_METRICS})
-        boot.update({f"patient.{k}": v for k, v in b.items()})
-    out["patient"] = {**with_ci(pm, b, PATIENT_METRICS), **{k: rule[k] for k in ("rule", "candidates", "reason")},
-                      "top_k": top_k, "excluded": {r["patient"]: "no diagnosis" if r["label"] < 0 else "no patches"
-                                                   for k, r in enumerate(rows) if k not in known}}
-    return out, rows, boot
+        b = bootstrap_values(groups, draws, lambda idx: {k: v for k, v in patient_metrics(
+            y[idx], s[idx], rule["threshold"]).items() if k in PATIENT_METRICS})
+    used = {r["patient"] for r in known}
+    excluded = {r["patient"]: "no diagnosis" if r["label"] < 0 else "no patches"
+                for r in rows if r["patient"] not in used}
+    m = {**with_ci(m, b, PATIENT_METRICS), **{k: rule[k] for k in ("rule", "candidates", "reason")},
+         "top_k": top_k, "excluded": excluded}
+    return m, rows, {f"patient.{k}": v for k, v in b.items()}
 
 
-def _nest(d: dict, dotted: str, value) -> None:
-    head, _, tail = dotted.partition("/")
-    if tail:
-        _nest(d.setdefault(head, {}), tail, value)
-    else:
-        d[head] = value
+def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
+            draws: np.ndarray, rule: dict | None = None) -> tuple[dict, list[dict], dict]:
+    """Metrics dict, patient rows and raw bootstrap values ({"patch.pr_auc": array, ...}) of one set of patients.
+
+    Validation (rule None): the patient rule is chosen here. HoldOut: `rule` comes from validation, untouched."""
+    out, boot = patch_level(pred, patients, patch_threshold, draws) if pred.patch_eval.any() else ({}, {})
+    out["patient"], rows, patient_boot = patient_level(pred, patients, diagnosis, patch_threshold, top_k, draws, rule)
+    return out, rows, {**boot, **patient_boot}
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -393,6 +395,8 @@ def pick_device(name: str | None):
 def run_evaluation(args, device) -> int:
     import eval_report
     path = Path(args.checkpoint)
+    out = Path(args.out) if args.out else path.parent / "eval"
+    eval_report.check_out_folder(out)
     ckpt = common.load_checkpoint(path, required=EVAL_KEYS)
     model, normalizer = model_of(ckpt, path, args.arch, device)
     data = common.load_data(data_root_of(ckpt, args.data_root, path))
@@ -411,18 +415,19 @@ def run_evaluation(args, device) -> int:
     for r in patient_rows:
         r["split"] = "val"
     if holdout:  # the validation rule and thresholds, applied as they are: HoldOut never tunes anything
+        draws = patient_draws(len(holdout), args.bootstrap, args.seed, stream=1)
         ho, ho_rows, _ = analyse(pred.subset(pred.split == "holdout"), holdout, data.diagnosis, threshold, args.top_k,
-                                 patient_draws(len(holdout), args.bootstrap, args.seed, stream=1), rule=metrics["patient"])
+                                 draws, rule=metrics["patient"])
         metrics["holdout"] = {"patient": ho["patient"], "patches": int((pred.split == "holdout").sum())}
         patient_rows += [{**r, "split": "holdout"} for r in ho_rows]
     metrics["meta"] = {"checkpoint": str(path), "arch": ckpt["arch"], "image_size": int(ckpt["image_size"]),
-                       "epoch": ckpt.get("epoch"), "data_root": str(data.root), "stain": "macenko" if normalizer else None,
+                       "epoch": ckpt.get("epoch"), "data_root": str(data.root),
+                       "stain": "macenko" if normalizer else None,
                        "patch_threshold": threshold, "threshold_rule": ckpt.get("threshold_rule"),
                        "training_val_metrics": ckpt.get("val_metrics"), "val_patients": val,
                        "holdout_patients": holdout, "skipped_images": bad, "device": str(device),
                        "amp": device.type == "cuda" and not args.no_amp,
                        "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient"}}
-    out = Path(args.out) if args.out else path.parent / "eval"
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_predictions(tmp / "predictions.csv", pred, threshold)
         eval_report.write_patients(tmp / "patients.csv", patient_rows, metrics["patient"]["rule"])
@@ -448,6 +453,8 @@ def run_compare(args, device) -> int:
     if args.holdout:
         raise DataError("--holdout: not used with --compare (compare on validation, then evaluate the winner)")
     paths = [Path(p) for p in args.compare]
+    out = Path(args.out) if args.out else paths[0].parent / "compare"
+    eval_report.check_out_folder(out)
     ckpts = [common.load_checkpoint(p, required=EVAL_KEYS) for p in paths]
     data = common.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
     vals = [validation_patients(c, data, p) for c, p in zip(ckpts, paths)]
@@ -455,6 +462,8 @@ def run_compare(args, device) -> int:
     if not shared:
         raise DataError("--compare: the checkpoints share no validation patient; a paired comparison needs some")
     rows = evaluation_rows(data, shared)
+    if not any(r[2] for r in rows):
+        raise DataError(f"--compare: the shared validation patients have no labelled patches in {data.root}")
     draws = patient_draws(len(shared), args.bootstrap, args.seed)  # the same resamples for every model: paired
     results = []
     for c, p in zip(ckpts, paths):
@@ -466,7 +475,6 @@ def run_compare(args, device) -> int:
     table = compare_table(results)
     table.update({"patients": shared, "same_validation_patients": all(set(v) == set(shared) for v in vals),
                   "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient", "paired": True}})
-    out = Path(args.out) if args.out else paths[0].parent / "compare"
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_json(tmp / "compare.json", table)
         common.atomic_write_text(tmp / "compare.md", eval_report.render_compare(table))
