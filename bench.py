@@ -1,0 +1,407 @@
+"""Throughput of every training stage, alone and together, on the same patches: which one bounds the loop?
+
+Usage:
+    python bench.py --data-root demo_data --device cpu                     # small sizes, well under a minute
+    python bench.py --data-root $HELICO_DATA --device cuda --cache /local/cache224 --json bench.json
+    python bench.py --data-root $HELICO_DATA --device cuda --no-channels-last --no-amp   # compare settings
+
+Stages (img/s; warm-up batches excluded; CUDA timings bracketed by torch.cuda.synchronize):
+    load_png    DataLoader over common.PatchDataset (PNG decode + resize) with --workers processes
+    load_cache  DataLoader over patch_cache.CachedPatchDataset (one memmap gather per batch), same workers
+    normalize   on the device: Macenko + per-sample colour jitter + symmetry + ImageNet normalization
+                (train.model_input when train.py provides it, else an equivalent defined here)
+    model_step  forward + backward + AdamW step on synthetic on-device batches: the ceiling
+    loop        the training loop: cache loader -> device (non_blocking) -> normalize -> step
+                (--loop-source png for the PNG loader)
+It also measures each loader in this process alone (one core) for the packed-vs-PNG ratio per core, img/s per
+worker, peak host RSS (this process and the largest worker), peak device memory per stage, and the cache's size.
+The PNGs are read once while the cache is built, so both loaders run from a warm page cache.
+Without --cache a temporary cache of the benchmark's samples is built and deleted afterwards.
+
+Exit codes: 0 ok, 2 bad input (missing data root, no CUDA for --device cuda, unusable stain reference).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+import patch_cache
+
+PREFETCH = 2  # batches each worker decodes ahead; a loader stage warms up through this backlog too
+STAGES = ("load_png", "load_cache", "normalize", "model_step", "loop")
+JITTER = (0.05, 0.05, 0.02, 0.01)  # the original pipeline's ColorJitter (train.py's default)
+DEFAULTS = {  # CPU: small enough for a minute on a laptop; CUDA: the issue's real settings
+    "cpu": {"image_size": 64, "batch_size": 16, "batches": 3, "warmup": 1, "limit_samples": 256},
+    "cuda": {"image_size": 224, "batch_size": 256, "batches": 30, "warmup": 5, "limit_samples": 8192},
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default=os.environ.get("HELICO_DATA"), help="HelicoDataSet folder (default "
+                   "$HELICO_DATA); benchmark the copy training reads (node-local on a cluster)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default cuda if available, else cpu")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
+    p.add_argument("--batch-size", type=int, help="default 16 on CPU, 256 on CUDA (the issue's target setting)")
+    p.add_argument("--image-size", type=int, help="default 64 on CPU, 224 on CUDA; the cache must match it")
+    p.add_argument("--workers", type=int, help="DataLoader processes (default: CPUs this process may use, "
+                   "minus one on CUDA, where the main process feeds the GPU)")
+    p.add_argument("--batches", type=int, help="timed batches per stage (default 3 CPU, 30 CUDA); each stage "
+                   "also runs at least --min-seconds")
+    p.add_argument("--warmup", type=int, help="untimed batches first (worker start, cuDNN autotune); default 1 CPU, 5 CUDA")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="keep timing a stage at least this long, so "
+                   "fast stages are not measured on a handful of milliseconds")
+    p.add_argument("--limit-samples", type=int, help="patches used by every stage, a fixed random subset (default "
+                   "256 CPU, 8192 CUDA; 0 = all). A temporary cache holds only these")
+    p.add_argument("--cache", metavar="DIR", help="packed cache (patch_cache.py) to benchmark, built or reused "
+                   "here for all patches; default: a temporary cache of the benchmark's patches")
+    p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads); default torch's own. On a "
+                   "busy shared machine 1 avoids OpenMP threads waiting on each other")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset to time, e.g. "
+                   "load_png,load_cache for loading alone at real sizes on a CPU-only machine")
+    p.add_argument("--loop-source", choices=("cache", "png"), default="cache", help="loader of the loop stage")
+    p.add_argument("--arch", default="resnet18", help="torchvision classifier (one-logit head, random weights)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision as in "
+                   "train.py (bf16 where supported, else fp16 + GradScaler); default on for CUDA, off on CPU")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC layout for model and input; default on for CUDA, off on CPU")
+    p.add_argument("--macenko", action=argparse.BooleanOptionalAction, default=True,
+                   help="include Macenko in the normalize and loop stages (skipped anyway for a normalized cache)")
+    p.add_argument("--reference-patch", default=common.DEFAULT_REFERENCE, help="stain reference, relative to the "
+                   "data root or absolute")
+    return p
+
+
+def resolve(args) -> None:
+    """Fill the device-dependent defaults in place."""
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise common.DataError("--device cuda: no CUDA device visible (check CUDA_VISIBLE_DEVICES, or use cpu)")
+    for key, value in DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.workers is None:
+        args.workers = max(1, cpus - (args.device == "cuda"))
+    cuda = args.device == "cuda"
+    args.amp = cuda if args.amp is None else args.amp
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    if args.threads is not None:
+        if args.threads < 1:
+            raise common.DataError(f"--threads {args.threads}: must be at least 1")
+        torch.set_num_threads(args.threads)
+    args.stages = [k.strip() for k in args.stages.split(",") if k.strip()]
+    unknown = [k for k in args.stages if k not in STAGES]
+    if unknown or not args.stages:
+        raise common.DataError(f"--stages {','.join(args.stages)}: choose from {','.join(STAGES)}")
+    args.stages = [k for k in STAGES if k in args.stages]
+    for flag in ("batch_size", "image_size", "batches"):
+        if getattr(args, flag) < 1:
+            raise common.DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+def augmentation():
+    """(model_input, where it came from): train.py's own when it exports one, else the equivalent below."""
+    try:
+        import train
+        return train.model_input, "train.model_input"
+    except (ImportError, AttributeError):
+        return local_model_input, "bench.local_model_input"
+
+
+def local_model_input(images, normalizer=None, jitter=None, gen=None, channels_last=False):
+    """Stand-in for train.model_input: to_unit (Macenko) -> per-sample brightness/contrast/saturation/hue jitter
+    -> random symmetry -> ImageNet normalization; the same work per pixel."""
+    x = common.to_unit(images, normalizer)
+    if gen is not None:
+        n, dev = x.shape[0], x.device
+        f = (torch.rand(n, 4, generator=gen, device=dev) * 2 - 1) * torch.tensor(jitter, device=dev)
+        b, c, s = (1 + f[:, k].view(-1, 1, 1, 1) for k in range(3))
+        grey = lambda t: (t * t.new_tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = (x * b).clamp(0, 1)
+        x = (c * x + (1 - c) * grey(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+        x = (s * x + (1 - s) * grey(x)).clamp(0, 1)
+        angle = f[:, 3].view(-1, 1, 1) * 2 * torch.pi  # hue: rotate chroma in YIQ space
+        yiq = torch.einsum("ij,bjhw->bihw", x.new_tensor([[.299, .587, .114], [.596, -.274, -.322],
+                                                           [.211, -.523, .312]]), x)
+        i, q = yiq[:, 1] * angle.cos() - yiq[:, 2] * angle.sin(), yiq[:, 1] * angle.sin() + yiq[:, 2] * angle.cos()
+        x = torch.einsum("ij,bjhw->bihw", x.new_tensor([[1, .956, .621], [1, -.272, -.647], [1, -1.106, 1.703]]),
+                         torch.stack([yiq[:, 0], i, q], 1)).clamp(0, 1)
+        flips = torch.rand(n, 2, 1, 1, 1, generator=gen, device=dev) < 0.5
+        x = torch.where(flips[:, 0], x.flip(-1), x)
+        x = torch.where(flips[:, 1], x.transpose(-1, -2), x)
+    x = common.imagenet_normalize(x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(steps, device, warmup: int, batches: int, min_seconds: float) -> dict:
+    """Run `steps` (an iterator yielding images per step): `warmup` untimed, then at least `batches` and
+    `min_seconds`. Returns img/s, images, seconds and the stage's peak device memory."""
+    for _ in range(warmup):
+        next(steps)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0, images, count = time.perf_counter(), 0, 0
+    while count < batches or time.perf_counter() - t0 < min_seconds:
+        images += next(steps)
+        count += 1
+    sync(device)
+    seconds = time.perf_counter() - t0
+    steps.close()  # ends the stage's generator: its DataLoader and worker processes go with it
+    out = {"img_s": images / seconds, "images": images, "batches": count, "seconds": round(seconds, 3)}
+    if device.type == "cuda":
+        out["peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def cycle(loader):
+    """Batches forever, epoch after epoch (persistent workers make a new epoch cheap)."""
+    while True:
+        yield from loader
+
+
+def make_loader(dataset, args, workers: int):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers, drop_last=True,
+        pin_memory=args.device == "cuda", persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else None,
+        generator=torch.Generator().manual_seed(0))
+
+
+def load_steps(loader):
+    for images, labels, _ in cycle(loader):
+        yield len(labels)
+
+
+def per_core_rate(dataset, args, min_seconds: float) -> float:
+    """img/s of one loader in this process alone (workers=0: exactly one core decodes or gathers)."""
+    loader = make_loader(dataset, args, 0)
+    return timed(load_steps(loader), torch.device("cpu"), 1, 2, min_seconds)["img_s"]
+
+
+# ----------------------------------------------------------------------------------------------- stages
+class Step:
+    """train.py's optimisation step: autocast (bf16 where supported, else fp16 + GradScaler), BCE, AdamW."""
+
+    def __init__(self, args, device):
+        self.device = device
+        model = common.build_model(args.arch, "none").to(device)
+        self.model = model.to(memory_format=torch.channels_last) if args.channels_last else model
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
+        self.dtype, self.amp = (torch.bfloat16 if bf16 else torch.float16), args.amp
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp and not bf16)
+
+    def __call__(self, x, labels):
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp):
+            logits = self.model(x).squeeze(1)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float())
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+
+def model_steps(step, args, device):
+    """Synthetic, already-normalized input on the device: nothing but the model's own work."""
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+    labels = (torch.rand(args.batch_size, device=device, generator=g) < 0.5).long()
+    while True:
+        step(x, labels)
+        yield args.batch_size
+
+
+def normalize_steps(batches, model_input, normalizer, args, device):
+    """Real uint8 batches already on the device, through the augmentation alone."""
+    gen = torch.Generator(device).manual_seed(0)
+    k = 0
+    while True:
+        images = batches[k % len(batches)]
+        with torch.no_grad():
+            model_input(images, normalizer, list(JITTER), gen, args.channels_last)
+        k += 1
+        yield images.shape[0]
+
+
+def loop_steps(loader, model_input, normalizer, step, args, device):
+    gen = torch.Generator(device).manual_seed(1)
+    for images, labels, _ in cycle(loader):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.no_grad():
+            x = model_input(images, normalizer, list(JITTER), gen, args.channels_last)
+        step(x, labels)
+        yield len(labels)
+
+
+def bench_samples(data, limit: int) -> list:
+    """One sample per path, a fixed random subset: every stage sees the same patches."""
+    import random
+    samples = patch_cache.unique_samples(data.all_samples())
+    random.Random(0).shuffle(samples)
+    return samples[:limit] if limit else samples
+
+
+def open_cache(args, data, samples, tmp: str) -> tuple:
+    """(CachedPatchDataset over `samples`, cache dir, build report or None)."""
+    if args.cache:
+        report = patch_cache.build_cache(data, args.cache, args.image_size, args.workers, progress=False)
+        cache_dir = Path(args.cache)
+    else:
+        cache_dir = Path(tmp) / "cache"
+        report = patch_cache.build_cache(data, cache_dir, args.image_size, args.workers, progress=False,
+                                         samples=samples)
+    return patch_cache.CachedPatchDataset(cache_dir, samples, args.image_size, root=data.root), cache_dir, report
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # fixed input size, as in train.py
+    data = common.load_data(args.data_root)
+    samples = bench_samples(data, args.limit_samples)
+    if len(samples) < args.batch_size:
+        raise common.DataError(f"--batch-size {args.batch_size}: only {len(samples)} patches; lower it")
+    model_input, augment_source = augmentation()
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
+        log(f"cache: {args.cache or 'temporary'} ({len(samples)} patches)")
+        cached, cache_dir, build = open_cache(args, data, samples, tmp)
+        normalizer = None
+        if args.macenko and not cached.normalized and {"normalize", "loop"} & set(args.stages):
+            normalizer = patch_cache.stain_reference(Path(data.root), args.reference_patch, device)[0]
+        png = common.PatchDataset(data.root, samples, args.image_size)
+        t = lambda steps, extra=0: timed(steps, device, args.warmup + extra, args.batches, args.min_seconds)
+        backlog = args.workers * PREFETCH  # batches ready before timing starts would inflate a loader's rate
+        step = Step(args, device) if {"model_step", "loop"} & set(args.stages) else None
+        real = lambda: [images.to(device) for images, _, _ in (next(iter(make_loader(cached, args, 0))) for _ in range(2))]
+        stage = {  # each stage's loader (and its worker processes) lives only as long as its generator
+            "load_png": lambda: t(load_steps(make_loader(png, args, args.workers)), backlog),
+            "load_cache": lambda: t(load_steps(make_loader(cached, args, args.workers)), backlog),
+            "normalize": lambda: t(normalize_steps(real(), model_input, normalizer, args, device)),
+            "model_step": lambda: t(model_steps(step, args, device)),
+            "loop": lambda: t(loop_steps(make_loader(cached if args.loop_source == "cache" else png, args, args.workers),
+                                         model_input, normalizer, step, args, device))}
+        stages, per_core = {}, {}
+        for name in args.stages:
+            log(f"timing {name}")
+            stages[name] = stage[name]()
+            if name.startswith("load_"):  # the same loader in this process alone: one core's rate
+                per_core[name] = per_core_rate(png if name == "load_png" else cached, args, args.min_seconds)
+        cache_size = patch_cache.cache_bytes(cache_dir)
+    return summarize(args, device, stages, per_core, len(samples), cached, cache_size, build, augment_source,
+                     normalizer is not None)
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def summarize(args, device, stages, per_core, n, cached, cache_size, build, augment_source, macenko) -> dict:
+    rates = {k: v["img_s"] for k, v in stages.items()}
+    parts = [k for k in ("load_" + args.loop_source, "normalize", "model_step") if k in rates]  # the loop's parts
+    ceiling = rates.get("model_step")
+    ru = resource.getrusage
+    memory = {"peak_host_rss_mb": round(ru(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              "peak_worker_rss_mb": round(ru(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        memory["peak_device_mb"] = max(v.get("peak_device_mb", 0) for v in stages.values())
+    return {
+        "stages": rates, "bound": min(parts, key=rates.get) if parts else None,
+        "loop_fraction_of_ceiling": ratio(rates.get("loop"), ceiling),
+        "ratios_to_ceiling": {k: ratio(v, ceiling) for k, v in rates.items()},
+        "per_core": {**per_core, "packed_vs_png": ratio(per_core.get("load_cache"), per_core.get("load_png"))},
+        "per_worker": {k: rates[k] / args.workers for k in ("load_png", "load_cache") if k in rates},
+        "packed_vs_png_per_worker": ratio(rates.get("load_cache"), rates.get("load_png")),
+        "details": stages, "memory": memory,
+        "cache": {"bytes_on_disk": cache_size, "patches": cached.count, "normalized": cached.normalized,
+                  "temporary": not args.cache, "build": build},
+        "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size, "device": str(device),
+        "device_name": device_name(device), "cpus": len(os.sched_getaffinity(0)), "samples": n, "arch": args.arch,
+        "amp": args.amp, "channels_last": args.channels_last, "macenko": macenko, "augmentation": augment_source,
+        "loop_source": args.loop_source, "warmup": args.warmup, "min_batches": args.batches,
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "data_root": str(args.data_root),
+        "load_average": os.getloadavg(),
+    }
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table(r: dict) -> str:
+    ceiling = r["stages"].get("model_step")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    notes = {"load_png": f"{fmt(r['per_worker'].get('load_png'), '.0f')} img/s per worker",
+             "load_cache": f"{fmt(r['per_worker'].get('load_cache'), '.0f')} img/s per worker",
+             "normalize": ("Macenko + " if r["macenko"] else "") + "jitter (" + r["augmentation"] + ")",
+             "model_step": "ceiling", "loop": f"{r['loop_source']} loader, all stages together"}
+    lines = [f"bench: {r['device']} ({r['device_name']}), {r['arch']}, {r['image_size']}px, batch {r['batch_size']}, "
+             f"{r['workers']} workers, {r['samples']} patches, amp {'on' if r['amp'] else 'off'}, channels_last "
+             f"{'on' if r['channels_last'] else 'off'}, torch {r['torch']}",
+             f"{'stage':<11} {'img/s':>10} {'x ceiling':>10}  note"]
+    for k in (k for k in STAGES if k in r["stages"]):
+        lines.append(f"{k:<11} {r['stages'][k]:>10.1f} {fmt(ratio(r['stages'][k], ceiling), '>10.2f')}  {notes[k]}")
+    pc, loop = r["per_core"], r["loop_fraction_of_ceiling"]
+    lines += [f"bound: {r['bound']}" + (f"; loop at {100 * loop:.0f}% of the model-only ceiling" if loop else ""),
+              f"per core (one process, workers=0): PNG {fmt(pc.get('load_png'), '.0f')} img/s, packed "
+              f"{fmt(pc.get('load_cache'), '.0f')} img/s -> packed/PNG {fmt(pc['packed_vs_png'], '.1f')}x (target >= "
+              f"10x); with {r['workers']} workers {fmt(r['packed_vs_png_per_worker'], '.1f')}x",
+              f"memory: peak host RSS {r['memory']['peak_host_rss_mb']:.0f} MB (largest worker "
+              f"{r['memory']['peak_worker_rss_mb']:.0f} MB)" + (f", peak device {r['memory']['peak_device_mb']:.0f} MB"
+                                                               if "peak_device_mb" in r["memory"] else ""),
+              f"cache: {r['cache']['bytes_on_disk'] / 1e6:.1f} MB on disk for {r['cache']['patches']} patches"
+              + (" (temporary)" if r["cache"]["temporary"] else "")]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        if not args.data_root:
+            raise common.DataError("--data-root is required (or set HELICO_DATA)")
+        resolve(args)
+        result = run(args)
+    except common.DataError as e:
+        print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ', 1)[-1]}", file=sys.stderr)
+        return common.EXIT_BAD_INPUT
+    finally:
+        torch.set_num_threads(threads)  # --threads must not outlive main() when called in-process
+    print(table(result))
+    if args.json:
+        common.atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+    return common.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""bench.py: one CPU run on tiny sizes times every stage and writes the JSON report (no timing assertions)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import bench
+import common
+
+TINY = ["--device", "cpu", "--image-size", "32", "--batch-size", "4", "--batches", "1", "--warmup", "1",
+        "--limit-samples", "16", "--workers", "1", "--min-seconds", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A two-stain tile as stain reference, so the run does not depend on one demo patch's stain."""
+    import macenko_gpu
+    path = tmp_path_factory.mktemp("ref") / "reference.png"
+    Image.fromarray(macenko_gpu.synthetic_ihc_tiles(1, 256, seed=3)[0].permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+def test_cpu_run_writes_every_stage_and_the_bound(demo_root, reference, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--data-root", str(demo_root), "--json", str(out), "--reference-patch", str(reference),
+                       *TINY]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["stages"]) == set(bench.STAGES) and all(v > 0 for v in r["stages"].values())
+    assert r["bound"] in ("load_cache", "normalize", "model_step")  # the parts of a cache-fed loop
+    assert r["loop_fraction_of_ceiling"] == pytest.approx(r["stages"]["loop"] / r["stages"]["model_step"])
+    assert (r["workers"], r["batch_size"], r["image_size"], r["device"], r["samples"]) == (1, 4, 32, "cpu", 16)
+    assert r["per_core"]["packed_vs_png"] == pytest.approx(r["per_core"]["load_cache"] / r["per_core"]["load_png"])
+    assert r["macenko"] is True and r["cache"]["temporary"] and r["cache"]["bytes_on_disk"] >= 16 * 3 * 32 * 32
+    assert r["memory"]["peak_host_rss_mb"] > 0
+    table = capsys.readouterr().out
+    assert "bound: " in table and "packed/PNG" in table and all(stage in table for stage in bench.STAGES)
+
+
+def test_given_cache_dir_is_built_once_and_kept(demo_root, tmp_path):
+    keep = {"B22-100_0"}  # a small copy of the demo: building the cache of every patch stays quick
+    root = Path(shutil.copytree(demo_root, tmp_path / "root", ignore=lambda folder, names: [
+        n for n in names if Path(folder).name in ("Annotated", "Cropped", "HoldOut") and n not in keep]))
+    argv = ["--data-root", str(root), "--cache", str(tmp_path / "cache"), "--stages", "load_png,load_cache",
+            "--json", str(tmp_path / "b.json"), *TINY]
+    assert bench.main(argv) == 0
+    first = json.loads((tmp_path / "b.json").read_text())
+    assert set(first["stages"]) == {"load_png", "load_cache"} and first["bound"] == "load_cache"
+    assert first["cache"]["build"]["action"] == "built" and not first["cache"]["temporary"]
+    assert first["loop_fraction_of_ceiling"] is None
+    assert bench.main(argv) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["cache"]["build"]["action"] == "reused"
+
+
+def test_augmentation_is_train_py_model_input():
+    import train
+    model_input, source = bench.augmentation()
+    assert model_input is train.model_input and source == "train.model_input"
+
+
+def test_local_model_input_without_jitter_only_permutes_pixels():
+    x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    out = bench.local_model_input(x, None, [0.0, 0.0, 0.0, 0.0], torch.Generator().manual_seed(0))
+    plain = common.imagenet_normalize(x.float() / 255)
+    assert out.shape == plain.shape
+    torch.testing.assert_close(out.flatten(2).sort().values, plain.flatten(2).sort().values, atol=0.02, rtol=0)
+
+
+def test_unknown_stage_is_one_line_exit_2(demo_root, capsys):
+    assert bench.main(["--data-root", str(demo_root), "--stages", "load_png,warp", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --stages") and err.count("\n") == 1
+
+
+def test_threads_flag_does_not_outlive_main(demo_root):
+    before = torch.get_num_threads()
+    bench.main(["--data-root", str(demo_root), "--stages", "bogus", *TINY[:-2], "--threads", str(before + 1)])
+    assert torch.get_num_threads() == before
