@@ -187,10 +187,13 @@ def _score_histograms(plt, folder, y, s, py, ps, metrics) -> None:
 def _confusions(plt, folder, metrics) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
     for ax, (level, names) in zip(axes, (("patch", ("negative", "positive")), ("patient", ("NEGATIVA", "infected")))):
+        if level == "patient" and not metrics["patient"]["rule"]:
+            ax.set(title="patient: no rule could be tuned", xticks=[], yticks=[])
+            continue
         cm = np.asarray(metrics[level]["confusion"])
-        ax.imshow(cm, cmap="Blues")
+        ax.imshow(cm, cmap="Blues", vmin=0)
         for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", color="black", fontsize=12)
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=12, color="white" if v > cm.max() / 2 else "black")
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=[f"pred {n}" for n in names], yticklabels=names,
                title=f"{level} at threshold {metrics[level]['threshold']:.3g}")
     _save(fig, folder / "figures/confusion_matrix.png")
