@@ -1,0 +1,651 @@
+"""Train the H. pylori patch classifier: resumable, preemption-safe, one GPU, DDP, or CPU for the demo.
+
+Usage:
+    python train.py --data-root HelicoDataSet --run-id 26                        # one GPU (or CPU)
+    torchrun --nproc_per_node 4 train.py --data-root HelicoDataSet --run-id 26   # DDP, one process per GPU
+    python train.py --data-root demo_data --run-id demo --device cpu --weights none --image-size 96 --epochs 6
+
+Re-running the same --run-id resumes from runs/<run-id>/last.pt, mid-epoch included (what makes SLURM requeue
+safe); a run folder whose config.json holds different flags refuses to resume unless --force.
+
+Run folder runs/<run-id>/: config.json (resolved flags, git commit, versions, device, SLURM job id), split.json,
+log.jsonl (one JSON line per epoch), best.pt (highest validation PR-AUC), last.pt, learning_curves.png.
+Checkpoints are plain dicts of tensors and Python values: torch.load(path, weights_only=True) reads them.
+
+Pipeline: DataLoader workers only decode PNGs to uint8; on the device, batched: Macenko (macenko_gpu.py) ->
+colour jitter with independent random factors per sample -> one of the 8 symmetries of the square per sample ->
+ImageNet normalization -> model under autocast (bf16 where supported, else fp16 with a GradScaler; off on CPU
+unless --amp). The operating threshold is the one that maximises F1 on the validation patients.
+
+Exit codes: 0 done (or already complete), 2 bad input (one-line `error:`), 3 non-finite loss (nothing saved, the
+last good checkpoint stays), 4 stopped by SIGUSR1/SIGTERM after writing last.pt (and `scontrol requeue` under
+SLURM). A second signal exits at once with 128 + signal number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import common
+import splits
+
+EXIT_NAN, EXIT_PREEMPTED = 3, 4
+DEFAULT_JITTER = "0.05,0.05,0.02,0.01"  # the original pipeline's ColorJitter(brightness, contrast, saturation, hue)
+GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights, so jitter matches its adjust_* functions
+# Flags that may change between a run and its resumption without changing what is trained.
+RESUME_IGNORES = {"run_id", "runs_dir", "data_root", "hash_cache", "device", "workers", "pin_memory", "force",
+                  "persistent_workers", "prefetch_factor", "amp", "channels_last", "environment"}
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter, parents=[splits.split_args_parser()])
+    g = p.add_argument_group("run")
+    g.add_argument("--run-id", help="run folder name under --runs-dir; re-use it to resume. Default: $SLURM_JOB_ID "
+                   "(a requeued job keeps its ID, so it resumes itself), else the start time YYYYmmdd-HHMMSS")
+    g.add_argument("--runs-dir", default="runs", help="where run folders live; put it on shared storage on a cluster")
+    g.add_argument("--force", action="store_true", help="resume even though the run folder's config.json holds "
+                   "different flags (e.g. more --epochs); the new flags win but the split stays the checkpoint's")
+    g.add_argument("--seed", type=int, default=0, help="model init, sample order and augmentation draws")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N; under torchrun "
+                   "each process takes cuda:$LOCAL_RANK")
+    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--arch", default="resnet18", help="any torchvision classifier; its head becomes one logit")
+    g.add_argument("--weights", default="imagenet", help="imagenet (torchvision cache; fetch it once on a login node "
+                   "if compute nodes are offline), none (random init: demo only), or a .pt state dict/checkpoint")
+    g.add_argument("--epochs", type=int, default=15, help="passes over the training patients")
+    g.add_argument("--batch-size", type=int, default=128, help="per process; the global batch is this times the "
+                   "number of processes. Halve it (and --lr) if the GPU runs out of memory")
+    g.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate (linear warmup over the first "
+                   "5%% of steps, cosine decay to 0); scale it with the global batch size")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
+    g.add_argument("--pos-weight", default="auto", help="weight of the positive class in the loss against the "
+                   "~1:40 imbalance: auto = n_neg/n_pos of the training set (1 with --sampler balanced), or a number")
+    g.add_argument("--sampler", choices=("shuffle", "balanced"), default="shuffle", help="balanced draws both "
+                   "classes equally often (with replacement) instead of weighting the loss")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision: bf16 where "
+                   "supported, else fp16 with a GradScaler. Default: on for CUDA, off on CPU. Try --no-amp if the "
+                   "loss turns NaN")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="NHWC memory layout: usually faster with --amp on tensor-core GPUs (measure with bench.py)")
+    g = p.add_argument_group("stain and augmentation (run batched on the device)")
+    g.add_argument("--macenko", action=argparse.BooleanOptionalAction, default=True, help="Macenko stain "
+                   "normalization to --reference-patch (the original pipeline's); --no-macenko trains on raw colours")
+    g.add_argument("--jitter", default=DEFAULT_JITTER, help="colour jitter B,C,S,H: brightness, contrast, saturation "
+                   "factors in [1-x, 1+x] and hue shift in [-h, h] turns, drawn per sample; 0 disables")
+    g.add_argument("--image-size", type=int, default=256, help="patches are resized to this square side; 256 is "
+                   "native. 64-128 makes CPU demos fast")
+    g.add_argument("--limit-samples", type=int, default=None, help="train on a stratified random subset of this "
+                   "many training samples (CPU demo, smoke tests); validation is never subsampled")
+    g = p.add_argument_group("data loading")
+    g.add_argument("--workers", type=int, default=None, help="PNG-decoding processes per training process; decoding "
+                   "is the usual bottleneck. Default: the CPUs this process may use (per GPU under torchrun) minus 1")
+    g.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="page-locked batches for asynchronous host-to-GPU copies. Default: on with CUDA")
+    g.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep workers alive between epochs instead of re-forking them")
+    g.add_argument("--prefetch-factor", type=int, default=4, help="batches each worker decodes ahead")
+    g.add_argument("--skip-bad-images", action="store_true", help="leave undecodable PNGs out of the loss and the "
+                   "metrics (they are named on stderr) instead of stopping at the first")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+def grey(x):
+    return (x * x.new_tensor(GREY).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def jitter_factors(n: int, jitter, gen, device):
+    """(n, 4) per-sample brightness, contrast, saturation factors ~ U[1-j, 1+j] and hue shift ~ U[-h, h]."""
+    u = torch.rand(n, 4, generator=gen, device=device) * 2 - 1
+    return u * torch.tensor(jitter, device=device) + torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
+
+
+def shift_hue(x, turns):
+    """Rotate each image's HSV hue by turns (B,); saturation and value stay, as in torchvision's adjust_hue."""
+    r, g, b = x.unbind(1)
+    v, c = x.amax(1), x.amax(1) - x.amin(1)
+    safe = torch.where(c > 0, c, torch.ones_like(c))
+    h = torch.where(v == r, (g - b) / safe, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = (h / 6 + turns.view(-1, 1, 1)) % 1
+    k = (x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6  # HSV->RGB without branches
+    return v.unsqueeze(1) - c.unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def color_jitter(x, factors):
+    """torchvision's adjust_brightness, _contrast, _saturation, _hue in that order, each sample its own factors."""
+    b, c, s = (factors[:, k].view(-1, 1, 1, 1) for k in range(3))
+    x = (x * b).clamp(0, 1)
+    x = (c * x + (1 - c) * grey(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+    x = (s * x + (1 - s) * grey(x)).clamp(0, 1)
+    return shift_hue(x, factors[:, 3])
+
+
+def random_symmetry(x, gen):
+    """Each image independently gets one of the 8 symmetries of the square (transpose, flip, flip): bacteria and
+    tissue have no preferred orientation, so this is free data."""
+    bits = torch.rand(x.shape[0], 3, 1, 1, 1, generator=gen, device=x.device) < 0.5
+    x = torch.where(bits[:, 0], x.transpose(-1, -2), x)
+    x = torch.where(bits[:, 1], x.flip(-1), x)
+    return torch.where(bits[:, 2], x.flip(-2), x)
+
+
+def model_input(images, normalizer=None, jitter=None, gen=None, channels_last=False):
+    """uint8 batch on the device -> normalized float input; with a generator (training) also jitter + symmetry."""
+    x = common.to_unit(images, normalizer)
+    if gen is not None:
+        factors = jitter_factors(x.shape[0], jitter, gen, x.device)  # drawn even when 0: same draws either way
+        x = random_symmetry(color_jitter(x, factors) if any(jitter) else x, gen)
+    x = common.imagenet_normalize(x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ----------------------------------------------------------------------------------------------- data
+class EpochSampler(torch.utils.data.Sampler):
+    """DistributedSampler's contract (equal padded share per rank, set_epoch) with the order drawn from (seed, epoch)
+    alone, so a resumed run sees the same order; `skip` resumes mid-epoch, `balanced` draws classes equally."""
+
+    def __init__(self, labels, balanced: bool, seed: int, rank: int = 0, world: int = 1):
+        self.labels, self.balanced, self.seed = torch.as_tensor(labels), balanced, seed
+        self.rank, self.world = rank, world
+        self.per_rank = math.ceil(len(labels) / world)
+        self.epoch = self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n, total = len(self.labels), self.per_rank * self.world
+        if self.balanced:
+            weights = 1.0 / torch.bincount(self.labels, minlength=2).float()[self.labels]
+            order = torch.multinomial(weights, total, replacement=True, generator=g)
+        else:
+            order = torch.randperm(n, generator=g).repeat(math.ceil(total / n))[:total]  # pad like DistributedSampler
+        return iter(order[self.rank::self.world][self.skip:].tolist())
+
+    def __len__(self):
+        return max(0, self.per_rank - self.skip)
+
+
+def stratified_subset(samples, n, seed):
+    """n samples keeping the class ratio (at least one per class), the same ones for a given seed."""
+    if n is None or n >= len(samples):
+        return samples
+    by_label: dict[int, list[int]] = {}
+    for k, s in enumerate(samples):
+        by_label.setdefault(s.label, []).append(k)
+    rng, keep = random.Random(seed), []
+    for label, ks in sorted(by_label.items()):
+        keep += rng.sample(ks, min(len(ks), max(1, round(n * len(ks) / len(samples)))))
+    return [samples[k] for k in sorted(keep)]
+
+
+def loader(dataset, sampler, args, drop_last=False):
+    w = args.workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=w, pin_memory=args.pin_memory,
+        drop_last=drop_last, persistent_workers=args.persistent_workers and w > 0,
+        prefetch_factor=args.prefetch_factor if w > 0 else None,
+        generator=torch.Generator().manual_seed(args.seed))  # its own RNG: the global one stays resumable
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def best_f1_threshold(y, scores) -> tuple[float, str]:
+    """The score threshold (predict positive when score >= it) with the highest F1 on these labels."""
+    y, s = np.asarray(y), np.asarray(scores, dtype=np.float64)
+    if y.size == 0 or y.min() == y.max():
+        return 0.5, "default 0.5: validation holds one class only"
+    order = np.argsort(-s, kind="mergesort")
+    last = np.r_[np.flatnonzero(np.diff(s[order])), y.size - 1]  # last index of each distinct score
+    tp = np.cumsum(y[order])[last]
+    f1 = 2 * tp / (tp + (last + 1) + y.sum())  # 2tp / (2tp + fp + fn)
+    return float(s[order][last[int(np.argmax(f1))]]), "max F1 on validation (positive when score >= threshold)"
+
+
+def plot_curves(records, path):
+    from matplotlib.figure import Figure  # no pyplot: no global backend, works headless
+    fig = Figure(figsize=(10, 4))
+    loss_ax, auc_ax = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in records]
+    loss_ax.plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in records], "o-", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="BCE loss (positive-weighted)", title="loss")
+    auc_ax.plot(epochs, [r["pr_auc"] for r in records], "o-", label="PR-AUC")
+    auc_ax.plot(epochs, [r["roc_auc"] for r in records], "o-", label="ROC-AUC")
+    auc_ax.axhline(records[-1]["dummy_pr_auc"], ls="--", c="grey", label="PR-AUC of a dummy (prevalence)")
+    auc_ax.set(xlabel="epoch", ylim=(0, 1.02), title="validation")
+    for ax in (loss_ax, auc_ax):
+        ax.legend()
+    fig.tight_layout()
+    with common.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+STOP = threading.Event()  # set by the signal handler, read between steps
+
+
+def on_signal(signum, frame):
+    """First SIGUSR1/SIGTERM (SLURM's warning before preemption): finish the step, save, exit. Second: exit now."""
+    if STOP.is_set():
+        os._exit(128 + signum)
+    STOP.set()  # no printing here: the handler may interrupt a write to stderr
+
+
+def requeue() -> str:
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "not under SLURM: re-run the same command to resume"
+    if shutil.which("scontrol") is None:
+        return f"SLURM job {job}, but scontrol is not on PATH: not requeued"
+    r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    return f"requeued SLURM job {job}" if r.returncode == 0 else f"scontrol requeue {job} failed: {r.stderr.strip()}"
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if name != "cpu" and not name.startswith("cuda"):
+        raise common.DataError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise common.DataError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")  # fails every range check below
+
+
+def resolve_args(args, device, local_world: int) -> None:
+    """Fill in automatic defaults and reject bad values with one-line messages naming the flag."""
+    if not args.data_root:
+        raise common.DataError("--data-root: not given and $HELICO_DATA is not set")
+    jitter = [number(v) for v in args.jitter.split(",")]
+    jitter = jitter * 4 if jitter == [0.0] else jitter
+    if len(jitter) != 4 or not all(0 <= v < 1 for v in jitter[:3]) or not 0 <= jitter[3] <= 0.5:
+        raise common.DataError(f"--jitter {args.jitter}: expected 0 or four numbers B,C,S,H like {DEFAULT_JITTER}, "
+                               f"with B, C, S in [0, 1) and H in [0, 0.5]")
+    args.jitter = jitter
+    for flag, value, low in (("epochs", args.epochs, 1), ("batch-size", args.batch_size, 2), ("image-size",
+                             args.image_size, 32), ("prefetch-factor", args.prefetch_factor, 1),
+                             ("limit-samples", args.limit_samples or 2, 2), ("workers", args.workers or 0, 0)):
+        if value < low:
+            raise common.DataError(f"--{flag} {value}: must be at least {low}")
+    if not args.lr > 0 or args.weight_decay < 0:
+        raise common.DataError(f"--lr {args.lr} / --weight-decay {args.weight_decay}: need lr > 0, weight decay >= 0")
+    if args.pos_weight != "auto" and not number(args.pos_weight) > 0:
+        raise common.DataError(f"--pos-weight {args.pos_weight}: expected auto or a positive number")
+    cuda = device.type == "cuda"
+    args.device, args.amp = str(device), cuda if args.amp is None else args.amp
+    args.pin_memory = cuda if args.pin_memory is None else args.pin_memory
+    if args.workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        args.workers = max(0, cpus // local_world - 1)
+    args.data_root = str(Path(args.data_root).absolute())
+
+
+def fit_normalizer(args, root: Path):
+    """The Macenko normalizer of --reference-patch (relative to the data root unless absolute)."""
+    import macenko_gpu  # only with --macenko
+    ref = Path(args.reference_patch)
+    ref = ref if ref.is_absolute() else root / ref
+    if not ref.is_file():
+        raise common.DataError(f"--reference-patch {ref}: file not found (--macenko needs a stain reference tile; "
+                               f"pass one under the data root or use --no-macenko)")
+    try:
+        return macenko_gpu.MacenkoNormalizer().fit(macenko_gpu.load_rgb(ref))
+    except ValueError as e:
+        raise common.DataError(f"--reference-patch {ref}: {e}") from None
+
+
+def environment(device) -> dict:
+    def git(*cmd):
+        try:
+            r = subprocess.run(["git", *cmd], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=20)
+            return r.stdout.strip() if r.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    import torchvision
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
+            "python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "numpy": np.__version__, "cuda": torch.version.cuda, "hostname": platform.node(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def samples_and_config(args, data, split, world, device):
+    """Training/validation samples of the split and the run's config dict (resolved flags + environment)."""
+    train = common.select(data.labelled, split["train"], include_aug=True)
+    train = stratified_subset(train, args.limit_samples, args.seed)
+    val = common.select(data.labelled, split["val"])
+    positives = sum(s.label == 1 for s in train)
+    if not train or not val or positives == 0:
+        raise common.DataError(f"split: {len(train)} training samples ({positives} positive), {len(val)} validation "
+                               f"samples; need both, with positives in training (check --val-frac/--folds)")
+    pos_weight = args.pos_weight
+    if pos_weight == "auto":
+        pos_weight = 1.0 if args.sampler == "balanced" else (len(train) - positives) / positives
+    config = {**vars(args), "pos_weight": float(pos_weight), "world_size": world, "environment": environment(device)}
+    return train, val, config
+
+
+def changed_flags(old: dict, new: dict) -> list[str]:
+    new = json.loads(json.dumps(new))  # compare as config.json stores them
+    keys = sorted((set(old) | set(new)) - RESUME_IGNORES)
+    return [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
+
+
+def plan_run(args, data, world, device) -> dict:
+    """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume."""
+    split, groups = splits.resolve_split(args, data)
+    run_dir = Path(args.runs_dir) / args.run_id
+    resume = (run_dir / "last.pt").is_file()
+    if resume:
+        split = common.load_checkpoint(run_dir / "last.pt")["split"]
+        if (run_dir / "config.json").is_file():
+            _, _, config = samples_and_config(args, data, split, world, device)
+            changed = changed_flags(json.loads((run_dir / "config.json").read_text()), config)
+            if changed and not args.force:
+                raise common.DataError(f"{run_dir} holds a run with other flags ({'; '.join(changed[:4])}): use "
+                                       f"another --run-id, or --force to resume with the new flags")
+    problems = splits.split_problems(split, data, groups, args.reference_patch if args.macenko else None)
+    if problems:
+        raise common.DataError(f"split{' ' + args.split if args.split else ''}: {problems[0]} ({len(problems)} "
+                               f"problem(s) in all; audit_leakage.py lists them)")
+    return {"split": split, "resume": resume, "run_id": args.run_id}
+
+
+# ----------------------------------------------------------------------------------------------- training
+class Trainer:
+    """One run: model, optimizer, data and run folder. Every rank computes; rank 0 alone writes files."""
+
+    def __init__(self, args, data, plan, normalizer, device, rank, world):
+        self.args, self.device, self.rank, self.world, self.split = args, device, rank, world, plan["split"]
+        self.run_dir = Path(args.runs_dir) / args.run_id
+        train, val, self.config = samples_and_config(args, data, self.split, world, device)
+        self.counts = (len(train), sum(s.label for s in train), len(val), sum(s.label for s in val))
+        self.sampler = EpochSampler([s.label for s in train], args.sampler == "balanced", args.seed, rank, world)
+        train_ds, val_ds = (common.PatchDataset(data.root, part, args.image_size, args.skip_bad_images)
+                            for part in (train, val))
+        self.train_loader = loader(train_ds, self.sampler, args, drop_last=self.sampler.per_rank >= args.batch_size)
+        shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
+        self.val_loader = loader(torch.utils.data.Subset(val_ds, shard), None, args)
+        self.val_paths = [s.path for s in val]
+        self.normalizer = normalizer.to(device) if normalizer is not None else None
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        ckpt = common.load_checkpoint(self.run_dir / "last.pt") if plan["resume"] else None
+        self.raw = common.build_model(args.arch, "none" if ckpt else args.weights).to(device)
+        if args.channels_last:
+            self.raw = self.raw.to(memory_format=torch.channels_last)
+        self.model = self.raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
+            self.raw, device_ids=[device.index] if device.type == "cuda" else None)
+        self.opt = torch.optim.AdamW(self.raw.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        total = len(self.train_loader) * args.epochs
+        warmup = max(1, total // 20)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(
+            (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
+        bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
+        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp and not bf16)
+        self.pos_weight = torch.tensor(self.config["pos_weight"], device=device)
+        self.gen = torch.Generator(device).manual_seed(args.seed * 1000 + 1 + rank)  # augmentation draws
+        self.epoch, self.progress, self.best, self.records = 0, {"step": 0, "loss_sum": 0.0, "seen": 0}, None, []
+        self.threshold, self.rule, self.val_metrics = 0.5, "default 0.5: not validated yet", {}
+        if ckpt is not None:
+            self.restore(ckpt)
+
+    # ------------------------------------------------------------------------------------------- state
+    def restore(self, ckpt):
+        self.raw.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.progress, self.best = ckpt["epoch"], ckpt["progress"], ckpt["best_score"]
+        self.threshold, self.rule, self.val_metrics = ckpt["threshold"], ckpt["threshold_rule"], ckpt["val_metrics"]
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+        if len(rng["augment"]) == self.world:
+            self.gen.set_state(rng["augment"][self.rank])
+        log = self.run_dir / "log.jsonl"
+        if log.is_file():  # lines of epochs after the checkpoint would be repeated: drop them
+            self.records = [r for r in map(json.loads, log.read_text().splitlines()) if r["epoch"] <= self.epoch]
+
+    def save(self, *names):
+        """Write a checkpoint that rebuilds the model (evaluate.py) or continues training. Collective under DDP."""
+        states = [self.gen.get_state()] * self.world
+        if self.world > 1:
+            dist.all_gather_object(states, self.gen.get_state())
+        if self.rank != 0:
+            return
+        np_rng, py_rng = np.random.get_state(), random.getstate()
+        rng = {"torch": torch.get_rng_state(), "augment": states, "python": [py_rng[0], list(py_rng[1]), py_rng[2]],
+               "numpy": [np_rng[0], torch.from_numpy(np_rng[1].astype(np.int64)), *np_rng[2:]]}
+        ckpt = {"model": self.raw.state_dict(), "arch": self.args.arch, "config": self.config, "split": self.split,
+                "stain": self.normalizer.state_dict() if self.normalizer is not None else None,
+                "threshold": self.threshold, "threshold_rule": self.rule, "image_size": self.args.image_size,
+                "epoch": self.epoch, "progress": dict(self.progress), "best_score": self.best,
+                "val_metrics": self.val_metrics, "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng, "version": 1}
+        for name in names:
+            common.atomic_torch_save(ckpt, self.run_dir / name)
+
+    # ------------------------------------------------------------------------------------------- loops
+    def train_epoch(self):
+        """Train from progress["step"] to the epoch's end or a stop request; returns (nan_step or None, stopped)."""
+        from tqdm import tqdm
+        args, dev, p = self.args, self.device, self.progress
+        self.sampler.set_epoch(self.epoch, skip=p["step"] * args.batch_size)
+        self.model.train()
+        bar = tqdm(total=len(self.train_loader) + p["step"], initial=p["step"], unit="step", dynamic_ncols=True,
+                   desc=f"epoch {self.epoch + 1}/{args.epochs}", disable=self.rank != 0,
+                   mininterval=1 if sys.stderr.isatty() else 60)  # a SLURM log gets a line a minute
+        loss_sum, seen, pending, nan_step, stopped = 0.0, 0, None, None, False
+        t0, images = time.perf_counter(), 0
+        for x, labels, _ in self.train_loader:
+            x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+            with torch.no_grad():
+                x = model_input(x, self.normalizer, args.jitter, self.gen, args.channels_last)
+            with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=args.amp):
+                logits = self.model(x).squeeze(1)
+            keep = (labels != common.BAD).float()  # undecodable patches (--skip-bad-images) weigh nothing
+            losses = keep * F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
+                                                               pos_weight=self.pos_weight, reduction="none")
+            loss = losses.sum() / keep.sum().clamp(min=1)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.sched.step()
+            loss_sum, seen = loss_sum + losses.sum().detach(), seen + keep.sum()
+            flags = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(), torch.full((), float(STOP.is_set()),
+                                                                                             device=dev)])
+            if self.world > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+            p["step"] += 1
+            images += len(labels) * self.world
+            bar.update()
+            # Read the previous step's flags, not this one's: the host never waits for the GPU to drain.
+            previous, pending = pending, (p["step"], flags)
+            if previous is not None:
+                nan_step, stopped = self.read_flags(*previous, bar)
+                if nan_step or stopped:
+                    break
+        if pending is not None and not nan_step:
+            nan_step, stop_now = self.read_flags(*pending, bar)
+            stopped = stopped or stop_now
+        bar.close()
+        p["loss_sum"], p["seen"] = p["loss_sum"] + float(loss_sum), p["seen"] + int(seen)
+        self.img_s = images / max(time.perf_counter() - t0, 1e-9)
+        return nan_step, stopped
+
+    @staticmethod
+    def read_flags(step, flags, bar):
+        nonfinite, loss, stop = flags.tolist()
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        return (step if nonfinite else None), bool(stop)
+
+    @torch.no_grad()
+    def validate(self):
+        """(labels, scores, mean loss) of every validation window exactly once, gathered across ranks by index."""
+        self.raw.eval()  # unwrapped: no DDP collectives, so ranks may hold different numbers of batches
+        if self.world > 1:
+            for buffer in self.raw.buffers():  # BatchNorm statistics drift apart per rank: use rank 0's, as saved
+                dist.broadcast(buffer, 0)
+        idx, labels, scores, loss = [], [], [], torch.zeros((), device=self.device)
+        for images, y, i in self.val_loader:
+            images, y, i, bad = common.drop_bad(images, y, i)
+            for k in bad:
+                print(f"warning: skipped unreadable {self.val_paths[k]}", file=sys.stderr)
+            x = model_input(images.to(self.device, non_blocking=True), self.normalizer,
+                            channels_last=self.args.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.args.amp):
+                logits = self.raw(x).squeeze(1).float()
+            y = y.to(self.device)
+            loss += F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=self.pos_weight, reduction="sum")
+            idx, labels, scores = idx + i.tolist(), labels + y.tolist(), scores + torch.sigmoid(logits).tolist()
+        parts = [(idx, labels, scores, float(loss))] * self.world
+        if self.world > 1:
+            dist.all_gather_object(parts, parts[0])
+        by_index = {i: (y, s) for part in parts for i, y, s in zip(*part[:3])}
+        y, s = (np.array([by_index[i][k] for i in sorted(by_index)]) for k in (0, 1))
+        return y.astype(np.int64), s.astype(np.float64), sum(part[3] for part in parts) / max(len(y), 1)
+
+    def fit(self) -> int:
+        """The epoch loop; returns the exit code."""
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            common.atomic_write_text(self.run_dir / "config.json", json.dumps(self.config, indent=1) + "\n")
+            common.atomic_write_text(self.run_dir / "split.json", json.dumps(self.split, indent=1) + "\n")
+            resumed = f"resuming after epoch {self.epoch} step {self.progress['step']}" if self.epoch or \
+                self.progress["step"] else "new run"
+            print(f"{self.run_dir}: {resumed}; train {self.counts[0]} samples ({self.counts[1]} positive, pos_weight "
+                  f"{self.config['pos_weight']:.2f}), validation {self.counts[2]} windows ({self.counts[3]} positive); "
+                  f"{self.world} x {self.device}, amp {self.amp_dtype if self.args.amp else 'off'}, commit "
+                  f"{self.config['environment']['git_commit']}", file=sys.stderr)
+        while self.epoch < self.args.epochs:
+            start = time.perf_counter()
+            nan_step, stopped = self.train_epoch()
+            if nan_step:
+                last = self.run_dir / "last.pt"
+                print(f"error: loss is NaN/inf at epoch {self.epoch + 1} step {nan_step}; stopped without saving, "
+                      f"last good checkpoint: {last if last.is_file() else 'none'} (try a lower --lr or --no-amp)",
+                      file=sys.stderr)
+                return EXIT_NAN
+            if stopped:
+                self.save("last.pt")
+                if self.rank == 0:
+                    print(f"stopped by signal at epoch {self.epoch + 1} step {self.progress['step']}: saved "
+                          f"{self.run_dir / 'last.pt'}; {requeue()}", file=sys.stderr)
+                return EXIT_PREEMPTED
+            self.end_epoch(start)
+        best = max(self.records, key=lambda r: r["pr_auc"] if r["pr_auc"] == r["pr_auc"] else -1, default=None)
+        if self.rank == 0 and best:
+            print(f"done: best validation PR-AUC {best['pr_auc']:.3f} (dummy {best['dummy_pr_auc']:.3f}), ROC-AUC "
+                  f"{best['roc_auc']:.3f} at epoch {best['epoch']}: {self.run_dir / 'best.pt'}", file=sys.stderr)
+        return common.EXIT_OK
+
+    def end_epoch(self, start: float):
+        """Validate, choose the threshold, write best.pt, last.pt, log.jsonl and learning_curves.png."""
+        y, s, val_loss = self.validate()
+        self.threshold, self.rule = best_f1_threshold(y, s)
+        m = self.val_metrics = common.binary_metrics(y, s, self.threshold)
+        p, self.progress = self.progress, {"step": 0, "loss_sum": 0.0, "seen": 0}
+        self.epoch += 1
+        score = m["pr_auc"] if m["pr_auc"] == m["pr_auc"] else -1.0  # NaN (one-class validation) never wins
+        is_best = self.best is None or score > self.best
+        self.best = score if is_best else self.best
+        r = {"epoch": self.epoch, "train_loss": p["loss_sum"] / max(p["seen"], 1), "val_loss": val_loss,
+             **{k: m[k] for k in ("pr_auc", "roc_auc", "recall", "precision", "f1", "threshold")},
+             "val_samples": m["n"], "val_positives": m["positives"], "dummy_pr_auc": m["positives"] / max(m["n"], 1),
+             "lr": self.sched.get_last_lr()[0], "img_s": round(self.img_s, 1),
+             "seconds": round(time.perf_counter() - start, 1)}
+        self.records.append(r)
+        self.save(*(["best.pt"] if is_best else []), "last.pt")
+        if self.rank == 0:
+            common.atomic_write_text(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+            plot_curves(self.records, self.run_dir / "learning_curves.png")
+            print(f"epoch {self.epoch}: train loss {r['train_loss']:.4f}, val loss {val_loss:.4f}, PR-AUC "
+                  f"{r['pr_auc']:.3f} (dummy {r['dummy_pr_auc']:.3f}), ROC-AUC {r['roc_auc']:.3f}, recall "
+                  f"{r['recall']:.3f}, precision {r['precision']:.3f} at threshold {r['threshold']:.3f}, "
+                  f"{r['img_s']:.0f} img/s{', best so far' if is_best else ''}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def run(args, rank: int, world: int, local_rank: int) -> int:
+    device = resolve_device(args.device, local_rank)
+    resolve_args(args, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    data = common.load_data(args.data_root)
+    normalizer = fit_normalizer(args, data.root) if args.macenko else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    args.run_id = args.run_id or os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
+    plan, error = None, None
+    if rank == 0:
+        try:
+            plan = plan_run(args, data, world, device)
+        except common.DataError as e:
+            error = str(e)
+    if world > 1:  # the other ranks take the split and run ID from rank 0, and stop with it on an error
+        box = [(plan, error)]
+        dist.broadcast_object_list(box, src=0)
+        plan, error = box[0]
+    if error:
+        raise common.DataError(error)
+    args.run_id = plan["run_id"]
+    return Trainer(args, data, plan, normalizer, device, rank, world).fit()
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    rank, world, local_rank = (int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    STOP.clear()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        code = run(args, rank, max(world, 1), local_rank)
+        if world > 1:
+            dist.barrier()  # torchrun stops every rank when one exits: let rank 0 finish writing first
+        return code
+    except common.DataError as e:  # from a DataLoader worker it arrives wrapped in a traceback: keep the last line
+        print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ', 1)[-1]}", file=sys.stderr)
+        return common.EXIT_BAD_INPUT
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
