@@ -1,0 +1,333 @@
+"""train.py as a specification: run folder, checkpoints, resume, preemption, NaN guard, DDP, bad input, jitter."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small enough that a run is a few seconds on 2 cores: 48 training samples (3 steps), 32 px, no Macenko.
+FAST = ["--device", "cpu", "--image-size", "32", "--batch-size", "16", "--weights", "none", "--workers", "0",
+        "--seed", "0", "--limit-samples", "48", "--no-macenko"]
+API_KEYS = {"model", "arch", "config", "split", "stain", "threshold", "threshold_rule", "image_size", "epoch",
+            "best_score", "val_metrics", "optimizer", "scheduler", "scaler", "rng", "version"}
+LOG_KEYS = {"epoch", "train_loss", "val_loss", "pr_auc", "roc_auc", "recall", "precision", "val_samples", "img_s",
+            "seconds"}
+
+
+def run_train(demo_root, runs, run_id, *extra, epochs=2):
+    return train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-id", run_id, *FAST,
+                       "--epochs", str(epochs), *extra])
+
+
+def validation_windows(run_dir) -> int:
+    split = json.loads((run_dir / "split.json").read_text())
+    data = common.load_data(json.loads((run_dir / "config.json").read_text())["data_root"])
+    return len(common.select(data.labelled, split["val"]))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run faster on one thread, and much faster when other jobs share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def straight_run(demo_root, tmp_path_factory):
+    """The uninterrupted 2-epoch reference run that resumed runs must reproduce bit for bit."""
+    runs = tmp_path_factory.mktemp("straight")
+    assert run_train(demo_root, runs, "straight") == 0
+    return runs / "straight"
+
+
+# ----------------------------------------------------------------------------------------------- run folder
+def test_run_folder_holds_config_split_log_checkpoints_and_curves(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"config.json", "split.json", "log.jsonl", "best.pt", "last.pt", "learning_curves.png"} <= names
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["run_id"] == "tiny" and config["world_size"] == 1
+    assert {"git_commit", "torch", "device_name", "slurm_job_id"} <= set(config["environment"])
+    assert (tiny_run / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, config["epochs"] + 1))
+    assert all(LOG_KEYS <= set(r) for r in records)
+    assert all(r["val_samples"] == validation_windows(tiny_run) for r in records)
+
+
+def test_checkpoints_load_with_weights_only_and_carry_the_api_keys(tiny_run):
+    for name in ("best.pt", "last.pt"):
+        ckpt = load(tiny_run / name)
+        assert API_KEYS <= set(ckpt), API_KEYS - set(ckpt)
+        assert common.load_checkpoint(tiny_run / name)["arch"] == "resnet18"
+        model = common.build_model(ckpt["arch"], "none")
+        model.load_state_dict(ckpt["model"])  # rebuilds unaided: no DDP "module." prefix
+        assert 0.0 <= ckpt["threshold"] <= 1.0 and "F1" in ckpt["threshold_rule"]
+        assert ckpt["split"] == json.loads((tiny_run / "split.json").read_text())
+        assert ckpt["image_size"] == ckpt["config"]["image_size"] == 64
+    assert load(tiny_run / "last.pt")["epoch"] == 2
+
+
+def test_best_checkpoint_is_the_epoch_with_the_highest_validation_pr_auc(tiny_run):
+    records = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda r: r["pr_auc"])
+    ckpt = load(tiny_run / "best.pt")
+    assert ckpt["epoch"] == best["epoch"] and ckpt["best_score"] == pytest.approx(best["pr_auc"])
+    assert ckpt["val_metrics"]["pr_auc"] == pytest.approx(best["pr_auc"])
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def test_resume_after_an_epoch_gives_bitwise_identical_weights(demo_root, tmp_path, straight_run, monkeypatch):
+    real_end_epoch = train.Trainer.end_epoch
+
+    def crash_after_first_epoch(self, start):
+        real_end_epoch(self, start)
+        raise KeyboardInterrupt  # a hard kill after last.pt of epoch 1 was written
+
+    monkeypatch.setattr(train.Trainer, "end_epoch", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(demo_root, tmp_path, "straight")
+    assert load(tmp_path / "straight" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(train.Trainer, "end_epoch", real_end_epoch)
+    assert run_train(demo_root, tmp_path, "straight") == 0
+    resumed, reference = load(tmp_path / "straight" / "last.pt"), load(straight_run / "last.pt")
+    assert same_weights(resumed["model"], reference["model"])
+    assert resumed["threshold"] == reference["threshold"]
+    assert (tmp_path / "straight" / "log.jsonl").read_text().count("\n") == 2
+
+
+def test_stop_signal_mid_epoch_then_resume_gives_bitwise_identical_weights(demo_root, tmp_path, straight_run,
+                                                                           monkeypatch):
+    real_model_input, calls = train.model_input, []
+
+    def signal_during_first_training_step(images, *args, **kwargs):
+        if kwargs.get("gen", args[2] if len(args) > 2 else None) is not None:
+            calls.append(1)
+            if len(calls) == 1:
+                train.on_signal(signal.SIGUSR1, None)  # what SLURM's --signal does, minus the timing
+        return real_model_input(images, *args, **kwargs)
+
+    monkeypatch.setattr(train, "model_input", signal_during_first_training_step)
+    assert run_train(demo_root, tmp_path, "straight") == train.EXIT_PREEMPTED
+    ckpt = load(tmp_path / "straight" / "last.pt")
+    assert (ckpt["epoch"], ckpt["progress"]["step"]) == (0, 2)  # flags are read one step late: stops after step 2
+    monkeypatch.setattr(train, "model_input", real_model_input)
+    assert run_train(demo_root, tmp_path, "straight") == 0
+    assert same_weights(load(tmp_path / "straight" / "last.pt")["model"], load(straight_run / "last.pt")["model"])
+
+
+def test_changed_flags_refuse_to_resume_unless_forced(demo_root, tmp_path, straight_run, capsys):
+    shutil.copytree(straight_run, tmp_path / "straight")
+    assert run_train(demo_root, tmp_path, "straight", "--lr", "0.1") == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--lr 0.0003 -> 0.1" in err and "--force" in err
+    assert run_train(demo_root, tmp_path, "straight", "--lr", "0.1", "--force") == 0
+
+
+def test_loader_flags_may_change_on_resume(demo_root, tmp_path, straight_run):
+    shutil.copytree(straight_run, tmp_path / "straight")
+    log = (tmp_path / "straight" / "log.jsonl").read_text()
+    assert run_train(demo_root, tmp_path, "straight", "--prefetch-factor", "2", "--no-persistent-workers") == 0
+    assert (tmp_path / "straight" / "log.jsonl").read_text() == log  # already complete: nothing retrained
+
+
+# ----------------------------------------------------------------------------------------------- fault guards
+def test_nan_loss_exits_3_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch,
+                                                                                    capsys):
+    real_model_input, calls = train.model_input, []
+
+    def poison_fifth_training_batch(images, *args, **kwargs):
+        x = real_model_input(images, *args, **kwargs)
+        if kwargs.get("gen", args[2] if len(args) > 2 else None) is not None:
+            calls.append(1)
+            if len(calls) == 5:  # epoch 2, step 2 (3 steps per epoch)
+                x = x * float("nan")
+        return x
+
+    monkeypatch.setattr(train, "model_input", poison_fifth_training_batch)
+    assert run_train(demo_root, tmp_path, "nan") == train.EXIT_NAN
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "epoch 2 step 2" in err and "last.pt" in err
+    ckpt = load(tmp_path / "nan" / "last.pt")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def start_training(demo_root, runs, run_id, epochs=50):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir",
+                             str(runs), "--run-id", run_id, *FAST, "--epochs", str(epochs)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_sigusr1_finishes_the_step_writes_last_pt_and_exits_4(demo_root, tmp_path):
+    proc = start_training(demo_root, tmp_path, "preempted")
+    wait_for(tmp_path / "preempted" / "config.json", proc)  # written just before the first step
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == train.EXIT_PREEMPTED, err
+    assert "stopped by signal" in err and "not under SLURM" in err
+    ckpt = load(tmp_path / "preempted" / "last.pt")
+    assert ckpt["epoch"] * 3 + ckpt["progress"]["step"] >= 2
+
+
+def test_second_signal_exits_at_once_with_128_plus_its_number(monkeypatch):
+    exits = []
+    monkeypatch.setattr(train.os, "_exit", exits.append)
+    train.STOP.clear()
+    train.on_signal(signal.SIGUSR1, None)  # first: finish the step, save, exit 4 (tested above with a real signal)
+    assert train.STOP.is_set() and exits == []
+    train.on_signal(signal.SIGTERM, None)
+    assert exits == [128 + signal.SIGTERM]
+    train.STOP.clear()
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-id", "ddp",
+           *FAST, "--epochs", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    record = json.loads((run_dir / "log.jsonl").read_text())
+    assert record["val_samples"] == validation_windows(run_dir)
+    ckpt = load(run_dir / "best.pt")
+    assert ckpt["config"]["world_size"] == 2 and len(ckpt["rng"]["augment"]) == 2
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    # The gathered metrics equal a single-process pass of the saved model over the validation windows.
+    data = common.load_data(demo_root)
+    val = common.select(data.labelled, ckpt["split"]["val"])
+    model = common.build_model("resnet18", "none")
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    ds = common.PatchDataset(demo_root, val, 32)
+    with torch.no_grad():
+        x = torch.stack([ds[k][0] for k in range(len(ds))])
+        scores = torch.sigmoid(model(train.model_input(x)).squeeze(1)).numpy()
+    y = np.array([s.label for s in val])
+    assert record["pr_auc"] == pytest.approx(common.average_precision(y, scores), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("flags, named", [
+    (["--data-root", "/nonexistent/HelicoDataSet"], "/nonexistent/HelicoDataSet"),
+    (["--macenko", "--reference-patch", "CrossValidation/Annotated/B22-47_0/missing.png"], "--reference-patch"),
+    (["--jitter", "0.05,0.05"], "--jitter"),
+    (["--jitter", "0.05,0.05,0.02,0.9"], "--jitter"),
+    (["--pos-weight", "-3"], "--pos-weight"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_input_exits_2_with_a_one_line_error_naming_it(demo_root, tmp_path, capsys, flags, named):
+    argv = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-id", "bad", *FAST, *flags]
+    assert train.main(argv) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and named in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_leaky_split_file_is_refused(demo_root, tmp_path, capsys):
+    split = tmp_path / "leaky.json"
+    split.write_text(json.dumps({"train": ["B22-01", "B22-200"], "val": ["B22-201", "B22-01"]}))
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--split", str(split), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "B22-01 is in both" in err and "\n" not in err.strip()
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+def test_color_jitter_equals_torchvision_adjust_functions_per_sample():
+    import torchvision.transforms.functional as TF
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    factors = torch.tensor([[1.04, 0.97, 1.02, 0.01], [0.96, 1.05, 0.98, -0.01], [1.0, 1.0, 1.0, 0.3]])
+    out = train.color_jitter(x, factors)
+    for k, (b, c, s, h) in enumerate(factors.tolist()):
+        ref = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[k], b), c), s), h)
+        torch.testing.assert_close(out[k], ref, atol=2e-6, rtol=0)
+
+
+def test_each_sample_gets_its_own_jitter_whatever_its_batch_mates():
+    a, b, c = torch.rand(3, 1, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    jitter = [0.3, 0.3, 0.3, 0.2]
+    draws = lambda n, seed=5: train.jitter_factors(n, jitter, torch.Generator().manual_seed(seed), "cpu")
+    first, second = train.color_jitter(torch.cat([a, b]), draws(2)), train.color_jitter(torch.cat([a, c]), draws(2))
+    torch.testing.assert_close(first[0], second[0])  # contrast uses each image's own mean, not the batch's
+    same = train.color_jitter(a.repeat(8, 1, 1, 1), draws(8))
+    assert len({tuple(img.flatten()[:5].tolist()) for img in same}) == 8  # 8 copies, 8 different results
+    factors = draws(4000, 0)
+    assert factors[:, :3].min() >= 0.7 and factors[:, :3].max() <= 1.3 and factors[:, 3].abs().max() <= 0.2
+    assert abs(np.corrcoef(factors[:, 0], factors[:, 1])[0, 1]) < 0.1  # brightness and contrast drawn apart
+
+
+def test_random_symmetry_gives_each_image_one_of_the_eight_square_symmetries():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5).repeat(32, 1, 1, 1)
+    out = train.random_symmetry(x, torch.Generator().manual_seed(0))
+    seen = set()
+    for img, res in zip(x, out):
+        options = [torch.rot90(t, k, (-2, -1)) for t in (img, img.flip(-1)) for k in range(4)]
+        match = [k for k, o in enumerate(options) if torch.equal(o, res)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) == 8
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def test_threshold_maximises_f1_on_validation():
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.1).astype(int)
+    s = np.round(np.clip(rng.normal(0.3 + 0.3 * y, 0.2), 0, 1), 2)  # rounded: ties included
+    threshold, rule = train.best_f1_threshold(y, s)
+    best = max(common.f1(y, (s >= t).astype(int)) for t in np.unique(s))
+    assert common.f1(y, (s >= threshold).astype(int)) == pytest.approx(best) and "F1" in rule
+
+
+def test_epoch_sampler_shards_cover_every_sample_and_replay_per_epoch():
+    labels = [0] * 37 + [1] * 3
+    shards = [train.EpochSampler(labels, False, seed=0, rank=r, world=3) for r in range(3)]
+    for s in shards:
+        s.set_epoch(4)
+    orders = [list(s) for s in shards]
+    assert {len(o) for o in orders} == {14} and set(sum(orders, [])) == set(range(40))
+    again = train.EpochSampler(labels, False, seed=0, rank=1, world=3)
+    again.set_epoch(4, skip=5)
+    assert list(again) == orders[1][5:]  # mid-epoch resume continues the same order
+    balanced = train.EpochSampler(labels, True, seed=0)
+    picks = []
+    for epoch in range(50):
+        balanced.set_epoch(epoch)
+        picks += [labels[i] for i in balanced]
+    assert 0.4 < np.mean(picks) < 0.6
+
+
+def test_limit_samples_keeps_the_class_ratio():
+    samples = [common.Sample(f"p/{k}.png", "B22-01", "annotated", int(k < 20), k) for k in range(200)]
+    subset = train.stratified_subset(samples, 50, seed=0)
+    assert len(subset) == 50 and sum(s.label for s in subset) == 5
+    assert subset == train.stratified_subset(samples, 50, seed=0)
