@@ -32,6 +32,7 @@
 #                      STAGE_DIR=off trains straight from HELICO_DATA
 #   STAGE_RESERVE_MB   free space to leave on the node disk after staging (default 1024)
 #   STAGE_LOCK_TIMEOUT seconds to wait for another job's copy on this node before giving up (default 7200)
+#   EVAL_ARGS          extra evaluate.py flags, split on spaces (e.g. "--holdout --bootstrap 2000")
 #
 # Exit codes: 0 ok; 1 the audit found a patient leak (nothing trained); 2 bad input; otherwise the failing
 # step's own exit code. After USR1 (or Ctrl-C) train.py writes last.pt and exits 4 (and requeues itself
@@ -227,8 +228,9 @@ export_thread_counts() {
 # --signal=B:USR1 reaches only this batch shell, and bash runs a trap only between commands, so training
 # runs in the background and the shell waits on it: `wait` returns early when a trapped signal arrives.
 CHILD_PID="" CHILD_IS_TORCHRUN=0 STOP_REQUESTED=0
+STOP_TIME=0
 on_usr1() {
-  STOP_REQUESTED=1
+  STOP_REQUESTED=1 STOP_TIME=$(date +%s)
   [[ -n $CHILD_PID ]] || { log "USR1 received while training was not running"; return 0; }
   log "USR1 received: asking training to checkpoint and requeue"
   # torchrun would treat USR1 as a failure and kill its workers, so signal the workers (its children) directly.
@@ -238,7 +240,7 @@ on_usr1() {
 # Under SLURM, scancel and the time limit already send TERM to every process of the job: forwarding it too
 # would be a second signal, which makes train.py exit without its checkpoint.
 on_int_or_term() {
-  STOP_REQUESTED=1
+  STOP_REQUESTED=1 STOP_TIME=$(date +%s)
   [[ -n $CHILD_PID ]] || exit $(( $1 == 2 ? 130 : 143 ))
   if [[ $1 == 2 || -z ${SLURM_JOB_ID:-} ]]; then kill -TERM "$CHILD_PID" 2>/dev/null || true; fi
 }
@@ -289,11 +291,18 @@ run_training() {
   run_forwarding_signals "${cmd[@]}"
 }
 
+last_checkpoint_since() {
+  local last=$RUNS/$RUN_ID/last.pt
+  [[ -f $last ]] && (( $(stat -c %Y "$last") >= $1 ))
+}
+
 run_evaluation() {
   local best=$RUNS/$RUN_ID/best.pt
   if [[ ! -f $best ]]; then warn "no $best; skipping evaluation"; return 0; fi
-  log "evaluate: $best"
-  "$PY" "$CODE_DIR/evaluate.py" --checkpoint "$best" --data-root "$DATA_ROOT"
+  local extra=()
+  read -ra extra <<<"${EVAL_ARGS:-}"
+  log "evaluate: $best ${extra[*]}"
+  "$PY" "$CODE_DIR/evaluate.py" --checkpoint "$best" --data-root "$DATA_ROOT" "${extra[@]}"
 }
 
 main() {
@@ -316,7 +325,12 @@ main() {
   (( STOP_REQUESTED == 0 )) || requeue_before_training
   local rc=0
   run_training || rc=$?
-  if (( STOP_REQUESTED )); then log "stopped by a signal: train.py exited $rc after its checkpoint; skipping evaluation"; return "$rc"; fi
+  if (( STOP_REQUESTED )); then
+    # torchrun turns any worker's non-zero exit, train.py's 4 included, into 1 (which here means "leak")
+    if (( CHILD_IS_TORCHRUN && rc != 0 )) && last_checkpoint_since "$STOP_TIME"; then rc=4; fi
+    log "stopped by a signal: training exited $rc; skipping evaluation (run the same command to resume)"
+    return "$rc"
+  fi
   (( rc == 0 )) || die "$rc" "train.py failed with exit code $rc"
   run_evaluation
   log "done: $RUNS/$RUN_ID"

@@ -19,7 +19,7 @@ from conftest import ROOT, TINY_TRAIN_FLAGS
 SCRIPT = ROOT / "run_h_pylori.sh"
 TRAIN_FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "1", "--limit-samples", "64"]
 CLEARED = ("HELICO_DATA", "PYTHON", "RUNS_DIR", "STAGE_DIR", "STAGE_RESERVE_MB", "STAGE_LOCK_TIMEOUT",
-           "SLURM_TMPDIR", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "SRUN_CPUS_PER_TASK")
+           "SLURM_TMPDIR", "CUDA_VISIBLE_DEVICES", "EVAL_ARGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "SRUN_CPUS_PER_TASK")
 
 
 @pytest.fixture
@@ -233,43 +233,59 @@ def test_audit_bad_input_exit_2_passes_through_and_nothing_trains(node, demo_roo
 
 
 def test_clean_run_trains_on_the_staged_copy_and_evaluates_best_checkpoint(node, demo_root):
-    r = node.copy_demo(demo_root).run("--run-id", "demo", *TRAIN_FLAGS)
+    # EVAL_ARGS reach evaluate.py: no Grad-CAM, no bootstrap (also keeps this test short)
+    r = node.copy_demo(demo_root).run("--run-id", "demo", *TRAIN_FLAGS, EVAL_ARGS="--gradcam 0 --bootstrap 0")
     assert r.returncode == 0, r.stderr[-3000:]
     run = node.runs / "demo"
     assert (run / "best.pt").is_file() and (run / "split.json").is_file()
-    assert any((run / "eval").iterdir()), "evaluate.py wrote nothing under the run folder's eval/"
+    assert (run / "eval" / "metrics.json").is_file() and (run / "eval" / "report.md").is_file()
+    assert not (run / "eval" / "gradcam").exists()
     staged = node.staged_dirs()
     assert len(staged) == 1 and marker_of(staged[0]).exists()
     config = json.loads((run / "config.json").read_text())
     assert Path(config["data_root"]).resolve() == staged[0].resolve()
 
 
-def test_usr1_is_forwarded_so_training_checkpoints_and_evaluation_is_skipped(node, demo_root):
-    node.copy_demo(demo_root)
-    job = subprocess.Popen(["bash", str(SCRIPT), "--run-id", "pre", *TRAIN_FLAGS, "--epochs", "200"],
-                           env=node.env(), cwd=node.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(node, *args, **extra) -> subprocess.Popen:
+    return subprocess.Popen(["bash", str(SCRIPT), *map(str, args)], env=node.env(**extra), cwd=node.tmp,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def signal_when_exists(job: subprocess.Popen, path: Path, timeout=180) -> str:
+    """Send USR1 to the launcher (what SLURM's --signal=B:USR1@120 does) once `path` exists; return its stderr."""
     try:
-        deadline = time.time() + 120
-        while not (node.runs / "pre" / "log.jsonl").exists() and job.poll() is None and time.time() < deadline:
-            time.sleep(0.2)  # wait until an epoch finished: training is running, not starting up
+        deadline = time.time() + timeout
+        while not path.exists() and job.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
         assert job.poll() is None, job.communicate()[1][-3000:]
-        job.send_signal(signal.SIGUSR1)  # what SLURM's --signal=B:USR1@120 sends to the batch shell
-        _, err = job.communicate(timeout=120)
+        job.send_signal(signal.SIGUSR1)
+        return job.communicate(timeout=180)[1]
     finally:
         if job.poll() is None:
             job.kill()
+
+
+def test_usr1_is_forwarded_so_training_checkpoints_and_evaluation_is_skipped(node, demo_root):
+    node.copy_demo(demo_root)
+    job = start(node, "--run-id", "pre", *TRAIN_FLAGS, "--epochs", "200")
+    # config.json is written after train.py installed its signal handlers
+    err = signal_when_exists(job, node.runs / "pre" / "config.json")
     assert job.returncode == 4, err[-3000:]  # train.py's "stopped after writing last.pt, resume me"
-    assert "USR1 received" in err and "skipping evaluation" in err
+    assert "USR1 received: asking training" in err and "stopped by signal" in err and "skipping evaluation" in err
     assert (node.runs / "pre" / "last.pt").is_file()
     assert not (node.runs / "pre" / "eval").exists()
 
 
-def test_two_listed_gpus_train_under_torchrun_with_one_process_each(node, demo_root):
+def test_two_listed_gpus_run_torchrun_and_usr1_reaches_its_workers(node, demo_root):
     # CUDA_VISIBLE_DEVICES only decides the process count here; --device cpu makes the 2 ranks use gloo.
-    r = node.copy_demo(demo_root).run("--run-id", "ddp", *TRAIN_FLAGS, "--no-macenko",
-                                      CUDA_VISIBLE_DEVICES="0,1", SLURM_CPUS_PER_TASK="2")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "torch.distributed.run --standalone --nproc_per_node 2" in r.stderr
-    assert "OMP_NUM_THREADS=1, SRUN_CPUS_PER_TASK=2" in r.stderr  # 2 CPUs shared by 2 processes
+    node.copy_demo(demo_root)
+    job = start(node, "--run-id", "ddp", *TRAIN_FLAGS, "--epochs", "200", "--no-macenko",
+                CUDA_VISIBLE_DEVICES="0,1", SLURM_CPUS_PER_TASK="2")
+    # an epoch's log line: both workers are past start-up, their handlers installed
+    err = signal_when_exists(job, node.runs / "ddp" / "log.jsonl")
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in err
+    assert "OMP_NUM_THREADS=1, SRUN_CPUS_PER_TASK=2" in err  # 2 CPUs shared by 2 processes
     assert json.loads((node.runs / "ddp" / "config.json").read_text())["world_size"] == 2
-    assert (node.runs / "ddp" / "best.pt").is_file()
+    assert job.returncode == 4, err[-3000:]
+    assert "stopped by signal" in err and "skipping evaluation" in err
+    assert (node.runs / "ddp" / "last.pt").is_file()
