@@ -249,7 +249,8 @@ def duplicate_rows(data: common.HelicoData) -> list[Finding]:
     lines = []
     for rows in dups:
         a, presences = rows[0], sorted({r.presence for r in rows})
-        conflict = f" (Presence {'/'.join(map(str, presences))}: the first row is used)" if len(presences) > 1 else ""
+        conflict = (f" (Presence {'/'.join(map(str, presences))}: conflicting, window excluded as uncertain)"
+                    if len(presences) > 1 else "")
         lines.append(f"{a.patient} window {a.window}{f'_Aug{a.aug}' if a.aug else ''} rows "
                      f"{'/'.join(str(r.row) for r in rows)}{conflict}")
     return found("warning", "duplicate_rows", dups, [rows[0].patient for rows in dups], f"{len(dups)} (patient, "

@@ -287,16 +287,19 @@ def _join_annotated(data: HelicoData, listing: dict[str, list[str]]) -> None:
         for name in names:
             key = (patient_id(folder), *parse_patch_name(name))
             files.setdefault(key, f"{TREES['annotated']}/{folder}/{name}")
-    used = set()
+    rows: dict[tuple, list[Annotation]] = {}
     for a in data.annotations:
-        key = (a.patient, a.window, a.aug)
-        if key in used:
-            data.duplicate_rows.append(a)
-            continue
+        rows.setdefault((a.patient, a.window, a.aug), []).append(a)
+    used = set()
+    for key, same in rows.items():
+        a = same[0]
+        data.duplicate_rows += same[1:]
         if key not in files:
             data.rows_without_file.append(a)
             continue
         used.add(key)
+        if any(r.presence != a.presence for r in same):  # the real B22-151 has -1 and 0 rows for one window
+            a = Annotation(**{**a.__dict__, "presence": 0})  # conflicting reviews: as uncertain as a 0
         if a.presence == 0:
             data.uncertain.append(a)
             continue

@@ -60,8 +60,11 @@ def file_digests(root: Path, rel_paths, cache: Path | None = None, workers: int 
                          desc="hashing", unit="file", disable=not progress or not todo, mininterval=1):
             out[p] = d
     if cache is not None and todo:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache, json.dumps({p: [stats[p].st_size, stats[p].st_mtime_ns, d] for p, d in out.items()}))
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache, json.dumps({p: [stats[p].st_size, stats[p].st_mtime_ns, d] for p, d in out.items()}))
+        except OSError as e:
+            raise DataError(f"--hash-cache {cache}: cannot write ({e.strerror}); pass a writable path") from None
     return out
 
 
@@ -71,7 +74,8 @@ def shared_content(data: HelicoData, cache: Path | None = None, progress: bool =
     by_digest: dict[str, list[str]] = {}
     for p, d in file_digests(data.root, paths, cache=cache, progress=progress).items():
         by_digest.setdefault(d, []).append(p)
-    return {d: sorted(ps) for d, ps in by_digest.items() if len({patient_id(Path(p).parent.name) for p in ps}) > 1}
+    return {d: sorted(ps) for d, ps in by_digest.items()
+            if len(ps) > 1 and len({patient_id(Path(p).parent.name) for p in ps}) > 1}
 
 
 def duplicate_groups(shared: dict[str, list[str]]) -> list[list[str]]:
@@ -123,7 +127,7 @@ def reference_patient(reference_patch: str | None) -> str | None:
 def make_split(data: HelicoData, seed: int = 0, val_frac: float = 0.2, folds: int | None = None,
                fold: int | None = None, keep_in_train=(), groups: list[list[str]] = ()) -> dict:
     """Deterministic patient-level split, stratified by diagnosis; duplicate-content groups move together."""
-    if folds is not None and (folds < 2 or fold is None or not 0 <= fold < folds):
+    if (folds, fold) != (None, None) and (folds is None or folds < 2 or fold is None or not 0 <= fold < folds):
         raise DataError(f"--folds {folds} --fold {fold}: need K >= 2 and 0 <= fold < K")
     if folds is None and not 0 < val_frac < 1:
         raise DataError(f"--val-frac {val_frac}: must be between 0 and 1")

@@ -190,6 +190,23 @@ def test_select_counts_each_window_once_unless_training(small_root):
     assert [s.aug for s in common.one_per_window(orphan)] == [1]
 
 
+def test_conflicting_rows_of_one_window_make_it_uncertain(tmp_path):
+    rows = [("B22-151", 0, 93, -1), ("B22-151", 0, 93, 0), ("B22-151", 0, 94, -1), ("B22-151", 0, 94, -1)]
+    root = make_root(tmp_path, rows, ["B22-151_0/00093.png", "B22-151_0/00094.png"], [], {"B22-151": "BAIXA"})
+    data = common.load_data(root)
+    assert [(a.window, a.presence) for a in data.uncertain] == [(93, 0)]       # -1 and 0 for one window: excluded
+    assert [(s.window, s.label) for s in data.labelled] == [(94, 0)]           # agreeing duplicates: kept once
+    assert [a.row for a in data.duplicate_rows] == [3, 5]
+
+
+def test_real_workbook_conflicts_are_the_four_b22_151_windows():
+    rows = common.read_annotations(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx")
+    keys = {}
+    for a in rows:
+        keys.setdefault((a.patient, a.window, a.aug), set()).add(a.presence)
+    assert sorted(k for k, v in keys.items() if len(v) > 1) == [("B22-151", w, None) for w in (93, 146, 147, 148)]
+
+
 def test_missing_layout_pieces_are_clear_errors(small_root):
     (small_root / "PatientDiagnosis.csv").unlink()
     with pytest.raises(common.DataError, match="missing PatientDiagnosis.csv"):

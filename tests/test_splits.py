@@ -72,6 +72,7 @@ def test_k_folds_partition_the_patients(data, groups):
 
 @pytest.mark.parametrize("kwargs,message", [({"folds": 5, "fold": 5}, "--folds 5 --fold 5"),
                                             ({"folds": 1, "fold": 0}, "--folds 1"),
+                                            ({"fold": 3}, "--folds None --fold 3"),
                                             ({"val_frac": 1.5}, "--val-frac 1.5")])
 def test_bad_split_flags_are_clear_errors(data, kwargs, message):
     with pytest.raises(common.DataError, match=message):
@@ -128,3 +129,9 @@ def test_files_with_a_unique_size_are_not_hashed(data, root):
     (root / data.cropped[0].path).write_bytes(b"x" * 12345)  # no other file has this size
     digests = splits.file_digests(root, [s.path for s in data.cropped], progress=False)
     assert data.cropped[0].path not in digests and len(digests) > 0
+
+
+def test_unwritable_hash_cache_is_a_clear_error(data, root, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(common.DataError, match="--hash-cache .*cannot write"):
+        splits.file_digests(root, [s.path for s in data.cropped], cache=tmp_path / "file" / "h.json", progress=False)
