@@ -475,7 +475,7 @@ def render_compare(table: dict) -> str:
     if not table["same_validation_patients"]:
         lines += ["", "**The checkpoints have different validation splits**: only the shared patients are compared, "
                       "and each model's stored threshold was chosen on its own split."]
-    verdict = {True: "within noise", False: "real change", None: "undefined"}
+    verdict = {True: "within noise", False: "beyond noise (CI excludes 0)", None: "undefined"}
     for i, model in enumerate(table["models"][1:], start=1):
         lines += ["", f"## {i}. `{model['checkpoint']}`", ""]
         lines += _table(["metric", "baseline", "this model", "delta [95% CI]", "verdict"],

@@ -105,10 +105,10 @@ def model_of(ckpt: dict, path, arch: str | None, device):
     if arch and ckpt["arch"] != arch:
         raise DataError(f"--checkpoint {path}: architecture {ckpt['arch']}, not --arch {arch}")
     model = common.build_model(ckpt["arch"], weights="none")
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     try:
+        state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
         model.load_state_dict(state)
-    except RuntimeError as e:  # torch's message: a header line, then one line per kind of mismatch
+    except (AttributeError, RuntimeError) as e:  # torch: a header line, then one line per kind of mismatch
         detail = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise DataError(f"--checkpoint {path}: weights do not fit a {ckpt['arch']} "
                         f"({detail[min(1, len(detail) - 1)][:160]})") from None
@@ -116,7 +116,10 @@ def model_of(ckpt: dict, path, arch: str | None, device):
     normalizer = None
     if ckpt["stain"] is not None:
         import macenko_gpu  # only runs trained with stain normalization need it
-        normalizer = macenko_gpu.MacenkoNormalizer.from_state_dict(ckpt["stain"]).to(device)
+        try:
+            normalizer = macenko_gpu.MacenkoNormalizer.from_state_dict(ckpt["stain"]).to(device)
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise DataError(f"--checkpoint {path}: unusable stain reference ({type(e).__name__}: {e})") from None
     return model, normalizer
 
 
@@ -128,7 +131,8 @@ def data_root_of(ckpt: dict, override: str | None, path) -> str:
 
 
 def validation_patients(ckpt: dict, data: common.HelicoData, path) -> list[str]:
-    val = sorted(ckpt["split"].get("val") or [])
+    split = ckpt["split"] if isinstance(ckpt["split"], dict) else {}
+    val = sorted(split.get("val") or [])
     if not val:
         raise DataError(f"--checkpoint {path}: its split has no validation patients")
     missing = sorted(set(val) - set(data.cv_patients))
