@@ -42,8 +42,9 @@ PREFETCH = 2  # batches each worker decodes ahead; a loader stage warms up throu
 STAGES = ("load_png", "load_cache", "normalize", "model_step", "loop")
 JITTER = (0.05, 0.05, 0.02, 0.01)  # the original pipeline's ColorJitter (train.py's default)
 DEFAULTS = {  # CPU: small enough for a minute on a laptop; CUDA: the issue's real settings
-    "cpu": {"image_size": 64, "batch_size": 16, "batches": 3, "warmup": 1, "limit_samples": 256},
-    "cuda": {"image_size": 224, "batch_size": 256, "batches": 30, "warmup": 5, "limit_samples": 8192},
+    "cpu": {"image_size": 64, "batch_size": 16, "batches": 3, "warmup": 1, "limit_samples": 256, "threads": 1},
+    "cuda": {"image_size": 224, "batch_size": 256, "batches": 30, "warmup": 5, "limit_samples": 8192,
+             "threads": None},
 }
 
 
@@ -66,8 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "256 CPU, 8192 CUDA; 0 = all). A temporary cache holds only these")
     p.add_argument("--cache", metavar="DIR", help="packed cache (patch_cache.py) to benchmark, built or reused "
                    "here for all patches; default: a temporary cache of the benchmark's patches")
-    p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads); default torch's own. On a "
-                   "busy shared machine 1 avoids OpenMP threads waiting on each other")
+    p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads). Default 1 on CPU (a quick, "
+                   "stable smoke run: on a busy machine OpenMP threads wait on each other), torch's own with CUDA")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset to time, e.g. "
                    "load_png,load_cache for loading alone at real sizes on a CPU-only machine")
     p.add_argument("--loop-source", choices=("cache", "png"), default="cache", help="loader of the loop stage")
@@ -90,7 +91,7 @@ def resolve(args) -> None:
         raise common.DataError("--device cuda: no CUDA device visible (check CUDA_VISIBLE_DEVICES, or use cpu)")
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, value)  # threads stays None with CUDA: torch's own default
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if args.workers is None:
         args.workers = max(1, cpus - (args.device == "cuda"))
@@ -370,7 +371,7 @@ def table(r: dict) -> str:
              f"{'on' if r['channels_last'] else 'off'}, torch {r['torch']}",
              f"{'stage':<11} {'img/s':>10} {'x ceiling':>10}  note"]
     for k in (k for k in STAGES if k in r["stages"]):
-        lines.append(f"{k:<11} {r['stages'][k]:>10.1f} {fmt(ratio(r['stages'][k], ceiling), '>10.2f')}  {notes[k]}")
+        lines.append(f"{k:<11} {r['stages'][k]:>10.1f} {fmt(ratio(r['stages'][k], ceiling), '.2f'):>10}  {notes[k]}")
     pc, loop = r["per_core"], r["loop_fraction_of_ceiling"]
     lines += [f"bound: {r['bound']}" + (f"; loop at {100 * loop:.0f}% of the model-only ceiling" if loop else ""),
               f"per core (one process, workers=0): PNG {fmt(pc.get('load_png'), '.0f')} img/s, packed "

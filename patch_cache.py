@@ -9,8 +9,7 @@ In code (what train.py / evaluate.py do with --cache DIR):
     ds = patch_cache.CachedPatchDataset(cache, samples, 256, root=root)            # PatchDataset's items
     if ds.normalized: skip Macenko (the pixels already are), and store ds.stain as the checkpoint's stain reference
 
-A separate file because the design card's common.py (already ~560 lines) cannot hold it within ~500 lines; it
-imports only common (and macenko_gpu for --normalized).
+A separate file because the design card's common.py (already ~560 lines) cannot hold it within ~500 lines.
 
 CACHE_DIR holds:
     patches.u8    uint8 (N, 3, H, W), C order, no header (np.memmap); row r is index row r
@@ -51,9 +50,8 @@ from common import DataError
 
 VERSION = 1
 CHUNK_ROWS = 64  # resume granularity: 64 rows of 256x256 = 12.6 MB per write
-PATCHES, INDEX, META, PROGRESS, LOCK = "patches.u8", "index.csv", "meta.json", "progress.bin", ".lock"
+PATCHES, INDEX, META, PROGRESS, BAD_ROWS = "patches.u8", "index.csv", "meta.json", "progress.bin", "bad_rows.txt"
 INDEX_COLUMNS = ("row", "path", "patient", "label", "source", "size", "mtime_ns")
-BAD_ROWS = "bad_rows.txt"
 
 
 # ----------------------------------------------------------------------------------------------- index
@@ -174,7 +172,7 @@ class CachedPatchDataset:
                             f"it was built from another data root or file set: rebuild it")
         mine = [by_path[s.path] for s in self.samples]
         if root is not None:
-            changed = [r["path"] for r in mine if _stat_key(Path(root) / r["path"]) != (r["size"], r["mtime_ns"])]
+            changed = [r["path"] for r in mine if _stat_key(Path(root) / r["path"]) != [r["size"], r["mtime_ns"]]]
             if changed:
                 raise DataError(f"--cache {self.cache_dir}: stale: {len(changed)} source file(s) changed since it "
                                 f"was built, e.g. {changed[0]}; rebuild it (ensure_cache does so automatically)")
@@ -223,12 +221,10 @@ class CachedPatchDataset:
                             f"{self.cache_dir} was built); pass --skip-bad-images to skip and list it")
 
 
-def _stat_key(path: Path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
+def _stat_key(path: Path) -> list | None:
+    with contextlib.suppress(OSError):
+        return [os.stat(path).st_size, os.stat(path).st_mtime_ns]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -238,7 +234,7 @@ def stain_reference(root: Path, reference: str, device):
     ref = Path(reference)
     ref = ref if ref.is_absolute() else root / ref
     if not ref.is_file():
-        raise DataError(f"--reference-patch {ref}: file not found (--normalized needs the stain reference tile)")
+        raise DataError(f"--reference-patch {ref}: file not found (Macenko needs a stain reference tile)")
     try:
         normalizer = macenko_gpu.MacenkoNormalizer().fit(macenko_gpu.load_rgb(ref))
     except ValueError as e:
@@ -269,13 +265,18 @@ def rebuild_reason(cache_dir: Path, old: dict | None, want: dict, rows: list[dic
     for key in SAME_BUILD:
         if old.get(key) != want[key]:
             return f"{key} differs (cache {old.get(key)!r}, wanted {want[key]!r})"
-    if want["normalized"] and [old["stain"][k] for k in ("reference", "sha256")] != \
-            [want["stain"][k] for k in ("reference", "sha256")]:
-        return f"built with another stain reference ({old['stain']['reference']})"
+    if want["normalized"] and _stain_key(old["stain"]) != _stain_key(want["stain"]):
+        return f"built with another stain reference or normalizer settings ({old['stain']['reference']})"
     if old.get("complete"):
         bad = problems(cache_dir, old)
         return f"verification failed: {bad[0]}" if bad else None
     return None if _resumable(cache_dir, old) else "interrupted build cannot be resumed (files missing or resized)"
+
+
+def _stain_key(stain: dict) -> list:
+    """Reference file and normalizer settings; not the fitted tensors, whose last bits differ across devices."""
+    fitted = ("stain_matrix", "max_concentrations")
+    return [stain["reference"], stain["sha256"], {k: v for k, v in stain["state"].items() if k not in fitted}]
 
 
 def _changes(cache_dir: Path, rows: list[dict]) -> str:
@@ -356,7 +357,8 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
         raise DataError(f"--data-root {root}: no patches to cache")
     normalizer = stain = None
     if normalized:
-        device = device or ("cuda" if _cuda() else "cpu")
+        import torch
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         normalizer, stain = stain_reference(root, reference or common.DEFAULT_REFERENCE, device)
     want = wanted_meta(rows, image_size, stain, root)
     t0 = time.perf_counter()
@@ -434,17 +436,9 @@ def _finish(cache_dir: Path, want: dict) -> None:
 @contextlib.contextmanager
 def _locked(cache_dir: Path):
     import fcntl
-    with open(cache_dir / LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # a second builder waits here, then finds the cache complete
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
+    with open(cache_dir / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # a second builder waits here, then finds the cache complete; close unlocks
+        yield
 
 
 # ----------------------------------------------------------------------------------------------- entry points
