@@ -227,8 +227,7 @@ export_thread_counts() {
 
 # --signal=B:USR1 reaches only this batch shell, and bash runs a trap only between commands, so training
 # runs in the background and the shell waits on it: `wait` returns early when a trapped signal arrives.
-CHILD_PID="" CHILD_IS_TORCHRUN=0 STOP_REQUESTED=0
-STOP_TIME=0
+CHILD_PID="" CHILD_IS_TORCHRUN=0 STOP_REQUESTED=0 STOP_TIME=0
 on_usr1() {
   STOP_REQUESTED=1 STOP_TIME=$(date +%s)
   [[ -n $CHILD_PID ]] || { log "USR1 received while training was not running"; return 0; }
@@ -270,7 +269,8 @@ run_forwarding_signals() {
 run_audit() {
   log "audit: checking the split for patients shared between train and validation"
   local rc=0
-  "$PY" "$CODE_DIR/audit_leakage.py" --data-root "$DATA_ROOT" "${AUDIT_ARGS[@]}" || rc=$?
+  # ${a[@]+"${a[@]}"}: an empty array is an "unbound variable" under set -u in bash < 4.4 (still on clusters)
+  "$PY" "$CODE_DIR/audit_leakage.py" --data-root "$DATA_ROOT" ${AUDIT_ARGS[@]+"${AUDIT_ARGS[@]}"} || rc=$?
   case $rc in
     0) ;;
     1) die 1 "audit_leakage.py found a patient leak in this split (report above); not training. Fix the split." ;;
@@ -301,8 +301,8 @@ run_evaluation() {
   if [[ ! -f $best ]]; then warn "no $best; skipping evaluation"; return 0; fi
   local extra=()
   read -ra extra <<<"${EVAL_ARGS:-}"
-  log "evaluate: $best ${extra[*]}"
-  "$PY" "$CODE_DIR/evaluate.py" --checkpoint "$best" --data-root "$DATA_ROOT" "${extra[@]}"
+  log "evaluate: $best ${EVAL_ARGS:-}"
+  "$PY" "$CODE_DIR/evaluate.py" --checkpoint "$best" --data-root "$DATA_ROOT" ${extra[@]+"${extra[@]}"}
 }
 
 main() {
