@@ -17,7 +17,8 @@ What this demo exercises (each is a trap of the real dataset):
   shift). Window_ID mixes int and str. Cropped window numbers never reuse an Annotated one of the same patient.
 - Cropped and HoldOut patches of infected patients carry bacteria at a diagnosis rate (ALTA 30%, BAIXA 8%, at
   least one per patient; NEGATIVA 0%), so a patient diagnosis from patch scores is meaningful.
-- B22-47: CrossValidation/Annotated/B22-47_0/01653.png, the stain reference patch (tissue-rich hard negative).
+- B22-47: CrossValidation/Annotated/B22-47_0/01653.png, the stain reference patch (tissue-rich, with DAB rods:
+  Macenko needs both stains in its reference; annotated Presence 1).
 - B22-111: one patient in two sections, B22-111_0 + B22-111_1 (both trees); _1 Cropped is RGBA; one _1 row says
   Section_ID 0. B22-10's only folders are B22-10_1 but its rows say Section_ID 0: join on patient + window.
 - Prefix traps: B22-11 vs B22-111, B22-10 vs B22-100 (parse IDs, never startswith); IDs 1-9 padded (B22-03).
@@ -307,12 +308,13 @@ def write_annotated(root: Path, p: Patient, rng, stain: Stain, size: int, tally:
     for k, n in enumerate(hard):
         folder, d = place()
         ref = n == STAIN_REFERENCE_WINDOW
-        img = render(rng, stain, size, scale, tissue_bias=2.5 if ref else None,
+        # Macenko must see both stains in its reference, so the reference window is a tissue-rich positive
+        img = render(rng, stain, size, scale, tissue_bias=0.8 if ref else None, n_rods=6 if ref else 0,
                      with_artefact=not ref and rng.random() < 0.15)
         width = int(round(OFF_SIZE_WIDTH * scale)) if ("off_size" in p.traps and k == 0) else size
         save_png(d / f"{n:05d}.png", img[:, :width], "RGBA" if not ref and rng.random() < 0.03 else "RGB")
-        row(rows, n, folder, -1, width=width)
-        tally["hard negatives"] += 1
+        row(rows, n, folder, 1 if ref else -1, width=width)
+        tally["positive windows" if ref else "hard negatives"] += 1
     for n in unsure:
         folder, d = place()
         save_png(d / f"{n:05d}.png", render(rng, stain, size, scale, n_rods=1, faint=True))

@@ -261,6 +261,12 @@ def test_stain_reference_patch_exists_and_is_tissue_rich(demo_root):
     assert (od > 0.35).mean() > 0.8   # background sums to ~0.2
 
 
+def test_stain_reference_patch_fits_a_two_stain_macenko_reference(demo_root):
+    import macenko_gpu
+    ref = macenko_gpu.load_rgb(demo_root / "CrossValidation/Annotated/B22-47_0/01653.png")
+    assert macenko_gpu.MacenkoNormalizer().fit(ref).fitted  # raises on a reference without both stains
+
+
 def test_every_positive_window_and_aug_copy_shows_brown_rods(rows, annotated_files):
     positives = [annotated_files[row_key(r)] for r in rows if r[7] == 1]
     assert len(positives) > 100 and all(brown_pixels(f) >= 10 for f in positives)
