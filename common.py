@@ -431,7 +431,9 @@ def load_checkpoint(path, required=CHECKPOINT_KEYS) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, ...
-        raise DataError(f"--checkpoint {path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+        why = next((ln for ln in lines if "Unsupported global" in ln), lines[0])  # torch's weights_only verdict
+        raise DataError(f"--checkpoint {path}: unreadable ({type(e).__name__}: {why[:200]})") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise DataError(f"--checkpoint {path}: not a train.py checkpoint (missing {', '.join(missing)})")

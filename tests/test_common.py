@@ -311,3 +311,18 @@ def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     common.atomic_write_text(target, "whole")
     assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_load_checkpoint_errors_are_one_line_and_name_the_file(tmp_path):
+    with pytest.raises(common.DataError, match="missing.pt: file not found"):
+        common.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(common.DataError, match=r"junk.pt: unreadable \(UnpicklingError") as e:
+        common.load_checkpoint(tmp_path / "junk.pt")
+    assert "\n" not in str(e.value)
+    torch.save({"version": torch.__version__}, tmp_path / "foreign.pt")  # a TorchVersion object, not plain data
+    with pytest.raises(common.DataError, match="Unsupported global"):
+        common.load_checkpoint(tmp_path / "foreign.pt")
+    torch.save({"model": {}}, tmp_path / "partial.pt")
+    with pytest.raises(common.DataError, match="not a train.py checkpoint .missing arch, config, split, threshold"):
+        common.load_checkpoint(tmp_path / "partial.pt")
