@@ -100,8 +100,9 @@ pick_python() {
 # Prints "FILES BYTES CHECKSUM" for the regular files under $1.
 tree_fingerprint() {
   local listing counts
-  listing=$(cd "$1" && find . -type f -printf '%P\t%s\t%T@\n' | awk -F'\t' '{sub(/\..*/, "", $3); print $1 "\t" $2 "\t" $3}' \
-            | LC_ALL=C sort) || return 1
+  # mtime in whole seconds: rsync -a and cp -a keep it, but not every filesystem keeps nanoseconds
+  listing=$(cd "$1" && find . -type f -printf '%P\t%s\t%T@\n' \
+            | awk -F'\t' '{ sub(/\..*/, "", $3); print $1 "\t" $2 "\t" $3 }' | LC_ALL=C sort) || return 1
   counts=$(printf '%s' "$listing" | awk -F'\t' 'NF { n++; b += $2 } END { printf "%d %.0f", n, b }')
   printf '%s %s\n' "$counts" "$(printf '%s' "$listing" | cksum | cut -d' ' -f1)"
 }
@@ -175,7 +176,9 @@ stage_under_lock() {
     enough_space "$files" "$bytes" "$dst" || return 1
     copy_tree "$src" "$dst" || { warn "copy to $dst failed"; return 1; }
     got=$(tree_fingerprint "$dst") || return 1
-    if [[ $got != "$src_fp" ]]; then warn "staged copy does not match the source (files bytes checksum: $got vs $src_fp)"; return 1; fi
+    if [[ $got != "$src_fp" ]]; then
+      warn "staged copy does not match the source (files bytes checksum: $got vs $src_fp)"; return 1
+    fi
     { printf '%s\n' "$src_fp" >"$marker.tmp" && mv -f "$marker.tmp" "$marker"; } || return 1
     log "staging: verified $dst ($files files, $bytes bytes), marker written"
   else
@@ -287,7 +290,8 @@ run_training() {
     cmd=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$ngpu" "${cmd[@]:1}")
     CHILD_IS_TORCHRUN=1
   fi
-  log "train: ${cmd[*]}  (GPUs: $ngpu, OMP_NUM_THREADS=$OMP_NUM_THREADS, SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-unset})"
+  log "train: ${cmd[*]}"
+  log "train: GPUs: $ngpu, OMP_NUM_THREADS=$OMP_NUM_THREADS, SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-unset}"
   run_forwarding_signals "${cmd[@]}"
 }
 

@@ -18,13 +18,14 @@ from conftest import ROOT, TINY_TRAIN_FLAGS
 
 SCRIPT = ROOT / "run_h_pylori.sh"
 TRAIN_FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "1", "--limit-samples", "64"]
-CLEARED = ("HELICO_DATA", "PYTHON", "RUNS_DIR", "STAGE_DIR", "STAGE_RESERVE_MB", "STAGE_LOCK_TIMEOUT",
-           "SLURM_TMPDIR", "CUDA_VISIBLE_DEVICES", "EVAL_ARGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "SRUN_CPUS_PER_TASK")
+# the caller's settings must not leak into the script under test (SLURM_* are dropped too)
+CLEARED = ("HELICO_DATA", "PYTHON", "RUNS_DIR", "STAGE_DIR", "STAGE_RESERVE_MB", "STAGE_LOCK_TIMEOUT", "EVAL_ARGS",
+           "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "SRUN_CPUS_PER_TASK")
 
 
 @pytest.fixture
 def node(tmp_path):
-    """A shared dataset copy, a node-local disk, a runs folder, and a function that launches the script."""
+    """A shared dataset folder (empty until copy_demo), a node-local disk, a runs folder; run()/stage() launch."""
     shared = tmp_path / "shared" / "HelicoDataSet"
     return Node(tmp_path, shared)
 
@@ -84,7 +85,7 @@ def path_without_rsync(tmp_path: Path) -> str:
 
 def require_rsync():
     # Not a skip: the rsync path is the one clusters use, so a machine without rsync must fail loudly here.
-    assert shutil.which("rsync"), "rsync is not installed (apt-get install -y rsync); the rsync staging path is untested"
+    assert shutil.which("rsync"), "rsync is not installed (apt-get install -y rsync): the rsync path is untested"
 
 
 # ----------------------------------------------------------------------------------------------- staging
