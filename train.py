@@ -201,11 +201,17 @@ def stratified_subset(samples, n, seed):
     return [samples[k] for k in sorted(keep)]
 
 
+def ignore_stop_signals(worker_id):
+    """SLURM signals every process of the job: a worker killed by it would crash the main process mid-step."""
+    for s in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def loader(dataset, sampler, args, drop_last=False):
     w = args.workers
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=w, pin_memory=args.pin_memory,
-        drop_last=drop_last, persistent_workers=args.persistent_workers and w > 0,
+        drop_last=drop_last, persistent_workers=args.persistent_workers and w > 0, worker_init_fn=ignore_stop_signals,
         prefetch_factor=args.prefetch_factor if w > 0 else None,
         generator=torch.Generator().manual_seed(args.seed))  # its own RNG: the global one stays resumable
 
@@ -224,18 +230,16 @@ def best_f1_threshold(y, scores) -> tuple[float, str]:
 
 
 def plot_curves(records, path):
-    from matplotlib.figure import Figure  # no pyplot: no global backend, works headless
-    fig = Figure(figsize=(10, 4))
-    loss_ax, auc_ax = fig.subplots(1, 2)
-    epochs = [r["epoch"] for r in records]
-    loss_ax.plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
-    loss_ax.plot(epochs, [r["val_loss"] for r in records], "o-", label="validation")
-    loss_ax.set(xlabel="epoch", ylabel="BCE loss (positive-weighted)", title="loss")
-    auc_ax.plot(epochs, [r["pr_auc"] for r in records], "o-", label="PR-AUC")
-    auc_ax.plot(epochs, [r["roc_auc"] for r in records], "o-", label="ROC-AUC")
-    auc_ax.axhline(records[-1]["dummy_pr_auc"], ls="--", c="grey", label="PR-AUC of a dummy (prevalence)")
-    auc_ax.set(xlabel="epoch", ylim=(0, 1.02), title="validation")
-    for ax in (loss_ax, auc_ax):
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
+    fig, epochs = Figure(figsize=(10, 4)), [r["epoch"] for r in records]
+    for ax, title, keys in zip(fig.subplots(1, 2), ("loss (BCE, positive-weighted)", "validation"),
+                               (("train_loss", "val_loss"), ("pr_auc", "roc_auc"))):
+        for key in keys:
+            ax.plot(epochs, [r[key] for r in records], "o-", label=key)
+        ax.set(xlabel="epoch", title=title)
+    ax.axhline(records[-1]["dummy_pr_auc"], ls="--", c="grey", label="dummy PR-AUC (prevalence)")
+    ax.set_ylim(0, 1.02)
+    for ax in fig.axes:
         ax.legend()
     fig.tight_layout()
     with common.atomic_path(path) as tmp:
@@ -325,17 +329,17 @@ def fit_normalizer(args, root: Path):
 
 
 def environment(device) -> dict:
+    import torchvision
+
     def git(*cmd):
         try:
-            r = subprocess.run(["git", *cmd], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=20)
-            return r.stdout.strip() if r.returncode == 0 else None
+            return subprocess.run(["git", *cmd], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                  timeout=20, check=True).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
-    import torchvision
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
-            "python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "numpy": np.__version__, "cuda": torch.version.cuda, "hostname": platform.node(),
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "-uno")),
+            "python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
+            "torchvision": str(torchvision.__version__), "cuda": torch.version.cuda, "hostname": platform.node(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
