@@ -151,6 +151,20 @@ def test_loader_flags_may_change_on_resume(demo_root, tmp_path, straight_run):
     assert (tmp_path / "straight" / "log.jsonl").read_text() == log  # already complete: nothing retrained
 
 
+def test_macenko_amp_channels_last_run_stores_the_fitted_stain_reference(demo_root, tmp_path):
+    import macenko_gpu
+    from PIL import Image
+    reference = tmp_path / "reference.png"  # absolute --reference-patch: a two-stain tile of our own
+    Image.fromarray(macenko_gpu.synthetic_ihc_tiles(1, 128)[0].permute(1, 2, 0).numpy()).save(reference)
+    assert run_train(demo_root, tmp_path, "stain", "--macenko", "--reference-patch", str(reference), "--amp",
+                     "--channels-last", epochs=1) == 0
+    ckpt = load(tmp_path / "stain" / "best.pt")
+    assert ckpt["config"]["macenko"] and ckpt["config"]["amp"] and ckpt["config"]["channels_last"]
+    fitted = macenko_gpu.MacenkoNormalizer().fit(macenko_gpu.load_rgb(reference)).state_dict()
+    torch.testing.assert_close(ckpt["stain"]["stain_matrix"], fitted["stain_matrix"])
+    assert macenko_gpu.MacenkoNormalizer.from_state_dict(ckpt["stain"]).fitted
+
+
 # ----------------------------------------------------------------------------------------------- fault guards
 def test_nan_loss_exits_3_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch,
                                                                                     capsys):
@@ -172,25 +186,28 @@ def test_nan_loss_exits_3_naming_epoch_and_step_and_keeps_the_last_good_checkpoi
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def start_training(demo_root, runs, run_id, epochs=50):
+def start_training(demo_root, runs, run_id, *extra):
+    """train.py as its own process group with a DataLoader worker, as SLURM sees a job."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir",
-                             str(runs), "--run-id", run_id, *FAST, "--epochs", str(epochs)], env=env,
+                             str(runs), "--run-id", run_id, *FAST, *extra], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(path: Path, proc, timeout=120):
+def wait_until(condition, proc, what, timeout=120):
     deadline = time.time() + timeout
-    while not path.exists():
+    while not condition():
         assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, f"{path} never appeared"
+        assert time.time() < deadline, f"{what} never happened"
         time.sleep(0.2)
 
 
-def test_sigusr1_finishes_the_step_writes_last_pt_and_exits_4(demo_root, tmp_path):
-    proc = start_training(demo_root, tmp_path, "preempted")
-    wait_for(tmp_path / "preempted" / "config.json", proc)  # written just before the first step
-    proc.send_signal(signal.SIGUSR1)
+def test_sigterm_to_the_whole_job_finishes_the_step_writes_last_pt_and_exits_4(demo_root, tmp_path):
+    proc = start_training(demo_root, tmp_path, "preempted", "--epochs", "50", "--workers", "1")
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    wait_until(lambda: children.read_text().strip(), proc, "the DataLoader worker's start")  # at the first step
+    time.sleep(2)  # past its worker_init_fn
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM preempts: every process, the DataLoader worker too
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == train.EXIT_PREEMPTED, err
     assert "stopped by signal" in err and "not under SLURM" in err
