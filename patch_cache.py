@@ -160,7 +160,8 @@ class CachedPatchDataset:
         meta = read_meta(self.cache_dir)
         bad = problems(self.cache_dir, meta)
         if bad:
-            raise DataError(f"--cache {self.cache_dir}: {bad[0]}; rebuild it with patch_cache.py")
+            raise DataError(f"--cache {self.cache_dir}: {bad[0]}; run patch_cache.py --out on it "
+                            f"(an interrupted build resumes)")
         if meta["image_size"] != image_size:
             raise DataError(f"--cache {self.cache_dir}: holds {meta['image_size']}px patches, not {image_size}px; "
                             f"use a cache built with --image-size {image_size}")
@@ -390,7 +391,8 @@ def _fill(cache_dir, root, rows, size, workers, normalizer, progress, on_chunk) 
     done = os.pread(pfd, n_chunks, 0)
     todo = [c for c in range(n_chunks) if not done[c]]
     bar = tqdm(total=len(rows), initial=len(rows) - sum(span(c)[1] - span(c)[0] for c in todo),
-               desc=f"caching {size}px", unit="patch", disable=not progress, mininterval=1, smoothing=0.05)
+               desc=f"caching {size}px", unit="patch", disable=not progress, smoothing=0.05,
+               mininterval=1 if sys.stderr.isatty() else 30)  # a SLURM log gets a line every 30 s, not every second
     built = 0
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool, open(cache_dir / BAD_ROWS, "a") as bad_file:
