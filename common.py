@@ -541,6 +541,9 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give them the permissions open() would
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -1,5 +1,6 @@
 """common.py: names, metadata readers, data-root join, samples, dataset, model, metrics."""
 import csv
+import os
 import shutil
 import warnings
 
@@ -311,6 +312,12 @@ def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     common.atomic_write_text(target, "whole")
     assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
+    umask = os.umask(0o022)
+    try:
+        common.atomic_write_text(target, "shared")
+    finally:
+        os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o644  # readable by colleagues, as open() would make it
 
 
 def test_load_checkpoint_errors_are_one_line_and_name_the_file(tmp_path):
