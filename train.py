@@ -45,21 +45,18 @@ import torch.nn.functional as F
 
 import common
 import splits
+from train_input import EpochSampler, model_input, stratified_subset  # bench.py times train.model_input
 
 EXIT_NAN, EXIT_PREEMPTED = 3, 4
 DEFAULT_JITTER = "0.05,0.05,0.02,0.01"  # the original pipeline's ColorJitter(brightness, contrast, saturation, hue)
-GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights, so jitter matches its adjust_* functions
 # Flags that may change between a run and its resumption without changing what is trained.
 RESUME_IGNORES = {"run_id", "runs_dir", "data_root", "hash_cache", "device", "workers", "pin_memory", "force",
                   "persistent_workers", "prefetch_factor", "amp", "channels_last", "environment"}
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter, parents=[splits.split_args_parser()])
+    formatter = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=formatter, parents=[splits.split_args_parser()])
     g = p.add_argument_group("run")
     g.add_argument("--run-id", help="run folder name under --runs-dir; re-use it to resume. Default: $SLURM_JOB_ID "
                    "(a requeued job keeps its ID, so it resumes itself), else the start time YYYYmmdd-HHMMSS")
@@ -110,97 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ----------------------------------------------------------------------------------------------- augmentation
-def grey(x):
-    return (x * x.new_tensor(GREY).view(1, 3, 1, 1)).sum(1, keepdim=True)
-
-
-def jitter_factors(n: int, jitter, gen, device):
-    """(n, 4) per-sample brightness, contrast, saturation factors ~ U[1-j, 1+j] and hue shift ~ U[-h, h]."""
-    u = torch.rand(n, 4, generator=gen, device=device) * 2 - 1
-    return u * torch.tensor(jitter, device=device) + torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
-
-
-def shift_hue(x, turns):
-    """Rotate each image's HSV hue by turns (B,); saturation and value stay, as in torchvision's adjust_hue."""
-    r, g, b = x.unbind(1)
-    v, c = x.amax(1), x.amax(1) - x.amin(1)
-    safe = torch.where(c > 0, c, torch.ones_like(c))
-    h = torch.where(v == r, (g - b) / safe, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4))
-    h = (h / 6 + turns.view(-1, 1, 1)) % 1
-    k = (x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6  # HSV->RGB without branches
-    return v.unsqueeze(1) - c.unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
-
-
-def color_jitter(x, factors):
-    """torchvision's adjust_brightness, _contrast, _saturation, _hue in that order, each sample its own factors."""
-    b, c, s = (factors[:, k].view(-1, 1, 1, 1) for k in range(3))
-    x = (x * b).clamp(0, 1)
-    x = (c * x + (1 - c) * grey(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
-    x = (s * x + (1 - s) * grey(x)).clamp(0, 1)
-    return shift_hue(x, factors[:, 3])
-
-
-def random_symmetry(x, gen):
-    """Each image independently gets one of the 8 symmetries of the square (transpose, flip, flip): bacteria and
-    tissue have no preferred orientation, so this is free data."""
-    bits = torch.rand(x.shape[0], 3, 1, 1, 1, generator=gen, device=x.device) < 0.5
-    x = torch.where(bits[:, 0], x.transpose(-1, -2), x)
-    x = torch.where(bits[:, 1], x.flip(-1), x)
-    return torch.where(bits[:, 2], x.flip(-2), x)
-
-
-def model_input(images, normalizer=None, jitter=None, gen=None, channels_last=False):
-    """uint8 batch on the device -> normalized float input; with a generator (training) also jitter + symmetry."""
-    x = common.to_unit(images, normalizer)
-    if gen is not None:
-        factors = jitter_factors(x.shape[0], jitter, gen, x.device)  # drawn even when 0: same draws either way
-        x = random_symmetry(color_jitter(x, factors) if any(jitter) else x, gen)
-    x = common.imagenet_normalize(x)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-# ----------------------------------------------------------------------------------------------- data
-class EpochSampler(torch.utils.data.Sampler):
-    """DistributedSampler's contract (equal padded share per rank, set_epoch) with the order drawn from (seed, epoch)
-    alone, so a resumed run sees the same order; `skip` resumes mid-epoch, `balanced` draws classes equally."""
-
-    def __init__(self, labels, balanced: bool, seed: int, rank: int = 0, world: int = 1):
-        self.labels, self.balanced, self.seed = torch.as_tensor(labels), balanced, seed
-        self.rank, self.world = rank, world
-        self.per_rank = math.ceil(len(labels) / world)
-        self.epoch = self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0):
-        self.epoch, self.skip = epoch, skip
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        n, total = len(self.labels), self.per_rank * self.world
-        if self.balanced:
-            weights = 1.0 / torch.bincount(self.labels, minlength=2).float()[self.labels]
-            order = torch.multinomial(weights, total, replacement=True, generator=g)
-        else:
-            order = torch.randperm(n, generator=g).repeat(math.ceil(total / n))[:total]  # pad like DistributedSampler
-        return iter(order[self.rank::self.world][self.skip:].tolist())
-
-    def __len__(self):
-        return max(0, self.per_rank - self.skip)
-
-
-def stratified_subset(samples, n, seed):
-    """n samples keeping the class ratio (at least one per class), the same ones for a given seed."""
-    if n is None or n >= len(samples):
-        return samples
-    by_label: dict[int, list[int]] = {}
-    for k, s in enumerate(samples):
-        by_label.setdefault(s.label, []).append(k)
-    rng, keep = random.Random(seed), []
-    for label, ks in sorted(by_label.items()):
-        keep += rng.sample(ks, min(len(ks), max(1, round(n * len(ks) / len(samples)))))
-    return [samples[k] for k in sorted(keep)]
-
-
+# ----------------------------------------------------------------------------------------------- data and metrics
 def ignore_stop_signals(worker_id):
     """SLURM signals every process of the job: a worker killed by it would crash the main process mid-step."""
     for s in (signal.SIGUSR1, signal.SIGTERM):
@@ -216,7 +123,6 @@ def loader(dataset, sampler, args, drop_last=False):
         generator=torch.Generator().manual_seed(args.seed))  # its own RNG: the global one stays resumable
 
 
-# ----------------------------------------------------------------------------------------------- metrics
 def best_f1_threshold(y, scores) -> tuple[float, str]:
     """The score threshold (predict positive when score >= it) with the highest F1 on these labels."""
     y, s = np.asarray(y), np.asarray(scores, dtype=np.float64)
@@ -298,8 +204,8 @@ def resolve_args(args, device, local_world: int) -> None:
     args.jitter = jitter
     for flag, value, low in (("epochs", args.epochs, 1), ("batch-size", args.batch_size, 2), ("image-size",
                              args.image_size, 32), ("prefetch-factor", args.prefetch_factor, 1),
-                             ("limit-samples", args.limit_samples or 2, 2), ("workers", args.workers or 0, 0)):
-        if value < low:
+                             ("limit-samples", args.limit_samples, 2), ("workers", args.workers, 0)):
+        if value is not None and value < low:
             raise common.DataError(f"--{flag} {value}: must be at least {low}")
     if not args.lr > 0 or args.weight_decay < 0:
         raise common.DataError(f"--lr {args.lr} / --weight-decay {args.weight_decay}: need lr > 0, weight decay >= 0")
@@ -560,9 +466,10 @@ class Trainer:
             nan_step, stopped = self.train_epoch()
             if nan_step:
                 last = self.run_dir / "last.pt"
-                print(f"error: loss is NaN/inf at epoch {self.epoch + 1} step {nan_step}; stopped without saving, "
-                      f"last good checkpoint: {last if last.is_file() else 'none'} (try a lower --lr or --no-amp)",
-                      file=sys.stderr)
+                if self.rank == 0:
+                    print(f"error: loss is NaN/inf at epoch {self.epoch + 1} step {nan_step}; stopped without saving, "
+                          f"last good checkpoint: {last if last.is_file() else 'none'} (try a lower --lr or --no-amp)",
+                          file=sys.stderr)
                 return EXIT_NAN
             if stopped:
                 self.save("last.pt")
@@ -626,7 +533,7 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
         dist.broadcast_object_list(box, src=0)
         plan, error = box[0]
     if error:
-        raise common.DataError(error)
+        raise common.DataError(error if rank == 0 else "")  # said once, by rank 0
     args.run_id = plan["run_id"]
     return Trainer(args, data, plan, normalizer, device, rank, world).fit()
 
@@ -642,7 +549,8 @@ def main(argv=None) -> int:
             dist.barrier()  # torchrun stops every rank when one exits: let rank 0 finish writing first
         return code
     except common.DataError as e:  # from a DataLoader worker it arrives wrapped in a traceback: keep the last line
-        print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ', 1)[-1]}", file=sys.stderr)
+        if str(e):
+            print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ', 1)[-1]}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
     finally:
         for s, handler in previous.items():
