@@ -3,7 +3,7 @@
 Usage:
     python train.py --data-root HelicoDataSet --run-id 26                        # one GPU (or CPU)
     torchrun --nproc_per_node 4 train.py --data-root HelicoDataSet --run-id 26   # DDP, one process per GPU
-    python train.py --data-root demo_data --run-id demo --device cpu --weights none --image-size 96 --epochs 6
+    python train.py --data-root demo_data --run-id demo --device cpu --weights none --image-size 64 --epochs 6 --lr 1e-3
 
 Re-running the same --run-id resumes from runs/<run-id>/last.pt, mid-epoch included (what makes SLURM requeue
 safe); a run folder whose config.json holds different flags refuses to resume unless --force.
@@ -54,9 +54,13 @@ RESUME_IGNORES = {"run_id", "runs_dir", "data_root", "hash_cache", "device", "wo
                   "persistent_workers", "prefetch_factor", "amp", "channels_last", "environment"}
 
 
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):  # "(default: None)" says nothing: those helps describe their automatic value
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    formatter = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=formatter, parents=[splits.split_args_parser()])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter, parents=[splits.split_args_parser()])
     g = p.add_argument_group("run")
     g.add_argument("--run-id", help="run folder name under --runs-dir; re-use it to resume. Default: $SLURM_JOB_ID "
                    "(a requeued job keeps its ID, so it resumes itself), else the start time YYYYmmdd-HHMMSS")
@@ -336,15 +340,16 @@ class Trainer:
         self.raw.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved without fp16 (CPU, bf16, --no-amp)
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.progress, self.best = ckpt["epoch"], ckpt["progress"], ckpt["best_score"]
         self.threshold, self.rule, self.val_metrics = ckpt["threshold"], ckpt["threshold_rule"], ckpt["val_metrics"]
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
         random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-        if len(rng["augment"]) == self.world:
-            self.gen.set_state(rng["augment"][self.rank])
+        if len(rng["augment"]) == self.world and rng["augment"][0].shape == self.gen.get_state().shape:
+            self.gen.set_state(rng["augment"][self.rank])  # unless the world size or device type changed
         log = self.run_dir / "log.jsonl"
         if log.is_file():  # lines of epochs after the checkpoint would be repeated: drop them
             self.records = [r for r in map(json.loads, log.read_text().splitlines()) if r["epoch"] <= self.epoch]
