@@ -21,7 +21,8 @@ def test_each_sample_gets_its_own_jitter_whatever_its_batch_mates():
     a, b, c = torch.rand(3, 1, 3, 24, 24, generator=torch.Generator().manual_seed(1))
     jitter = [0.3, 0.3, 0.3, 0.2]
     draws = lambda n, seed=5: train_input.jitter_factors(n, jitter, torch.Generator().manual_seed(seed), "cpu")
-    first, second = train_input.color_jitter(torch.cat([a, b]), draws(2)), train_input.color_jitter(torch.cat([a, c]), draws(2))
+    first = train_input.color_jitter(torch.cat([a, b]), draws(2))
+    second = train_input.color_jitter(torch.cat([a, c]), draws(2))
     torch.testing.assert_close(first[0], second[0])  # contrast uses each image's own mean, not the batch's
     same = train_input.color_jitter(a.repeat(8, 1, 1, 1), draws(8))
     assert len({tuple(img.flatten()[:5].tolist()) for img in same}) == 8  # 8 copies, 8 different results
