@@ -14,7 +14,7 @@ META = ROOT.parent / "shared" / "helico-metadata"
 
 # The tiny run every evaluation test shares: small images and few epochs so it trains in well under a minute.
 TINY_TRAIN_FLAGS = ["--device", "cpu", "--epochs", "2", "--image-size", "64", "--batch-size", "32", "--weights", "none",
-                    "--workers", "0", "--seed", "0", "--limit-samples", "64", "--no-macenko"]
+                    "--workers", "0", "--seed", "0", "--limit-samples", "64"]
 
 
 @pytest.fixture(scope="session")
