@@ -415,10 +415,16 @@ def to_unit(images, normalizer=None):
     return normalizer.normalize(images) if normalizer is not None else images.float().div_(255)
 
 
+_CONSTANTS: dict = {}
+
+
 def imagenet_normalize(x):
     import torch
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    key = (x.device, x.dtype)
+    if key not in _CONSTANTS:  # made once per device: a fresh host->GPU copy every step would stall the stream
+        _CONSTANTS[key] = tuple(torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+                                for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _CONSTANTS[key]
     return (x - mean) / std
 
 
