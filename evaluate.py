@@ -27,6 +27,10 @@ metrics.json, predictions.csv, patients.csv, figures/*.png, learning_curves.png 
 gradcam/*.png + heatmaps.npz. --compare writes compare.md and compare.json (default <first run>/compare/).
 Report rendering, figures and Grad-CAM live in eval_report.py to keep both files under ~500 lines.
 
+--cache DIR reads patches from a packed cache (patch_cache.py) instead of PNGs (Grad-CAM still decodes its few). A
+plain cache gets the checkpoint's Macenko applied (same pixels, same scores); one train.py --cache-normalized wrote
+is used as it is, only if normalized to the checkpoint's own stain reference (refused otherwise, never rebuilt).
+
 Exit codes: 0 ok; 2 bad input (missing/unreadable/foreign checkpoint, wrong --arch, data root lacking a patient
 of the split, empty split, unreadable image without --skip-bad-images).
 """
@@ -80,6 +84,9 @@ def get_args_parser():
                    "of memory")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes decoding "
                    "PNGs; decoding is the bottleneck, use most CPU cores of the node (0 = in the main process)")
+    p.add_argument("--cache", metavar="DIR", help="packed uint8 cache of decoded patches (built on first use, reused "
+                   "after; see patch_cache.py): later epochs and evaluations never decode a PNG. Put it on node-local "
+                   "disk")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA (bf16 where supported, as in "
                    "training; slower, scores then match a float32 run)")
@@ -172,11 +179,29 @@ def evaluation_rows(data: common.HelicoData, val: list[str], holdout: list[str] 
     return [tuple(r) for r in rows.values()]
 
 
-def score_samples(model, normalizer, root, samples, image_size: int, device, args) -> tuple[np.ndarray, list[int]]:
+def cached_patches(cache, root, samples, image_size: int, normalizer, args):
+    """The samples read from the packed cache, and the normalizer still to apply to them: none when the cache holds
+    patches already normalized to the checkpoint's own stain reference (refused when to another one)."""
+    import patch_cache
+    ds = patch_cache.CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=args.skip_bad_images)
+    if not ds.normalized:
+        return ds, normalizer
+    if not patch_cache.same_stain(ds.stain, normalizer.state_dict() if normalizer else None):
+        raise DataError(f"--cache {cache}: holds patches Macenko-normalized to {ds.reference}, but the checkpoint was "
+                        f"trained {'with another stain reference' if normalizer else 'without Macenko'}; give "
+                        f"--cache a folder of plain patches")
+    return ds, None
+
+
+def score_samples(model, normalizer, root, samples, image_size: int, device, args,
+                  cache=None) -> tuple[np.ndarray, list[int]]:
     """Sigmoid scores (NaN for skipped undecodable files) and the indices skipped; batched, AMP on CUDA."""
     import torch
     from tqdm import tqdm
-    ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=args.skip_bad_images)
+    if cache is None:
+        ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=args.skip_bad_images)
+    else:
+        ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, args)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
     scores, bad = np.full(len(samples), np.nan), []
@@ -197,8 +222,11 @@ def score_samples(model, normalizer, root, samples, image_size: int, device, arg
 
 
 def predict(model, normalizer, ckpt, data, rows, device, args) -> tuple[Predictions, list[str]]:
-    samples = [r[0] for r in rows]
-    scores, bad = score_samples(model, normalizer, data.root, samples, int(ckpt["image_size"]), device, args)
+    samples, size, cache = [r[0] for r in rows], int(ckpt["image_size"]), None
+    if args.cache:
+        import patch_cache  # only with --cache
+        cache = patch_cache.prepare(args.cache, data, size, max(1, args.workers), device=device)
+    scores, bad = score_samples(model, normalizer, data.root, samples, size, device, args, cache)
     keep = np.isfinite(scores)
     pick = lambda k: np.array([r[k] for r in rows])[keep]
     pred = Predictions([s for s, k in zip(samples, keep) if k], pick(1), pick(2).astype(bool),
@@ -429,7 +457,7 @@ def run_evaluation(args, device) -> int:
                        "stain": "macenko" if normalizer else None,
                        "patch_threshold": threshold, "threshold_rule": ckpt.get("threshold_rule"),
                        "training_val_metrics": ckpt.get("val_metrics"), "val_patients": val,
-                       "holdout_patients": holdout, "skipped_images": bad, "device": str(device),
+                       "holdout_patients": holdout, "skipped_images": bad, "device": str(device), "cache": args.cache,
                        "amp": device.type == "cuda" and not args.no_amp,
                        "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient"}}
     with eval_report.replaced_folder(out) as tmp:

@@ -453,6 +453,48 @@ def ensure_cache(data_root, cache_dir, image_size: int = 256, workers: int = 4, 
     return Path(cache_dir)
 
 
+def prepare(cache_dir, data, image_size: int, workers: int, normalized: bool | None = None,
+            reference: str | None = None, device=None) -> Path:
+    """ensure_cache for train.py / evaluate.py `--cache DIR`, with one-line errors naming --cache.
+
+    It refreshes a cache whose PNGs changed, but never turns a finished cache into another kind (size,
+    normalization, stain reference): a job on this node may be reading it, and a rebuild truncates patches.u8
+    under it. normalized=None (evaluate.py) takes the kind a finished cache in DIR already has."""
+    where = Path(cache_dir)
+    if where.exists() and not where.is_dir():
+        raise DataError(f"--cache {where}: not a directory (give a folder for the packed patch cache)")
+    meta = read_meta(where) or {}
+    done = meta.get("complete") is True and meta.get("version") == VERSION
+    if normalized is None:  # an interrupted build of either kind resumes as that kind
+        normalized = bool(meta.get("normalized")) and meta.get("version") == VERSION
+        reference = meta["stain"]["reference"] if normalized else None
+    kind = lambda size, norm, ref: f"{size}px " + (f"patches Macenko-normalized to {ref}" if norm else "plain patches")
+    have = kind(meta.get("image_size"), meta.get("normalized"), (meta.get("stain") or {}).get("reference"))
+    if done and have != kind(image_size, normalized, reference):
+        raise DataError(f"--cache {where}: holds {have}, but this run needs {kind(image_size, normalized, reference)}; "
+                        f"give another folder (or delete this one to rebuild it)")
+    try:
+        return ensure_cache(data.root, where, image_size, workers, normalized, reference, device, data=data)
+    except OSError as e:
+        raise DataError(f"--cache {where}: {e.strerror or e}") from None
+
+
+def same_stain(a: dict | None, b: dict | None) -> bool:
+    """Whether two MacenkoNormalizer states normalize alike: equal settings, and reference stain vectors and maxima
+    equal up to float noise (a reference fitted on another device differs in the last bits)."""
+    import torch
+    if a is None or b is None or set(a) != set(b):
+        return a is None and b is None
+    for k in a:
+        if torch.is_tensor(a[k]) or torch.is_tensor(b[k]):
+            x, y = (torch.as_tensor(v, dtype=torch.float64) for v in (a[k], b[k]))
+            if x.shape != y.shape or not torch.allclose(x, y, rtol=1e-4, atol=1e-6):
+                return False
+        elif a[k] != b[k]:
+            return False
+    return True
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Rerunning the same command resumes an interrupted build and only checks a "

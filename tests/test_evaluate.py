@@ -344,3 +344,106 @@ def test_compare_needs_two_checkpoints(tiny_run, capsys):
     assert evaluate.main(["--compare", str(tiny_run / "best.pt"), *FAST]) == common.EXIT_BAD_INPUT
     assert "at least two" in capsys.readouterr().err
 
+
+
+# ----------------------------------------------------------------------------------------------- --cache
+@pytest.fixture(scope="module")
+def cached_evaluation(tiny_run, tmp_path_factory):
+    """The evaluation fixture's run again, scored from a packed cache that this first --cache run builds."""
+    where = tmp_path_factory.mktemp("cached")
+    args = ["--checkpoint", str(tiny_run / "best.pt"), "--holdout", "--gradcam", "0", "--bootstrap", "0", *FAST]
+    assert evaluate.main([*args, "--out", str(where / "eval"), "--cache", str(where / "cache")]) == 0
+    return {"args": args, "where": where, "cache": where / "cache",
+            "predictions": read_csv(where / "eval" / "predictions.csv")}
+
+
+def scores_by_path(rows) -> dict[str, float]:
+    return {r["path"]: float(r["score"]) for r in rows}
+
+
+def test_cache_gives_the_same_scores_as_decoding_pngs(evaluation, cached_evaluation):
+    png, cached = scores_by_path(evaluation["predictions"]), scores_by_path(cached_evaluation["predictions"])
+    assert cached.keys() == png.keys()
+    assert max(abs(cached[p] - png[p]) for p in png) <= 1e-6
+    meta = json.loads((cached_evaluation["cache"] / "meta.json").read_text())
+    assert meta["complete"] is True and meta["normalized"] is False  # plain: the checkpoint's stain is applied
+    every_patch = {s.path for s in common.load_data(evaluation["metrics"]["meta"]["data_root"]).all_samples()}
+    assert meta["count"] == len(every_patch) > len(png)  # the whole dataset, once: training reuses the same cache
+
+
+def test_a_second_cached_evaluation_decodes_no_png(cached_evaluation, monkeypatch, tmp_path):
+    def no_png(self, i):
+        raise AssertionError(f"decoded {self.samples[i].path}")
+    monkeypatch.setattr(common.PatchDataset, "__getitem__", no_png)
+    out = tmp_path / "eval"
+    argv = [*cached_evaluation["args"], "--out", str(out), "--cache", str(cached_evaluation["cache"])]
+    assert evaluate.main(argv) == 0
+    assert scores_by_path(read_csv(out / "predictions.csv")) == scores_by_path(cached_evaluation["predictions"])
+    assert json.loads((out / "metrics.json").read_text())["meta"]["cache"] == str(cached_evaluation["cache"])
+
+
+def fitted_stain(reference):
+    import macenko_gpu
+    image = reference if torch.is_tensor(reference) else macenko_gpu.load_rgb(reference)
+    return macenko_gpu.MacenkoNormalizer().fit(image).state_dict()
+
+
+@pytest.fixture(scope="module")
+def normalized_cache(demo_root, tiny_ckpt, tmp_path_factory):
+    """A cache normalized to the demo's default stain reference, as train.py --cache-normalized writes it."""
+    import patch_cache
+    out = tmp_path_factory.mktemp("normalized") / "cache"
+    patch_cache.build_cache(common.load_data(demo_root), out, int(tiny_ckpt["image_size"]), workers=2,
+                            normalized=True, reference=common.DEFAULT_REFERENCE, device="cpu", progress=False)
+    return out
+
+
+def test_cache_normalized_to_the_checkpoints_stain_is_used_without_normalizing_again(
+        normalized_cache, tiny_ckpt, demo_root, monkeypatch):
+    import argparse
+    import macenko_gpu
+    ckpt = {**tiny_ckpt, "stain": fitted_stain(demo_root / common.DEFAULT_REFERENCE)}
+    model, normalizer = evaluate.model_of(ckpt, "best.pt", None, torch.device("cpu"))
+    samples, size = common.load_data(demo_root).labelled[:8], int(ckpt["image_size"])
+    flags = argparse.Namespace(skip_bad_images=False, batch_size=4, workers=0, no_amp=True)
+    png, _ = evaluate.score_samples(model, normalizer, demo_root, samples, size, torch.device("cpu"), flags)
+
+    def normalized_twice(self, images):
+        raise AssertionError("the cache's patches were normalized again")
+    monkeypatch.setattr(macenko_gpu.MacenkoNormalizer, "normalize", normalized_twice)
+    cached, bad = evaluate.score_samples(model, normalizer, demo_root, samples, size, torch.device("cpu"), flags,
+                                         cache=normalized_cache)
+    assert bad == [] and np.allclose(cached, png, atol=1e-6)
+
+
+@pytest.mark.parametrize("stain", ["another reference", "none"])
+def test_cache_normalized_to_another_stain_is_refused_in_one_line(stain, normalized_cache, tiny_ckpt, tmp_path,
+                                                                  capsys):
+    import macenko_gpu
+    other = fitted_stain(macenko_gpu.synthetic_ihc_tiles(1, 256, seed=3)[0]) if stain != "none" else None
+    torch.save({**tiny_ckpt, "stain": other}, tmp_path / "best.pt")
+    meta_before = (normalized_cache / "meta.json").read_text()
+    argv = ["--checkpoint", str(tmp_path / "best.pt"), "--cache", str(normalized_cache), *FAST]
+    assert evaluate.main(argv) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --cache {normalized_cache}: holds patches Macenko-normalized")
+    assert ("another stain reference" if other else "without Macenko") in err[0]
+    assert (normalized_cache / "meta.json").read_text() == meta_before  # never rebuilt
+    assert not (tmp_path / "eval").exists()
+
+
+def test_cache_of_another_image_size_is_refused_not_rebuilt(cached_evaluation, tiny_ckpt, tmp_path, capsys):
+    torch.save({**tiny_ckpt, "image_size": 2 * int(tiny_ckpt["image_size"])}, tmp_path / "best.pt")
+    argv = ["--checkpoint", str(tmp_path / "best.pt"), "--cache", str(cached_evaluation["cache"]), *FAST]
+    assert evaluate.main(argv) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds 64px plain patches, but this run needs 128px plain patches" in err[0], err
+
+
+def test_a_file_as_cache_is_exit_2_one_line(tiny_run, tmp_path, capsys):
+    (tmp_path / "cache").write_text("not a folder")
+    argv = ["--checkpoint", str(tiny_run / "best.pt"), "--out", str(tmp_path / "eval"), "--cache",
+            str(tmp_path / "cache"), *FAST]
+    assert evaluate.main(argv) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --cache {tmp_path / 'cache'}: not a directory (give a folder for the packed patch cache)"]
