@@ -12,7 +12,7 @@ Run folder runs/<run-id>/: config.json (resolved flags, git commit, versions, de
 log.jsonl (one JSON line per epoch), best.pt (highest validation PR-AUC), last.pt, learning_curves.png.
 Checkpoints are plain dicts of tensors and Python values: torch.load(path, weights_only=True) reads them.
 
-Pipeline: DataLoader workers only decode PNGs to uint8; on the device, batched: Macenko (macenko_gpu.py) ->
+Pipeline: DataLoader workers only decode PNGs (or read --cache) to uint8; on the device, batched: Macenko ->
 colour jitter with independent random factors per sample -> one of the 8 symmetries of the square per sample ->
 ImageNet normalization -> model under autocast (bf16 where supported, else fp16 with a GradScaler; off on CPU
 unless --amp). The operating threshold is the one that maximises F1 on the validation patients.
@@ -45,13 +45,16 @@ import torch.nn.functional as F
 
 import common
 import splits
-from train_input import EpochSampler, model_input, stratified_subset  # bench.py times train.model_input
+from train_input import (EpochSampler, fit_normalizer, make_dataset, model_input,  # bench.py times train.model_input
+                         prepare_cache, stratified_subset)
 
 EXIT_NAN, EXIT_PREEMPTED = 3, 4
 DEFAULT_JITTER = "0.05,0.05,0.02,0.01"  # the original pipeline's ColorJitter(brightness, contrast, saturation, hue)
-# Flags that may change between a run and its resumption without changing what is trained.
+# Flags that may change between a run and its resumption without changing what is trained (--cache and
+# --cache-normalized give the same pixels: Macenko's output is 8-bit levels, stored without loss).
 RESUME_IGNORES = {"run_id", "runs_dir", "data_root", "hash_cache", "device", "workers", "pin_memory", "force",
-                  "persistent_workers", "prefetch_factor", "amp", "channels_last", "environment"}
+                  "persistent_workers", "prefetch_factor", "amp", "channels_last", "environment", "cache",
+                  "cache_normalized"}
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -106,6 +109,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=True,
                    help="keep workers alive between epochs instead of re-forking them")
     g.add_argument("--prefetch-factor", type=int, default=4, help="batches each worker decodes ahead")
+    g.add_argument("--cache", metavar="DIR", help="packed uint8 cache of decoded patches (built on first use, reused "
+                   "after; see patch_cache.py): later epochs and evaluations never decode a PNG. Put it on node-local "
+                   "disk")
+    g.add_argument("--cache-normalized", action="store_true", help="store patches already Macenko-normalized so "
+                   "training never normalizes twice (needs --cache and --macenko; the stain still goes in checkpoints)")
     g.add_argument("--skip-bad-images", action="store_true", help="leave undecodable PNGs out of the loss and the "
                    "metrics (they are named on stderr) instead of stopping at the first")
     return p
@@ -211,6 +219,8 @@ def resolve_args(args, device, local_world: int) -> None:
                              ("limit-samples", args.limit_samples, 2), ("workers", args.workers, 0)):
         if value is not None and value < low:
             raise common.DataError(f"--{flag} {value}: must be at least {low}")
+    if args.cache_normalized and not (args.cache and args.macenko):
+        raise common.DataError("--cache-normalized: needs --cache DIR and --macenko (it stores Macenko's output)")
     if not args.lr > 0 or args.weight_decay < 0:
         raise common.DataError(f"--lr {args.lr} / --weight-decay {args.weight_decay}: need lr > 0, weight decay >= 0")
     if args.pos_weight != "auto" and not number(args.pos_weight) > 0:
@@ -222,20 +232,6 @@ def resolve_args(args, device, local_world: int) -> None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         args.workers = max(0, cpus // local_world - 1)
     args.data_root = str(Path(args.data_root).absolute())
-
-
-def fit_normalizer(args, root: Path):
-    """The Macenko normalizer of --reference-patch (relative to the data root unless absolute)."""
-    import macenko_gpu  # only with --macenko
-    ref = Path(args.reference_patch)
-    ref = ref if ref.is_absolute() else root / ref
-    if not ref.is_file():
-        raise common.DataError(f"--reference-patch {ref}: file not found (--macenko needs a stain reference tile; "
-                               f"pass one under the data root or use --no-macenko)")
-    try:
-        return macenko_gpu.MacenkoNormalizer().fit(macenko_gpu.load_rgb(ref))
-    except ValueError as e:
-        raise common.DataError(f"--reference-patch {ref}: {e}") from None
 
 
 def environment(device) -> dict:
@@ -306,13 +302,14 @@ class Trainer:
         train, val, self.config = samples_and_config(args, data, self.split, world, device)
         self.counts = (len(train), sum(s.label for s in train), len(val), sum(s.label for s in val))
         self.sampler = EpochSampler([s.label for s in train], args.sampler == "balanced", args.seed, rank, world)
-        train_ds, val_ds = (common.PatchDataset(data.root, part, args.image_size, args.skip_bad_images)
-                            for part in (train, val))
+        train_ds, val_ds = (make_dataset(args, data, part) for part in (train, val))
         self.train_loader = loader(train_ds, self.sampler, args, drop_last=self.sampler.per_rank >= args.batch_size)
         shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
         self.val_loader = loader(torch.utils.data.Subset(val_ds, shard), None, args)
         self.val_paths = [s.path for s in val]
         self.normalizer = normalizer.to(device) if normalizer is not None else None
+        # --cache-normalized: the cached patches already are; checkpoints still carry the reference for evaluate.py
+        self.stain = train_ds.stain if args.cache_normalized else normalizer.state_dict() if normalizer else None
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         ckpt = common.load_checkpoint(self.run_dir / "last.pt") if plan["resume"] else None
         self.raw = common.build_model(args.arch, "none" if ckpt else args.weights).to(device)
@@ -365,7 +362,7 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "augment": states, "python": [py_rng[0], list(py_rng[1]), py_rng[2]],
                "numpy": [np_rng[0], torch.from_numpy(np_rng[1].astype(np.int64)), *np_rng[2:]]}
         ckpt = {"model": self.raw.state_dict(), "arch": self.args.arch, "config": self.config, "split": self.split,
-                "stain": self.normalizer.state_dict() if self.normalizer is not None else None,
+                "stain": self.stain,
                 "threshold": self.threshold, "threshold_rule": self.rule, "image_size": self.args.image_size,
                 "epoch": self.epoch, "progress": dict(self.progress), "best_score": self.best,
                 "val_metrics": self.val_metrics, "optimizer": self.opt.state_dict(),
@@ -520,7 +517,7 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     device = resolve_device(args.device, local_rank)
     resolve_args(args, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     data = common.load_data(args.data_root)
-    normalizer = fit_normalizer(args, data.root) if args.macenko else None
+    normalizer = fit_normalizer(args, data.root) if args.macenko and not args.cache_normalized else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -540,6 +537,7 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     if error:
         raise common.DataError(error if rank == 0 else "")  # said once, by rank 0
     args.run_id = plan["run_id"]
+    prepare_cache(args, data, device)  # after the resume check: a refused run builds nothing
     return Trainer(args, data, plan, normalizer, device, rank, world).fit()
 
 

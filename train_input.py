@@ -1,5 +1,6 @@
 """What the model sees in training and in which order: batched per-sample augmentation on the device, the resumable
-epoch sampler and the stratified subset of --limit-samples. Split out of train.py to keep it under ~500 lines.
+epoch sampler, the stratified subset of --limit-samples, the patch datasets (PNGs or the packed --cache) and the stain
+reference. Split out of train.py to keep it under ~500 lines.
 
     import train_input
     x = train_input.model_input(uint8_batch, normalizer, jitter=[0.05, 0.05, 0.02, 0.01], gen=generator)  # training
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from pathlib import Path
 
 import torch
 
@@ -119,3 +121,37 @@ def stratified_subset(samples, n, seed):
     for label, ks in sorted(by_label.items()):
         keep += rng.sample(ks, min(len(ks), max(1, round(n * len(ks) / len(samples)))))
     return [samples[k] for k in sorted(keep)]
+
+
+# ----------------------------------------------------------------------------------------------- pixels
+def fit_normalizer(args, root: Path):
+    """The Macenko normalizer of --reference-patch (relative to the data root unless absolute)."""
+    import macenko_gpu  # only with --macenko
+    ref = Path(args.reference_patch)
+    ref = ref if ref.is_absolute() else root / ref
+    if not ref.is_file():
+        raise common.DataError(f"--reference-patch {ref}: file not found (--macenko needs a stain reference tile; "
+                               f"pass one under the data root or use --no-macenko)")
+    try:
+        return macenko_gpu.MacenkoNormalizer().fit(macenko_gpu.load_rgb(ref))
+    except ValueError as e:
+        raise common.DataError(f"--reference-patch {ref}: {e}") from None
+
+
+def prepare_cache(args, data, device) -> None:
+    """--cache: build, resume or reuse the packed cache, once, before any DataLoader worker forks (else a no-op).
+    With --cache-normalized it holds Macenko's output for --reference-patch; a finished cache of another kind
+    (size, normalization, reference) is refused rather than rebuilt under a job that may be reading it."""
+    if args.cache:
+        import patch_cache  # only with --cache
+        patch_cache.prepare(args.cache, data, args.image_size, max(1, args.workers), args.cache_normalized,
+                            args.reference_patch, device)
+
+
+def make_dataset(args, data, samples):
+    """(uint8 image, label, index) items: decoded PNGs, or with --cache the same bytes from the packed cache."""
+    if not args.cache:
+        return common.PatchDataset(data.root, samples, args.image_size, args.skip_bad_images)
+    import patch_cache
+    return patch_cache.CachedPatchDataset(args.cache, samples, args.image_size, root=data.root,
+                                          skip_bad=args.skip_bad_images)

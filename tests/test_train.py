@@ -14,6 +14,7 @@ import torch
 
 import common
 import train
+from conftest import TINY_TRAIN_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough that a run is a few seconds on 2 cores: 48 training samples (3 steps), 32 px, no Macenko.
@@ -262,6 +263,7 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     (["--jitter", "0.05,0.05,0.02,0.9"], "--jitter"),
     (["--pos-weight", "-3"], "--pos-weight"),
     (["--device", "tpu"], "--device"),
+    (["--cache-normalized"], "--cache-normalized"),
 ])
 def test_bad_input_exits_2_with_a_one_line_error_naming_it(demo_root, tmp_path, capsys, flags, named):
     argv = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-id", "bad", *FAST, *flags]
@@ -277,6 +279,91 @@ def test_a_leaky_split_file_is_refused(demo_root, tmp_path, capsys):
     assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--split", str(split), *FAST]) == 2
     err = capsys.readouterr().err
     assert "B22-01 is in both" in err and "\n" not in err.strip()
+
+
+# ----------------------------------------------------------------------------------------------- --cache
+# The session's tiny-run flags (64 px, Macenko on) for one epoch of 32 samples: the pixels a cache must reproduce.
+CACHE_RUN = [*TINY_TRAIN_FLAGS, "--epochs", "1", "--limit-samples", "32"]
+
+
+def run_cached(demo_root, runs, run_id, *extra):
+    return train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-id", run_id, *CACHE_RUN, *extra])
+
+
+@pytest.fixture(scope="module")
+def png_run(demo_root, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("png")
+    assert run_cached(demo_root, runs, "png") == 0
+    return runs / "png"
+
+
+@pytest.fixture(scope="module")
+def normalized_cache(demo_root, tmp_path_factory):
+    """What --cache-normalized builds for the default stain reference (built here, so tests can time the reuse)."""
+    import patch_cache
+    out = tmp_path_factory.mktemp("normalized") / "cache"
+    patch_cache.build_cache(common.load_data(demo_root), out, 64, workers=2, normalized=True,
+                            reference=common.DEFAULT_REFERENCE, device="cpu", progress=False)
+    return out
+
+
+def test_cache_trains_bitwise_identical_weights_to_decoding_pngs(demo_root, tmp_path, png_run):
+    assert run_cached(demo_root, tmp_path, "cached", "--cache", str(tmp_path / "cache")) == 0
+    cached, png = load(tmp_path / "cached" / "last.pt"), load(png_run / "last.pt")
+    assert same_weights(cached["model"], png["model"])  # same decode, same bytes, same batches
+    assert cached["threshold"] == png["threshold"]
+    assert json.loads((tmp_path / "cache" / "meta.json").read_text())["complete"] is True
+    assert json.loads((tmp_path / "cached" / "config.json").read_text())["cache"] == str(tmp_path / "cache")
+
+
+def test_cache_normalized_skips_on_device_macenko_and_keeps_the_stain_reference(demo_root, tmp_path, png_run,
+                                                                                normalized_cache, monkeypatch):
+    import macenko_gpu
+
+    def normalized_twice(self, images):
+        raise AssertionError("Macenko ran on patches the cache had already normalized")
+    monkeypatch.setattr(macenko_gpu.MacenkoNormalizer, "normalize", normalized_twice)
+    assert run_cached(demo_root, tmp_path, "n", "--cache", str(normalized_cache), "--cache-normalized") == 0
+    ckpt, png = load(tmp_path / "n" / "last.pt"), load(png_run / "last.pt")
+    assert ckpt["config"]["cache_normalized"] is True and ckpt["config"]["macenko"] is True
+    for key, value in png["stain"].items():  # evaluate.py needs it to normalize PNGs (or to check a cache)
+        assert torch.equal(ckpt["stain"][key], value) if torch.is_tensor(value) else ckpt["stain"][key] == value
+    # Macenko's output is 8-bit levels (torchstain's truncation), so storing it loses nothing: same weights
+    assert same_weights(ckpt["model"], png["model"])
+
+
+def test_cache_of_the_other_kind_is_refused_in_one_line_not_rebuilt(demo_root, tmp_path, normalized_cache, capsys):
+    meta = (normalized_cache / "meta.json").read_text()
+    assert run_cached(demo_root, tmp_path, "plain", "--cache", str(normalized_cache)) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: --cache {normalized_cache}: holds 64px patches Macenko-")
+    assert "but this run needs 64px plain patches" in err
+    assert (normalized_cache / "meta.json").read_text() == meta and not (tmp_path / "plain").exists()
+
+
+def test_cache_normalized_to_another_reference_is_refused(demo_root, tmp_path, normalized_cache, capsys):
+    other = "CrossValidation/Annotated/B22-111_0/" + sorted(
+        p.name for p in (demo_root / "CrossValidation/Annotated/B22-111_0").glob("*.png"))[0]
+    argv = ["--cache", str(normalized_cache), "--cache-normalized", "--reference-patch", other]
+    assert run_cached(demo_root, tmp_path, "other", *argv) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"needs 64px patches Macenko-normalized to {other}" in err
+
+
+def test_a_file_as_cache_is_exit_2_one_line(demo_root, tmp_path, capsys):
+    (tmp_path / "cache").write_text("not a folder")
+    assert run_train(demo_root, tmp_path, "bad", "--cache", str(tmp_path / "cache")) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --cache {tmp_path / 'cache'}: not a directory (give a folder for the packed patch cache)"
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cache_flags_may_change_on_resume(demo_root, tmp_path, png_run, normalized_cache):
+    # a requeued job may land on a node without room for the cache: same pixels either way, so no --force
+    shutil.copytree(png_run, tmp_path / "png")
+    log = (tmp_path / "png" / "log.jsonl").read_text()
+    assert run_cached(demo_root, tmp_path, "png", "--cache", str(normalized_cache), "--cache-normalized") == 0
+    assert (tmp_path / "png" / "log.jsonl").read_text() == log  # already complete: nothing retrained
 
 
 # ----------------------------------------------------------------------------------------------- threshold
