@@ -351,7 +351,10 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
 
     on_chunk(chunk, built, todo) runs after each chunk is recorded (tests interrupt a build by raising in it)."""
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {cache_dir}: cannot create the cache folder ({e.strerror})") from None
     root = Path(data.root)
     rows = index_rows(root, unique_samples(data.all_samples() if samples is None else samples))
     if not rows:

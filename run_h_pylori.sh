@@ -33,6 +33,12 @@
 #   STAGE_RESERVE_MB   free space to leave on the node disk after staging (default 1024)
 #   STAGE_LOCK_TIMEOUT seconds to wait for another job's copy on this node before giving up (default 7200)
 #   EVAL_ARGS          extra evaluate.py flags, split on spaces (e.g. "--holdout --bootstrap 2000")
+#   CACHE              on (default) or off. on: after the audit, build or reuse the packed patch cache (patch_cache.py,
+#                      ~0.2 MB per 256px patch, ~43 GB for the full dataset) beside the staged copy, as
+#                      <staged copy>-cache<image size>[-macenko-<reference checksum> with --cache-normalized], and pass
+#                      --cache to train.py and evaluate.py, so no epoch decodes a PNG. Only for a staged copy: a cache
+#                      belongs on node-local disk, never beside HELICO_DATA. Without a staged copy, or when the build
+#                      fails (no room), training decodes PNGs, with a warning. An explicit --cache DIR wins.
 #
 # Exit codes: 0 ok; 1 the audit found a patient leak (nothing trained); 2 bad input; otherwise the failing
 # step's own exit code. After USR1 (or Ctrl-C) train.py writes last.pt and exits 4 (and requeues itself
@@ -50,6 +56,7 @@ usage() { awk 'NR == 1 || /^#SBATCH/ { next } /^#/ { sub(/^# ?/, ""); print; nex
 # Split flags are copied to the audit; --data-root and --runs-dir are taken out because this script decides
 # them (the staged copy; RUNS_DIR); everything else passes through to train.py untouched, in order.
 TRAIN_ARGS=() AUDIT_ARGS=() RUN_ID="" ARG_DATA_ROOT="" ARG_RUNS_DIR="" STAGE_ONLY=0
+ARG_CACHE="" IMAGE_SIZE=256 REFERENCE="" CACHE_NORMALIZED=0  # 256: train.py's default --image-size
 parse_args() {
   local arg name value
   while (( $# )); do
@@ -57,10 +64,12 @@ parse_args() {
     case $arg in
       -h|--help) usage; exit 0 ;;
       --stage-only) STAGE_ONLY=1; shift; continue ;;
+      --cache-normalized) CACHE_NORMALIZED=1; shift; continue ;;  # given to train.py only with a cache
     esac
     name=${arg%%=*}
     case $name in
-      --data-root|--runs-dir|--run-id|--split|--split-seed|--val-frac|--folds|--fold|--reference-patch|--hash-cache)
+      --data-root|--runs-dir|--run-id|--split|--split-seed|--val-frac|--folds|--fold|--reference-patch|--hash-cache\
+      |--cache|--image-size)
         if [[ $arg == *=* ]]; then value=${arg#*=}; shift
         else
           (( $# >= 2 )) || die 2 "flag $name needs a value"
@@ -70,6 +79,9 @@ parse_args() {
           --data-root) ARG_DATA_ROOT=$value ;;
           --runs-dir) ARG_RUNS_DIR=$value ;;
           --run-id) RUN_ID=$value; TRAIN_ARGS+=(--run-id "$value") ;;
+          --cache) ARG_CACHE=$value ;;
+          --image-size) IMAGE_SIZE=$value; TRAIN_ARGS+=(--image-size "$value") ;;
+          --reference-patch) REFERENCE=$value; TRAIN_ARGS+=("$name" "$value"); AUDIT_ARGS+=("$name" "$value") ;;
           *) TRAIN_ARGS+=("$name" "$value"); AUDIT_ARGS+=("$name" "$value") ;;
         esac ;;
       *) TRAIN_ARGS+=("$arg"); shift ;;
@@ -210,6 +222,31 @@ resolve_data_root() {
   export HELICO_DATA=$DATA_ROOT
 }
 
+# ------------------------------------------------------------------------------------------- cache
+# Decoded once into one uint8 file on the node's disk (patch_cache.py): every epoch and the evaluation then read
+# it instead of ~220k PNGs. The folder name carries what the cache holds, so jobs with another image size or stain
+# reference on this node use their own (patch_cache refuses to turn a finished cache into another kind).
+CACHE_DIR=""
+build_cache() {
+  if [[ -n $ARG_CACHE ]]; then CACHE_DIR=$ARG_CACHE; log "cache: --cache $CACHE_DIR (train.py builds it)"; return 0; fi
+  if [[ ${CACHE:-on} == off ]]; then log "cache: CACHE=off, training decodes PNGs"; return 0; fi
+  if [[ $DATA_ROOT == "$SOURCE_ROOT" ]]; then
+    warn "cache: no node-local copy of the data (staging off or failed), so no cache; training decodes PNGs"
+    return 0
+  fi
+  local dir=$DATA_ROOT-cache$IMAGE_SIZE cmd
+  cmd=("$PY" "$CODE_DIR/patch_cache.py" --data-root "$DATA_ROOT" --image-size "$IMAGE_SIZE"
+       --workers "${SLURM_CPUS_PER_TASK:-$(nproc)}")
+  if (( CACHE_NORMALIZED )); then
+    dir+=-macenko-$(printf '%s' "${REFERENCE:-default}" | cksum | cut -d' ' -f1)
+    cmd+=(--normalized)
+    [[ -z $REFERENCE ]] || cmd+=(--reference-patch "$REFERENCE")
+  fi
+  log "cache: ${cmd[*]} --out $dir"
+  if "${cmd[@]}" --out "$dir"; then CACHE_DIR=$dir
+  else warn "cache: building $dir failed (above); training decodes PNGs"; fi
+}
+
 # ------------------------------------------------------------------------------------------- training
 # SLURM_GPUS_ON_NODE is set by --gres; outside SLURM, CUDA_VISIBLE_DEVICES says what we may use.
 count_gpus() {
@@ -285,6 +322,12 @@ run_training() {
   local ngpu; ngpu=$(count_gpus)
   export_thread_counts "$ngpu"
   local cmd=("$PY" "$CODE_DIR/train.py" --data-root "$DATA_ROOT" --runs-dir "$RUNS" "${TRAIN_ARGS[@]}")
+  if [[ -n $CACHE_DIR ]]; then
+    cmd+=(--cache "$CACHE_DIR")
+    if (( CACHE_NORMALIZED )); then cmd+=(--cache-normalized); fi
+  elif (( CACHE_NORMALIZED )); then
+    warn "no cache, so --cache-normalized is dropped: training normalizes on the device (same pixels)"
+  fi
   if (( ngpu > 1 )); then
     # python -m torch.distributed.run is torchrun from this interpreter's torch, whatever is on PATH.
     cmd=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$ngpu" "${cmd[@]:1}")
@@ -306,6 +349,7 @@ run_evaluation() {
   local extra=()
   read -ra extra <<<"${EVAL_ARGS:-}"
   log "evaluate: $best ${EVAL_ARGS:-}"
+  [[ -z $CACHE_DIR ]] || extra+=(--cache "$CACHE_DIR")  # evaluate.py reads either kind of cache
   "$PY" "$CODE_DIR/evaluate.py" --checkpoint "$best" --data-root "$DATA_ROOT" ${extra[@]+"${extra[@]}"}
 }
 
@@ -324,8 +368,10 @@ main() {
   [[ -n $RUN_ID ]] || die 2 "--run-id is required outside SLURM (the run folder to write and to resume from)"
   pick_python
   RUNS=${ARG_RUNS_DIR:-${RUNS_DIR:-runs}}
+  [[ ${CACHE:-on} == on || ${CACHE:-on} == off ]] || die 2 "CACHE=$CACHE: expected on or off"
   resolve_data_root
   run_audit
+  build_cache
   (( STOP_REQUESTED == 0 )) || requeue_before_training
   local rc=0
   run_training || rc=$?

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
+import common
 from conftest import ROOT, TINY_TRAIN_FLAGS
 
 SCRIPT = ROOT / "run_h_pylori.sh"
 TRAIN_FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "1", "--limit-samples", "64"]
 # the caller's settings must not leak into the script under test (SLURM_* are dropped too)
 CLEARED = ("HELICO_DATA", "PYTHON", "RUNS_DIR", "STAGE_DIR", "STAGE_RESERVE_MB", "STAGE_LOCK_TIMEOUT", "EVAL_ARGS",
-           "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "SRUN_CPUS_PER_TASK")
+           "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "SRUN_CPUS_PER_TASK", "CACHE")
 
 
 @pytest.fixture
@@ -58,7 +59,10 @@ class Node:
         return r, Path(r.stdout.strip().splitlines()[-1])
 
     def staged_dirs(self) -> list[Path]:
-        return sorted(p for p in (self.local / "helico-stage").glob("*") if p.is_dir())
+        return sorted(p for p in (self.local / "helico-stage").glob("*") if p.is_dir() and "-cache" not in p.name)
+
+    def cache_dirs(self) -> list[Path]:
+        return sorted(p for p in (self.local / "helico-stage").glob("*-cache*") if p.is_dir())
 
 
 def files(root: Path) -> dict[str, int]:
@@ -245,6 +249,11 @@ def test_clean_run_trains_on_the_staged_copy_and_evaluates_best_checkpoint(node,
     assert len(staged) == 1 and marker_of(staged[0]).exists()
     config = json.loads((run / "config.json").read_text())
     assert Path(config["data_root"]).resolve() == staged[0].resolve()
+    # CACHE defaults to on: a packed cache beside the staged copy, read by training and evaluation
+    assert node.cache_dirs() == [staged[0].with_name(staged[0].name + "-cache64")]
+    assert json.loads((node.cache_dirs()[0] / "meta.json").read_text())["complete"] is True
+    assert config["cache"] == str(node.cache_dirs()[0]) and config["cache_normalized"] is False
+    assert json.loads((run / "eval" / "metrics.json").read_text())["meta"]["cache"] == config["cache"]
 
 
 def start(node, *args, **extra) -> subprocess.Popen:
@@ -290,3 +299,53 @@ def test_two_listed_gpus_run_torchrun_and_usr1_reaches_its_workers(node, demo_ro
     assert job.returncode == 4, err[-3000:]
     assert "stopped by signal" in err and "skipping evaluation" in err
     assert (node.runs / "ddp" / "last.pt").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- cache
+# These runs stop train.py at its flag check (--epochs 0, exit 2): the launcher's "train:" log line shows what it
+# was given, after the cache step ran for real, without paying for training.
+def train_command(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2 and "train.py failed with exit code 2" in r.stderr, r.stderr[-3000:]
+    return next(line for line in r.stderr.splitlines() if "] train: " in line)
+
+
+def test_cache_off_trains_from_pngs(node, demo_root):
+    r = node.copy_demo(demo_root).run("--run-id", "off", *TRAIN_FLAGS, "--epochs", "0", CACHE="off")
+    assert "--cache" not in train_command(r) and "CACHE=off" in r.stderr
+    assert node.cache_dirs() == []
+
+
+def test_without_a_staged_copy_no_cache_is_built_beside_the_shared_data(node, demo_root):
+    r = node.copy_demo(demo_root).run("--run-id", "shared", *TRAIN_FLAGS, "--epochs", "0", STAGE_DIR="off")
+    assert "--cache" not in train_command(r) and "no node-local copy" in r.stderr
+    assert sorted(p.name for p in node.shared.parent.iterdir()) == ["HelicoDataSet"]
+
+
+def test_cache_normalized_gets_its_own_normalized_cache(node, demo_root):
+    r = node.copy_demo(demo_root).run("--run-id", "norm", *TRAIN_FLAGS, "--epochs", "0", "--cache-normalized")
+    [cache] = node.cache_dirs()
+    assert cache.name.startswith(node.staged_dirs()[0].name + "-cache64-macenko-")
+    assert f"--cache {cache} --cache-normalized" in train_command(r)
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["complete"] and meta["normalized"] and meta["stain"]["reference"] == common.DEFAULT_REFERENCE
+
+
+def test_a_failed_cache_build_falls_back_to_pngs_with_a_warning(node, demo_root):
+    _, staged = node.copy_demo(demo_root).stage()
+    reference = subprocess.run(["cksum"], input="default", capture_output=True, text=True).stdout.split()[0]
+    staged.with_name(f"{staged.name}-cache64-macenko-{reference}").write_text("a file where the cache would go")
+    r = node.run("--run-id", "nocache", *TRAIN_FLAGS, "--epochs", "0", "--cache-normalized")
+    command = train_command(r)
+    assert "WARNING: cache: building" in r.stderr and "--cache" not in command and "--image-size 64" in command
+    assert "--cache-normalized is dropped" in r.stderr
+
+
+def test_an_unknown_cache_setting_exits_2_before_staging(node, demo_root):
+    r = node.copy_demo(demo_root).run("--run-id", "x", CACHE="yes")
+    assert r.returncode == 2 and "CACHE=yes: expected on or off" in r.stderr
+    assert not (node.local / "helico-stage").exists()
+
+
+def test_launcher_cache_size_default_is_train_pys():
+    import train
+    assert f"IMAGE_SIZE={train.get_args_parser().get_default('image_size')} " in SCRIPT.read_text()
