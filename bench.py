@@ -9,7 +9,7 @@ Stages (img/s; warm-up batches excluded; CUDA timings bracketed by torch.cuda.sy
     load_png    DataLoader over common.PatchDataset (PNG decode + resize) with --workers processes
     load_cache  DataLoader over patch_cache.CachedPatchDataset (one memmap gather per batch), same workers
     normalize   on the device: Macenko + per-sample colour jitter + symmetry + ImageNet normalization
-                (train.model_input when train.py provides it, else an equivalent defined here)
+                (train_input.model_input, exactly what train.py runs)
     model_step  forward + backward + AdamW step on synthetic on-device batches: the ceiling
     loop        the training loop: cache loader -> device (non_blocking) -> normalize -> step
                 (--loop-source png for the PNG loader)
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import common
 import patch_cache
+import train_input
 
 PREFETCH = 2  # batches each worker decodes ahead; a loader stage warms up through this backlog too
 STAGES = ("load_png", "load_cache", "normalize", "model_step", "loop")
@@ -110,41 +111,6 @@ def resolve(args) -> None:
     for flag in ("batch_size", "image_size", "batches"):
         if getattr(args, flag) < 1:
             raise common.DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-
-
-# ----------------------------------------------------------------------------------------------- augmentation
-def augmentation():
-    """(model_input, where it came from): train.py's own when it exports one, else the equivalent below."""
-    try:
-        import train
-        return train.model_input, "train.model_input"
-    except (ImportError, AttributeError):
-        return local_model_input, "bench.local_model_input"
-
-
-def local_model_input(images, normalizer=None, jitter=None, gen=None, channels_last=False):
-    """Stand-in for train.model_input: to_unit (Macenko) -> per-sample brightness/contrast/saturation/hue jitter
-    -> random symmetry -> ImageNet normalization; the same work per pixel."""
-    x = common.to_unit(images, normalizer)
-    if gen is not None:
-        n, dev = x.shape[0], x.device
-        f = (torch.rand(n, 4, generator=gen, device=dev) * 2 - 1) * torch.tensor(jitter, device=dev)
-        b, c, s = (1 + f[:, k].view(-1, 1, 1, 1) for k in range(3))
-        grey = lambda t: (t * t.new_tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        x = (x * b).clamp(0, 1)
-        x = (c * x + (1 - c) * grey(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
-        x = (s * x + (1 - s) * grey(x)).clamp(0, 1)
-        angle = f[:, 3].view(-1, 1, 1) * 2 * torch.pi  # hue: rotate chroma in YIQ space
-        yiq = torch.einsum("ij,bjhw->bihw", x.new_tensor([[.299, .587, .114], [.596, -.274, -.322],
-                                                           [.211, -.523, .312]]), x)
-        i, q = yiq[:, 1] * angle.cos() - yiq[:, 2] * angle.sin(), yiq[:, 1] * angle.sin() + yiq[:, 2] * angle.cos()
-        x = torch.einsum("ij,bjhw->bihw", x.new_tensor([[1, .956, .621], [1, -.272, -.647], [1, -1.106, 1.703]]),
-                         torch.stack([yiq[:, 0], i, q], 1)).clamp(0, 1)
-        flips = torch.rand(n, 2, 1, 1, 1, generator=gen, device=dev) < 0.5
-        x = torch.where(flips[:, 0], x.flip(-1), x)
-        x = torch.where(flips[:, 1], x.transpose(-1, -2), x)
-    x = common.imagenet_normalize(x)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -281,7 +247,7 @@ def run(args) -> dict:
     samples = bench_samples(data, args.limit_samples)
     if len(samples) < args.batch_size:
         raise common.DataError(f"--batch-size {args.batch_size}: only {len(samples)} patches; lower it")
-    model_input, augment_source = augmentation()
+    model_input, augment_source = train_input.model_input, "train_input.model_input"  # the pipeline train.py runs
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         log(f"cache: {args.cache or 'temporary'} ({len(samples)} patches)")
         cached, cache_dir, build = open_cache(args, data, samples, tmp)

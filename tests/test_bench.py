@@ -54,20 +54,6 @@ def test_given_cache_dir_is_built_once_and_kept(demo_root, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["cache"]["build"]["action"] == "reused"
 
 
-def test_augmentation_is_train_py_model_input():
-    import train
-    model_input, source = bench.augmentation()
-    assert model_input is train.model_input and source == "train.model_input"
-
-
-def test_local_model_input_without_jitter_only_permutes_pixels():
-    x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
-    out = bench.local_model_input(x, None, [0.0, 0.0, 0.0, 0.0], torch.Generator().manual_seed(0))
-    plain = common.imagenet_normalize(x.float() / 255)
-    assert out.shape == plain.shape
-    torch.testing.assert_close(out.flatten(2).sort().values, plain.flatten(2).sort().values, atol=0.02, rtol=0)
-
-
 def test_unknown_stage_is_one_line_exit_2(demo_root, capsys):
     assert bench.main(["--data-root", str(demo_root), "--stages", "load_png,warp", *TINY]) == 2
     err = capsys.readouterr().err
