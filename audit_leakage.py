@@ -396,31 +396,6 @@ class Audit:
         return [f for f in self.findings if f.kind == "leak"]
 
 
-def image_paths(data: common.HelicoData) -> set[str]:
-    """Every patch PNG load_data found, Presence 0 windows included (they are not samples but are files)."""
-    paths = {s.path for s in data.all_samples()} | set(data.files_without_row)
-    for a in data.uncertain + data.duplicate_rows:
-        for folder in data.folders["annotated"].get(a.patient, []):
-            rel = f"{TREES['annotated']}/{folder}/{common.annotated_file_name(a.window, a.aug)}"
-            if (data.root / rel).is_file():
-                paths.add(rel)
-    return paths
-
-
-def shared_within_groups(root: Path, paths, groups: list[list[str]], cache: Path) -> dict[str, list[str]]:
-    """splits.shared_content, for the files of duplicate-group patients only. Every byte-identical file shared by
-    two patients lies inside one group (groups are the connected components of such pairs), so this finds them
-    all; their digests are cache hits (resolve_split just hashed them), and nothing is re-stat-ed dataset-wide."""
-    members = {p for g in groups for p in g}
-    if not members:
-        return {}  # no group: nothing shared, and no need to load a cache of ~220k entries
-    by_digest: dict[str, list[str]] = defaultdict(list)
-    mine = sorted(p for p in paths if path_patient(p) in members)
-    for p, d in splits.file_digests(root, mine, cache=cache, progress=False).items():
-        by_digest[d].append(p)
-    return {d: sorted(ps) for d, ps in by_digest.items() if len({path_patient(p) for p in ps}) > 1}
-
-
 def run_checks(data, split, groups, shared, sizes, args) -> list[Finding]:
     """Leaks first (in the order of the module docstring), then warnings."""
     parts = Parts(split)
@@ -445,17 +420,14 @@ def audit(args) -> Audit:
     data = common.load_data(args.data_root)
     progress = not args.no_progress
     try:
-        split, groups = splits.resolve_split(args, data, progress=progress)
+        split, groups, shared = splits.resolve_split(args, data, progress=progress)
     except OSError as e:  # e.g. an unwritable --hash-cache, a file vanishing mid-scan
         raise DataError(f"{e.filename}: {e.strerror} (while hashing; check --hash-cache and the data root)") from None
     missing = sorted({p for ps in split_patients(split).values() for p in ps} - set(data.cv_patients))
     if missing:  # split_problems reports it too; here it is bad input, as it is for train.py
         raise DataError(f"--split {args.split}: data root {data.root} lacks patient(s) of the split: "
                         f"{examples(missing)}")
-    cache = Path(args.hash_cache) if args.hash_cache else splits.default_hash_cache(data.root)
-    paths = image_paths(data)
-    shared = shared_within_groups(data.root, paths, groups, cache)
-    sizes = png_sizes(data.root, paths, progress=progress)
+    sizes = png_sizes(data.root, data.image_paths(), progress=progress)
     return Audit(data, split, run_checks(data, split, groups, shared, sizes, args),
                  composition(data, split, Parts(split)),
                  split_source=f"from {args.split}" if args.split else "made from the flags, as train.py makes it")

@@ -201,6 +201,7 @@ class HelicoData:
     rows_without_file: list[Annotation] = field(default_factory=list)
     files_without_row: list[str] = field(default_factory=list)
     uncertain: list[Annotation] = field(default_factory=list)  # Presence 0: excluded, counted
+    uncertain_files: list[str] = field(default_factory=list)    # their images: not samples, but files to audit
     stray: list[str] = field(default_factory=list)              # non-PNG / non-folder entries skipped
     duplicate_rows: list[Annotation] = field(default_factory=list)
     annotated_in_cropped: int = 0     # Cropped patches of NEGATIVA patients that are also annotated windows
@@ -217,6 +218,10 @@ class HelicoData:
 
     def all_samples(self) -> list[Sample]:
         return self.labelled + self.cropped + self.holdout
+
+    def image_paths(self) -> list[str]:
+        """Every patch PNG found: samples, Presence 0 windows and Annotated files without a row."""
+        return sorted({s.path for s in self.all_samples()} | set(self.files_without_row) | set(self.uncertain_files))
 
 
 TREES = {"annotated": "CrossValidation/Annotated", "cropped": "CrossValidation/Cropped", "holdout": "HoldOut"}
@@ -302,6 +307,7 @@ def _join_annotated(data: HelicoData, listing: dict[str, list[str]]) -> None:
             a = Annotation(**{**a.__dict__, "presence": 0})  # conflicting reviews: as uncertain as a 0
         if a.presence == 0:
             data.uncertain.append(a)
+            data.uncertain_files.append(files[key])
             continue
         data.labelled.append(Sample(files[key], a.patient, "annotated", 1 if a.presence == 1 else 0, a.window, a.aug,
                                     data.diagnosis.get(a.patient)))

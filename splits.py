@@ -70,9 +70,8 @@ def file_digests(root: Path, rel_paths, cache: Path | None = None, workers: int 
 
 def shared_content(data: HelicoData, cache: Path | None = None, progress: bool = True) -> dict[str, list[str]]:
     """digest -> paths, for content that occurs in more than one patient's folders."""
-    paths = sorted({s.path for s in data.all_samples()} | set(data.files_without_row))
     by_digest: dict[str, list[str]] = {}
-    for p, d in file_digests(data.root, paths, cache=cache, progress=progress).items():
+    for p, d in file_digests(data.root, data.image_paths(), cache=cache, progress=progress).items():
         by_digest.setdefault(d, []).append(p)
     return {d: sorted(ps) for d, ps in by_digest.items()
             if len(ps) > 1 and len({patient_id(Path(p).parent.name) for p in ps}) > 1}
@@ -204,15 +203,16 @@ def load_split(path) -> dict:
     return split
 
 
-def resolve_split(args, data: HelicoData, progress: bool = True) -> tuple[dict, list[list[str]]]:
-    """The split the flags ask for, checked against the data; returns (split, duplicate groups)."""
+def resolve_split(args, data: HelicoData, progress: bool = True) -> tuple[dict, list[list[str]], dict[str, list[str]]]:
+    """The split the flags ask for; returns (split, duplicate groups, shared content as from shared_content)."""
     cache = Path(args.hash_cache) if args.hash_cache else default_hash_cache(data.root)
-    groups = duplicate_groups(shared_content(data, cache=cache, progress=progress))
+    shared = shared_content(data, cache=cache, progress=progress)
+    groups = duplicate_groups(shared)
     if args.split:
         split = load_split(args.split)
     else:
         split = make_split(data, args.split_seed, args.val_frac, args.folds, args.fold,
                            keep_in_train=[reference_patient(args.reference_patch)], groups=groups)
-    return split, groups
+    return split, groups, shared
 
 

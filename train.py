@@ -274,7 +274,7 @@ def changed_flags(old: dict, new: dict) -> list[str]:
 
 def plan_run(args, data, world, device) -> dict:
     """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume."""
-    split, groups = splits.resolve_split(args, data)
+    split, groups, _ = splits.resolve_split(args, data)
     run_dir = Path(args.runs_dir) / args.run_id
     resume = (run_dir / "last.pt").is_file()
     if resume:

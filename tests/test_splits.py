@@ -103,12 +103,12 @@ def test_load_split_rejects_bad_files(tmp_path, content, message):
 def test_resolve_split_makes_or_reloads_the_same_split(data, root, tmp_path):
     parser = argparse.ArgumentParser(parents=[splits.split_args_parser()])
     args = parser.parse_args(["--data-root", str(root), "--hash-cache", str(tmp_path / "h.json")])
-    made, groups = splits.resolve_split(args, data, progress=False)
+    made, groups, shared = splits.resolve_split(args, data, progress=False)
     (tmp_path / "split.json").write_text(json.dumps(made))
     args = parser.parse_args(["--data-root", str(root), "--split", str(tmp_path / "split.json"),
                               "--hash-cache", str(tmp_path / "h.json")])
-    loaded, groups2 = splits.resolve_split(args, data, progress=False)
-    assert loaded == made and groups2 == groups and "B22-47" in made["train"]
+    loaded, groups2, shared2 = splits.resolve_split(args, data, progress=False)
+    assert loaded == made and groups2 == groups and shared2 == shared and "B22-47" in made["train"]
 
 
 def test_hash_cache_skips_unchanged_files_and_rehashes_changed_ones(data, root, tmp_path, monkeypatch):
@@ -135,3 +135,13 @@ def test_unwritable_hash_cache_is_a_clear_error(data, root, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(common.DataError, match="--hash-cache .*cannot write"):
         splits.file_digests(root, [s.path for s in data.cropped], cache=tmp_path / "file" / "h.json", progress=False)
+
+
+def test_a_presence_zero_image_shared_by_two_patients_groups_them(tmp_path):
+    rows = [("B22-60", 0, 5, 0), ("B22-61", 0, 6, -1)]
+    root = make_root(tmp_path, rows, ["B22-60_0/00005.png", "B22-61_0/00006.png"], [],
+                     {"B22-60": "ALTA", "B22-61": "NEGATIVA"})
+    shutil.copy(root / "CrossValidation/Annotated/B22-60_0/00005.png", root / "CrossValidation/Annotated/B22-61_0/00006.png")
+    data = common.load_data(root)
+    assert data.uncertain_files == ["CrossValidation/Annotated/B22-60_0/00005.png"]
+    assert splits.duplicate_groups(splits.shared_content(data, progress=False)) == [["B22-60", "B22-61"]]
