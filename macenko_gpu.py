@@ -442,6 +442,9 @@ def _atomic_write(target: Path, write):
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: as common.atomic_path, give open()'s permissions
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)

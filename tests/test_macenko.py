@@ -293,6 +293,13 @@ def test_cli_normalizes_a_folder_tree_with_rgba_and_grey_images(ihc, reference, 
     for name in ["B22-01_0/00001.png", "B22-01_0/00002.png", "B22-02_1/7.png"]:
         expected = norm.normalize(load_rgb(src / name)[None])[0].mul(255).round().to(torch.uint8)
         assert torch.equal(load_rgb(tmp_path / "out" / name), expected), name
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~current_umask(), name  # not mkstemp's 0600
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 @pytest.mark.parametrize("case, message", [
