@@ -19,7 +19,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import DEFAULT_REFERENCE, DataError, HelicoData, atomic_write_text, patient_id
+from common import DEFAULT_REFERENCE, TREES, DataError, HelicoData, atomic_write_text, patient_id
 
 
 # ----------------------------------------------------------------------------------------------- content hashes
@@ -264,6 +264,32 @@ def fold_problems(fold_splits: list[dict], patients: list[str]) -> list[str]:
     if untested:
         problems.append(f"{len(untested)} patient(s) in no fold's test part: {', '.join(untested[:10])}")
     return problems
+
+
+class IndependenceError(DataError):
+    """The HoldOut is not independent of the CrossValidation data: scripts exit 1 (a leak), not 2."""
+
+
+def holdout_overlap(data: HelicoData, shared: dict[str, list[str]]) -> dict[str, str]:
+    """HoldOut patients that share an ID or a byte-identical image (`shared`, from shared_content) with the
+    CrossValidation data: patient -> why, in words."""
+    why = {p: "also a CrossValidation patient ID" for p in sorted(set(data.holdout_patients) & set(data.cv_patients))}
+    holdout_tree = TREES["holdout"] + "/"
+    for paths in shared.values():
+        held = {patient_id(Path(p).parent.name) for p in paths if p.startswith(holdout_tree)}
+        cv = sorted({patient_id(Path(p).parent.name) for p in paths if not p.startswith(holdout_tree)})
+        for p in sorted(held) if cv else ():
+            why.setdefault(p, f"byte-identical image(s) with CrossValidation patient(s) {', '.join(cv)}")
+    return why
+
+
+def check_holdout_independent(data: HelicoData, shared: dict[str, list[str]]) -> None:
+    """Raise IndependenceError naming every HoldOut patient that overlaps the CrossValidation data."""
+    bad = holdout_overlap(data, shared)
+    if bad:
+        raise IndependenceError(f"{data.root}: HoldOut not independent of CrossValidation ({len(bad)} patient(s)): "
+                                + "; ".join(f"{p}: {why}" for p, why in bad.items())
+                                + " (audit_leakage.py lists the files); remove them from HoldOut/")
 
 
 def load_split(path) -> dict:
