@@ -67,8 +67,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "fast stages are not measured on a handful of milliseconds")
     p.add_argument("--limit-samples", type=int, help="patches used by every stage, a fixed random subset (default "
                    "256 CPU, 8192 CUDA; 0 = all). A temporary cache holds only these")
-    p.add_argument("--cache", metavar="DIR", help="packed cache (patch_cache.py) to benchmark, built or reused "
-                   "here for all patches; default: a temporary cache of the benchmark's patches")
+    p.add_argument("--cache", metavar="DIR", help="packed cache (patch_cache.py) to benchmark: a training run's "
+                   "(plain or normalized) is reused as it is, an empty folder is built for all patches; a cache of "
+                   "another --image-size or stale PNGs is refused (exit 2), never rebuilt. Default: a temporary "
+                   "cache of the benchmark's patches")
     p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads). Default 1 on CPU (a quick, "
                    "stable smoke run: on a busy machine OpenMP threads wait on each other), torch's own with CUDA")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset to time, e.g. "
@@ -229,8 +231,12 @@ def bench_samples(data, limit: int) -> list:
 
 def open_cache(args, data, samples, tmp: str) -> tuple:
     """(CachedPatchDataset over `samples`, cache dir, build report or None)."""
-    if args.cache:
-        report = patch_cache.build_cache(data, args.cache, args.image_size, args.workers, progress=False)
+    if args.cache:  # a training run's cache, as it is: a plain or normalized one is timed, never rebuilt
+        meta = patch_cache.read_meta(Path(args.cache)) or {}
+        normalized = bool(meta.get("normalized")) and meta.get("version") == patch_cache.VERSION
+        reference = meta["stain"]["reference"] if normalized else None
+        report = patch_cache.build_cache(data, args.cache, args.image_size, args.workers, normalized, reference,
+                                         args.device, progress=False, rebuild=False)
         cache_dir = Path(args.cache)
     else:
         cache_dir = Path(tmp) / "cache"
