@@ -1,0 +1,172 @@
+"""Cross-validation pooling for `evaluate.py --cv runs/27-f*`: out-of-fold test predictions of K fold runs.
+
+    python evaluate.py --cv runs/27-f0 runs/27-f1 runs/27-f2 runs/27-f3 runs/27-f4      # -> runs/27-cv/
+
+Each fold run is evaluated first (its own eval/ folder, its test part scored by the one model that never saw
+it); this module then checks that the folds are the folds 0..K-1 of one split whose test parts are disjoint and
+cover every patient (but the stain reference's, always in train), and pools the test rows of their
+predictions.csv and patients.csv. Pooled metrics: patch decisions at each fold's own threshold and patient
+decisions by each fold's own rule (both chosen on that fold's val), PR-AUC/ROC-AUC over the pooled scores (models
+differ in calibration: read the per-fold values too); intervals as in a single evaluation (exact binomial for
+patient proportions, patient-cluster bootstrap for patches, not estimable under 10 clusters a class). Beside them,
+each fold's own test metrics as mean +/- sd over the folds.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import intervals
+import splits
+from common import DataError
+
+PATCH_KEYS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
+PATIENT_KEYS = ("accuracy", "sensitivity", "specificity")
+
+
+@dataclass
+class Fold:
+    run: Path
+    split: dict
+    predictions: list[dict]  # eval/predictions.csv rows
+    patients: list[dict]     # eval/patients.csv rows
+    metrics: dict            # eval/metrics.json
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_fold(run: Path) -> Fold:
+    run = Path(run)
+    eval_dir = run / "eval"
+    for need in (run / "split.json", eval_dir / "predictions.csv", eval_dir / "patients.csv", eval_dir / "metrics.json"):
+        if not need.is_file():
+            raise DataError(f"--cv {run}: missing {need.relative_to(run)} (a train.py run folder, evaluated)")
+    return Fold(run, splits.load_split(run / "split.json"), read_csv(eval_dir / "predictions.csv"),
+                read_csv(eval_dir / "patients.csv"), json.loads((eval_dir / "metrics.json").read_text()))
+
+
+def default_out(runs: list[Path]) -> Path:
+    """runs/27-f0 ... runs/27-f4 -> runs/27-cv (the common name without its -f<i> suffix)."""
+    stems = {re.sub(r"-f\d+$", "", Path(r).name) for r in runs}
+    stem = stems.pop() if len(stems) == 1 else "cv"
+    return Path(runs[0]).parent / f"{stem}-cv"
+
+
+def check_folds(folds: list[Fold], patients: list[str]) -> None:
+    problems = splits.fold_problems([f.split for f in folds], patients)
+    for f in folds:
+        evaluated = sorted(f.metrics.get("meta", {}).get("test_patients") or [])
+        if evaluated != sorted(f.split["test"]):
+            problems.append(f"{f.run}: eval/ scored test patients {evaluated[:5]}..., not its split.json's test part "
+                            f"(re-run evaluate.py on it)")
+    if problems:
+        raise DataError(f"--cv: not one cross-validation: {'; '.join(problems)}")
+
+
+def pooled_rows(folds: list[Fold], part: str = "test") -> tuple[list[dict], list[dict]]:
+    """The `part` rows of every fold's predictions.csv and patients.csv, with the fold number added."""
+    preds = [{**r, "fold": f.split.get("fold")} for f in folds for r in f.predictions if r["split"] == part]
+    pats = [{**r, "fold": f.split.get("fold")} for f in folds for r in f.patients if r["split"] == part]
+    return preds, pats
+
+
+def patch_summary(rows: list[dict], groups, resamples: int, seed: int) -> dict:
+    """Pooled patch metrics (decisions at each fold's threshold) with cluster-bootstrap CIs where estimable."""
+    import metrics
+    rows = [r for r in rows if r["patch_eval"] == "1"]
+    y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    s = np.array([float(r["score"]) for r in rows])
+    pred = np.array([int(r["prediction"]) for r in rows], dtype=np.int64)
+
+    def point(idx):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = metrics.binary_metrics(y[idx], s[idx])  # ranking metrics from the scores
+            m.update({k: getattr(metrics, k)(y[idx], pred[idx]) for k in ("recall", "precision", "f1", "accuracy")})
+        return {k: m[k] for k in PATCH_KEYS}
+    out = {**point(np.arange(y.size)), "n": int(y.size), "positives": int(y.sum()),
+           "confusion": metrics.confusion_matrix(y, pred).tolist()}
+    cluster = intervals.cluster_index([r["patient"] for r in rows], groups)
+    ok, why = intervals.estimable(cluster, y)
+    if not ok or not resamples or not y.size:
+        out["ci_note"] = why or "no bootstrap (--bootstrap 0)"
+        return out
+    draws = intervals.cluster_draws(int(cluster.max()) + 1, resamples, seed)
+    boot = intervals.cluster_bootstrap(cluster, draws, point)
+    cis = {k: intervals.percentile_interval(boot[k]) for k in PATCH_KEYS}
+    out["ci95"] = {k: [lo, hi] for k, (lo, hi, _) in cis.items()}
+    out["bootstrap_undefined_share"] = {k: u for k, (_, _, u) in cis.items()}
+    return out
+
+
+def patient_summary(rows: list[dict]) -> dict:
+    """Pooled patient decisions (each fold's rule and threshold) with exact binomial intervals."""
+    rows = [r for r in rows if int(r["label"]) >= 0 and int(r["prediction"]) >= 0]
+    y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    p = np.array([int(r["prediction"]) for r in rows], dtype=np.int64)
+    tp, fn = int(((y == 1) & (p == 1)).sum()), int(((y == 1) & (p == 0)).sum())
+    tn, fp = int(((y == 0) & (p == 0)).sum()), int(((y == 0) & (p == 1)).sum())
+    counts = {"sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp), "accuracy": (tp + tn, y.size)}
+    return {**{k: k_ / n if n else float("nan") for k, (k_, n) in counts.items()},
+            "ci95": {k: list(intervals.clopper_pearson(k_, n)) for k, (k_, n) in counts.items()},
+            "ci_method": "exact binomial (Clopper-Pearson)", "n": int(y.size), "positives": int(y.sum()),
+            "confusion": [[tn, fp], [fn, tp]]}
+
+
+def per_fold(folds: list[Fold]) -> dict:
+    """Each fold's own headline (test) metric: values, mean and sd (ddof 1) over the folds."""
+    out = {}
+    for level, keys in (("patch", PATCH_KEYS), ("patient", PATIENT_KEYS + ("roc_auc",))):
+        for k in keys:
+            v = np.array([float(f.metrics.get(level, {}).get(k, float("nan"))) for f in folds])
+            ok = v[np.isfinite(v)]
+            out[f"{level}.{k}"] = {"values": v.tolist(), "mean": float(ok.mean()) if ok.size else float("nan"),
+                                   "sd": float(ok.std(ddof=1)) if ok.size > 1 else float("nan")}
+    return out
+
+
+def summarize(folds: list[Fold], resamples: int, seed: int) -> tuple[dict, list[dict], list[dict]]:
+    preds, pats = pooled_rows(folds)
+    groups = [g for f in folds[:1] for g in f.split.get("duplicate_groups") or []]
+    result = {"folds": [str(f.run) for f in folds], "k": len(folds),
+              "patch": patch_summary(preds, groups, resamples, seed), "patient": patient_summary(pats),
+              "per_fold": per_fold(folds),
+              "patients_tested": sorted({r["patient"] for r in pats}),
+              "bootstrap": {"resamples": resamples, "seed": seed, "unit": "patient cluster"}}
+    return result, preds, pats
+
+
+def render(result: dict) -> str:
+    from eval_report import fmt
+    ci = lambda m, k: (f"{fmt(m[k])} [{fmt(m['ci95'][k][0])}, {fmt(m['ci95'][k][1])}]" if "ci95" in m
+                       else f"{fmt(m[k])} (CI {m.get('ci_note', 'none')})")
+    pf = result["per_fold"]
+    sd = lambda name: f"{fmt(pf[name]['mean'])} +/- {fmt(pf[name]['sd'])}"
+    p, q = result["patch"], result["patient"]
+    lines = [f"# Cross-validation over {result['k']} folds", "",
+             f"Out-of-fold test predictions pooled: every patient scored by the one model that never saw it "
+             f"({len(result['patients_tested'])} patients). Test parts checked disjoint and covering every patient "
+             f"but the stain reference's. Decisions: each fold's own threshold and patient rule, chosen on its val.",
+             "", f"## Patients ({q['n']}, {q['positives']} infected), exact binomial 95% CIs", "",
+             "| metric | pooled [95% CI] | per fold mean +/- sd |", "|---|---|---|"]
+    lines += [f"| {k} | {ci(q, k)} | {sd('patient.' + k)} |" for k in PATIENT_KEYS]
+    lines += [f"| roc_auc | (not pooled: each fold has its own rule) | {sd('patient.roc_auc')} |", "",
+              f"## Patches ({p['n']}, {p['positives']} positive), patient-cluster bootstrap 95% CIs", "",
+              "| metric | pooled [95% CI] | per fold mean +/- sd |", "|---|---|---|"]
+    lines += [f"| {k} | {ci(p, k)} | {sd('patch.' + k)} |" for k in PATCH_KEYS]
+    undefined = {k: v for k, v in p.get("bootstrap_undefined_share", {}).items() if v}
+    if undefined:
+        lines += ["", "Resamples where a metric was undefined (dropped from its interval): " +
+                  ", ".join(f"{k} {100 * v:.1f}%" for k, v in undefined.items())]
+    lines += ["", "Folds: " + ", ".join(f"`{r}`" for r in result["folds"]),
+              "", "PR-AUC and ROC-AUC pool scores of different models; their per-fold values are the safer read."]
+    return "\n".join(lines) + "\n"
