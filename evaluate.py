@@ -285,9 +285,9 @@ def patch_level(pred: Predictions, patients: list[str], threshold: float, draws:
     patch = pred.patch_eval
     y, s, who, src = pred.label[patch], pred.score[patch], pred.patient[patch], pred.source[patch]
     everything = np.ones(len(y), bool)
-    # (where in the metrics dict, which patches, threshold, metrics): "by_source.annotated" nests under by_source
-    sets = [("patch", everything, threshold, PATCH_METRICS), ("patch_at_0.5", everything, 0.5, THRESHOLD_METRICS),
-            *((f"by_source.{k}", src == k, threshold, PATCH_METRICS) for k in ("annotated", "supplemental"))]
+    # (path in the metrics dict, which patches, threshold, metrics): ("by_source", "annotated") nests under by_source
+    sets = [(("patch",), everything, threshold, PATCH_METRICS), (("patch_at_0.5",), everything, 0.5, THRESHOLD_METRICS),
+            *((("by_source", k), src == k, threshold, PATCH_METRICS) for k in ("annotated", "supplemental"))]
     out, boot = {}, {}
     for name, mask, t, keys in sets:
         ym, sm = y[mask], s[mask]
@@ -295,8 +295,8 @@ def patch_level(pred: Predictions, patients: list[str], threshold: float, draws:
         def resampled(idx, ym=ym, sm=sm, t=t, keys=keys):
             return {k: v for k, v in metrics.binary_metrics(ym[idx], sm[idx], t).items() if k in keys}
         b = metrics.bootstrap_values(metrics.groups_of(who[mask], patients), draws, resampled) if len(draws) else {}
-        boot.update({f"{name}.{k}": v for k, v in b.items()})
-        *parents, leaf = name.split(".")
+        boot.update({".".join((*name, k)): v for k, v in b.items()})
+        *parents, leaf = name
         parent = out
         for p in parents:
             parent = parent.setdefault(p, {})

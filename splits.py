@@ -1,7 +1,8 @@
 """Patient-level splits and the content hashes that keep them honest (shared by train.py and audit_leakage.py).
 
-Split out of common.py only because common.py could not hold it under the ~500-line limit; it is the
-"splits" part of the design card's common.py and imports nothing but common.
+Owns which patient goes where: the split flags, the deterministic stratified split, duplicate-content groups, and the
+checks a split must pass wherever it is loaded. It is the "splits" part of the design card's common.py, a module of
+its own because training and the audit must resolve the very same split; it imports nothing but common.
 
     import common, splits
     data = common.load_data(root)
@@ -98,7 +99,7 @@ def duplicate_groups(shared: dict[str, list[str]]) -> list[list[str]]:
 
 
 def split_args_parser():
-    """The split flags, defined once and shared by train.py, audit_leakage.py and bench.py via `parents=`."""
+    """The split flags, defined once and shared by train.py and audit_leakage.py via `parents=`."""
     import argparse
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data and patient-level split")
