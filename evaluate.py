@@ -38,6 +38,7 @@ of the split, empty split, unreadable image without --skip-bad-images).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -53,6 +54,7 @@ import common
 import eval_report
 import figures
 import gradcam
+import loaders
 import metrics
 import model
 import patch_cache
@@ -203,12 +205,13 @@ def score_samples(net, normalizer, root, samples, image_size: int, device, *, ba
         ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=skip_bad)
     else:
         ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, skip_bad)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    loader = loaders.make_loader(ds, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
     scores, bad = np.full(len(samples), np.nan), []
     net = run.place(net, device)
-    with torch.inference_mode():
-        for images, labels, idx in tqdm(loader, desc="scoring", unit="batch", mininterval=2, leave=False):
+    interactive = sys.stderr.isatty()  # in a log file a cleared bar leaves its last state for the next line to land on
+    bar = tqdm(loader, desc="scoring", unit="batch", mininterval=2 if interactive else 30, leave=not interactive)
+    with torch.inference_mode(), contextlib.closing(bar):
+        for images, labels, idx in bar:
             images, labels, idx, dropped = common.drop_bad(images, labels, idx)
             bad += dropped
             if len(idx) == 0:
@@ -460,6 +463,8 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
+    finally:
+        loaders.stop_workers()  # they ignore SIGTERM/SIGINT: left to Python's exit they would keep it waiting
 
 
 if __name__ == "__main__":
