@@ -34,7 +34,6 @@ Speed on the real dataset (~220k PNGs: minutes, not hours):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import struct
@@ -265,16 +264,8 @@ def duplicate_rows(data: common.HelicoData) -> list[Finding]:
 def metadata_cells(path: Path):
     """(cell, patient of that row or None, text) for every non-empty cell of an xlsx (all sheets) or a CSV."""
     from openpyxl.utils import get_column_letter
-    if path.suffix.lower() == ".xlsx":
-        import openpyxl
-        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-        tables = [(f"{path.name}!{ws.title}!", list(ws.iter_rows(values_only=True))) for ws in wb.worksheets]
-        wb.close()
-    else:
-        text = path.read_text(encoding="utf-8-sig", errors="replace")
-        dialect = csv.Sniffer().sniff(text.splitlines()[0] if text.strip() else ",", delimiters=",;\t")
-        tables = [(f"{path.name}!", list(csv.reader(text.splitlines(), dialect)))]
-    for where, rows in tables:
+    for sheet, rows in common.read_sheets(path, first_only=False):
+        where = f"{path.name}!{sheet}!" if sheet else f"{path.name}!"
         header = [str(h if h is not None else "").strip().lower() for h in (rows[0] if rows else [])]
         col = next((header.index(c) for c in ("pat_id", "codi") if c in header), None)
         for r, row in enumerate(rows, start=1):

@@ -9,8 +9,8 @@ Usage:
 In code (what training and evaluation do):
     norm = MacenkoNormalizer().fit(load_rgb("ref.png")).to("cuda")
     x = norm.normalize(batch)      # uint8 (B,3,H,W) -> float32 (B,3,H,W) in [0,1] on batch's device
-    ckpt["stain_reference"] = norm.state_dict()      # plain tensors and scalars: weights_only-safe
-    norm = MacenkoNormalizer.from_state_dict(torch.load(path, weights_only=True)["stain_reference"])
+    ckpt["stain"] = norm.state_dict()      # plain tensors and scalars: weights_only-safe (model.checkpoint)
+    norm = MacenkoNormalizer.from_state_dict(torch.load(path, weights_only=True)["stain"])
 
 Algorithm: canonical HEnorm/torchstain Macenko, vectorised over the batch: OD = -ln((I+1)/Io) (a 256-entry table);
 tissue = no channel's OD below beta (an integer threshold on the uint8 image); plane of the top two eigenvectors of
@@ -56,6 +56,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+import common  # --device only: common.resolve_device, the rule every script shares
 
 MAX_CONC_PERCENTILE = 99  # HEnorm/torchstain: a stain's maximum concentration is its 99th percentile
 CPU_CHUNK_PIXELS = 2 ** 20  # ~20 tiles of 224x224: OD (12 MB) stays below glibc's mmap threshold, few parallel regions
@@ -494,8 +496,7 @@ def get_args_parser():
                    "and DAB; keep the same one for training and evaluation")
     p.add_argument("--benchmark", action="store_true", help="print img/s of this implementation and of torchstain's "
                    "per-image normalizer on the same synthetic tiles and device (needs requirements-dev.txt)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda[:N]; default cuda when available")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per normalize() call; 256 or more pays off "
                    "on a GPU, 64 is plenty on a CPU")
     p.add_argument("--size", type=int, default=224, help="benchmark tile side in pixels")
@@ -511,12 +512,7 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1 or args.size < 8 or args.repeats < 1:
             raise ValueError("--batch-size and --repeats must be >= 1 and --size >= 8")
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f"--device {args.device!r} is not a device name; use cpu or cuda") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+        device = common.resolve_device(args.device)
         if args.benchmark:
             if args.reference or args.in_dir:
                 raise ValueError("--benchmark takes no --reference, IN_DIR or OUT_DIR")
@@ -536,7 +532,7 @@ def main(argv=None) -> int:
                                  args.single_stain)
         print(f"normalized {count} images into {args.out_dir}")
         return EXIT_OK
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, common.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -1,7 +1,8 @@
 """Patient-level splits and the content hashes that keep them honest (shared by train.py and audit_leakage.py).
 
-Split out of common.py only because common.py could not hold it under the ~500-line limit; it is the
-"splits" part of the design card's common.py and imports nothing but common.
+Owns which patient goes where: the split flags, the deterministic stratified split, duplicate-content groups, and the
+checks a split must pass wherever it is loaded. It is the "splits" part of the design card's common.py, a module of
+its own because training and the audit must resolve the very same split; it imports nothing but common.
 
     import common, splits
     data = common.load_data(root)
