@@ -22,12 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-import intervals
+import metrics
 import splits
 from common import DataError
+from eval_report import fmt
 
 PATCH_KEYS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
 PATIENT_KEYS = ("accuracy", "sensitivity", "specificity")
+PREDICTION_COLUMNS = ["path", "patient", "source", "label", "score", "prediction", "split", "patch_eval",
+                      "patient_eval"]
 
 
 @dataclass
@@ -81,7 +84,6 @@ def pooled_rows(folds: list[Fold], part: str = "test") -> tuple[list[dict], list
 
 def patch_summary(rows: list[dict], groups, resamples: int, seed: int) -> dict:
     """Pooled patch metrics (decisions at each fold's threshold) with cluster-bootstrap CIs where estimable."""
-    import metrics
     rows = [r for r in rows if r["patch_eval"] == "1"]
     y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
     s = np.array([float(r["score"]) for r in rows])
@@ -95,21 +97,21 @@ def patch_summary(rows: list[dict], groups, resamples: int, seed: int) -> dict:
         return {k: m[k] for k in PATCH_KEYS}
     out = {**point(np.arange(y.size)), "n": int(y.size), "positives": int(y.sum()),
            "confusion": metrics.confusion_matrix(y, pred).tolist()}
-    cluster = intervals.cluster_index([r["patient"] for r in rows], groups)
-    ok, why = intervals.estimable(cluster, y)
+    cluster = metrics.cluster_index([r["patient"] for r in rows], groups)
+    ok, why = metrics.estimable(cluster, y)
     if not ok or not resamples or not y.size:
         out["ci_note"] = why or "no bootstrap (--bootstrap 0)"
         return out
-    draws = intervals.cluster_draws(int(cluster.max()) + 1, resamples, seed)
-    boot = intervals.cluster_bootstrap(cluster, draws, point)
-    cis = {k: intervals.percentile_interval(boot[k]) for k in PATCH_KEYS}
+    draws = metrics.cluster_draws(int(cluster.max()) + 1, resamples, seed)
+    boot = metrics.cluster_bootstrap(cluster, draws, point)
+    cis = {k: metrics.percentile_interval(boot[k]) for k in PATCH_KEYS}
     out["ci95"] = {k: [lo, hi] for k, (lo, hi, _) in cis.items()}
     out["bootstrap_undefined_share"] = {k: u for k, (_, _, u) in cis.items()}
     return out
 
 
 def patient_summary(rows: list[dict]) -> dict:
-    """Pooled patient decisions (each fold's rule and threshold) with exact binomial intervals."""
+    """Pooled patient decisions (each fold's rule and threshold) with exact binomial metrics."""
     rows = [r for r in rows if int(r["label"]) >= 0 and int(r["prediction"]) >= 0]
     y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
     p = np.array([int(r["prediction"]) for r in rows], dtype=np.int64)
@@ -117,7 +119,7 @@ def patient_summary(rows: list[dict]) -> dict:
     tn, fp = int(((y == 0) & (p == 0)).sum()), int(((y == 0) & (p == 1)).sum())
     counts = {"sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp), "accuracy": (tp + tn, y.size)}
     return {**{k: k_ / n if n else float("nan") for k, (k_, n) in counts.items()},
-            "ci95": {k: list(intervals.clopper_pearson(k_, n)) for k, (k_, n) in counts.items()},
+            "ci95": {k: list(metrics.clopper_pearson(k_, n)) for k, (k_, n) in counts.items()},
             "ci_method": "exact binomial (Clopper-Pearson)", "n": int(y.size), "positives": int(y.sum()),
             "confusion": [[tn, fp], [fn, tp]]}
 
@@ -146,7 +148,6 @@ def summarize(folds: list[Fold], resamples: int, seed: int) -> tuple[dict, list[
 
 
 def render(result: dict) -> str:
-    from eval_report import fmt
     ci = lambda m, k: (f"{fmt(m[k])} [{fmt(m['ci95'][k][0])}, {fmt(m['ci95'][k][1])}]" if "ci95" in m
                        else f"{fmt(m[k])} (CI {m.get('ci_note', 'none')})")
     pf = result["per_fold"]

@@ -103,10 +103,27 @@ def fmt(v, digits: int = 3) -> str:
 
 
 def with_ci(m: dict, key: str) -> str:
+    """`0.812 [0.700, 0.900]`; `0.812 (CI not estimable)` where the interval would claim what the data cannot hold."""
     ci, v = m.get("ci95", {}).get(key), m.get(key)
     if isinstance(v, float) and np.isnan(v):
         return "NaN (undefined, see below)"
-    return f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else fmt(v)
+    if ci:
+        return f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]"
+    return f"{fmt(v)} (CI not estimable)" if key in m.get("ci_note", {}) else fmt(v)
+
+
+def _interval_notes(m: dict, where: str) -> list[str]:
+    """Why some intervals are missing, and the share of resamples in which a metric was undefined."""
+    lines = []
+    notes = {}
+    for k, why in m.get("ci_note", {}).items():
+        notes.setdefault(why, []).append(k)
+    lines += [f"- {where}: no CI for {', '.join(ks)}: {why}." for why, ks in notes.items()]
+    shares = {k: v for k, v in m.get("bootstrap_undefined_share", {}).items() if v}
+    if shares:
+        lines.append(f"- {where}: resamples in which a metric was undefined (dropped from its interval): "
+                     + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()) + ".")
+    return lines
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -120,39 +137,71 @@ def _undefined(metrics: dict, prefix: str = "") -> list[str]:
     for k, v in metrics.items():
         if k == "undefined":
             out += [f"- `{prefix}{m}`: {why}" for m, why in v.items()]
-        elif isinstance(v, dict) and k not in ("meta", "candidates", "ci95"):
+        elif isinstance(v, dict) and k not in ("meta", "candidates", "ci95", "ci_note", "ci_method",
+                                                  "bootstrap_undefined_share"):
             out += _undefined(v, f"{prefix}{k}.")
     return out
+
+
+PART = {"test": "test part (untouched)", "val": "validation part"}
+
+
+def disclosure(metrics: dict) -> list[str]:
+    """The first lines of the report: which part the headline numbers come from and what was chosen on val."""
+    meta = metrics["meta"]
+    sel = meta.get("selection") or {}
+    values = [v for v in sel.get("pr_auc_by_epoch") or [] if v is not None]
+    epoch = (f"the epoch ({meta.get('epoch')}, best validation PR-AUC of {sel.get('epochs')}: "
+             f"{', '.join(fmt(float(v)) for v in values)})" if values else f"the epoch ({meta.get('epoch')})")
+    rule = (f"the patient rule ({sel['patient_rule']} >= {fmt(sel['patient_threshold'], 4)})"
+            if sel.get("patient_rule") else "the patient rule (none could be tuned)")
+    chosen = (f"Chosen on the {len(meta['val_patients'])} validation patients: {epoch}, the patch threshold "
+              f"({fmt(meta['patch_threshold'], 4)}), {rule}.")
+    if meta.get("headline") == "test":
+        return [f"**Headline: the test part, {len(meta['test_patients'])} patients nothing was chosen on.** {chosen} "
+                f"Validation numbers are reported below as the selection set (optimistic)."]
+    return [f"**No untouched set: this run's split has two parts (train/val).** Every number below comes from the "
+            f"patients that chose the model, so all of them are optimistic. {chosen}"]
 
 
 def _header(metrics: dict) -> list[str]:
     meta = metrics["meta"]
     boot = meta["bootstrap"]
-    lines = [f"# Evaluation of `{meta['checkpoint']}`", ""] + _table(["", ""], [
+    lines = [f"# Evaluation of `{meta['checkpoint']}`", "", *disclosure(metrics), ""] + _table(["", ""], [
         ["architecture", f"{meta['arch']}, {meta['image_size']} px input"], ["epoch", meta.get("epoch")],
         ["data root", f"`{meta['data_root']}`"], ["stain normalization", meta["stain"] or "none"],
         ["patch threshold", f"{fmt(meta['patch_threshold'])} ({meta.get('threshold_rule') or 'chosen on validation'})"],
         ["validation patients", f"{len(meta['val_patients'])}: {', '.join(meta['val_patients'])}"],
-        ["95% CIs", f"{boot['resamples']} patient-cluster bootstrap resamples, seed {boot['seed']}, percentile"
-                    if boot["resamples"] else "none (--bootstrap 0)"],
+        ["test patients", f"{len(meta.get('test_patients') or [])}: {', '.join(meta.get('test_patients') or [])}"
+                          if meta.get("test_patients") else "none: no untouched set"],
+        ["95% CIs", "patient proportions: exact binomial (Clopper-Pearson); patch metrics and patient ROC-AUC: "
+                    + (f"{boot['resamples']} patient-cluster bootstrap resamples (duplicated patients one cluster), "
+                       f"seed {boot['seed']}, percentile; not estimable with fewer than "
+                       f"{boot.get('min_clusters', 10)} clusters in a class" if boot["resamples"]
+                       else "none (--bootstrap 0)")],
         ["device", f"{meta['device']}, AMP {'on' if meta['amp'] else 'off'}"]])
     trained = meta.get("training_val_metrics") or {}
-    if isinstance(trained, dict) and "pr_auc" in trained:
+    val_patch = (metrics.get("selection") or metrics).get("patch", {})
+    if isinstance(trained, dict) and "pr_auc" in trained and "pr_auc" in val_patch:
         lines += ["", f"Training logged validation PR-AUC {fmt(float(trained['pr_auc']))} for this checkpoint; this "
-                      f"evaluation finds {fmt(metrics['patch']['pr_auc'])} (same patches and preprocessing: they "
-                      f"should agree up to AMP rounding)."]
+                      f"evaluation finds {fmt(val_patch['pr_auc'])} on the validation part (same patches and "
+                      f"preprocessing, byte-identical copies counted once: they should agree up to AMP rounding)."]
+    if meta.get("identical_not_counted"):
+        lines += ["", f"{len(meta['identical_not_counted'])} patch file(s) byte-identical to another counted file "
+                      f"are counted once (e.g. `{meta['identical_not_counted'][0]}`); metrics.json lists them."]
     return lines
 
 
 def _patch_section(metrics: dict) -> list[str]:
     m, half = metrics["patch"], metrics["patch_at_0.5"]
+    part = PART[metrics["meta"].get("headline", "val")]
     (tn, fp), (fn, tp) = m["confusion"]
     rows = [[NAMES[k], with_ci(m, k), with_ci(half, k) if k in ("recall", "precision", "f1", "accuracy")
-             else "(threshold-free)"]
+             else "(does not use one)"]
             for k in ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")]
     rows.append(["all-negative dummy accuracy", fmt(m["dummy_accuracy"]), fmt(half["dummy_accuracy"])])
     src = metrics.get("by_source", {})
-    lines = ["", "## Patch level", "", "Validation patients' labelled patches, each window once (Aug copies excluded): "
+    lines = ["", f"## Patch level, {part}", "", "Labelled patches, each window once (Aug copies excluded): "
              f"{m['n']} patches, {m['positives']} positive. Values with [95% CI].", ""]
     lines += _table(["metric", f"at threshold {fmt(m['threshold'])}", "at 0.5"], rows)
     lines += ["", f"Confusion at {fmt(m['threshold'])}: TN {tn}, FP {fp}, FN {fn}, TP {tp}.", "",
@@ -162,11 +211,13 @@ def _patch_section(metrics: dict) -> list[str]:
     lines += _table(["metric", *names], [[NAMES[k], *[with_ci(src[s], k) for s in names]] for k in
                                          ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")] +
                     [["patches (positive)", *[f"{src[s]['n']} ({src[s]['positives']})" for s in names]]])
-    return lines
+    notes = _interval_notes(m, "patch") + _interval_notes(half, "patch at 0.5") + \
+        [n for s in names for n in _interval_notes(src[s], s)]
+    return lines + ([""] + notes if notes else [])
 
 
 def _patient_section(metrics: dict, patient_rows: list[dict]) -> list[str]:
-    p = metrics["patient"]
+    p, headline = metrics["patient"], metrics["meta"].get("headline", "val")
     lines = ["", "## Patient level", "", "Each patient's score aggregates ALL its Cropped patches (HoldOut: all its "
              "patches): `fraction_positive` = share of patches scoring >= the patch threshold, `topk_mean` = mean of "
              f"the {p['top_k']} highest scores. Annotated windows are not used: they were picked knowing the "
@@ -174,17 +225,20 @@ def _patient_section(metrics: dict, patient_rows: list[dict]) -> list[str]:
     if p["rule"]:
         lines += ["", f"Rule chosen on the validation patients (best Youden's J, then ROC-AUC): **{p['rule']} >= "
                       f"{fmt(p['threshold'], 4)}**. **Validation patient numbers are optimistic**: rule and threshold "
-                      "were tuned on these same patients. The HoldOut column (if any) applies them unchanged.", ""]
-        lines += _table(["rule", "Youden's J", "ROC-AUC", "threshold"],
-                        [[r, c["youden_j"], c["roc_auc"], c["threshold"]] for r, c in p["candidates"].items()])
+                      "were tuned on these same patients. The test and HoldOut columns apply them unchanged.", ""]
+        chosen_on = metrics["selection"]["patient"] if headline == "test" else p
+        lines += _table(["rule", "Youden's J (val)", "ROC-AUC (val)", "threshold"],
+                        [[r, c["youden_j"], c["roc_auc"], c["threshold"]] for r, c in chosen_on["candidates"].items()])
     else:
         lines += ["", f"No patient rule: {p['reason']}."]
-    cols = {"validation (tuned here)": p}
+    cols = {"test (rule applied as is)": p, "validation (selection set, optimistic)": metrics["selection"]["patient"]} \
+        if headline == "test" else {"validation (tuned here; no untouched set)": p}
     if "holdout" in metrics:
         cols["HoldOut (rule applied as is)"] = metrics["holdout"]["patient"]
     lines += [""] + _table(["metric", *cols], [[NAMES[k], *[with_ci(c, k) for c in cols.values()]]
                                                for k in ("accuracy", "sensitivity", "specificity", "roc_auc")] +
                            [["patients (infected)", *[f"{c['n']} ({c['positives']})" for c in cols.values()]]])
+    lines += [""] + [n for name, c in cols.items() for n in _interval_notes(c, name.split()[0])]
     for name, c in cols.items():
         if c.get("excluded"):
             left_out = ", ".join(f"{k} ({v})" for k, v in c["excluded"].items())
@@ -194,8 +248,24 @@ def _patient_section(metrics: dict, patient_rows: list[dict]) -> list[str]:
     return lines
 
 
+def _selection_section(metrics: dict) -> list[str]:
+    """The validation part's patch metrics: the patients that chose epoch, threshold and rule (optimistic)."""
+    sel = metrics.get("selection")
+    if not sel or "patch" not in sel:
+        return []
+    m = sel["patch"]
+    lines = ["", "## Selection set (validation part, optimistic)", "", f"The {m['n']} labelled patches ({m['positives']} "
+             "positive) of the patients that chose the epoch, the threshold and the patient rule: their numbers are "
+             "biased upwards, PR-AUC and ROC-AUC included (the epoch was picked for its validation PR-AUC).", ""]
+    lines += _table(["metric", f"at threshold {fmt(m['threshold'])}"],
+                    [[NAMES[k], with_ci(m, k)] for k in ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")])
+    notes = _interval_notes(m, "validation patch")
+    return lines + ([""] + notes if notes else [])
+
+
 def render_report(metrics: dict, files: list[str], patient_rows: list[dict]) -> str:
-    lines = _header(metrics) + _patch_section(metrics) + _patient_section(metrics, patient_rows)
+    lines = _header(metrics) + _patch_section(metrics) + _selection_section(metrics) + \
+        _patient_section(metrics, patient_rows)
     undefined = _undefined({k: v for k, v in metrics.items() if k != "meta"})
     if undefined:
         lines += ["", "## Undefined metrics (NaN)", ""] + undefined
@@ -203,31 +273,44 @@ def render_report(metrics: dict, files: list[str], patient_rows: list[dict]) -> 
                                         and not f.startswith("gradcam")]
     cams = [f for f in files if f.startswith("gradcam")]
     if cams:
-        lines += ["", "## Grad-CAM", "", "Where the evidence for H. pylori (the logit) is strongest within each patch "
-                  "(layer4 for ResNets; signed Grad-CAM min-max scaled per patch, so red means 'most positive here', "
-                  "not 'positive'), over the raw patch; the model saw the stain-normalized patch. Signed maps: "
-                  "`gradcam/heatmaps.npz`.", ""]
+        cam = metrics["meta"].get("gradcam") or {}
+        where = (f"layer `{cam['layer']}`, a {cam['map'][0]}x{cam['map'][1]} map for a {cam['input']} px patch"
+                 + (f" ({cam['note']})" if cam.get("note") else "")) if cam else "the deepest spatial layer"
+        lines += ["", "## Grad-CAM", "", f"Where the evidence for H. pylori (the logit) is strongest within each patch "
+                  f"of the {PART[metrics['meta'].get('headline', 'val')]} ({where}; signed Grad-CAM upsampled and "
+                  "min-max scaled per patch, so red means 'most positive here', not 'positive', and nothing finer than "
+                  "one map cell is resolved), over the raw patch; the model saw the stain-normalized patch. Signed "
+                  "maps: `gradcam/heatmaps.npz`.", ""]
         lines += [f"- [{Path(f).stem.replace('_', ' ')}]({f})" for f in cams if f.endswith(".png")]
     skipped = metrics["meta"]["skipped_images"]
     if skipped:
         lines += ["", f"## Skipped undecodable images ({len(skipped)})", ""] + [f"- `{p}`" for p in skipped[:50]]
     lines += ["", "## How to read this", "",
-              "- CIs resample patients, not patches (patches of one patient are correlated); resamples where a metric "
-              "is undefined are dropped (counted in metrics.json `bootstrap_undefined`).",
+              "- Patient proportions carry exact binomial intervals of their counts. Patch CIs resample patient "
+              "clusters, not patches (patches of one patient are correlated; patients sharing byte-identical images "
+              "are one cluster); with fewer than 10 clusters in a class no interval is given. Resamples where a "
+              "metric is undefined are dropped, and their share is listed above.",
               "- The CIs hold the thresholds fixed: they do not include the variability of choosing them.",
-              "- Patch metrics use the threshold stored in the checkpoint (chosen on these validation patches during "
-              "training), so they too are somewhat optimistic; PR-AUC and ROC-AUC are threshold-free.",
+              "- The patch threshold, the patient rule and the epoch were chosen on the validation part: its numbers "
+              "(PR-AUC and ROC-AUC too, since the epoch was picked for them) are optimistic. Only the test part "
+              "(and the HoldOut) measure a model nothing was tuned on.",
               "- predictions.csv holds every score: recompute or re-aggregate anything from it."]
     return "\n".join(lines) + "\n"
 
 
 def summary_lines(metrics: dict) -> list[str]:
     m, p = metrics["patch"], metrics["patient"]
+    part = metrics["meta"].get("headline", "val")
     show = lambda d, keys: "  ".join(f"{k} {with_ci(d, k)}" for k in keys)
-    lines = [f"patch   val, {m['n']} patches ({m['positives']} positive), threshold {fmt(m['threshold'])}: "
+    how = "untouched" if part == "test" else "tuned on them, NO UNTOUCHED SET"
+    lines = [f"patch   {part}, {m['n']} patches ({m['positives']} positive), threshold {fmt(m['threshold'])}: "
              + show(m, ("pr_auc", "roc_auc", "recall", "precision", "f1")),
-             f"patient val, {p['n']} patients ({p['positives']} infected), rule {p['rule']} >= {fmt(p['threshold'])}"
-             f" (tuned on them): " + show(p, ("accuracy", "sensitivity", "specificity", "roc_auc"))]
+             f"patient {part}, {p['n']} patients ({p['positives']} infected), rule {p['rule']} >= {fmt(p['threshold'])}"
+             f" ({how}): " + show(p, ("accuracy", "sensitivity", "specificity", "roc_auc"))]
+    if "selection" in metrics:
+        v, q = metrics["selection"].get("patch", {}), metrics["selection"]["patient"]
+        lines.append(f"selection set (val, optimistic): patch PR-AUC {with_ci(v, 'pr_auc')}, patient accuracy "
+                     f"{with_ci(q, 'accuracy')} on {q['n']} patients")
     if "holdout" in metrics:
         h = metrics["holdout"]["patient"]
         lines.append(f"patient HoldOut, {h['n']} patients ({h['positives']} infected), same rule, not re-tuned: "
@@ -238,9 +321,10 @@ def summary_lines(metrics: dict) -> list[str]:
 def render_compare(table: dict) -> str:
     boot = table["bootstrap"]
     lines = [f"# Comparison against `{table['baseline']}`", "",
-             f"On the {len(table['patients'])} validation patients all checkpoints share; deltas = model - baseline, "
-             f"95% CI from {boot['resamples']} paired patient-bootstrap resamples (seed {boot['seed']}): the same "
-             "patients drawn for every model. 'within noise' = the CI contains 0."]
+             f"On the {len(table['patients'])} {table.get('part', 'val')} patients all checkpoints share; deltas = "
+             f"model - baseline, 95% CI from {boot['resamples']} paired patient-cluster bootstrap resamples (seed "
+             f"{boot['seed']}): the same clusters drawn for every model (none where fewer than 10 clusters hold a "
+             "class). 'within noise' = the CI contains 0."]
     if not table["same_validation_patients"]:
         lines += ["", "**The checkpoints have different validation splits**: only the shared patients are compared, "
                       "and each model's stored threshold was chosen on its own split."]

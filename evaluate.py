@@ -3,42 +3,54 @@
     python evaluate.py --checkpoint runs/26/best.pt                       # -> runs/26/eval/
     python evaluate.py --checkpoint runs/26/best.pt --holdout             # + HoldOut patients, rule not re-tuned
     python evaluate.py --checkpoint runs/26/best.pt --data-root /scratch/$USER/HelicoDataSet --out /tmp/ev26
-    python evaluate.py --compare runs/10/best.pt runs/14/best.pt          # deltas with paired patient-bootstrap CIs
+    python evaluate.py --compare runs/10/best.pt runs/14/best.pt          # deltas with paired cluster-bootstrap CIs
+    python evaluate.py --cv runs/27-f*                                    # pooled out-of-fold test predictions
 
 Everything comes from the checkpoint (train.py writes it): architecture, weights, image size, the patient split,
 the Macenko stain reference and the patch threshold chosen on validation. Only --data-root may override the
 stored data root (the staged copy moves). Preprocessing is training's validation path (model.model_input:
 Macenko -> ImageNet normalization) under the run's precision and layout (model.precision); score = sigmoid(logit).
 
-What it measures, on the checkpoint's validation patients:
-- patches (labelled windows, each once, Aug copies excluded), at the stored threshold and at 0.5, next to the
-  all-negative dummy's accuracy; and by source: annotated (hard) vs supplemental (Cropped of NEGATIVA, easy);
+What it measures. The headline is the split's test part (nothing was chosen on it); the validation part, which
+chose the epoch, the patch threshold and the patient rule, is reported as the selection set (optimistic). A
+two-part split (no test part) is evaluated on val, and the report says first that there is no untouched set.
+- patches (labelled windows, each once, Aug copies excluded, byte-identical files once), at the stored threshold
+  and at 0.5, next to the all-negative dummy's accuracy; and by source: annotated (hard) vs supplemental (Cropped
+  of NEGATIVA, easy);
 - patients: ALL their Cropped patches are scored and aggregated (fraction of positive patches, and the mean of the
-  top-k scores); the rule and its threshold are chosen on the validation patients (Youden's J), so validation
-  patient numbers are optimistic. Annotated windows are NOT aggregated: pathologists picked them knowing the
+  top-k scores); the rule and its threshold are chosen on the validation patients (Youden's J) and applied
+  unchanged to test and HoldOut. Annotated windows are NOT aggregated: pathologists picked them knowing the
   diagnosis (positive windows exist only for infected patients) and HoldOut patients have none, so using them
   would leak the label and make validation and HoldOut scores incomparable;
-- --holdout: the same rule and threshold applied to the HoldOut patients, never re-tuned: the honest number;
-- 95% CIs by patient-cluster bootstrap (patients resampled, not patches); NaN (with the reason) where a metric is
-  undefined, e.g. recall on a set without positives.
+- --holdout: the same rule and threshold applied to the HoldOut patients; refused (exit 1, naming them) when a
+  HoldOut patient shares an ID or a byte-identical image with CrossValidation;
+- 95% CIs (metrics.py): exact binomial (Clopper-Pearson) for patient sensitivity, specificity and accuracy; a
+  patient-cluster bootstrap (patients sharing byte-identical images are one cluster) for patch metrics and patient
+  ROC-AUC, "not estimable" with fewer than 10 clusters in a class; the share of resamples where a metric was
+  undefined is printed beside it. NaN (with the reason) where a metric is undefined.
 
 Writes into runs/<id>/eval/ (or --out), built in a temp folder beside it and swapped in whole: report.md,
 metrics.json, predictions.csv, patients.csv, figures/*.png, learning_curves.png (from the run's log.jsonl),
-gradcam/*.png + heatmaps.npz. --compare writes compare.md and compare.json (default <first run>/compare/).
-This file owns what is measured and how (patient rows, the patient rule, bootstrap CIs, --compare); metrics.py
-defines the metrics, eval_report.py writes the files and markdown, figures.py the charts, gradcam.py the Grad-CAM.
+gradcam/*.png + heatmaps.npz. --compare writes compare.md and compare.json (default <first run>/compare/), on the
+test patients the checkpoints share (else validation). --cv evaluates each fold run, then writes runs/27-cv/
+(report.md, metrics.json, predictions.csv, patients.csv: see crossval.py).
+This file owns what is measured and how (patient rows, the patient rule, intervals, --compare, --cv); metrics.py
+defines the metrics and intervals, eval_report.py writes the files and markdown, figures.py the charts, gradcam.py
+the Grad-CAM, crossval.py the pooling of folds.
 
 --cache DIR reads patches from a packed cache (patch_cache.py) instead of PNGs (Grad-CAM still decodes its few). A
 plain cache gets the checkpoint's Macenko applied (same pixels, same scores); one train.py --cache-normalized wrote
 is used as it is, only if normalized to the checkpoint's own stain reference (refused otherwise, never rebuilt).
 
-Exit codes: 0 ok; 2 bad input (missing/unreadable/foreign checkpoint, wrong --arch, data root lacking a patient
-of the split, empty split, unreadable image without --skip-bad-images).
+Exit codes: 0 ok; 1 --holdout on a HoldOut that is not independent of CrossValidation (patients named); 2 bad
+input (missing/unreadable/foreign checkpoint, wrong --arch, data root lacking a patient of the split, empty split,
+unreadable image without --skip-bad-images, --cv folds that are not one cross-validation).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import warnings
@@ -51,6 +63,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import crossval
 import eval_report
 import figures
 import gradcam
@@ -58,6 +71,7 @@ import loaders
 import metrics
 import model
 import patch_cache
+import splits
 from common import DataError
 
 PATCH_METRICS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
@@ -75,17 +89,22 @@ def get_args_parser():
     what.add_argument("--checkpoint", metavar="CKPT", help="a train.py checkpoint (best.pt: the epoch with the best "
                       "validation PR-AUC); the report goes to eval/ beside it")
     what.add_argument("--compare", nargs="+", metavar="CKPT", help="two or more checkpoints: headline metrics side "
-                      "by side, deltas against the first with paired patient-bootstrap CIs, on the validation "
-                      "patients they share")
+                      "by side, deltas against the first with paired patient-cluster bootstrap CIs, on the test "
+                      "patients they share (else the validation patients)")
+    what.add_argument("--cv", nargs="+", metavar="RUN", help="the run folders of one cross-validation (runs/27-f*): "
+                      "each is evaluated (its eval/), then their out-of-fold test predictions are pooled into "
+                      "<runs>/27-cv/ (or --out), after checking the folds' test parts are disjoint and cover the "
+                      "patients")
     p.add_argument("--data-root", help="HelicoDataSet folder; default: the one stored in the checkpoint. Point it at "
                    "the staged copy on a cluster node")
     p.add_argument("--out", help="output folder (default runs/<id>/eval/). An existing one is replaced whole, but "
                    "only if it holds a previous metrics.json/compare.json")
     p.add_argument("--arch", help="refuse the checkpoint unless it is this architecture (a guard for scripts)")
     p.add_argument("--holdout", action="store_true", help="also apply the validation-chosen patient rule and "
-                   "threshold to the HoldOut patients (the honest estimate; slow on the real data: ~89k patches)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="patient-cluster bootstrap resamples for the 95%% CIs; "
-                   "0 skips them. 1000 is plenty for percentile intervals")
+                   "threshold to the HoldOut patients (an independent estimate; slow on the real data: ~89k "
+                   "patches). Refused (exit 1) if a HoldOut patient shares an ID or an image with CrossValidation")
+    p.add_argument("--bootstrap", type=int, default=1000, help="patient-cluster bootstrap resamples for the patch "
+                   "metrics' 95%% CIs (patient proportions get exact binomial intervals); 0 skips them")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed: the same seed gives the same intervals")
     p.add_argument("--top-k", type=int, default=10, help="k of the top-k-mean patient rule (mean of a patient's k "
                    "highest patch scores; all patches when the patient has fewer)")
@@ -133,23 +152,31 @@ def data_root_of(ckpt: dict, override: str | None, path) -> str:
     return root
 
 
-def validation_patients(ckpt: dict, data: common.HelicoData, path) -> list[str]:
+def split_parts(ckpt: dict, data: common.HelicoData, path) -> dict[str, list[str]]:
+    """{"val": patients, "test": patients} of the checkpoint's split, checked against the data root. The test part
+    is empty for a two-part split (or one written before splits had three parts): no untouched set."""
     split = ckpt["split"] if isinstance(ckpt["split"], dict) else {}
-    val = sorted(split.get("val") or [])
-    if not val:
+    parts = {part: sorted(split.get(part) or []) for part in ("val", "test")}
+    if not parts["val"]:
         raise DataError(f"--checkpoint {path}: its split has no validation patients")
-    missing = sorted(set(val) - set(data.cv_patients))
+    if split.get("untouched_test") is False:
+        parts["test"] = []
+    missing = sorted(set(parts["val"] + parts["test"]) - set(data.cv_patients))
     if missing:
         raise DataError(f"data root {data.root} lacks patient(s) of the split of {path}: {', '.join(missing[:10])}"
                         f" (wrong --data-root, or an incomplete staged copy?)")
-    return val
+    return parts
+
+
+def validation_patients(ckpt: dict, data: common.HelicoData, path) -> list[str]:
+    return split_parts(ckpt, data, path)["val"]
 
 
 @dataclass
 class Predictions:
     """One row per scored patch (predictions.csv): the raw material of every metric, CI and re-aggregation."""
     samples: list
-    split: np.ndarray         # val | holdout
+    split: np.ndarray         # val | test | holdout
     patch_eval: np.ndarray    # counted in patch-level metrics: a labelled window of a validation patient, once
     patient_eval: np.ndarray  # aggregated into its patient's score: a Cropped (or HoldOut) patch
     score: np.ndarray
@@ -166,21 +193,40 @@ class Predictions:
 class Row(NamedTuple):
     """A patch to score and what it counts towards."""
     sample: common.Sample
-    split: str            # val | holdout
-    patch_eval: bool      # a labelled window of a validation patient, once
+    split: str            # val | test | holdout
+    patch_eval: bool      # a labelled window of a val or test patient, once
     patient_eval: bool    # a Cropped (or HoldOut) patch, aggregated into its patient's score
 
 
-def evaluation_rows(data: common.HelicoData, val: list[str], holdout: list[str] = ()) -> list[Row]:
-    """Each file once: a supplemental negative is both a labelled window and a Cropped patch of its patient."""
+def evaluation_rows(data: common.HelicoData, parts: dict[str, list[str]], holdout: list[str] = ()) -> list[Row]:
+    """Each file once: a supplemental negative is both a labelled window and a Cropped patch of its patient.
+    `parts`: split part -> patients, e.g. {"val": [...], "test": [...]}."""
     rows: dict[str, Row] = {}
-    for s in common.select(data.labelled, val):
-        rows[s.path] = Row(s, "val", True, False)
-    for s in common.select(data.cropped, val):
-        rows[s.path] = rows.get(s.path, Row(s, "val", False, False))._replace(patient_eval=True)
+    for part, patients in parts.items():
+        for s in common.select(data.labelled, patients):
+            rows[s.path] = Row(s, part, True, False)
+        for s in common.select(data.cropped, patients):
+            rows[s.path] = rows.get(s.path, Row(s, part, False, False))._replace(patient_eval=True)
     for s in common.select(data.holdout, holdout):
         rows[s.path] = Row(s, "holdout", False, True)
     return list(rows.values())
+
+
+def count_identical_once(rows: list[Row], root, cache) -> tuple[list[Row], list[str]]:
+    """Rows without repeats of byte-identical content: among the patch-level rows and, separately, among the
+    patient-level rows, only the first file (by path) of each content counts (splits.first_copies, as train.py's
+    validation), so a slide filed under two patient IDs (B22-200/B22-201) is not counted twice. Returns the rows
+    kept and the paths no longer counted anywhere."""
+    counts = {}
+    for role in ("patch_eval", "patient_eval"):
+        paths = [r.sample.path for r in rows if getattr(r, role)]
+        counts[role] = {p for p, keep in zip(paths, splits.first_copies(root, paths, cache)) if keep}
+    kept, dropped = [], []
+    for r in rows:
+        r = r._replace(patch_eval=r.sample.path in counts["patch_eval"],
+                       patient_eval=r.sample.path in counts["patient_eval"])
+        (kept if r.patch_eval or r.patient_eval else dropped).append(r)
+    return kept, sorted(r.sample.path for r in dropped)
 
 
 def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: bool):
@@ -274,19 +320,41 @@ def choose_patient_rule(rows: list[dict]) -> dict:
     return {"rule": rule, "threshold": cands[rule]["threshold"], "candidates": cands, "reason": ""}
 
 
-# ----------------------------------------------------------------------------------------------- bootstrap
-def with_ci(point: dict, boot: dict[str, np.ndarray], keys) -> dict:
+# ----------------------------------------------------------------------------------------------- intervals
+def clusters(patients: list[str], groups) -> tuple[dict[str, int], int]:
+    """Cluster number of each patient (a duplicate group is one cluster) and the number of clusters."""
+    c = metrics.cluster_index(patients, groups)
+    return dict(zip(patients, c.tolist())), int(c.max()) + 1 if len(c) else 0
+
+
+def part_draws(patients: list[str], groups, resamples: int, seed: int, stream: int = 0):
+    """Cluster resamples of one part, shared by all its metrics (and by every model under --compare: paired)."""
+    n = clusters(patients, groups)[1]
+    return metrics.cluster_draws(n, resamples, seed, stream) if resamples and n else None
+
+
+def bootstrap_cis(point: dict, boot: dict[str, np.ndarray], keys, note: str) -> None:
+    """Percentile CIs (and each one's share of undefined resamples) from `boot`, or `note` saying why there are none."""
     if boot:
-        point["ci95"] = {k: metrics.ci95(boot[k]) for k in keys}
-        point["bootstrap_undefined"] = {k: int((~np.isfinite(boot[k])).sum()) for k in keys
-                                        if (~np.isfinite(boot[k])).any()}
-    return point
+        for k in keys:
+            lo, hi, undefined = metrics.percentile_interval(boot[k])
+            point.setdefault("ci95", {})[k] = [lo, hi]
+            point.setdefault("ci_method", {})[k] = "patient-cluster bootstrap"
+            point.setdefault("bootstrap_undefined_share", {})[k] = undefined
+    elif note:
+        point.setdefault("ci_note", {}).update({k: note for k in keys})
 
 
-def patch_level(pred: Predictions, patients: list[str], threshold: float, draws: np.ndarray) -> tuple[dict, dict]:
-    """Patch metrics at the stored threshold, at 0.5 and by source, with CIs; and their raw bootstrap values."""
+def no_ci_reason(ok: bool, why: str, draws) -> str:
+    return why if not ok else "" if draws is not None else "no bootstrap (--bootstrap 0)"
+
+
+def patch_level(pred: Predictions, patients: list[str], threshold: float, groups, draws) -> tuple[dict, dict]:
+    """Patch metrics at the stored threshold, at 0.5 and by source, with cluster-bootstrap CIs where estimable; and
+    their raw bootstrap values (for --compare)."""
     patch = pred.patch_eval
     y, s, who, src = pred.label[patch], pred.score[patch], pred.patient[patch], pred.source[patch]
+    cluster_of = clusters(patients, groups)[0]
     everything = np.ones(len(y), bool)
     # (path in the metrics dict, which patches, threshold, metrics): ("by_source", "annotated") nests under by_source
     sets = [(("patch",), everything, threshold, PATCH_METRICS), (("patch_at_0.5",), everything, 0.5, THRESHOLD_METRICS),
@@ -294,22 +362,35 @@ def patch_level(pred: Predictions, patients: list[str], threshold: float, draws:
     out, boot = {}, {}
     for name, mask, t, keys in sets:
         ym, sm = y[mask], s[mask]
+        cm = np.array([cluster_of[p] for p in who[mask]], dtype=np.int64)
+        ok, why = metrics.estimable(cm, ym)
 
         def resampled(idx, ym=ym, sm=sm, t=t, keys=keys):
             return {k: v for k, v in metrics.binary_metrics(ym[idx], sm[idx], t).items() if k in keys}
-        b = metrics.bootstrap_values(metrics.groups_of(who[mask], patients), draws, resampled) if len(draws) else {}
+        b = metrics.cluster_bootstrap(cm, draws, resampled) if ok and draws is not None else {}
         boot.update({".".join((*name, k)): v for k, v in b.items()})
         *parents, leaf = name
         parent = out
         for p in parents:
             parent = parent.setdefault(p, {})
-        parent[leaf] = with_ci(metrics.patch_metrics(ym, sm, t), b, keys)
+        parent[leaf] = metrics.patch_metrics(ym, sm, t)
+        bootstrap_cis(parent[leaf], b, keys, no_ci_reason(ok, why, draws))
     return out, boot
 
 
+def exact_cis(m: dict) -> None:
+    """Clopper-Pearson intervals of the patient proportions, from their counts: never narrower than the data allow."""
+    (tn, fp), (fn, tp) = m["confusion"]
+    for k, (hits, n) in {"sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp),
+                         "accuracy": (tp + tn, tn + fp + fn + tp)}.items():
+        m.setdefault("ci95", {})[k] = list(metrics.clopper_pearson(hits, n))
+        m.setdefault("ci_method", {})[k] = "exact binomial (Clopper-Pearson)"
+
+
 def patient_level(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
-                  draws: np.ndarray, rule: dict | None) -> tuple[dict, list[dict], dict]:
-    """Patient scores, the rule (chosen here when `rule` is None), metrics with CIs, and raw bootstrap values."""
+                  groups, draws, rule: dict | None) -> tuple[dict, list[dict], dict]:
+    """Patient scores, the rule (chosen here when `rule` is None), metrics with CIs (exact for the proportions, a
+    cluster bootstrap for ROC-AUC where estimable), and raw bootstrap values (for --compare)."""
     rows = patient_scores(pred, patients, diagnosis, patch_threshold, top_k)
     rule = rule or choose_patient_rule(rows)
     for r in rows:
@@ -319,81 +400,154 @@ def patient_level(pred: Predictions, patients: list[str], diagnosis: dict, patch
     y = np.array([r["label"] for r in known], dtype=np.int64)
     s = np.array([r["score"] for r in known], dtype=np.float64)
     m = metrics.patient_metrics(y, s, rule["threshold"])
+    b = {}
     if not rule["rule"]:  # no rule, no predictions: every metric is undefined, for the reason the rule gives
         m.update({k: float("nan") for k in PATIENT_METRICS}, undefined={k: rule["reason"] for k in PATIENT_METRICS})
-    b = {}
-    if len(draws) and rule["rule"]:
-        slot = {r["patient"]: k for k, r in enumerate(known)}
-        groups = [np.asarray([slot[p]] if p in slot else [], dtype=np.int64) for p in patients]
-        b = metrics.bootstrap_values(groups, draws, lambda idx: {k: v for k, v in metrics.patient_metrics(
-            y[idx], s[idx], rule["threshold"]).items() if k in PATIENT_METRICS})
+    else:
+        exact_cis(m)
+        cluster_of = clusters(patients, groups)[0]
+        ck = np.array([cluster_of[r["patient"]] for r in known], dtype=np.int64)
+        ok, why = metrics.estimable(ck, y)
+        if ok and draws is not None:
+            b = metrics.cluster_bootstrap(ck, draws, lambda idx: {k: v for k, v in metrics.patient_metrics(
+                y[idx], s[idx], rule["threshold"]).items() if k in PATIENT_METRICS})
+        bootstrap_cis(m, {k: v for k, v in b.items() if k == "roc_auc"}, ["roc_auc"], no_ci_reason(ok, why, draws))
     used = {r["patient"] for r in known}
-    excluded = {r["patient"]: "no diagnosis" if r["label"] < 0 else "no patches"
-                for r in rows if r["patient"] not in used}
-    m = {**with_ci(m, b, PATIENT_METRICS), **{k: rule[k] for k in ("rule", "candidates", "reason")},
-         "top_k": top_k, "excluded": excluded}
+    excluded = {r["patient"]: "no diagnosis" if r["label"] < 0 else "no patches (or only byte-identical copies of "
+                "another patient's)" for r in rows if r["patient"] not in used}
+    m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k, "excluded": excluded}
     return m, rows, {f"patient.{k}": v for k, v in b.items()}
 
 
 def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
-            draws: np.ndarray, rule: dict | None = None) -> tuple[dict, list[dict], dict]:
+            groups=(), draws=None, rule: dict | None = None) -> tuple[dict, list[dict], dict]:
     """Metrics dict, patient rows and raw bootstrap values ({"patch.pr_auc": array, ...}) of one set of patients.
 
-    Validation (rule None): the patient rule is chosen here. HoldOut: `rule` comes from validation, untouched."""
-    out, boot = patch_level(pred, patients, patch_threshold, draws) if pred.patch_eval.any() else ({}, {})
-    out["patient"], rows, patient_boot = patient_level(pred, patients, diagnosis, patch_threshold, top_k, draws, rule)
+    Validation (rule None): the patient rule is chosen here. Test and HoldOut: `rule` comes from validation."""
+    out, boot = patch_level(pred, patients, patch_threshold, groups, draws) if pred.patch_eval.any() else ({}, {})
+    out["patient"], rows, patient_boot = patient_level(pred, patients, diagnosis, patch_threshold, top_k, groups,
+                                                       draws, rule)
     return out, rows, {**boot, **patient_boot}
 
 
+def epochs_logged(run_dir: Path) -> list[dict]:
+    """train.py's log.jsonl records (epoch, validation PR-AUC, ...): what the best epoch was chosen among."""
+    log = run_dir / "log.jsonl"
+    if not log.is_file():
+        return []
+    records = []
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            r = json.loads(line)
+            if isinstance(r, dict) and "epoch" in r:
+                records.append(r)
+    return records
+
+
 # ----------------------------------------------------------------------------------------------- commands
-def run_evaluation(args, device) -> int:
+def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
+    """Score and analyse one checkpoint, write its eval folder; returns (metrics dict, folder)."""
     path = Path(args.checkpoint)
     out = Path(args.out) if args.out else path.parent / "eval"
     eval_report.check_out_folder(out)
     ckpt = model.load_checkpoint(path)
     net, normalizer = model.from_checkpoint(ckpt, path, args.arch, device)
     data = common.load_data(data_root_of(ckpt, args.data_root, path))
-    val = validation_patients(ckpt, data, path)
+    parts = split_parts(ckpt, data, path)
+    hash_cache = splits.hash_cache_path(None, data.root)
+    shared = splits.shared_content(data, cache=hash_cache, progress=False)
+    groups = splits.duplicate_groups(shared)  # patients sharing byte-identical images: one resampling cluster
     holdout = data.holdout_patients if args.holdout else []
-    if args.holdout and not holdout:
-        raise DataError(f"--holdout: {data.root} has no HoldOut patients (missing {common.TREES['holdout']}/ folder?)")
-    rows = evaluation_rows(data, val, holdout)
+    if args.holdout:
+        if not holdout:
+            raise DataError(f"--holdout: {data.root} has no HoldOut patients (missing {common.TREES['holdout']}/ "
+                            f"folder?)")
+        splits.check_holdout_independent(data, shared)  # exit 1: a HoldOut that overlaps CV proves nothing
+    rows, identical = count_identical_once(evaluation_rows(data, parts, holdout), data.root, hash_cache)
     if not any(r.patch_eval for r in rows):
         raise DataError(f"validation patients of {path} have no labelled patches in {data.root}: empty split")
     pred, bad = predict(net, normalizer, ckpt, data, rows, device, args)
     threshold = float(ckpt["threshold"])
-    val_pred = pred.subset(pred.split == "val")
-    result, patient_rows, _ = analyse(val_pred, val, data.diagnosis, threshold, args.top_k,
-                                      metrics.patient_draws(len(val), args.bootstrap, args.seed))
-    for r in patient_rows:
-        r["split"] = "val"
-    if holdout:  # the validation rule and thresholds, applied as they are: HoldOut never tunes anything
-        draws = metrics.patient_draws(len(holdout), args.bootstrap, args.seed, stream=1)
-        ho, ho_rows, _ = analyse(pred.subset(pred.split == "holdout"), holdout, data.diagnosis, threshold, args.top_k,
-                                 draws, rule=result["patient"])
-        result["holdout"] = {"patient": ho["patient"], "patches": int((pred.split == "holdout").sum())}
-        patient_rows += [{**r, "split": "holdout"} for r in ho_rows]
+    by_part, patient_rows = {}, []
+    for stream, part in enumerate(("val", "test", "holdout")):  # val first: it chooses the rule the others apply
+        patients = holdout if part == "holdout" else parts[part]
+        if not patients:
+            continue
+        draws = part_draws(patients, groups, args.bootstrap, args.seed, stream)
+        by_part[part], rows_of_part, _ = analyse(pred.subset(pred.split == part), patients, data.diagnosis, threshold,
+                                                 args.top_k, groups, draws,
+                                                 rule=None if part == "val" else by_part["val"]["patient"])
+        patient_rows += [{**r, "split": part} for r in rows_of_part]
+    headline = "test" if parts["test"] else "val"
+    result = dict(by_part[headline])
+    if headline == "test":
+        result["selection"] = by_part["val"]
+    if holdout:
+        result["holdout"] = {"patient": by_part["holdout"]["patient"], "patches": int((pred.split == "holdout").sum())}
+    log = epochs_logged(path.parent)
     result["meta"] = {"checkpoint": str(path), "arch": ckpt["arch"], "image_size": int(ckpt["image_size"]),
-                      "epoch": ckpt.get("epoch"), "data_root": str(data.root),
-                      "stain": "macenko" if normalizer else None,
+                      "epoch": ckpt.get("epoch"), "data_root": str(data.root), "headline": headline,
+                      "untouched_test": headline == "test", "stain": "macenko" if normalizer else None,
                       "patch_threshold": threshold, "threshold_rule": ckpt.get("threshold_rule"),
-                      "training_val_metrics": ckpt.get("val_metrics"), "val_patients": val,
-                      "holdout_patients": holdout, "skipped_images": bad, "device": str(device), "cache": args.cache,
-                      "amp": scoring_precision(ckpt, device, args.no_amp).amp,
-                      "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient"}}
+                      "selection": {"epochs": len(log), "pr_auc_by_epoch": [r.get("pr_auc") for r in log],
+                                    "patient_rule": by_part["val"]["patient"]["rule"],
+                                    "patient_threshold": by_part["val"]["patient"]["threshold"]},
+                      "training_val_metrics": ckpt.get("val_metrics"), "val_patients": parts["val"],
+                      "test_patients": parts["test"], "holdout_patients": holdout, "duplicate_groups": groups,
+                      "identical_not_counted": identical, "skipped_images": bad, "device": str(device),
+                      "cache": args.cache, "amp": scoring_precision(ckpt, device, args.no_amp).amp,
+                      "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient cluster",
+                                    "min_clusters": metrics.MIN_CLUSTERS}}
+    shown = pred.subset(pred.split == headline)
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_predictions(tmp / "predictions.csv", pred, threshold)
         eval_report.write_patients(tmp / "patients.csv", patient_rows, result["patient"]["rule"])
-        files = figures.write_figures(tmp, val_pred, result, patient_rows)
+        files = figures.write_figures(tmp, shown, result, patient_rows, part=headline)
         if (path.parent / "log.jsonl").is_file():
             files += figures.learning_curves_from_log(path.parent / "log.jsonl", tmp / "learning_curves.png")
         if args.gradcam:
-            picks = gradcam.gradcam_picks(val_pred, threshold, args.gradcam)
-            files += gradcam.write_gradcam(tmp / "gradcam", net, normalizer, data.root, picks,
-                                           int(ckpt["image_size"]), device)
+            picks = gradcam.gradcam_picks(shown, threshold, args.gradcam)
+            cams, result["meta"]["gradcam"] = gradcam.write_gradcam(tmp / "gradcam", net, normalizer, data.root, picks,
+                                                                    int(ckpt["image_size"]), device)
+            files += cams
         eval_report.write_json(tmp / "metrics.json", result)
         common.atomic_write_text(tmp / "report.md", eval_report.render_report(result, files, patient_rows))
+    return result, out
+
+
+def run_evaluation(args, device) -> int:
+    result, out = evaluate_checkpoint(args, device)
     print("\n".join(eval_report.summary_lines(result)))
+    print(f"wrote {out}/report.md")
+    return common.EXIT_OK
+
+
+def run_cv(args, device) -> int:
+    """Evaluate every fold run, then pool their out-of-fold test predictions (crossval.py)."""
+    runs = [Path(r) for r in args.cv]
+    if len(runs) < 2 or len(set(runs)) != len(runs):
+        raise DataError(f"--cv: give the run folders of two or more folds, each once (got {len(runs)})")
+    out = Path(args.out) if args.out else crossval.default_out(runs)
+    eval_report.check_out_folder(out)
+    for run in runs:
+        if not (run / "best.pt").is_file():
+            raise DataError(f"--cv {run}: no best.pt (a train.py run folder of one fold?)")
+    for run in runs:
+        evaluate_checkpoint(argparse.Namespace(**{**vars(args), "checkpoint": str(run / "best.pt"), "out": None}),
+                            device)
+    folds = sorted((crossval.read_fold(r) for r in runs), key=lambda f: (f.split.get("fold") is None,
+                                                                         f.split.get("fold")))
+    data = common.load_data(folds[0].metrics["meta"]["data_root"])
+    crossval.check_folds(folds, data.cv_patients)
+    result, preds, pats = crossval.summarize(folds, args.bootstrap, args.seed)
+    with eval_report.replaced_folder(out) as tmp:
+        eval_report.write_json(tmp / "metrics.json", result)
+        eval_report.write_csv(tmp / "predictions.csv", ["fold", *crossval.PREDICTION_COLUMNS],
+                              ([r["fold"], *(r[c] for c in crossval.PREDICTION_COLUMNS)] for r in preds))
+        eval_report.write_csv(tmp / "patients.csv", ["fold", *eval_report.PATIENT_COLUMNS, "rule"],
+                              ([r["fold"], *(r[c] for c in [*eval_report.PATIENT_COLUMNS, "rule"])] for r in pats))
+        common.atomic_write_text(tmp / "report.md", crossval.render(result))
+    print(crossval.render(result))
     print(f"wrote {out}/report.md")
     return common.EXIT_OK
 
@@ -403,30 +557,37 @@ HEADLINE = [("patch", k) for k in PATCH_METRICS] + [("patient", k) for k in PATI
 
 def run_compare(args, device) -> int:
     if args.holdout:
-        raise DataError("--holdout: not used with --compare (compare on validation, then evaluate the winner)")
+        raise DataError("--holdout: not used with --compare (compare on the test or validation part, then evaluate "
+                        "the winner)")
     paths = [Path(p) for p in args.compare]
     out = Path(args.out) if args.out else paths[0].parent / "compare"
     eval_report.check_out_folder(out)
     ckpts = [model.load_checkpoint(p) for p in paths]
     data = common.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
-    vals = [validation_patients(c, data, p) for c, p in zip(ckpts, paths)]
-    shared = sorted(set.intersection(*map(set, vals)))
+    parts = [split_parts(c, data, p) for c, p in zip(ckpts, paths)]
+    part = "test" if all(ps["test"] for ps in parts) and set.intersection(*(set(ps["test"]) for ps in parts)) \
+        else "val"
+    sets = [ps[part] for ps in parts]
+    shared = sorted(set.intersection(*map(set, sets)))
     if not shared:
         raise DataError("--compare: the checkpoints share no validation patient; a paired comparison needs some")
-    rows = evaluation_rows(data, shared)
+    hash_cache = splits.hash_cache_path(None, data.root)
+    groups = splits.duplicate_groups(splits.shared_content(data, cache=hash_cache, progress=False))
+    rows, _ = count_identical_once(evaluation_rows(data, {part: shared}), data.root, hash_cache)
     if not any(r.patch_eval for r in rows):
-        raise DataError(f"--compare: the shared validation patients have no labelled patches in {data.root}")
-    draws = metrics.patient_draws(len(shared), args.bootstrap, args.seed)  # the same resamples for every model: paired
+        raise DataError(f"--compare: the shared {part} patients have no labelled patches in {data.root}")
+    draws = part_draws(shared, groups, args.bootstrap, args.seed)  # the same cluster resamples for every model: paired
     results = []
     for c, p in zip(ckpts, paths):
         net, normalizer = model.from_checkpoint(c, p, args.arch, device)
         pred, _ = predict(net, normalizer, c, data, rows, device, args)
-        result, _, boot = analyse(pred, shared, data.diagnosis, float(c["threshold"]), args.top_k, draws)
+        result, _, boot = analyse(pred, shared, data.diagnosis, float(c["threshold"]), args.top_k, groups, draws)
         results.append({"checkpoint": str(p), "metrics": result, "boot": boot})
         del net
     table = compare_table(results)
-    table.update({"patients": shared, "same_validation_patients": all(set(v) == set(shared) for v in vals),
-                  "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient", "paired": True}})
+    table.update({"patients": shared, "part": part, "same_validation_patients": all(set(v) == set(shared) for v in sets),
+                  "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient cluster",
+                                "paired": True}})
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_json(tmp / "compare.json", table)
         common.atomic_write_text(tmp / "compare.md", eval_report.render_compare(table))
@@ -436,7 +597,8 @@ def run_compare(args, device) -> int:
 
 
 def compare_table(results: list[dict]) -> dict:
-    """Headline values of each model, and each model's delta against the first with its paired bootstrap CI."""
+    """Headline values of each model, and each model's delta against the first with its paired bootstrap CI (none
+    where the metric's interval is not estimable: fewer than 10 clusters in a class)."""
     base = results[0]
     value = lambda r, level, k: r["metrics"].get(level, {}).get(k, float("nan"))
     models = [{"checkpoint": r["checkpoint"], **{f"{lv}.{k}": value(r, lv, k) for lv, k in HEADLINE},
@@ -446,8 +608,8 @@ def compare_table(results: list[dict]) -> dict:
     for i, r in enumerate(results[1:], start=1):
         for lv, k in HEADLINE:
             name = f"{lv}.{k}"
-            diff = r["boot"].get(name, np.array([np.nan])) - base["boot"].get(name, np.array([np.nan]))
-            lo, hi = metrics.ci95(diff) if r["boot"] else [float("nan")] * 2
+            both = name in r["boot"] and name in base["boot"]
+            lo, hi, _ = metrics.percentile_interval(r["boot"][name] - base["boot"][name]) if both else [float("nan")] * 3
             deltas.append({"model": i, "checkpoint": r["checkpoint"], "metric": name, "baseline": value(base, lv, k),
                            "value": value(r, lv, k), "delta": value(r, lv, k) - value(base, lv, k), "ci95": [lo, hi],
                            "within_noise": bool(lo <= 0 <= hi) if np.isfinite([lo, hi]).all() else None})
@@ -459,10 +621,11 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         device = common.resolve_device(args.device)
-        return run_compare(args, device) if args.compare else run_evaluation(args, device)
+        return run_compare(args, device) if args.compare else run_cv(args, device) if args.cv else \
+            run_evaluation(args, device)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return common.EXIT_BAD_INPUT
+        return common.EXIT_LEAK if isinstance(e, splits.IndependenceError) else common.EXIT_BAD_INPUT
     finally:
         loaders.stop_workers()  # they ignore SIGTERM/SIGINT: left to Python's exit they would keep it waiting
 

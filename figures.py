@@ -68,11 +68,12 @@ def _two_classes(y) -> bool:
     return len(y) > 0 and 0 < np.sum(y) < len(y)
 
 
-def write_figures(folder: Path, pred, result: dict, patient_rows: list[dict]) -> list[str]:
-    """PR and ROC curves, score histograms per class, confusion matrices; returns paths relative to folder."""
+def write_figures(folder: Path, pred, result: dict, patient_rows: list[dict], part: str = "val") -> list[str]:
+    """PR and ROC curves, score histograms per class, confusion matrices of one split part (the report's headline);
+    returns paths relative to folder."""
     patch = pred.patch_eval
     y, s, src = pred.label[patch], pred.score[patch], pred.source[patch]
-    rows = [r for r in patient_rows if r.get("split", "val") == "val" and r["label"] >= 0 and np.isfinite(r["score"])]
+    rows = [r for r in patient_rows if r.get("split", "val") == part and r["label"] >= 0 and np.isfinite(r["score"])]
     py, ps = np.array([r["label"] for r in rows]), np.array([r["score"] for r in rows])
     curves = {"patches, all": (y, s), "patches, annotated only": (y[src == "annotated"], s[src == "annotated"]),
               "patients": (py, ps)}
@@ -82,15 +83,15 @@ def write_figures(folder: Path, pred, result: dict, patient_rows: list[dict]) ->
         if not _two_classes(cy):
             continue
         c = metrics.curve_points(cy, cs)
-        if name != "patients":
-            ax_pr.step(c["recall"], c["precision"], where="post",
-                       label=f"{name} (AP {metrics.average_precision(cy, cs):.3f})")
+        if name != "patients":  # the step function whose area is the AP in the legend (metrics.pr_step_curve)
+            ax_pr.plot(*metrics.pr_step_curve(cy, cs), label=f"{name} (AP {metrics.average_precision(cy, cs):.3f})")
         ax_roc.plot(c["fpr"], c["tpr"], drawstyle="steps-post", label=f"{name} (AUC {metrics.roc_auc(cy, cs):.3f})")
     if _two_classes(y):
         ax_pr.axhline(y.mean(), ls=":", c="grey", label=f"chance (prevalence {y.mean():.2f})")
     ax_roc.plot([0, 1], [0, 1], ls=":", c="grey", label="chance")
-    for ax, xl, yl, title in ((ax_pr, "recall", "precision", "Precision-recall, validation"),
-                              (ax_roc, "false positive rate", "true positive rate", "ROC, validation")):
+    name = {"val": "validation", "test": "test"}.get(part, part)
+    for ax, xl, yl, title in ((ax_pr, "recall", "precision", f"Precision-recall, {name}"),
+                              (ax_roc, "false positive rate", "true positive rate", f"ROC, {name}")):
         ax.set(xlabel=xl, ylabel=yl, title=title, xlim=(0, 1), ylim=(0, 1.02))
         ax.legend(loc="lower left" if ax is ax_pr else "lower right", fontsize=8)
     save(fig_pr, folder / "figures/pr_curve.png")

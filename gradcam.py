@@ -7,7 +7,9 @@ With a one-logit head, the ReLU map is blank wherever the net evidence is negati
 confidently negative patch (false negatives!) and, at small input sizes where layer4 is 2x2, often of positives
 too; min-max scaling shows where the evidence for H. pylori is strongest relative to the rest of the patch.
 heatmaps.npz keeps the signed maps at the layer's resolution (`<group>_signed`) for canonical ReLU maps.
-Target layer: `layer4` for ResNets, otherwise the last module with a 4-D output larger than 1x1.
+Target layer: the deepest module with a 4-D output larger than 1x1 (`layer4` for ResNets), unless its map is
+coarser than 7x7 (layer4 is 2x2 at 64 px): then the last module whose map is at least 7x7 (layer2 at 64 px). The
+layer and its map size go into the report.
 
     picks = gradcam.gradcam_picks(val_pred, threshold, n=8)      # top false positives, false negatives, true positives
     files = gradcam.write_gradcam(out / "gradcam", net, normalizer, data.root, picks, image_size, device)
@@ -42,25 +44,37 @@ def gradcam_picks(pred, threshold: float, n: int) -> dict[str, list[tuple]]:
     return out
 
 
-def gradcam_layer(net, example):
-    """The layer whose activations explain the logit: `layer4` for ResNets, else the last module (in forward order)
-    whose output is 4-D with more than one spatial position, pooling layers excluded."""
-    if hasattr(net, "layer4"):
-        return net.layer4
+MIN_MAP = 7  # Grad-CAM maps coarser than 7x7 (ResNet layer4 below 224 px input) say little about where in a patch
+
+
+def gradcam_layer(net, example) -> tuple:
+    """(layer, its name, its map size (h, w), a note): the deepest module (in forward order) with a 4-D output of
+    more than one position, pooling excluded (layer4 for ResNets); if its map is coarser than MIN_MAP x MIN_MAP,
+    the last module whose map is at least that fine (layer2 at 64 px), since a 2x2 map cannot point at a bacterium."""
     pooling = (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveMaxPool2d, torch.nn.AvgPool2d, torch.nn.MaxPool2d)
+    names = {m: n for n, m in net.named_modules()}
     fired = []
     hooks = [m.register_forward_hook(lambda mod, i, o: fired.append((mod, o))) for m in net.modules()
-             if not isinstance(m, pooling)]
+             if not isinstance(m, pooling) and m is not net]
     try:
         with torch.no_grad():
             net(example)
     finally:
         for h in hooks:
             h.remove()
-    spatial = [m for m, o in fired if torch.is_tensor(o) and o.dim() == 4 and o.shape[-1] * o.shape[-2] > 1]
+    spatial = [(m, tuple(o.shape[-2:])) for m, o in fired if torch.is_tensor(o) and o.dim() == 4
+               and o.shape[-1] * o.shape[-2] > 1]
     if not spatial:
         raise DataError("Grad-CAM: the model has no layer with a spatial (4-D) output; pass --gradcam 0")
-    return spatial[-1]
+    deepest, size = spatial[-1]
+    if min(size) >= MIN_MAP:
+        return deepest, names[deepest], size, ""
+    fine = [(m, s) for m, s in spatial if min(s) >= MIN_MAP]
+    if not fine:
+        return deepest, names[deepest], size, f"every layer is coarser than {MIN_MAP}x{MIN_MAP} at this input size"
+    layer, fine_size = fine[-1]
+    return layer, names[layer], fine_size, (f"{names[deepest]} would give {size[0]}x{size[1]}, coarser than "
+                                            f"{MIN_MAP}x{MIN_MAP}")
 
 
 def gradcam(net, layer, x):
@@ -86,16 +100,19 @@ def gradcam(net, layer, x):
     return (cam - low) / (high - low).clamp_min(1e-12), signed[:, 0]
 
 
-def write_gradcam(folder: Path, net, normalizer, root, picks: dict, image_size: int, device) -> list[str]:
-    """One PNG grid per group (patch | heatmap overlay, captioned) and heatmaps.npz with the raw maps."""
-    files, arrays = [], {}
+def write_gradcam(folder: Path, net, normalizer, root, picks: dict, image_size: int, device) -> tuple[list[str], dict]:
+    """One PNG grid per group (patch | heatmap overlay, captioned) and heatmaps.npz with the raw maps; and the
+    layer used ({"layer", "map", "input", "note"}) for the report."""
+    files, arrays, used = [], {}, {}
     for name, items in picks.items():
         if not items:
             continue
         ds = common.PatchDataset(root, [s for s, _ in items], image_size=image_size)
         images = torch.stack([ds[i][0] for i in range(len(ds))])
         x = model.model_input(images.to(device), normalizer)
-        cams, signed = (a.cpu().numpy() for a in gradcam(net, gradcam_layer(net, x[:1]), x))
+        layer, layer_name, size, note = gradcam_layer(net, x[:1])
+        used = {"layer": layer_name, "map": list(size), "input": image_size, "note": note}
+        cams, signed = (a.cpu().numpy() for a in gradcam(net, layer, x))
         arrays.update({name: cams.astype(np.float16), f"{name}_signed": signed.astype(np.float32),
                        f"{name}_paths": np.array([s.path for s, _ in items])})
         fig, axes = figures.subplots(len(items), 2, figsize=(5, 2.6 * len(items)), squeeze=False, layout="constrained")
@@ -115,4 +132,4 @@ def write_gradcam(folder: Path, net, normalizer, root, picks: dict, image_size: 
         with common.atomic_path(folder / "heatmaps.npz") as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
         files.append(f"{folder.name}/heatmaps.npz")
-    return files
+    return files, used

@@ -20,6 +20,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import metrics
 from common import DEFAULT_REFERENCE, TREES, DataError, HelicoData, atomic_write_text, patient_id
 
 
@@ -67,6 +68,23 @@ def file_digests(root: Path, rel_paths, cache: Path | None = None, workers: int 
         except OSError as e:
             raise DataError(f"--hash-cache {cache}: cannot write ({e.strerror}); pass a writable path") from None
     return out
+
+
+def hash_cache_path(hash_cache: str | None, root: Path) -> Path:
+    """--hash-cache, else the default cache file of this data root."""
+    return Path(hash_cache) if hash_cache else default_hash_cache(root)
+
+
+def first_copies(root: Path, paths: list[str], cache: Path | None = None) -> list[bool]:
+    """For each path, whether it counts: the first (in path order) of the files among `paths` with its content, so
+    a byte-identical patch (a slide filed under two patient IDs) is scored and counted once."""
+    order = sorted(range(len(paths)), key=lambda i: paths[i])
+    digests = file_digests(root, paths, cache=cache, progress=False)
+    first = metrics.first_of_identical([digests.get(paths[i]) for i in order])
+    keep = [True] * len(paths)
+    for j, i in enumerate(order):
+        keep[i] = bool(first[j])
+    return keep
 
 
 def shared_content(data: HelicoData, cache: Path | None = None, progress: bool = True) -> dict[str, list[str]]:
@@ -313,7 +331,7 @@ def load_split(path) -> dict:
 
 def resolve_split(args, data: HelicoData, progress: bool = True) -> tuple[dict, list[list[str]], dict[str, list[str]]]:
     """The split the flags ask for; returns (split, duplicate groups, shared content as from shared_content)."""
-    cache = Path(args.hash_cache) if args.hash_cache else default_hash_cache(data.root)
+    cache = hash_cache_path(args.hash_cache, data.root)
     shared = shared_content(data, cache=cache, progress=progress)
     groups = duplicate_groups(shared)
     if args.split:

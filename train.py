@@ -252,6 +252,9 @@ def samples_and_config(args, data, split, world, device):
     train = common.select(data.labelled, split["train"], include_aug=True)
     train = stratified_subset(train, args.limit_samples, args.seed)
     val = common.select(data.labelled, split["val"])
+    # a byte-identical window (a slide under two patient IDs) counts once, exactly as evaluate.py counts it
+    val = [s for s, keep in zip(val, splits.first_copies(data.root, [s.path for s in val],
+                                                        splits.hash_cache_path(args.hash_cache, data.root))) if keep]
     positives = sum(s.label == 1 for s in train)
     if not train or not val or positives == 0:
         raise common.DataError(f"split: {len(train)} training samples ({positives} positive), {len(val)} validation "

@@ -4,7 +4,9 @@ import csv
 import hashlib
 import json
 import math
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,8 @@ import metrics
 import model
 
 FAST = ["--device", "cpu", "--workers", "0", "--bootstrap", "200", "--seed", "0"]
-LEVELS = ("patch", "patch_at_0.5", "by_source.annotated", "by_source.supplemental", "patient", "holdout.patient")
+LEVELS = ("patch", "patch_at_0.5", "by_source.annotated", "by_source.supplemental", "patient", "selection.patient",
+          "holdout.patient")
 
 
 def sha256(path) -> str:
@@ -57,7 +60,7 @@ def patch_rows(evaluation, **where):
 # ----------------------------------------------------------------------------------------------- outputs
 def test_every_output_file_exists_and_parses(evaluation):
     out = evaluation["out"]
-    assert evaluation["metrics"]["patch"]["n"] == len(patch_rows(evaluation)) > 0
+    assert evaluation["metrics"]["patch"]["n"] == len(patch_rows(evaluation, split="test")) > 0
     assert evaluation["patients"] and evaluation["predictions"]
     groups = [g for g in gradcam.GRADCAM_GROUPS if g in np.load(out / "gradcam/heatmaps.npz").files]
     assert "true_positives" in groups  # the max-F1 threshold always keeps at least one true positive
@@ -72,14 +75,21 @@ def test_every_output_file_exists_and_parses(evaluation):
     assert [p.name for p in out.parent.iterdir()] == ["eval"]  # no temp folder left beside it
 
 
-def test_predictions_cover_the_validation_and_holdout_patches_once(evaluation, demo_root):
+def test_predictions_cover_the_val_test_and_holdout_patches_once_byte_identical_copies_once(evaluation, demo_root):
     data = common.load_data(demo_root)
-    val = evaluation["metrics"]["meta"]["val_patients"]
+    meta = evaluation["metrics"]["meta"]
+    patients = meta["val_patients"] + meta["test_patients"]
+    assert meta["test_patients"] and not set(meta["val_patients"]) & set(meta["test_patients"])
     rows = evaluation["predictions"]
     assert len({r["path"] for r in rows}) == len(rows)
-    assert {r["path"] for r in patch_rows(evaluation)} == {s.path for s in common.select(data.labelled, val)}
-    aggregated = {r["path"] for r in rows if r["patient_eval"] == "1"}
-    assert aggregated == {s.path for s in common.select(data.cropped, val) + data.holdout}
+    for scored, expected in (({r["path"] for r in patch_rows(evaluation)}, common.select(data.labelled, patients)),
+                             ({r["path"] for r in rows if r["patient_eval"] == "1"},
+                              common.select(data.cropped, patients) + data.holdout)):
+        assert scored <= {s.path for s in expected}
+        counted = {sha256(demo_root / p) for p in scored}
+        assert len(counted) == len(scored)  # no content counted twice ...
+        assert all(sha256(demo_root / s.path) in counted for s in expected)  # ... and none left out
+    assert any("B22-201" in p for p in meta["identical_not_counted"])  # the demo's copied patient
     assert all(r["prediction"] == str(int(float(r["score"]) >= evaluation["metrics"]["patch"]["threshold"]))
                for r in rows)
 
@@ -89,7 +99,7 @@ def test_predictions_cover_the_validation_and_holdout_patches_once(evaluation, d
                                           ("by_source.annotated", "annotated")])
 def test_patch_metrics_equal_sklearn_recomputed_from_predictions_csv(evaluation, name, source):
     m = level(evaluation["metrics"], name)
-    rows = patch_rows(evaluation, **({"source": source} if source else {}))
+    rows = patch_rows(evaluation, split="test", **({"source": source} if source else {}))
     y = np.array([int(r["label"]) for r in rows])
     s = np.array([float(r["score"]) for r in rows])
     pred = (s >= m["threshold"]).astype(int)
@@ -109,7 +119,7 @@ def test_patch_metrics_equal_sklearn_recomputed_from_predictions_csv(evaluation,
 def test_patch_metrics_reproduce_the_validation_metrics_logged_by_training(evaluation):
     # same windows and the same eval preprocessing (Macenko -> ImageNet normalization) as train.py's validation
     trained = torch.load(evaluation["ckpt"], weights_only=True)["val_metrics"]
-    m = evaluation["metrics"]["patch"]
+    m = evaluation["metrics"]["selection"]["patch"]  # the validation part, byte-identical copies once in both
     for k in ("pr_auc", "roc_auc", "recall", "precision", "n", "positives"):
         assert m[k] == pytest.approx(float(trained[k]), abs=1e-6), k
 
@@ -153,9 +163,15 @@ def test_patient_scores_aggregate_every_cropped_patch_on_disk(evaluation, demo_r
     for r in evaluation["predictions"]:
         if r["patient_eval"] == "1":
             scores.setdefault(r["patient"], []).append(float(r["score"]))
+    identical = set(m["meta"]["identical_not_counted"])
     for row in evaluation["patients"]:
-        tree = "CrossValidation/Cropped" if row["split"] == "val" else "HoldOut"
-        on_disk = len(list((demo_root / tree).glob(f"{row['patient']}_*/*.png")))
+        tree = "CrossValidation/Cropped" if row["split"] in ("val", "test") else "HoldOut"
+        on_disk = len([f for f in (demo_root / tree).glob(f"{row['patient']}_*/*.png")
+                       if f.relative_to(demo_root).as_posix() not in identical])
+        if on_disk == 0:  # B22-201: all its patches are byte-identical copies of B22-200's, counted there
+            assert int(row["n_patches"]) == 0 and row["patient"] in m["patient"]["excluded"] | \
+                m["selection"]["patient"]["excluded"]
+            continue
         s = np.sort(scores[row["patient"]])
         assert int(row["n_patches"]) == len(s) == on_disk
         assert float(row["fraction_positive"]) == pytest.approx(np.mean(s >= threshold))
@@ -163,10 +179,11 @@ def test_patient_scores_aggregate_every_cropped_patch_on_disk(evaluation, demo_r
         assert float(row["score"]) == float(row[m["patient"]["rule"]])
 
 
-@pytest.mark.parametrize("split, name", [("val", "patient"), ("holdout", "holdout.patient")])
+@pytest.mark.parametrize("split, name", [("test", "patient"), ("val", "selection.patient"),
+                                         ("holdout", "holdout.patient")])
 def test_patient_metrics_equal_sklearn_recomputed_from_patients_csv(evaluation, split, name):
     m = level(evaluation["metrics"], name)
-    rows = [r for r in evaluation["patients"] if r["split"] == split]
+    rows = [r for r in evaluation["patients"] if r["split"] == split and int(r["n_patches"]) > 0]
     y = np.array([int(r["label"]) for r in rows])
     s = np.array([float(r["score"]) for r in rows])
     pred = (s >= m["threshold"]).astype(int)
@@ -179,8 +196,8 @@ def test_patient_metrics_equal_sklearn_recomputed_from_patients_csv(evaluation, 
 
 
 def test_patient_rule_maximises_youden_j_on_validation_patients(evaluation):
-    p = evaluation["metrics"]["patient"]
-    rows = [r for r in evaluation["patients"] if r["split"] == "val"]
+    p = evaluation["metrics"]["selection"]["patient"]
+    rows = [r for r in evaluation["patients"] if r["split"] == "val" and int(r["n_patches"]) > 0]
     y = np.array([int(r["label"]) for r in rows])
     best = {}
     for rule, cand in p["candidates"].items():
@@ -196,40 +213,77 @@ def test_holdout_evaluation_never_changes_the_stored_thresholds(evaluation):
     m = evaluation["metrics"]
     assert sha256(evaluation["ckpt"]) == evaluation["sha_before"]
     assert m["patch"]["threshold"] == float(torch.load(evaluation["ckpt"], weights_only=True)["threshold"])
-    holdout = m["holdout"]["patient"]
-    assert (holdout["rule"], holdout["threshold"]) == (m["patient"]["rule"], m["patient"]["threshold"])
-    assert holdout["candidates"] == m["patient"]["candidates"]  # chosen on validation, not re-chosen
+    val = m["selection"]["patient"]
+    for applied in (m["holdout"]["patient"], m["patient"]):  # HoldOut and test: chosen on validation, not re-chosen
+        assert (applied["rule"], applied["threshold"], applied["candidates"]) == (val["rule"], val["threshold"],
+                                                                                  val["candidates"])
 
 
 # ----------------------------------------------------------------------------------------------- bootstrap
-def test_bootstrap_cis_contain_the_point_estimates(evaluation):
+def test_intervals_contain_the_point_estimates(evaluation):
     checked = 0
     for name in LEVELS:
         m = level(evaluation["metrics"], name)
-        for k, (lo, hi) in m["ci95"].items():
+        for k, (lo, hi) in m.get("ci95", {}).items():
             if not math.isnan(m[k]):
                 assert lo - 1e-12 <= m[k] <= hi + 1e-12, (name, k, m[k], lo, hi)
                 checked += 1
-    assert checked >= 20
+    assert checked >= 9  # at least the exact intervals of three patient proportions in test, val and HoldOut
 
 
-def predictions_from_csv(rows) -> evaluate.Predictions:
-    samples = [common.Sample(r["path"], r["patient"], r["source"], int(r["label"]), 0) for r in rows]
-    flag = lambda k: np.array([r[k] == "1" for r in rows])
-    return evaluate.Predictions(samples, np.array([r["split"] for r in rows]), flag("patch_eval"),
-                                flag("patient_eval"), np.array([float(r["score"]) for r in rows]))
+@pytest.mark.parametrize("name", ["patient", "selection.patient", "holdout.patient"])
+def test_no_patient_interval_is_narrower_than_the_exact_binomial_interval_of_its_counts(evaluation, name):
+    m = level(evaluation["metrics"], name)
+    (tn, fp), (fn, tp) = m["confusion"]
+    for k, (hits, n) in {"sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp),
+                         "accuracy": (tp + tn, tn + fp + fn + tp)}.items():
+        lo, hi = m["ci95"][k]
+        exact_lo, exact_hi = metrics.clopper_pearson(hits, n)
+        assert lo <= exact_lo + 1e-12 and hi >= exact_hi - 1e-12, (k, hits, n, lo, hi)
+        assert hi - lo > 0  # two patients never give a zero-width interval
 
 
-def test_bootstrap_cis_are_reproducible_with_the_seed(evaluation, demo_root):
-    m = evaluation["metrics"]
-    val = m["meta"]["val_patients"]
-    pred = predictions_from_csv([r for r in evaluation["predictions"] if r["split"] == "val"])
-    analyse = lambda seed: evaluate.analyse(pred, val, common.read_diagnosis(demo_root), m["patch"]["threshold"],
-                                            m["patient"]["top_k"], metrics.patient_draws(len(val), 200, seed))[0]
-    again = analyse(0)
+def test_patch_intervals_with_fewer_than_ten_clusters_in_a_class_are_not_estimable(evaluation):
+    m = evaluation["metrics"]["patch"]  # the tiny test part holds a handful of infected patients
+    assert "ci95" not in m and "not estimable" in m["ci_note"]["pr_auc"] and "fewer than 10" in m["ci_note"]["pr_auc"]
+    assert "(CI not estimable)" in (evaluation["out"] / "report.md").read_text()
+
+
+def synthetic_predictions(n_patients=30, seed=0):
+    """Labelled and Cropped rows of n patients (every other one infected, with positive windows); P0 and P1 are a
+    duplicated pair."""
+    rng = np.random.default_rng(seed)
+    samples, patch, score = [], [], []
+    for i in range(n_patients):
+        infected = i % 2 == 1 or i == 0
+        for k in range(6):
+            label = int(infected and k < 2)
+            samples.append(common.Sample(f"A/P{i}_0/{k}.png", f"P{i}", "annotated", label, k))
+            patch.append(True)
+            score.append(float(np.clip(rng.normal(0.3 + 0.4 * label, 0.2), 0, 1)))
+        for k in range(5):
+            samples.append(common.Sample(f"C/P{i}_0/{k}.png", f"P{i}", "supplemental", -1, 100 + k))
+            patch.append(False)
+            score.append(float(np.clip(rng.normal(0.3 + 0.3 * infected, 0.2), 0, 1)))
+    patch = np.array(patch)
+    pred = evaluate.Predictions(samples, np.array(["test"] * len(samples)), patch, ~patch, np.array(score))
+    diagnosis = {f"P{i}": "ALTA" if (i % 2 == 1 or i == 0) else "NEGATIVA" for i in range(n_patients)}
+    return pred, [f"P{i}" for i in range(n_patients)], diagnosis
+
+
+def test_cluster_bootstrap_cis_are_reproducible_with_the_seed_and_treat_a_duplicated_pair_as_one_cluster():
+    pred, patients, diagnosis = synthetic_predictions()
+    groups = [["P0", "P1"]]
+    run = lambda seed: evaluate.analyse(pred, patients, diagnosis, 0.5, 3, groups,
+                                        evaluate.part_draws(patients, groups, 200, seed))
+    (a, _, boot), (again, _, _) = run(0), run(0)
     for name in ("patch", "patch_at_0.5", "by_source.annotated", "patient"):
-        np.testing.assert_equal(level(again, name)["ci95"], level(m, name)["ci95"])
-    assert level(analyse(1), "patch")["ci95"] != m["patch"]["ci95"]
+        np.testing.assert_equal(level(again, name)["ci95"], level(a, name)["ci95"])
+    assert level(run(1)[0], "patch")["ci95"] != a["patch"]["ci95"]
+    assert a["patch"]["ci_method"]["pr_auc"] == "patient-cluster bootstrap"
+    assert a["patient"]["ci_method"]["sensitivity"].startswith("exact binomial")
+    assert evaluate.clusters(patients, groups)[1] == len(patients) - 1  # 30 patients, 29 clusters
+    assert len(boot["patch.pr_auc"]) == 200
 
 
 def test_compare_of_a_run_with_itself_gives_zero_deltas_within_noise(tiny_run, tmp_path):
@@ -241,7 +295,9 @@ def test_compare_of_a_run_with_itself_gives_zero_deltas_within_noise(tiny_run, t
     for d in table["deltas"]:
         if math.isnan(d["value"]):
             continue
-        assert d["delta"] == 0 and d["ci95"] == [0, 0] and d["within_noise"] is True, d
+        assert d["delta"] == 0 and d["within_noise"] is not False, d  # NaN CI: fewer than 10 clusters a class
+        assert d["ci95"] == [0, 0] or all(math.isnan(v) for v in d["ci95"])
+    assert table["part"] == "test"
     assert "within noise" in (out / "compare.md").read_text()
 
 
@@ -261,12 +317,61 @@ def test_gradcam_finds_the_last_spatial_layer_of_a_model_without_layer4():
     torch.manual_seed(0)
     net = model.build_model("mobilenet_v3_small").eval()
     x = torch.randn(2, 3, 64, 64)
-    layer = gradcam.gradcam_layer(net, x[:1])
-    assert layer in (net.features, net.features[-1])  # the same (576, 2, 2) output: the last spatial one
+    layer, name, size, note = gradcam.gradcam_layer(net, x[:1])
+    assert min(size) >= gradcam.MIN_MAP and "2x2" in note  # the deepest map (576, 2, 2) is too coarse at 64 px
     maps, signed = gradcam.gradcam(net, layer, x)
-    assert maps.shape == (2, 64, 64) and signed.shape == (2, 2, 2)
+    assert maps.shape == (2, 64, 64) and signed.shape == (2, *size)
     assert all(float(m.max() - m.min()) > 0 for m in maps)
     assert all(p.grad is None for p in net.parameters())  # no gradient left behind
+
+
+def test_gradcam_keeps_layer4_where_its_map_is_at_least_7x7():
+    net = model.build_model("resnet18").eval()
+    layer, name, size, note = gradcam.gradcam_layer(net, torch.randn(1, 3, 224, 224))
+    assert (layer, name, size, note) == (net.layer4, "layer4", (7, 7), "")
+    layer, name, size, note = gradcam.gradcam_layer(net, torch.randn(1, 3, 64, 64))
+    assert (name, size) == ("layer2", (8, 8)) and "layer4 would give 2x2" in note
+
+
+def test_report_states_the_gradcam_layer_and_map_resolution(evaluation):
+    cam = evaluation["metrics"]["meta"]["gradcam"]
+    assert cam == {"layer": "layer2", "map": [8, 8], "input": 64, "note": "layer4 would give 2x2, coarser than 7x7"}
+    assert "layer `layer2`, a 8x8 map for a 64 px patch" in (evaluation["out"] / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------- disclosure
+def test_report_leads_with_the_test_part_and_says_what_was_chosen_on_val(evaluation, tiny_run):
+    report = (evaluation["out"] / "report.md").read_text()
+    first = report.split("\n\n")[1]
+    log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
+    m = evaluation["metrics"]
+    assert first.startswith(f"**Headline: the test part, {len(m['meta']['test_patients'])} patients nothing was chosen")
+    assert f"best validation PR-AUC of {len(log)}: " + ", ".join(f"{r['pr_auc']:.3f}" for r in log) in first
+    assert f"the patch threshold ({m['patch']['threshold']:.4f})" in first
+    assert f"the patient rule ({m['selection']['patient']['rule']} >= " in first
+    assert "## Selection set (validation part, optimistic)" in report and "threshold-free" not in report
+
+
+def test_a_two_part_split_says_there_is_no_untouched_set_first(tiny_ckpt, tmp_path):
+    split = {**tiny_ckpt["split"], "val": tiny_ckpt["split"]["val"] + tiny_ckpt["split"]["test"], "test": [],
+             "untouched_test": False}
+    torch.save({**tiny_ckpt, "split": split}, tmp_path / "best.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "best.pt"), "--gradcam", "0", *FAST]) == 0
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert report.split("\n\n")[1].startswith("**No untouched set: this run's split has two parts")
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]["headline"] == "val"
+
+
+def test_holdout_not_independent_of_crossvalidation_is_refused_with_exit_1(tiny_run, demo_root, tmp_path, capsys):
+    root = tmp_path / "HelicoDataSet"
+    shutil.copytree(demo_root, root, copy_function=os.link)
+    shutil.copytree(root / "CrossValidation/Cropped/B22-14_0", root / "HoldOut/B22-998_0", copy_function=os.link)
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(tiny_run / "best.pt"), "--data-root", str(root), "--holdout", "--out", str(out), *FAST]
+    assert evaluate.main([*args, "--workers", "2"]) == common.EXIT_LEAK  # as users run it, with DataLoader workers
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "B22-998: byte-identical image(s) with CrossValidation patient(s) B22-14" in err[0]
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------------------- files

@@ -1,9 +1,9 @@
-"""intervals.py: exact binomial intervals (against scipy's beta quantiles), clusters, the cluster bootstrap."""
+"""metrics.py intervals: exact binomial intervals (against scipy's beta quantiles), clusters, the cluster bootstrap."""
 import numpy as np
 import pytest
 from scipy import stats
 
-import intervals
+import metrics as intervals
 
 
 @pytest.mark.parametrize("k,n", [(0, 1), (1, 1), (2, 2), (0, 2), (4, 4), (3, 7), (5, 13), (50, 100), (1, 300)])

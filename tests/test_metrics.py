@@ -69,3 +69,33 @@ def test_threshold_maximises_f1_on_validation():
     threshold, rule = metrics.best_f1_threshold(y, s)
     best = max(metrics.f1(y, (s >= t).astype(int)) for t in np.unique(s))
     assert metrics.f1(y, (s >= threshold).astype(int)) == pytest.approx(best) and "F1" in rule
+
+
+def test_f1_by_threshold_equals_sklearn_f1_at_every_threshold():
+    for y, s in random_cases(seed=5):
+        thresholds, f1 = metrics.f1_by_threshold(y, s)
+        expected = [skm.f1_score(y, (s >= t).astype(int), zero_division=0) for t in thresholds]
+        np.testing.assert_allclose(f1, expected, rtol=0, atol=1e-12)  # the old denominator had one tp too many
+
+
+def test_stored_threshold_sits_midway_between_adjacent_distinct_scores():
+    rng = np.random.default_rng(1)
+    y = (rng.random(200) < 0.2).astype(int)
+    s = np.round(np.clip(rng.normal(0.3 + 0.3 * y, 0.2), 0.01, 1), 3)
+    threshold, _ = metrics.best_f1_threshold(y, s)
+    u = np.unique(s)
+    above, below = u[u >= threshold].min(), u[u < threshold].max()
+    assert threshold == pytest.approx((above + below) / 2, abs=1e-15)
+    assert threshold not in set(s.tolist())
+    # nudging every score by less than half the gap (bf16 rounding, another batch size) changes no decision
+    gap = (above - below) / 2
+    for nudge in (-0.99 * gap, 0.99 * gap):
+        assert ((s + nudge >= threshold) == (s >= threshold))[s == above].all()
+
+
+def test_pr_step_curve_area_is_the_average_precision():
+    for y, s in random_cases(seed=3):
+        if 0 < y.sum() < y.size:
+            r, p = metrics.pr_step_curve(y, s)
+            area = float(np.sum(np.diff(r) * (p[1:] + p[:-1]) / 2))  # trapezoids of the drawn polyline
+            assert area == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)

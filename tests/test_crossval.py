@@ -1,0 +1,80 @@
+"""evaluate.py --cv: K fold runs of one split, each evaluated, their out-of-fold test predictions pooled."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import common
+import crossval
+import evaluate
+import train
+
+# The smallest fold runs that train and evaluate: 32 px, no Macenko, 48 samples, one epoch.
+FOLD_FLAGS = ["--device", "cpu", "--image-size", "32", "--batch-size", "16", "--weights", "none", "--workers", "0",
+              "--seed", "0", "--limit-samples", "48", "--no-macenko", "--epochs", "1"]
+K = 3
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def cv_runs(demo_root, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("cv")
+    for i in range(K):
+        assert train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-id", f"27-f{i}",
+                           "--folds", str(K), "--fold", str(i), *FOLD_FLAGS]) == 0
+    folders = [str(runs / f"27-f{i}") for i in range(K)]
+    assert evaluate.main(["--cv", *folders, "--device", "cpu", "--workers", "0", "--bootstrap", "50",
+                          "--gradcam", "0"]) == 0
+    return runs
+
+
+def test_pooled_predictions_equal_each_folds_own_test_predictions(cv_runs):
+    pooled = read_csv(cv_runs / "27-cv" / "predictions.csv")
+    own = []
+    for i in range(K):
+        rows = read_csv(cv_runs / f"27-f{i}" / "eval" / "predictions.csv")
+        own += [{"fold": str(i), **r} for r in rows if r["split"] == "test"]
+    key = lambda r: (r["fold"], r["path"])
+    assert sorted(pooled, key=key) == sorted(own, key=key) and own
+    assert len({r["path"] for r in pooled}) == len(pooled)  # every patch scored by exactly one fold's model
+
+
+def test_every_patient_is_tested_by_the_one_model_that_never_saw_it(cv_runs, demo_root):
+    data = common.load_data(demo_root)
+    pooled = read_csv(cv_runs / "27-cv" / "patients.csv")
+    assert sorted(r["patient"] for r in pooled) == [p for p in data.cv_patients if p != "B22-47"]
+    for r in pooled:
+        split = json.loads((cv_runs / f"27-f{r['fold']}" / "split.json").read_text())
+        assert r["patient"] in split["test"] and r["patient"] not in split["train"] + split["val"]
+
+
+def test_pooled_metrics_recompute_from_the_pooled_rows_with_exact_patient_intervals(cv_runs):
+    from sklearn import metrics as skm
+    m = json.loads((cv_runs / "27-cv" / "metrics.json").read_text())
+    rows = [r for r in read_csv(cv_runs / "27-cv" / "predictions.csv") if r["patch_eval"] == "1"]
+    y, pred = np.array([int(r["label"]) for r in rows]), np.array([int(r["prediction"]) for r in rows])
+    assert m["patch"]["recall"] == pytest.approx(skm.recall_score(y, pred))
+    assert m["patch"]["pr_auc"] == pytest.approx(skm.average_precision_score(y, [float(r["score"]) for r in rows]))
+    p = m["patient"]
+    (tn, fp), (fn, tp) = p["confusion"]
+    assert p["ci95"]["sensitivity"] == pytest.approx(list(crossval.metrics.clopper_pearson(tp, tp + fn)))
+    per = m["per_fold"]["patient.accuracy"]
+    assert len(per["values"]) == K and per["mean"] == pytest.approx(np.nanmean(per["values"]))
+    report = (cv_runs / "27-cv" / "report.md").read_text()
+    assert "+/-" in report and "Out-of-fold test predictions pooled" in report
+
+
+def test_folds_whose_test_parts_overlap_or_miss_patients_are_refused(cv_runs, demo_root):
+    data = common.load_data(demo_root)
+    folds = [crossval.read_fold(cv_runs / f"27-f{i}") for i in range(K)]
+    crossval.check_folds(folds, data.cv_patients)  # the real ones are fine
+    folds[1].split["test"] = folds[1].split["test"] + folds[0].split["test"][:1]
+    with pytest.raises(common.DataError, match="not one cross-validation: .*in the test parts of folds 0 and 1"):
+        crossval.check_folds(folds, data.cv_patients)
+    with pytest.raises(common.DataError, match="not one cross-validation"):
+        crossval.check_folds(folds[:2], data.cv_patients)
