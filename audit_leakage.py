@@ -463,7 +463,9 @@ def composition_table(comp: dict) -> list[str]:
 
 def render_report(a: Audit) -> str:
     d, s = a.data, a.split
-    how = (f"fold {s.get('fold')} of {s.get('folds')}" if s.get("folds") else f"val-frac {s.get('val_frac')}")
+    how = (f"fold {s.get('fold')} of {s.get('folds')} is {'test' if splits.has_untouched_test(s) else 'val'}"
+           if s.get("folds") else f"val-frac {s.get('val_frac')}"
+           + (f", test-frac {s['test_frac']}" if s.get("test_frac") is not None else ""))
     fold = f" (fold {s.get('fold')} of {s.get('folds')})" if s.get("folds") else ""
     lines = [f"Leakage audit of {d.root}{fold}",
              f"  {len(d.cv_patients)} CrossValidation patients, {len(d.holdout_patients)} HoldOut patients, "
