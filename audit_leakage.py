@@ -387,21 +387,21 @@ class Audit:
         return [f for f in self.findings if f.kind == "leak"]
 
 
-def run_checks(data, split, groups, shared, sizes, args) -> list[Finding]:
+def run_checks(data, split, groups, shared, sizes, reference_patch: str | None, expected_size: int) -> list[Finding]:
     """Leaks first (in the order of the module docstring), then warnings."""
     parts = Parts(split)
     folders = {f"{TREES[tree]}/{f}" for tree, pats in data.folders.items() for fs in pats.values() for f in fs}
     findings = [*patient_in_several_parts(split), *split_lists_folder_names(split),
                 *identical_images_across_parts(shared, parts),
                 *windows_across_parts(data.labelled + data.cropped, parts),
-                *holdout_in_crossvalidation(data), *reference_not_in_train(args.reference_patch, parts)]
-    findings += split_refused(splits.split_problems(split, data, groups, args.reference_patch), findings)
+                *holdout_in_crossvalidation(data), *reference_not_in_train(reference_patch, parts)]
+    findings += split_refused(splits.split_problems(split, data, groups, reference_patch), findings)
     return findings + [
         *multi_section_patients(data), *label_conflicts(data), *presence_zero_rows(data), *rows_without_files(data),
         *files_without_rows(data), *stray_entries(data), *duplicate_rows(data),
         *control_or_external_mentions(data, set(sizes) | set(data.stray) | folders),
-        *off_size_images(sizes, args.expected_size), *duplicate_content_groups(groups, parts, data.holdout_patients),
-        *reference_patch_missing(data.root, args.reference_patch), *patients_outside_split(split, data),
+        *off_size_images(sizes, expected_size), *duplicate_content_groups(groups, parts, data.holdout_patients),
+        *reference_patch_missing(data.root, reference_patch), *patients_outside_split(split, data),
         *patients_without_diagnosis(data)]
 
 
@@ -411,7 +411,7 @@ def audit(args) -> Audit:
     data = common.load_data(args.data_root)
     progress = not args.no_progress
     try:
-        split, groups, shared = splits.resolve_split(args, data, progress=progress)
+        split, groups, shared = splits.resolve_split(data, **splits.split_options(args), progress=progress)
     except OSError as e:  # e.g. an unwritable --hash-cache, a file vanishing mid-scan
         raise DataError(f"{e.filename}: {e.strerror} (while hashing; check --hash-cache and the data root)") from None
     missing = sorted({p for ps in split_patients(split).values() for p in ps} - set(data.cv_patients))
@@ -419,7 +419,7 @@ def audit(args) -> Audit:
         raise DataError(f"--split {args.split}: data root {data.root} lacks patient(s) of the split: "
                         f"{examples(missing)}")
     sizes = png_sizes(data.root, data.image_paths(), progress=progress)
-    return Audit(data, split, run_checks(data, split, groups, shared, sizes, args),
+    return Audit(data, split, run_checks(data, split, groups, shared, sizes, args.reference_patch, args.expected_size),
                  composition(data, split, Parts(split)),
                  split_source=f"from {args.split}" if args.split else "made from the flags, as train.py makes it")
 

@@ -30,7 +30,6 @@ ANNOTATION_NAMES = ("HP_WSI-CoordAllAnnotatedPatches", "HP_WSI-CoordAnnotatedAll
 DIAGNOSIS_NAME = "PatientDiagnosis.csv"
 DIAGNOSES = ("NEGATIVA", "BAIXA", "ALTA")  # BAIXA (low density) and ALTA (high) both mean infected
 DEFAULT_REFERENCE = "CrossValidation/Annotated/B22-47_0/01653.png"  # the original pipeline's stain reference
-SOURCES = ("annotated", "supplemental", "holdout")
 
 
 class DataError(Exception):
@@ -63,11 +62,6 @@ def parse_patch_name(file_name: str) -> tuple[int, int | None] | None:
     return int(m.group("window")), (int(m.group("aug")) if m.group("aug") else None)
 
 
-def annotated_file_name(window: int, aug: int | None) -> str:
-    """Annotated files pad the window number (not the whole stem) to 5 digits: `00902_Aug1.png`."""
-    return f"{window:05d}" + (f"_Aug{aug}" if aug is not None else "") + ".png"
-
-
 # ----------------------------------------------------------------------------------------------- metadata
 @dataclass(frozen=True)
 class Annotation:
@@ -77,10 +71,6 @@ class Annotation:
     aug: int | None      # K of `_AugK`, None for an original window
     presence: int        # 1 present, -1 absent, 0 uncertain
     row: int             # 1-based row in the sheet (header = row 1), for error messages
-    i: int | None = None
-    j: int | None = None
-    h: int | None = None
-    w: int | None = None
 
 
 def find_metadata(root: Path, names: tuple[str, ...], suffixes: tuple[str, ...]) -> Path | None:
@@ -159,8 +149,7 @@ def read_annotations(path) -> list[Annotation]:
         if presence not in (-1, 0, 1):
             raise DataError(f"{path}: row {n}: unknown Presence value {cell['presence']!r} (expected 1, -1 or 0)")
         out.append(Annotation(patient=patient, section=_int_or_none(cell["section_id"]), window=int(m.group("window")),
-                              aug=int(m.group("aug")) if m.group("aug") else None, presence=presence, row=n,
-                              **{k: _int_or_none(cell.get(k)) for k in "ijhw"}))
+                              aug=int(m.group("aug")) if m.group("aug") else None, presence=presence, row=n))
     return out
 
 
@@ -212,7 +201,6 @@ class HelicoData:
     uncertain_files: list[str] = field(default_factory=list)    # their images: not samples, but files to audit
     stray: list[str] = field(default_factory=list)              # non-PNG / non-folder entries skipped
     duplicate_rows: list[Annotation] = field(default_factory=list)
-    annotated_in_cropped: int = 0     # Cropped patches of NEGATIVA patients that are also annotated windows
     annotations_file: Path | None = None
     diagnosis_file: Path | None = None
 
@@ -285,11 +273,8 @@ def load_data(root) -> HelicoData:
                 label = 0 if (dx == "NEGATIVA" and tree == "cropped") else -1
                 s = Sample(f"{TREES[tree]}/{folder}/{name}", p, source, label, window, aug, dx)
                 (data.cropped if tree == "cropped" else data.holdout).append(s)
-                if label == 0:
-                    if (p, window) in annotated_windows:
-                        data.annotated_in_cropped += 1  # already a hard negative: do not count it twice
-                    else:
-                        data.labelled.append(s)
+                if label == 0 and (p, window) not in annotated_windows:  # else already a hard negative: once
+                    data.labelled.append(s)
     return data
 
 

@@ -118,6 +118,12 @@ def check_args(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- model and data
+def scoring_options(args) -> dict:
+    """The flags predict() needs, as its keyword arguments."""
+    return {"batch_size": args.batch_size, "workers": args.workers, "skip_bad": args.skip_bad_images,
+            "no_amp": args.no_amp, "cache": args.cache}
+
+
 def scoring_precision(ckpt: dict, device, no_amp: bool) -> model.Precision:
     """Score as training validated, since the stored threshold was chosen on those scores: the run's autocast
     (on CUDA only, unless --no-amp) and its memory layout, by model.precision's rule."""
@@ -223,13 +229,15 @@ def score_samples(net, normalizer, root, samples, image_size: int, device, *, ba
     return scores, bad
 
 
-def predict(net, normalizer, ckpt, data, rows: list[Row], device, args) -> tuple[Predictions, list[str]]:
-    samples, size, cache = [r.sample for r in rows], int(ckpt["image_size"]), None
-    if args.cache:
-        cache = patch_cache.prepare(args.cache, data, size, max(1, args.workers), device=device)
-    scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=args.batch_size,
-                                workers=args.workers, skip_bad=args.skip_bad_images, cache=cache,
-                                run=scoring_precision(ckpt, device, args.no_amp))
+def predict(net, normalizer, ckpt, data, rows: list[Row], device, *, batch_size: int, workers: int, skip_bad: bool,
+            no_amp: bool, cache=None) -> tuple[Predictions, list[str]]:
+    """Scores of `rows` (from the packed cache in `cache` when given) and the paths of skipped undecodable files."""
+    samples, size = [r.sample for r in rows], int(ckpt["image_size"])
+    if cache:
+        cache = patch_cache.prepare(cache, data, size, max(1, workers), device=device)
+    scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=batch_size,
+                                workers=workers, skip_bad=skip_bad, cache=cache,
+                                run=scoring_precision(ckpt, device, no_amp))
     keep = np.isfinite(scores)
     pred = Predictions([s for s, k in zip(samples, keep) if k], np.array([r.split for r in rows])[keep],
                        np.array([r.patch_eval for r in rows], dtype=bool)[keep],
@@ -360,7 +368,7 @@ def run_evaluation(args, device) -> int:
     rows = evaluation_rows(data, val, holdout)
     if not any(r.patch_eval for r in rows):
         raise DataError(f"validation patients of {path} have no labelled patches in {data.root}: empty split")
-    pred, bad = predict(net, normalizer, ckpt, data, rows, device, args)
+    pred, bad = predict(net, normalizer, ckpt, data, rows, device, **scoring_options(args))
     threshold = float(ckpt["threshold"])
     val_pred = pred.subset(pred.split == "val")
     result, patient_rows, _ = analyse(val_pred, val, data.diagnosis, threshold, args.top_k,
@@ -420,7 +428,7 @@ def run_compare(args, device) -> int:
     results = []
     for c, p in zip(ckpts, paths):
         net, normalizer = model.from_checkpoint(c, p, args.arch, device)
-        pred, _ = predict(net, normalizer, c, data, rows, device, args)
+        pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args))
         result, _, boot = analyse(pred, shared, data.diagnosis, float(c["threshold"]), args.top_k, draws)
         results.append({"checkpoint": str(p), "metrics": result, "boot": boot})
         del net

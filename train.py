@@ -16,6 +16,8 @@ Pipeline: DataLoader workers only decode PNGs (or read --cache) to uint8; on the
 colour jitter with independent random factors per sample -> one of the 8 symmetries of the square per sample ->
 ImageNet normalization -> model under autocast (bf16 where supported, else fp16 with a GradScaler; off on CPU
 unless --amp). The operating threshold is the one that maximises F1 on the validation patients.
+This file owns the training loop, its sample order and the run folder; what the model sees, its precision and the
+checkpoint schema are model.py's (evaluate.py and bench.py call the same functions), the metrics metrics.py's.
 
 Exit codes: 0 done (or already complete), 2 bad input (one-line `error:`), 3 non-finite loss (nothing saved, the
 last good checkpoint stays), 4 stopped by SIGUSR1/SIGTERM after writing last.pt (and `scontrol requeue` under
@@ -193,22 +195,26 @@ def requeue() -> str:
     return f"requeued SLURM job {job}" if r.returncode == 0 else f"scontrol requeue {job} failed: {r.stderr.strip()}"
 
 
-def number(text: str) -> float:
+JITTER_HELP = (f"expected 0 or four numbers B,C,S,H like {DEFAULT_JITTER}, with B, C, S in [0, 1) and H in "
+               f"[0, 0.5]")
+
+
+def numbers(flag: str, text: str, expected: str) -> list[float]:
+    """The comma-separated numbers of --flag, or a one-line error saying what was expected."""
     try:
-        return float(text)
+        return [float(v) for v in text.split(",")]
     except ValueError:
-        return float("nan")  # fails every range check below
+        raise common.DataError(f"--{flag} {text}: {expected}") from None
 
 
 def resolve_args(args, device, local_world: int) -> None:
     """Fill in automatic defaults and reject bad values with one-line messages naming the flag."""
     if not args.data_root:
         raise common.DataError("--data-root: not given and $HELICO_DATA is not set")
-    jitter = [number(v) for v in args.jitter.split(",")]
+    jitter = numbers("jitter", args.jitter, JITTER_HELP)
     jitter = jitter * 4 if jitter == [0.0] else jitter
     if len(jitter) != 4 or not all(0 <= v < 1 for v in jitter[:3]) or not 0 <= jitter[3] <= 0.5:
-        raise common.DataError(f"--jitter {args.jitter}: expected 0 or four numbers B,C,S,H like {DEFAULT_JITTER}, "
-                               f"with B, C, S in [0, 1) and H in [0, 0.5]")
+        raise common.DataError(f"--jitter {args.jitter}: {JITTER_HELP}")
     args.jitter = jitter
     for flag, value, low in (("epochs", args.epochs, 1), ("batch-size", args.batch_size, 2), ("image-size",
                              args.image_size, 32), ("prefetch-factor", args.prefetch_factor, 1),
@@ -219,8 +225,10 @@ def resolve_args(args, device, local_world: int) -> None:
         raise common.DataError("--cache-normalized: needs --cache DIR and --macenko (it stores Macenko's output)")
     if not args.lr > 0 or args.weight_decay < 0:
         raise common.DataError(f"--lr {args.lr} / --weight-decay {args.weight_decay}: need lr > 0, weight decay >= 0")
-    if args.pos_weight != "auto" and not number(args.pos_weight) > 0:
-        raise common.DataError(f"--pos-weight {args.pos_weight}: expected auto or a positive number")
+    if args.pos_weight != "auto":
+        weight = numbers("pos-weight", args.pos_weight, "expected auto or a positive number")
+        if len(weight) != 1 or not weight[0] > 0:
+            raise common.DataError(f"--pos-weight {args.pos_weight}: expected auto or a positive number")
     cuda = device.type == "cuda"
     args.device, args.amp = str(device), cuda if args.amp is None else args.amp
     args.pin_memory = cuda if args.pin_memory is None else args.pin_memory
@@ -270,7 +278,7 @@ def changed_flags(old: dict, new: dict) -> list[str]:
 
 def plan_run(args, data, world, device) -> dict:
     """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume."""
-    split, groups, _ = splits.resolve_split(args, data)
+    split, groups, _ = splits.resolve_split(data, **splits.split_options(args))
     run_dir = Path(args.runs_dir) / args.run_id
     resume = (run_dir / "last.pt").is_file()
     if resume:
