@@ -307,6 +307,9 @@ class Trainer:
         self.stain = train_ds.stain if args.cache_normalized else normalizer.state_dict() if normalizer else None
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         ckpt = common.load_checkpoint(self.run_dir / "last.pt") if plan["resume"] else None
+        if ckpt and ckpt["stain"] is not None and self.normalizer is not None:  # a resumed run keeps its stain
+            self.normalizer = type(normalizer).from_state_dict(ckpt["stain"]).to(device)  # (older mode included)
+            self.stain = ckpt["stain"]
         self.raw = common.build_model(args.arch, "none" if ckpt else args.weights).to(device)
         if args.channels_last:
             self.raw = self.raw.to(memory_format=torch.channels_last)
