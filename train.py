@@ -19,9 +19,10 @@ unless --amp). The operating threshold is the one that maximises F1 on the valid
 This file owns the training loop, its sample order and the run folder; what the model sees, its precision and the
 checkpoint schema are model.py's (evaluate.py and bench.py call the same functions), the metrics metrics.py's.
 
-Exit codes: 0 done (or already complete), 2 bad input (one-line `error:`), 3 non-finite loss (nothing saved, the
-last good checkpoint stays), 4 stopped by SIGUSR1/SIGTERM after writing last.pt (and `scontrol requeue` under
-SLURM). A second signal exits at once with 128 + signal number.
+Exit codes: 0 done (or already complete), 1 the HoldOut is not independent (a HoldOut patient shares an ID or a
+byte-identical image with CrossValidation; nothing trained), 2 bad input (one-line `error:`), 3 non-finite loss
+(nothing saved, the last good checkpoint stays), 4 stopped by SIGUSR1/SIGTERM after writing last.pt (and `scontrol
+requeue` under SLURM). A second signal exits at once with 128 + signal number.
 """
 from __future__ import annotations
 
@@ -278,7 +279,8 @@ def changed_flags(old: dict, new: dict) -> list[str]:
 
 def plan_run(args, data, world, device) -> dict:
     """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume."""
-    split, groups, _ = splits.resolve_split(data, **splits.split_options(args))
+    split, groups, shared = splits.resolve_split(data, **splits.split_options(args))
+    splits.check_holdout_independent(data, shared)  # the HoldOut must stay an independent test: exit 1 otherwise
     run_dir = Path(args.runs_dir) / args.run_id
     resume = (run_dir / "last.pt").is_file()
     if resume:
@@ -317,6 +319,9 @@ class Trainer:
         self.stain = train_ds.stain if args.cache_normalized else normalizer.state_dict() if normalizer else None
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         ckpt = model.load_checkpoint(self.run_dir / "last.pt", training=True) if plan["resume"] else None
+        if ckpt and ckpt["stain"] is not None and self.normalizer is not None:  # a resumed run keeps its stain
+            self.normalizer = type(normalizer).from_state_dict(ckpt["stain"]).to(device)  # (older mode included)
+            self.stain = ckpt["stain"]
         self.run = model.precision(device, args.amp, args.channels_last)
         self.raw = self.run.place(model.build_model(args.arch, "none" if ckpt else args.weights), device)
         self.model = self.raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -536,14 +541,14 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     if rank == 0:
         try:
             plan = plan_run(args, data, world, device)
-        except common.DataError as e:
-            error = str(e)
+        except common.DataError as e:  # IndependenceError included: its type decides the exit code
+            error = e
     if world > 1:  # the other ranks take the split and run ID from rank 0, and stop with it on an error
         box = [(plan, error)]
         dist.broadcast_object_list(box, src=0)
         plan, error = box[0]
     if error:
-        raise common.DataError(error if rank == 0 else "")  # said once, by rank 0
+        raise error if rank == 0 else type(error)("")  # said once, by rank 0
     args.run_id = plan["run_id"]
     if args.cache:  # after the resume check (a refused run builds nothing), before any DataLoader worker forks
         patch_cache.prepare(args.cache, data, args.image_size, max(1, args.workers), args.cache_normalized,
@@ -565,7 +570,7 @@ def main(argv=None) -> int:
     except common.DataError as e:  # raised in a DataLoader worker too: loaders carries it here as itself
         if str(e):
             print(f"error: {e}", file=sys.stderr)
-        return common.EXIT_BAD_INPUT
+        return common.EXIT_LEAK if isinstance(e, splits.IndependenceError) else common.EXIT_BAD_INPUT
     finally:
         loaders.stop_workers()  # workers ignore SIGTERM: left to Python's exit they would keep it waiting for ever
         for s, handler in previous.items():
