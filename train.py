@@ -49,7 +49,7 @@ import splits
 from train_input import (EpochSampler, fit_normalizer, make_dataset, model_input,  # bench.py times train.model_input
                          prepare_cache, stratified_subset)
 
-EXIT_NAN, EXIT_PREEMPTED = 3, 4
+EXIT_NAN, EXIT_PREEMPTED = common.EXIT_NAN, common.EXIT_STOPPED
 DEFAULT_JITTER = "0.05,0.05,0.02,0.01"  # the original pipeline's ColorJitter(brightness, contrast, saturation, hue)
 # Flags that may change between a run and its resumption without changing what is trained (--cache and
 # --cache-normalized give the same pixels: Macenko's output is 8-bit levels, stored without loss).
@@ -269,6 +269,7 @@ def changed_flags(old: dict, new: dict) -> list[str]:
 
 def plan_run(args, data, world, device) -> dict:
     """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume."""
+    common.writable_folder(args.runs_dir, "--runs-dir")  # before any work: a read-only one is bad input (exit 2)
     split, groups, _ = splits.resolve_split(args, data)
     run_dir = Path(args.runs_dir) / args.run_id
     resume = (run_dir / "last.pt").is_file()
@@ -554,6 +555,9 @@ def main(argv=None) -> int:
         if str(e):
             print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
+    except common.EnvironmentFault as e:  # only rank 0 writes files
+        print(f"error: {e}", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
     finally:
         loaders.stop_workers()  # workers ignore SIGTERM: left to Python's exit they would keep it waiting for ever
         for s, handler in previous.items():
