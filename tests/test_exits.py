@@ -173,3 +173,38 @@ def test_a_folder_access_refuses_is_bad_input_naming_the_flag_and_why(tmp_path, 
     with pytest.raises(common.DataError, match=r"--runs-dir .* cannot write in .* \((read-only file system|permission "
                                                r"denied)\)"):
         common.writable_folder(tmp_path / "runs", "--runs-dir")
+
+
+# ----------------------------------------------------------------------------------------------- --skip-bad-images
+def warned(err: str) -> set[str]:
+    return set(re.findall(r"^warning: skipped unreadable (\S+)", err.replace("\r", "\n"), re.MULTILINE))
+
+
+def test_skip_bad_images_names_every_skipped_file_on_stderr_and_in_the_run_folder(truncated_root, tmp_path):
+    import json
+    import train
+    root, broken = truncated_root
+    code, _, err = script("train.py", "--data-root", root, "--runs-dir", tmp_path, "--run-id", "skip", *FAST,
+                          "--workers", "2", "--epochs", "1", "--skip-bad-images")
+    assert code == 0, err[-2000:]
+    run_dir = tmp_path / "skip"
+    split, data = json.loads((run_dir / "split.json").read_text()), common.load_data(root)
+    trained = train.stratified_subset(common.select(data.labelled, split["train"], include_aug=True), 48, 0)
+    seen = {s.path for s in trained} | {s.path for s in common.select(data.labelled, split["val"])}
+    expected = seen & set(broken)
+    assert expected, "the test data must put a broken file in this run"
+    assert warned(err) == expected
+    assert set((run_dir / "skipped_images.txt").read_text().splitlines()) == expected
+
+
+def test_evaluate_skip_bad_images_names_every_skipped_file_and_lists_them(tiny_run, empty_root, tmp_path):
+    import torch
+    root, broken = empty_root
+    out = tmp_path / "eval"
+    code, _, err = script("evaluate.py", "--checkpoint", tiny_run / "best.pt", "--data-root", root, "--out", out,
+                          "--device", "cpu", "--workers", "2", "--bootstrap", "0", "--gradcam", "0", "--skip-bad-images")
+    assert code == 0, err[-2000:]
+    val = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)["split"]["val"]
+    expected = {s.path for s in common.select(common.load_data(root).labelled, val)} & set(broken)
+    assert expected and warned(err) == expected
+    assert set((out / "skipped_images.txt").read_text().splitlines()) == expected
