@@ -234,7 +234,10 @@ def predict(model, normalizer, ckpt, data, rows, device, args) -> tuple[Predicti
     pick = lambda k: np.array([r[k] for r in rows])[keep]
     pred = Predictions([s for s, k in zip(samples, keep) if k], pick(1), pick(2).astype(bool),
                        pick(3).astype(bool), scores[keep])
-    return pred, [samples[i].path for i in bad]
+    skipped = [samples[i].path for i in sorted(bad)]
+    for path in skipped:
+        print(f"warning: skipped unreadable {path} (--skip-bad-images)", file=sys.stderr)
+    return pred, skipped
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -473,6 +476,8 @@ def run_evaluation(args, device) -> int:
             picks = eval_report.gradcam_picks(val_pred, threshold, args.gradcam)
             files += eval_report.write_gradcam(tmp / "gradcam", model, normalizer, data.root, picks,
                                                int(ckpt["image_size"]), device)
+        if bad:
+            common.atomic_write_text(tmp / "skipped_images.txt", "".join(f"{p}\n" for p in bad))
         eval_report.write_json(tmp / "metrics.json", metrics)
         common.atomic_write_text(tmp / "report.md", eval_report.render_report(metrics, files, patient_rows))
     print("\n".join(eval_report.summary_lines(metrics)))
