@@ -334,9 +334,8 @@ def _check_reference(tissue_pixels, min_tissue_pixels, invertible, two, dab_shar
     angle = math.degrees(math.acos(min(1.0, float(two[:, 0] @ two[:, 1]))))
     if angle < MIN_STAIN_ANGLE:
         raise ValueError(f"reference's hematoxylin and DAB vectors are only {angle:.0f} degrees apart (need >= "
-                         f"{MIN_STAIN_ANGLE:.0f}): too little DAB for this mode's estimate, or DAB on its nuclei (which would tint "
-                         f"every patch brown); "
-                         f"{GOOD_REFERENCE}")
+                         f"{MIN_STAIN_ANGLE:.0f}): too little DAB for this mode's estimate, or DAB on its nuclei "
+                         f"(which would tint every patch brown); {GOOD_REFERENCE}")
 
 
 def _stain_matrices(two, single, mean, ref):

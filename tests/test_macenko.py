@@ -405,7 +405,8 @@ def test_preview_mosaic_shows_original_default_and_canonical_side_by_side(ihc, r
     gap, text = 4, 14
     for r, tile in enumerate(tiles):
         top = text + r * (TILE + text + gap) + gap + text
-        for c, out in enumerate([tile, *(n.normalize(tile[None])[0].mul(255).round().byte() for n in columns.values())]):
+        outs = [tile, *(n.normalize(tile[None])[0].mul(255).round().byte() for n in columns.values())]
+        for c, out in enumerate(outs):
             left = gap + c * (TILE + gap)
             assert np.array_equal(mosaic[top:top + TILE, left:left + TILE], out.permute(1, 2, 0).numpy()), (r, c)
 
