@@ -405,8 +405,8 @@ class Trainer:
                 self.scaler.update()
                 self.sched.step()
                 loss_sum, seen = loss_sum + losses.sum().detach(), seen + keep.sum()
-                flags = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(), torch.full((), float(STOP.is_set()),
-                                                                                                 device=dev)])
+                flags = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(),
+                                     torch.full((), float(STOP.is_set()), device=dev)])
                 if self.world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
                 p["step"] += 1

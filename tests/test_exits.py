@@ -1,5 +1,6 @@
 """Every way a run can stop, tried as users meet it: the real scripts in their own process, DataLoader workers on,
 a time limit, and then the exit code, the one line that says why, and what is left on disk (issue 9)."""
+import json
 import os
 import re
 import shutil
@@ -181,7 +182,6 @@ def warned(err: str) -> set[str]:
 
 
 def test_skip_bad_images_names_every_skipped_file_on_stderr_and_in_the_run_folder(truncated_root, tmp_path):
-    import json
     import train
     root, broken = truncated_root
     code, _, err = script("train.py", "--data-root", root, "--runs-dir", tmp_path, "--run-id", "skip", *FAST,
@@ -202,9 +202,39 @@ def test_evaluate_skip_bad_images_names_every_skipped_file_and_lists_them(tiny_r
     root, broken = empty_root
     out = tmp_path / "eval"
     code, _, err = script("evaluate.py", "--checkpoint", tiny_run / "best.pt", "--data-root", root, "--out", out,
-                          "--device", "cpu", "--workers", "2", "--bootstrap", "0", "--gradcam", "0", "--skip-bad-images")
+                          "--device", "cpu", "--workers", "2", "--bootstrap", "0", "--gradcam", "0",
+                          "--skip-bad-images")
     assert code == 0, err[-2000:]
     val = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)["split"]["val"]
     expected = {s.path for s in common.select(common.load_data(root).labelled, val)} & set(broken)
     assert expected and warned(err) == expected
     assert set((out / "skipped_images.txt").read_text().splitlines()) == expected
+
+
+# ----------------------------------------------------------------------------------------------- evaluate.py
+def test_compare_of_runs_sharing_fewer_than_5_validation_patients_is_refused(tiny_run, tmp_path):
+    import torch
+    ckpt = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)
+    other = dict(ckpt, split={"train": ckpt["split"]["train"][4:] + ckpt["split"]["val"][1:],
+                              "val": ckpt["split"]["val"][:1] + ckpt["split"]["train"][:4]})  # another split
+    torch.save(other, tmp_path / "other.pt")
+    code, out, err = script("evaluate.py", "--compare", tiny_run / "best.pt", tmp_path / "other.pt", "--out",
+                            tmp_path / "compare", "--device", "cpu", "--workers", "2", "--bootstrap", "50")
+    assert code == common.EXIT_BAD_INPUT, err[-2000:]
+    lines = error_lines(err)
+    assert len(lines) == 1 and "share 1 validation patient" in lines[0] and "at least 5" in lines[0], err[-2000:]
+    assert "noise" not in out and not (tmp_path / "compare").exists()
+
+
+def test_evaluate_with_and_without_holdout_write_separate_folders(tiny_run, tmp_path):
+    import evaluate
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_run / "best.pt", run / "best.pt")
+    flags = ["--checkpoint", str(run / "best.pt"), "--device", "cpu", "--workers", "0", "--bootstrap", "0",
+             "--gradcam", "0"]
+    assert evaluate.main([*flags, "--holdout"]) == 0
+    holdout_report = (run / "eval-holdout" / "metrics.json").read_text()
+    assert evaluate.main(flags) == 0
+    assert (run / "eval-holdout" / "metrics.json").read_text() == holdout_report  # not replaced
+    assert "holdout" not in json.loads((run / "eval" / "metrics.json").read_text())
