@@ -278,7 +278,7 @@ def plan_run(args, data, world, device) -> dict:
     run_dir = Path(args.runs_dir) / args.run_id
     resume = (run_dir / "last.pt").is_file()
     if resume:
-        split = common.load_checkpoint(run_dir / "last.pt")["split"]
+        split = common.load_checkpoint(run_dir / "last.pt", named=f"--run-id {args.run_id}: resuming from")["split"]
         if (run_dir / "config.json").is_file():
             _, _, config = samples_and_config(args, data, split, world, device)
             changed = changed_flags(json.loads((run_dir / "config.json").read_text()), config)

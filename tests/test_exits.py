@@ -21,11 +21,11 @@ FAST = ["--device", "cpu", "--image-size", "64", "--batch-size", "16", "--weight
 LIMIT = 90  # seconds: a healthy run of these scripts takes ~10-20 s here (mostly imports); the hang was for ever
 
 
-def script(name, *argv, timeout=LIMIT, **popen):
+def script(name, *argv, timeout=LIMIT, env=()):
     """Run ROOT/name as its own process group, as a shell or SLURM starts it; the group is killed on timeout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **dict(env)}
     proc = subprocess.Popen([sys.executable, str(ROOT / name), *map(str, argv)], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -238,3 +238,31 @@ def test_evaluate_with_and_without_holdout_write_separate_folders(tiny_run, tmp_
     assert evaluate.main(flags) == 0
     assert (run / "eval-holdout" / "metrics.json").read_text() == holdout_report  # not replaced
     assert "holdout" not in json.loads((run / "eval" / "metrics.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------- messages
+def test_a_truncated_last_pt_is_one_whole_line_naming_the_run_not_a_flag_train_lacks(demo_root, tmp_path, capsys):
+    import torch
+    import train
+    torch.save({"weights": torch.zeros(10_000)}, tmp_path / "whole.pt")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "last.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:20_000])
+    argv = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-id", "cut", *FAST, "--workers", "0"]
+    assert train.main(argv) == common.EXIT_BAD_INPUT
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    assert "--run-id cut" in lines[0] and "--checkpoint" not in lines[0] and str(tmp_path / "cut" / "last.pt") in lines[0]
+    assert "unreadable checkpoint (" in lines[0] and lines[0].endswith("not written by train.py")  # whole, not cut
+
+
+def test_imagenet_weights_offline_say_where_the_cache_is_and_how_to_fill_it(demo_root, tmp_path):
+    offline = {"TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy":
+               "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}  # nothing listens on port 9: no network
+    code, _, err = script("train.py", "--data-root", demo_root, "--runs-dir", tmp_path, "--run-id", "offline",
+                          *FAST, "--weights", "imagenet", "--workers", "2", "--epochs", "1",
+                          env=offline)
+    assert code == common.EXIT_BAD_INPUT, err[-2000:]
+    lines = error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-") in lines[0]  # the file it looked for
+    assert "login node" in lines[0] and "get_state_dict()" in lines[0]
