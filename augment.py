@@ -4,7 +4,7 @@ Owns what "augmented" means; model.model_input calls augment() between Macenko a
 function takes float (B, 3, H, W) tensors in [0, 1] on any device and draws only from the generator passed in,
 so a resumed run repeats its draws exactly. torchvision's ColorJitter on a batch would share one draw; here each
 image gets its own factors, and color_jitter equals torchvision's adjust_brightness -> adjust_contrast ->
-adjust_saturation -> adjust_hue with those factors (tests/test_train_input.py checks it).
+adjust_saturation -> adjust_hue with those factors (tests/test_augment.py checks it).
 
     x = augment.augment(x, jitter=[0.05, 0.05, 0.02, 0.01], gen=torch.Generator(device).manual_seed(1))
 """

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import io
 import os
 import re
 import tempfile
@@ -24,17 +26,21 @@ from pathlib import Path
 
 import numpy as np
 
-EXIT_OK, EXIT_LEAK, EXIT_BAD_INPUT = 0, 1, 2
+# One meaning each, in every script and the launcher (README, "Exit codes"); 128 + N: killed by a second signal N.
+EXIT_OK, EXIT_LEAK, EXIT_BAD_INPUT, EXIT_NAN, EXIT_STOPPED, EXIT_ENVIRONMENT = 0, 1, 2, 3, 4, 5
 ANNOTATION_NAMES = ("HP_WSI-CoordAllAnnotatedPatches", "HP_WSI-CoordAnnotatedAllPatches",
                     "HP_WSI-CoordAnnotatedPatches")  # the names other copies of the dataset use; .xlsx or .csv
 DIAGNOSIS_NAME = "PatientDiagnosis.csv"
 DIAGNOSES = ("NEGATIVA", "BAIXA", "ALTA")  # BAIXA (low density) and ALTA (high) both mean infected
 DEFAULT_REFERENCE = "CrossValidation/Annotated/B22-47_0/01653.png"  # the original pipeline's stain reference
-SOURCES = ("annotated", "supplemental", "holdout")
 
 
 class DataError(Exception):
     """A bad input: the message is one line naming the file, row or flag."""
+
+
+class EnvironmentFault(Exception):
+    """The machine failed the run (no space left, I/O error): one line naming the folder; exit EXIT_ENVIRONMENT."""
 
 
 # ----------------------------------------------------------------------------------------------- names
@@ -63,11 +69,6 @@ def parse_patch_name(file_name: str) -> tuple[int, int | None] | None:
     return int(m.group("window")), (int(m.group("aug")) if m.group("aug") else None)
 
 
-def annotated_file_name(window: int, aug: int | None) -> str:
-    """Annotated files pad the window number (not the whole stem) to 5 digits: `00902_Aug1.png`."""
-    return f"{window:05d}" + (f"_Aug{aug}" if aug is not None else "") + ".png"
-
-
 # ----------------------------------------------------------------------------------------------- metadata
 @dataclass(frozen=True)
 class Annotation:
@@ -77,10 +78,6 @@ class Annotation:
     aug: int | None      # K of `_AugK`, None for an original window
     presence: int        # 1 present, -1 absent, 0 uncertain
     row: int             # 1-based row in the sheet (header = row 1), for error messages
-    i: int | None = None
-    j: int | None = None
-    h: int | None = None
-    w: int | None = None
 
 
 def find_metadata(root: Path, names: tuple[str, ...], suffixes: tuple[str, ...]) -> Path | None:
@@ -159,8 +156,7 @@ def read_annotations(path) -> list[Annotation]:
         if presence not in (-1, 0, 1):
             raise DataError(f"{path}: row {n}: unknown Presence value {cell['presence']!r} (expected 1, -1 or 0)")
         out.append(Annotation(patient=patient, section=_int_or_none(cell["section_id"]), window=int(m.group("window")),
-                              aug=int(m.group("aug")) if m.group("aug") else None, presence=presence, row=n,
-                              **{k: _int_or_none(cell.get(k)) for k in "ijhw"}))
+                              aug=int(m.group("aug")) if m.group("aug") else None, presence=presence, row=n))
     return out
 
 
@@ -218,7 +214,6 @@ class HelicoData:
     uncertain_cropped: list[str] = field(default_factory=list)  # Cropped copies of Presence 0 windows: excluded too
     stray: list[str] = field(default_factory=list)              # non-PNG / non-folder entries skipped
     duplicate_rows: list[Annotation] = field(default_factory=list)
-    annotated_in_cropped: int = 0     # Cropped patches of NEGATIVA patients that are also annotated windows
     annotations_file: Path | None = None
     diagnosis_file: Path | None = None
 
@@ -299,9 +294,7 @@ def load_data(root) -> HelicoData:
                 if label == 0:
                     if (p, folder_section(folder), window) in uncertain_windows:
                         data.uncertain_cropped.append(s.path)
-                    elif (p, folder_section(folder), window) in annotated_windows:
-                        data.annotated_in_cropped += 1  # already a hard negative: do not count it twice
-                    else:
+                    elif (p, folder_section(folder), window) not in annotated_windows:  # else already a hard negative
                         data.labelled.append(s)
     return data
 
@@ -423,22 +416,57 @@ def resolve_device(name=None, local_rank: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------- files
+FAULTS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EIO: "I/O error",
+          errno.EROFS: "read-only file system"}  # OSErrors that say the disk failed the run, not the user's input
+
+
+def writable_folder(folder, flag: str) -> Path:
+    """`folder` if this process can create files in it (or create it); else a DataError naming `flag`.
+    os.access, not a test write: it creates nothing, and it reports a read-only file system even to root."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise DataError(f"{flag} {folder}: {existing} is not a folder; choose a folder you can write")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+        raise DataError(f"{flag} {folder}: cannot write in {existing} ({why}); choose a folder you can write")
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds. A full or failing disk
+    raises EnvironmentFault naming the folder; the previous `path` is untouched either way."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give them the permissions open() would
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in FAULTS:
+            raise
+        remedy = "free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check that disk"
+        raise EnvironmentFault(f"{path.parent}: {FAULTS[e.errno]} while writing {path.name} (any previous one is "
+                               f"kept); {remedy}, then run the same command again to resume") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def write_all(path, data) -> None:
+    """Write bytes with os.write, so that a full disk is an OSError(ENOSPC) (what atomic_path reports)."""
+    fd, view = os.open(path, os.O_WRONLY | os.O_TRUNC), memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -447,6 +475,11 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def atomic_torch_save(obj, path) -> None:
+    """torch.save, atomically. Serialized in memory first (costs one checkpoint of host RAM, ~130 MB for a resnet18
+    with AdamW): straight to a file, a full disk surfaces as torch's RuntimeError 'unexpected pos ...' instead of
+    ENOSPC."""
     import torch
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        write_all(tmp, buffer.getbuffer())

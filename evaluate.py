@@ -1,7 +1,7 @@
 """Evaluate a trained H. pylori patch classifier so that the report cannot fool its reader.
 
     python evaluate.py --checkpoint runs/26/best.pt                       # -> runs/26/eval/
-    python evaluate.py --checkpoint runs/26/best.pt --holdout             # + HoldOut patients, rule not re-tuned
+    python evaluate.py --checkpoint runs/26/best.pt --holdout             # -> runs/26/eval-holdout/: + HoldOut patients
     python evaluate.py --checkpoint runs/26/best.pt --data-root /scratch/$USER/HelicoDataSet --out /tmp/ev26
     python evaluate.py --compare runs/10/best.pt runs/14/best.pt          # deltas with paired cluster-bootstrap CIs
     python evaluate.py --cv runs/27-f*                                    # pooled out-of-fold test predictions
@@ -29,11 +29,12 @@ two-part split (no test part) is evaluated on val, and the report says first tha
   ROC-AUC, "not estimable" with fewer than 10 clusters in a class; the share of resamples where a metric was
   undefined is printed beside it. NaN (with the reason) where a metric is undefined.
 
-Writes into runs/<id>/eval/ (or --out), built in a temp folder beside it and swapped in whole: report.md,
-metrics.json, predictions.csv, patients.csv, figures/*.png, learning_curves.png (from the run's log.jsonl),
-gradcam/*.png + heatmaps.npz. --compare writes compare.md and compare.json (default <first run>/compare/), on the
-test patients the checkpoints share (else validation). --cv evaluates each fold run, then writes runs/27-cv/
-(report.md, metrics.json, predictions.csv, patients.csv: see crossval.py).
+Writes into runs/<id>/eval/ (eval-holdout/ with --holdout, so neither replaces the other; or --out), built in a
+temp folder beside it and swapped in whole: report.md, metrics.json, predictions.csv, patients.csv, figures/*.png,
+learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images).
+--compare writes compare.md and compare.json (default <first run>/compare/), on the test patients the checkpoints
+share (else validation). --cv evaluates each fold run (its eval/), then writes runs/27-cv/ (report.md,
+metrics.json, predictions.csv, patients.csv: see crossval.py).
 This file owns what is measured and how (patient rows, the patient rule, intervals, --compare, --cv); metrics.py
 defines the metrics and intervals, eval_report.py writes the files and markdown, figures.py the charts, gradcam.py
 the Grad-CAM, crossval.py the pooling of folds.
@@ -87,7 +88,7 @@ def get_args_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", metavar="CKPT", help="a train.py checkpoint (best.pt: the epoch with the best "
-                      "validation PR-AUC); the report goes to eval/ beside it")
+                      "validation PR-AUC); the report goes to eval/ beside it (eval-holdout/ with --holdout)")
     what.add_argument("--compare", nargs="+", metavar="CKPT", help="two or more checkpoints: headline metrics side "
                       "by side, deltas against the first with paired patient-cluster bootstrap CIs, on the test "
                       "patients they share (else the validation patients)")
@@ -97,8 +98,8 @@ def get_args_parser():
                       "patients")
     p.add_argument("--data-root", help="HelicoDataSet folder; default: the one stored in the checkpoint. Point it at "
                    "the staged copy on a cluster node")
-    p.add_argument("--out", help="output folder (default runs/<id>/eval/). An existing one is replaced whole, but "
-                   "only if it holds a previous metrics.json/compare.json")
+    p.add_argument("--out", help="output folder (default runs/<id>/eval/, or eval-holdout/ with --holdout). An "
+                   "existing one is replaced whole, but only if it holds a previous metrics.json/compare.json")
     p.add_argument("--arch", help="refuse the checkpoint unless it is this architecture (a guard for scripts)")
     p.add_argument("--holdout", action="store_true", help="also apply the validation-chosen patient rule and "
                    "threshold to the HoldOut patients (an independent estimate; slow on the real data: ~89k "
@@ -137,6 +138,12 @@ def check_args(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- model and data
+def scoring_options(args) -> dict:
+    """The flags predict() needs, as its keyword arguments."""
+    return {"batch_size": args.batch_size, "workers": args.workers, "skip_bad": args.skip_bad_images,
+            "no_amp": args.no_amp, "cache": args.cache}
+
+
 def scoring_precision(ckpt: dict, device, no_amp: bool) -> model.Precision:
     """Score as training validated, since the stored threshold was chosen on those scores: the run's autocast
     (on CUDA only, unless --no-amp) and its memory layout, by model.precision's rule."""
@@ -269,18 +276,23 @@ def score_samples(net, normalizer, root, samples, image_size: int, device, *, ba
     return scores, bad
 
 
-def predict(net, normalizer, ckpt, data, rows: list[Row], device, args) -> tuple[Predictions, list[str]]:
-    samples, size, cache = [r.sample for r in rows], int(ckpt["image_size"]), None
-    if args.cache:
-        cache = patch_cache.prepare(args.cache, data, size, max(1, args.workers), device=device)
-    scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=args.batch_size,
-                                workers=args.workers, skip_bad=args.skip_bad_images, cache=cache,
-                                run=scoring_precision(ckpt, device, args.no_amp))
+def predict(net, normalizer, ckpt, data, rows: list[Row], device, *, batch_size: int, workers: int, skip_bad: bool,
+            no_amp: bool, cache=None) -> tuple[Predictions, list[str]]:
+    """Scores of `rows` (from the packed cache in `cache` when given) and the paths of skipped undecodable files."""
+    samples, size = [r.sample for r in rows], int(ckpt["image_size"])
+    if cache:
+        cache = patch_cache.prepare(cache, data, size, max(1, workers), device=device)
+    scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=batch_size,
+                                workers=workers, skip_bad=skip_bad, cache=cache,
+                                run=scoring_precision(ckpt, device, no_amp))
     keep = np.isfinite(scores)
     pred = Predictions([s for s, k in zip(samples, keep) if k], np.array([r.split for r in rows])[keep],
                        np.array([r.patch_eval for r in rows], dtype=bool)[keep],
                        np.array([r.patient_eval for r in rows], dtype=bool)[keep], scores[keep])
-    return pred, [samples[i].path for i in bad]
+    skipped = [samples[i].path for i in sorted(bad)]
+    for path in skipped:
+        print(f"warning: skipped unreadable {path} (--skip-bad-images)", file=sys.stderr)
+    return pred, skipped
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -445,10 +457,15 @@ def epochs_logged(run_dir: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- commands
+def default_out(holdout: bool) -> str:
+    """eval/ and eval-holdout/ side by side: a validation-only rerun never replaces the report with the HoldOut."""
+    return "eval-holdout" if holdout else "eval"
+
+
 def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     """Score and analyse one checkpoint, write its eval folder; returns (metrics dict, folder)."""
     path = Path(args.checkpoint)
-    out = Path(args.out) if args.out else path.parent / "eval"
+    out = Path(args.out) if args.out else path.parent / default_out(args.holdout)
     eval_report.check_out_folder(out)
     ckpt = model.load_checkpoint(path)
     net, normalizer = model.from_checkpoint(ckpt, path, args.arch, device)
@@ -466,7 +483,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     rows, identical = count_identical_once(evaluation_rows(data, parts, holdout), data.root, hash_cache)
     if not any(r.patch_eval for r in rows):
         raise DataError(f"validation patients of {path} have no labelled patches in {data.root}: empty split")
-    pred, bad = predict(net, normalizer, ckpt, data, rows, device, args)
+    pred, bad = predict(net, normalizer, ckpt, data, rows, device, **scoring_options(args))
     threshold = float(ckpt["threshold"])
     by_part, patient_rows = {}, []
     for stream, part in enumerate(("val", "test", "holdout")):  # val first: it chooses the rule the others apply
@@ -510,6 +527,8 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
             cams, result["meta"]["gradcam"] = gradcam.write_gradcam(tmp / "gradcam", net, normalizer, data.root, picks,
                                                                     int(ckpt["image_size"]), device)
             files += cams
+        if bad:
+            common.atomic_write_text(tmp / "skipped_images.txt", "".join(f"{p}\n" for p in bad))
         eval_report.write_json(tmp / "metrics.json", result)
         common.atomic_write_text(tmp / "report.md", eval_report.render_report(result, files, patient_rows))
     return result, out
@@ -525,6 +544,8 @@ def run_evaluation(args, device) -> int:
 def run_cv(args, device) -> int:
     """Evaluate every fold run, then pool their out-of-fold test predictions (crossval.py)."""
     runs = [Path(r) for r in args.cv]
+    if args.holdout:
+        raise DataError("--holdout: not used with --cv (evaluate the fold runs' HoldOut one by one)")
     if len(runs) < 2 or len(set(runs)) != len(runs):
         raise DataError(f"--cv: give the run folders of two or more folds, each once (got {len(runs)})")
     out = Path(args.out) if args.out else crossval.default_out(runs)
@@ -552,6 +573,9 @@ def run_cv(args, device) -> int:
     return common.EXIT_OK
 
 
+# Fewer shared validation patients than this and a bootstrap over patients has nothing to resample: one patient
+# gives a zero-width interval that "excludes 0" for any difference. Refuse rather than print a verdict.
+MIN_SHARED_PATIENTS = 5
 HEADLINE = [("patch", k) for k in PATCH_METRICS] + [("patient", k) for k in PATIENT_METRICS]
 
 
@@ -569,8 +593,10 @@ def run_compare(args, device) -> int:
         else "val"
     sets = [ps[part] for ps in parts]
     shared = sorted(set.intersection(*map(set, sets)))
-    if not shared:
-        raise DataError("--compare: the checkpoints share no validation patient; a paired comparison needs some")
+    if len(shared) < MIN_SHARED_PATIENTS:
+        raise DataError(f"--compare: the checkpoints share {len(shared)} {part} patient(s) "
+                        f"({', '.join(shared) or 'none'}); a paired comparison needs at least {MIN_SHARED_PATIENTS}: "
+                        f"train the runs on one split (train.py --split runs/<id>/split.json)")
     hash_cache = splits.hash_cache_path(None, data.root)
     groups = splits.duplicate_groups(splits.shared_content(data, cache=hash_cache, progress=False))
     rows, _ = count_identical_once(evaluation_rows(data, {part: shared}), data.root, hash_cache)
@@ -580,7 +606,7 @@ def run_compare(args, device) -> int:
     results = []
     for c, p in zip(ckpts, paths):
         net, normalizer = model.from_checkpoint(c, p, args.arch, device)
-        pred, _ = predict(net, normalizer, c, data, rows, device, args)
+        pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args))
         result, _, boot = analyse(pred, shared, data.diagnosis, float(c["threshold"]), args.top_k, groups, draws)
         results.append({"checkpoint": str(p), "metrics": result, "boot": boot})
         del net

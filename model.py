@@ -40,12 +40,16 @@ def build_model(arch: str = "resnet18", weights: str = "none"):
         raise DataError(f"--arch {arch}: not a torchvision classifier (e.g. resnet18, resnet50, convnext_tiny)")
     model = torchvision.models.get_model(arch, weights=None)
     if weights == "imagenet":
+        w = torchvision.models.get_model_weights(arch).DEFAULT
         try:
-            w = torchvision.models.get_model_weights(arch).DEFAULT
             model.load_state_dict(w.get_state_dict(progress=False))
         except Exception as e:  # URLError, socket errors, hash mismatch: all mean 'could not get the file'
-            raise DataError(f"--weights imagenet: could not load {arch} weights ({type(e).__name__}); offline? put "
-                            f"the file in {torch.hub.get_dir()}/checkpoints or pass --weights none/FILE") from None
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / w.url.rsplit("/", 1)[-1]
+            fetch = f"import torchvision; torchvision.models.get_model_weights('{arch}').DEFAULT.get_state_dict()"
+            raise DataError(f"--weights imagenet: {arch}'s weights are not in torchvision's cache {cache} and could "
+                            f"not be downloaded ({type(e).__name__}; compute nodes are often offline): on a login "
+                            f"node with the same $TORCH_HOME run python -c \"{fetch}\", or pass --weights none/FILE"
+                            ) from None
     _one_logit_head(model)
     if weights not in ("none", "imagenet", None):
         path = Path(weights)
@@ -158,22 +162,25 @@ def checkpoint(*, model_state, arch, config, split, stain, threshold, threshold_
             "val_metrics": val_metrics, **training, "version": CHECKPOINT_VERSION}
 
 
-def load_checkpoint(path, training: bool = False) -> dict:
+def load_checkpoint(path, training: bool = False, named: str = "--checkpoint") -> dict:
     """A checkpoint() dict, loaded with weights_only=True; one-line errors naming the file otherwise.
-    training=True also requires the state that resumes training."""
+    training=True also requires the state that resumes training; `named` is what the user gave that led here, for
+    the message (train.py: the run it resumes)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--checkpoint {path}: file not found")
+        raise DataError(f"{named} {path}: file not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, ...
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines() if ln.strip()] or [""]
         why = next((ln for ln in lines if "Unsupported global" in ln), lines[0])  # torch's weights_only verdict
-        raise DataError(f"--checkpoint {path}: unreadable ({type(e).__name__}: {why[:200]})") from None
+        why = why.split(". ")[0].rstrip(".") or "file ends early"  # its first sentence, whole; the rest is advice
+        raise DataError(f"{named} {path}: unreadable checkpoint ({type(e).__name__}: {why}); truncated or not "
+                        f"written by train.py") from None
     required = REQUIRED_KEYS + (TRAINING_KEYS if training else ())
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise DataError(f"--checkpoint {path}: not a train.py checkpoint (missing {', '.join(missing)})")
+        raise DataError(f"{named} {path}: not a train.py checkpoint (missing {', '.join(missing)})")
     return ckpt
 
 

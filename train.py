@@ -16,6 +16,8 @@ Pipeline: DataLoader workers only decode PNGs (or read --cache) to uint8; on the
 colour jitter with independent random factors per sample -> one of the 8 symmetries of the square per sample ->
 ImageNet normalization -> model under autocast (bf16 where supported, else fp16 with a GradScaler; off on CPU
 unless --amp). The operating threshold is the one that maximises F1 on the validation patients.
+This file owns the training loop, its sample order and the run folder; what the model sees, its precision and the
+checkpoint schema are model.py's (evaluate.py and bench.py call the same functions), the metrics metrics.py's.
 
 Exit codes: 0 done (or already complete), 1 the HoldOut is not independent (a HoldOut patient shares an ID or a
 byte-identical image with CrossValidation; nothing trained), 2 bad input (one-line `error:`), 3 non-finite loss
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
 import figures
@@ -52,7 +55,8 @@ import model
 import patch_cache
 import splits
 
-EXIT_NAN, EXIT_PREEMPTED = 3, 4
+EXIT_NAN, EXIT_PREEMPTED = common.EXIT_NAN, common.EXIT_STOPPED
+SKIPPED = "skipped_images.txt"  # --skip-bad-images: the undecodable files left out, one path per line
 DEFAULT_JITTER = "0.05,0.05,0.02,0.01"  # the original pipeline's ColorJitter(brightness, contrast, saturation, hue)
 # Flags that may change between a run and its resumption without changing what is trained (--cache and
 # --cache-normalized give the same pixels: Macenko's output is 8-bit levels, stored without loss).
@@ -194,22 +198,26 @@ def requeue() -> str:
     return f"requeued SLURM job {job}" if r.returncode == 0 else f"scontrol requeue {job} failed: {r.stderr.strip()}"
 
 
-def number(text: str) -> float:
+JITTER_HELP = (f"expected 0 or four numbers B,C,S,H like {DEFAULT_JITTER}, with B, C, S in [0, 1) and H in "
+               f"[0, 0.5]")
+
+
+def numbers(flag: str, text: str, expected: str) -> list[float]:
+    """The comma-separated numbers of --flag, or a one-line error saying what was expected."""
     try:
-        return float(text)
+        return [float(v) for v in text.split(",")]
     except ValueError:
-        return float("nan")  # fails every range check below
+        raise common.DataError(f"--{flag} {text}: {expected}") from None
 
 
 def resolve_args(args, device, local_world: int) -> None:
     """Fill in automatic defaults and reject bad values with one-line messages naming the flag."""
     if not args.data_root:
         raise common.DataError("--data-root: not given and $HELICO_DATA is not set")
-    jitter = [number(v) for v in args.jitter.split(",")]
+    jitter = numbers("jitter", args.jitter, JITTER_HELP)
     jitter = jitter * 4 if jitter == [0.0] else jitter
     if len(jitter) != 4 or not all(0 <= v < 1 for v in jitter[:3]) or not 0 <= jitter[3] <= 0.5:
-        raise common.DataError(f"--jitter {args.jitter}: expected 0 or four numbers B,C,S,H like {DEFAULT_JITTER}, "
-                               f"with B, C, S in [0, 1) and H in [0, 0.5]")
+        raise common.DataError(f"--jitter {args.jitter}: {JITTER_HELP}")
     args.jitter = jitter
     for flag, value, low in (("epochs", args.epochs, 1), ("batch-size", args.batch_size, 2), ("image-size",
                              args.image_size, 32), ("prefetch-factor", args.prefetch_factor, 1),
@@ -220,8 +228,10 @@ def resolve_args(args, device, local_world: int) -> None:
         raise common.DataError("--cache-normalized: needs --cache DIR and --macenko (it stores Macenko's output)")
     if not args.lr > 0 or args.weight_decay < 0:
         raise common.DataError(f"--lr {args.lr} / --weight-decay {args.weight_decay}: need lr > 0, weight decay >= 0")
-    if args.pos_weight != "auto" and not number(args.pos_weight) > 0:
-        raise common.DataError(f"--pos-weight {args.pos_weight}: expected auto or a positive number")
+    if args.pos_weight != "auto":
+        weight = numbers("pos-weight", args.pos_weight, "expected auto or a positive number")
+        if len(weight) != 1 or not weight[0] > 0:
+            raise common.DataError(f"--pos-weight {args.pos_weight}: expected auto or a positive number")
     cuda = device.type == "cuda"
     args.device, args.amp = str(device), cuda if args.amp is None else args.amp
     args.pin_memory = cuda if args.pin_memory is None else args.pin_memory
@@ -274,12 +284,14 @@ def changed_flags(old: dict, new: dict) -> list[str]:
 
 def plan_run(args, data, world, device) -> dict:
     """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume."""
-    split, groups, shared = splits.resolve_split(args, data)
+    common.writable_folder(args.runs_dir, "--runs-dir")  # before any work: a read-only one is bad input (exit 2)
+    split, groups, shared = splits.resolve_split(data, **splits.split_options(args))
     splits.check_holdout_independent(data, shared)  # the HoldOut must stay an independent test: exit 1 otherwise
     run_dir = Path(args.runs_dir) / args.run_id
     resume = (run_dir / "last.pt").is_file()
     if resume:
-        split = model.load_checkpoint(run_dir / "last.pt", training=True)["split"]
+        split = model.load_checkpoint(run_dir / "last.pt", training=True,
+                                      named=f"--run-id {args.run_id}: resuming from")["split"]
         if (run_dir / "config.json").is_file():
             _, _, config = samples_and_config(args, data, split, world, device)
             changed = changed_flags(json.loads((run_dir / "config.json").read_text()), config)
@@ -308,12 +320,17 @@ class Trainer:
         self.train_loader = loader(train_ds, self.sampler, args, drop_last=self.sampler.per_rank >= args.batch_size)
         shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
         self.val_loader = loader(torch.utils.data.Subset(val_ds, shard), None, args)
-        self.val_paths = [s.path for s in val]
+        self.train_paths, self.val_paths = [s.path for s in train], [s.path for s in val]
+        skipped = self.run_dir / SKIPPED
+        self.skipped = set(skipped.read_text().splitlines()) if skipped.is_file() else set()  # kept across resumes
         self.normalizer = normalizer.to(device) if normalizer is not None else None
         # --cache-normalized: the cached patches already are; checkpoints still carry the reference for evaluate.py
         self.stain = train_ds.stain if args.cache_normalized else normalizer.state_dict() if normalizer else None
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         ckpt = model.load_checkpoint(self.run_dir / "last.pt", training=True) if plan["resume"] else None
+        if ckpt and ckpt["stain"] is not None and self.normalizer is not None:  # a resumed run keeps its stain
+            self.normalizer = type(normalizer).from_state_dict(ckpt["stain"]).to(device)  # (older mode included)
+            self.stain = ckpt["stain"]
         self.run = model.precision(device, args.amp, args.channels_last)
         self.raw = self.run.place(model.build_model(args.arch, "none" if ckpt else args.weights), device)
         self.model = self.raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -372,7 +389,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- loops
     def train_epoch(self):
         """Train from progress["step"] to the epoch's end or a stop request; returns (nan_step or None, stopped)."""
-        from tqdm import tqdm
         args, dev, p = self.args, self.device, self.progress
         self.sampler.set_epoch(self.epoch, skip=p["step"] * args.batch_size)
         self.model.train()
@@ -382,7 +398,9 @@ class Trainer:
         loss_sum, seen, pending, nan_step, stopped = 0.0, 0, None, None, False
         t0, images = time.perf_counter(), 0
         try:  # closed on every path: an error line must not land on a half-drawn bar
-            for x, labels, _ in self.train_loader:
+            for x, labels, idx in self.train_loader:
+                if (labels == common.BAD).any():  # on the host still: no device sync
+                    self.note_skipped(self.train_paths[k] for k in idx[labels == common.BAD].tolist())
                 x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
                 with torch.no_grad():
                     x = model.model_input(x, self.normalizer, args.jitter, self.gen, self.run.channels_last)
@@ -398,8 +416,8 @@ class Trainer:
                 self.scaler.update()
                 self.sched.step()
                 loss_sum, seen = loss_sum + losses.sum().detach(), seen + keep.sum()
-                flags = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(), torch.full((), float(STOP.is_set()),
-                                                                                                 device=dev)])
+                flags = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(),
+                                     torch.full((), float(STOP.is_set()), device=dev)])
                 if self.world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
                 p["step"] += 1
@@ -420,6 +438,18 @@ class Trainer:
         self.img_s = images / max(time.perf_counter() - t0, 1e-9)
         return nan_step, stopped
 
+    def note_skipped(self, paths):
+        """--skip-bad-images: name each undecodable file once on stderr and list it in runs/<id>/skipped_images.txt."""
+        new = sorted(set(paths) - self.skipped)
+        if not new:
+            return
+        self.skipped.update(new)
+        for path in new:  # tqdm.write: on a line of its own, not onto the progress bar
+            tqdm.write(f"warning: skipped unreadable {path} (--skip-bad-images; listed in {self.run_dir / SKIPPED})",
+                       file=sys.stderr)
+        if self.rank == 0:
+            common.atomic_write_text(self.run_dir / SKIPPED, "".join(f"{p}\n" for p in sorted(self.skipped)))
+
     @staticmethod
     def read_flags(step, flags, bar):
         nonfinite, loss, stop = flags.tolist()
@@ -436,8 +466,7 @@ class Trainer:
         idx, labels, scores, loss = [], [], [], torch.zeros((), device=self.device)
         for images, y, i in self.val_loader:
             images, y, i, bad = common.drop_bad(images, y, i)
-            for k in bad:
-                print(f"warning: skipped unreadable {self.val_paths[k]}", file=sys.stderr)
+            self.note_skipped(self.val_paths[k] for k in bad)
             x = model.model_input(images.to(self.device, non_blocking=True), self.normalizer,
                                   channels_last=self.run.channels_last)
             with self.run.autocast():
@@ -563,6 +592,9 @@ def main(argv=None) -> int:
         if str(e):
             print(f"error: {e}", file=sys.stderr)
         return common.EXIT_LEAK if isinstance(e, splits.IndependenceError) else common.EXIT_BAD_INPUT
+    except common.EnvironmentFault as e:  # only rank 0 writes files
+        print(f"error: {e}", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
     finally:
         loaders.stop_workers()  # workers ignore SIGTERM: left to Python's exit they would keep it waiting for ever
         for s, handler in previous.items():

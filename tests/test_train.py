@@ -247,7 +247,7 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     data = common.load_data(demo_root)
     val = common.select(data.labelled, ckpt["split"]["val"])
     net = model.build_model("resnet18", "none")
-    model.load_state_dict(ckpt["model"])
+    net.load_state_dict(ckpt["model"])
     net.eval()
     ds = common.PatchDataset(demo_root, val, 32)
     with torch.no_grad():
