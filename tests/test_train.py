@@ -1,4 +1,5 @@
 """train.py as a specification: run folder, checkpoints, resume, preemption, NaN guard, DDP, bad input, threshold."""
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import torch
 import common
 import metrics
 import model
+import splits
 import train
 from conftest import TINY_TRAIN_FLAGS
 
@@ -34,9 +36,11 @@ def run_train(demo_root, runs, run_id, *extra, epochs=2):
 
 
 def validation_windows(run_dir) -> int:
+    """The split's validation windows, each once, byte-identical files once (B22-200/201: counted by content)."""
     split = json.loads((run_dir / "split.json").read_text())
     data = common.load_data(json.loads((run_dir / "config.json").read_text())["data_root"])
-    return len(common.select(data.labelled, split["val"]))
+    paths = [s.path for s in common.select(data.labelled, split["val"])]
+    return len({hashlib.sha256((data.root / p).read_bytes()).hexdigest() for p in paths})
 
 
 def load(path):
@@ -246,6 +250,7 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     # The gathered metrics equal a single-process pass of the saved model over the validation windows.
     data = common.load_data(demo_root)
     val = common.select(data.labelled, ckpt["split"]["val"])
+    val = [s for s, keep in zip(val, splits.first_copies(demo_root, [s.path for s in val])) if keep]  # as training
     net = model.build_model("resnet18", "none")
     net.load_state_dict(ckpt["model"])
     net.eval()
