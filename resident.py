@@ -3,7 +3,7 @@
     import resident
     train_b, val_b, how = resident.cache_batches(train_ds, sampler, val_ds, shard, batch_size, drop_last, device,
                                                   max_frac=0.5)
-    for images, labels, idx in train_b: ...     # uint8 (B, 3, H, W) and int64 labels on `device`; idx on the host
+    for images, labels, idx in train_b: ...     # uint8 (B, 3, H, W), int64 labels and sample indices on `device`
 
 Why: a DataLoader copies every batch into shared memory, pickles it to the main process and copies it again (pinned
 memory, then the device); fifteen workers delivered less than one process gathering from the memmap (issue 13).
@@ -104,7 +104,7 @@ class ResidentBatches(Batches):
             idx = order[k:k + self.batch_size]
             self.check(idx)
             i = on_device[k:k + self.batch_size]
-            yield self.images.index_select(0, self.position[i]), self.device_labels[i], idx
+            yield self.images.index_select(0, self.position[i]), self.device_labels[i], i
 
 
 class StreamedBatches(Batches):
@@ -158,7 +158,7 @@ class StreamedBatches(Batches):
                     copied = torch.cuda.Event()
                     copied.record()
                     free.put((k, copied))
-                yield images, self.labels[idx].to(self.device, non_blocking=True), idx
+                yield images, self.labels[idx].to(self.device, non_blocking=True), idx.to(self.device)
         finally:
             stop.set()
             for _ in buffers:
