@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import resident
 from common import DataError
 
 EVAL_KEYS = (*common.CHECKPOINT_KEYS, "stain", "image_size")
@@ -87,6 +88,10 @@ def get_args_parser():
     p.add_argument("--cache", metavar="DIR", help="packed uint8 cache of decoded patches (built on first use, reused "
                    "after; see patch_cache.py): later epochs and evaluations never decode a PNG. Put it on node-local "
                    "disk")
+    p.add_argument("--resident-max-frac", type=float, default=resident.DEFAULT_MAX_FRAC, metavar="F", help="with "
+                   "--cache: score from one uint8 tensor of the patches on the device when it takes at most F of its "
+                   "free memory (CPU: available RAM), else stream them from the host cache by a thread (no DataLoader "
+                   "either way); 0: always stream")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA (bf16 where supported, as in "
                    "training; slower, scores then match a float32 run)")
@@ -102,6 +107,8 @@ def check_args(args) -> None:
     for flag in ("top_k", "batch_size"):
         if getattr(args, flag) < 1:
             raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if not 0 <= args.resident_max_frac <= 1:
+        raise DataError(f"--resident-max-frac {args.resident_max_frac}: expected a share in [0, 1]")
     if args.compare and len(args.compare) < 2:
         raise DataError("--compare: give at least two checkpoints (the first is the baseline)")
 
@@ -200,10 +207,11 @@ def score_samples(model, normalizer, root, samples, image_size: int, device, arg
     from tqdm import tqdm
     if cache is None:
         ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=args.skip_bad_images)
-    else:
+        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda")
+    else:  # on the device when it fits, else streamed by a thread: no worker pickles a batch
         ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, args)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda")
+        loader, _ = resident.scoring_batches(ds, args.batch_size, device, args.resident_max_frac)
     scores, bad = np.full(len(samples), np.nan), []
     amp = device.type == "cuda" and not args.no_amp
     # train.py's dtype (bf16 where supported): its validation scores, hence the stored threshold, came from it
@@ -217,7 +225,7 @@ def score_samples(model, normalizer, root, samples, image_size: int, device, arg
             x = common.imagenet_normalize(common.to_unit(images.to(device, non_blocking=True), normalizer))
             with torch.autocast(device.type, dtype=dtype, enabled=amp):
                 logits = model(x.contiguous(memory_format=torch.channels_last) if amp else x)
-            scores[idx.numpy()] = torch.sigmoid(logits.float().reshape(-1)).cpu().numpy()
+            scores[idx.cpu().numpy()] = torch.sigmoid(logits.float().reshape(-1)).cpu().numpy()
     return scores, bad
 
 

@@ -121,7 +121,7 @@ def test_scores_follow_trainings_eval_preprocessing_with_the_stored_stain_refere
     ckpt["stain"] = macenko_gpu.MacenkoNormalizer().fit(reference).state_dict()
     model, normalizer = evaluate.model_of(ckpt, "best.pt", None, torch.device("cpu"))
     samples, size = data.labelled[:6], ckpt["image_size"]
-    flags = argparse.Namespace(skip_bad_images=False, batch_size=4, workers=0, no_amp=True)
+    flags = argparse.Namespace(skip_bad_images=False, batch_size=4, workers=0, no_amp=True, resident_max_frac=0.5)
     scores, bad = evaluate.score_samples(model, normalizer, demo_root, samples, size, torch.device("cpu"), flags)
     images = torch.stack([common.PatchDataset(demo_root, samples, size)[i][0] for i in range(len(samples))])
     with torch.no_grad():
@@ -382,6 +382,14 @@ def test_a_second_cached_evaluation_decodes_no_png(cached_evaluation, monkeypatc
     assert json.loads((out / "metrics.json").read_text())["meta"]["cache"] == str(cached_evaluation["cache"])
 
 
+def test_scores_streamed_from_the_host_equal_the_device_resident_ones(cached_evaluation, tmp_path):
+    out = tmp_path / "eval"  # --resident-max-frac 0: the reading-thread fallback for a cache too big for the device
+    argv = [*cached_evaluation["args"], "--out", str(out), "--cache", str(cached_evaluation["cache"]),
+            "--resident-max-frac", "0"]
+    assert evaluate.main(argv) == 0
+    assert scores_by_path(read_csv(out / "predictions.csv")) == scores_by_path(cached_evaluation["predictions"])
+
+
 def fitted_stain(reference):
     import macenko_gpu
     image = reference if torch.is_tensor(reference) else macenko_gpu.load_rgb(reference)
@@ -405,7 +413,7 @@ def test_cache_normalized_to_the_checkpoints_stain_is_used_without_normalizing_a
     ckpt = {**tiny_ckpt, "stain": fitted_stain(demo_root / common.DEFAULT_REFERENCE)}
     model, normalizer = evaluate.model_of(ckpt, "best.pt", None, torch.device("cpu"))
     samples, size = common.load_data(demo_root).labelled[:8], int(ckpt["image_size"])
-    flags = argparse.Namespace(skip_bad_images=False, batch_size=4, workers=0, no_amp=True)
+    flags = argparse.Namespace(skip_bad_images=False, batch_size=4, workers=0, no_amp=True, resident_max_frac=0.5)
     png, _ = evaluate.score_samples(model, normalizer, demo_root, samples, size, torch.device("cpu"), flags)
 
     def normalized_twice(self, images):
