@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import loaders
 import patch_cache
 import train_input
 
@@ -149,10 +150,8 @@ def cycle(loader):
 
 
 def make_loader(dataset, args, workers: int):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers, drop_last=True,
-        pin_memory=args.device == "cuda", persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else None,
-        generator=torch.Generator().manual_seed(0))
+    return loaders.make_loader(dataset, batch_size=args.batch_size, shuffle=True, workers=workers, drop_last=True,
+                               pin_memory=args.device == "cuda", persistent=True, prefetch_factor=PREFETCH, seed=0)
 
 
 def load_steps(loader):
@@ -366,9 +365,10 @@ def main(argv=None) -> int:
         resolve(args)
         result = run(args)
     except common.DataError as e:
-        print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ', 1)[-1]}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # one line, from a DataLoader worker too (loaders carries it)
         return common.EXIT_BAD_INPUT
     finally:
+        loaders.stop_workers()
         torch.set_num_threads(threads)  # --threads must not outlive main() when called in-process
     print(table(result))
     if args.json:

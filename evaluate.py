@@ -37,6 +37,7 @@ of the split, empty split, unreadable image without --skip-bad-images).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -46,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import loaders
 import resident
 from common import DataError
 
@@ -207,8 +209,8 @@ def score_samples(model, normalizer, root, samples, image_size: int, device, arg
     from tqdm import tqdm
     if cache is None:
         ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=args.skip_bad_images)
-        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda")
+        loader = loaders.make_loader(ds, batch_size=args.batch_size, workers=args.workers,
+                                     pin_memory=device.type == "cuda")
     else:  # on the device when it fits, else streamed by a thread: no worker pickles a batch
         ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, args)
         loader, _ = resident.scoring_batches(ds, args.batch_size, device, args.resident_max_frac)
@@ -216,8 +218,10 @@ def score_samples(model, normalizer, root, samples, image_size: int, device, arg
     amp = device.type == "cuda" and not args.no_amp
     # train.py's dtype (bf16 where supported): its validation scores, hence the stored threshold, came from it
     dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    with torch.inference_mode():
-        for images, labels, idx in tqdm(loader, desc="scoring", unit="batch", mininterval=2, leave=False):
+    interactive = sys.stderr.isatty()  # in a log file a cleared bar leaves its last state for the next line to land on
+    bar = tqdm(loader, desc="scoring", unit="batch", mininterval=2 if interactive else 30, leave=not interactive)
+    with torch.inference_mode(), contextlib.closing(bar):
+        for images, labels, idx in bar:
             images, labels, idx, dropped = common.drop_bad(images, labels, idx)
             bad += dropped
             if len(idx) == 0:
@@ -551,6 +555,8 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
+    finally:
+        loaders.stop_workers()  # they ignore SIGTERM/SIGINT: left to Python's exit they would keep it waiting
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
+import loaders
 import patch_cache
 import resident
 import splits
@@ -132,19 +133,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------- data and metrics
-def ignore_stop_signals(worker_id):
-    """SLURM signals every process of the job: a worker killed by it would crash the main process mid-step."""
-    for s in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-
-
 def loader(dataset, sampler, args, drop_last=False):
-    w = args.workers
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=w, pin_memory=args.pin_memory,
-        drop_last=drop_last, persistent_workers=args.persistent_workers and w > 0, worker_init_fn=ignore_stop_signals,
-        prefetch_factor=args.prefetch_factor if w > 0 else None,
-        generator=torch.Generator().manual_seed(args.seed))  # its own RNG: the global one stays resumable
+    return loaders.make_loader(dataset, batch_size=args.batch_size, sampler=sampler, workers=args.workers,
+                               pin_memory=args.pin_memory, drop_last=drop_last, persistent=args.persistent_workers,
+                               prefetch_factor=args.prefetch_factor, seed=args.seed)
 
 
 def best_f1_threshold(y, scores) -> tuple[float, str]:
@@ -178,12 +170,15 @@ def plot_curves(records, path):
 
 # ----------------------------------------------------------------------------------------------- setup
 STOP = threading.Event()  # set by the signal handler, read between steps
+STOPPED_BY: list[str] = []  # the signal that set it, for the closing line
 
 
 def on_signal(signum, frame):
-    """First SIGUSR1/SIGTERM (SLURM's warning before preemption): finish the step, save, exit. Second: exit now."""
+    """First SIGUSR1/SIGTERM (SLURM's warning before preemption) or Ctrl-C: finish the step, save, exit 4.
+    Second: exit now with 128 + its number."""
     if STOP.is_set():
         os._exit(128 + signum)
+    STOPPED_BY.append(signal.Signals(signum).name)
     STOP.set()  # no printing here: the handler may interrupt a write to stderr
 
 
@@ -407,39 +402,41 @@ class Trainer:
                    mininterval=1 if sys.stderr.isatty() else 60)  # a SLURM log gets a line a minute
         loss_sum, seen, pending, nan_step, stopped = 0.0, 0, None, None, False
         t0, images = time.perf_counter(), 0
-        for x, labels, _ in self.train_loader:
-            x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-            with torch.no_grad():
-                x = model_input(x, self.normalizer, args.jitter, self.gen, args.channels_last)
-            with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=args.amp):
-                logits = self.model(x).squeeze(1)
-            keep = (labels != common.BAD).float()  # undecodable patches (--skip-bad-images) weigh nothing
-            losses = keep * F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
-                                                               pos_weight=self.pos_weight, reduction="none")
-            loss = losses.sum() / keep.sum().clamp(min=1)
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            self.sched.step()
-            loss_sum, seen = loss_sum + losses.sum().detach(), seen + keep.sum()
-            flags = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(), torch.full((), float(STOP.is_set()),
-                                                                                             device=dev)])
-            if self.world > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-            p["step"] += 1
-            images += len(labels) * self.world
-            bar.update()
-            # Read the previous step's flags, not this one's: the host never waits for the GPU to drain.
-            previous, pending = pending, (p["step"], flags)
-            if previous is not None:
-                nan_step, stopped = self.read_flags(*previous, bar)
-                if nan_step or stopped:
-                    break
-        if pending is not None and not nan_step:
-            nan_step, stop_now = self.read_flags(*pending, bar)
-            stopped = stopped or stop_now
-        bar.close()
+        try:  # closed on every path: an error line must not land on a half-drawn bar
+            for x, labels, _ in self.train_loader:
+                x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+                with torch.no_grad():
+                    x = model_input(x, self.normalizer, args.jitter, self.gen, args.channels_last)
+                with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=args.amp):
+                    logits = self.model(x).squeeze(1)
+                keep = (labels != common.BAD).float()  # undecodable patches (--skip-bad-images) weigh nothing
+                losses = keep * F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
+                                                                   pos_weight=self.pos_weight, reduction="none")
+                loss = losses.sum() / keep.sum().clamp(min=1)
+                self.opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.sched.step()
+                loss_sum, seen = loss_sum + losses.sum().detach(), seen + keep.sum()
+                flags = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(), torch.full((), float(STOP.is_set()),
+                                                                                                 device=dev)])
+                if self.world > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+                p["step"] += 1
+                images += len(labels) * self.world
+                bar.update()
+                # Read the previous step's flags, not this one's: the host never waits for the GPU to drain.
+                previous, pending = pending, (p["step"], flags)
+                if previous is not None:
+                    nan_step, stopped = self.read_flags(*previous, bar)
+                    if nan_step or stopped:
+                        break
+            if pending is not None and not nan_step:
+                nan_step, stop_now = self.read_flags(*pending, bar)
+                stopped = stopped or stop_now
+        finally:
+            bar.close()
         p["loss_sum"], p["seen"] = p["loss_sum"] + float(loss_sum), p["seen"] + int(seen)
         self.img_s = images / max(time.perf_counter() - t0, 1e-9)
         return nan_step, stopped
@@ -501,7 +498,8 @@ class Trainer:
             if stopped:
                 self.save("last.pt")
                 if self.rank == 0:
-                    print(f"stopped by signal at epoch {self.epoch + 1} step {self.progress['step']}: saved "
+                    print(f"stopped by signal {STOPPED_BY[0] if STOPPED_BY else ''} at epoch {self.epoch + 1} step "
+                          f"{self.progress['step']}: saved "
                           f"{self.run_dir / 'last.pt'}; {requeue()}", file=sys.stderr)
                 return EXIT_PREEMPTED
             self.end_epoch(start)
@@ -570,17 +568,19 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     rank, world, local_rank = (int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     STOP.clear()
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    STOPPED_BY.clear()
+    previous = {s: signal.signal(s, on_signal) for s in loaders.STOP_SIGNALS}  # Ctrl-C too: it checkpoints
     try:
         code = run(args, rank, max(world, 1), local_rank)
         if world > 1:
             dist.barrier()  # torchrun stops every rank when one exits: let rank 0 finish writing first
         return code
-    except common.DataError as e:  # from a DataLoader worker it arrives wrapped in a traceback: keep the last line
+    except common.DataError as e:  # raised in a DataLoader worker too: loaders carries it here as itself
         if str(e):
-            print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ', 1)[-1]}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
     finally:
+        loaders.stop_workers()  # workers ignore SIGTERM: left to Python's exit they would keep it waiting for ever
         for s, handler in previous.items():
             signal.signal(s, handler)
         if dist.is_initialized():
