@@ -188,6 +188,11 @@ class Sample:
     aug: int | None = None
     diagnosis: str | None = None
 
+    @property
+    def section(self) -> int | None:
+        """The section suffix of the file's folder (B22-111_1 -> 1): two sections may reuse a window number."""
+        return folder_section(self.path.rsplit("/", 2)[-2])
+
 
 @dataclass
 class HelicoData:
@@ -202,6 +207,7 @@ class HelicoData:
     files_without_row: list[str] = field(default_factory=list)
     uncertain: list[Annotation] = field(default_factory=list)  # Presence 0: excluded, counted
     uncertain_files: list[str] = field(default_factory=list)    # their images: not samples, but files to audit
+    uncertain_cropped: list[str] = field(default_factory=list)  # Cropped copies of Presence 0 windows: excluded too
     stray: list[str] = field(default_factory=list)              # non-PNG / non-folder entries skipped
     duplicate_rows: list[Annotation] = field(default_factory=list)
     annotated_in_cropped: int = 0     # Cropped patches of NEGATIVA patients that are also annotated windows
@@ -267,7 +273,12 @@ def load_data(root) -> HelicoData:
     for tree in TREES:
         data.folders[tree], listing[tree] = _scan_tree(root, tree, data.stray)
     _join_annotated(data, listing["annotated"])
-    annotated_windows = {(s.patient, s.window) for s in data.labelled if s.source == "annotated"}
+    # A Cropped patch that is an annotated window (same patient, section and number) is that window again: a labelled
+    # one is already a sample, an uncertain (Presence 0) one must not come back as an easy negative.
+    window_of = lambda path: (patient_id(path.rsplit("/", 2)[-2]), folder_section(path.rsplit("/", 2)[-2]),
+                              parse_patch_name(path.rsplit("/", 1)[-1])[0])
+    annotated_windows = {window_of(s.path) for s in data.labelled if s.source == "annotated"}
+    uncertain_windows = {window_of(p) for p in data.uncertain_files}
     for tree, source in (("cropped", "supplemental"), ("holdout", "holdout")):
         for folder, names in listing[tree].items():
             p = patient_id(folder)
@@ -278,7 +289,9 @@ def load_data(root) -> HelicoData:
                 s = Sample(f"{TREES[tree]}/{folder}/{name}", p, source, label, window, aug, dx)
                 (data.cropped if tree == "cropped" else data.holdout).append(s)
                 if label == 0:
-                    if (p, window) in annotated_windows:
+                    if (p, folder_section(folder), window) in uncertain_windows:
+                        data.uncertain_cropped.append(s.path)
+                    elif (p, folder_section(folder), window) in annotated_windows:
                         data.annotated_in_cropped += 1  # already a hard negative: do not count it twice
                     else:
                         data.labelled.append(s)
@@ -286,43 +299,58 @@ def load_data(root) -> HelicoData:
 
 
 def _join_annotated(data: HelicoData, listing: dict[str, list[str]]) -> None:
-    """Join rows to Annotated files on (patient, window, aug), whatever the folder's section suffix says."""
-    files: dict[tuple, str] = {}
+    """Join rows to Annotated files on (patient, window, aug), whatever the row's Section_ID says (the real one does
+    not always match the folder), unless several section folders of the patient hold that number: then the
+    Section_ID picks the file, and a file no row picks is listed in files_without_row, never dropped."""
+    files: dict[tuple, dict] = {}  # (patient, window, aug) -> {section: path}
     for folder, names in listing.items():
         for name in names:
             key = (patient_id(folder), *parse_patch_name(name))
-            files.setdefault(key, f"{TREES['annotated']}/{folder}/{name}")
+            files.setdefault(key, {})[folder_section(folder)] = f"{TREES['annotated']}/{folder}/{name}"
     rows: dict[tuple, list[Annotation]] = {}
     for a in data.annotations:
         rows.setdefault((a.patient, a.window, a.aug), []).append(a)
     used = set()
     for key, same in rows.items():
-        a = same[0]
-        data.duplicate_rows += same[1:]
-        if key not in files:
-            data.rows_without_file.append(a)
+        found = files.get(key, {})
+        if len(found) <= 1:
+            _join_rows(data, same, next(iter(found.values()), None), used)
             continue
-        used.add(key)
-        if any(r.presence != a.presence for r in same):  # the real B22-151 has -1 and 0 rows for one window
-            a = Annotation(**{**a.__dict__, "presence": 0})  # conflicting reviews: as uncertain as a 0
-        if a.presence == 0:
-            data.uncertain.append(a)
-            data.uncertain_files.append(files[key])
-            continue
-        data.labelled.append(Sample(files[key], a.patient, "annotated", 1 if a.presence == 1 else 0, a.window, a.aug,
-                                    data.diagnosis.get(a.patient)))
-    data.files_without_row = sorted(path for key, path in files.items() if key not in used)
+        by_section: dict = {}
+        for a in same:
+            by_section.setdefault(a.section, []).append(a)
+        for section, group in by_section.items():
+            _join_rows(data, group, found.get(section), used)
+    data.files_without_row = sorted(path for found in files.values() for path in found.values() if path not in used)
+
+
+def _join_rows(data: HelicoData, same: list[Annotation], path: str | None, used: set) -> None:
+    """The rows of one file: the first is the window, the rest are duplicates; conflicting Presence = uncertain."""
+    a = same[0]
+    data.duplicate_rows += same[1:]
+    if path is None:
+        data.rows_without_file.append(a)
+        return
+    used.add(path)
+    if any(r.presence != a.presence for r in same):  # the real B22-151 has -1 and 0 rows for one window
+        a = Annotation(**{**a.__dict__, "presence": 0})  # conflicting reviews: as uncertain as a 0
+    if a.presence == 0:
+        data.uncertain.append(a)
+        data.uncertain_files.append(path)
+        return
+    data.labelled.append(Sample(path, a.patient, "annotated", 1 if a.presence == 1 else 0, a.window, a.aug,
+                                data.diagnosis.get(a.patient)))
 
 
 def one_per_window(samples: list[Sample]) -> list[Sample]:
     """Drop `_AugK` copies: each annotated window counted once (its original, else its lowest-K copy)."""
     rank = lambda s: -1 if s.aug is None else s.aug  # the original first, then Aug1, Aug2, ...
+    key = lambda s: (s.patient, s.source, s.section, s.window)  # the section too: it may reuse a window number
     best: dict[tuple, Sample] = {}
     for s in samples:
-        key = (s.patient, s.source, s.window)
-        if key not in best or rank(s) < rank(best[key]):
-            best[key] = s
-    return [s for s in samples if best[(s.patient, s.source, s.window)] is s]
+        if key(s) not in best or rank(s) < rank(best[key(s)]):
+            best[key(s)] = s
+    return [s for s in samples if best[key(s)] is s]
 
 
 def select(samples: list[Sample], patients, include_aug: bool = False) -> list[Sample]:

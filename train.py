@@ -17,9 +17,10 @@ colour jitter with independent random factors per sample -> one of the 8 symmetr
 ImageNet normalization -> model under autocast (bf16 where supported, else fp16 with a GradScaler; off on CPU
 unless --amp). The operating threshold is the one that maximises F1 on the validation patients.
 
-Exit codes: 0 done (or already complete), 2 bad input (one-line `error:`), 3 non-finite loss (nothing saved, the
-last good checkpoint stays), 4 stopped by SIGUSR1/SIGTERM after writing last.pt (and `scontrol requeue` under
-SLURM). A second signal exits at once with 128 + signal number.
+Exit codes: 0 done (or already complete), 1 the HoldOut is not independent (a HoldOut patient shares an ID or a
+byte-identical image with CrossValidation; nothing trained), 2 bad input (one-line `error:`), 3 non-finite loss
+(nothing saved, the last good checkpoint stays), 4 stopped by SIGUSR1/SIGTERM after writing last.pt (and `scontrol
+requeue` under SLURM). A second signal exits at once with 128 + signal number.
 """
 from __future__ import annotations
 
@@ -286,7 +287,8 @@ def changed_flags(old: dict, new: dict) -> list[str]:
 
 def plan_run(args, data, world, device) -> dict:
     """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume."""
-    split, groups, _ = splits.resolve_split(args, data)
+    split, groups, shared = splits.resolve_split(args, data)
+    splits.check_holdout_independent(data, shared)  # the HoldOut must stay an independent test: exit 1 otherwise
     run_dir = Path(args.runs_dir) / args.run_id
     resume = (run_dir / "last.pt").is_file()
     if resume:
@@ -551,14 +553,14 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     if rank == 0:
         try:
             plan = plan_run(args, data, world, device)
-        except common.DataError as e:
-            error = str(e)
+        except common.DataError as e:  # IndependenceError included: its type decides the exit code
+            error = e
     if world > 1:  # the other ranks take the split and run ID from rank 0, and stop with it on an error
         box = [(plan, error)]
         dist.broadcast_object_list(box, src=0)
         plan, error = box[0]
     if error:
-        raise common.DataError(error if rank == 0 else "")  # said once, by rank 0
+        raise error if rank == 0 else type(error)("")  # said once, by rank 0
     args.run_id = plan["run_id"]
     prepare_cache(args, data, device)  # after the resume check: a refused run builds nothing
     return Trainer(args, data, plan, normalizer, device, rank, world).fit()
@@ -578,7 +580,7 @@ def main(argv=None) -> int:
     except common.DataError as e:  # raised in a DataLoader worker too: loaders carries it here as itself
         if str(e):
             print(f"error: {e}", file=sys.stderr)
-        return common.EXIT_BAD_INPUT
+        return common.EXIT_LEAK if isinstance(e, splits.IndependenceError) else common.EXIT_BAD_INPUT
     finally:
         loaders.stop_workers()  # workers ignore SIGTERM: left to Python's exit they would keep it waiting for ever
         for s, handler in previous.items():
