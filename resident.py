@@ -193,9 +193,9 @@ def fits(rows: np.ndarray, image_size: int, device: torch.device, max_frac: floa
     """Whether these cache rows take at most max_frac of the device's free memory, and the line that says so."""
     need, free = len(rows) * 3 * image_size ** 2, free_bytes(device)
     if need > max_frac * free:
-        return False, (f"patches streamed from the host cache by a reading thread: {need / 1e9:.2f} GB exceed "
+        return False, (f"patches streamed from the host cache by a reading thread: {need / 1e9:.3g} GB exceed "
                        f"--resident-max-frac {max_frac:g} x {free / 1e9:.1f} GB free on {device}")
-    return True, (f"patches resident on {device}: {need / 1e9:.2f} GB in one uint8 tensor ({len(rows)} patches, "
+    return True, (f"patches resident on {device}: {need / 1e9:.3g} GB in one uint8 tensor ({len(rows)} patches, "
                   f"<= {max_frac:g} x {free / 1e9:.1f} GB free)")
 
 
