@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import io
 import os
 import re
 import tempfile
@@ -23,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-EXIT_OK, EXIT_LEAK, EXIT_BAD_INPUT = 0, 1, 2
+# One meaning each, in every script and the launcher (README, "Exit codes"); 128 + N: killed by a second signal N.
+EXIT_OK, EXIT_LEAK, EXIT_BAD_INPUT, EXIT_NAN, EXIT_STOPPED, EXIT_ENVIRONMENT = 0, 1, 2, 3, 4, 5
 ANNOTATION_NAMES = ("HP_WSI-CoordAllAnnotatedPatches", "HP_WSI-CoordAnnotatedAllPatches",
                     "HP_WSI-CoordAnnotatedPatches")  # the names other copies of the dataset use; .xlsx or .csv
 DIAGNOSIS_NAME = "PatientDiagnosis.csv"
@@ -34,6 +37,10 @@ SOURCES = ("annotated", "supplemental", "holdout")
 
 class DataError(Exception):
     """A bad input: the message is one line naming the file, row or flag."""
+
+
+class EnvironmentFault(Exception):
+    """The machine failed the run (no space left, I/O error): one line naming the folder; exit EXIT_ENVIRONMENT."""
 
 
 # ----------------------------------------------------------------------------------------------- names
@@ -412,12 +419,16 @@ def build_model(arch: str = "resnet18", weights: str = "none"):
         raise DataError(f"--arch {arch}: not a torchvision classifier (e.g. resnet18, resnet50, convnext_tiny)")
     model = torchvision.models.get_model(arch, weights=None)
     if weights == "imagenet":
+        w = torchvision.models.get_model_weights(arch).DEFAULT
         try:
-            w = torchvision.models.get_model_weights(arch).DEFAULT
             model.load_state_dict(w.get_state_dict(progress=False))
         except Exception as e:  # URLError, socket errors, hash mismatch: all mean 'could not get the file'
-            raise DataError(f"--weights imagenet: could not load {arch} weights ({type(e).__name__}); offline? put "
-                            f"the file in {torch.hub.get_dir()}/checkpoints or pass --weights none/FILE") from None
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / w.url.rsplit("/", 1)[-1]
+            fetch = f"import torchvision; torchvision.models.get_model_weights('{arch}').DEFAULT.get_state_dict()"
+            raise DataError(f"--weights imagenet: {arch}'s weights are not in torchvision's cache {cache} and could "
+                            f"not be downloaded ({type(e).__name__}; compute nodes are often offline): on a login "
+                            f"node with the same $TORCH_HOME run python -c \"{fetch}\", or pass --weights none/FILE"
+                            ) from None
     _one_logit_head(model)
     if weights not in ("none", "imagenet", None):
         path = Path(weights)
@@ -464,21 +475,24 @@ def imagenet_normalize(x):
     return (x - mean) / std
 
 
-def load_checkpoint(path, required=CHECKPOINT_KEYS) -> dict:
-    """A self-describing checkpoint (see train.py), loaded with weights_only=True; clear errors otherwise."""
+def load_checkpoint(path, required=CHECKPOINT_KEYS, named: str = "--checkpoint") -> dict:
+    """A self-describing checkpoint (see train.py), loaded with weights_only=True; clear errors otherwise.
+    `named` is what the user gave that led here, for the message (train.py: the run it resumes)."""
     import torch
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--checkpoint {path}: file not found")
+        raise DataError(f"{named} {path}: file not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, ...
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines() if ln.strip()] or [""]
         why = next((ln for ln in lines if "Unsupported global" in ln), lines[0])  # torch's weights_only verdict
-        raise DataError(f"--checkpoint {path}: unreadable ({type(e).__name__}: {why[:200]})") from None
+        why = why.split(". ")[0].rstrip(".") or "file ends early"  # its first sentence, whole; the rest is advice
+        raise DataError(f"{named} {path}: unreadable checkpoint ({type(e).__name__}: {why}); truncated or not "
+                        f"written by train.py") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise DataError(f"--checkpoint {path}: not a train.py checkpoint (missing {', '.join(missing)})")
+        raise DataError(f"{named} {path}: not a train.py checkpoint (missing {', '.join(missing)})")
     return ckpt
 
 
@@ -574,22 +588,57 @@ def binary_metrics(y, scores, threshold: float = 0.5) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- files
+FAULTS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EIO: "I/O error",
+          errno.EROFS: "read-only file system"}  # OSErrors that say the disk failed the run, not the user's input
+
+
+def writable_folder(folder, flag: str) -> Path:
+    """`folder` if this process can create files in it (or create it); else a DataError naming `flag`.
+    os.access, not a test write: it creates nothing, and it reports a read-only file system even to root."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise DataError(f"{flag} {folder}: {existing} is not a folder; choose a folder you can write")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+        raise DataError(f"{flag} {folder}: cannot write in {existing} ({why}); choose a folder you can write")
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds. A full or failing disk
+    raises EnvironmentFault naming the folder; the previous `path` is untouched either way."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give them the permissions open() would
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in FAULTS:
+            raise
+        remedy = "free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check that disk"
+        raise EnvironmentFault(f"{path.parent}: {FAULTS[e.errno]} while writing {path.name} (any previous one is "
+                               f"kept); {remedy}, then run the same command again to resume") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def write_all(path, data) -> None:
+    """Write bytes with os.write, so that a full disk is an OSError(ENOSPC) (what atomic_path reports)."""
+    fd, view = os.open(path, os.O_WRONLY | os.O_TRUNC), memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -598,6 +647,11 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def atomic_torch_save(obj, path) -> None:
+    """torch.save, atomically. Serialized in memory first (costs one checkpoint of host RAM, ~130 MB for a resnet18
+    with AdamW): straight to a file, a full disk surfaces as torch's RuntimeError 'unexpected pos ...' instead of
+    ENOSPC."""
     import torch
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        write_all(tmp, buffer.getbuffer())

@@ -1,7 +1,7 @@
 """Evaluate a trained H. pylori patch classifier so that the report cannot fool its reader.
 
     python evaluate.py --checkpoint runs/26/best.pt                       # -> runs/26/eval/
-    python evaluate.py --checkpoint runs/26/best.pt --holdout             # + HoldOut patients, rule not re-tuned
+    python evaluate.py --checkpoint runs/26/best.pt --holdout             # -> runs/26/eval-holdout/: + HoldOut patients
     python evaluate.py --checkpoint runs/26/best.pt --data-root /scratch/$USER/HelicoDataSet --out /tmp/ev26
     python evaluate.py --compare runs/10/best.pt runs/14/best.pt          # deltas with paired patient-bootstrap CIs
 
@@ -22,9 +22,10 @@ What it measures, on the checkpoint's validation patients:
 - 95% CIs by patient-cluster bootstrap (patients resampled, not patches); NaN (with the reason) where a metric is
   undefined, e.g. recall on a set without positives.
 
-Writes into runs/<id>/eval/ (or --out), built in a temp folder beside it and swapped in whole: report.md,
-metrics.json, predictions.csv, patients.csv, figures/*.png, learning_curves.png (from the run's log.jsonl),
-gradcam/*.png + heatmaps.npz. --compare writes compare.md and compare.json (default <first run>/compare/).
+Writes into runs/<id>/eval/ (eval-holdout/ with --holdout, so neither replaces the other; or --out), built in a
+temp folder beside it and swapped in whole: report.md, metrics.json, predictions.csv, patients.csv, figures/*.png,
+learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images).
+--compare writes compare.md and compare.json (default <first run>/compare/).
 Report rendering, figures and Grad-CAM live in eval_report.py to keep both files under ~500 lines.
 
 --cache DIR reads patches from a packed cache (patch_cache.py) instead of PNGs (Grad-CAM still decodes its few). A
@@ -65,14 +66,14 @@ def get_args_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", metavar="CKPT", help="a train.py checkpoint (best.pt: the epoch with the best "
-                      "validation PR-AUC); the report goes to eval/ beside it")
+                      "validation PR-AUC); the report goes to eval/ beside it (eval-holdout/ with --holdout)")
     what.add_argument("--compare", nargs="+", metavar="CKPT", help="two or more checkpoints: headline metrics side "
                       "by side, deltas against the first with paired patient-bootstrap CIs, on the validation "
                       "patients they share")
     p.add_argument("--data-root", help="HelicoDataSet folder; default: the one stored in the checkpoint. Point it at "
                    "the staged copy on a cluster node")
-    p.add_argument("--out", help="output folder (default runs/<id>/eval/). An existing one is replaced whole, but "
-                   "only if it holds a previous metrics.json/compare.json")
+    p.add_argument("--out", help="output folder (default runs/<id>/eval/, or eval-holdout/ with --holdout). An "
+                   "existing one is replaced whole, but only if it holds a previous metrics.json/compare.json")
     p.add_argument("--arch", help="refuse the checkpoint unless it is this architecture (a guard for scripts)")
     p.add_argument("--holdout", action="store_true", help="also apply the validation-chosen patient rule and "
                    "threshold to the HoldOut patients (the honest estimate; slow on the real data: ~89k patches)")
@@ -243,7 +244,10 @@ def predict(model, normalizer, ckpt, data, rows, device, args) -> tuple[Predicti
     pick = lambda k: np.array([r[k] for r in rows])[keep]
     pred = Predictions([s for s, k in zip(samples, keep) if k], pick(1), pick(2).astype(bool),
                        pick(3).astype(bool), scores[keep])
-    return pred, [samples[i].path for i in bad]
+    skipped = [samples[i].path for i in sorted(bad)]
+    for path in skipped:
+        print(f"warning: skipped unreadable {path} (--skip-bad-images)", file=sys.stderr)
+    return pred, skipped
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -436,10 +440,15 @@ def pick_device(name: str | None):
     return device
 
 
+def default_out(holdout: bool) -> str:
+    """eval/ and eval-holdout/ side by side: a validation-only rerun never replaces the report with the HoldOut."""
+    return "eval-holdout" if holdout else "eval"
+
+
 def run_evaluation(args, device) -> int:
     import eval_report
     path = Path(args.checkpoint)
-    out = Path(args.out) if args.out else path.parent / "eval"
+    out = Path(args.out) if args.out else path.parent / default_out(args.holdout)
     eval_report.check_out_folder(out)
     ckpt = common.load_checkpoint(path, required=EVAL_KEYS)
     model, normalizer = model_of(ckpt, path, args.arch, device)
@@ -482,6 +491,8 @@ def run_evaluation(args, device) -> int:
             picks = eval_report.gradcam_picks(val_pred, threshold, args.gradcam)
             files += eval_report.write_gradcam(tmp / "gradcam", model, normalizer, data.root, picks,
                                                int(ckpt["image_size"]), device)
+        if bad:
+            common.atomic_write_text(tmp / "skipped_images.txt", "".join(f"{p}\n" for p in bad))
         eval_report.write_json(tmp / "metrics.json", metrics)
         common.atomic_write_text(tmp / "report.md", eval_report.render_report(metrics, files, patient_rows))
     print("\n".join(eval_report.summary_lines(metrics)))
@@ -489,6 +500,9 @@ def run_evaluation(args, device) -> int:
     return common.EXIT_OK
 
 
+# Fewer shared validation patients than this and a bootstrap over patients has nothing to resample: one patient
+# gives a zero-width interval that "excludes 0" for any difference. Refuse rather than print a verdict.
+MIN_SHARED_PATIENTS = 5
 HEADLINE = [("patch", k) for k in PATCH_METRICS] + [("patient", k) for k in PATIENT_METRICS]
 
 
@@ -503,8 +517,10 @@ def run_compare(args, device) -> int:
     data = common.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
     vals = [validation_patients(c, data, p) for c, p in zip(ckpts, paths)]
     shared = sorted(set.intersection(*map(set, vals)))
-    if not shared:
-        raise DataError("--compare: the checkpoints share no validation patient; a paired comparison needs some")
+    if len(shared) < MIN_SHARED_PATIENTS:
+        raise DataError(f"--compare: the checkpoints share {len(shared)} validation patient(s) "
+                        f"({', '.join(shared) or 'none'}); a paired comparison needs at least {MIN_SHARED_PATIENTS}: "
+                        f"train the runs on one split (train.py --split runs/<id>/split.json)")
     rows = evaluation_rows(data, shared)
     if not any(r[2] for r in rows):
         raise DataError(f"--compare: the shared validation patients have no labelled patches in {data.root}")

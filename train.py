@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
 import loaders
@@ -52,7 +53,8 @@ import splits
 from train_input import (EpochSampler, fit_normalizer, make_dataset, model_input,  # bench.py times train.model_input
                          prepare_cache, stratified_subset)
 
-EXIT_NAN, EXIT_PREEMPTED = 3, 4
+EXIT_NAN, EXIT_PREEMPTED = common.EXIT_NAN, common.EXIT_STOPPED
+SKIPPED = "skipped_images.txt"  # --skip-bad-images: the undecodable files left out, one path per line
 DEFAULT_JITTER = "0.05,0.05,0.02,0.01"  # the original pipeline's ColorJitter(brightness, contrast, saturation, hue)
 # Flags that may change between a run and its resumption without changing what is trained (--cache and
 # --cache-normalized give the same pixels: Macenko's output is 8-bit levels, stored without loss).
@@ -287,12 +289,13 @@ def changed_flags(old: dict, new: dict) -> list[str]:
 
 def plan_run(args, data, world, device) -> dict:
     """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume."""
+    common.writable_folder(args.runs_dir, "--runs-dir")  # before any work: a read-only one is bad input (exit 2)
     split, groups, shared = splits.resolve_split(args, data)
     splits.check_holdout_independent(data, shared)  # the HoldOut must stay an independent test: exit 1 otherwise
     run_dir = Path(args.runs_dir) / args.run_id
     resume = (run_dir / "last.pt").is_file()
     if resume:
-        split = common.load_checkpoint(run_dir / "last.pt")["split"]
+        split = common.load_checkpoint(run_dir / "last.pt", named=f"--run-id {args.run_id}: resuming from")["split"]
         if (run_dir / "config.json").is_file():
             _, _, config = samples_and_config(args, data, split, world, device)
             changed = changed_flags(json.loads((run_dir / "config.json").read_text()), config)
@@ -326,12 +329,19 @@ class Trainer:
             self.train_loader = loader(train_ds, self.sampler, args, drop_last=drop_last)
             self.val_loader = loader(torch.utils.data.Subset(val_ds, shard), None, args)
             self.feed = f"PNGs decoded by {args.workers} DataLoader worker(s)"
-        self.val_paths = [s.path for s in val]
+        self.train_paths, self.val_paths = [s.path for s in train], [s.path for s in val]
+        skipped = self.run_dir / SKIPPED
+        self.skipped = set(skipped.read_text().splitlines()) if skipped.is_file() else set()  # kept across resumes
+        recorded = train_ds.bad if args.cache and args.skip_bad_images else []  # undecodable when the cache was built
+        self.recorded_bad = [path for path, bad in zip(self.train_paths, recorded) if bad]
         self.normalizer = normalizer.to(device) if normalizer is not None else None
         # --cache-normalized: the cached patches already are; checkpoints still carry the reference for evaluate.py
         self.stain = train_ds.stain if args.cache_normalized else normalizer.state_dict() if normalizer else None
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         ckpt = common.load_checkpoint(self.run_dir / "last.pt") if plan["resume"] else None
+        if ckpt and ckpt["stain"] is not None and self.normalizer is not None:  # a resumed run keeps its stain
+            self.normalizer = type(normalizer).from_state_dict(ckpt["stain"]).to(device)  # (older mode included)
+            self.stain = ckpt["stain"]
         self.raw = common.build_model(args.arch, "none" if ckpt else args.weights).to(device)
         if args.channels_last:
             self.raw = self.raw.to(memory_format=torch.channels_last)
@@ -395,7 +405,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- loops
     def train_epoch(self):
         """Train from progress["step"] to the epoch's end or a stop request; returns (nan_step or None, stopped)."""
-        from tqdm import tqdm
         args, dev, p = self.args, self.device, self.progress
         self.sampler.set_epoch(self.epoch, skip=p["step"] * args.batch_size)
         self.model.train()
@@ -405,7 +414,11 @@ class Trainer:
         loss_sum, seen, pending, nan_step, stopped = 0.0, 0, None, None, False
         t0, images = time.perf_counter(), 0
         try:  # closed on every path: an error line must not land on a half-drawn bar
-            for x, labels, _ in self.train_loader:
+            for x, labels, idx in self.train_loader:
+                # DataLoader batches are on the host still: no device sync. Cache batches may already be on the GPU:
+                # their undecodable rows were recorded at build time and named once when the run started
+                if labels.device.type == "cpu" and (labels == common.BAD).any():
+                    self.note_skipped(self.train_paths[k] for k in idx[labels == common.BAD].tolist())
                 x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
                 with torch.no_grad():
                     x = model_input(x, self.normalizer, args.jitter, self.gen, args.channels_last)
@@ -421,8 +434,8 @@ class Trainer:
                 self.scaler.update()
                 self.sched.step()
                 loss_sum, seen = loss_sum + losses.sum().detach(), seen + keep.sum()
-                flags = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(), torch.full((), float(STOP.is_set()),
-                                                                                                 device=dev)])
+                flags = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(),
+                                     torch.full((), float(STOP.is_set()), device=dev)])
                 if self.world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
                 p["step"] += 1
@@ -443,6 +456,18 @@ class Trainer:
         self.img_s = images / max(time.perf_counter() - t0, 1e-9)
         return nan_step, stopped
 
+    def note_skipped(self, paths):
+        """--skip-bad-images: name each undecodable file once on stderr and list it in runs/<id>/skipped_images.txt."""
+        new = sorted(set(paths) - self.skipped)
+        if not new:
+            return
+        self.skipped.update(new)
+        for path in new:  # tqdm.write: on a line of its own, not onto the progress bar
+            tqdm.write(f"warning: skipped unreadable {path} (--skip-bad-images; listed in {self.run_dir / SKIPPED})",
+                       file=sys.stderr)
+        if self.rank == 0:
+            common.atomic_write_text(self.run_dir / SKIPPED, "".join(f"{p}\n" for p in sorted(self.skipped)))
+
     @staticmethod
     def read_flags(step, flags, bar):
         nonfinite, loss, stop = flags.tolist()
@@ -459,8 +484,7 @@ class Trainer:
         idx, labels, scores, loss = [], [], [], torch.zeros((), device=self.device)
         for images, y, i in self.val_loader:
             images, y, i, bad = common.drop_bad(images, y, i)
-            for k in bad:
-                print(f"warning: skipped unreadable {self.val_paths[k]}", file=sys.stderr)
+            self.note_skipped(self.val_paths[k] for k in bad)
             x = model_input(images.to(self.device, non_blocking=True), self.normalizer,
                             channels_last=self.args.channels_last)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.args.amp):
@@ -487,6 +511,7 @@ class Trainer:
                   f"{self.config['pos_weight']:.2f}), validation {self.counts[2]} windows ({self.counts[3]} positive); "
                   f"{self.world} x {self.device}, amp {self.amp_dtype if self.args.amp else 'off'}, commit "
                   f"{self.config['environment']['git_commit']}; {self.feed}", file=sys.stderr)
+        self.note_skipped(self.recorded_bad)
         while self.epoch < self.args.epochs:
             start = time.perf_counter()
             nan_step, stopped = self.train_epoch()
@@ -581,6 +606,9 @@ def main(argv=None) -> int:
         if str(e):
             print(f"error: {e}", file=sys.stderr)
         return common.EXIT_LEAK if isinstance(e, splits.IndependenceError) else common.EXIT_BAD_INPUT
+    except common.EnvironmentFault as e:  # only rank 0 writes files
+        print(f"error: {e}", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
     finally:
         loaders.stop_workers()  # workers ignore SIGTERM: left to Python's exit they would keep it waiting for ever
         for s, handler in previous.items():

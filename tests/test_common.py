@@ -358,7 +358,7 @@ def test_load_checkpoint_errors_are_one_line_and_name_the_file(tmp_path):
     with pytest.raises(common.DataError, match="missing.pt: file not found"):
         common.load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(common.DataError, match=r"junk.pt: unreadable \(UnpicklingError") as e:
+    with pytest.raises(common.DataError, match=r"junk.pt: unreadable checkpoint \(UnpicklingError") as e:
         common.load_checkpoint(tmp_path / "junk.pt")
     assert "\n" not in str(e.value)
     torch.save({"version": torch.__version__}, tmp_path / "foreign.pt")  # a TorchVersion object, not plain data

@@ -1,5 +1,6 @@
 """Every way a run can stop, tried as users meet it: the real scripts in their own process, DataLoader workers on,
 a time limit, and then the exit code, the one line that says why, and what is left on disk (issue 9)."""
+import json
 import os
 import re
 import shutil
@@ -20,11 +21,11 @@ FAST = ["--device", "cpu", "--image-size", "64", "--batch-size", "16", "--weight
 LIMIT = 90  # seconds: a healthy run of these scripts takes ~10-20 s here (mostly imports); the hang was for ever
 
 
-def script(name, *argv, timeout=LIMIT, **popen):
+def script(name, *argv, timeout=LIMIT, env=()):
     """Run ROOT/name as its own process group, as a shell or SLURM starts it; the group is killed on timeout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **dict(env)}
     proc = subprocess.Popen([sys.executable, str(ROOT / name), *map(str, argv)], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -97,3 +98,171 @@ def test_a_zero_byte_validation_png_in_evaluate_with_workers_is_one_line_naming_
     named = re.match(r"error: (\S+\.png): unreadable image", lines[0])
     assert named and os.path.relpath(named.group(1), root) in broken, lines[0]
     assert not (tmp_path / "eval").exists()
+
+
+# ----------------------------------------------------------------------------------------------- stops
+def test_ctrl_c_saves_last_pt_and_exits_4_in_one_line(demo_root, tmp_path):
+    import torch
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir",
+                             str(tmp_path), "--run-id", "interrupted", *FAST, "--workers", "2", "--epochs", "50"],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + LIMIT
+    while not children.read_text().strip():  # the DataLoader workers start with the first training step
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(2)  # past their worker_init_fn
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    try:
+        _, err = proc.communicate(timeout=LIMIT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"no exit {LIMIT} s after Ctrl-C: {proc.communicate()[1][-2000:]}")
+    assert proc.returncode == common.EXIT_STOPPED, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    stopped = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("stopped by")]
+    assert len(stopped) == 1 and "SIGINT" in stopped[0] and "resume" in stopped[0], err[-2000:]
+    ckpt = torch.load(tmp_path / "interrupted" / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] * 3 + ckpt["progress"]["step"] >= 1
+
+
+# ----------------------------------------------------------------------------------------------- the disk
+FULL_DISK = """
+import errno, os, sys
+real_write = os.write
+
+def full_once_a_last_pt_exists(fd, data):  # the disk fills up while epoch 2 saves its checkpoint
+    name = os.readlink(f"/proc/self/fd/{fd}")
+    if "/.last.pt." in name and os.path.exists(os.path.join(os.path.dirname(name), "last.pt")):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_write(fd, data)
+
+os.write = full_once_a_last_pt_exists
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_while_saving_exits_5_naming_the_folder_and_keeps_the_previous_checkpoints(demo_root, tmp_path):
+    import torch
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", FULL_DISK, "--data-root", str(demo_root), "--runs-dir", str(tmp_path),
+                          "--run-id", "full", *FAST, "--workers", "2", "--epochs", "2"], env=env, capture_output=True,
+                         text=True, timeout=LIMIT * 2)
+    assert run.returncode == common.EXIT_ENVIRONMENT, run.stderr[-2000:]
+    lines = error_lines(run.stderr)
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert str(tmp_path / "full") in lines[0] and "no space left" in lines[0] and "free space" in lines[0]
+    for name in ("last.pt", "best.pt"):  # epoch 1's, whole
+        assert torch.load(tmp_path / "full" / name, map_location="cpu", weights_only=True)["epoch"] == 1
+    assert not list((tmp_path / "full").glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_an_unwritable_runs_dir_exits_2_in_one_line_before_any_work(demo_root, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    runs = tmp_path / "a-file" / "runs"  # root ignores chmod; a path through a file fails for everyone
+    code, _, err = script("train.py", "--data-root", demo_root, "--runs-dir", runs, "--run-id", "x", *FAST,
+                          "--workers", "2", "--epochs", "1")
+    assert code == common.EXIT_BAD_INPUT, err[-2000:]
+    lines = error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err and f"--runs-dir {runs}" in lines[0], err[-2000:]
+
+
+def test_a_folder_access_refuses_is_bad_input_naming_the_flag_and_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(common.os, "access", lambda path, mode: False)  # access(2) on a read-only mount, or no rights
+    with pytest.raises(common.DataError, match=r"--runs-dir .* cannot write in .* \((read-only file system|permission "
+                                               r"denied)\)"):
+        common.writable_folder(tmp_path / "runs", "--runs-dir")
+
+
+# ----------------------------------------------------------------------------------------------- --skip-bad-images
+def warned(err: str) -> set[str]:
+    return set(re.findall(r"^warning: skipped unreadable (\S+)", err.replace("\r", "\n"), re.MULTILINE))
+
+
+def test_skip_bad_images_names_every_skipped_file_on_stderr_and_in_the_run_folder(truncated_root, tmp_path):
+    import train
+    root, broken = truncated_root
+    code, _, err = script("train.py", "--data-root", root, "--runs-dir", tmp_path, "--run-id", "skip", *FAST,
+                          "--workers", "2", "--epochs", "1", "--skip-bad-images")
+    assert code == 0, err[-2000:]
+    run_dir = tmp_path / "skip"
+    split, data = json.loads((run_dir / "split.json").read_text()), common.load_data(root)
+    trained = train.stratified_subset(common.select(data.labelled, split["train"], include_aug=True), 48, 0)
+    seen = {s.path for s in trained} | {s.path for s in common.select(data.labelled, split["val"])}
+    expected = seen & set(broken)
+    assert expected, "the test data must put a broken file in this run"
+    assert warned(err) == expected
+    assert set((run_dir / "skipped_images.txt").read_text().splitlines()) == expected
+
+
+def test_evaluate_skip_bad_images_names_every_skipped_file_and_lists_them(tiny_run, empty_root, tmp_path):
+    import torch
+    root, broken = empty_root
+    out = tmp_path / "eval"
+    code, _, err = script("evaluate.py", "--checkpoint", tiny_run / "best.pt", "--data-root", root, "--out", out,
+                          "--device", "cpu", "--workers", "2", "--bootstrap", "0", "--gradcam", "0",
+                          "--skip-bad-images")
+    assert code == 0, err[-2000:]
+    val = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)["split"]["val"]
+    expected = {s.path for s in common.select(common.load_data(root).labelled, val)} & set(broken)
+    assert expected and warned(err) == expected
+    assert set((out / "skipped_images.txt").read_text().splitlines()) == expected
+
+
+# ----------------------------------------------------------------------------------------------- evaluate.py
+def test_compare_of_runs_sharing_fewer_than_5_validation_patients_is_refused(tiny_run, tmp_path):
+    import torch
+    ckpt = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)
+    other = dict(ckpt, split={"train": ckpt["split"]["train"][4:] + ckpt["split"]["val"][1:],
+                              "val": ckpt["split"]["val"][:1] + ckpt["split"]["train"][:4]})  # another split
+    torch.save(other, tmp_path / "other.pt")
+    code, out, err = script("evaluate.py", "--compare", tiny_run / "best.pt", tmp_path / "other.pt", "--out",
+                            tmp_path / "compare", "--device", "cpu", "--workers", "2", "--bootstrap", "50")
+    assert code == common.EXIT_BAD_INPUT, err[-2000:]
+    lines = error_lines(err)
+    assert len(lines) == 1 and "share 1 validation patient" in lines[0] and "at least 5" in lines[0], err[-2000:]
+    assert "noise" not in out and not (tmp_path / "compare").exists()
+
+
+def test_evaluate_with_and_without_holdout_write_separate_folders(tiny_run, tmp_path):
+    import evaluate
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_run / "best.pt", run / "best.pt")
+    flags = ["--checkpoint", str(run / "best.pt"), "--device", "cpu", "--workers", "0", "--bootstrap", "0",
+             "--gradcam", "0"]
+    assert evaluate.main([*flags, "--holdout"]) == 0
+    holdout_report = (run / "eval-holdout" / "metrics.json").read_text()
+    assert evaluate.main(flags) == 0
+    assert (run / "eval-holdout" / "metrics.json").read_text() == holdout_report  # not replaced
+    assert "holdout" not in json.loads((run / "eval" / "metrics.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------- messages
+def test_a_truncated_last_pt_is_one_whole_line_naming_the_run_not_a_flag_train_lacks(demo_root, tmp_path, capsys):
+    import torch
+    import train
+    torch.save({"weights": torch.zeros(10_000)}, tmp_path / "whole.pt")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "last.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:20_000])
+    argv = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-id", "cut", *FAST, "--workers", "0"]
+    assert train.main(argv) == common.EXIT_BAD_INPUT
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    assert "--run-id cut" in lines[0] and "--checkpoint" not in lines[0] and str(tmp_path / "cut" / "last.pt") in lines[0]
+    assert "unreadable checkpoint (" in lines[0] and lines[0].endswith("not written by train.py")  # whole, not cut
+
+
+def test_imagenet_weights_offline_say_where_the_cache_is_and_how_to_fill_it(demo_root, tmp_path):
+    offline = {"TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy":
+               "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}  # nothing listens on port 9: no network
+    code, _, err = script("train.py", "--data-root", demo_root, "--runs-dir", tmp_path, "--run-id", "offline",
+                          *FAST, "--weights", "imagenet", "--workers", "2", "--epochs", "1",
+                          env=offline)
+    assert code == common.EXIT_BAD_INPUT, err[-2000:]
+    lines = error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-") in lines[0]  # the file it looked for
+    assert "login node" in lines[0] and "get_state_dict()" in lines[0]
