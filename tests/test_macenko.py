@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 
 import macenko_gpu
+import patch_cache
 import stain_check
 import stain_math
 from macenko_gpu import FALLBACK, SINGLE_STAIN, TWO_STAINS, MacenkoNormalizer, load_rgb, synthetic_ihc_tiles
@@ -291,6 +292,10 @@ def test_checkpoint_state_of_the_previous_version_normalizes_as_it_was_trained(i
         old = {k: v for k, v in norm.state_dict().items() if k not in ("mode", "dab_scale")}
         restored = MacenkoNormalizer.from_state_dict({**old, "single_stain": old_name})
         assert restored.mode == mode and torch.equal(restored.normalize(tiles), norm.normalize(tiles))
+        # a cache normalized by the previous version still matches its checkpoint's stain in evaluate.py
+        assert patch_cache.same_stain({**old, "single_stain": old_name}, restored.state_dict())
+        today = MacenkoNormalizer().fit(reference).state_dict()
+        assert not patch_cache.same_stain({**old, "single_stain": old_name}, today)
 
 
 # ------------------------------------------------------------------------------------ interface
