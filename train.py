@@ -12,7 +12,9 @@ Run folder runs/<run-id>/: config.json (resolved flags, git commit, versions, de
 log.jsonl (one JSON line per epoch), best.pt (highest validation PR-AUC), last.pt, learning_curves.png.
 Checkpoints are plain dicts of tensors and Python values: torch.load(path, weights_only=True) reads them.
 
-Pipeline: DataLoader workers only decode PNGs (or read --cache) to uint8; on the device, batched: Macenko ->
+Pipeline: DataLoader workers only decode PNGs to uint8; with --cache there is no DataLoader: the packed uint8 patches
+sit on the device (or stream from the host when they do not fit, see resident.py), Macenko already applied by default
+(--cache-normalized). On the device, batched: Macenko (unless the cache holds normalized patches) ->
 colour jitter with independent random factors per sample -> one of the 8 symmetries of the square per sample ->
 ImageNet normalization -> model under autocast (bf16 where supported, else fp16 with a GradScaler; off on CPU
 unless --amp). The operating threshold is the one that maximises F1 on the validation patients.
