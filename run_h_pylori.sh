@@ -271,10 +271,12 @@ resolve_data_root() {
 
 # Staged copies are kept for the next job on this node; say where, how big, and how to remove them.
 report_staged_copy() {
-  local size
-  size=$(du -sh "$STAGED_ROOT" "$STAGED_ROOT"-cache* 2>/dev/null | awk '{ s = s sep $1; sep = "+" } END { print s }')
-  log "staged copy kept on $(hostname) for the next job: $STAGED_ROOT (${size:-?}; caches: $STAGED_ROOT-cache*);" \
-      "remove it with: HELICO_DATA=$SOURCE_ROOT bash $CODE_DIR/run_h_pylori.sh --clean-stage (on this node)"
+  local size caches=()
+  for size in "$STAGED_ROOT"-cache*; do [[ ! -d $size ]] || caches+=("$size"); done
+  size=$(du -shc "$STAGED_ROOT" ${caches[@]+"${caches[@]}"} 2>/dev/null | tail -n 1 | cut -f1) || true
+  log "staged copy kept on $(hostname) for the next job: $STAGED_ROOT${caches[0]+ and its cache ${caches[*]}}" \
+      "(${size:-?} in all); remove it with: HELICO_DATA=$SOURCE_ROOT bash $CODE_DIR/run_h_pylori.sh --clean-stage" \
+      "(on this node; it refuses while a job uses the copy)"
 }
 
 # Removes this dataset's staged copy, marker and caches, holding the staging lock exclusively so no job on this
@@ -415,14 +417,41 @@ exit_meaning() {
 
 step_failed() {  # exits with the step's own code, so the job's exit code means what the step's does
   local step=$1 rc=$2 what=${3:-}
+  if (( rc == 1 )) && [[ -n $STEP_CRASH ]]; then crashed "$step" "$what"; fi
   die "$rc" "$step exited $rc: $(exit_meaning "$step" "$rc")${what:+; $what}"
+}
+
+# Python exits 1 on an uncaught exception too, which must not read as the audit's "leak": a traceback on the step's
+# stderr tells them apart. OSError and a missing module are the environment (5), anything else a bug (1).
+crashed() {
+  local step=$1 what=$2
+  if [[ $STEP_CRASH =~ ^(OSError|IOError|PermissionError|FileNotFoundError|ModuleNotFoundError|ImportError) ]]; then
+    die 5 "$step crashed: $STEP_CRASH (an environment fault, not a leak: fix the folder, file or interpreter" \
+          "(PYTHON=$PY) it names, then run the same command)${what:+; $what}"
+  fi
+  die 1 "$step crashed: $STEP_CRASH (an unexpected error, traceback above; not a leak)${what:+; $what}"
+}
+
+# Runs a foreground step, its stderr shown live and kept, so that STEP_CRASH holds the exception line of a traceback.
+STEP_CRASH=""
+run_step() {
+  local errs rc=0
+  errs=$(mktemp "${TMPDIR:-/tmp}/run_h_pylori-stderr.XXXXXX") || { "$@"; return; }
+  { "$@" 2>&1 1>&3 3>&- | tee "$errs" >&2; } 3>&1 || rc=${PIPESTATUS[0]}
+  STEP_CRASH=""
+  if grep -q '^Traceback (most recent call last):' "$errs"; then
+    STEP_CRASH=$(grep -E '^[A-Za-z_.]+(Error|Exception|Interrupt)[:]?' "$errs" | tail -n 1 | cut -c1-300)
+    STEP_CRASH=${STEP_CRASH:-unknown exception}
+  fi
+  rm -f "$errs"
+  return "$rc"
 }
 
 run_audit() {
   log "audit: checking the split for patients shared between train and validation"
   local rc=0
   # ${a[@]+"${a[@]}"}: an empty array is an "unbound variable" under set -u in bash < 4.4 (still on clusters)
-  "$PY" "$CODE_DIR/audit_leakage.py" --data-root "$DATA_ROOT" ${AUDIT_ARGS[@]+"${AUDIT_ARGS[@]}"} || rc=$?
+  run_step "$PY" "$CODE_DIR/audit_leakage.py" --data-root "$DATA_ROOT" ${AUDIT_ARGS[@]+"${AUDIT_ARGS[@]}"} || rc=$?
   (( rc == 0 )) || step_failed audit_leakage.py "$rc" "not training"
 }
 
@@ -489,7 +518,7 @@ run_evaluation() {
   log "evaluate: $best ${EVAL_ARGS:-}"
   [[ -z $CACHE_DIR ]] || extra+=(--cache "$CACHE_DIR")  # evaluate.py reads either kind of cache
   local rc=0
-  "$PY" "$CODE_DIR/evaluate.py" --checkpoint "$best" --data-root "$DATA_ROOT" ${extra[@]+"${extra[@]}"} || rc=$?
+  run_step "$PY" "$CODE_DIR/evaluate.py" --checkpoint "$best" --data-root "$DATA_ROOT" ${extra[@]+"${extra[@]}"} || rc=$?
   (( rc == 0 )) || step_failed evaluate.py "$rc" "training is complete ($best)"
 }
 

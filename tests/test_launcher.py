@@ -414,14 +414,17 @@ def test_a_cpu_run_logs_zero_gpus_and_one_process(node, demo_root):
 
 
 # ----------------------------------------------------------------------------------------------- exit codes
-def python_whose_train_exits(tmp_path: Path, rc: int) -> str:
-    """An interpreter that runs everything as usual except train.py, which exits `rc`: the launcher's mapping of
-    each code is tested here; that the scripts exit with these codes is tested in their own test files."""
-    wrapper = tmp_path / "python-train-exits"
-    wrapper.write_text(f'#!/bin/bash\n[[ ${{1:-}} == */train.py ]] && {{ echo "train.py: simulated exit" >&2; exit {rc}; }}\n'
-                       f'exec {sys.executable} "$@"\n')
+def python_where(tmp_path: Path, script: str, instead: str) -> str:
+    """An interpreter that runs everything as usual except `script`, for which it runs the bash `instead`: the
+    launcher's reading of each exit is tested here; that the scripts exit so is tested in their own test files."""
+    wrapper = tmp_path / "python-wrapper"
+    wrapper.write_text(f'#!/bin/bash\nif [[ ${{1:-}} == */{script} ]]; then {instead}; fi\nexec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
     return str(wrapper)
+
+
+def python_whose_train_exits(tmp_path: Path, rc: int) -> str:
+    return python_where(tmp_path, "train.py", f'echo "train.py: simulated exit" >&2; exit {rc}')
 
 
 @pytest.mark.parametrize("rc, meaning", [
@@ -443,6 +446,22 @@ def test_each_training_exit_code_is_reported_with_its_own_meaning(node, demo_roo
     if rc == 5:
         assert "free space, then run the same command to resume" in line
     assert "evaluate:" not in r.stderr
+
+
+@pytest.mark.parametrize("error, rc, meaning", [
+    ("OSError(5, 'Input/output error', '/node/disk')", 5, "an environment fault, not a leak"),
+    ("ModuleNotFoundError('No module named openpyxl')", 5, "an environment fault, not a leak"),
+    ("KeyError('bug')", 1, "an unexpected error, traceback above; not a leak"),
+])
+def test_an_audit_that_crashes_is_never_reported_as_a_leak(node, demo_root, error, rc, meaning):
+    # Python exits 1 on any uncaught exception: the same code as the audit's leak verdict
+    crash = f"exec {sys.executable} -c \"raise {error}\""
+    r = node.copy_demo(demo_root).run("--run-id", "crash", *TRAIN_FLAGS, STAGE_DIR="off",
+                                      PYTHON=python_where(node.tmp, "audit_leakage.py", crash))
+    assert r.returncode == rc, r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: audit_leakage.py crashed: ") and meaning in line and "not training" in line
+    assert "patient leak" not in r.stderr and not (node.runs / "crash").exists()
 
 
 def test_a_truncated_png_through_the_launcher_is_bad_input_within_seconds(node, demo_root):
