@@ -2,6 +2,7 @@
 
     python audit_leakage.py --data-root HelicoDataSet                        # the split train.py would make
     python audit_leakage.py --data-root HelicoDataSet --folds 5 --fold 2     # one fold of 5
+    python audit_leakage.py --data-root HelicoDataSet --folds 5              # every fold, and their test parts
     python audit_leakage.py --data-root HelicoDataSet --split runs/26/split.json --json audit.json
 
 The split comes from splits.resolve_split, as in train.py, so the audit checks exactly the split train.py makes
@@ -11,7 +12,8 @@ the accuracy trap), then every finding, one line each, under a stable check name
   identical_images_across_parts (byte-identical PNGs in different parts; HoldOut counts as a part),
   aug_copy_across_parts (an _AugK re-crop in another part than its window), window_across_parts (Annotated
   and Cropped copies of a window), holdout_in_crossvalidation, reference_not_in_train (the stain reference
-  patient in val/test), split_refused (anything else splits.split_problems reports: train.py would refuse it);
+  patient in val/test), split_refused (anything else splits.split_problems reports: train.py would refuse it),
+  fold_test_parts (--folds K without --fold: the folds' test parts overlap or miss a patient);
 - warnings: multi_section_patients, label_conflicts, presence_zero_rows, rows_without_files, files_without_rows,
   stray_entries, duplicate_rows, control_or_external_mentions (paths and every workbook/CSV cell),
   off_size_images, unreadable_png_headers, duplicate_content_groups (even when kept together),
@@ -218,9 +220,12 @@ def label_conflicts(data: common.HelicoData) -> list[Finding]:
 def presence_zero_rows(data: common.HelicoData) -> list[Finding]:
     rows = [a for a in data.annotations if a.presence == 0]
     per = Counter(a.patient for a in rows)
+    copies = data.uncertain_cropped
+    also = (f"; their {len(copies)} Cropped cop{'y is' if len(copies) == 1 else 'ies are'} excluded too (not easy "
+            f"negatives): {examples(copies)}" if copies else "")
     return found("warning", "presence_zero_rows", rows, per, f"{len(rows)} row(s) with Presence 0 (uncertain), "
                  f"excluded from training and metrics: {examples(f'{p} ({n})' for p, n in sorted(per.items()))}; "
-                 f"rows {examples(a.row for a in rows)}")
+                 f"rows {examples(a.row for a in rows)}{also}", data.uncertain_files + copies)
 
 
 def rows_without_files(data: common.HelicoData) -> list[Finding]:
@@ -414,10 +419,22 @@ def run_checks(data, split, groups, shared, sizes, args) -> list[Finding]:
         *patients_without_diagnosis(data)]
 
 
-def audit(args) -> Audit:
+def audit_all(args) -> tuple[list[Audit], list[Finding]]:
+    """The audit of the split the flags ask for; with --folds K and no --fold, of every fold, plus the check that the
+    folds' test parts are disjoint and cover the patients (fold_test_parts)."""
     if not args.data_root:
         raise DataError("--data-root: not given (pass the HelicoDataSet folder or set $HELICO_DATA)")
     data = common.load_data(args.data_root)
+    every_fold = bool(args.folds) and args.fold is None and not args.split
+    folds = range(args.folds) if every_fold and args.folds >= 2 else [args.fold]
+    audits = [audit(argparse.Namespace(**{**vars(args), "fold": k}), data) for k in folds]
+    if not every_fold:
+        return audits, []
+    problems = splits.fold_problems([a.split for a in audits], data.cv_patients)
+    return audits, found("leak", "fold_test_parts", problems, [], "; ".join(problems))
+
+
+def audit(args, data: common.HelicoData) -> Audit:
     progress = not args.no_progress
     try:
         split, groups, shared = splits.resolve_split(args, data, progress=progress)
@@ -456,13 +473,17 @@ def composition_table(comp: dict) -> list[str]:
 def render_report(a: Audit) -> str:
     d, s = a.data, a.split
     how = (f"fold {s.get('fold')} of {s.get('folds')}" if s.get("folds") else f"val-frac {s.get('val_frac')}")
-    lines = [f"Leakage audit of {d.root}",
+    fold = f" (fold {s.get('fold')} of {s.get('folds')})" if s.get("folds") else ""
+    lines = [f"Leakage audit of {d.root}{fold}",
              f"  {len(d.cv_patients)} CrossValidation patients, {len(d.holdout_patients)} HoldOut patients, "
              f"{len(d.annotations):,} workbook rows ({d.annotations_file.name}), {len(d.diagnosis)} diagnoses",
              f"  split {a.split_source}: " + ", ".join(f"{p} {len(ps)} patients" for p, ps in split_patients(s).items())
              + (f" (seed {s['seed']}, {how})" if "seed" in s else ""),
              "", "Composition (windows counted once; +Aug = re-crops training adds; easy = Cropped of NEGATIVA)",
              *composition_table(a.composition)]
+    if not splits.has_untouched_test(s):
+        lines += ["", "  NO UNTOUCHED SET: this is a two-part split (train/val); every number evaluate.py reports "
+                      "comes from the patients that chose the epoch, the threshold and the patient rule."]
     trap = [f"{percent(c['dummy_accuracy'])} accuracy on {part}" for part, c in a.composition.items()
             if part in ("val", "test") and c.get("dummy_accuracy") is not None]
     if trap:
@@ -480,9 +501,18 @@ def render_report(a: Audit) -> str:
 def to_json(a: Audit) -> dict:
     s = a.split
     summary = {"source": a.split_source, "patients": split_patients(s),
-               **{k: s.get(k) for k in ("seed", "val_frac", "folds", "fold", "kept_in_train", "duplicate_groups")}}
+               **{k: s.get(k) for k in ("seed", "val_frac", "test_frac", "folds", "fold", "kept_in_train",
+                                        "duplicate_groups")}, "untouched_test": splits.has_untouched_test(s)}
     return {"ok": not a.leaks, "findings": [asdict(f) for f in a.findings], "composition": a.composition,
             "split": summary}
+
+
+def to_json_all(audits: list[Audit], cross: list[Finding]) -> dict:
+    """One audit: its JSON as it always was. Every fold: {"ok", "folds": [one per fold], "findings": cross-fold}."""
+    if len(audits) == 1 and not cross:
+        return to_json(audits[0])
+    return {"ok": not cross and all(not a.leaks for a in audits), "folds": [to_json(a) for a in audits],
+            "findings": [asdict(f) for f in cross]}
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -501,17 +531,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        result = audit(args)
+        audits, cross = audit_all(args)
         if args.json:
             try:
-                common.atomic_write_text(args.json, json.dumps(to_json(result), indent=2) + "\n")
+                common.atomic_write_text(args.json, json.dumps(to_json_all(audits, cross), indent=2) + "\n")
             except OSError as e:
                 raise DataError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
-    print(render_report(result))
-    return common.EXIT_LEAK if result.leaks else common.EXIT_OK
+    print("\n\n".join(render_report(a) for a in audits))
+    if len(audits) > 1:
+        print(f"\nAll {len(audits)} folds: " + ("; ".join(f"LEAK [{f.check}] {f.detail}" for f in cross) or
+              "test parts disjoint, every patient tested once (but the stain reference kept in train)"))
+    leaks = cross or any(a.leaks for a in audits)
+    return common.EXIT_LEAK if leaks else common.EXIT_OK
 
 
 if __name__ == "__main__":

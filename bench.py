@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import loaders
 import patch_cache
 import train_input
 
@@ -66,8 +67,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "fast stages are not measured on a handful of milliseconds")
     p.add_argument("--limit-samples", type=int, help="patches used by every stage, a fixed random subset (default "
                    "256 CPU, 8192 CUDA; 0 = all). A temporary cache holds only these")
-    p.add_argument("--cache", metavar="DIR", help="packed cache (patch_cache.py) to benchmark, built or reused "
-                   "here for all patches; default: a temporary cache of the benchmark's patches")
+    p.add_argument("--cache", metavar="DIR", help="packed cache (patch_cache.py) to benchmark: a training run's "
+                   "(plain or normalized) is reused as it is, an empty folder is built for all patches; a cache of "
+                   "another --image-size or stale PNGs is refused (exit 2), never rebuilt. Default: a temporary "
+                   "cache of the benchmark's patches")
     p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads). Default 1 on CPU (a quick, "
                    "stable smoke run: on a busy machine OpenMP threads wait on each other), torch's own with CUDA")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset to time, e.g. "
@@ -147,10 +150,8 @@ def cycle(loader):
 
 
 def make_loader(dataset, args, workers: int):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers, drop_last=True,
-        pin_memory=args.device == "cuda", persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else None,
-        generator=torch.Generator().manual_seed(0))
+    return loaders.make_loader(dataset, batch_size=args.batch_size, shuffle=True, workers=workers, drop_last=True,
+                               pin_memory=args.device == "cuda", persistent=True, prefetch_factor=PREFETCH, seed=0)
 
 
 def load_steps(loader):
@@ -230,8 +231,12 @@ def bench_samples(data, limit: int) -> list:
 
 def open_cache(args, data, samples, tmp: str) -> tuple:
     """(CachedPatchDataset over `samples`, cache dir, build report or None)."""
-    if args.cache:
-        report = patch_cache.build_cache(data, args.cache, args.image_size, args.workers, progress=False)
+    if args.cache:  # a training run's cache, as it is: a plain or normalized one is timed, never rebuilt
+        meta = patch_cache.read_meta(Path(args.cache)) or {}
+        normalized = bool(meta.get("normalized")) and meta.get("version") == patch_cache.VERSION
+        reference = meta["stain"]["reference"] if normalized else None
+        report = patch_cache.build_cache(data, args.cache, args.image_size, args.workers, normalized, reference,
+                                         args.device, progress=False, rebuild=False)
         cache_dir = Path(args.cache)
     else:
         cache_dir = Path(tmp) / "cache"
@@ -360,9 +365,10 @@ def main(argv=None) -> int:
         resolve(args)
         result = run(args)
     except common.DataError as e:
-        print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ', 1)[-1]}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # one line, from a DataLoader worker too (loaders carries it)
         return common.EXIT_BAD_INPUT
     finally:
+        loaders.stop_workers()
         torch.set_num_threads(threads)  # --threads must not outlive main() when called in-process
     print(table(result))
     if args.json:

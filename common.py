@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import io
 import os
 import re
 import tempfile
@@ -23,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-EXIT_OK, EXIT_LEAK, EXIT_BAD_INPUT = 0, 1, 2
+# One meaning each, in every script and the launcher (README, "Exit codes"); 128 + N: killed by a second signal N.
+EXIT_OK, EXIT_LEAK, EXIT_BAD_INPUT, EXIT_NAN, EXIT_STOPPED, EXIT_ENVIRONMENT = 0, 1, 2, 3, 4, 5
 ANNOTATION_NAMES = ("HP_WSI-CoordAllAnnotatedPatches", "HP_WSI-CoordAnnotatedAllPatches",
                     "HP_WSI-CoordAnnotatedPatches")  # the names other copies of the dataset use; .xlsx or .csv
 DIAGNOSIS_NAME = "PatientDiagnosis.csv"
@@ -34,6 +37,10 @@ SOURCES = ("annotated", "supplemental", "holdout")
 
 class DataError(Exception):
     """A bad input: the message is one line naming the file, row or flag."""
+
+
+class EnvironmentFault(Exception):
+    """The machine failed the run (no space left, I/O error): one line naming the folder; exit EXIT_ENVIRONMENT."""
 
 
 # ----------------------------------------------------------------------------------------------- names
@@ -188,6 +195,11 @@ class Sample:
     aug: int | None = None
     diagnosis: str | None = None
 
+    @property
+    def section(self) -> int | None:
+        """The section suffix of the file's folder (B22-111_1 -> 1): two sections may reuse a window number."""
+        return folder_section(self.path.rsplit("/", 2)[-2])
+
 
 @dataclass
 class HelicoData:
@@ -202,6 +214,7 @@ class HelicoData:
     files_without_row: list[str] = field(default_factory=list)
     uncertain: list[Annotation] = field(default_factory=list)  # Presence 0: excluded, counted
     uncertain_files: list[str] = field(default_factory=list)    # their images: not samples, but files to audit
+    uncertain_cropped: list[str] = field(default_factory=list)  # Cropped copies of Presence 0 windows: excluded too
     stray: list[str] = field(default_factory=list)              # non-PNG / non-folder entries skipped
     duplicate_rows: list[Annotation] = field(default_factory=list)
     annotated_in_cropped: int = 0     # Cropped patches of NEGATIVA patients that are also annotated windows
@@ -267,7 +280,12 @@ def load_data(root) -> HelicoData:
     for tree in TREES:
         data.folders[tree], listing[tree] = _scan_tree(root, tree, data.stray)
     _join_annotated(data, listing["annotated"])
-    annotated_windows = {(s.patient, s.window) for s in data.labelled if s.source == "annotated"}
+    # A Cropped patch that is an annotated window (same patient, section and number) is that window again: a labelled
+    # one is already a sample, an uncertain (Presence 0) one must not come back as an easy negative.
+    window_of = lambda path: (patient_id(path.rsplit("/", 2)[-2]), folder_section(path.rsplit("/", 2)[-2]),
+                              parse_patch_name(path.rsplit("/", 1)[-1])[0])
+    annotated_windows = {window_of(s.path) for s in data.labelled if s.source == "annotated"}
+    uncertain_windows = {window_of(p) for p in data.uncertain_files}
     for tree, source in (("cropped", "supplemental"), ("holdout", "holdout")):
         for folder, names in listing[tree].items():
             p = patient_id(folder)
@@ -278,7 +296,9 @@ def load_data(root) -> HelicoData:
                 s = Sample(f"{TREES[tree]}/{folder}/{name}", p, source, label, window, aug, dx)
                 (data.cropped if tree == "cropped" else data.holdout).append(s)
                 if label == 0:
-                    if (p, window) in annotated_windows:
+                    if (p, folder_section(folder), window) in uncertain_windows:
+                        data.uncertain_cropped.append(s.path)
+                    elif (p, folder_section(folder), window) in annotated_windows:
                         data.annotated_in_cropped += 1  # already a hard negative: do not count it twice
                     else:
                         data.labelled.append(s)
@@ -286,43 +306,58 @@ def load_data(root) -> HelicoData:
 
 
 def _join_annotated(data: HelicoData, listing: dict[str, list[str]]) -> None:
-    """Join rows to Annotated files on (patient, window, aug), whatever the folder's section suffix says."""
-    files: dict[tuple, str] = {}
+    """Join rows to Annotated files on (patient, window, aug), whatever the row's Section_ID says (the real one does
+    not always match the folder), unless several section folders of the patient hold that number: then the
+    Section_ID picks the file, and a file no row picks is listed in files_without_row, never dropped."""
+    files: dict[tuple, dict] = {}  # (patient, window, aug) -> {section: path}
     for folder, names in listing.items():
         for name in names:
             key = (patient_id(folder), *parse_patch_name(name))
-            files.setdefault(key, f"{TREES['annotated']}/{folder}/{name}")
+            files.setdefault(key, {})[folder_section(folder)] = f"{TREES['annotated']}/{folder}/{name}"
     rows: dict[tuple, list[Annotation]] = {}
     for a in data.annotations:
         rows.setdefault((a.patient, a.window, a.aug), []).append(a)
     used = set()
     for key, same in rows.items():
-        a = same[0]
-        data.duplicate_rows += same[1:]
-        if key not in files:
-            data.rows_without_file.append(a)
+        found = files.get(key, {})
+        if len(found) <= 1:
+            _join_rows(data, same, next(iter(found.values()), None), used)
             continue
-        used.add(key)
-        if any(r.presence != a.presence for r in same):  # the real B22-151 has -1 and 0 rows for one window
-            a = Annotation(**{**a.__dict__, "presence": 0})  # conflicting reviews: as uncertain as a 0
-        if a.presence == 0:
-            data.uncertain.append(a)
-            data.uncertain_files.append(files[key])
-            continue
-        data.labelled.append(Sample(files[key], a.patient, "annotated", 1 if a.presence == 1 else 0, a.window, a.aug,
-                                    data.diagnosis.get(a.patient)))
-    data.files_without_row = sorted(path for key, path in files.items() if key not in used)
+        by_section: dict = {}
+        for a in same:
+            by_section.setdefault(a.section, []).append(a)
+        for section, group in by_section.items():
+            _join_rows(data, group, found.get(section), used)
+    data.files_without_row = sorted(path for found in files.values() for path in found.values() if path not in used)
+
+
+def _join_rows(data: HelicoData, same: list[Annotation], path: str | None, used: set) -> None:
+    """The rows of one file: the first is the window, the rest are duplicates; conflicting Presence = uncertain."""
+    a = same[0]
+    data.duplicate_rows += same[1:]
+    if path is None:
+        data.rows_without_file.append(a)
+        return
+    used.add(path)
+    if any(r.presence != a.presence for r in same):  # the real B22-151 has -1 and 0 rows for one window
+        a = Annotation(**{**a.__dict__, "presence": 0})  # conflicting reviews: as uncertain as a 0
+    if a.presence == 0:
+        data.uncertain.append(a)
+        data.uncertain_files.append(path)
+        return
+    data.labelled.append(Sample(path, a.patient, "annotated", 1 if a.presence == 1 else 0, a.window, a.aug,
+                                data.diagnosis.get(a.patient)))
 
 
 def one_per_window(samples: list[Sample]) -> list[Sample]:
     """Drop `_AugK` copies: each annotated window counted once (its original, else its lowest-K copy)."""
     rank = lambda s: -1 if s.aug is None else s.aug  # the original first, then Aug1, Aug2, ...
+    key = lambda s: (s.patient, s.source, s.section, s.window)  # the section too: it may reuse a window number
     best: dict[tuple, Sample] = {}
     for s in samples:
-        key = (s.patient, s.source, s.window)
-        if key not in best or rank(s) < rank(best[key]):
-            best[key] = s
-    return [s for s in samples if best[(s.patient, s.source, s.window)] is s]
+        if key(s) not in best or rank(s) < rank(best[key(s)]):
+            best[key(s)] = s
+    return [s for s in samples if best[key(s)] is s]
 
 
 def select(samples: list[Sample], patients, include_aug: bool = False) -> list[Sample]:
@@ -544,22 +579,57 @@ def binary_metrics(y, scores, threshold: float = 0.5) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- files
+FAULTS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EIO: "I/O error",
+          errno.EROFS: "read-only file system"}  # OSErrors that say the disk failed the run, not the user's input
+
+
+def writable_folder(folder, flag: str) -> Path:
+    """`folder` if this process can create files in it (or create it); else a DataError naming `flag`.
+    os.access, not a test write: it creates nothing, and it reports a read-only file system even to root."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise DataError(f"{flag} {folder}: {existing} is not a folder; choose a folder you can write")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+        raise DataError(f"{flag} {folder}: cannot write in {existing} ({why}); choose a folder you can write")
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds. A full or failing disk
+    raises EnvironmentFault naming the folder; the previous `path` is untouched either way."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give them the permissions open() would
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in FAULTS:
+            raise
+        remedy = "free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check that disk"
+        raise EnvironmentFault(f"{path.parent}: {FAULTS[e.errno]} while writing {path.name} (any previous one is "
+                               f"kept); {remedy}, then run the same command again to resume") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def write_all(path, data) -> None:
+    """Write bytes with os.write, so that a full disk is an OSError(ENOSPC) (what atomic_path reports)."""
+    fd, view = os.open(path, os.O_WRONLY | os.O_TRUNC), memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -568,6 +638,11 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def atomic_torch_save(obj, path) -> None:
+    """torch.save, atomically. Serialized in memory first (costs one checkpoint of host RAM, ~130 MB for a resnet18
+    with AdamW): straight to a file, a full disk surfaces as torch's RuntimeError 'unexpected pos ...' instead of
+    ENOSPC."""
     import torch
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        write_all(tmp, buffer.getbuffer())

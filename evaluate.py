@@ -37,6 +37,7 @@ of the split, empty split, unreadable image without --skip-bad-images).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -46,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import loaders
 from common import DataError
 
 EVAL_KEYS = (*common.CHECKPOINT_KEYS, "stain", "image_size")
@@ -202,14 +204,15 @@ def score_samples(model, normalizer, root, samples, image_size: int, device, arg
         ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=args.skip_bad_images)
     else:
         ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, args)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda")
+    loader = loaders.make_loader(ds, batch_size=args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
     scores, bad = np.full(len(samples), np.nan), []
     amp = device.type == "cuda" and not args.no_amp
     # train.py's dtype (bf16 where supported): its validation scores, hence the stored threshold, came from it
     dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    with torch.inference_mode():
-        for images, labels, idx in tqdm(loader, desc="scoring", unit="batch", mininterval=2, leave=False):
+    interactive = sys.stderr.isatty()  # in a log file a cleared bar leaves its last state for the next line to land on
+    bar = tqdm(loader, desc="scoring", unit="batch", mininterval=2 if interactive else 30, leave=not interactive)
+    with torch.inference_mode(), contextlib.closing(bar):
+        for images, labels, idx in bar:
             images, labels, idx, dropped = common.drop_bad(images, labels, idx)
             bad += dropped
             if len(idx) == 0:
@@ -231,7 +234,10 @@ def predict(model, normalizer, ckpt, data, rows, device, args) -> tuple[Predicti
     pick = lambda k: np.array([r[k] for r in rows])[keep]
     pred = Predictions([s for s, k in zip(samples, keep) if k], pick(1), pick(2).astype(bool),
                        pick(3).astype(bool), scores[keep])
-    return pred, [samples[i].path for i in bad]
+    skipped = [samples[i].path for i in sorted(bad)]
+    for path in skipped:
+        print(f"warning: skipped unreadable {path} (--skip-bad-images)", file=sys.stderr)
+    return pred, skipped
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -470,6 +476,8 @@ def run_evaluation(args, device) -> int:
             picks = eval_report.gradcam_picks(val_pred, threshold, args.gradcam)
             files += eval_report.write_gradcam(tmp / "gradcam", model, normalizer, data.root, picks,
                                                int(ckpt["image_size"]), device)
+        if bad:
+            common.atomic_write_text(tmp / "skipped_images.txt", "".join(f"{p}\n" for p in bad))
         eval_report.write_json(tmp / "metrics.json", metrics)
         common.atomic_write_text(tmp / "report.md", eval_report.render_report(metrics, files, patient_rows))
     print("\n".join(eval_report.summary_lines(metrics)))
@@ -543,6 +551,8 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
+    finally:
+        loaders.stop_workers()  # they ignore SIGTERM/SIGINT: left to Python's exit they would keep it waiting
 
 
 if __name__ == "__main__":

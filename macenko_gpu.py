@@ -1,4 +1,4 @@
-"""Batched, IHC-safe Macenko stain normalization: one vectorised pass over a whole batch, on CPU or CUDA.
+"""Batched IHC stain normalization (hematoxylin + DAB): one vectorised pass over a whole batch, on CPU or CUDA.
 
 Usage:
     # offline pre-normalization: every PNG under IN_DIR (recursively) -> same tree under OUT_DIR
@@ -12,28 +12,37 @@ In code (what training and evaluation do):
     ckpt["stain_reference"] = norm.state_dict()      # plain tensors and scalars: weights_only-safe
     norm = MacenkoNormalizer.from_state_dict(torch.load(path, weights_only=True)["stain_reference"])
 
-Algorithm: canonical HEnorm/torchstain Macenko, vectorised over the batch: OD = -ln((I+1)/Io) (a 256-entry table);
-tissue = no channel's OD below beta (an integer threshold on the uint8 image); plane of the top two eigenvectors of
-each image's tissue-OD covariance (closed-form 3x3: no LAPACK, no CUDA sync); alpha / 100-alpha percentiles of the
-in-plane angle over each image's own tissue (masked, one selection per chunk); larger red OD first; 99th-percentile
-concentrations; output Io*exp(-M @ OD) with one fused 3x3 M per image, truncated to 8-bit levels like torchstain
-(so it equals an offline-normalized PNG). On tissue-rich tiles it matches torchstain within 2 grey levels.
+Modes (mode=..., stored in the state; every mode is one batched pass, no per-image Python loop, no host sync):
+  * "ihc" (default): what an IHC patch can determine. DAB's colour is fixed by its chemistry, so the DAB vector
+    is the reference's (fit: from the reference's own DAB pixels, those >= 0.15 OD off its hematoxylin axis);
+    the hematoxylin vector is estimated per patch (in the plane of DAB and the patch's mean OD, Macenko's
+    alpha-percentile angle away from DAB over all but the palest 25% of tissue); concentrations by least squares
+    on that pair; hematoxylin scaled to the reference's 99th percentile as Macenko does; DAB multiplied by ONE
+    fixed factor (dab_scale = 1: its optical density is kept), since the amount of DAB is the biological signal.
+    A few rods cannot tilt a per-patch DAB vector that is no longer estimated, and no DAB-free patch has its
+    noise rescaled to the reference's brown. Per patch, not per slide: what is left to estimate (hematoxylin's
+    direction and 99th percentile) is set by the thousands of hematoxylin pixels of any tissue patch, and
+    per-slide matrices would need slide ids and a pre-pass through the data path.
+  * "macenko": canonical HEnorm/torchstain Macenko on every patch (matches torchstain within 2 grey levels on
+    tissue-rich tiles). On IHC it paints DAB-free nuclei brown and, with a sparse-DAB reference, loses bacteria.
+  * "auto": the previous default (single-stain tiles keep one stain), kept only so checkpoints trained with it
+    normalize as they were trained; it turns sparse rods blue (projected onto hematoxylin). Not for new runs.
+States written before the modes existed (single_stain="auto"/"off") load as "auto"/"macenko".
+python stain_check.py prints bacteria AUROC / brown-nuclei numbers of every mode on synthetic IHC patches.
 
-Departures from canonical Macenko, only where it is undefined or harmful:
-  * < min_tissue_pixels tissue pixels (100, as in the original pipeline) or a degenerate estimate: the tile is
-    rebuilt with the reference stain matrix, unscaled (torchstain raises "kthvalue(): Expected reduction dim 0 to
-    have non-zero size"). No tile changes its neighbours' outputs.
-  * Angles are measured from the tile's mean OD direction, not from an eigenvector of arbitrary sign: the same
-    percentiles as torchstain unless its angles wrap around +-pi (where its estimate is garbage).
-  * single_stain="auto" (default): IHC safety. Most HelicoDataSet patches carry no DAB; plain Macenko then builds a
-    second "stain" from noise and rescales it to the reference's DAB maximum, painting brown where there are no
-    bacteria (the original pipeline's false positives). A tile is single-stain when a reference stain is absent
-    (its 99th-percentile concentration on the reference vectors is under stain_presence = 20% of the reference's,
-    which includes bacteria covering < 1% of the tile), when its angle percentiles lie within single_stain_angle =
-    15 degrees, or when both vectors are nearest the same reference stain. Its mean OD direction fills the nearer
-    reference stain's slot and is normalized; the other slot keeps the reference vector with an unscaled
-    concentration: DAB-free tiles gain no DAB, sparse DAB keeps its intensity. Fit on a tile with clean
-    hematoxylin: DAB inside the reference's hematoxylin vector tints every tile. "off" = canonical on every tile.
+The reference must define DAB: fit() raises a one-line ValueError for one with under 100 tissue pixels, under
+0.2% of its tissue on DAB, or hematoxylin and DAB vectors < 30 degrees apart (diffuse DAB on its nuclei: its
+hematoxylin would tint every patch brown). A good reference: a tissue-rich tile with blue DAB-free nuclei and
+clear brown DAB (a few bacteria or other DAB-positive structures).
+
+Shared batched machinery: OD = -ln((I+1)/Io) (a 256-entry table); tissue = no channel's OD below beta (an integer
+threshold on the uint8 image); percentiles of each image's own tissue by one masked selection per chunk;
+closed-form 3x3 eigenvectors and 2x2 inverses (no LAPACK, no CUDA sync); output Io*exp(-M @ OD) with one fused
+3x3 M per image, truncated to 8-bit levels like torchstain (so it equals an offline-normalized PNG). A tile with
+< min_tissue_pixels tissue pixels (100, as in the original pipeline) or a degenerate estimate is rebuilt with the
+reference stain matrix, unscaled (torchstain raises "kthvalue(): Expected reduction dim 0 to have non-zero
+size"); no tile changes its neighbours' statistics. Macenko's angles are measured from the tile's mean OD
+direction, not an eigenvector of arbitrary sign (torchstain's wrap around +-pi gives garbage there).
 
 Memory: chunks of chunk_pixels pixels (2^20 on CPU: cache-sized, few parallel regions; 2^24 on CUDA), ~60 bytes
 of working memory per pixel of a chunk (~60 MB on CPU, ~1 GB on CUDA; ~4 MB per 256x256 image) plus the float32
@@ -61,20 +70,30 @@ MAX_CONC_PERCENTILE = 99  # HEnorm/torchstain: a stain's maximum concentration i
 CPU_CHUNK_PIXELS = 2 ** 20  # ~20 tiles of 224x224: OD (12 MB) stays below glibc's mmap threshold, few parallel regions
 CUDA_CHUNK_PIXELS = 2 ** 24  # large enough to fill a GPU, small enough to cap working memory near 1 GB
 FALLBACK, SINGLE_STAIN, TWO_STAINS = 0, 1, 2  # per-image mode reported by analyze()
+MODES = ("ihc", "macenko", "auto")  # default first; see the module docstring
+# The stain reference must define DAB: this share of its tissue pixels lie REFERENCE_DAB_OD or more (natural-log
+# OD) off its hematoxylin axis - the demo reference has 0.5%, a bacterium ~0.7, a bacteria-free tile 0.
+REFERENCE_DAB_OD, REFERENCE_DAB_SHARE = 0.15, 0.002
+MIN_DAB_ANGLE = 10.0  # reference pixels this far off its hematoxylin count as DAB (dark nuclei stray ~3)
+MIN_STAIN_ANGLE = 30.0  # degrees between the reference's hematoxylin and DAB (Ruifrok's vectors: 37)
+PALE_PERCENTILE = 25  # ihc: hematoxylin's angle ignores this palest share of tissue pixels (OD summed over RGB)
+MIN_HEMATOXYLIN_ANGLE = 10.0  # ihc: a patch whose hematoxylin estimate lies closer to DAB is nearly all DAB
+GOOD_REFERENCE = ("a good reference is a tissue-rich tile whose DAB-free nuclei are blue and that shows clear brown "
+                  "DAB (a few bacteria or other DAB-positive structures, >= 0.2% of its tissue)")
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
-SETTINGS = ("io", "alpha", "beta", "single_stain", "single_stain_angle", "stain_presence", "min_tissue_pixels")
+SETTINGS = ("mode", "io", "alpha", "beta", "dab_scale", "single_stain_angle", "stain_presence", "min_tissue_pixels")
 
 
 class MacenkoNormalizer:
-    """Macenko stain normalizer fitted to one reference image, applied to whole uint8 batches on any device."""
+    """Stain normalizer fitted to one reference image, applied to whole uint8 batches on any device."""
 
-    def __init__(self, io=240, alpha=1, beta=0.15, single_stain="auto", single_stain_angle=15.0,
+    def __init__(self, mode="ihc", io=240, alpha=1, beta=0.15, dab_scale=1.0, single_stain_angle=15.0,
                  stain_presence=0.2, min_tissue_pixels=100, chunk_pixels=None):
-        if single_stain not in ("auto", "off"):
-            raise ValueError(f"single_stain must be 'auto' or 'off', got {single_stain!r}")
-        if not (0 < io <= 255 and 0 <= alpha < 50 and beta >= 0 and min_tissue_pixels >= 2):
-            raise ValueError("need 0 < io <= 255, 0 <= alpha < 50, beta >= 0, min_tissue_pixels >= 2")
-        self.io, self.alpha, self.beta, self.single_stain = io, alpha, beta, single_stain
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not (0 < io <= 255 and 0 <= alpha < 50 and beta >= 0 and min_tissue_pixels >= 2 and dab_scale > 0):
+            raise ValueError("need 0 < io <= 255, 0 <= alpha < 50, beta >= 0, min_tissue_pixels >= 2, dab_scale > 0")
+        self.mode, self.io, self.alpha, self.beta, self.dab_scale = mode, io, alpha, beta, float(dab_scale)
         self.single_stain_angle, self.stain_presence = float(single_stain_angle), float(stain_presence)
         self.min_tissue_pixels, self.chunk_pixels = int(min_tissue_pixels), chunk_pixels
         self.stain_matrix = None  # (3, 2): columns are unit OD vectors, hematoxylin first (larger red OD)
@@ -87,15 +106,19 @@ class MacenkoNormalizer:
 
     @torch.no_grad()
     def fit(self, reference: torch.Tensor) -> "MacenkoNormalizer":
-        """Estimate the reference stain matrix and maxima from one uint8 (3, H, W) image; returns self."""
+        """Estimate the reference stain matrix and maxima from one uint8 (3, H, W) image; returns self. Raises
+        ValueError (one line) for a reference that cannot define both stains."""
         x = _check_uint8(reference, ndim=3, what="reference").to(self.device).reshape(1, 3, -1)
-        od, count, _, two, spread, _ = self._two_stain_estimate(x)
+        od, count, mean, two, _, _ = self._two_stain_estimate(x)  # canonical Macenko (torchstain's fit)
+        tissue = x.amax(dim=1) <= self._constants(x.device)["tissue_level"]
+        dab, share = _reference_dab(od, tissue, two[0, :, 0], self.alpha)
+        if self.mode == "ihc":  # canonical hematoxylin, DAB from the reference's DAB pixels alone
+            two = torch.stack((two[:, :, 0], dab[None]), -1)
         pinv, invertible = _pinv(two)
+        _check_reference(int(count[0]), self.min_tissue_pixels, bool(invertible[0]), two[0], share)
         max_conc = _max_concentrations(torch.bmm(pinv.float(), od))[0]
-        one_stain = self.single_stain == "auto" and float(spread[0]) < self.single_stain_angle
-        if int(count[0]) < self.min_tissue_pixels or not invertible[0] or one_stain or not (max_conc > 0).all():
-            raise ValueError(f"reference image is unusable for Macenko: {int(count[0])} tissue pixels, stain angle "
-                             f"spread {float(spread[0]):.1f} deg; choose a tissue-rich tile that shows both stains")
+        if not (max_conc > 0).all():
+            raise ValueError(f"reference image is unusable: a stain has no positive concentration; {GOOD_REFERENCE}")
         self.stain_matrix, self.max_concentrations, self._cache = two[0].float(), max_conc.float(), {}
         return self
 
@@ -110,10 +133,11 @@ class MacenkoNormalizer:
 
     @torch.no_grad()
     def analyze(self, batch: torch.Tensor) -> dict:
-        """Per-image diagnostics of normalize(): tissue_pixels, mode (0 fallback, 1 single-stain, 2 two stains),
-        angle_spread_deg, stains_present (B,2), stain_matrix (B,3,2) and max_concentrations (B,2) as used."""
+        """Per-image diagnostics of normalize(): tissue_pixels, mode (0 fallback to the reference matrix, 1
+        single-stain, 2 estimated), stain_matrix (B,3,2) and max_concentrations (B,2) as used; macenko/auto also
+        angle_spread_deg and stains_present (B,2)."""
         parts = [est for _, est in self._estimates(_check_uint8(batch, ndim=4, what="batch"))]
-        keys = ("tissue_pixels", "mode", "angle_spread_deg", "stains_present", "stain_matrix", "max_concentrations")
+        keys = [k for k, v in parts[0].items() if v is not None and k not in ("od", "od_to_output")]
         return {k: torch.cat([p[k] for p in parts]) for k in keys}
 
     def to(self, device) -> "MacenkoNormalizer":
@@ -129,6 +153,10 @@ class MacenkoNormalizer:
                 "max_concentrations": maxima.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict) -> "MacenkoNormalizer":
+        state = dict(state)
+        if "mode" not in state and state.get("single_stain") in ("auto", "off"):  # written before the ihc mode:
+            state["mode"] = {"auto": "auto", "off": "macenko"}[state.pop("single_stain")]  # normalize as trained
+            state.setdefault("dab_scale", 1.0)
         missing = {*SETTINGS, "stain_matrix", "max_concentrations"} - set(state)
         if missing:
             raise ValueError(f"stain reference state is missing {sorted(missing)}: not a MacenkoNormalizer state")
@@ -172,17 +200,43 @@ class MacenkoNormalizer:
         flat = batch.reshape(batch.shape[0], 3, -1)
         budget = self.chunk_pixels or (CUDA_CHUNK_PIXELS if batch.device.type == "cuda" else CPU_CHUNK_PIXELS)
         step = max(1, budget // max(flat.shape[-1], 1))
+        estimate = self._ihc_chunk if self.mode == "ihc" else self._estimate_chunk
         for lo in range(0, len(flat), step):
-            yield (lo, min(lo + step, len(flat))), self._estimate_chunk(flat[lo:lo + step])
+            yield (lo, min(lo + step, len(flat))), estimate(flat[lo:lo + step])
+
+    def _optical_density(self, x):
+        """OD (b, 3, N) of a uint8 chunk (b, 3, N), its tissue mask (b, N) and tissue counts (b,)."""
+        const = self._constants(x.device)
+        od = const["lut"].index_select(0, x.reshape(-1).int()).view(x.shape)  # exact torchstain OD values, no log
+        tissue = x.amax(dim=1) <= const["tissue_level"]  # no channel's OD below beta <=> every channel <= tissue_level
+        return od, tissue, tissue.sum(dim=1)
+
+    def _ihc_chunk(self, x):
+        """The default: DAB vector of the reference, hematoxylin vector per patch, hematoxylin scaled to the
+        reference's 99th percentile, DAB concentration times the fixed dab_scale (its amount is the signal)."""
+        const = self._constants(x.device)
+        ref, ref_max = const["ref"], const["ref_max"]
+        od, tissue, count = self._optical_density(x)
+        mean = torch.bmm(od, tissue.to(od.dtype)[:, :, None]).squeeze(-1).double() / count.clamp(min=1)[:, None]
+        h, valid = _hematoxylin_vectors(od, tissue, count, mean, ref[:, 1], self.alpha)
+        matrix = torch.stack((h, ref[:, 1].expand_as(h)), -1)
+        pinv, invertible = _pinv(matrix)
+        max_h = _max_concentrations(torch.bmm(pinv[:, :1].float(), od))[:, 0].double()
+        usable = (count >= self.min_tissue_pixels) & valid & invertible & (max_h > 1e-6 * ref_max[0])  # NaN: false
+        pinv = torch.where(usable[:, None, None], pinv, const["ref_pinv"])
+        matrix = torch.where(usable[:, None, None], matrix, ref)
+        scale = torch.stack((torch.where(usable, ref_max[0] / max_h, 1.0), torch.full_like(max_h, self.dab_scale)), -1)
+        od_to_output = ref @ (scale[:, :, None] * pinv)
+        return {"od": od, "od_to_output": od_to_output.float(), "tissue_pixels": count,
+                "mode": torch.where(usable, TWO_STAINS, FALLBACK), "stain_matrix": matrix,
+                "max_concentrations": torch.stack((max_h, torch.full_like(max_h, math.nan)), -1)}
 
     def _two_stain_estimate(self, x, ref=None):
         """Canonical Macenko on a chunk x: uint8 (b, 3, N). Returns OD (b, 3, N), tissue counts, mean tissue OD,
         the two percentile stain vectors (b, 3, 2) with the larger red OD first, their angle apart in degrees and,
         given the reference stain matrix, which reference stains are present (b, 2)."""
         const = self._constants(x.device)
-        od = const["lut"].index_select(0, x.reshape(-1).int()).view(x.shape)  # exact torchstain OD values, no log
-        tissue = x.amax(dim=1) <= const["tissue_level"]  # no channel's OD below beta <=> every channel <= tissue_level
-        count = tissue.sum(dim=1)
+        od, tissue, count = self._optical_density(x)
         mean, cov = _tissue_mean_and_cov(od, tissue, count)
         u = _angle_basis(mean, cov)  # (b, 2, 3): in-plane unit vectors, u[:, 0] along the mean tissue OD
         maps = u if ref is None else torch.cat((u, const["ref_pinv"].expand(len(u), 2, 3)), 1)
@@ -221,7 +275,7 @@ class MacenkoNormalizer:
     def _is_single_stain(self, two, spread, ref, present):
         """IHC safety: one stain when a reference stain is absent from the tile, when the angle percentiles lie
         close together, or when both percentile vectors are nearest the same reference stain."""
-        if self.single_stain == "off":
+        if self.mode == "macenko":
             return torch.zeros_like(spread, dtype=torch.bool)
         nearest = (two.transpose(1, 2) @ ref).argmax(-1)  # (b, 2): index of the nearest reference stain
         return ~present.all(-1) | (spread < self.single_stain_angle) | (nearest[:, 0] == nearest[:, 1])
@@ -290,23 +344,25 @@ def _kth_smallest(rows, k):
     return rows.kthvalue(k, dim=-1).values
 
 
-def _tissue_percentiles(phi, tissue, count, alpha):
+def _tissue_percentiles(phi, tissue, count, alpha, high=True):
     """torchstain's alpha and 100-alpha percentiles of each image's tissue angles, with a single selection for
     the whole chunk. Row i wants its k_i-th smallest tissue angle: non-tissue angles become +inf and K - k_i
     padding entries of -inf are appended, so the K-th smallest of every padded row is the answer for a common K.
-    The high percentile is the j_i-th smallest of -phi, j_i = n_i - k_hi + 1, padded the same way."""
+    The high percentile is the j_i-th smallest of -phi, j_i = n_i - k_hi + 1, padded the same way. high=False:
+    the alpha percentile alone (half the rows)."""
     b, pixels = phi.shape
     k_lo, j_hi = _nearest_rank(alpha, count), count - _nearest_rank(100 - alpha, count) + 1
-    k_max = max(int(_nearest_rank(alpha, pixels)), _max_high_rank(pixels, alpha))  # host ints: no sync
-    rows = torch.empty((2 * b, pixels + k_max), dtype=phi.dtype, device=phi.device)
+    k_max = max(int(_nearest_rank(alpha, pixels)), _max_high_rank(pixels, alpha) if high else 1)  # host ints: no sync
+    rows = torch.empty(((1 + high) * b, pixels + k_max), dtype=phi.dtype, device=phi.device)
     inf = torch.full((), math.inf, dtype=phi.dtype, device=phi.device)  # a fill, not a host-to-device copy
     torch.where(tissue, phi, inf, out=rows[:b, :pixels])
-    torch.where(tissue, -phi, inf, out=rows[b:, :pixels])
-    want = torch.cat((k_lo, j_hi)).clamp(1, k_max)
+    if high:
+        torch.where(tissue, -phi, inf, out=rows[b:, :pixels])
+    want = (torch.cat((k_lo, j_hi)) if high else k_lo).clamp(1, k_max)
     pad = torch.arange(k_max, device=phi.device)[None, :] < (k_max - want)[:, None]
     rows[:, pixels:] = torch.where(pad, -math.inf, math.inf)
     picked = _kth_smallest(rows, k_max).to(phi.device, torch.float64)
-    return picked[:b], -picked[b:]
+    return (picked[:b], -picked[b:]) if high else picked
 
 
 @lru_cache(maxsize=64)
@@ -314,6 +370,59 @@ def _max_high_rank(pixels, alpha):
     """Largest j = n - k_hi(n) + 1 over every possible tissue count n <= pixels (the high side's padding size)."""
     n = np.arange(1, pixels + 1)
     return int((n - _nearest_rank(100 - alpha, n) + 1).max())
+
+
+def _hematoxylin_vectors(od, tissue, count, mean, dab, alpha):
+    """Per-image hematoxylin unit vector (b, 3) given the DAB vector (3,): in the plane of DAB and the tissue's
+    mean OD, where every H + DAB mixture lies, hematoxylin is the direction farthest from DAB that the tissue
+    reaches (its alpha-percentile angle, as Macenko's), over all but the palest PALE_PERCENTILE % of the tissue.
+    Pale pixels lie up to 3 degrees beyond hematoxylin, away from DAB (Io = 240 < a white background's 255 shifts
+    their OD), so Macenko's extreme would give every dark nucleus a little DAB. Sparse DAB (a few bacteria)
+    cannot move the estimate; dense DAB moves it towards DAB (less DAB out, never more). valid: false where the
+    mean OD is (nearly) DAB itself."""
+    e = mean - (mean @ dab)[:, None] * dab
+    norm = e.norm(dim=-1)
+    u = torch.stack((e / norm.clamp(min=1e-300)[:, None], dab.expand_as(e)), 1)  # (b, 2, 3): DAB-free axis, DAB
+    proj = torch.bmm(u.float(), od)
+    darkness = od.sum(dim=1)
+    cut = _tissue_percentiles(darkness, tissue, count, PALE_PERCENTILE, high=False)  # no sync
+    dark = tissue & (darkness >= cut.float()[:, None])
+    phi = _tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), dark, dark.sum(dim=1), alpha, high=False)
+    h = _unit_in_plane(u, phi)
+    return h, (norm > 1e-3 * mean.norm(dim=-1)) & ((h @ dab) < math.cos(math.radians(MIN_HEMATOXYLIN_ANGLE)))
+
+
+def _reference_dab(od, tissue, hematoxylin, alpha):
+    """DAB unit vector (3,) of one reference image (od (1, 3, N)) and the share of its tissue that shows DAB. Its
+    DAB pixels are those at least REFERENCE_DAB_OD off the hematoxylin axis; in the plane of hematoxylin and their
+    mean offset, DAB is their 100-alpha percentile angle. Canonical Macenko takes that percentile over all tissue,
+    which is noise when DAB covers under ~1% of it (a reference with a few bacteria)."""
+    offset = od - hematoxylin.float()[None, :, None] * (hematoxylin.float() @ od)[:, None]
+    off = offset.norm(dim=1)  # DAB pixels: far enough off hematoxylin, and not just a dark nucleus a bit off it
+    dab_pixels = tissue & (off >= REFERENCE_DAB_OD) & (off >= math.sin(math.radians(MIN_DAB_ANGLE)) * od.norm(dim=1))
+    n = dab_pixels.sum(dim=1)
+    axis = (offset * dab_pixels[:, None]).sum(-1).double()[0]
+    u = torch.stack((hematoxylin, axis / axis.norm().clamp(min=1e-300)))[None]  # (1, 2, 3), orthonormal
+    proj = torch.bmm(u.float(), od)
+    _, phi = _tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), dab_pixels, n.clamp(min=1), alpha)
+    return _unit_in_plane(u, phi)[0], float(n[0]) / max(float(tissue.sum()), 1.0)
+
+
+def _check_reference(tissue_pixels, min_tissue_pixels, invertible, two, dab_share):
+    """One-line ValueError unless the reference defines both stains: enough tissue, DAB vector apart from
+    hematoxylin, and enough DAB pixels to define the DAB vector."""
+    if tissue_pixels < min_tissue_pixels:
+        raise ValueError(f"reference image is unusable: {tissue_pixels} tissue pixels (need >= {min_tissue_pixels});"
+                         f" {GOOD_REFERENCE}")
+    if dab_share < REFERENCE_DAB_SHARE or not invertible:
+        raise ValueError(f"reference has too little DAB to define a DAB direction ({100 * dab_share:.2f}% of its "
+                         f"tissue >= {REFERENCE_DAB_OD} OD off hematoxylin, need {100 * REFERENCE_DAB_SHARE:.1f}%); "
+                         f"{GOOD_REFERENCE}")
+    angle = math.degrees(math.acos(min(1.0, float(two[:, 0] @ two[:, 1]))))
+    if angle < MIN_STAIN_ANGLE:
+        raise ValueError(f"reference's hematoxylin and DAB vectors are only {angle:.0f} degrees apart (need >= "
+                         f"{MIN_STAIN_ANGLE:.0f}): its nuclei carry DAB and would tint every patch brown; "
+                         f"{GOOD_REFERENCE}")
 
 
 def _unit_in_plane(u, phi):
@@ -403,7 +512,7 @@ STAIN_OD = torch.nn.functional.normalize(torch.tensor([[0.650, 0.268], [0.704, 0
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def normalize_folder(reference, in_dir, out_dir, device, batch_size, single_stain="auto") -> int:
+def normalize_folder(reference, in_dir, out_dir, device, batch_size, mode="ihc") -> int:
     """Normalize every PNG under in_dir into the same relative path under out_dir; returns how many."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not Path(reference).is_file():
@@ -415,7 +524,7 @@ def normalize_folder(reference, in_dir, out_dir, device, batch_size, single_stai
     files = sorted(p for p in in_dir.rglob("*") if p.suffix.lower() == ".png" and p.is_file())  # skips Thumbs.db
     if not files:
         raise ValueError(f"no .png files under {in_dir}")
-    norm = MacenkoNormalizer(single_stain=single_stain).to(device).fit(load_rgb(reference))
+    norm = MacenkoNormalizer(mode=mode).to(device).fit(load_rgb(reference))
     from tqdm import tqdm
     batch, paths = [], []
     for path in tqdm(files, unit="img", desc="macenko", disable=None):
@@ -462,7 +571,8 @@ def _timed(fn, device):
 
 
 def benchmark(device, batch_size=64, size=224, repeats=3) -> dict:
-    """img/s of normalize() on one batch and of torchstain's per-image TorchMacenkoNormalizer on the same tiles."""
+    """img/s of normalize() (default ihc mode, and canonical macenko) on one batch and of torchstain's per-image
+    TorchMacenkoNormalizer on the same tiles; the grey-level difference of the macenko mode to torchstain."""
     try:
         from torchstain.torch.normalizers import TorchMacenkoNormalizer
     except ImportError:
@@ -471,18 +581,23 @@ def benchmark(device, batch_size=64, size=224, repeats=3) -> dict:
     device = torch.device(device)
     tiles = synthetic_ihc_tiles(batch_size + 1, size, seed=0).to(device)
     reference, batch = tiles[0], tiles[1:]
-    ours, theirs = MacenkoNormalizer().to(device).fit(reference), TorchMacenkoNormalizer()
+    theirs, rates, outputs = TorchMacenkoNormalizer(), {}, {}
     theirs.fit(reference)
-    ours.normalize(batch[:2]), theirs.normalize(batch[0], stains=False)  # warm-up: kernels, allocator
-    runs = [_timed(lambda: ours.normalize(batch), device) for _ in range(repeats)]
+    for mode in ("ihc", "macenko"):
+        ours = MacenkoNormalizer(mode=mode).to(device).fit(reference)
+        ours.normalize(batch[:2])  # warm-up: kernels, allocator
+        runs = [_timed(lambda: ours.normalize(batch), device) for _ in range(repeats)]
+        rates[mode], outputs[mode] = batch_size / sorted(t for t, _ in runs)[len(runs) // 2], runs[0][1]  # median
+    theirs.normalize(batch[0], stains=False)
     theirs_s, theirs_out = _timed(lambda: [theirs.normalize(t, stains=False)[0] for t in batch], device)
-    diff = runs[0][1].mul(255).round() - torch.stack(theirs_out).permute(0, 3, 1, 2).float()
-    ours_rate = batch_size / sorted(t for t, _ in runs)[len(runs) // 2]  # median run
+    diff = outputs["macenko"].mul(255).round() - torch.stack(theirs_out).permute(0, 3, 1, 2).float()
     theirs_rate = batch_size / theirs_s
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU thread(s)"
     return {"device": str(device), "card": card, "batch_size": batch_size, "size": size, "torch": torch.__version__,
-            "macenko_gpu_img_per_s": round(ours_rate, 1), "torchstain_img_per_s": round(theirs_rate, 1),
-            "ratio": round(ours_rate / theirs_rate, 2), "mean_abs_level_difference": round(float(diff.abs().mean()), 3)}
+            "macenko_gpu_img_per_s": round(rates["ihc"], 1), "macenko_mode_img_per_s": round(rates["macenko"], 1),
+            "torchstain_img_per_s": round(theirs_rate, 1), "ratio": round(rates["ihc"] / theirs_rate, 2),
+            "macenko_mode_ratio": round(rates["macenko"] / theirs_rate, 2),
+            "mean_abs_level_difference": round(float(diff.abs().mean()), 3)}
 
 
 def get_args_parser():
@@ -501,8 +616,10 @@ def get_args_parser():
     p.add_argument("--size", type=int, default=224, help="benchmark tile side in pixels")
     p.add_argument("--repeats", type=int, default=3, help="benchmark: timed runs of our batch (the median counts)")
     p.add_argument("--json", help="benchmark: also write the numbers to this JSON file")
-    p.add_argument("--single-stain", choices=("auto", "off"), default="auto", help="auto (default) keeps DAB-free "
-                   "IHC tiles DAB-free; off is canonical Macenko on every tile (torchstain's behaviour)")
+    p.add_argument("--mode", choices=MODES, default="ihc", help="ihc (default): DAB vector from the reference, its "
+                   "amount kept, hematoxylin per patch - bacteria stay brown, nuclei stay blue; macenko: canonical "
+                   "Macenko on every patch (torchstain's; paints DAB-free nuclei brown); auto: the previous default, "
+                   "for checkpoints trained with it (loses sparse bacteria)")
     return p
 
 
@@ -523,17 +640,18 @@ def main(argv=None) -> int:
             r = benchmark(device, args.batch_size, args.size, args.repeats)
             print(f"{r['device']} ({r['card']}), batch {r['batch_size']} x 3x{r['size']}x{r['size']}, "
                   f"torch {r['torch']}")
-            print(f"macenko_gpu (batched)       : {r['macenko_gpu_img_per_s']:10.1f} img/s")
-            print(f"torchstain (per-image loop) : {r['torchstain_img_per_s']:10.1f} img/s")
-            print(f"ratio                       : {r['ratio']:10.2f}x  (outputs differ by "
+            print(f"macenko_gpu, default ihc mode (batched) : {r['macenko_gpu_img_per_s']:10.1f} img/s")
+            print(f"macenko_gpu, macenko mode (batched)     : {r['macenko_mode_img_per_s']:10.1f} img/s")
+            print(f"torchstain (per-image loop)             : {r['torchstain_img_per_s']:10.1f} img/s")
+            print(f"ratio, ihc / torchstain                 : {r['ratio']:10.2f}x")
+            print(f"ratio, macenko mode / torchstain        : {r['macenko_mode_ratio']:10.2f}x  (outputs differ by "
                   f"{r['mean_abs_level_difference']} grey levels on average)")
             if args.json:
                 _atomic_write(Path(args.json), lambda f: f.write(json.dumps(r, indent=2).encode()))
             return EXIT_OK
         if not (args.reference and args.in_dir and args.out_dir):
             raise ValueError("folder mode needs --reference REF.png IN_DIR OUT_DIR (or use --benchmark)")
-        count = normalize_folder(args.reference, args.in_dir, args.out_dir, device, args.batch_size,
-                                 args.single_stain)
+        count = normalize_folder(args.reference, args.in_dir, args.out_dir, device, args.batch_size, args.mode)
         print(f"normalized {count} images into {args.out_dir}")
         return EXIT_OK
     except (ValueError, OSError) as err:

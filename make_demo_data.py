@@ -1,6 +1,6 @@
 """Write a miniature HelicoDataSet of synthetic IHC patches in the real on-disk format.
 
-    python make_demo_data.py demo_data --seed 0     # 24 CV + 6 HoldOut patients, ~1,100 PNGs, ~100 MB, ~10-20 s
+    python make_demo_data.py demo_data --seed 0     # 36 CV + 6 HoldOut patients, ~1,600 PNGs, ~140 MB, ~15-30 s
     python make_demo_data.py /tmp/tiny --patients 8 --holdout-patients 2 --patch-size 64 --force   # ~2 s
 
 Layout (the real one, see ../shared/helico-metadata/README.md); nothing else is written (no manifest):
@@ -9,8 +9,8 @@ Layout (the real one, see ../shared/helico-metadata/README.md); nothing else is 
     OUT_DIR/HP_WSI-CoordAllAnnotatedPatches.xlsx (Sheet1) and OUT_DIR/PatientDiagnosis.csv (CODI,DENSITAT)
 
 What this demo exercises (each is a trap of the real dataset):
-- CV patients of all three diagnoses (default 24: 10 NEGATIVA, 7 BAIXA, 7 ALTA), each with a Cropped folder of
-  22-30 patches, most with an Annotated folder; HoldOut patients (default 6, mixed) not in CrossValidation;
+- CV patients of all three diagnoses (default 36: 15 NEGATIVA, 10 BAIXA, 11 ALTA, so that a 20% test part holds
+  several infected patients), each with a Cropped folder of 22-30 patches, most with an Annotated folder; HoldOut patients (default 6, mixed) not in CrossValidation;
   2 patients in PatientDiagnosis.csv without any image (the real CSV also lists more patients than have images).
 - Annotated: hard negatives (Presence -1) for every patient; infected patients' positive windows (Presence 1)
   each with 8 `_AugK` re-crops (rows "902_Aug3": shifted / rotated / flipped near-copies, i, j = original +
@@ -480,8 +480,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", metavar="OUT_DIR", help="folder to create; must be missing or empty unless --force")
     ap.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical dataset (default 0)")
-    ap.add_argument("--patients", type=int, default=24,
-                    help=f"CrossValidation patients (default 24, minimum {len(SPECIAL_PATIENTS)}: the trap "
+    ap.add_argument("--patients", type=int, default=36,
+                    help=f"CrossValidation patients (default 36, minimum {len(SPECIAL_PATIENTS)}: the trap "
                          "patients); use the minimum for fast tests")
     ap.add_argument("--holdout-patients", type=int, default=6, help="HoldOut patients, disjoint from CV (default 6)")
     ap.add_argument("--patch-size", type=int, default=256,

@@ -346,10 +346,14 @@ def normalize_chunk(normalizer, fd: int, lo: int, hi: int, size: int, bad) -> No
 
 
 def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normalized: bool = False,
-                reference: str | None = None, device=None, progress: bool = True, samples=None, on_chunk=None) -> dict:
+                reference: str | None = None, device=None, progress: bool = True, samples=None, on_chunk=None,
+                rebuild: bool = True) -> dict:
     """Build, resume or reuse the cache of `samples` (default data.all_samples()); returns a report dict.
 
-    on_chunk(chunk, built, todo) runs after each chunk is recorded (tests interrupt a build by raising in it)."""
+    rebuild=False refuses (DataError) a folder holding a cache that would have to be rebuilt (another size, kind,
+    sample set or stale PNGs): for callers that did not create it (bench.py). An empty folder is still built and an
+    interrupted build still resumes. on_chunk(chunk, built, todo) runs after each chunk is recorded (tests interrupt
+    a build by raising in it)."""
     cache_dir = Path(cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -372,6 +376,9 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
         if reason is None and old.get("complete"):
             return {"cache": str(cache_dir), "action": "reused", "count": len(rows), "chunks_built": 0,
                     "chunks": -(-len(rows) // CHUNK_ROWS), "seconds": time.perf_counter() - t0}
+        if reason is not None and reason != "no cache yet" and not rebuild:
+            raise DataError(f"--cache {cache_dir}: {reason}; not rebuilding a cache this command did not create "
+                            f"(give an empty folder, or this cache's own settings)")
         if reason is not None:
             if reason != "no cache yet":
                 print(f"patch_cache: rebuilding {cache_dir}: {reason}", file=sys.stderr)

@@ -17,9 +17,10 @@ colour jitter with independent random factors per sample -> one of the 8 symmetr
 ImageNet normalization -> model under autocast (bf16 where supported, else fp16 with a GradScaler; off on CPU
 unless --amp). The operating threshold is the one that maximises F1 on the validation patients.
 
-Exit codes: 0 done (or already complete), 2 bad input (one-line `error:`), 3 non-finite loss (nothing saved, the
-last good checkpoint stays), 4 stopped by SIGUSR1/SIGTERM after writing last.pt (and `scontrol requeue` under
-SLURM). A second signal exits at once with 128 + signal number.
+Exit codes: 0 done (or already complete), 1 the HoldOut is not independent (a HoldOut patient shares an ID or a
+byte-identical image with CrossValidation; nothing trained), 2 bad input (one-line `error:`), 3 non-finite loss
+(nothing saved, the last good checkpoint stays), 4 stopped by SIGUSR1/SIGTERM after writing last.pt (and `scontrol
+requeue` under SLURM). A second signal exits at once with 128 + signal number.
 """
 from __future__ import annotations
 
@@ -42,13 +43,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
+import loaders
 import splits
 from train_input import (EpochSampler, fit_normalizer, make_dataset, model_input,  # bench.py times train.model_input
                          prepare_cache, stratified_subset)
 
-EXIT_NAN, EXIT_PREEMPTED = 3, 4
+EXIT_NAN, EXIT_PREEMPTED = common.EXIT_NAN, common.EXIT_STOPPED
+SKIPPED = "skipped_images.txt"  # --skip-bad-images: the undecodable files left out, one path per line
 DEFAULT_JITTER = "0.05,0.05,0.02,0.01"  # the original pipeline's ColorJitter(brightness, contrast, saturation, hue)
 # Flags that may change between a run and its resumption without changing what is trained (--cache and
 # --cache-normalized give the same pixels: Macenko's output is 8-bit levels, stored without loss).
@@ -120,19 +124,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------- data and metrics
-def ignore_stop_signals(worker_id):
-    """SLURM signals every process of the job: a worker killed by it would crash the main process mid-step."""
-    for s in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-
-
 def loader(dataset, sampler, args, drop_last=False):
-    w = args.workers
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=w, pin_memory=args.pin_memory,
-        drop_last=drop_last, persistent_workers=args.persistent_workers and w > 0, worker_init_fn=ignore_stop_signals,
-        prefetch_factor=args.prefetch_factor if w > 0 else None,
-        generator=torch.Generator().manual_seed(args.seed))  # its own RNG: the global one stays resumable
+    return loaders.make_loader(dataset, batch_size=args.batch_size, sampler=sampler, workers=args.workers,
+                               pin_memory=args.pin_memory, drop_last=drop_last, persistent=args.persistent_workers,
+                               prefetch_factor=args.prefetch_factor, seed=args.seed)
 
 
 def best_f1_threshold(y, scores) -> tuple[float, str]:
@@ -166,12 +161,15 @@ def plot_curves(records, path):
 
 # ----------------------------------------------------------------------------------------------- setup
 STOP = threading.Event()  # set by the signal handler, read between steps
+STOPPED_BY: list[str] = []  # the signal that set it, for the closing line
 
 
 def on_signal(signum, frame):
-    """First SIGUSR1/SIGTERM (SLURM's warning before preemption): finish the step, save, exit. Second: exit now."""
+    """First SIGUSR1/SIGTERM (SLURM's warning before preemption) or Ctrl-C: finish the step, save, exit 4.
+    Second: exit now with 128 + its number."""
     if STOP.is_set():
         os._exit(128 + signum)
+    STOPPED_BY.append(signal.Signals(signum).name)
     STOP.set()  # no printing here: the handler may interrupt a write to stderr
 
 
@@ -274,7 +272,9 @@ def changed_flags(old: dict, new: dict) -> list[str]:
 
 def plan_run(args, data, world, device) -> dict:
     """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume."""
-    split, groups, _ = splits.resolve_split(args, data)
+    common.writable_folder(args.runs_dir, "--runs-dir")  # before any work: a read-only one is bad input (exit 2)
+    split, groups, shared = splits.resolve_split(args, data)
+    splits.check_holdout_independent(data, shared)  # the HoldOut must stay an independent test: exit 1 otherwise
     run_dir = Path(args.runs_dir) / args.run_id
     resume = (run_dir / "last.pt").is_file()
     if resume:
@@ -306,12 +306,17 @@ class Trainer:
         self.train_loader = loader(train_ds, self.sampler, args, drop_last=self.sampler.per_rank >= args.batch_size)
         shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
         self.val_loader = loader(torch.utils.data.Subset(val_ds, shard), None, args)
-        self.val_paths = [s.path for s in val]
+        self.train_paths, self.val_paths = [s.path for s in train], [s.path for s in val]
+        skipped = self.run_dir / SKIPPED
+        self.skipped = set(skipped.read_text().splitlines()) if skipped.is_file() else set()  # kept across resumes
         self.normalizer = normalizer.to(device) if normalizer is not None else None
         # --cache-normalized: the cached patches already are; checkpoints still carry the reference for evaluate.py
         self.stain = train_ds.stain if args.cache_normalized else normalizer.state_dict() if normalizer else None
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         ckpt = common.load_checkpoint(self.run_dir / "last.pt") if plan["resume"] else None
+        if ckpt and ckpt["stain"] is not None and self.normalizer is not None:  # a resumed run keeps its stain
+            self.normalizer = type(normalizer).from_state_dict(ckpt["stain"]).to(device)  # (older mode included)
+            self.stain = ckpt["stain"]
         self.raw = common.build_model(args.arch, "none" if ckpt else args.weights).to(device)
         if args.channels_last:
             self.raw = self.raw.to(memory_format=torch.channels_last)
@@ -373,7 +378,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- loops
     def train_epoch(self):
         """Train from progress["step"] to the epoch's end or a stop request; returns (nan_step or None, stopped)."""
-        from tqdm import tqdm
         args, dev, p = self.args, self.device, self.progress
         self.sampler.set_epoch(self.epoch, skip=p["step"] * args.batch_size)
         self.model.train()
@@ -382,42 +386,58 @@ class Trainer:
                    mininterval=1 if sys.stderr.isatty() else 60)  # a SLURM log gets a line a minute
         loss_sum, seen, pending, nan_step, stopped = 0.0, 0, None, None, False
         t0, images = time.perf_counter(), 0
-        for x, labels, _ in self.train_loader:
-            x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-            with torch.no_grad():
-                x = model_input(x, self.normalizer, args.jitter, self.gen, args.channels_last)
-            with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=args.amp):
-                logits = self.model(x).squeeze(1)
-            keep = (labels != common.BAD).float()  # undecodable patches (--skip-bad-images) weigh nothing
-            losses = keep * F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
-                                                               pos_weight=self.pos_weight, reduction="none")
-            loss = losses.sum() / keep.sum().clamp(min=1)
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            self.sched.step()
-            loss_sum, seen = loss_sum + losses.sum().detach(), seen + keep.sum()
-            flags = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(), torch.full((), float(STOP.is_set()),
-                                                                                             device=dev)])
-            if self.world > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-            p["step"] += 1
-            images += len(labels) * self.world
-            bar.update()
-            # Read the previous step's flags, not this one's: the host never waits for the GPU to drain.
-            previous, pending = pending, (p["step"], flags)
-            if previous is not None:
-                nan_step, stopped = self.read_flags(*previous, bar)
-                if nan_step or stopped:
-                    break
-        if pending is not None and not nan_step:
-            nan_step, stop_now = self.read_flags(*pending, bar)
-            stopped = stopped or stop_now
-        bar.close()
+        try:  # closed on every path: an error line must not land on a half-drawn bar
+            for x, labels, idx in self.train_loader:
+                if (labels == common.BAD).any():  # on the host still: no device sync
+                    self.note_skipped(self.train_paths[k] for k in idx[labels == common.BAD].tolist())
+                x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+                with torch.no_grad():
+                    x = model_input(x, self.normalizer, args.jitter, self.gen, args.channels_last)
+                with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=args.amp):
+                    logits = self.model(x).squeeze(1)
+                keep = (labels != common.BAD).float()  # undecodable patches (--skip-bad-images) weigh nothing
+                losses = keep * F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
+                                                                   pos_weight=self.pos_weight, reduction="none")
+                loss = losses.sum() / keep.sum().clamp(min=1)
+                self.opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.sched.step()
+                loss_sum, seen = loss_sum + losses.sum().detach(), seen + keep.sum()
+                flags = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(), torch.full((), float(STOP.is_set()),
+                                                                                                 device=dev)])
+                if self.world > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+                p["step"] += 1
+                images += len(labels) * self.world
+                bar.update()
+                # Read the previous step's flags, not this one's: the host never waits for the GPU to drain.
+                previous, pending = pending, (p["step"], flags)
+                if previous is not None:
+                    nan_step, stopped = self.read_flags(*previous, bar)
+                    if nan_step or stopped:
+                        break
+            if pending is not None and not nan_step:
+                nan_step, stop_now = self.read_flags(*pending, bar)
+                stopped = stopped or stop_now
+        finally:
+            bar.close()
         p["loss_sum"], p["seen"] = p["loss_sum"] + float(loss_sum), p["seen"] + int(seen)
         self.img_s = images / max(time.perf_counter() - t0, 1e-9)
         return nan_step, stopped
+
+    def note_skipped(self, paths):
+        """--skip-bad-images: name each undecodable file once on stderr and list it in runs/<id>/skipped_images.txt."""
+        new = sorted(set(paths) - self.skipped)
+        if not new:
+            return
+        self.skipped.update(new)
+        for path in new:  # tqdm.write: on a line of its own, not onto the progress bar
+            tqdm.write(f"warning: skipped unreadable {path} (--skip-bad-images; listed in {self.run_dir / SKIPPED})",
+                       file=sys.stderr)
+        if self.rank == 0:
+            common.atomic_write_text(self.run_dir / SKIPPED, "".join(f"{p}\n" for p in sorted(self.skipped)))
 
     @staticmethod
     def read_flags(step, flags, bar):
@@ -435,8 +455,7 @@ class Trainer:
         idx, labels, scores, loss = [], [], [], torch.zeros((), device=self.device)
         for images, y, i in self.val_loader:
             images, y, i, bad = common.drop_bad(images, y, i)
-            for k in bad:
-                print(f"warning: skipped unreadable {self.val_paths[k]}", file=sys.stderr)
+            self.note_skipped(self.val_paths[k] for k in bad)
             x = model_input(images.to(self.device, non_blocking=True), self.normalizer,
                             channels_last=self.args.channels_last)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.args.amp):
@@ -476,7 +495,8 @@ class Trainer:
             if stopped:
                 self.save("last.pt")
                 if self.rank == 0:
-                    print(f"stopped by signal at epoch {self.epoch + 1} step {self.progress['step']}: saved "
+                    print(f"stopped by signal {STOPPED_BY[0] if STOPPED_BY else ''} at epoch {self.epoch + 1} step "
+                          f"{self.progress['step']}: saved "
                           f"{self.run_dir / 'last.pt'}; {requeue()}", file=sys.stderr)
                 return EXIT_PREEMPTED
             self.end_epoch(start)
@@ -528,14 +548,14 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     if rank == 0:
         try:
             plan = plan_run(args, data, world, device)
-        except common.DataError as e:
-            error = str(e)
+        except common.DataError as e:  # IndependenceError included: its type decides the exit code
+            error = e
     if world > 1:  # the other ranks take the split and run ID from rank 0, and stop with it on an error
         box = [(plan, error)]
         dist.broadcast_object_list(box, src=0)
         plan, error = box[0]
     if error:
-        raise common.DataError(error if rank == 0 else "")  # said once, by rank 0
+        raise error if rank == 0 else type(error)("")  # said once, by rank 0
     args.run_id = plan["run_id"]
     prepare_cache(args, data, device)  # after the resume check: a refused run builds nothing
     return Trainer(args, data, plan, normalizer, device, rank, world).fit()
@@ -545,17 +565,22 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     rank, world, local_rank = (int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     STOP.clear()
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    STOPPED_BY.clear()
+    previous = {s: signal.signal(s, on_signal) for s in loaders.STOP_SIGNALS}  # Ctrl-C too: it checkpoints
     try:
         code = run(args, rank, max(world, 1), local_rank)
         if world > 1:
             dist.barrier()  # torchrun stops every rank when one exits: let rank 0 finish writing first
         return code
-    except common.DataError as e:  # from a DataLoader worker it arrives wrapped in a traceback: keep the last line
+    except common.DataError as e:  # raised in a DataLoader worker too: loaders carries it here as itself
         if str(e):
-            print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ', 1)[-1]}", file=sys.stderr)
-        return common.EXIT_BAD_INPUT
+            print(f"error: {e}", file=sys.stderr)
+        return common.EXIT_LEAK if isinstance(e, splits.IndependenceError) else common.EXIT_BAD_INPUT
+    except common.EnvironmentFault as e:  # only rank 0 writes files
+        print(f"error: {e}", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
     finally:
+        loaders.stop_workers()  # workers ignore SIGTERM: left to Python's exit they would keep it waiting for ever
         for s, handler in previous.items():
             signal.signal(s, handler)
         if dist.is_initialized():

@@ -126,10 +126,10 @@ def test_json_report_has_the_documented_structure(demo_audit):
     for f in report["findings"]:
         assert f["kind"] in ("leak", "warning") and isinstance(f["check"], str) and f["check"]
         assert isinstance(f["patients"], list) and isinstance(f["detail"], str) and f["detail"]
-    assert set(report["composition"]) == {"train", "val", "holdout"}
+    assert set(report["composition"]) == {"train", "val", "test", "holdout"}
     assert set(report["composition"]["val"]) >= {"patients", "diagnosis", "positives", "aug_copies", "hard_negatives",
                                                 "easy_negatives", "presence0_excluded", "dummy_accuracy"}
-    assert set(report["split"]["patients"]) == {"train", "val"}
+    assert set(report["split"]["patients"]) == {"train", "val", "test"}
 
 
 def test_json_is_written_atomically_without_leftovers(demo_root, tmp_path):
@@ -163,8 +163,24 @@ def test_audit_checks_the_split_train_would_make_from_the_same_flags(demo_root, 
     rc, report = run_audit(demo_root, tmp_path, "--folds", 3, "--fold", 1, "--split-seed", 7)
     groups = splits.duplicate_groups(splits.shared_content(demo_data, progress=False))
     expected = splits.make_split(demo_data, 7, folds=3, fold=1, keep_in_train=["B22-47"], groups=groups)
-    assert report["split"]["patients"] == {"train": expected["train"], "val": expected["val"]}
+    assert report["split"]["patients"] == {part: expected[part] for part in ("train", "val", "test")}
     assert rc == common.EXIT_OK
+
+
+def test_audit_with_folds_and_no_fold_checks_every_fold_and_their_test_parts(demo_root, demo_data, tmp_path, capsys):
+    rc, report = run_audit(demo_root, tmp_path, "--folds", 3)
+    out = capsys.readouterr().out
+    assert rc == common.EXIT_OK and report["ok"] and report["findings"] == []
+    assert [f["split"]["fold"] for f in report["folds"]] == [0, 1, 2]
+    tested = [p for f in report["folds"] for p in f["split"]["patients"]["test"]]
+    assert sorted(tested) == [p for p in demo_data.cv_patients if p != "B22-47"]
+    assert "All 3 folds: test parts disjoint" in out
+
+
+def test_two_part_split_audit_says_there_is_no_untouched_set(demo_root, tmp_path, capsys):
+    rc, report = run_audit(demo_root, tmp_path, "--test-frac", 0)
+    assert rc == common.EXIT_OK and report["split"]["untouched_test"] is False
+    assert "NO UNTOUCHED SET" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------- leaks
@@ -186,8 +202,8 @@ def test_same_patient_id_in_train_and_val_is_a_leak(demo_data, demo_root, tmp_pa
 
 def test_byte_identical_patients_in_different_parts_is_a_leak(demo_data, demo_root, tmp_path):
     s = default_split(demo_data)
-    train = [p for p in s["train"] + s["val"] if p not in ("B22-201", "B22-06")]
-    split = write_split(tmp_path / "split.json", train=train + ["B22-200"], val=["B22-201", "B22-06"])
+    train = [p for p in s["train"] + s["val"] if p not in ("B22-201", "B22-08")]
+    split = write_split(tmp_path / "split.json", train=train + ["B22-200"], val=["B22-201", "B22-08"])
     rc, report = run_audit(demo_root, tmp_path, "--split", split)
     f = finding(report, "identical_images_across_parts")
     assert rc == common.EXIT_LEAK and set(f["patients"]) == {"B22-200", "B22-201"}
@@ -289,7 +305,7 @@ def test_missing_reference_patch_is_a_warning(demo_root, tmp_path):
 
 def test_control_folder_is_reported_from_its_path(demo_root, tmp_path):
     root = copy_demo(demo_root, tmp_path)
-    shutil.copytree(root / CROPPED / "B22-06_0", root / CROPPED / "Control_0", copy_function=os.link)
+    shutil.copytree(root / CROPPED / "B22-08_0", root / CROPPED / "Control_0", copy_function=os.link)
     rc, report = run_audit(root, tmp_path)
     f = finding(report, "control_or_external_mentions")
     assert f["kind"] == "warning" and any("Control_0" in p for p in f["files"])
@@ -300,13 +316,13 @@ def test_workbook_cell_mentioning_external_is_reported_with_its_patient(demo_roo
     wb = openpyxl.load_workbook(root / WORKBOOK)
     ws = wb["Sheet1"]
     ws.cell(row=1, column=9, value="Comment")
-    row = next(r for r in range(2, ws.max_row + 1) if ws.cell(row=r, column=1).value == "B22-06")
+    row = next(r for r in range(2, ws.max_row + 1) if ws.cell(row=r, column=1).value == "B22-08")
     ws.cell(row=row, column=9, value="EXTERNAL sample")
     (root / WORKBOOK).unlink()
     wb.save(root / WORKBOOK)
     rc, report = run_audit(root, tmp_path)
     f = finding(report, "control_or_external_mentions")
-    assert rc == common.EXIT_OK and f["patients"] == ["B22-06"] and f"I{row}" in f["detail"]
+    assert rc == common.EXIT_OK and f["patients"] == ["B22-08"] and f"I{row}" in f["detail"]
 
 
 def test_png_header_size_equals_pil_size(demo_root):
@@ -317,7 +333,7 @@ def test_png_header_size_equals_pil_size(demo_root):
 
 def test_file_named_png_without_a_png_header_is_reported(demo_root, tmp_path):
     root = copy_demo(demo_root, tmp_path)
-    victim = sorted((root / CROPPED / "B22-06_0").glob("*.png"))[0]
+    victim = sorted((root / CROPPED / "B22-08_0").glob("*.png"))[0]
     replace_file(victim, b"not a png at all, just bytes")
     rc, report = run_audit(root, tmp_path)
     assert finding(report, "unreadable_png_headers")["files"] == [victim.relative_to(root).as_posix()]
@@ -325,7 +341,7 @@ def test_file_named_png_without_a_png_header_is_reported(demo_root, tmp_path):
 
 def test_patients_left_out_of_a_split_file_are_a_warning(demo_data, demo_root, tmp_path):
     s = default_split(demo_data)
-    split = write_split(tmp_path / "split.json", train=s["train"], val=s["val"][:-1])
+    split = write_split(tmp_path / "split.json", train=s["train"], val=s["val"][:-1], test=s["test"])
     rc, report = run_audit(demo_root, tmp_path, "--split", split)
     assert rc == common.EXIT_OK and finding(report, "patients_outside_split")["patients"] == [s["val"][-1]]
 
@@ -334,9 +350,9 @@ def test_patient_without_diagnosis_row_is_a_warning(demo_root, tmp_path):
     root = copy_demo(demo_root, tmp_path)
     csv_path = root / common.DIAGNOSIS_NAME
     lines = csv_path.read_text().splitlines()
-    replace_file(csv_path, ("\n".join(line for line in lines if not line.startswith("B22-06,")) + "\n").encode())
+    replace_file(csv_path, ("\n".join(line for line in lines if not line.startswith("B22-08,")) + "\n").encode())
     rc, report = run_audit(root, tmp_path)
-    assert finding(report, "patients_without_diagnosis")["patients"] == ["B22-06"]
+    assert finding(report, "patients_without_diagnosis")["patients"] == ["B22-08"]
 
 
 # ----------------------------------------------------------------------------------------------- real metadata

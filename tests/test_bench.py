@@ -64,3 +64,19 @@ def test_threads_flag_does_not_outlive_main(demo_root):
     before = torch.get_num_threads()
     bench.main(["--data-root", str(demo_root), "--stages", "bogus", *TINY[:-2], "--threads", str(before + 1)])
     assert torch.get_num_threads() == before
+
+
+def test_a_cache_of_another_size_is_refused_in_one_line_never_rebuilt(demo_root, tmp_path, capsys):
+    keep = {"B22-100_0"}
+    root = Path(shutil.copytree(demo_root, tmp_path / "root", ignore=lambda folder, names: [
+        n for n in names if Path(folder).name in ("Annotated", "Cropped", "HoldOut") and n not in keep]))
+    import patch_cache
+    cache = tmp_path / "cache"
+    patch_cache.build_cache(common.load_data(root), cache, 48, workers=1, progress=False)  # a "training run's"
+    before = {f.name: f.read_bytes() for f in cache.iterdir() if f.is_file()}
+    argv = ["--data-root", str(root), "--cache", str(cache), "--stages", "load_cache", *TINY]  # 32 px
+    assert bench.main(argv) == common.EXIT_BAD_INPUT
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: --cache {cache}: image_size differs")
+    assert "not rebuilding" in errors[0]
+    assert {f.name: f.read_bytes() for f in cache.iterdir() if f.is_file()} == before  # untouched

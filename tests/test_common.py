@@ -146,7 +146,7 @@ def small_root(tmp_path):
     annotated = ["B22-5_0/00001.png", "B22-5_0/00001_Aug1.png", "B22-5_0/00001_Aug2.png", "B22-5_0/00002.png",
                  "B22-5_0/00003.png", "B22-5_0/00009.png",       # 9: file without a row
                  "B22-50_1/00007.png", "B22-50_1/00008.png", "B22-50_1/Thumbs.db"]
-    cropped = ["B22-50_0/7.png", "B22-50_0/20.png", "B22-50_1/21.png", "B22-5_0/30.png", "Thumbs.db"]
+    cropped = ["B22-50_1/7.png", "B22-50_0/20.png", "B22-50_1/21.png", "B22-5_0/30.png", "Thumbs.db"]
     return make_root(tmp_path, rows, annotated, cropped, {"B22-5": "ALTA", "B22-50": "NEGATIVA"},
                      holdout=["B22-90_0/1.png"])
 
@@ -189,6 +189,40 @@ def test_select_counts_each_window_once_unless_training(small_root):
     assert len([s for s in common.select(data.labelled, ["B22-5"], include_aug=True) if s.label == 1]) == 3
     orphan = [s for s in data.labelled if s.aug is not None]  # an Aug group with no original keeps one copy
     assert [s.aug for s in common.one_per_window(orphan)] == [1]
+
+
+def test_cropped_copy_of_a_presence_zero_window_is_not_an_easy_negative(tmp_path):
+    # the real workbook's Presence 0 rows all belong to a NEGATIVA patient, whose Cropped patches are easy negatives
+    rows = [("B22-60", 0, 12, 0), ("B22-60", 0, 13, -1)]
+    root = make_root(tmp_path, rows, ["B22-60_0/00012.png", "B22-60_0/00013.png"],
+                     ["B22-60_0/12.png", "B22-60_0/13.png", "B22-60_0/14.png", "B22-60_1/12.png"], {"B22-60": "NEGATIVA"})
+    data = common.load_data(root)
+    assert data.uncertain_cropped == ["CrossValidation/Cropped/B22-60_0/12.png"]
+    assert sorted(s.path for s in data.labelled if s.source == "supplemental") == [
+        "CrossValidation/Cropped/B22-60_0/14.png", "CrossValidation/Cropped/B22-60_1/12.png"]  # _1/12: another window
+
+
+def test_two_sections_reusing_a_window_number_keep_both_files(tmp_path):
+    rows = [("B22-70", 0, 5, -1), ("B22-70", 1, 5, 1), *[("B22-70", 1, f"5_Aug{k}", 1) for k in (1, 2)]]
+    annotated = ["B22-70_0/00005.png", "B22-70_1/00005.png", "B22-70_1/00005_Aug1.png", "B22-70_1/00005_Aug2.png"]
+    root = make_root(tmp_path, rows, annotated, ["B22-70_0/1.png", "B22-70_1/1.png"], {"B22-70": "ALTA"})
+    data = common.load_data(root)
+    by_path = {s.path: s.label for s in data.labelled}
+    assert by_path["CrossValidation/Annotated/B22-70_0/00005.png"] == 0
+    assert by_path["CrossValidation/Annotated/B22-70_1/00005.png"] == 1
+    assert data.files_without_row == [] and data.rows_without_file == [] and data.duplicate_rows == []
+    once = common.select(data.labelled, ["B22-70"])
+    assert sorted((s.section, s.window, s.aug) for s in once) == [(0, 5, None), (1, 5, None)]
+    assert len(common.select(data.cropped, ["B22-70"])) == 2
+
+
+def test_a_reused_window_number_whose_row_names_no_section_is_listed_not_dropped(tmp_path):
+    rows = [("B22-71", 3, 5, -1)]  # Section_ID 3: neither B22-71_0 nor B22-71_1
+    root = make_root(tmp_path, rows, ["B22-71_0/00005.png", "B22-71_1/00005.png"], [], {"B22-71": "ALTA"})
+    data = common.load_data(root)
+    assert [a.row for a in data.rows_without_file] == [2]
+    assert data.files_without_row == ["CrossValidation/Annotated/B22-71_0/00005.png",
+                                      "CrossValidation/Annotated/B22-71_1/00005.png"]
 
 
 def test_conflicting_rows_of_one_window_make_it_uncertain(tmp_path):

@@ -14,9 +14,11 @@ import torch
 from PIL import Image
 from skimage import data
 from skimage.color import hed2rgb, rgb2hed
+from sklearn.metrics import roc_auc_score
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 
 import macenko_gpu
+import stain_check
 from macenko_gpu import FALLBACK, SINGLE_STAIN, TWO_STAINS, MacenkoNormalizer, load_rgb, synthetic_ihc_tiles
 
 TILE = 128
@@ -68,6 +70,15 @@ def to_uint8(hed):
     return chw((np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8))
 
 
+def assert_same_up_to_rounding(a, b):
+    """Outputs of one tile normalized in different batches: at most 1 grey level apart on at most 0.1% of the
+    pixels, not bit for bit. Each tile's statistics are its own, but the float32 matrix products run in kernels
+    that BLAS picks by batch shape and CPU, and the last-bit differences become 1 level where a value sits on a
+    level boundary (floor, as torchstain): issue 9 saw 3 such pixels on another CPU model."""
+    diff = (a.float() - b.float()).abs() * (255 if a.is_floating_point() else 1)
+    assert diff.max() <= 1 + 1e-3 and (diff > 1e-3).float().mean() <= 0.001, (diff.max(), (diff > 1e-3).sum())
+
+
 # ------------------------------------------------------------------------------------ torchstain equivalence
 def assert_matches_torchstain(ours, theirs):
     diff = (ours * 255 - theirs).abs()
@@ -77,17 +88,20 @@ def assert_matches_torchstain(ours, theirs):
 
 
 def test_fit_matches_torchstain_reference_matrices(reference):
-    ours = MacenkoNormalizer().fit(reference)
+    ours = MacenkoNormalizer(mode="macenko").fit(reference)
     ts = TorchMacenkoNormalizer()
     ts.fit(reference)
     assert torch.allclose(ours.stain_matrix, ts.HERef, atol=1e-4)
     assert torch.allclose(ours.max_concentrations, ts.maxCRef, rtol=1e-4)
+    ihc = MacenkoNormalizer().fit(reference)  # default: torchstain's hematoxylin, DAB from the DAB pixels alone
+    assert torch.allclose(ihc.stain_matrix[:, 0], ts.HERef[:, 0], atol=1e-4)
+    assert torch.rad2deg(torch.acos((ihc.stain_matrix[:, 1] @ ts.HERef[:, 1]).clamp(max=1))) < 5
 
 
-@pytest.mark.parametrize("single_stain", ["off", "auto"])
+@pytest.mark.parametrize("single_stain", ["macenko", "auto"])
 def test_matches_torchstain_on_tissue_rich_real_ihc_tiles(ihc, reference, single_stain):
     tiles = tiles_of(ihc)
-    norm = MacenkoNormalizer(single_stain=single_stain).fit(reference)
+    norm = MacenkoNormalizer(mode=single_stain).fit(reference)
     info = norm.analyze(tiles)
     rich = info["tissue_pixels"] >= 0.5 * TILE * TILE
     assert rich.sum() >= 10
@@ -97,7 +111,7 @@ def test_matches_torchstain_on_tissue_rich_real_ihc_tiles(ihc, reference, single
 
 def test_matches_torchstain_on_synthetic_beer_lambert_tiles():
     tiles = synthetic_ihc_tiles(9, 96, seed=1)
-    norm = MacenkoNormalizer(single_stain="off").fit(tiles[1])
+    norm = MacenkoNormalizer(mode="macenko").fit(tiles[1])
     assert_matches_torchstain(norm.normalize(tiles), torchstain_levels(tiles[1], tiles))
 
 
@@ -110,9 +124,9 @@ def test_fit_recovers_known_stain_vectors_of_synthetic_tiles():
 
 
 # ------------------------------------------------------------------------------------ batches and robustness
-def test_tissue_counts_are_per_image_inside_a_batch(ihc):
+def test_tissue_counts_are_per_image_inside_a_batch(ihc, reference):
     tiles = torch.cat([tiles_of(ihc)[:4], torch.full((1, 3, TILE, TILE), 255, dtype=torch.uint8)])
-    counts = MacenkoNormalizer().fit(tiles[0]).analyze(tiles)["tissue_pixels"]
+    counts = MacenkoNormalizer().fit(reference).analyze(tiles)["tissue_pixels"]
     od = -torch.log((tiles.float() + 1) / 240)  # torchstain's definition: no channel's OD below beta
     expected = (~(od < 0.15).any(dim=1)).flatten(1).sum(1)
     assert torch.equal(counts, expected)
@@ -129,14 +143,14 @@ def odd_tiles(ihc):
     return [white, black, colour, almost_empty]
 
 
-@pytest.mark.parametrize("single_stain", ["off", "auto"])
+@pytest.mark.parametrize("single_stain", ["macenko", "auto", "ihc"])
 def test_white_black_single_colour_and_empty_tiles_leave_neighbours_unchanged(ihc, reference, single_stain):
     good = tiles_of(ihc)[[0, 5, 10]]
     white, black, colour, almost_empty = odd_tiles(ihc)
     batch = torch.stack([good[0], white, good[1], black, colour, almost_empty, good[2]])
-    norm = MacenkoNormalizer(single_stain=single_stain).fit(reference)
+    norm = MacenkoNormalizer(mode=single_stain).fit(reference)
     together = norm.normalize(batch)
-    assert torch.equal(together[[0, 2, 6]], norm.normalize(good))
+    assert_same_up_to_rounding(together[[0, 2, 6]], norm.normalize(good))
     assert torch.isfinite(together).all() and together.min() >= 0 and together.max() <= 1
     with pytest.raises(IndexError, match="kthvalue"):  # what torchstain does on the white tile
         torchstain_levels(reference, white[None])
@@ -178,52 +192,104 @@ print(grown_mb, float((out[1:8] - out[505:512]).abs().max()))
     assert repeat_diff == 0  # the same tile gives the same output in the first and the last chunk
 
 
-# ------------------------------------------------------------------------------------ IHC safety
+# ------------------------------------------------------------------------------------ IHC: bacteria and nuclei
+# Synthetic cases of stain_check.py (skimage's IHC sample, DAB removed, rods added in HED space); the table for
+# every mode: python stain_check.py
+REFERENCES = ("rods 5.0%", "rods 0.5%")  # high and moderate DAB content on hematoxylin-only tissue
+
+
+@pytest.fixture(scope="module")
+def rods():
+    return stain_check.rod_cases(seed=0)
+
+
+@pytest.fixture(scope="module")
+def ihc_references():
+    return stain_check.references(seed=0)
+
+
+@pytest.mark.parametrize("ref_name", REFERENCES)
+@pytest.mark.parametrize("kind", ["strong", "faint"])
+def test_sparse_bacteria_stay_separable_and_keep_their_dab(rods, ihc_references, ref_name, kind):
+    tiles, masks = rods[kind]  # 0.05% to 2% of each patch's pixels on 2-3 x 8-15 px rods
+    out = MacenkoNormalizer().fit(ihc_references[ref_name]).normalize(tiles)
+    dab_in, dab_out = stain_check.dab_of(tiles), stain_check.dab_of(out)
+    for i, mask in enumerate(masks.numpy()):
+        assert roc_auc_score(mask.ravel(), dab_out[i].ravel()) >= 0.95, i
+        assert dab_out[i][mask].mean() >= 0.5 * dab_in[i][mask].mean(), i
+
+
+@pytest.mark.parametrize("ref_name", [*REFERENCES, "real IHC tile"])
+def test_hematoxylin_only_patches_gain_no_brown_pixels(ihc_references, ref_name):
+    patches = stain_check.hematoxylin_cases()
+    assert (stain_check.dab_of(patches) > stain_check.BROWN).mean() == 0
+    out = MacenkoNormalizer().fit(ihc_references[ref_name]).normalize(patches)
+    assert stain_check.brown_share(out) < 0.001
+
+
+def test_canonical_macenko_fails_both_ways_on_the_same_cases(rods, ihc_references):
+    # the issue's two failure modes, reproduced: canonical Macenko invents DAB on hematoxylin-only patches and
+    # loses sparse rods (per-patch DAB vectors from noise, DAB rescaled to the reference's maximum)
+    canonical = MacenkoNormalizer(mode="macenko").fit(ihc_references["rods 5.0%"])
+    assert stain_check.brown_share(canonical.normalize(stain_check.hematoxylin_cases())) > 0.5
+    tiles, masks = rods["strong"]
+    assert stain_check.rod_scores(canonical.normalize(tiles), tiles, masks)[0] < 0.95
+
+
+def test_tissue_rich_two_stain_tiles_stay_close_to_canonical_macenko(ihc, reference):
+    # same hematoxylin treatment; DAB differs by design (its amount is kept, not rescaled per patch)
+    tiles = tiles_of(ihc)
+    ours = MacenkoNormalizer().fit(reference).normalize(tiles)
+    canonical = MacenkoNormalizer(mode="macenko").fit(reference).normalize(tiles)
+    assert (ours - canonical).abs().mean() * 255 < 10  # measured 8.6 grey levels
+    before, after = mean_dab(tiles), mean_dab(ours)
+    positive = before > 0.03
+    assert positive.sum() >= 8 and (after[positive] / before[positive]).min() > 0.6  # measured 0.67-0.97
+
+
 def test_dab_free_tiles_gain_no_dab(reference, dab_free_ihc):
     tiles = tiles_of(to_uint8(dab_free_ihc))
     assert mean_dab(tiles).max() < 0.001
-    auto = MacenkoNormalizer().fit(reference)
+    assert mean_dab(MacenkoNormalizer().fit(reference).normalize(tiles)).max() < 0.01
+    auto = MacenkoNormalizer(mode="auto").fit(reference)
     assert (auto.analyze(tiles)["mode"] == SINGLE_STAIN).all()
     assert mean_dab(auto.normalize(tiles)).max() < 0.01
-    canonical = MacenkoNormalizer(single_stain="off").fit(reference)
+    canonical = MacenkoNormalizer(mode="macenko").fit(reference)
     assert mean_dab(canonical.normalize(tiles)).min() > 0.01  # plain Macenko invents DAB: the issue's bug
 
 
-def test_dab_positive_tiles_keep_their_dab(ihc, reference):
+@pytest.mark.parametrize("mode", ["ihc", "auto"])
+def test_dab_positive_tiles_keep_their_dab(ihc, reference, mode):
     tiles = tiles_of(ihc)
     before = mean_dab(tiles)
     positive = before > 0.03
-    after = mean_dab(MacenkoNormalizer().fit(reference).normalize(tiles[positive]))
+    after = mean_dab(MacenkoNormalizer(mode=mode).fit(reference).normalize(tiles[positive]))
     assert positive.sum() >= 8
     assert (after > 0.5 * before[positive]).all(), (before[positive], after)
 
 
-def test_sparse_dab_spots_keep_their_dab_and_their_surroundings_stay_dab_free(reference, dab_free_ihc):
-    # bacteria-like brown rods covering < 1% of each tile: canonical Macenko rescales them to the reference's
-    # DAB maximum (and tints the whole tile); IHC-safe mode keeps their DAB as it is
-    rng = np.random.default_rng(1)
-    spots = np.zeros((512, 512), dtype=bool)
-    for y, x in rng.integers(0, 506, size=(60, 2)):
-        spots[y:y + 3, x:x + 6] = True
-    hed = dab_free_ihc.copy()
-    hed[..., 2] = 0.08 * spots
-    tiles, masks = tiles_of(to_uint8(hed)), tiles_of(torch.from_numpy(spots)[None])[:, 0]
-    auto = MacenkoNormalizer().fit(reference).normalize(tiles).mul(255).round().to(torch.uint8)
-    canonical = MacenkoNormalizer(single_stain="off").fit(reference).normalize(tiles)
-    for i in np.flatnonzero(masks.flatten(1).any(1).numpy()):
-        m = masks[i].numpy()
-        dab_in = rgb2hed(tiles[i].permute(1, 2, 0).numpy())[..., 2]
-        dab_auto = rgb2hed(auto[i].permute(1, 2, 0).numpy())[..., 2]
-        assert abs(dab_auto[m].mean() / dab_in[m].mean() - 1) < 0.25
-        assert dab_auto[~m].mean() < 0.01
-    assert mean_dab(canonical).max() > 0.01
-
-
-def test_reference_must_show_both_stains(reference, dab_free_ihc):
+@pytest.mark.parametrize("mode", ["ihc", "macenko"])
+def test_reference_without_enough_dab_is_refused(reference, dab_free_ihc, ihc_references, mode):
     with pytest.raises(ValueError, match="tissue pixels"):
-        MacenkoNormalizer().fit(torch.full((3, 64, 64), 255, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="both stains"):
-        MacenkoNormalizer().fit(to_uint8(dab_free_ihc)[:, :TILE, :TILE])
+        MacenkoNormalizer(mode=mode).fit(torch.full((3, 64, 64), 255, dtype=torch.uint8))
+    for weak in (to_uint8(dab_free_ihc)[:, :TILE, :TILE], ihc_references["weak: one rod"]):
+        with pytest.raises(ValueError, match="too little DAB to define a DAB direction") as err:
+            MacenkoNormalizer(mode=mode).fit(weak)
+        assert "\n" not in str(err.value) and "a good reference is" in str(err.value)
+
+
+def test_demo_stain_reference_is_accepted(demo_root):
+    import common
+    MacenkoNormalizer().fit(load_rgb(demo_root / common.DEFAULT_REFERENCE))
+
+
+def test_checkpoint_state_of_the_previous_version_normalizes_as_it_was_trained(ihc, reference):
+    tiles = tiles_of(ihc)[:4]
+    for old_name, mode in (("auto", "auto"), ("off", "macenko")):
+        norm = MacenkoNormalizer(mode=mode).fit(reference)
+        old = {k: v for k, v in norm.state_dict().items() if k not in ("mode", "dab_scale")}
+        restored = MacenkoNormalizer.from_state_dict({**old, "single_stain": old_name})
+        assert restored.mode == mode and torch.equal(restored.normalize(tiles), norm.normalize(tiles))
 
 
 # ------------------------------------------------------------------------------------ interface
@@ -292,7 +358,7 @@ def test_cli_normalizes_a_folder_tree_with_rgba_and_grey_images(ihc, reference, 
     norm = MacenkoNormalizer().fit(reference)
     for name in ["B22-01_0/00001.png", "B22-01_0/00002.png", "B22-02_1/7.png"]:
         expected = norm.normalize(load_rgb(src / name)[None])[0].mul(255).round().to(torch.uint8)
-        assert torch.equal(load_rgb(tmp_path / "out" / name), expected), name
+        assert_same_up_to_rounding(load_rgb(tmp_path / "out" / name), expected)  # written in batches of 2
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~current_umask(), name  # not mkstemp's 0600
 
 
@@ -332,7 +398,7 @@ def test_cli_bad_input_exits_2_with_a_one_line_error(case, message, reference, t
 
 def test_benchmark_prints_both_rates_and_their_ratio(tmp_path, capsys):
     report = tmp_path / "bench.json"
-    assert macenko_gpu.main(["--benchmark", "--device", "cpu", "--batch-size", "3", "--size", "48",
+    assert macenko_gpu.main(["--benchmark", "--device", "cpu", "--batch-size", "3", "--size", "64",
                              "--repeats", "1", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "macenko_gpu" in printed and "torchstain" in printed and "ratio" in printed

@@ -277,8 +277,25 @@ def test_a_leaky_split_file_is_refused(demo_root, tmp_path, capsys):
     split = tmp_path / "leaky.json"
     split.write_text(json.dumps({"train": ["B22-01", "B22-200"], "val": ["B22-201", "B22-01"]}))
     assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--split", str(split), *FAST]) == 2
-    err = capsys.readouterr().err
-    assert "B22-01 is in both" in err and "\n" not in err.strip()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "B22-01 is in both" in errors[0]  # (a cold hash cache also draws a progress bar)
+
+
+def test_a_holdout_patient_sharing_an_id_or_an_image_with_crossvalidation_is_refused_with_exit_1(demo_root, tmp_path,
+                                                                                                  capsys):
+    root = tmp_path / "HelicoDataSet"
+    shutil.copytree(demo_root, root, copy_function=os.link)
+    holdout = sorted((root / "HoldOut").iterdir())
+    os.rename(holdout[0], root / "HoldOut" / "B22-08_0")                     # a CrossValidation ID
+    shutil.copytree(root / "CrossValidation/Cropped/B22-14_0", root / "HoldOut/B22-999_0", copy_function=os.link)
+    argv = ["--data-root", str(root), "--runs-dir", str(tmp_path / "runs"), "--run-id", "r", *FAST, "--workers", "2"]
+    assert train.main(argv) == common.EXIT_LEAK
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    err = errors[0]
+    assert "B22-08: also a CrossValidation patient ID" in err and "B22-999: byte-identical image(s) with " \
+        "CrossValidation patient(s) B22-14" in err
+    assert not (tmp_path / "runs" / "r").exists()
 
 
 # ----------------------------------------------------------------------------------------------- --cache

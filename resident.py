@@ -1,0 +1,213 @@
+"""Batches from the packed cache without a DataLoader: the patches held on the device, or streamed from the memmap.
+
+    import resident
+    train_b, val_b, how = resident.cache_batches(train_ds, sampler, val_ds, shard, batch_size, drop_last, device,
+                                                  max_frac=0.5)
+    for images, labels, idx in train_b: ...     # uint8 (B, 3, H, W) and int64 labels on `device`; idx on the host
+
+Why: a DataLoader copies every batch into shared memory, pickles it to the main process and copies it again (pinned
+memory, then the device); fifteen workers delivered less than one process gathering from the memmap (issue 13).
+Here the patches the run needs (training set + this rank's validation shard, never the HoldOut or other patients)
+are loaded once, by the same memmap gather, into ONE uint8 tensor on the device when it takes at most `max_frac` of
+the device's free memory (CUDA: torch.cuda.mem_get_info; CPU: MemAvailable), and each batch is one index_select
+there: no workers, no host copy per step (the epoch's order goes to the device once per epoch). When it does not
+fit, StreamedBatches gathers each batch on a reading thread straight into pinned host buffers (no pickling, no
+shared memory) while the main thread trains on the previous one.
+
+Same batches as DataLoader(dataset, sampler=sampler, batch_size, drop_last) over patch_cache.CachedPatchDataset:
+same order (whatever the sampler yields, epoch by epoch), same bytes, same labels (common.BAD for undecodable patches,
+or the same one-line DataError without --skip-bad-images), same sample indices; so training gives bitwise the same
+weights as the DataLoader path on the same seed.
+
+DDP: every rank holds the WHOLE training set, because train.py's EpochSampler (like DistributedSampler) deals the
+shuffled order out to the ranks anew each epoch, so any rank may need any patch; holding a fixed shard would change
+the order and lose bitwise equality with the DataLoader path. Validation shards are fixed (rank::world), so each rank
+holds only its own.
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+
+import numpy as np
+import torch
+
+import common
+import patch_cache
+
+DEFAULT_MAX_FRAC = 0.5  # share of free device memory the patches may take: the rest is the model's (activations...)
+LOAD_ROWS = 256  # rows per host->device copy while loading (50 MB at 256 px)
+STREAM_DEPTH = 4  # pinned batches in flight on the host path: one being copied, the rest being gathered
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory of the device: CUDA's own count, or the host's MemAvailable on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def source_tensor(dataset) -> torch.Tensor:
+    """The whole cache file as a (count, 3, H, W) uint8 CPU tensor over the memmap (copy-on-write mapping: writable
+    as far as torch knows, so no warning, yet never written)."""
+    s = dataset.image_size
+    mm = np.memmap(dataset.cache_dir / patch_cache.PATCHES, np.uint8, "c", shape=(dataset.count, 3, s, s))
+    return torch.from_numpy(mm)
+
+
+class Batches:
+    """DataLoader's batching of a sampler's order over a CachedPatchDataset; subclasses say where pixels come from."""
+
+    def __init__(self, dataset, sampler, batch_size: int, drop_last: bool, device):
+        self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
+        self.device = torch.device(device)
+        labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.long)
+        self.labels = torch.where(torch.from_numpy(dataset.bad), common.BAD, labels)  # as CachedPatchDataset says
+
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def order(self) -> torch.Tensor:
+        """This epoch's sample indices, cut to whole batches when drop_last (the sampler draws its epoch here)."""
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        return order[:len(self) * self.batch_size]
+
+    def check(self, idx: torch.Tensor) -> None:
+        """Without --skip-bad-images, a batch holding an undecodable patch stops the run, as the DataLoader path does."""
+        if not self.dataset.skip_bad and self.dataset.bad.size and self.dataset.bad[idx.numpy()].any():
+            self.dataset.__getitems__(idx.tolist())  # raises CachedPatchDataset's own one-line DataError
+
+
+class ResidentBatches(Batches):
+    """Batches gathered on the device from `images`, which holds the dataset's samples at rows `position`."""
+
+    def __init__(self, dataset, sampler, batch_size, drop_last, device, images: torch.Tensor, position: np.ndarray):
+        super().__init__(dataset, sampler, batch_size, drop_last, device)
+        self.images = images
+        self.position = torch.from_numpy(position).to(self.device)
+        self.device_labels = self.labels.to(self.device)
+
+    def __iter__(self):
+        order = self.order()
+        on_device = order.to(self.device)  # one copy per epoch, not per step
+        for k in range(0, len(order), self.batch_size):
+            idx = order[k:k + self.batch_size]
+            self.check(idx)
+            i = on_device[k:k + self.batch_size]
+            yield self.images.index_select(0, self.position[i]), self.device_labels[i], idx
+
+
+class StreamedBatches(Batches):
+    """Batches gathered from the memmap by a reading thread into pinned host buffers, copied to the device
+    asynchronously: the host fallback when the patches do not fit on the device. Nothing is pickled."""
+
+    def __init__(self, dataset, sampler, batch_size, drop_last, device, depth: int = STREAM_DEPTH):
+        super().__init__(dataset, sampler, batch_size, drop_last, device)
+        self.rows, self.depth = torch.from_numpy(dataset.rows), depth
+
+    def __iter__(self):
+        order, cuda = self.order(), self.device.type == "cuda"
+        source, size = source_tensor(self.dataset), self.dataset.image_size
+        shape = (self.batch_size, 3, size, size)
+        buffers = [torch.empty(shape, dtype=torch.uint8, pin_memory=True) for _ in range(self.depth)] if cuda else []
+        free, ready, stop = queue.Queue(), queue.Queue(), threading.Event()
+        for k in range(len(buffers)):
+            free.put((k, None))
+
+        def read():  # torch releases the GIL in index_select: this thread gathers while the main one trains
+            try:
+                for start in range(0, len(order), self.batch_size):
+                    idx = order[start:start + self.batch_size]
+                    if cuda:
+                        k, copied = free.get()
+                        if stop.is_set():
+                            return
+                        if copied is not None:
+                            copied.synchronize()  # the device has read this buffer: refill it
+                        out = buffers[k][:len(idx)]
+                    else:  # on the CPU the batch is the training input itself: a fresh tensor each time
+                        k, out = None, torch.empty((len(idx), *shape[1:]), dtype=torch.uint8)
+                    torch.index_select(source, 0, self.rows[idx], out=out)
+                    ready.put((k, out, idx))
+                    if stop.is_set():
+                        return
+                ready.put(None)
+            except BaseException as e:  # re-raised in the main thread
+                ready.put(e)
+
+        reader = threading.Thread(target=read, name="cache-stream", daemon=True)
+        reader.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                k, images, idx = item
+                self.check(idx)
+                if cuda:
+                    images = images.to(self.device, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record()
+                    free.put((k, copied))
+                yield images, self.labels[idx].to(self.device, non_blocking=True), idx
+        finally:
+            stop.set()
+            for _ in buffers:
+                free.put((0, None))  # unblock a reader waiting for a buffer
+            reader.join()
+
+
+def load_rows(dataset, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Rows `rows` (sorted) of the cache as one uint8 tensor on `device`, read once, LOAD_ROWS at a time."""
+    source, size = source_tensor(dataset), dataset.image_size
+    out = torch.empty((len(rows), 3, size, size), dtype=torch.uint8, device=device)
+    index = torch.from_numpy(rows)
+    if device.type != "cuda":
+        for a in range(0, len(rows), LOAD_ROWS):
+            torch.index_select(source, 0, index[a:a + LOAD_ROWS], out=out[a:a + LOAD_ROWS])
+        return out
+    staging = [torch.empty((LOAD_ROWS, 3, size, size), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    done = [None, None]
+    for n, a in enumerate(range(0, len(rows), LOAD_ROWS)):
+        buf, b = staging[n % 2], min(a + LOAD_ROWS, len(rows))
+        if done[n % 2] is not None:
+            done[n % 2].synchronize()  # its previous copy has left: refill it while the other one copies
+        torch.index_select(source, 0, index[a:b], out=buf[:b - a])
+        out[a:b].copy_(buf[:b - a], non_blocking=True)
+        done[n % 2] = torch.cuda.Event()
+        done[n % 2].record()
+    torch.cuda.synchronize(device)
+    return out
+
+
+def cache_batches(train_ds, sampler, val_ds, val_indices, batch_size: int, drop_last: bool, device,
+                  max_frac: float = DEFAULT_MAX_FRAC):
+    """(training batches, validation batches, one line saying which path and why).
+
+    The training set and the validation samples `val_indices` go on the device together if their bytes are at most
+    max_frac x the device's free memory; otherwise both stream from the host (max_frac 0 forces streaming)."""
+    device = torch.device(device)
+    val_indices = np.asarray(val_indices, dtype=np.int64)
+    rows = np.unique(np.concatenate([train_ds.rows, val_ds.rows[val_indices]]))
+    size = train_ds.image_size
+    need, free = len(rows) * 3 * size * size, free_bytes(device)
+    if need > max_frac * free:
+        how = (f"patches streamed from the host cache by a reading thread: {need / 1e9:.2f} GB exceed "
+               f"--resident-max-frac {max_frac:g} x {free / 1e9:.1f} GB free on {device}")
+        return (StreamedBatches(train_ds, sampler, batch_size, drop_last, device),
+                StreamedBatches(val_ds, val_indices.tolist(), batch_size, False, device), how)
+    images = load_rows(train_ds, rows, device)
+    positions = [np.searchsorted(rows, ds.rows) for ds in (train_ds, val_ds)]  # only looked up where held
+    how = (f"patches resident on {device}: {need / 1e9:.2f} GB in one uint8 tensor ({len(rows)} patches, "
+           f"<= {max_frac:g} x {free / 1e9:.1f} GB free)")
+    return (ResidentBatches(train_ds, sampler, batch_size, drop_last, device, images, positions[0]),
+            ResidentBatches(val_ds, val_indices.tolist(), batch_size, False, device, images, positions[1]), how)

@@ -1,0 +1,210 @@
+"""Every way a run can stop, tried as users meet it: the real scripts in their own process, DataLoader workers on,
+a time limit, and then the exit code, the one line that says why, and what is left on disk (issue 9)."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+# 48 training samples at 64 px, no Macenko: seconds of work, so a hang is unmistakable.
+FAST = ["--device", "cpu", "--image-size", "64", "--batch-size", "16", "--weights", "none", "--seed", "0",
+        "--limit-samples", "48", "--no-macenko"]
+LIMIT = 90  # seconds: a healthy run of these scripts takes ~10-20 s here (mostly imports); the hang was for ever
+
+
+def script(name, *argv, timeout=LIMIT, **popen):
+    """Run ROOT/name as its own process group, as a shell or SLURM starts it; the group is killed on timeout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / name), *map(str, argv)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{name} still running after {timeout} s (hang): {err[-2000:]}")
+    return proc.returncode, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+
+
+def broken_copy(demo_root, where: Path, break_file) -> tuple[Path, list[str]]:
+    """A hard-linked copy of the demo data in which every positive annotated window is broken by break_file
+    (positives are ~half of a --limit-samples 48 training set, so the first batch meets one). Broken files are
+    new inodes: the shared demo data stays intact."""
+    root = where / "HelicoDataSet"
+    shutil.copytree(demo_root, root, copy_function=os.link)
+    broken = [s.path for s in common.load_data(root).labelled if s.label == 1]
+    for rel in broken:
+        path = root / rel
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes(break_file(data))
+    return root, broken
+
+
+def truncated(png: bytes) -> bytes:
+    return png[: len(png) // 2]  # header and size intact: only decoding the pixels finds it
+
+
+def zero_bytes(png: bytes) -> bytes:
+    return b""
+
+
+@pytest.fixture(scope="module")
+def truncated_root(demo_root, tmp_path_factory):
+    return broken_copy(demo_root, tmp_path_factory.mktemp("truncated"), truncated)
+
+
+@pytest.fixture(scope="module")
+def empty_root(demo_root, tmp_path_factory):
+    return broken_copy(demo_root, tmp_path_factory.mktemp("empty"), zero_bytes)
+
+
+# ----------------------------------------------------------------------------------------------- bad images
+@pytest.mark.parametrize("kind", ["truncated_root", "empty_root"])
+def test_a_bad_png_in_training_with_workers_exits_2_promptly_in_one_line_naming_it(kind, request, tmp_path):
+    root, broken = request.getfixturevalue(kind)
+    start = time.monotonic()
+    code, _, err = script("train.py", "--data-root", root, "--runs-dir", tmp_path, "--run-id", "bad", *FAST,
+                          "--workers", "2", "--epochs", "1")
+    assert code == common.EXIT_BAD_INPUT, err[-2000:]
+    assert time.monotonic() - start < LIMIT
+    lines = error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    named = re.match(r"error: (\S+\.png): unreadable image", lines[0])
+    assert named and os.path.relpath(named.group(1), root) in broken, lines[0]
+    assert "--skip-bad-images" in lines[0]
+
+
+def test_a_zero_byte_validation_png_in_evaluate_with_workers_is_one_line_naming_it(tiny_run, empty_root, tmp_path):
+    root, broken = empty_root
+    code, _, err = script("evaluate.py", "--checkpoint", tiny_run / "best.pt", "--data-root", root, "--out",
+                          tmp_path / "eval", "--device", "cpu", "--workers", "2", "--bootstrap", "0", "--gradcam", "0")
+    assert code == common.EXIT_BAD_INPUT, err[-2000:]
+    lines = error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    named = re.match(r"error: (\S+\.png): unreadable image", lines[0])
+    assert named and os.path.relpath(named.group(1), root) in broken, lines[0]
+    assert not (tmp_path / "eval").exists()
+
+
+# ----------------------------------------------------------------------------------------------- stops
+def test_ctrl_c_saves_last_pt_and_exits_4_in_one_line(demo_root, tmp_path):
+    import torch
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir",
+                             str(tmp_path), "--run-id", "interrupted", *FAST, "--workers", "2", "--epochs", "50"],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + LIMIT
+    while not children.read_text().strip():  # the DataLoader workers start with the first training step
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(2)  # past their worker_init_fn
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    try:
+        _, err = proc.communicate(timeout=LIMIT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"no exit {LIMIT} s after Ctrl-C: {proc.communicate()[1][-2000:]}")
+    assert proc.returncode == common.EXIT_STOPPED, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    stopped = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("stopped by")]
+    assert len(stopped) == 1 and "SIGINT" in stopped[0] and "resume" in stopped[0], err[-2000:]
+    ckpt = torch.load(tmp_path / "interrupted" / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] * 3 + ckpt["progress"]["step"] >= 1
+
+
+# ----------------------------------------------------------------------------------------------- the disk
+FULL_DISK = """
+import errno, os, sys
+real_write = os.write
+
+def full_once_a_last_pt_exists(fd, data):  # the disk fills up while epoch 2 saves its checkpoint
+    name = os.readlink(f"/proc/self/fd/{fd}")
+    if "/.last.pt." in name and os.path.exists(os.path.join(os.path.dirname(name), "last.pt")):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_write(fd, data)
+
+os.write = full_once_a_last_pt_exists
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_while_saving_exits_5_naming_the_folder_and_keeps_the_previous_checkpoints(demo_root, tmp_path):
+    import torch
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", FULL_DISK, "--data-root", str(demo_root), "--runs-dir", str(tmp_path),
+                          "--run-id", "full", *FAST, "--workers", "2", "--epochs", "2"], env=env, capture_output=True,
+                         text=True, timeout=LIMIT * 2)
+    assert run.returncode == common.EXIT_ENVIRONMENT, run.stderr[-2000:]
+    lines = error_lines(run.stderr)
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert str(tmp_path / "full") in lines[0] and "no space left" in lines[0] and "free space" in lines[0]
+    for name in ("last.pt", "best.pt"):  # epoch 1's, whole
+        assert torch.load(tmp_path / "full" / name, map_location="cpu", weights_only=True)["epoch"] == 1
+    assert not list((tmp_path / "full").glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_an_unwritable_runs_dir_exits_2_in_one_line_before_any_work(demo_root, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    runs = tmp_path / "a-file" / "runs"  # root ignores chmod; a path through a file fails for everyone
+    code, _, err = script("train.py", "--data-root", demo_root, "--runs-dir", runs, "--run-id", "x", *FAST,
+                          "--workers", "2", "--epochs", "1")
+    assert code == common.EXIT_BAD_INPUT, err[-2000:]
+    lines = error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err and f"--runs-dir {runs}" in lines[0], err[-2000:]
+
+
+def test_a_folder_access_refuses_is_bad_input_naming_the_flag_and_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(common.os, "access", lambda path, mode: False)  # access(2) on a read-only mount, or no rights
+    with pytest.raises(common.DataError, match=r"--runs-dir .* cannot write in .* \((read-only file system|permission "
+                                               r"denied)\)"):
+        common.writable_folder(tmp_path / "runs", "--runs-dir")
+
+
+# ----------------------------------------------------------------------------------------------- --skip-bad-images
+def warned(err: str) -> set[str]:
+    return set(re.findall(r"^warning: skipped unreadable (\S+)", err.replace("\r", "\n"), re.MULTILINE))
+
+
+def test_skip_bad_images_names_every_skipped_file_on_stderr_and_in_the_run_folder(truncated_root, tmp_path):
+    import json
+    import train
+    root, broken = truncated_root
+    code, _, err = script("train.py", "--data-root", root, "--runs-dir", tmp_path, "--run-id", "skip", *FAST,
+                          "--workers", "2", "--epochs", "1", "--skip-bad-images")
+    assert code == 0, err[-2000:]
+    run_dir = tmp_path / "skip"
+    split, data = json.loads((run_dir / "split.json").read_text()), common.load_data(root)
+    trained = train.stratified_subset(common.select(data.labelled, split["train"], include_aug=True), 48, 0)
+    seen = {s.path for s in trained} | {s.path for s in common.select(data.labelled, split["val"])}
+    expected = seen & set(broken)
+    assert expected, "the test data must put a broken file in this run"
+    assert warned(err) == expected
+    assert set((run_dir / "skipped_images.txt").read_text().splitlines()) == expected
+
+
+def test_evaluate_skip_bad_images_names_every_skipped_file_and_lists_them(tiny_run, empty_root, tmp_path):
+    import torch
+    root, broken = empty_root
+    out = tmp_path / "eval"
+    code, _, err = script("evaluate.py", "--checkpoint", tiny_run / "best.pt", "--data-root", root, "--out", out,
+                          "--device", "cpu", "--workers", "2", "--bootstrap", "0", "--gradcam", "0", "--skip-bad-images")
+    assert code == 0, err[-2000:]
+    val = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)["split"]["val"]
+    expected = {s.path for s in common.select(common.load_data(root).labelled, val)} & set(broken)
+    assert expected and warned(err) == expected
+    assert set((out / "skipped_images.txt").read_text().splitlines()) == expected
