@@ -21,9 +21,8 @@
 #   bash run_h_pylori.sh --clean-stage         # remove this node's staged copy of HELICO_DATA (and its caches)
 #
 # Every argument goes to train.py (see `python train.py --help`); the split flags among them (those of
-# splits.split_args_parser(), read from the code at start-up: --split, --split-seed, --val-frac, --folds, --fold,
-# --reference-patch, --hash-cache today) also go to audit_leakage.py, so the audit checks exactly the split that
-# will be trained. Write flags in full (no argparse abbreviations).
+# splits.split_args_parser(), read from the code at start-up; `--print-split-flags` lists them) also go to
+# audit_leakage.py, so the audit checks exactly the split that will be trained. Write flags in full.
 # Offline compute nodes: train.py's default --weights imagenet reads torchvision's cache, which is
 # `python -c 'import torch; print(torch.hub.get_dir())'`/checkpoints; fill it once on a login node with
 # `python -c 'import torchvision; torchvision.models.resnet18(weights="DEFAULT")'` (same $TORCH_HOME), or pass
