@@ -357,7 +357,8 @@ export_thread_counts() {
 # runs in the background and the shell waits on it: `wait` returns early when a trapped signal arrives.
 CHILD_PID="" CHILD_IS_TORCHRUN=0 STOP_REQUESTED=0 STOP_TIME=0
 on_usr1() {
-  STOP_REQUESTED=1 STOP_TIME=$(date +%s)
+  (( STOP_REQUESTED )) || STOP_TIME=$(date +%s)  # the first request: a later TERM (SLURM requeueing) must not move it
+  STOP_REQUESTED=1
   [[ -n $CHILD_PID ]] || { log "USR1 received while training was not running"; return 0; }
   log "USR1 received: asking training to checkpoint and requeue"
   # torchrun would treat USR1 as a failure and kill its workers, so signal the workers (its children) directly.
@@ -367,7 +368,8 @@ on_usr1() {
 # Under SLURM, scancel and the time limit already send TERM to every process of the job: forwarding it too
 # would be a second signal, which makes train.py exit without its checkpoint.
 on_int_or_term() {
-  STOP_REQUESTED=1 STOP_TIME=$(date +%s)
+  (( STOP_REQUESTED )) || STOP_TIME=$(date +%s)  # the first request: a later TERM (SLURM requeueing) must not move it
+  STOP_REQUESTED=1
   [[ -n $CHILD_PID ]] || exit $(( $1 == 2 ? 130 : 143 ))
   if [[ $1 == 2 || -z ${SLURM_JOB_ID:-} ]]; then kill -TERM "$CHILD_PID" 2>/dev/null || true; fi
 }

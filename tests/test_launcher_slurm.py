@@ -237,12 +237,13 @@ def test_a_job_stages_trains_checkpoints_on_usr1_requeues_resumes_and_evaluates(
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", text[-4000:]
 
     first, second = text.split("(restart 1)", 1)  # --open-mode=append: both runs in one log
-    assert "staging: copying" in first and "audit: checking" in first and "USR1 received: asking training" in first
-    assert "stopped by signal" in first and f"requeued SLURM job {job}" in first  # train.py's own line
-    assert f"job {job} was requeued" in first and "resumes from last.pt by itself" in first
-    assert "reusing verified copy" in second and "x: resuming after epoch 0 step" in second  # mid-epoch
-    assert "evaluate:" in second and f"done: runs/x" in second
+    expected_first = ["staging: copying", "audit: checking", "USR1 received: asking training",
+                      "stopped by signal", f"requeued SLURM job {job}",  # train.py's own line
+                      f"job {job} was requeued", "resumes from last.pt by itself"]
+    expected_second = ["reusing verified copy", "x: resuming after epoch 0 step",  # mid-epoch
+                       "evaluate:", "done: runs/x", "staged copy kept on", "--clean-stage"]
+    assert [e for e in expected_first if e not in first] == [], text[-6000:]
+    assert [e for e in expected_second if e not in second] == [], text[-6000:]
     assert "GPUs: 0 (none allocated or visible: CPU run)" in text and "GPUs: 1" not in text
     assert "run the same command to resume" not in text and "submit the same command again" not in text
-    assert "staged copy kept on" in second and "--clean-stage" in second
     assert (run / "eval" / "metrics.json").is_file()
