@@ -5,12 +5,14 @@ Usage:
     python macenko_gpu.py --reference ref.png IN_DIR OUT_DIR [--device cuda] [--batch-size 64]
     # speed of this implementation and of torchstain's per-image normalizer, same inputs and device
     python macenko_gpu.py --benchmark [--device cpu|cuda] [--batch-size 64] [--size 224] [--json OUT]
+    # a mosaic to judge by eye: --count patches of IN_DIR as original | default (ihc) | canonical Macenko
+    python macenko_gpu.py --preview --reference ref.png IN_DIR OUT.png [--count 8]
 
 In code (what training and evaluation do):
     norm = MacenkoNormalizer().fit(load_rgb("ref.png")).to("cuda")
     x = norm.normalize(batch)      # uint8 (B,3,H,W) -> float32 (B,3,H,W) in [0,1] on batch's device
-    ckpt["stain_reference"] = norm.state_dict()      # plain tensors and scalars: weights_only-safe
-    norm = MacenkoNormalizer.from_state_dict(torch.load(path, weights_only=True)["stain_reference"])
+    ckpt["stain"] = norm.state_dict()      # plain tensors and scalars: weights_only-safe (model.checkpoint)
+    norm = MacenkoNormalizer.from_state_dict(torch.load(path, weights_only=True)["stain"])
 
 Modes (mode=..., stored in the state; every mode is one batched pass, no per-image Python loop, no host sync):
   * "ihc" (default): what an IHC patch can determine. DAB's colour is fixed by its chemistry, so the DAB vector
@@ -59,14 +61,16 @@ import os
 import sys
 import tempfile
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-MAX_CONC_PERCENTILE = 99  # HEnorm/torchstain: a stain's maximum concentration is its 99th percentile
+import common  # --device only: common.resolve_device, the rule every script shares
+import stain_math as sm
+
+MAX_CONC_PERCENTILE = sm.MAX_CONC_PERCENTILE
 CPU_CHUNK_PIXELS = 2 ** 20  # ~20 tiles of 224x224: OD (12 MB) stays below glibc's mmap threshold, few parallel regions
 CUDA_CHUNK_PIXELS = 2 ** 24  # large enough to fill a GPU, small enough to cap working memory near 1 GB
 FALLBACK, SINGLE_STAIN, TWO_STAINS = 0, 1, 2  # per-image mode reported by analyze()
@@ -114,9 +118,9 @@ class MacenkoNormalizer:
         dab, share = _reference_dab(od, tissue, two[0, :, 0], self.alpha)
         if self.mode == "ihc":  # canonical hematoxylin, DAB from the reference's DAB pixels alone
             two = torch.stack((two[:, :, 0], dab[None]), -1)
-        pinv, invertible = _pinv(two)
+        pinv, invertible = sm.pinv(two)
         _check_reference(int(count[0]), self.min_tissue_pixels, bool(invertible[0]), two[0], share)
-        max_conc = _max_concentrations(torch.bmm(pinv.float(), od))[0]
+        max_conc = sm.max_concentrations(torch.bmm(pinv.float(), od))[0]
         if not (max_conc > 0).all():
             raise ValueError(f"reference image is unusable: a stain has no positive concentration; {GOOD_REFERENCE}")
         self.stain_matrix, self.max_concentrations, self._cache = two[0].float(), max_conc.float(), {}
@@ -128,7 +132,7 @@ class MacenkoNormalizer:
         b, _, h, w = _check_uint8(batch, ndim=4, what="batch").shape
         out = torch.empty((b, 3, h * w), dtype=torch.float32, device=batch.device)
         for (lo, hi), est in self._estimates(batch):
-            _reconstruct(est["od"], est["od_to_output"], self.io, out[lo:hi])
+            sm.reconstruct(est["od"], est["od_to_output"], self.io, out[lo:hi])
         return out.view(b, 3, h, w)
 
     @torch.no_grad()
@@ -179,12 +183,12 @@ class MacenkoNormalizer:
         from pageable memory would make CUDA wait for the queued work (a hidden host sync)."""
         key = str(device)
         if key not in self._cache:
-            lut, level = _od_table(self.io, self.beta)
+            lut, level = sm.od_table(self.io, self.beta)
             const = {"lut": lut.to(device), "tissue_level": level}
             if self.fitted:
                 ref = self.stain_matrix.to(device, torch.float64)
                 ref_max = self.max_concentrations.to(device, torch.float64)
-                const.update(ref=ref, ref_max=ref_max, ref_pinv=_pinv(ref[None])[0],
+                const.update(ref=ref, ref_max=ref_max, ref_pinv=sm.pinv(ref[None])[0],
                              presence=(self.stain_presence * ref_max).float()[None, :, None])
             self._cache[key] = const
         return self._cache[key]
@@ -220,8 +224,8 @@ class MacenkoNormalizer:
         mean = torch.bmm(od, tissue.to(od.dtype)[:, :, None]).squeeze(-1).double() / count.clamp(min=1)[:, None]
         h, valid = _hematoxylin_vectors(od, tissue, count, mean, ref[:, 1], self.alpha)
         matrix = torch.stack((h, ref[:, 1].expand_as(h)), -1)
-        pinv, invertible = _pinv(matrix)
-        max_h = _max_concentrations(torch.bmm(pinv[:, :1].float(), od))[:, 0].double()
+        pinv, invertible = sm.pinv(matrix)
+        max_h = sm.max_concentrations(torch.bmm(pinv[:, :1].float(), od))[:, 0].double()
         usable = (count >= self.min_tissue_pixels) & valid & invertible & (max_h > 1e-6 * ref_max[0])  # NaN: false
         pinv = torch.where(usable[:, None, None], pinv, const["ref_pinv"])
         matrix = torch.where(usable[:, None, None], matrix, ref)
@@ -237,17 +241,17 @@ class MacenkoNormalizer:
         given the reference stain matrix, which reference stains are present (b, 2)."""
         const = self._constants(x.device)
         od, tissue, count = self._optical_density(x)
-        mean, cov = _tissue_mean_and_cov(od, tissue, count)
-        u = _angle_basis(mean, cov)  # (b, 2, 3): in-plane unit vectors, u[:, 0] along the mean tissue OD
+        mean, cov = sm.tissue_mean_and_cov(od, tissue, count)
+        u = sm.angle_basis(mean, cov)  # (b, 2, 3): in-plane unit vectors, u[:, 0] along the mean tissue OD
         maps = u if ref is None else torch.cat((u, const["ref_pinv"].expand(len(u), 2, 3)), 1)
         proj = torch.bmm(maps.float(), od)  # plane coordinates, then concentrations on the reference stains
-        phi_lo, phi_hi = _tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), tissue, count, self.alpha)
-        v_lo, v_hi = _unit_in_plane(u, phi_lo), _unit_in_plane(u, phi_hi)
+        phi_lo, phi_hi = sm.tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), tissue, count, self.alpha)
+        v_lo, v_hi = sm.unit_in_plane(u, phi_lo), sm.unit_in_plane(u, phi_hi)
         two = torch.where((v_lo[:, 0] > v_hi[:, 0])[:, None, None], torch.stack((v_lo, v_hi), -1),
                           torch.stack((v_hi, v_lo), -1))
         present = None
         if ref is not None:  # 99th percentile >= presence * reference maximum, counted instead of selected
-            at_or_above_p99 = x.shape[-1] - int(_nearest_rank(MAX_CONC_PERCENTILE, x.shape[-1])) + 1
+            at_or_above_p99 = x.shape[-1] - int(sm.nearest_rank(MAX_CONC_PERCENTILE, x.shape[-1])) + 1
             present = (proj[:, 2:] >= const["presence"]).sum(-1) >= at_or_above_p99
         return od, count, mean, two, torch.rad2deg(phi_hi - phi_lo), present
 
@@ -258,8 +262,8 @@ class MacenkoNormalizer:
         od, count, mean, two, spread, present = self._two_stain_estimate(x, ref)
         single = self._is_single_stain(two, spread, ref, present)
         matrix, slot = _stain_matrices(two, single, mean, ref)
-        pinv, invertible = _pinv(matrix)
-        max_conc = _max_concentrations(torch.bmm(pinv.float(), od)).double()
+        pinv, invertible = sm.pinv(matrix)
+        max_conc = sm.max_concentrations(torch.bmm(pinv.float(), od)).double()
         rescaled = torch.stack((~single | (slot == 0), ~single | (slot == 1)), -1)  # single: one stain only
         finite_scale = max_conc > 1e-6 * const["ref_max"]  # also false for NaN
         usable = (count >= self.min_tissue_pixels) & invertible & torch.where(rescaled, finite_scale, True).all(-1)
@@ -281,97 +285,7 @@ class MacenkoNormalizer:
         return ~present.all(-1) | (spread < self.single_stain_angle) | (nearest[:, 0] == nearest[:, 1])
 
 
-# ---------------------------------------------------------------------------------------------- batched math
-def _od_table(io, beta):
-    """OD of each 8-bit level, and the highest level whose OD is still >= beta (tissue)."""
-    lut = -torch.log((torch.arange(256, dtype=torch.float32) + 1) / io)  # torchstain's float32 expression
-    tissue_level = int((lut >= beta).sum()) - 1  # lut decreases: levels 0..tissue_level have OD >= beta
-    return lut, tissue_level
-
-
-def _tissue_mean_and_cov(od, tissue, count):
-    """Mean tissue OD (b, 3) and covariance (b, 3, 3) with divisor n-1 like torchstain, in float64."""
-    weight = tissue.to(od.dtype)
-    n = count.clamp(min=2).to(torch.float64)
-    mean = torch.bmm(od, weight[:, :, None]).squeeze(-1).double() / n[:, None]
-    centered = (od - mean.float()[:, :, None]) * weight[:, None, :]  # centre first: float32 sums stay accurate
-    cov = torch.bmm(centered, centered.transpose(1, 2)).double() / (n - 1)[:, None, None]
-    return mean, cov
-
-
-def _smallest_eigenvector(cov):
-    """Unit eigenvector of the smallest eigenvalue of symmetric 3x3 matrices (closed form: trigonometric
-    eigenvalues, then the longest cross product of two rows of cov - lambda_min * I). Zero vector if cov = c*I."""
-    eye = torch.eye(3, dtype=cov.dtype, device=cov.device)
-    q = cov.diagonal(dim1=1, dim2=2).mean(-1)
-    off = cov[:, 0, 1] ** 2 + cov[:, 0, 2] ** 2 + cov[:, 1, 2] ** 2
-    p = torch.sqrt(((cov.diagonal(dim1=1, dim2=2) - q[:, None]) ** 2).sum(-1) / 6 + off / 3)
-    shifted = (cov - q[:, None, None] * eye) / torch.where(p > 0, p, 1.0)[:, None, None]
-    det = (shifted[:, 0] * torch.linalg.cross(shifted[:, 1], shifted[:, 2])).sum(-1)
-    angle = torch.acos((det / 2).clamp(-1, 1)) / 3
-    lam_min = q + 2 * p * torch.cos(angle + 2 * math.pi / 3)
-    rows = cov - lam_min[:, None, None] * eye
-    cand = torch.stack((torch.linalg.cross(rows[:, 0], rows[:, 1]), torch.linalg.cross(rows[:, 0], rows[:, 2]),
-                        torch.linalg.cross(rows[:, 1], rows[:, 2])), 1)
-    norms = cand.norm(dim=-1)
-    best = torch.take_along_dim(cand, norms.argmax(-1)[:, None, None], dim=1).squeeze(1)
-    return best / norms.amax(-1).clamp(min=1e-300)[:, None]
-
-
-def _angle_basis(mean, cov):
-    """(b, 2, 3) orthonormal basis of the top-2 eigenvector plane with u0 along the mean OD projected into it,
-    so tissue angles cluster around 0 and the +-pi cut of atan2 lies opposite the tissue."""
-    normal = _smallest_eigenvector(cov)
-    u0 = mean - (mean * normal).sum(-1, keepdim=True) * normal
-    u0 = u0 / u0.norm(dim=-1, keepdim=True).clamp(min=1e-300)
-    u1 = torch.linalg.cross(normal, u0)
-    return torch.stack((u0, u1), 1)
-
-
-def _nearest_rank(q, n):
-    """torchstain's percentile: the k-th smallest (1-based), k = 1 + round(q/100 * (n-1)) rounded half to even,
-    for a tensor, an int or a numpy array of counts n."""
-    if isinstance(n, torch.Tensor):
-        return 1 + torch.round(0.01 * float(q) * (n.to(torch.float64) - 1)).long()
-    return 1 + np.round(0.01 * float(q) * (np.asarray(n, dtype=np.float64) - 1)).astype(np.int64)
-
-
-def _kth_smallest(rows, k):
-    """k-th smallest (1-based, same k for every row) of each row of a 2-D tensor. On CPU numpy's introselect is
-    ~4x faster than torch.kthvalue/topk, which track indices; elsewhere torch.kthvalue, which never syncs."""
-    if rows.device.type == "cpu":
-        return torch.from_numpy(np.partition(rows.numpy(), k - 1, axis=-1)[:, k - 1])
-    return rows.kthvalue(k, dim=-1).values
-
-
-def _tissue_percentiles(phi, tissue, count, alpha, high=True):
-    """torchstain's alpha and 100-alpha percentiles of each image's tissue angles, with a single selection for
-    the whole chunk. Row i wants its k_i-th smallest tissue angle: non-tissue angles become +inf and K - k_i
-    padding entries of -inf are appended, so the K-th smallest of every padded row is the answer for a common K.
-    The high percentile is the j_i-th smallest of -phi, j_i = n_i - k_hi + 1, padded the same way. high=False:
-    the alpha percentile alone (half the rows)."""
-    b, pixels = phi.shape
-    k_lo, j_hi = _nearest_rank(alpha, count), count - _nearest_rank(100 - alpha, count) + 1
-    k_max = max(int(_nearest_rank(alpha, pixels)), _max_high_rank(pixels, alpha) if high else 1)  # host ints: no sync
-    rows = torch.empty(((1 + high) * b, pixels + k_max), dtype=phi.dtype, device=phi.device)
-    inf = torch.full((), math.inf, dtype=phi.dtype, device=phi.device)  # a fill, not a host-to-device copy
-    torch.where(tissue, phi, inf, out=rows[:b, :pixels])
-    if high:
-        torch.where(tissue, -phi, inf, out=rows[b:, :pixels])
-    want = (torch.cat((k_lo, j_hi)) if high else k_lo).clamp(1, k_max)
-    pad = torch.arange(k_max, device=phi.device)[None, :] < (k_max - want)[:, None]
-    rows[:, pixels:] = torch.where(pad, -math.inf, math.inf)
-    picked = _kth_smallest(rows, k_max).to(phi.device, torch.float64)
-    return (picked[:b], -picked[b:]) if high else picked
-
-
-@lru_cache(maxsize=64)
-def _max_high_rank(pixels, alpha):
-    """Largest j = n - k_hi(n) + 1 over every possible tissue count n <= pixels (the high side's padding size)."""
-    n = np.arange(1, pixels + 1)
-    return int((n - _nearest_rank(100 - alpha, n) + 1).max())
-
-
+# ---------------------------------------------------------------------------------------------- stain estimates
 def _hematoxylin_vectors(od, tissue, count, mean, dab, alpha):
     """Per-image hematoxylin unit vector (b, 3) given the DAB vector (3,): in the plane of DAB and the tissue's
     mean OD, where every H + DAB mixture lies, hematoxylin is the direction farthest from DAB that the tissue
@@ -385,10 +299,10 @@ def _hematoxylin_vectors(od, tissue, count, mean, dab, alpha):
     u = torch.stack((e / norm.clamp(min=1e-300)[:, None], dab.expand_as(e)), 1)  # (b, 2, 3): DAB-free axis, DAB
     proj = torch.bmm(u.float(), od)
     darkness = od.sum(dim=1)
-    cut = _tissue_percentiles(darkness, tissue, count, PALE_PERCENTILE, high=False)  # no sync
+    cut = sm.tissue_percentiles(darkness, tissue, count, PALE_PERCENTILE, high=False)  # no sync
     dark = tissue & (darkness >= cut.float()[:, None])
-    phi = _tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), dark, dark.sum(dim=1), alpha, high=False)
-    h = _unit_in_plane(u, phi)
+    phi = sm.tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), dark, dark.sum(dim=1), alpha, high=False)
+    h = sm.unit_in_plane(u, phi)
     return h, (norm > 1e-3 * mean.norm(dim=-1)) & ((h @ dab) < math.cos(math.radians(MIN_HEMATOXYLIN_ANGLE)))
 
 
@@ -404,8 +318,8 @@ def _reference_dab(od, tissue, hematoxylin, alpha):
     axis = (offset * dab_pixels[:, None]).sum(-1).double()[0]
     u = torch.stack((hematoxylin, axis / axis.norm().clamp(min=1e-300)))[None]  # (1, 2, 3), orthonormal
     proj = torch.bmm(u.float(), od)
-    _, phi = _tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), dab_pixels, n.clamp(min=1), alpha)
-    return _unit_in_plane(u, phi)[0], float(n[0]) / max(float(tissue.sum()), 1.0)
+    _, phi = sm.tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), dab_pixels, n.clamp(min=1), alpha)
+    return sm.unit_in_plane(u, phi)[0], float(n[0]) / max(float(tissue.sum()), 1.0)
 
 
 def _check_reference(tissue_pixels, min_tissue_pixels, invertible, two, dab_share):
@@ -421,12 +335,8 @@ def _check_reference(tissue_pixels, min_tissue_pixels, invertible, two, dab_shar
     angle = math.degrees(math.acos(min(1.0, float(two[:, 0] @ two[:, 1]))))
     if angle < MIN_STAIN_ANGLE:
         raise ValueError(f"reference's hematoxylin and DAB vectors are only {angle:.0f} degrees apart (need >= "
-                         f"{MIN_STAIN_ANGLE:.0f}): its nuclei carry DAB and would tint every patch brown; "
-                         f"{GOOD_REFERENCE}")
-
-
-def _unit_in_plane(u, phi):
-    return torch.cos(phi)[:, None] * u[:, 0] + torch.sin(phi)[:, None] * u[:, 1]
+                         f"{MIN_STAIN_ANGLE:.0f}): too little DAB for this mode's estimate, or DAB on its nuclei "
+                         f"(which would tint every patch brown); {GOOD_REFERENCE}")
 
 
 def _stain_matrices(two, single, mean, ref):
@@ -438,30 +348,6 @@ def _stain_matrices(two, single, mean, ref):
     one = torch.where((slot == 0)[:, None, None], torch.stack((dominant, ref[:, :, 1]), -1),
                       torch.stack((ref[:, :, 0], dominant), -1))
     return torch.where(single[:, None, None], one, two), slot
-
-
-def _pinv(matrix):
-    """Least-squares inverse (b, 2, 3) of (b, 3, 2) stain matrices, as torch.linalg.lstsq solves it."""
-    gram = matrix.transpose(1, 2) @ matrix
-    det = gram[:, 0, 0] * gram[:, 1, 1] - gram[:, 0, 1] * gram[:, 1, 0]
-    invertible = det > 1e-9 * gram[:, 0, 0] * gram[:, 1, 1]  # vectors more than ~0.002 deg apart
-    safe = torch.where(invertible, det, 1.0)
-    adj = torch.stack((torch.stack((gram[:, 1, 1], -gram[:, 0, 1]), -1),
-                       torch.stack((-gram[:, 1, 0], gram[:, 0, 0]), -1)), 1)
-    return (adj / safe[:, None, None]) @ matrix.transpose(1, 2), invertible
-
-
-def _reconstruct(od, od_to_output, io, out):
-    """out = floor(min(Io * exp(-M @ OD), 255)) / 255: torchstain's clip and int truncation, as level/255."""
-    torch.bmm(-od_to_output, od, out=out)
-    out.add_(math.log(io)).exp_().clamp_(max=255.0).floor_().div_(255.0)
-
-
-def _max_concentrations(conc):
-    """torchstain's 99th nearest-rank percentile of each stain over all pixels: (b, 2, N) -> (b, 2)."""
-    b, stains, pixels = conc.shape
-    k = int(_nearest_rank(MAX_CONC_PERCENTILE, pixels))
-    return _kth_smallest(conc.reshape(b * stains, pixels), k).to(conc.device).view(b, stains)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -560,6 +446,49 @@ def _atomic_write(target: Path, write):
         raise
 
 
+def preview_mosaic(images, columns: dict, row_labels=None, tile=160) -> Image.Image:
+    """A picture a pathologist judges in seconds: one row per uint8 (3, H, W) patch, original | each normalizer's
+    output (columns: {title: fitted MacenkoNormalizer}), titles on top and an optional label above each row."""
+    from PIL import ImageDraw
+    titles, gap, text = ["original", *columns], 4, 14
+    width = len(titles) * (tile + gap) + gap
+    canvas = Image.new("RGB", (width, text + len(images) * (tile + text + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(titles):
+        draw.text((gap + c * (tile + gap), 1), title, fill="black")
+    for r, image in enumerate(images):
+        top = text + r * (tile + text + gap) + gap
+        draw.text((gap, top), str(row_labels[r]) if row_labels else "", fill="black")
+        outs = [image] + [n.normalize(image[None].to(n.device))[0].mul(255).round().to(torch.uint8).cpu()
+                          for n in columns.values()]  # one patch at a time: sizes may differ
+        for c, out in enumerate(outs):
+            picture = Image.fromarray(out.permute(1, 2, 0).numpy()).resize((tile, tile), Image.Resampling.LANCZOS)
+            canvas.paste(picture, (gap + c * (tile + gap), top + text))
+    return canvas
+
+
+def preview(reference, in_dir, out_png, count=8, device="cpu") -> int:
+    """Mosaic of `count` PNGs spread evenly over in_dir's sorted tree: original | default (ihc) | canonical
+    (macenko; left out, with a note, if the reference cannot serve it). Returns how many patches it shows."""
+    in_dir = Path(in_dir)
+    if not Path(reference).is_file():
+        raise FileNotFoundError(f"reference image not found: {reference}")
+    files = sorted(p for p in in_dir.rglob("*") if p.suffix.lower() == ".png" and p.is_file()) if in_dir.is_dir() \
+        else []
+    if not files:
+        raise ValueError(f"no .png files under {in_dir}")
+    picked = [files[i * len(files) // min(count, len(files))] for i in range(min(count, len(files)))]
+    ref, columns = load_rgb(reference), {}
+    columns["default (ihc)"] = MacenkoNormalizer().to(device).fit(ref)
+    try:
+        columns["canonical Macenko"] = MacenkoNormalizer(mode="macenko").to(device).fit(ref)
+    except ValueError as err:
+        print(f"note: canonical Macenko column left out: {err}", file=sys.stderr)
+    mosaic = preview_mosaic([load_rgb(p) for p in picked], columns, [p.relative_to(in_dir).as_posix() for p in picked])
+    _atomic_write(Path(out_png), lambda f: mosaic.save(f, "PNG"))
+    return len(picked)
+
+
 def _timed(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # time the work, not the queueing
@@ -605,12 +534,14 @@ def get_args_parser():
                                 "PNGs, or --benchmark against torchstain.", epilog="exit codes: 0 ok, 2 bad input")
     p.add_argument("in_dir", nargs="?", help="folder of PNG tiles, searched recursively (folder mode)")
     p.add_argument("out_dir", nargs="?", help="where the normalized PNGs go, same relative paths; not inside IN_DIR")
-    p.add_argument("--reference", help="PNG defining the target colours: a tissue-rich tile showing both hematoxylin "
-                   "and DAB; keep the same one for training and evaluation")
+    p.add_argument("--reference", help="PNG defining the target colours: a tissue-rich tile with blue DAB-free nuclei "
+                   "and clear brown DAB (a few bacteria are enough); keep the same one for training and evaluation")
+    p.add_argument("--preview", action="store_true", help="write a mosaic PNG (OUT_DIR is then the PNG's path) of "
+                   "--count patches of IN_DIR: original | default | canonical Macenko, to judge the stain by eye")
+    p.add_argument("--count", type=int, default=8, help="--preview: patches shown, spread evenly over IN_DIR")
     p.add_argument("--benchmark", action="store_true", help="print img/s of this implementation and of torchstain's "
                    "per-image normalizer on the same synthetic tiles and device (needs requirements-dev.txt)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda[:N]; default cuda when available")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per normalize() call; 256 or more pays off "
                    "on a GPU, 64 is plenty on a CPU")
     p.add_argument("--size", type=int, default=224, help="benchmark tile side in pixels")
@@ -628,12 +559,7 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1 or args.size < 8 or args.repeats < 1:
             raise ValueError("--batch-size and --repeats must be >= 1 and --size >= 8")
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f"--device {args.device!r} is not a device name; use cpu or cuda") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+        device = common.resolve_device(args.device)
         if args.benchmark:
             if args.reference or args.in_dir:
                 raise ValueError("--benchmark takes no --reference, IN_DIR or OUT_DIR")
@@ -651,10 +577,16 @@ def main(argv=None) -> int:
             return EXIT_OK
         if not (args.reference and args.in_dir and args.out_dir):
             raise ValueError("folder mode needs --reference REF.png IN_DIR OUT_DIR (or use --benchmark)")
+        if args.preview:
+            if args.count < 1 or not args.out_dir.lower().endswith(".png"):
+                raise ValueError("--preview needs --count >= 1 and an OUT.png path ending in .png")
+            shown = preview(args.reference, args.in_dir, args.out_dir, args.count, device)
+            print(f"wrote {args.out_dir}: {shown} patches, original | default (ihc) | canonical Macenko")
+            return EXIT_OK
         count = normalize_folder(args.reference, args.in_dir, args.out_dir, device, args.batch_size, args.mode)
         print(f"normalized {count} images into {args.out_dir}")
         return EXIT_OK
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, common.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -5,11 +5,12 @@ Usage:
     python patch_cache.py --data-root HelicoDataSet --out /local/cache256n --normalized      # Macenko pre-applied
 
 In code (what train.py / evaluate.py do with --cache DIR):
-    cache = patch_cache.ensure_cache(root, "/local/cache256", 256, workers=16)      # build, resume or reuse
-    ds = patch_cache.CachedPatchDataset(cache, samples, 256, root=root)            # PatchDataset's items
+    cache = patch_cache.prepare("/local/cache256", data, 256, workers=16)        # build, resume or reuse
+    ds = patch_cache.patch_dataset(data.root, samples, 256, cache=cache)         # PatchDataset's items
     if ds.normalized: skip Macenko (the pixels already are), and store ds.stain as the checkpoint's stain reference
 
-A separate file because the design card's common.py (already ~560 lines) cannot hold it within ~500 lines.
+Owns where training and evaluation read patches from (patch_dataset: PNGs or the cache) and the cache's one entry
+point (prepare); a module of its own because the cache is a file format with its own lifecycle, not part of the data.
 
 CACHE_DIR holds:
     patches.u8    uint8 (N, 3, H, W), C order, no header (np.memmap); row r is index row r
@@ -25,14 +26,16 @@ fingerprint), the image size, the normalization or the stain reference differ, o
 interrupted build resumes from its finished chunks. Only the files above are ever deleted in CACHE_DIR.
 Size on disk: 196,608 bytes per 256x256 patch (~43 GB for the ~220k patches of HelicoDataSet, ~33 GB at 224).
 
-Exit codes: 0 built or reused, 2 bad input (missing data root, no space, bad reference), 130 interrupted
-(rerun the same command to resume).
+Exit codes: 0 built or reused (undecodable PNGs are named on stderr, stored as zeros), 2 bad input (missing data
+root, bad reference, too little free space for the cache before it starts), 4 stopped by Ctrl-C (rerun the same
+command to resume), 5 the disk filled up or failed during the build (free space, rerun to resume).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -44,8 +47,12 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 import common
+import macenko_gpu
+import model
 from common import DataError
 
 VERSION = 1
@@ -141,7 +148,6 @@ def stain_from_meta(meta: dict):
     """The stored MacenkoNormalizer state with tensors again (weights_only-safe for a checkpoint), or None."""
     if not meta.get("normalized"):
         return None
-    import torch
     state = dict(meta["stain"]["state"])
     for k in ("stain_matrix", "max_concentrations"):
         state[k] = torch.tensor(state[k], dtype=torch.float32)
@@ -176,7 +182,7 @@ class CachedPatchDataset:
             changed = [r["path"] for r in mine if _stat_key(Path(root) / r["path"]) != [r["size"], r["mtime_ns"]]]
             if changed:
                 raise DataError(f"--cache {self.cache_dir}: stale: {len(changed)} source file(s) changed since it "
-                                f"was built, e.g. {changed[0]}; rebuild it (ensure_cache does so automatically)")
+                                f"was built, e.g. {changed[0]}; rebuild it (prepare does so automatically)")
         self.rows = np.array([r["row"] for r in mine], dtype=np.int64)
         bad_rows = set(meta.get("bad_rows", []))
         self.bad = np.array([r["row"] in bad_rows for r in mine], dtype=bool)
@@ -204,7 +210,6 @@ class CachedPatchDataset:
 
     def __getitems__(self, indices):
         """A whole batch in one gather from the memmap (DataLoader calls this with the batch's indices)."""
-        import torch
         indices = list(indices)
         if self.bad[indices].any():
             self._bad_rows(indices)
@@ -231,15 +236,8 @@ def _stat_key(path: Path) -> list | None:
 # ----------------------------------------------------------------------------------------------- build
 def stain_reference(root: Path, reference: str, device):
     """(normalizer on `device`, meta record) for --normalized; the record pins the reference file's bytes."""
-    import macenko_gpu
-    ref = Path(reference)
-    ref = ref if ref.is_absolute() else root / ref
-    if not ref.is_file():
-        raise DataError(f"--reference-patch {ref}: file not found (Macenko needs a stain reference tile)")
-    try:
-        normalizer = macenko_gpu.MacenkoNormalizer().fit(macenko_gpu.load_rgb(ref))
-    except ValueError as e:
-        raise DataError(f"--reference-patch {ref}: {e}") from None
+    normalizer = model.fit_stain_reference(root, reference)
+    ref = Path(reference) if Path(reference).is_absolute() else root / reference
     state = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in normalizer.state_dict().items()}
     record = {"reference": str(reference), "sha256": hashlib.sha256(ref.read_bytes()).hexdigest(), "state": state}
     return normalizer.to(device), record
@@ -334,7 +332,6 @@ def decode_chunk(dataset, lo: int, hi: int, fd: int, row_bytes: int) -> list[int
 def normalize_chunk(normalizer, fd: int, lo: int, hi: int, size: int, bad) -> None:
     """Read back decoded rows, Macenko-normalize them in one batch on the normalizer's device, store uint8 levels
     (the normalizer's output is level/255, so nothing is lost). Undecodable rows stay zero."""
-    import torch
     row_bytes = 3 * size * size
     raw = np.frombuffer(os.pread(fd, (hi - lo) * row_bytes, lo * row_bytes), np.uint8).reshape(hi - lo, 3, size, size)
     keep = [k for k in range(hi - lo) if lo + k not in bad]
@@ -365,9 +362,7 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
         raise DataError(f"--data-root {root}: no patches to cache")
     normalizer = stain = None
     if normalized:
-        import torch
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        normalizer, stain = stain_reference(root, reference or common.DEFAULT_REFERENCE, device)
+        normalizer, stain = stain_reference(root, reference or common.DEFAULT_REFERENCE, common.resolve_device(device))
     want = wanted_meta(rows, image_size, stain, root)
     t0 = time.perf_counter()
     with _locked(cache_dir):
@@ -375,6 +370,7 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
         reason = rebuild_reason(cache_dir, old, want, rows)
         if reason is None and old.get("complete"):
             return {"cache": str(cache_dir), "action": "reused", "count": len(rows), "chunks_built": 0,
+                    "undecodable": [rows[r]["path"] for r in old.get("bad_rows", [])],
                     "chunks": -(-len(rows) // CHUNK_ROWS), "seconds": time.perf_counter() - t0}
         if reason is not None and reason != "no cache yet" and not rebuild:
             raise DataError(f"--cache {cache_dir}: {reason}; not rebuilding a cache this command did not create "
@@ -384,15 +380,18 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
                 print(f"patch_cache: rebuilding {cache_dir}: {reason}", file=sys.stderr)
             start_fresh(cache_dir, rows, want)
         built = _fill(cache_dir, root, rows, image_size, workers, normalizer, progress, on_chunk)
-        _finish(cache_dir, want)
+        undecodable = [rows[r]["path"] for r in _finish(cache_dir, want)]
+    for path in undecodable:  # once, when built: every decode happens here, so this is where they are found
+        print(f"warning: undecodable {root / path}: stored as zeros; training stops at it unless --skip-bad-images",
+              file=sys.stderr)
     return {"cache": str(cache_dir), "action": "built" if reason else "resumed", "count": len(rows),
-            "chunks_built": built, "chunks": -(-len(rows) // CHUNK_ROWS), "seconds": time.perf_counter() - t0}
+            "chunks_built": built, "chunks": -(-len(rows) // CHUNK_ROWS), "seconds": time.perf_counter() - t0,
+            "undecodable": undecodable}
 
 
 def _fill(cache_dir, root, rows, size, workers, normalizer, progress, on_chunk) -> int:
     """Decode every unfinished chunk with `workers` threads (PIL releases the GIL while decoding and resizing);
     this thread normalizes (if asked) and records each finished chunk. Returns the number of chunks built."""
-    from tqdm import tqdm
     samples = [common.Sample(r["path"], r["patient"], r["source"], r["label"], 0) for r in rows]
     dataset = common.PatchDataset(root, samples, size, skip_bad=True)
     n_chunks, row_bytes = -(-len(rows) // CHUNK_ROWS), 3 * size * size
@@ -431,7 +430,7 @@ def _fill(cache_dir, root, rows, size, workers, normalizer, progress, on_chunk) 
     return built
 
 
-def _finish(cache_dir: Path, want: dict) -> None:
+def _finish(cache_dir: Path, want: dict) -> list[int]:
     """Verify (every chunk recorded, count, size, index checksum), then write meta with complete=true, last."""
     n_chunks = -(-want["count"] // CHUNK_ROWS)
     progress = (cache_dir / PROGRESS).read_bytes()
@@ -443,29 +442,21 @@ def _finish(cache_dir: Path, want: dict) -> None:
     if bad:
         raise DataError(f"--out {cache_dir}: verification failed: {bad[0]}")
     write_meta(cache_dir, meta)  # from here on readers trust the cache
+    return bad_rows
 
 
 @contextlib.contextmanager
 def _locked(cache_dir: Path):
-    import fcntl
     with open(cache_dir / ".lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # a second builder waits here, then finds the cache complete; close unlocks
         yield
 
 
 # ----------------------------------------------------------------------------------------------- entry points
-def ensure_cache(data_root, cache_dir, image_size: int = 256, workers: int = 4, normalized: bool = False,
-                 reference: str | None = None, device=None, progress: bool = True, data=None) -> Path:
-    """Build, resume or reuse the cache in `cache_dir` for `data_root`; returns `cache_dir` (the one call
-    train.py / evaluate.py make for --cache DIR). Pass `data` (common.load_data) to skip re-reading the root."""
-    data = data if data is not None else common.load_data(data_root)
-    build_cache(data, cache_dir, image_size, workers, normalized, reference, device, progress)
-    return Path(cache_dir)
-
-
 def prepare(cache_dir, data, image_size: int, workers: int, normalized: bool | None = None,
             reference: str | None = None, device=None) -> Path:
-    """ensure_cache for train.py / evaluate.py `--cache DIR`, with one-line errors naming --cache.
+    """The one entry point of train.py, evaluate.py and the launcher's `--cache DIR`: build, resume or reuse the
+    cache of every patch of `data` (build_cache), with one-line errors naming --cache; returns DIR.
 
     It refreshes a cache whose PNGs changed, but never turns a finished cache into another kind (size,
     normalization, stain reference): a job on this node may be reading it, and a rebuild truncates patches.u8
@@ -484,17 +475,28 @@ def prepare(cache_dir, data, image_size: int, workers: int, normalized: bool | N
         raise DataError(f"--cache {where}: holds {have}, but this run needs {kind(image_size, normalized, reference)}; "
                         f"give another folder (or delete this one to rebuild it)")
     try:
-        return ensure_cache(data.root, where, image_size, workers, normalized, reference, device, data=data)
+        build_cache(data, where, image_size, workers, normalized, reference, device)
+        return where
     except OSError as e:
         raise DataError(f"--cache {where}: {e.strerror or e}") from None
+
+
+def patch_dataset(root, samples, image_size: int, skip_bad: bool = False, cache=None):
+    """(uint8 image, label, index) items of `samples`: decoded PNGs, or with a prepared cache the same bytes from it."""
+    if cache is None:
+        return common.PatchDataset(root, samples, image_size, skip_bad)
+    return CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=skip_bad)
 
 
 def same_stain(a: dict | None, b: dict | None) -> bool:
     """Whether two MacenkoNormalizer states normalize alike: equal settings, and reference stain vectors and maxima
     equal up to float noise (a reference fitted on another device differs in the last bits)."""
-    import torch
-    if a is None or b is None or set(a) != set(b):
+    if a is None or b is None:
         return a is None and b is None
+    try:  # states saved before the stain modes existed, in today's form (they normalize as they did)
+        a, b = (macenko_gpu.MacenkoNormalizer.from_state_dict(s).state_dict() for s in (a, b))
+    except ValueError:
+        return False
     for k in a:
         if torch.is_tensor(a[k]) or torch.is_tensor(b[k]):
             x, y = (torch.as_tensor(v, dtype=torch.float64) for v in (a[k], b[k]))
@@ -547,9 +549,17 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
+    except (OSError, common.EnvironmentFault) as e:  # a disk filling up or failing mid-build
+        if isinstance(e, OSError) and e.errno not in common.FAULTS:
+            raise
+        why = str(e) if isinstance(e, common.EnvironmentFault) else common.FAULTS[e.errno]
+        print(f"error: --out {args.out}: {why}; free space there (or check that disk), then run the same command "
+              f"again to resume the build", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
     except KeyboardInterrupt:
-        print(f"interrupted: {args.out} is incomplete and will not be used; rerun to resume", file=sys.stderr)
-        return 130
+        print(f"stopped by Ctrl-C: {args.out} is incomplete and will not be used; rerun the same command to resume",
+              file=sys.stderr)
+        return common.EXIT_STOPPED
     rate = report["count"] / report["seconds"] if report["action"] != "reused" and report["seconds"] else None
     print(f"{report['action']} {args.out}: {report['count']} patches of {args.image_size}px"
           f"{', Macenko-normalized' if args.normalized else ''}, {cache_bytes(args.out) / 1e9:.2f} GB on disk"

@@ -151,7 +151,7 @@ def check(modes=macenko_gpu.MODES, seed=0) -> list[dict]:
             try:
                 norm = MacenkoNormalizer(mode=mode).fit(ref)
             except ValueError as err:
-                rows.append({**row, "refused": str(err).split(":")[0]})
+                rows.append({**row, "refused": str(err).split(";")[0].split(":")[0]})
                 continue
             out = norm.normalize(rich)
             canonical = out if mode == "macenko" else canonical

@@ -1,5 +1,6 @@
 """Every way a run can stop, tried as users meet it: the real scripts in their own process, DataLoader workers on,
 a time limit, and then the exit code, the one line that says why, and what is left on disk (issue 9)."""
+import json
 import os
 import re
 import shutil
@@ -20,11 +21,11 @@ FAST = ["--device", "cpu", "--image-size", "64", "--batch-size", "16", "--weight
 LIMIT = 90  # seconds: a healthy run of these scripts takes ~10-20 s here (mostly imports); the hang was for ever
 
 
-def script(name, *argv, timeout=LIMIT, **popen):
+def script(name, *argv, timeout=LIMIT, env=()):
     """Run ROOT/name as its own process group, as a shell or SLURM starts it; the group is killed on timeout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **dict(env)}
     proc = subprocess.Popen([sys.executable, str(ROOT / name), *map(str, argv)], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -181,7 +182,6 @@ def warned(err: str) -> set[str]:
 
 
 def test_skip_bad_images_names_every_skipped_file_on_stderr_and_in_the_run_folder(truncated_root, tmp_path):
-    import json
     import train
     root, broken = truncated_root
     code, _, err = script("train.py", "--data-root", root, "--runs-dir", tmp_path, "--run-id", "skip", *FAST,
@@ -202,9 +202,76 @@ def test_evaluate_skip_bad_images_names_every_skipped_file_and_lists_them(tiny_r
     root, broken = empty_root
     out = tmp_path / "eval"
     code, _, err = script("evaluate.py", "--checkpoint", tiny_run / "best.pt", "--data-root", root, "--out", out,
-                          "--device", "cpu", "--workers", "2", "--bootstrap", "0", "--gradcam", "0", "--skip-bad-images")
+                          "--device", "cpu", "--workers", "2", "--bootstrap", "0", "--gradcam", "0",
+                          "--skip-bad-images")
     assert code == 0, err[-2000:]
     val = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)["split"]["val"]
     expected = {s.path for s in common.select(common.load_data(root).labelled, val)} & set(broken)
     assert expected and warned(err) == expected
     assert set((out / "skipped_images.txt").read_text().splitlines()) == expected
+
+
+# ----------------------------------------------------------------------------------------------- evaluate.py
+def test_compare_of_runs_sharing_fewer_than_5_validation_patients_is_refused(tiny_run, tmp_path):
+    import torch
+    ckpt = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)
+    other = dict(ckpt, split={"train": ckpt["split"]["train"][4:] + ckpt["split"]["val"][1:],
+                              "val": ckpt["split"]["val"][:1] + ckpt["split"]["train"][:4]})  # another split
+    torch.save(other, tmp_path / "other.pt")
+    code, out, err = script("evaluate.py", "--compare", tiny_run / "best.pt", tmp_path / "other.pt", "--out",
+                            tmp_path / "compare", "--device", "cpu", "--workers", "2", "--bootstrap", "50")
+    assert code == common.EXIT_BAD_INPUT, err[-2000:]
+    lines = error_lines(err)
+    assert len(lines) == 1 and "share 1 validation patient" in lines[0] and "at least 5" in lines[0], err[-2000:]
+    assert "noise" not in out and not (tmp_path / "compare").exists()
+
+
+def test_evaluate_with_and_without_holdout_write_separate_folders(tiny_run, tmp_path):
+    import evaluate
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_run / "best.pt", run / "best.pt")
+    flags = ["--checkpoint", str(run / "best.pt"), "--device", "cpu", "--workers", "0", "--bootstrap", "0",
+             "--gradcam", "0"]
+    assert evaluate.main([*flags, "--holdout"]) == 0
+    holdout_report = (run / "eval-holdout" / "metrics.json").read_text()
+    assert evaluate.main(flags) == 0
+    assert (run / "eval-holdout" / "metrics.json").read_text() == holdout_report  # not replaced
+    assert "holdout" not in json.loads((run / "eval" / "metrics.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------- messages
+def test_a_truncated_last_pt_is_one_whole_line_naming_the_run_not_a_flag_train_lacks(demo_root, tmp_path, capsys):
+    import torch
+    import train
+    torch.save({"weights": torch.zeros(10_000)}, tmp_path / "whole.pt")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "last.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:20_000])
+    argv = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-id", "cut", *FAST, "--workers", "0"]
+    assert train.main(argv) == common.EXIT_BAD_INPUT
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    assert "--run-id cut" in lines[0] and "--checkpoint" not in lines[0] and str(tmp_path / "cut" / "last.pt") in lines[0]
+    assert "unreadable checkpoint (" in lines[0] and lines[0].endswith("not written by train.py")  # whole, not cut
+
+
+def test_imagenet_weights_offline_say_where_the_cache_is_and_how_to_fill_it(demo_root, tmp_path):
+    offline = {"TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy":
+               "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}  # nothing listens on port 9: no network
+    code, _, err = script("train.py", "--data-root", demo_root, "--runs-dir", tmp_path, "--run-id", "offline",
+                          *FAST, "--weights", "imagenet", "--workers", "2", "--epochs", "1",
+                          env=offline)
+    assert code == common.EXIT_BAD_INPUT, err[-2000:]
+    lines = error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-") in lines[0]  # the file it looked for
+    assert "login node" in lines[0] and "get_state_dict()" in lines[0]
+
+
+def test_the_cache_build_names_every_undecodable_png(truncated_root, tmp_path):
+    root, broken = truncated_root
+    code, out, err = script("patch_cache.py", "--data-root", root, "--out", tmp_path / "cache", "--image-size", "32",
+                            "--workers", "2", "--quiet")
+    assert code == 0, err[-2000:]
+    named = set(re.findall(r"^warning: undecodable (\S+):", err, re.MULTILINE))
+    assert named == {str(root / p) for p in broken}
