@@ -109,38 +109,42 @@ class ResidentBatches(Batches):
 
 class StreamedBatches(Batches):
     """Batches gathered from the memmap by a reading thread into pinned host buffers, copied to the device
-    asynchronously: the host fallback when the patches do not fit on the device. Nothing is pickled."""
+    asynchronously: the host fallback when the patches do not fit on the device. Nothing is pickled; at most
+    `depth` batches are in flight (host memory stays bounded however large the cache)."""
 
     def __init__(self, dataset, sampler, batch_size, drop_last, device, depth: int = STREAM_DEPTH):
         super().__init__(dataset, sampler, batch_size, drop_last, device)
         self.rows, self.depth = torch.from_numpy(dataset.rows), depth
 
     def __iter__(self):
-        order, cuda = self.order(), self.device.type == "cuda"
+        order, cuda, n = self.order(), self.device.type == "cuda", self.batch_size
         source, size = source_tensor(self.dataset), self.dataset.image_size
-        shape = (self.batch_size, 3, size, size)
-        buffers = [torch.empty(shape, dtype=torch.uint8, pin_memory=True) for _ in range(self.depth)] if cuda else []
+        # CUDA: reused pinned slots (images, labels, indices), so every copy to the device is truly asynchronous
+        slots = [(torch.empty((n, 3, size, size), dtype=torch.uint8, pin_memory=True),
+                  torch.empty(n, dtype=torch.long, pin_memory=True), torch.empty(n, dtype=torch.long, pin_memory=True))
+                 for _ in range(self.depth)] if cuda else []
         free, ready, stop = queue.Queue(), queue.Queue(), threading.Event()
-        for k in range(len(buffers)):
+        for k in range(self.depth):
             free.put((k, None))
 
         def read():  # torch releases the GIL in index_select: this thread gathers while the main one trains
             try:
-                for start in range(0, len(order), self.batch_size):
-                    idx = order[start:start + self.batch_size]
-                    if cuda:
-                        k, copied = free.get()
-                        if stop.is_set():
-                            return
-                        if copied is not None:
-                            copied.synchronize()  # the device has read this buffer: refill it
-                        out = buffers[k][:len(idx)]
-                    else:  # on the CPU the batch is the training input itself: a fresh tensor each time
-                        k, out = None, torch.empty((len(idx), *shape[1:]), dtype=torch.uint8)
-                    torch.index_select(source, 0, self.rows[idx], out=out)
-                    ready.put((k, out, idx))
+                for start in range(0, len(order), n):
+                    k, copied = free.get()  # a slot the consumer is done with
                     if stop.is_set():
                         return
+                    if copied is not None:
+                        copied.synchronize()  # its copy to the device has finished: refill it
+                    idx = order[start:start + n]
+                    if cuda:
+                        images, labels, ids = (t[:len(idx)] for t in slots[k])
+                        ids.copy_(idx)
+                    else:  # on the CPU the batch is the training input itself: fresh tensors each time
+                        images, labels, ids = torch.empty((len(idx), 3, size, size), dtype=torch.uint8), \
+                            torch.empty(len(idx), dtype=torch.long), idx
+                    torch.index_select(source, 0, self.rows[idx], out=images)
+                    torch.index_select(self.labels, 0, idx, out=labels)
+                    ready.put((k, images, labels, ids, idx))
                 ready.put(None)
             except BaseException as e:  # re-raised in the main thread
                 ready.put(e)
@@ -151,18 +155,19 @@ class StreamedBatches(Batches):
             while (item := ready.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                k, images, idx = item
+                k, images, labels, ids, idx = item
                 self.check(idx)
+                copied = None
                 if cuda:
-                    images = images.to(self.device, non_blocking=True)
+                    images, labels, ids = (t.to(self.device, non_blocking=True) for t in (images, labels, ids))
                     copied = torch.cuda.Event()
                     copied.record()
-                    free.put((k, copied))
-                yield images, self.labels[idx].to(self.device, non_blocking=True), idx.to(self.device)
+                yield images, labels, ids
+                free.put((k, copied))  # asked for the next batch: this one's slot may be refilled
         finally:
             stop.set()
-            for _ in buffers:
-                free.put((0, None))  # unblock a reader waiting for a buffer
+            for _ in range(self.depth):
+                free.put((0, None))  # unblock a reader waiting for a slot
             reader.join()
 
 
