@@ -33,13 +33,16 @@ plain cache gets the checkpoint's Macenko applied (same pixels, same scores); on
 is used as it is, only if normalized to the checkpoint's own stain reference (refused otherwise, never rebuilt).
 
 Exit codes: 0 ok; 2 bad input (missing/unreadable/foreign checkpoint, wrong --arch, data root lacking a patient
-of the split, empty split, unreadable image without --skip-bad-images).
+of the split, empty split, unreadable image without --skip-bad-images, --compare of runs sharing fewer than 5
+validation patients); 5 no space left or an I/O error while writing the report (the previous one is kept); 130
+Ctrl-C (nothing written).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -562,6 +565,19 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
+    except common.EnvironmentFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
+    except OSError as e:  # the report folder is built in a temp folder beside --out: a full disk there
+        if e.errno not in common.FAULTS:
+            raise
+        print(f"error: {Path(e.filename or '.').parent}: {common.FAULTS[e.errno]} while writing the report (the "
+              f"previous one is kept); free space there, then run the same command again", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C: no report written (a previous one is kept); run the same command again",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         loaders.stop_workers()  # they ignore SIGTERM/SIGINT: left to Python's exit they would keep it waiting
 
