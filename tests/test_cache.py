@@ -96,12 +96,12 @@ def test_dataloader_workers_read_the_same_batches(cache64, mini_root):
 
 
 # ----------------------------------------------------------------------------------------------- reuse and rebuild
-def test_second_ensure_cache_reuses_without_decoding(cache64, mini_root):
+def test_second_build_reuses_without_decoding(cache64, mini_root):
     before = (cache64 / patch_cache.PATCHES).stat().st_mtime_ns
     report = build(mini_root, cache64)
     assert report["action"] == "reused" and report["chunks_built"] == 0
     assert (cache64 / patch_cache.PATCHES).stat().st_mtime_ns == before
-    assert patch_cache.ensure_cache(mini_root, cache64, 64, workers=2, progress=False) == cache64
+    assert patch_cache.prepare(cache64, common.load_data(mini_root), 64, workers=2) == cache64
 
 
 def test_interrupted_build_is_never_trusted_and_resumes(mini_root, tmp_path, monkeypatch):
@@ -174,6 +174,16 @@ def test_truncated_patch_file_fails_verification(cache64, mini_root, tmp_path):
         f.truncate(1000)
     with pytest.raises(DataError, match="patches.u8 holds 1000 bytes"):
         patch_cache.CachedPatchDataset(cache, all_samples(mini_root), 64)
+
+
+def test_patch_dataset_items_are_pils_rgb_pixels_channels_first(mini_root):
+    samples = all_samples(mini_root)  # RGB, RGBA, grey and off-size patches: each through the one-copy decode
+    ds = common.PatchDataset(mini_root, samples, 64)
+    for i, s in enumerate(samples):
+        with Image.open(mini_root / s.path) as im:
+            want = np.array(im.convert("RGB").resize((64, 64), Image.BILINEAR) if im.size != (64, 64) else
+                            im.convert("RGB"))
+        assert torch.equal(ds[i][0], torch.from_numpy(want).permute(2, 0, 1)), s.path
 
 
 # ----------------------------------------------------------------------------------------------- content

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import common
+import metrics
+import model
 import train
 from conftest import TINY_TRAIN_FLAGS
 
@@ -80,9 +82,9 @@ def test_checkpoints_load_with_weights_only_and_carry_the_api_keys(tiny_run):
     for name in ("best.pt", "last.pt"):
         ckpt = load(tiny_run / name)
         assert API_KEYS <= set(ckpt), API_KEYS - set(ckpt)
-        assert common.load_checkpoint(tiny_run / name)["arch"] == "resnet18"
-        model = common.build_model(ckpt["arch"], "none")
-        model.load_state_dict(ckpt["model"])  # rebuilds unaided: no DDP "module." prefix
+        assert model.load_checkpoint(tiny_run / name)["arch"] == "resnet18"
+        net = model.build_model(ckpt["arch"], "none")
+        net.load_state_dict(ckpt["model"])  # rebuilds unaided: no DDP "module." prefix
         assert 0.0 <= ckpt["threshold"] <= 1.0 and "F1" in ckpt["threshold_rule"]
         assert ckpt["split"] == json.loads((tiny_run / "split.json").read_text())
         assert ckpt["image_size"] == ckpt["config"]["image_size"] == 64
@@ -95,6 +97,20 @@ def test_best_checkpoint_is_the_epoch_with_the_highest_validation_pr_auc(tiny_ru
     ckpt = load(tiny_run / "best.pt")
     assert ckpt["epoch"] == best["epoch"] and ckpt["best_score"] == pytest.approx(best["pr_auc"])
     assert ckpt["val_metrics"]["pr_auc"] == pytest.approx(best["pr_auc"])
+
+
+@pytest.fixture(scope="module")
+def plain_cache(demo_root, tmp_path_factory):
+    """The packed cache FAST runs read with --cache (32 px, plain: FAST has no Macenko)."""
+    import patch_cache
+    out = tmp_path_factory.mktemp("plain") / "cache32"
+    patch_cache.build_cache(common.load_data(demo_root), out, 32, workers=2, progress=False)
+    return out
+
+
+def cache_flags(feed: str, request) -> list:
+    """Flags for the data path under test: DataLoader over PNGs, or the packed cache held on the device."""
+    return [] if feed == "loader" else ["--cache", str(request.getfixturevalue("plain_cache"))]
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -117,9 +133,11 @@ def test_resume_after_an_epoch_gives_bitwise_identical_weights(demo_root, tmp_pa
     assert (tmp_path / "straight" / "log.jsonl").read_text().count("\n") == 2
 
 
+@pytest.mark.parametrize("feed", ["loader", "resident"])
 def test_stop_signal_mid_epoch_then_resume_gives_bitwise_identical_weights(demo_root, tmp_path, straight_run,
-                                                                           monkeypatch):
-    real_model_input, calls = train.model_input, []
+                                                                           monkeypatch, feed, request):
+    extra = cache_flags(feed, request)
+    real_model_input, calls = model.model_input, []
 
     def signal_during_first_training_step(images, *args, **kwargs):
         if kwargs.get("gen", args[2] if len(args) > 2 else None) is not None:
@@ -128,12 +146,12 @@ def test_stop_signal_mid_epoch_then_resume_gives_bitwise_identical_weights(demo_
                 train.on_signal(signal.SIGUSR1, None)  # what SLURM's --signal does, minus the timing
         return real_model_input(images, *args, **kwargs)
 
-    monkeypatch.setattr(train, "model_input", signal_during_first_training_step)
-    assert run_train(demo_root, tmp_path, "straight") == train.EXIT_PREEMPTED
+    monkeypatch.setattr(model, "model_input", signal_during_first_training_step)
+    assert run_train(demo_root, tmp_path, "straight", *extra) == train.EXIT_PREEMPTED
     ckpt = load(tmp_path / "straight" / "last.pt")
     assert (ckpt["epoch"], ckpt["progress"]["step"]) == (0, 2)  # flags are read one step late: stops after step 2
-    monkeypatch.setattr(train, "model_input", real_model_input)
-    assert run_train(demo_root, tmp_path, "straight") == 0
+    monkeypatch.setattr(model, "model_input", real_model_input)
+    assert run_train(demo_root, tmp_path, "straight", *extra) == 0
     assert same_weights(load(tmp_path / "straight" / "last.pt")["model"], load(straight_run / "last.pt")["model"])
 
 
@@ -167,9 +185,10 @@ def test_macenko_amp_channels_last_run_stores_the_fitted_stain_reference(demo_ro
 
 
 # ----------------------------------------------------------------------------------------------- fault guards
+@pytest.mark.parametrize("feed", ["loader", "resident"])
 def test_nan_loss_exits_3_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch,
-                                                                                    capsys):
-    real_model_input, calls = train.model_input, []
+                                                                                    capsys, feed, request):
+    real_model_input, calls = model.model_input, []
 
     def poison_fifth_training_batch(images, *args, **kwargs):
         x = real_model_input(images, *args, **kwargs)
@@ -179,8 +198,8 @@ def test_nan_loss_exits_3_naming_epoch_and_step_and_keeps_the_last_good_checkpoi
                 x = x * float("nan")
         return x
 
-    monkeypatch.setattr(train, "model_input", poison_fifth_training_batch)
-    assert run_train(demo_root, tmp_path, "nan") == train.EXIT_NAN
+    monkeypatch.setattr(model, "model_input", poison_fifth_training_batch)
+    assert run_train(demo_root, tmp_path, "nan", *cache_flags(feed, request)) == train.EXIT_NAN
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and "epoch 2 step 2" in err and "last.pt" in err
     ckpt = load(tmp_path / "nan" / "last.pt")
@@ -228,13 +247,15 @@ def test_second_signal_exits_at_once_with_128_plus_its_number(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- distributed
-def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root, tmp_path):
+@pytest.mark.parametrize("feed", ["loader", "resident"])
+def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root, tmp_path, feed, request):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-id", "ddp",
-           *FAST, "--epochs", "1"]
+           *FAST, "--epochs", "1", *cache_flags(feed, request)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert ("patches resident on cpu" in r.stderr) == (feed == "resident")  # each rank: training set + its shard
     run_dir = tmp_path / "ddp"
     record = json.loads((run_dir / "log.jsonl").read_text())
     assert record["val_samples"] == validation_windows(run_dir)
@@ -244,15 +265,15 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     # The gathered metrics equal a single-process pass of the saved model over the validation windows.
     data = common.load_data(demo_root)
     val = common.select(data.labelled, ckpt["split"]["val"])
-    model = common.build_model("resnet18", "none")
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    net = model.build_model("resnet18", "none")
+    net.load_state_dict(ckpt["model"])
+    net.eval()
     ds = common.PatchDataset(demo_root, val, 32)
     with torch.no_grad():
         x = torch.stack([ds[k][0] for k in range(len(ds))])
-        scores = torch.sigmoid(model(train.model_input(x)).squeeze(1)).numpy()
+        scores = torch.sigmoid(net(model.model_input(x)).squeeze(1)).numpy()
     y = np.array([s.label for s in val])
-    assert record["pr_auc"] == pytest.approx(common.average_precision(y, scores), abs=1e-6)
+    assert record["pr_auc"] == pytest.approx(metrics.average_precision(y, scores), abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -325,7 +346,7 @@ def normalized_cache(demo_root, tmp_path_factory):
 
 
 def test_cache_trains_bitwise_identical_weights_to_decoding_pngs(demo_root, tmp_path, png_run):
-    assert run_cached(demo_root, tmp_path, "cached", "--cache", str(tmp_path / "cache")) == 0
+    assert run_cached(demo_root, tmp_path, "cached", "--cache", str(tmp_path / "cache"), "--no-cache-normalized") == 0
     cached, png = load(tmp_path / "cached" / "last.pt"), load(png_run / "last.pt")
     assert same_weights(cached["model"], png["model"])  # same decode, same bytes, same batches
     assert cached["threshold"] == png["threshold"]
@@ -333,14 +354,14 @@ def test_cache_trains_bitwise_identical_weights_to_decoding_pngs(demo_root, tmp_
     assert json.loads((tmp_path / "cached" / "config.json").read_text())["cache"] == str(tmp_path / "cache")
 
 
-def test_cache_normalized_skips_on_device_macenko_and_keeps_the_stain_reference(demo_root, tmp_path, png_run,
-                                                                                normalized_cache, monkeypatch):
+def test_cache_with_macenko_is_normalized_by_default_skips_on_device_macenko_and_keeps_the_stain(
+        demo_root, tmp_path, png_run, normalized_cache, monkeypatch):
     import macenko_gpu
 
     def normalized_twice(self, images):
         raise AssertionError("Macenko ran on patches the cache had already normalized")
     monkeypatch.setattr(macenko_gpu.MacenkoNormalizer, "normalize", normalized_twice)
-    assert run_cached(demo_root, tmp_path, "n", "--cache", str(normalized_cache), "--cache-normalized") == 0
+    assert run_cached(demo_root, tmp_path, "n", "--cache", str(normalized_cache)) == 0  # no --cache-normalized
     ckpt, png = load(tmp_path / "n" / "last.pt"), load(png_run / "last.pt")
     assert ckpt["config"]["cache_normalized"] is True and ckpt["config"]["macenko"] is True
     for key, value in png["stain"].items():  # evaluate.py needs it to normalize PNGs (or to check a cache)
@@ -351,7 +372,8 @@ def test_cache_normalized_skips_on_device_macenko_and_keeps_the_stain_reference(
 
 def test_cache_of_the_other_kind_is_refused_in_one_line_not_rebuilt(demo_root, tmp_path, normalized_cache, capsys):
     meta = (normalized_cache / "meta.json").read_text()
-    assert run_cached(demo_root, tmp_path, "plain", "--cache", str(normalized_cache)) == common.EXIT_BAD_INPUT
+    assert run_cached(demo_root, tmp_path, "plain", "--cache", str(normalized_cache),
+                      "--no-cache-normalized") == common.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"error: --cache {normalized_cache}: holds 64px patches Macenko-")
     assert "but this run needs 64px plain patches" in err
@@ -383,11 +405,72 @@ def test_cache_flags_may_change_on_resume(demo_root, tmp_path, png_run, normaliz
     assert (tmp_path / "png" / "log.jsonl").read_text() == log  # already complete: nothing retrained
 
 
-# ----------------------------------------------------------------------------------------------- threshold
-def test_threshold_maximises_f1_on_validation():
-    rng = np.random.default_rng(0)
-    y = (rng.random(300) < 0.1).astype(int)
-    s = np.round(np.clip(rng.normal(0.3 + 0.3 * y, 0.2), 0, 1), 2)  # rounded: ties included
-    threshold, rule = train.best_f1_threshold(y, s)
-    best = max(common.f1(y, (s >= t).astype(int)) for t in np.unique(s))
-    assert common.f1(y, (s >= threshold).astype(int)) == pytest.approx(best) and "F1" in rule
+# ----------------------------------------------------------------------------------------------- resident path
+@pytest.mark.parametrize("frac, feed", [("0.5", "patches resident on cpu"), ("0", "streamed from the host")])
+def test_cache_on_the_device_or_streamed_trains_the_dataloaders_weights_bitwise(demo_root, tmp_path, straight_run,
+                                                                                plain_cache, capsys, frac, feed):
+    assert run_train(demo_root, tmp_path, "r", "--cache", str(plain_cache), "--resident-max-frac", frac) == 0
+    assert feed in capsys.readouterr().err
+    ckpt, reference = load(tmp_path / "r" / "last.pt"), load(straight_run / "last.pt")
+    assert same_weights(ckpt["model"], reference["model"])  # same pixels, order and draws as PNGs via DataLoader
+    assert ckpt["threshold"] == reference["threshold"] and ckpt["val_metrics"] == reference["val_metrics"]
+
+
+def test_resident_path_skips_bad_images_or_stops_in_one_line(demo_root, tmp_path, straight_run, capsys):
+    import patch_cache
+    root = Path(shutil.copytree(demo_root, tmp_path / "root"))
+    data = common.load_data(root)
+    broken = common.select(data.labelled, json.loads((straight_run / "split.json").read_text())["val"])[0].path
+    (root / broken).write_bytes(b"not a png")
+    patch_cache.build_cache(data, tmp_path / "cache", 32, workers=2, progress=False)
+    argv = ["--cache", str(tmp_path / "cache")]
+    assert train.main(["--data-root", str(root), "--runs-dir", str(tmp_path), "--run-id", "strict", *FAST, *argv,
+                       "--epochs", "1"]) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and broken in err and "--skip-bad-images" in err
+    assert train.main(["--data-root", str(root), "--runs-dir", str(tmp_path), "--run-id", "skip", *FAST, *argv,
+                       "--epochs", "1", "--skip-bad-images"]) == 0
+    assert f"skipped unreadable {broken}" in capsys.readouterr().err
+    record = json.loads((tmp_path / "skip" / "log.jsonl").read_text())
+    assert record["val_samples"] == validation_windows(tmp_path / "skip") - 1
+
+
+def test_compile_flag_compiles_the_training_model_and_saves_plain_weights(demo_root, tmp_path, monkeypatch):
+    compiled = []  # torch.compile itself takes minutes on 2 cores: record the call, train eagerly
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    assert run_train(demo_root, tmp_path, "c", "--compile", epochs=1) == 0
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    ckpt = load(tmp_path / "c" / "last.pt")
+    assert ckpt["config"]["compile"] is True and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
+def test_resident_max_frac_outside_0_1_is_one_line_exit_2(demo_root, tmp_path, capsys):
+    assert run_train(demo_root, tmp_path, "bad", "--resident-max-frac", "1.5") == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resident-max-frac 1.5") and "\n" not in err
+
+
+# ----------------------------------------------------------------------------------------------- sample order
+def test_epoch_sampler_shards_cover_every_sample_and_replay_per_epoch():
+    labels = [0] * 37 + [1] * 3
+    shards = [train.EpochSampler(labels, False, seed=0, rank=r, world=3) for r in range(3)]
+    for s in shards:
+        s.set_epoch(4)
+    orders = [list(s) for s in shards]
+    assert {len(o) for o in orders} == {14} and set(sum(orders, [])) == set(range(40))
+    again = train.EpochSampler(labels, False, seed=0, rank=1, world=3)
+    again.set_epoch(4, skip=5)
+    assert list(again) == orders[1][5:]  # mid-epoch resume continues the same order
+    balanced = train.EpochSampler(labels, True, seed=0)
+    picks = []
+    for epoch in range(50):
+        balanced.set_epoch(epoch)
+        picks += [labels[i] for i in balanced]
+    assert 0.4 < np.mean(picks) < 0.6
+
+
+def test_limit_samples_keeps_the_class_ratio():
+    samples = [common.Sample(f"p/{k}.png", "B22-01", "annotated", int(k < 20), k) for k in range(200)]
+    subset = train.stratified_subset(samples, 50, seed=0)
+    assert len(subset) == 50 and sum(s.label for s in subset) == 5
+    assert subset == train.stratified_subset(samples, 50, seed=0)
