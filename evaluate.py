@@ -24,7 +24,8 @@ What it measures, on the checkpoint's validation patients:
 
 Writes into runs/<id>/eval/ (eval-holdout/ with --holdout, so neither replaces the other; or --out), built in a
 temp folder beside it and swapped in whole: report.md, metrics.json, predictions.csv, patients.csv, figures/*.png,
-learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images).
+learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images),
+stain_preview.png (validation positives and hard negatives: original | as trained | canonical Macenko).
 --compare writes compare.md and compare.json (default <first run>/compare/).
 Report rendering, figures and Grad-CAM live in eval_report.py to keep both files under ~500 lines.
 
@@ -49,6 +50,7 @@ import numpy as np
 
 import common
 import loaders
+import macenko_gpu
 from common import DataError
 
 EVAL_KEYS = (*common.CHECKPOINT_KEYS, "stain", "image_size")
@@ -125,7 +127,6 @@ def model_of(ckpt: dict, path, arch: str | None, device):
     model.to(device).eval()
     normalizer = None
     if ckpt["stain"] is not None:
-        import macenko_gpu  # only runs trained with stain normalization need it
         try:
             normalizer = macenko_gpu.MacenkoNormalizer.from_state_dict(ckpt["stain"]).to(device)
         except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -420,6 +421,17 @@ def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_thres
 
 
 # ----------------------------------------------------------------------------------------------- commands
+def stain_picks(pred: Predictions, n: int = 3) -> list[tuple]:
+    """(sample, caption) of validation patches for the stain strip: the n highest- and n lowest-scored positives
+    (bacteria found, bacteria missed) and the 2n highest-scored negatives (hard negatives)."""
+    idx = np.flatnonzero(pred.patch_eval)
+    pos, neg = (idx[pred.label[idx] == c] for c in (1, 0))
+    pos, neg = pos[np.argsort(-pred.score[pos], kind="stable")], neg[np.argsort(-pred.score[neg], kind="stable")]
+    chosen = [(i, "positive") for i in dict.fromkeys([*pos[:n], *pos[::-1][:n]])] + [(i, "hard negative")
+                                                                                     for i in neg[:2 * n]]
+    return [(pred.samples[i], f"{kind}, score {pred.score[i]:.2f}: {pred.samples[i].path}") for i, kind in chosen]
+
+
 def pick_device(name: str | None):
     import torch
     try:
@@ -482,6 +494,11 @@ def run_evaluation(args, device) -> int:
             picks = eval_report.gradcam_picks(val_pred, threshold, args.gradcam)
             files += eval_report.write_gradcam(tmp / "gradcam", model, normalizer, data.root, picks,
                                                int(ckpt["image_size"]), device)
+        if normalizer is not None:  # the stain as the model saw it, for a pathologist to judge at a glance
+            picks = stain_picks(val_pred)
+            macenko_gpu.stain_preview(normalizer, [Path(data.root) / s.path for s, _ in picks],
+                                      [caption for _, caption in picks], tmp / "stain_preview.png")
+            files.append("stain_preview.png")
         if bad:
             common.atomic_write_text(tmp / "skipped_images.txt", "".join(f"{p}\n" for p in bad))
         eval_report.write_json(tmp / "metrics.json", metrics)
