@@ -25,8 +25,9 @@ fingerprint), the image size, the normalization or the stain reference differ, o
 interrupted build resumes from its finished chunks. Only the files above are ever deleted in CACHE_DIR.
 Size on disk: 196,608 bytes per 256x256 patch (~43 GB for the ~220k patches of HelicoDataSet, ~33 GB at 224).
 
-Exit codes: 0 built or reused, 2 bad input (missing data root, no space, bad reference), 130 interrupted
-(rerun the same command to resume).
+Exit codes: 0 built or reused (undecodable PNGs are named on stderr, stored as zeros), 2 bad input (missing data
+root, bad reference, too little free space for the cache before it starts), 4 stopped by Ctrl-C (rerun the same
+command to resume), 5 the disk filled up or failed during the build (free space, rerun to resume).
 """
 from __future__ import annotations
 
@@ -375,6 +376,7 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
         reason = rebuild_reason(cache_dir, old, want, rows)
         if reason is None and old.get("complete"):
             return {"cache": str(cache_dir), "action": "reused", "count": len(rows), "chunks_built": 0,
+                    "undecodable": [rows[r]["path"] for r in old.get("bad_rows", [])],
                     "chunks": -(-len(rows) // CHUNK_ROWS), "seconds": time.perf_counter() - t0}
         if reason is not None and reason != "no cache yet" and not rebuild:
             raise DataError(f"--cache {cache_dir}: {reason}; not rebuilding a cache this command did not create "
@@ -384,9 +386,13 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
                 print(f"patch_cache: rebuilding {cache_dir}: {reason}", file=sys.stderr)
             start_fresh(cache_dir, rows, want)
         built = _fill(cache_dir, root, rows, image_size, workers, normalizer, progress, on_chunk)
-        _finish(cache_dir, want)
+        undecodable = [rows[r]["path"] for r in _finish(cache_dir, want)]
+    for path in undecodable:  # once, when built: every decode happens here, so this is where they are found
+        print(f"warning: undecodable {root / path}: stored as zeros; training stops at it unless --skip-bad-images",
+              file=sys.stderr)
     return {"cache": str(cache_dir), "action": "built" if reason else "resumed", "count": len(rows),
-            "chunks_built": built, "chunks": -(-len(rows) // CHUNK_ROWS), "seconds": time.perf_counter() - t0}
+            "chunks_built": built, "chunks": -(-len(rows) // CHUNK_ROWS), "seconds": time.perf_counter() - t0,
+            "undecodable": undecodable}
 
 
 def _fill(cache_dir, root, rows, size, workers, normalizer, progress, on_chunk) -> int:
@@ -431,7 +437,7 @@ def _fill(cache_dir, root, rows, size, workers, normalizer, progress, on_chunk) 
     return built
 
 
-def _finish(cache_dir: Path, want: dict) -> None:
+def _finish(cache_dir: Path, want: dict) -> list[int]:
     """Verify (every chunk recorded, count, size, index checksum), then write meta with complete=true, last."""
     n_chunks = -(-want["count"] // CHUNK_ROWS)
     progress = (cache_dir / PROGRESS).read_bytes()
@@ -443,6 +449,7 @@ def _finish(cache_dir: Path, want: dict) -> None:
     if bad:
         raise DataError(f"--out {cache_dir}: verification failed: {bad[0]}")
     write_meta(cache_dir, meta)  # from here on readers trust the cache
+    return bad_rows
 
 
 @contextlib.contextmanager
@@ -553,9 +560,17 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
+    except (OSError, common.EnvironmentFault) as e:  # a disk filling up or failing mid-build
+        if isinstance(e, OSError) and e.errno not in common.FAULTS:
+            raise
+        why = str(e) if isinstance(e, common.EnvironmentFault) else common.FAULTS[e.errno]
+        print(f"error: --out {args.out}: {why}; free space there (or check that disk), then run the same command "
+              f"again to resume the build", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
     except KeyboardInterrupt:
-        print(f"interrupted: {args.out} is incomplete and will not be used; rerun to resume", file=sys.stderr)
-        return 130
+        print(f"stopped by Ctrl-C: {args.out} is incomplete and will not be used; rerun the same command to resume",
+              file=sys.stderr)
+        return common.EXIT_STOPPED
     rate = report["count"] / report["seconds"] if report["action"] != "reused" and report["seconds"] else None
     print(f"{report['action']} {args.out}: {report['count']} patches of {args.image_size}px"
           f"{', Macenko-normalized' if args.normalized else ''}, {cache_bytes(args.out) / 1e9:.2f} GB on disk"

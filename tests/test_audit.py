@@ -420,3 +420,16 @@ def test_unwritable_hash_cache_exits_2_naming_it(demo_root, tmp_path, capsys):
 @pytest.mark.parametrize("flags", [["--folds", 5, "--fold", 5], ["--folds", 1, "--fold", 0], ["--val-frac", 1.5]])
 def test_bad_fold_or_val_frac_exits_2_naming_the_flag(demo_root, flags, capsys):
     assert str(flags[0]) in bad_input(["--data-root", demo_root, *flags], capsys)
+
+
+def test_a_truncated_png_with_an_intact_header_is_reported_as_undecodable(demo_root, tmp_path):
+    root = copy_demo(demo_root, tmp_path)
+    victim = sorted((root / CROPPED / "B22-08_0").glob("*.png"))[0]
+    png = victim.read_bytes()
+    replace_file(victim, png[: len(png) // 2])  # the header (and the size it states) survives
+    rc, report = run_audit(root, tmp_path)
+    assert rc == common.EXIT_OK
+    f = finding(report, "undecodable_images")
+    assert f["files"] == [victim.relative_to(root).as_posix()] and f["patients"] == ["B22-08"]
+    assert "--skip-bad-images" in f["detail"]
+    assert not [g for g in report["findings"] if g["check"] == "unreadable_png_headers"]

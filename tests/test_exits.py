@@ -266,3 +266,12 @@ def test_imagenet_weights_offline_say_where_the_cache_is_and_how_to_fill_it(demo
     assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-") in lines[0]  # the file it looked for
     assert "login node" in lines[0] and "get_state_dict()" in lines[0]
+
+
+def test_the_cache_build_names_every_undecodable_png(truncated_root, tmp_path):
+    root, broken = truncated_root
+    code, out, err = script("patch_cache.py", "--data-root", root, "--out", tmp_path / "cache", "--image-size", "32",
+                            "--workers", "2", "--quiet")
+    assert code == 0, err[-2000:]
+    named = set(re.findall(r"^warning: undecodable (\S+):", err, re.MULTILINE))
+    assert named == {str(root / p) for p in broken}
