@@ -36,7 +36,6 @@ Speed on the real dataset (~220k PNGs: minutes, not hours):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -268,16 +267,8 @@ def duplicate_rows(data: common.HelicoData) -> list[Finding]:
 def metadata_cells(path: Path):
     """(cell, patient of that row or None, text) for every non-empty cell of an xlsx (all sheets) or a CSV."""
     from openpyxl.utils import get_column_letter
-    if path.suffix.lower() == ".xlsx":
-        import openpyxl
-        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-        tables = [(f"{path.name}!{ws.title}!", list(ws.iter_rows(values_only=True))) for ws in wb.worksheets]
-        wb.close()
-    else:
-        text = path.read_text(encoding="utf-8-sig", errors="replace")
-        dialect = csv.Sniffer().sniff(text.splitlines()[0] if text.strip() else ",", delimiters=",;\t")
-        tables = [(f"{path.name}!", list(csv.reader(text.splitlines(), dialect)))]
-    for where, rows in tables:
+    for sheet, rows in common.read_sheets(path, first_only=False):
+        where = f"{path.name}!{sheet}!" if sheet else f"{path.name}!"
         header = [str(h if h is not None else "").strip().lower() for h in (rows[0] if rows else [])]
         col = next((header.index(c) for c in ("pat_id", "codi") if c in header), None)
         for r, row in enumerate(rows, start=1):
@@ -440,21 +431,23 @@ class Audit:
         return [f for f in self.findings if f.kind == "leak"]
 
 
-def run_checks(data, split, groups, shared, sizes, errors, args) -> list[Finding]:
+def run_checks(data, split, groups, shared, sizes, errors, reference_patch: str | None,
+               expected_size: int) -> list[Finding]:
     """Leaks first (in the order of the module docstring), then warnings."""
     parts = Parts(split)
     folders = {f"{TREES[tree]}/{f}" for tree, pats in data.folders.items() for fs in pats.values() for f in fs}
     findings = [*patient_in_several_parts(split), *split_lists_folder_names(split),
                 *identical_images_across_parts(shared, parts),
                 *windows_across_parts(data.labelled + data.cropped, parts),
-                *holdout_in_crossvalidation(data), *reference_not_in_train(args.reference_patch, parts)]
-    findings += split_refused(splits.split_problems(split, data, groups, args.reference_patch), findings)
+                *holdout_in_crossvalidation(data), *reference_not_in_train(reference_patch, parts)]
+    findings += split_refused(splits.split_problems(split, data, groups, reference_patch), findings)
     return findings + [
         *multi_section_patients(data), *label_conflicts(data), *presence_zero_rows(data), *rows_without_files(data),
         *files_without_rows(data), *stray_entries(data), *duplicate_rows(data),
         *control_or_external_mentions(data, set(sizes) | set(data.stray) | folders),
-        *off_size_images(sizes, args.expected_size), *undecodable_images(errors), *duplicate_content_groups(groups, parts, data.holdout_patients),
-        *reference_patch_missing(data.root, args.reference_patch), *patients_outside_split(split, data),
+        *off_size_images(sizes, expected_size), *undecodable_images(errors),
+        *duplicate_content_groups(groups, parts, data.holdout_patients),
+        *reference_patch_missing(data.root, reference_patch), *patients_outside_split(split, data),
         *patients_without_diagnosis(data)]
 
 
@@ -476,7 +469,7 @@ def audit_all(args) -> tuple[list[Audit], list[Finding]]:
 def audit(args, data: common.HelicoData) -> Audit:
     progress = not args.no_progress
     try:
-        split, groups, shared = splits.resolve_split(args, data, progress=progress)
+        split, groups, shared = splits.resolve_split(data, **splits.split_options(args), progress=progress)
     except OSError as e:  # e.g. an unwritable --hash-cache, a file vanishing mid-scan
         raise DataError(f"{e.filename}: {e.strerror} (while hashing; check --hash-cache and the data root)") from None
     missing = sorted({p for ps in split_patients(split).values() for p in ps} - set(data.cv_patients))
@@ -486,7 +479,8 @@ def audit(args, data: common.HelicoData) -> Audit:
     checked = decode_images(data.root, data.image_paths(), progress=progress)
     sizes = {p: size for p, (size, _) in checked.items()}
     errors = {p: error for p, (_, error) in checked.items() if error}
-    return Audit(data, split, run_checks(data, split, groups, shared, sizes, errors, args),
+    return Audit(data, split, run_checks(data, split, groups, shared, sizes, errors, args.reference_patch,
+                                         args.expected_size),
                  composition(data, split, Parts(split)),
                  split_source=f"from {args.split}" if args.split else "made from the flags, as train.py makes it")
 

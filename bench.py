@@ -9,7 +9,7 @@ Stages (img/s; warm-up batches excluded; CUDA timings bracketed by torch.cuda.sy
     load_png    DataLoader over common.PatchDataset (PNG decode + resize) with --workers processes
     load_cache  DataLoader over patch_cache.CachedPatchDataset (one memmap gather per batch), same workers
     normalize   on the device: Macenko + per-sample colour jitter + symmetry + ImageNet normalization
-                (train_input.model_input, exactly what train.py runs)
+                (model.model_input, exactly what train.py runs)
     model_step  forward + backward + AdamW step on synthetic on-device batches: the ceiling
     loop        the training loop: cache loader -> device (non_blocking) -> normalize -> step
                 (--loop-source png for the PNG loader)
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import sys
 import tempfile
@@ -37,8 +38,8 @@ import torch.nn.functional as F
 
 import common
 import loaders
+import model
 import patch_cache
-import train_input
 
 PREFETCH = 2  # batches each worker decodes ahead; a loader stage warms up through this backlog too
 STAGES = ("load_png", "load_cache", "normalize", "model_step", "loop")
@@ -90,9 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve(args) -> None:
     """Fill the device-dependent defaults in place."""
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise common.DataError("--device cuda: no CUDA device visible (check CUDA_VISIBLE_DEVICES, or use cpu)")
+    args.device = common.resolve_device(args.device).type
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)  # threads stays None with CUDA: torch's own default
@@ -167,19 +166,16 @@ def per_core_rate(dataset, args, min_seconds: float) -> float:
 
 # ----------------------------------------------------------------------------------------------- stages
 class Step:
-    """train.py's optimisation step: autocast (bf16 where supported, else fp16 + GradScaler), BCE, AdamW."""
+    """train.py's optimisation step: autocast by model.precision's rule (GradScaler with fp16), BCE, AdamW."""
 
-    def __init__(self, args, device):
-        self.device = device
-        model = common.build_model(args.arch, "none").to(device)
-        self.model = model.to(memory_format=torch.channels_last) if args.channels_last else model
+    def __init__(self, arch: str, run: model.Precision, device):
+        self.run = run
+        self.model = run.place(model.build_model(arch, "none"), device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
-        self.dtype, self.amp = (torch.bfloat16 if bf16 else torch.float16), args.amp
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp and not bf16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=run.grad_scaling)
 
     def __call__(self, x, labels):
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp):
+        with self.run.autocast():
             logits = self.model(x).squeeze(1)
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float())
         self.opt.zero_grad(set_to_none=True)
@@ -199,31 +195,30 @@ def model_steps(step, args, device):
         yield args.batch_size
 
 
-def normalize_steps(batches, model_input, normalizer, args, device):
+def normalize_steps(batches, normalizer, args, device):
     """Real uint8 batches already on the device, through the augmentation alone."""
     gen = torch.Generator(device).manual_seed(0)
     k = 0
     while True:
         images = batches[k % len(batches)]
         with torch.no_grad():
-            model_input(images, normalizer, list(JITTER), gen, args.channels_last)
+            model.model_input(images, normalizer, list(JITTER), gen, args.channels_last)
         k += 1
         yield images.shape[0]
 
 
-def loop_steps(loader, model_input, normalizer, step, args, device):
+def loop_steps(loader, normalizer, step, args, device):
     gen = torch.Generator(device).manual_seed(1)
     for images, labels, _ in cycle(loader):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.no_grad():
-            x = model_input(images, normalizer, list(JITTER), gen, args.channels_last)
+            x = model.model_input(images, normalizer, list(JITTER), gen, args.channels_last)
         step(x, labels)
         yield len(labels)
 
 
 def bench_samples(data, limit: int) -> list:
     """One sample per path, a fixed random subset: every stage sees the same patches."""
-    import random
     samples = patch_cache.unique_samples(data.all_samples())
     random.Random(0).shuffle(samples)
     return samples[:limit] if limit else samples
@@ -252,25 +247,25 @@ def run(args) -> dict:
     samples = bench_samples(data, args.limit_samples)
     if len(samples) < args.batch_size:
         raise common.DataError(f"--batch-size {args.batch_size}: only {len(samples)} patches; lower it")
-    model_input, augment_source = train_input.model_input, "train_input.model_input"  # the pipeline train.py runs
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         log(f"cache: {args.cache or 'temporary'} ({len(samples)} patches)")
         cached, cache_dir, build = open_cache(args, data, samples, tmp)
         normalizer = None
         if args.macenko and not cached.normalized and {"normalize", "loop"} & set(args.stages):
-            normalizer = patch_cache.stain_reference(Path(data.root), args.reference_patch, device)[0]
+            normalizer = model.fit_stain_reference(data.root, args.reference_patch).to(device)
         png = common.PatchDataset(data.root, samples, args.image_size)
         t = lambda steps, extra=0: timed(steps, device, args.warmup + extra, args.batches, args.min_seconds)
         backlog = args.workers * PREFETCH  # batches ready before timing starts would inflate a loader's rate
-        step = Step(args, device) if {"model_step", "loop"} & set(args.stages) else None
+        run = model.precision(device, args.amp, args.channels_last)
+        step = Step(args.arch, run, device) if {"model_step", "loop"} & set(args.stages) else None
         real = lambda: [images.to(device) for images, _, _ in (next(iter(make_loader(cached, args, 0))) for _ in range(2))]
         stage = {  # each stage's loader (and its worker processes) lives only as long as its generator
             "load_png": lambda: t(load_steps(make_loader(png, args, args.workers)), backlog),
             "load_cache": lambda: t(load_steps(make_loader(cached, args, args.workers)), backlog),
-            "normalize": lambda: t(normalize_steps(real(), model_input, normalizer, args, device)),
+            "normalize": lambda: t(normalize_steps(real(), normalizer, args, device)),
             "model_step": lambda: t(model_steps(step, args, device)),
             "loop": lambda: t(loop_steps(make_loader(cached if args.loop_source == "cache" else png, args, args.workers),
-                                         model_input, normalizer, step, args, device))}
+                                         normalizer, step, args, device))}
         stages, per_core = {}, {}
         for name in args.stages:
             log(f"timing {name}")
@@ -278,8 +273,7 @@ def run(args) -> dict:
             if name.startswith("load_"):  # the same loader in this process alone: one core's rate
                 per_core[name] = per_core_rate(png if name == "load_png" else cached, args, args.min_seconds)
         cache_size = patch_cache.cache_bytes(cache_dir)
-    return summarize(args, device, stages, per_core, len(samples), cached, cache_size, build, augment_source,
-                     normalizer is not None)
+    return summarize(args, device, stages, per_core, len(samples), cached, cache_size, build, normalizer is not None)
 
 
 def log(message: str) -> None:
@@ -290,7 +284,7 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def summarize(args, device, stages, per_core, n, cached, cache_size, build, augment_source, macenko) -> dict:
+def summarize(args, device, stages, per_core, n, cached, cache_size, build, macenko) -> dict:
     rates = {k: v["img_s"] for k, v in stages.items()}
     parts = [k for k in ("load_" + args.loop_source, "normalize", "model_step") if k in rates]  # the loop's parts
     ceiling = rates.get("model_step")
@@ -311,7 +305,7 @@ def summarize(args, device, stages, per_core, n, cached, cache_size, build, augm
                   "temporary": not args.cache, "build": build},
         "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size, "device": str(device),
         "device_name": device_name(device), "cpus": len(os.sched_getaffinity(0)), "samples": n, "arch": args.arch,
-        "amp": args.amp, "channels_last": args.channels_last, "macenko": macenko, "augmentation": augment_source,
+        "amp": args.amp, "channels_last": args.channels_last, "macenko": macenko,
         "loop_source": args.loop_source, "warmup": args.warmup, "min_batches": args.batches,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "data_root": str(args.data_root),
         "load_average": os.getloadavg(),
@@ -335,7 +329,7 @@ def table(r: dict) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
     notes = {"load_png": f"{fmt(r['per_worker'].get('load_png'), '.0f')} img/s per worker",
              "load_cache": f"{fmt(r['per_worker'].get('load_cache'), '.0f')} img/s per worker",
-             "normalize": ("Macenko + " if r["macenko"] else "") + "jitter (" + r["augmentation"] + ")",
+             "normalize": ("Macenko + " if r["macenko"] else "") + "jitter + symmetry (model.model_input)",
              "model_step": "ceiling", "loop": f"{r['loop_source']} loader, all stages together"}
     lines = [f"bench: {r['device']} ({r['device_name']}), {r['arch']}, {r['image_size']}px, batch {r['batch_size']}, "
              f"{r['workers']} workers, {r['samples']} patches, amp {'on' if r['amp'] else 'off'}, channels_last "

@@ -1,6 +1,8 @@
-"""Shared core of the H. pylori patch classifier: dataset discovery, patient IDs, splits, model, metrics.
+"""The HelicoDataSet as the code sees it, and the conventions every script shares.
 
-Splits and content hashes live in splits.py. Imported by train.py, evaluate.py, audit_leakage.py and bench.py; nothing here runs at import.
+Owns what a patient, a workbook row, a sample and a decoded patch are (patient IDs, the workbook/CSV reader, data-root
+discovery and the row-to-file join, PatchDataset), plus the shared conventions: DataError and exit codes, --device,
+atomic file writes. Splits live in splits.py, the model in model.py, metrics in metrics.py.
 
     import common
     data = common.load_data("HelicoDataSet")            # discover + join workbook rows to files
@@ -19,7 +21,6 @@ import io
 import os
 import re
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,6 @@ ANNOTATION_NAMES = ("HP_WSI-CoordAllAnnotatedPatches", "HP_WSI-CoordAnnotatedAll
 DIAGNOSIS_NAME = "PatientDiagnosis.csv"
 DIAGNOSES = ("NEGATIVA", "BAIXA", "ALTA")  # BAIXA (low density) and ALTA (high) both mean infected
 DEFAULT_REFERENCE = "CrossValidation/Annotated/B22-47_0/01653.png"  # the original pipeline's stain reference
-SOURCES = ("annotated", "supplemental", "holdout")
 
 
 class DataError(Exception):
@@ -69,11 +69,6 @@ def parse_patch_name(file_name: str) -> tuple[int, int | None] | None:
     return int(m.group("window")), (int(m.group("aug")) if m.group("aug") else None)
 
 
-def annotated_file_name(window: int, aug: int | None) -> str:
-    """Annotated files pad the window number (not the whole stem) to 5 digits: `00902_Aug1.png`."""
-    return f"{window:05d}" + (f"_Aug{aug}" if aug is not None else "") + ".png"
-
-
 # ----------------------------------------------------------------------------------------------- metadata
 @dataclass(frozen=True)
 class Annotation:
@@ -83,10 +78,6 @@ class Annotation:
     aug: int | None      # K of `_AugK`, None for an original window
     presence: int        # 1 present, -1 absent, 0 uncertain
     row: int             # 1-based row in the sheet (header = row 1), for error messages
-    i: int | None = None
-    j: int | None = None
-    h: int | None = None
-    w: int | None = None
 
 
 def find_metadata(root: Path, names: tuple[str, ...], suffixes: tuple[str, ...]) -> Path | None:
@@ -97,23 +88,30 @@ def find_metadata(root: Path, names: tuple[str, ...], suffixes: tuple[str, ...])
     return None
 
 
-def _read_table(path: Path) -> tuple[list[str], list[tuple[int, tuple]]]:
-    """Header and (row number, values) of the first sheet of an xlsx or of a CSV (`,` or `;`)."""
+def read_sheets(path: Path, first_only: bool = True) -> list[tuple[str, list[tuple]]]:
+    """(sheet name, rows of cell values) of an xlsx (Sheet1, else its first sheet; every sheet unless first_only), or
+    [("", rows)] of a CSV split on whichever of `,` `;` tab its first line uses most (exports use , or ;). The one
+    reader of tables: the workbook, PatientDiagnosis.csv and the audit's cell scan all go through it."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    if path.suffix.lower() == ".xlsx":
-        import openpyxl  # only needed here
-        try:
-            wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-        except Exception as e:  # openpyxl raises several types for a corrupt file
-            raise DataError(f"{path}: not a readable xlsx workbook ({type(e).__name__}: {e})") from None
-        ws = wb["Sheet1"] if "Sheet1" in wb.sheetnames else wb.worksheets[0]
-        rows = [r for r in ws.iter_rows(values_only=True)]
-        wb.close()
-    else:
+    if path.suffix.lower() != ".xlsx":
         lines = path.read_text(encoding="utf-8-sig").splitlines()
-        delimiter = max(",;\t", key=lambda d: lines[0].count(d)) if lines else ","  # exports use , or ;
-        rows = [tuple(r) for r in csv.reader(lines, delimiter=delimiter)]
+        delimiter = max(",;\t", key=lambda d: lines[0].count(d)) if lines else ","
+        return [("", [tuple(r) for r in csv.reader(lines, delimiter=delimiter)])]
+    import openpyxl  # only needed here
+    try:
+        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as e:  # openpyxl raises several types for a corrupt file
+        raise DataError(f"{path}: not a readable xlsx workbook ({type(e).__name__}: {e})") from None
+    sheets = [wb["Sheet1"] if "Sheet1" in wb.sheetnames else wb.worksheets[0]] if first_only else wb.worksheets
+    tables = [(ws.title, list(ws.iter_rows(values_only=True))) for ws in sheets]
+    wb.close()
+    return tables
+
+
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, tuple]]]:
+    """Header and (row number, values) of the first sheet of an xlsx or of a CSV."""
+    rows = read_sheets(path)[0][1]
     if not rows:
         raise DataError(f"{path}: empty file, expected a header row")
     header = [str(h).strip() if h is not None else "" for h in rows[0]]
@@ -158,8 +156,7 @@ def read_annotations(path) -> list[Annotation]:
         if presence not in (-1, 0, 1):
             raise DataError(f"{path}: row {n}: unknown Presence value {cell['presence']!r} (expected 1, -1 or 0)")
         out.append(Annotation(patient=patient, section=_int_or_none(cell["section_id"]), window=int(m.group("window")),
-                              aug=int(m.group("aug")) if m.group("aug") else None, presence=presence, row=n,
-                              **{k: _int_or_none(cell.get(k)) for k in "ijhw"}))
+                              aug=int(m.group("aug")) if m.group("aug") else None, presence=presence, row=n))
     return out
 
 
@@ -217,7 +214,6 @@ class HelicoData:
     uncertain_cropped: list[str] = field(default_factory=list)  # Cropped copies of Presence 0 windows: excluded too
     stray: list[str] = field(default_factory=list)              # non-PNG / non-folder entries skipped
     duplicate_rows: list[Annotation] = field(default_factory=list)
-    annotated_in_cropped: int = 0     # Cropped patches of NEGATIVA patients that are also annotated windows
     annotations_file: Path | None = None
     diagnosis_file: Path | None = None
 
@@ -298,9 +294,7 @@ def load_data(root) -> HelicoData:
                 if label == 0:
                     if (p, folder_section(folder), window) in uncertain_windows:
                         data.uncertain_cropped.append(s.path)
-                    elif (p, folder_section(folder), window) in annotated_windows:
-                        data.annotated_in_cropped += 1  # already a hard negative: do not count it twice
-                    else:
+                    elif (p, folder_section(folder), window) not in annotated_windows:  # else already a hard negative
                         data.labelled.append(s)
     return data
 
@@ -406,183 +400,19 @@ def drop_bad(images, labels, indices):
     return images[~bad], labels[~bad], indices[~bad], indices[bad].tolist()
 
 
-# ----------------------------------------------------------------------------------------------- model
-def build_model(arch: str = "resnet18", weights: str = "none"):
-    """Any torchvision classifier by name, its last Linear layer replaced by a one-logit head.
-
-    weights: 'imagenet' (torchvision's download cache), a path to a state dict or checkpoint, or 'none'."""
+# ----------------------------------------------------------------------------------------------- devices
+def resolve_device(name=None, local_rank: int = 0):
+    """Every script's --device: None or auto (cuda when available, else cpu), cpu, cuda (cuda:LOCAL_RANK, the
+    process's GPU under torchrun) or cuda:N; a torch.device passes through the same checks."""
     import torch
-    import torchvision
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise DataError(f"--arch {arch}: not a torchvision classifier (e.g. resnet18, resnet50, convnext_tiny)")
-    model = torchvision.models.get_model(arch, weights=None)
-    if weights == "imagenet":
-        w = torchvision.models.get_model_weights(arch).DEFAULT
-        try:
-            model.load_state_dict(w.get_state_dict(progress=False))
-        except Exception as e:  # URLError, socket errors, hash mismatch: all mean 'could not get the file'
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / w.url.rsplit("/", 1)[-1]
-            fetch = f"import torchvision; torchvision.models.get_model_weights('{arch}').DEFAULT.get_state_dict()"
-            raise DataError(f"--weights imagenet: {arch}'s weights are not in torchvision's cache {cache} and could "
-                            f"not be downloaded ({type(e).__name__}; compute nodes are often offline): on a login "
-                            f"node with the same $TORCH_HOME run python -c \"{fetch}\", or pass --weights none/FILE"
-                            ) from None
-    _one_logit_head(model)
-    if weights not in ("none", "imagenet", None):
-        path = Path(weights)
-        if not path.is_file():
-            raise DataError(f"--weights {weights}: file not found (use imagenet, none or a .pt path)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
-        own = model.state_dict()
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}  # foreign heads drop out
-        if not state:
-            raise DataError(f"--weights {weights}: no tensor matches {arch}'s layers")
-        model.load_state_dict(state, strict=False)
-    return model
-
-
-def _one_logit_head(model) -> None:
-    import torch.nn as nn
-    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]  # fc, classifier[-1], heads.head
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    setattr(parent, attr, nn.Linear(getattr(parent, attr).in_features, 1))  # Sequential children are named "0", "1"
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CHECKPOINT_KEYS = ("model", "arch", "config", "split", "threshold")
-
-
-def to_unit(images, normalizer=None):
-    """uint8 (B, 3, H, W) on the device -> float32 in [0, 1], Macenko-normalized when a normalizer is given."""
-    return normalizer.normalize(images) if normalizer is not None else images.float().div_(255)
-
-
-_CONSTANTS: dict = {}
-
-
-def imagenet_normalize(x):
-    import torch
-    key = (x.device, x.dtype)
-    if key not in _CONSTANTS:  # made once per device: a fresh host->GPU copy every step would stall the stream
-        _CONSTANTS[key] = tuple(torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-                                for v in (IMAGENET_MEAN, IMAGENET_STD))
-    mean, std = _CONSTANTS[key]
-    return (x - mean) / std
-
-
-def load_checkpoint(path, required=CHECKPOINT_KEYS, named: str = "--checkpoint") -> dict:
-    """A self-describing checkpoint (see train.py), loaded with weights_only=True; clear errors otherwise.
-    `named` is what the user gave that led here, for the message (train.py: the run it resumes)."""
-    import torch
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{named} {path}: file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle of foreign objects, ...
-        lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines() if ln.strip()] or [""]
-        why = next((ln for ln in lines if "Unsupported global" in ln), lines[0])  # torch's weights_only verdict
-        why = why.split(". ")[0].rstrip(".") or "file ends early"  # its first sentence, whole; the rest is advice
-        raise DataError(f"{named} {path}: unreadable checkpoint ({type(e).__name__}: {why}); truncated or not "
-                        f"written by train.py") from None
-    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise DataError(f"{named} {path}: not a train.py checkpoint (missing {', '.join(missing)})")
-    return ckpt
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-def _binary_inputs(y, s):
-    y, s = np.asarray(y).ravel(), np.asarray(s, dtype=np.float64).ravel()
-    if y.shape != s.shape:
-        raise ValueError(f"labels ({y.size}) and scores ({s.size}) differ in length")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError("labels must be 0 or 1")
-    return y.astype(np.int64), s
-
-
-def _one_class(y, name) -> bool:
-    if y.size == 0 or y.min() == y.max():
-        warnings.warn(f"{name} is undefined with only one class present: returning NaN", stacklevel=3)
-        return True
-    return False
-
-
-def average_precision(y, scores) -> float:
-    """Step-wise AP = sum_n (R_n - R_{n-1}) P_n over distinct score thresholds (sklearn's definition)."""
-    y, s = _binary_inputs(y, scores)
-    if _one_class(y, "average precision"):
-        return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    y, s = y[order], s[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]  # last index of each distinct threshold
-    tps = np.cumsum(y)[last]
-    precision, recall = tps / (last + 1), tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def roc_auc(y, scores) -> float:
-    """Mann-Whitney U / (n_pos n_neg) with mid-ranks for ties (equals the trapezoidal ROC area)."""
-    y, s = _binary_inputs(y, scores)
-    if _one_class(y, "ROC-AUC"):
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
-    ends = np.r_[starts[1:], s.size]
-    ranks = np.empty(s.size)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # average 1-based rank per tie group
-    n_pos = y.sum()
-    n_neg = y.size - n_pos
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def confusion_matrix(y, pred) -> np.ndarray:
-    """[[tn, fp], [fn, tp]] as integers."""
-    y, p = np.asarray(y).astype(np.int64).ravel(), np.asarray(pred).astype(np.int64).ravel()
-    return np.bincount(2 * y + p, minlength=4).reshape(2, 2)
-
-
-def _ratio(num, den, name) -> float:
-    if den == 0:
-        warnings.warn(f"{name} is undefined (zero denominator): returning NaN", stacklevel=3)
-        return float("nan")
-    return float(num / den)
-
-
-def precision(y, pred) -> float:
-    (tn, fp), (fn, tp) = confusion_matrix(y, pred)
-    return _ratio(tp, tp + fp, "precision")
-
-
-def recall(y, pred) -> float:
-    (tn, fp), (fn, tp) = confusion_matrix(y, pred)
-    return _ratio(tp, tp + fn, "recall")
-
-
-def f1(y, pred) -> float:
-    (tn, fp), (fn, tp) = confusion_matrix(y, pred)
-    return _ratio(2 * tp, 2 * tp + fp + fn, "F1")
-
-
-def accuracy(y, pred) -> float:
-    cm = confusion_matrix(y, pred)
-    return _ratio(cm[0, 0] + cm[1, 1], cm.sum(), "accuracy")
-
-
-def binary_metrics(y, scores, threshold: float = 0.5) -> dict:
-    """Headline patch metrics at `threshold` (predict positive when score >= threshold)."""
-    y, s = _binary_inputs(y, scores)
-    pred = (s >= threshold).astype(np.int64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NaNs in the dict speak for themselves
-        return {"pr_auc": average_precision(y, s), "roc_auc": roc_auc(y, s), "recall": recall(y, pred),
-                "precision": precision(y, pred), "f1": f1(y, pred), "accuracy": accuracy(y, pred),
-                "threshold": float(threshold), "confusion": confusion_matrix(y, pred).tolist(),
-                "n": int(y.size), "positives": int(y.sum()), "dummy_accuracy": float(1 - y.mean()) if y.size else float("nan")}
+    name = "auto" if name is None else str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise DataError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------------- files

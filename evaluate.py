@@ -7,8 +7,8 @@
 
 Everything comes from the checkpoint (train.py writes it): architecture, weights, image size, the patient split,
 the Macenko stain reference and the patch threshold chosen on validation. Only --data-root may override the
-stored data root (the staged copy moves). Preprocessing is training's eval path: to_unit (Macenko) ->
-imagenet_normalize -> model; score = sigmoid(logit).
+stored data root (the staged copy moves). Preprocessing is training's validation path (model.model_input:
+Macenko -> ImageNet normalization) under the run's precision and layout (model.precision); score = sigmoid(logit).
 
 What it measures, on the checkpoint's validation patients:
 - patches (labelled windows, each once, Aug copies excluded), at the stored threshold and at 0.5, next to the
@@ -27,7 +27,8 @@ temp folder beside it and swapped in whole: report.md, metrics.json, predictions
 learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images),
 stain_preview.png (validation positives and hard negatives: original | as trained | canonical Macenko).
 --compare writes compare.md and compare.json (default <first run>/compare/).
-Report rendering, figures and Grad-CAM live in eval_report.py to keep both files under ~500 lines.
+This file owns what is measured and how (patient rows, the patient rule, bootstrap CIs, --compare); metrics.py
+defines the metrics, eval_report.py writes the files and markdown, figures.py the charts, gradcam.py the Grad-CAM.
 
 --cache DIR reads patches from a packed cache (patch_cache.py) instead of PNGs (Grad-CAM still decodes its few). A
 plain cache gets the checkpoint's Macenko applied (same pixels, same scores); one train.py --cache-normalized wrote
@@ -45,15 +46,23 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 import common
+import eval_report
+import figures
+import gradcam
 import loaders
 import macenko_gpu
+import metrics
+import model
+import patch_cache
 from common import DataError
 
-EVAL_KEYS = (*common.CHECKPOINT_KEYS, "stain", "image_size")
 PATCH_METRICS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
 THRESHOLD_METRICS = ("recall", "precision", "f1", "accuracy")
 PATIENT_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
@@ -112,26 +121,18 @@ def check_args(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- model and data
-def model_of(ckpt: dict, path, arch: str | None, device):
-    """(model in eval mode on device, stain normalizer or None) rebuilt from a checkpoint's own settings."""
-    if arch and ckpt["arch"] != arch:
-        raise DataError(f"--checkpoint {path}: architecture {ckpt['arch']}, not --arch {arch}")
-    model = common.build_model(ckpt["arch"], weights="none")
-    try:
-        state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-        model.load_state_dict(state)
-    except (AttributeError, RuntimeError) as e:  # torch: a header line, then one line per kind of mismatch
-        detail = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise DataError(f"--checkpoint {path}: weights do not fit a {ckpt['arch']} "
-                        f"({detail[min(1, len(detail) - 1)][:160]})") from None
-    model.to(device).eval()
-    normalizer = None
-    if ckpt["stain"] is not None:
-        try:
-            normalizer = macenko_gpu.MacenkoNormalizer.from_state_dict(ckpt["stain"]).to(device)
-        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise DataError(f"--checkpoint {path}: unusable stain reference ({type(e).__name__}: {e})") from None
-    return model, normalizer
+def scoring_options(args) -> dict:
+    """The flags predict() needs, as its keyword arguments."""
+    return {"batch_size": args.batch_size, "workers": args.workers, "skip_bad": args.skip_bad_images,
+            "no_amp": args.no_amp, "cache": args.cache}
+
+
+def scoring_precision(ckpt: dict, device, no_amp: bool) -> model.Precision:
+    """Score as training validated, since the stored threshold was chosen on those scores: the run's autocast
+    (on CUDA only, unless --no-amp) and its memory layout, by model.precision's rule."""
+    config = ckpt.get("config") or {}
+    amp = device.type == "cuda" and config.get("amp", True) and not no_amp
+    return model.precision(device, amp=amp, channels_last=config.get("channels_last", False))
 
 
 def data_root_of(ckpt: dict, override: str | None, path) -> str:
@@ -171,23 +172,30 @@ class Predictions:
     source = property(lambda self: np.array([s.source for s in self.samples], dtype=object))
 
 
-def evaluation_rows(data: common.HelicoData, val: list[str], holdout: list[str] = ()) -> list[tuple]:
-    """(sample, split, patch_eval, patient_eval), each file once: a supplemental negative is both kinds."""
-    rows: dict[str, list] = {}
+class Row(NamedTuple):
+    """A patch to score and what it counts towards."""
+    sample: common.Sample
+    split: str            # val | holdout
+    patch_eval: bool      # a labelled window of a validation patient, once
+    patient_eval: bool    # a Cropped (or HoldOut) patch, aggregated into its patient's score
+
+
+def evaluation_rows(data: common.HelicoData, val: list[str], holdout: list[str] = ()) -> list[Row]:
+    """Each file once: a supplemental negative is both a labelled window and a Cropped patch of its patient."""
+    rows: dict[str, Row] = {}
     for s in common.select(data.labelled, val):
-        rows[s.path] = [s, "val", True, False]
+        rows[s.path] = Row(s, "val", True, False)
     for s in common.select(data.cropped, val):
-        rows.setdefault(s.path, [s, "val", False, False])[3] = True
+        rows[s.path] = rows.get(s.path, Row(s, "val", False, False))._replace(patient_eval=True)
     for s in common.select(data.holdout, holdout):
-        rows[s.path] = [s, "holdout", False, True]
-    return [tuple(r) for r in rows.values()]
+        rows[s.path] = Row(s, "holdout", False, True)
+    return list(rows.values())
 
 
-def cached_patches(cache, root, samples, image_size: int, normalizer, args):
+def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: bool):
     """The samples read from the packed cache, and the normalizer still to apply to them: none when the cache holds
     patches already normalized to the checkpoint's own stain reference (refused when to another one)."""
-    import patch_cache
-    ds = patch_cache.CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=args.skip_bad_images)
+    ds = patch_cache.CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=skip_bad)
     if not ds.normalized:
         return ds, normalizer
     if not patch_cache.same_stain(ds.stain, normalizer.state_dict() if normalizer else None):
@@ -197,20 +205,18 @@ def cached_patches(cache, root, samples, image_size: int, normalizer, args):
     return ds, None
 
 
-def score_samples(model, normalizer, root, samples, image_size: int, device, args,
-                  cache=None) -> tuple[np.ndarray, list[int]]:
-    """Sigmoid scores (NaN for skipped undecodable files) and the indices skipped; batched, AMP on CUDA."""
-    import torch
-    from tqdm import tqdm
+def score_samples(net, normalizer, root, samples, image_size: int, device, *, batch_size: int, workers: int,
+                  skip_bad: bool = False, cache=None, run: model.Precision | None = None) -> tuple[np.ndarray, list[int]]:
+    """Sigmoid scores (NaN for skipped undecodable files) and the indices skipped; batched, under `run`'s precision
+    and layout (default float32, contiguous)."""
+    run = run or model.precision(device, amp=False)
     if cache is None:
-        ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=args.skip_bad_images)
+        ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=skip_bad)
     else:
-        ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, args)
-    loader = loaders.make_loader(ds, batch_size=args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
+        ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, skip_bad)
+    loader = loaders.make_loader(ds, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
     scores, bad = np.full(len(samples), np.nan), []
-    amp = device.type == "cuda" and not args.no_amp
-    # train.py's dtype (bf16 where supported): its validation scores, hence the stored threshold, came from it
-    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    net = run.place(net, device)
     interactive = sys.stderr.isatty()  # in a log file a cleared bar leaves its last state for the next line to land on
     bar = tqdm(loader, desc="scoring", unit="batch", mininterval=2 if interactive else 30, leave=not interactive)
     with torch.inference_mode(), contextlib.closing(bar):
@@ -219,23 +225,26 @@ def score_samples(model, normalizer, root, samples, image_size: int, device, arg
             bad += dropped
             if len(idx) == 0:
                 continue
-            x = common.imagenet_normalize(common.to_unit(images.to(device, non_blocking=True), normalizer))
-            with torch.autocast(device.type, dtype=dtype, enabled=amp):
-                logits = model(x.contiguous(memory_format=torch.channels_last) if amp else x)
+            x = model.model_input(images.to(device, non_blocking=True), normalizer, channels_last=run.channels_last)
+            with run.autocast():
+                logits = net(x)
             scores[idx.numpy()] = torch.sigmoid(logits.float().reshape(-1)).cpu().numpy()
     return scores, bad
 
 
-def predict(model, normalizer, ckpt, data, rows, device, args) -> tuple[Predictions, list[str]]:
-    samples, size, cache = [r[0] for r in rows], int(ckpt["image_size"]), None
-    if args.cache:
-        import patch_cache  # only with --cache
-        cache = patch_cache.prepare(args.cache, data, size, max(1, args.workers), device=device)
-    scores, bad = score_samples(model, normalizer, data.root, samples, size, device, args, cache)
+def predict(net, normalizer, ckpt, data, rows: list[Row], device, *, batch_size: int, workers: int, skip_bad: bool,
+            no_amp: bool, cache=None) -> tuple[Predictions, list[str]]:
+    """Scores of `rows` (from the packed cache in `cache` when given) and the paths of skipped undecodable files."""
+    samples, size = [r.sample for r in rows], int(ckpt["image_size"])
+    if cache:
+        cache = patch_cache.prepare(cache, data, size, max(1, workers), device=device)
+    scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=batch_size,
+                                workers=workers, skip_bad=skip_bad, cache=cache,
+                                run=scoring_precision(ckpt, device, no_amp))
     keep = np.isfinite(scores)
-    pick = lambda k: np.array([r[k] for r in rows])[keep]
-    pred = Predictions([s for s, k in zip(samples, keep) if k], pick(1), pick(2).astype(bool),
-                       pick(3).astype(bool), scores[keep])
+    pred = Predictions([s for s, k in zip(samples, keep) if k], np.array([r.split for r in rows])[keep],
+                       np.array([r.patch_eval for r in rows], dtype=bool)[keep],
+                       np.array([r.patient_eval for r in rows], dtype=bool)[keep], scores[keep])
     skipped = [samples[i].path for i in sorted(bad)]
     for path in skipped:
         print(f"warning: skipped unreadable {path} (--skip-bad-images)", file=sys.stderr)
@@ -243,37 +252,6 @@ def predict(model, normalizer, ckpt, data, rows, device, args) -> tuple[Predicti
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-def nan_reasons(m: dict, level: str) -> dict[str, str]:
-    """Why each NaN metric is undefined, in words (a NaN is never silently -1 or 0)."""
-    n, pos, many = m.get("n", 0), m.get("positives", 0), f"{level}es" if level == "patch" else f"{level}s"
-    one_class = f"only one class among {n} {many} ({pos} positive)"
-    why = {"pr_auc": one_class, "roc_auc": one_class, "recall": f"no positive {many}",
-           "sensitivity": f"no infected {many}", "specificity": f"no negative {many}",
-           "precision": f"no {level} predicted positive", "f1": f"no positive {many} and none predicted positive",
-           "accuracy": f"no {many}"}
-    return {k: why[k] for k, v in m.items() if k in why and isinstance(v, float) and np.isnan(v)}
-
-
-def patch_metrics(y, s, threshold: float) -> dict:
-    m = common.binary_metrics(y, s, threshold)
-    m["undefined"] = nan_reasons(m, "patch")
-    return m
-
-
-def patient_metrics(y, s, threshold: float) -> dict:
-    """Accuracy, sensitivity (infected found), specificity (NEGATIVA cleared) and ROC-AUC of patient scores."""
-    y, s = np.asarray(y, dtype=np.int64), np.asarray(s, dtype=np.float64)
-    pred = (s >= threshold).astype(np.int64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = {"accuracy": common.accuracy(y, pred), "sensitivity": common.recall(y, pred),
-             "specificity": common.recall(1 - y, 1 - pred), "roc_auc": common.roc_auc(y, s) if y.size else float("nan"),
-             "threshold": float(threshold), "confusion": common.confusion_matrix(y, pred).tolist(),
-             "n": int(y.size), "positives": int(y.sum())}
-    m["undefined"] = nan_reasons(m, "patient")
-    return m
-
-
 def patient_scores(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int):
     """One row per patient: both aggregate scores of its Cropped/HoldOut patches and its diagnosis label."""
     use = pred.patient_eval
@@ -291,20 +269,6 @@ def patient_scores(pred: Predictions, patients: list[str], diagnosis: dict, patc
     return rows
 
 
-def youden_threshold(y, s) -> tuple[float, float]:
-    """Threshold maximising sensitivity + specificity - 1, among midpoints between distinct scores (ties: the
-    lowest, i.e. the most sensitive: a missed infection costs more than a second look)."""
-    u = np.unique(s)
-    candidates = np.r_[u[0], (u[1:] + u[:-1]) / 2]
-    best_t, best_j = float(candidates[0]), -np.inf
-    for t in candidates:
-        pred = s >= t
-        j = pred[y == 1].mean() + (~pred[y == 0]).mean() - 1
-        if j > best_j + 1e-12:
-            best_t, best_j = float(t), float(j)
-    return best_t, best_j
-
-
 def choose_patient_rule(rows: list[dict]) -> dict:
     """Pick the aggregation rule and its threshold on validation patients: best Youden's J, then ROC-AUC."""
     usable = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0]
@@ -316,47 +280,18 @@ def choose_patient_rule(rows: list[dict]) -> dict:
     cands = {}
     for rule in RULES:
         s = np.array([r[rule] for r in usable])
-        t, j = youden_threshold(y, s)
+        t, j = metrics.youden_threshold(y, s)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cands[rule] = {"threshold": t, "youden_j": j, "roc_auc": common.roc_auc(y, s)}
+            cands[rule] = {"threshold": t, "youden_j": j, "roc_auc": metrics.roc_auc(y, s)}
     rule = max(RULES, key=lambda r: (cands[r]["youden_j"], cands[r]["roc_auc"], -RULES.index(r)))
     return {"rule": rule, "threshold": cands[rule]["threshold"], "candidates": cands, "reason": ""}
 
 
 # ----------------------------------------------------------------------------------------------- bootstrap
-def patient_draws(n_patients: int, resamples: int, seed: int, stream: int = 0) -> np.ndarray:
-    """(resamples, n_patients) patient indices drawn with replacement; shared by every model being compared."""
-    return np.random.default_rng([seed, stream]).integers(0, n_patients, size=(resamples, n_patients))
-
-
-def bootstrap_values(groups: list[np.ndarray], draws: np.ndarray, metric_fn) -> dict[str, np.ndarray]:
-    """metric_fn(row indices) for each resample, where a resample concatenates the drawn patients' rows."""
-    out: dict[str, list] = {}
-    for d in draws:
-        idx = np.concatenate([groups[i] for i in d]) if len(d) else np.zeros(0, dtype=np.int64)
-        for k, v in metric_fn(idx).items():
-            out.setdefault(k, []).append(v)
-    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
-
-
-def ci95(values: np.ndarray) -> list[float]:
-    """Percentile interval over the resamples where the metric is defined ([NaN, NaN] if none is)."""
-    finite = values[np.isfinite(values)]
-    return [float(x) for x in np.percentile(finite, [2.5, 97.5])] if finite.size else [float("nan")] * 2
-
-
-def groups_of(patients_of_rows: np.ndarray, patients: list[str]) -> list[np.ndarray]:
-    where = {p: i for i, p in enumerate(patients)}
-    members: list[list[int]] = [[] for _ in patients]
-    for row, p in enumerate(patients_of_rows):
-        members[where[p]].append(row)
-    return [np.asarray(m, dtype=np.int64) for m in members]
-
-
 def with_ci(point: dict, boot: dict[str, np.ndarray], keys) -> dict:
     if boot:
-        point["ci95"] = {k: ci95(boot[k]) for k in keys}
+        point["ci95"] = {k: metrics.ci95(boot[k]) for k in keys}
         point["bootstrap_undefined"] = {k: int((~np.isfinite(boot[k])).sum()) for k in keys
                                         if (~np.isfinite(boot[k])).any()}
     return point
@@ -367,18 +302,22 @@ def patch_level(pred: Predictions, patients: list[str], threshold: float, draws:
     patch = pred.patch_eval
     y, s, who, src = pred.label[patch], pred.score[patch], pred.patient[patch], pred.source[patch]
     everything = np.ones(len(y), bool)
-    sets = {("patch",): (everything, threshold, PATCH_METRICS), ("patch_at_0.5",): (everything, 0.5, THRESHOLD_METRICS),
-            **{("by_source", k): (src == k, threshold, PATCH_METRICS) for k in ("annotated", "supplemental")}}
+    # (path in the metrics dict, which patches, threshold, metrics): ("by_source", "annotated") nests under by_source
+    sets = [(("patch",), everything, threshold, PATCH_METRICS), (("patch_at_0.5",), everything, 0.5, THRESHOLD_METRICS),
+            *((("by_source", k), src == k, threshold, PATCH_METRICS) for k in ("annotated", "supplemental"))]
     out, boot = {}, {}
-    for name, (mask, t, keys) in sets.items():
+    for name, mask, t, keys in sets:
         ym, sm = y[mask], s[mask]
 
         def resampled(idx, ym=ym, sm=sm, t=t, keys=keys):
-            return {k: v for k, v in common.binary_metrics(ym[idx], sm[idx], t).items() if k in keys}
-        b = bootstrap_values(groups_of(who[mask], patients), draws, resampled) if len(draws) else {}
+            return {k: v for k, v in metrics.binary_metrics(ym[idx], sm[idx], t).items() if k in keys}
+        b = metrics.bootstrap_values(metrics.groups_of(who[mask], patients), draws, resampled) if len(draws) else {}
         boot.update({".".join((*name, k)): v for k, v in b.items()})
-        parent = out.setdefault("by_source", {}) if len(name) == 2 else out
-        parent[name[-1]] = with_ci(patch_metrics(ym, sm, t), b, keys)
+        *parents, leaf = name
+        parent = out
+        for p in parents:
+            parent = parent.setdefault(p, {})
+        parent[leaf] = with_ci(metrics.patch_metrics(ym, sm, t), b, keys)
     return out, boot
 
 
@@ -393,14 +332,14 @@ def patient_level(pred: Predictions, patients: list[str], diagnosis: dict, patch
     known = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0]
     y = np.array([r["label"] for r in known], dtype=np.int64)
     s = np.array([r["score"] for r in known], dtype=np.float64)
-    m = patient_metrics(y, s, rule["threshold"])
+    m = metrics.patient_metrics(y, s, rule["threshold"])
     if not rule["rule"]:  # no rule, no predictions: every metric is undefined, for the reason the rule gives
         m.update({k: float("nan") for k in PATIENT_METRICS}, undefined={k: rule["reason"] for k in PATIENT_METRICS})
     b = {}
     if len(draws) and rule["rule"]:
         slot = {r["patient"]: k for k, r in enumerate(known)}
         groups = [np.asarray([slot[p]] if p in slot else [], dtype=np.int64) for p in patients]
-        b = bootstrap_values(groups, draws, lambda idx: {k: v for k, v in patient_metrics(
+        b = metrics.bootstrap_values(groups, draws, lambda idx: {k: v for k, v in metrics.patient_metrics(
             y[idx], s[idx], rule["threshold"]).items() if k in PATIENT_METRICS})
     used = {r["patient"] for r in known}
     excluded = {r["patient"]: "no diagnosis" if r["label"] < 0 else "no patches"
@@ -432,68 +371,56 @@ def stain_picks(pred: Predictions, n: int = 3) -> list[tuple]:
     return [(pred.samples[i], f"{kind}, score {pred.score[i]:.2f}: {pred.samples[i].path}") for i, kind in chosen]
 
 
-def pick_device(name: str | None):
-    import torch
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise DataError(f"--device {name}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
 def default_out(holdout: bool) -> str:
     """eval/ and eval-holdout/ side by side: a validation-only rerun never replaces the report with the HoldOut."""
     return "eval-holdout" if holdout else "eval"
 
 
 def run_evaluation(args, device) -> int:
-    import eval_report
     path = Path(args.checkpoint)
     out = Path(args.out) if args.out else path.parent / default_out(args.holdout)
     eval_report.check_out_folder(out)
-    ckpt = common.load_checkpoint(path, required=EVAL_KEYS)
-    model, normalizer = model_of(ckpt, path, args.arch, device)
+    ckpt = model.load_checkpoint(path)
+    net, normalizer = model.from_checkpoint(ckpt, path, args.arch, device)
     data = common.load_data(data_root_of(ckpt, args.data_root, path))
     val = validation_patients(ckpt, data, path)
     holdout = data.holdout_patients if args.holdout else []
     if args.holdout and not holdout:
         raise DataError(f"--holdout: {data.root} has no HoldOut patients (missing {common.TREES['holdout']}/ folder?)")
     rows = evaluation_rows(data, val, holdout)
-    if not any(r[2] for r in rows):
+    if not any(r.patch_eval for r in rows):
         raise DataError(f"validation patients of {path} have no labelled patches in {data.root}: empty split")
-    pred, bad = predict(model, normalizer, ckpt, data, rows, device, args)
+    pred, bad = predict(net, normalizer, ckpt, data, rows, device, **scoring_options(args))
     threshold = float(ckpt["threshold"])
     val_pred = pred.subset(pred.split == "val")
-    metrics, patient_rows, _ = analyse(val_pred, val, data.diagnosis, threshold, args.top_k,
-                                       patient_draws(len(val), args.bootstrap, args.seed))
+    result, patient_rows, _ = analyse(val_pred, val, data.diagnosis, threshold, args.top_k,
+                                      metrics.patient_draws(len(val), args.bootstrap, args.seed))
     for r in patient_rows:
         r["split"] = "val"
     if holdout:  # the validation rule and thresholds, applied as they are: HoldOut never tunes anything
-        draws = patient_draws(len(holdout), args.bootstrap, args.seed, stream=1)
+        draws = metrics.patient_draws(len(holdout), args.bootstrap, args.seed, stream=1)
         ho, ho_rows, _ = analyse(pred.subset(pred.split == "holdout"), holdout, data.diagnosis, threshold, args.top_k,
-                                 draws, rule=metrics["patient"])
-        metrics["holdout"] = {"patient": ho["patient"], "patches": int((pred.split == "holdout").sum())}
+                                 draws, rule=result["patient"])
+        result["holdout"] = {"patient": ho["patient"], "patches": int((pred.split == "holdout").sum())}
         patient_rows += [{**r, "split": "holdout"} for r in ho_rows]
-    metrics["meta"] = {"checkpoint": str(path), "arch": ckpt["arch"], "image_size": int(ckpt["image_size"]),
-                       "epoch": ckpt.get("epoch"), "data_root": str(data.root),
-                       "stain": "macenko" if normalizer else None,
-                       "patch_threshold": threshold, "threshold_rule": ckpt.get("threshold_rule"),
-                       "training_val_metrics": ckpt.get("val_metrics"), "val_patients": val,
-                       "holdout_patients": holdout, "skipped_images": bad, "device": str(device), "cache": args.cache,
-                       "amp": device.type == "cuda" and not args.no_amp,
-                       "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient"}}
+    result["meta"] = {"checkpoint": str(path), "arch": ckpt["arch"], "image_size": int(ckpt["image_size"]),
+                      "epoch": ckpt.get("epoch"), "data_root": str(data.root),
+                      "stain": "macenko" if normalizer else None,
+                      "patch_threshold": threshold, "threshold_rule": ckpt.get("threshold_rule"),
+                      "training_val_metrics": ckpt.get("val_metrics"), "val_patients": val,
+                      "holdout_patients": holdout, "skipped_images": bad, "device": str(device), "cache": args.cache,
+                      "amp": scoring_precision(ckpt, device, args.no_amp).amp,
+                      "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient"}}
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_predictions(tmp / "predictions.csv", pred, threshold)
-        eval_report.write_patients(tmp / "patients.csv", patient_rows, metrics["patient"]["rule"])
-        files = eval_report.write_figures(tmp, val_pred, metrics, patient_rows)
+        eval_report.write_patients(tmp / "patients.csv", patient_rows, result["patient"]["rule"])
+        files = figures.write_figures(tmp, val_pred, result, patient_rows)
         if (path.parent / "log.jsonl").is_file():
-            files += eval_report.write_learning_curves(path.parent / "log.jsonl", tmp / "learning_curves.png")
+            files += figures.learning_curves_from_log(path.parent / "log.jsonl", tmp / "learning_curves.png")
         if args.gradcam:
-            picks = eval_report.gradcam_picks(val_pred, threshold, args.gradcam)
-            files += eval_report.write_gradcam(tmp / "gradcam", model, normalizer, data.root, picks,
-                                               int(ckpt["image_size"]), device)
+            picks = gradcam.gradcam_picks(val_pred, threshold, args.gradcam)
+            files += gradcam.write_gradcam(tmp / "gradcam", net, normalizer, data.root, picks,
+                                           int(ckpt["image_size"]), device)
         if normalizer is not None:  # the stain as the model saw it, for a pathologist to judge at a glance
             picks = stain_picks(val_pred)
             macenko_gpu.stain_preview(normalizer, [Path(data.root) / s.path for s, _ in picks],
@@ -501,9 +428,9 @@ def run_evaluation(args, device) -> int:
             files.append("stain_preview.png")
         if bad:
             common.atomic_write_text(tmp / "skipped_images.txt", "".join(f"{p}\n" for p in bad))
-        eval_report.write_json(tmp / "metrics.json", metrics)
-        common.atomic_write_text(tmp / "report.md", eval_report.render_report(metrics, files, patient_rows))
-    print("\n".join(eval_report.summary_lines(metrics)))
+        eval_report.write_json(tmp / "metrics.json", result)
+        common.atomic_write_text(tmp / "report.md", eval_report.render_report(result, files, patient_rows))
+    print("\n".join(eval_report.summary_lines(result)))
     print(f"wrote {out}/report.md")
     return common.EXIT_OK
 
@@ -515,13 +442,12 @@ HEADLINE = [("patch", k) for k in PATCH_METRICS] + [("patient", k) for k in PATI
 
 
 def run_compare(args, device) -> int:
-    import eval_report
     if args.holdout:
         raise DataError("--holdout: not used with --compare (compare on validation, then evaluate the winner)")
     paths = [Path(p) for p in args.compare]
     out = Path(args.out) if args.out else paths[0].parent / "compare"
     eval_report.check_out_folder(out)
-    ckpts = [common.load_checkpoint(p, required=EVAL_KEYS) for p in paths]
+    ckpts = [model.load_checkpoint(p) for p in paths]
     data = common.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
     vals = [validation_patients(c, data, p) for c, p in zip(ckpts, paths)]
     shared = sorted(set.intersection(*map(set, vals)))
@@ -530,16 +456,16 @@ def run_compare(args, device) -> int:
                         f"({', '.join(shared) or 'none'}); a paired comparison needs at least {MIN_SHARED_PATIENTS}: "
                         f"train the runs on one split (train.py --split runs/<id>/split.json)")
     rows = evaluation_rows(data, shared)
-    if not any(r[2] for r in rows):
+    if not any(r.patch_eval for r in rows):
         raise DataError(f"--compare: the shared validation patients have no labelled patches in {data.root}")
-    draws = patient_draws(len(shared), args.bootstrap, args.seed)  # the same resamples for every model: paired
+    draws = metrics.patient_draws(len(shared), args.bootstrap, args.seed)  # the same resamples for every model: paired
     results = []
     for c, p in zip(ckpts, paths):
-        model, normalizer = model_of(c, p, args.arch, device)
-        pred, _ = predict(model, normalizer, c, data, rows, device, args)
-        metrics, _, boot = analyse(pred, shared, data.diagnosis, float(c["threshold"]), args.top_k, draws)
-        results.append({"checkpoint": str(p), "metrics": metrics, "boot": boot})
-        del model
+        net, normalizer = model.from_checkpoint(c, p, args.arch, device)
+        pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args))
+        result, _, boot = analyse(pred, shared, data.diagnosis, float(c["threshold"]), args.top_k, draws)
+        results.append({"checkpoint": str(p), "metrics": result, "boot": boot})
+        del net
     table = compare_table(results)
     table.update({"patients": shared, "same_validation_patients": all(set(v) == set(shared) for v in vals),
                   "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient", "paired": True}})
@@ -563,7 +489,7 @@ def compare_table(results: list[dict]) -> dict:
         for lv, k in HEADLINE:
             name = f"{lv}.{k}"
             diff = r["boot"].get(name, np.array([np.nan])) - base["boot"].get(name, np.array([np.nan]))
-            lo, hi = ci95(diff) if r["boot"] else [float("nan")] * 2
+            lo, hi = metrics.ci95(diff) if r["boot"] else [float("nan")] * 2
             deltas.append({"model": i, "checkpoint": r["checkpoint"], "metric": name, "baseline": value(base, lv, k),
                            "value": value(r, lv, k), "delta": value(r, lv, k) - value(base, lv, k), "ci95": [lo, hi],
                            "within_noise": bool(lo <= 0 <= hi) if np.isfinite([lo, hi]).all() else None})
@@ -574,7 +500,7 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         check_args(args)
-        device = pick_device(args.device)
+        device = common.resolve_device(args.device)
         return run_compare(args, device) if args.compare else run_evaluation(args, device)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

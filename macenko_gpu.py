@@ -11,8 +11,8 @@ Usage:
 In code (what training and evaluation do):
     norm = MacenkoNormalizer().fit(load_rgb("ref.png")).to("cuda")
     x = norm.normalize(batch)      # uint8 (B,3,H,W) -> float32 (B,3,H,W) in [0,1] on batch's device
-    ckpt["stain_reference"] = norm.state_dict()      # plain tensors and scalars: weights_only-safe
-    norm = MacenkoNormalizer.from_state_dict(torch.load(path, weights_only=True)["stain_reference"])
+    ckpt["stain"] = norm.state_dict()      # plain tensors and scalars: weights_only-safe (model.checkpoint)
+    norm = MacenkoNormalizer.from_state_dict(torch.load(path, weights_only=True)["stain"])
 
 Modes (mode=..., stored in the state; every mode is one batched pass, no per-image Python loop, no host sync):
   * "ihc" (default): what an IHC patch can determine. DAB's colour is fixed by its chemistry, so the DAB vector
@@ -67,6 +67,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import common  # --device only: common.resolve_device, the rule every script shares
 import stain_math as sm
 
 MAX_CONC_PERCENTILE = sm.MAX_CONC_PERCENTILE
@@ -549,8 +550,7 @@ def get_args_parser():
     p.add_argument("--count", type=int, default=8, help="--preview: patches shown, spread evenly over IN_DIR")
     p.add_argument("--benchmark", action="store_true", help="print img/s of this implementation and of torchstain's "
                    "per-image normalizer on the same synthetic tiles and device (needs requirements-dev.txt)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda[:N]; default cuda when available")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per normalize() call; 256 or more pays off "
                    "on a GPU, 64 is plenty on a CPU")
     p.add_argument("--size", type=int, default=224, help="benchmark tile side in pixels")
@@ -568,12 +568,7 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1 or args.size < 8 or args.repeats < 1:
             raise ValueError("--batch-size and --repeats must be >= 1 and --size >= 8")
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f"--device {args.device!r} is not a device name; use cpu or cuda") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+        device = common.resolve_device(args.device)
         if args.benchmark:
             if args.reference or args.in_dir:
                 raise ValueError("--benchmark takes no --reference, IN_DIR or OUT_DIR")
@@ -600,7 +595,7 @@ def main(argv=None) -> int:
         count = normalize_folder(args.reference, args.in_dir, args.out_dir, device, args.batch_size, args.mode)
         print(f"normalized {count} images into {args.out_dir}")
         return EXIT_OK
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, common.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

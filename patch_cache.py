@@ -5,11 +5,12 @@ Usage:
     python patch_cache.py --data-root HelicoDataSet --out /local/cache256n --normalized      # Macenko pre-applied
 
 In code (what train.py / evaluate.py do with --cache DIR):
-    cache = patch_cache.ensure_cache(root, "/local/cache256", 256, workers=16)      # build, resume or reuse
-    ds = patch_cache.CachedPatchDataset(cache, samples, 256, root=root)            # PatchDataset's items
+    cache = patch_cache.prepare("/local/cache256", data, 256, workers=16)        # build, resume or reuse
+    ds = patch_cache.patch_dataset(data.root, samples, 256, cache=cache)         # PatchDataset's items
     if ds.normalized: skip Macenko (the pixels already are), and store ds.stain as the checkpoint's stain reference
 
-A separate file because the design card's common.py (already ~560 lines) cannot hold it within ~500 lines.
+Owns where training and evaluation read patches from (patch_dataset: PNGs or the cache) and the cache's one entry
+point (prepare); a module of its own because the cache is a file format with its own lifecycle, not part of the data.
 
 CACHE_DIR holds:
     patches.u8    uint8 (N, 3, H, W), C order, no header (np.memmap); row r is index row r
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -45,8 +47,12 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 import common
+import macenko_gpu
+import model
 from common import DataError
 
 VERSION = 1
@@ -142,7 +148,6 @@ def stain_from_meta(meta: dict):
     """The stored MacenkoNormalizer state with tensors again (weights_only-safe for a checkpoint), or None."""
     if not meta.get("normalized"):
         return None
-    import torch
     state = dict(meta["stain"]["state"])
     for k in ("stain_matrix", "max_concentrations"):
         state[k] = torch.tensor(state[k], dtype=torch.float32)
@@ -177,7 +182,7 @@ class CachedPatchDataset:
             changed = [r["path"] for r in mine if _stat_key(Path(root) / r["path"]) != [r["size"], r["mtime_ns"]]]
             if changed:
                 raise DataError(f"--cache {self.cache_dir}: stale: {len(changed)} source file(s) changed since it "
-                                f"was built, e.g. {changed[0]}; rebuild it (ensure_cache does so automatically)")
+                                f"was built, e.g. {changed[0]}; rebuild it (prepare does so automatically)")
         self.rows = np.array([r["row"] for r in mine], dtype=np.int64)
         bad_rows = set(meta.get("bad_rows", []))
         self.bad = np.array([r["row"] in bad_rows for r in mine], dtype=bool)
@@ -205,7 +210,6 @@ class CachedPatchDataset:
 
     def __getitems__(self, indices):
         """A whole batch in one gather from the memmap (DataLoader calls this with the batch's indices)."""
-        import torch
         indices = list(indices)
         if self.bad[indices].any():
             self._bad_rows(indices)
@@ -232,15 +236,8 @@ def _stat_key(path: Path) -> list | None:
 # ----------------------------------------------------------------------------------------------- build
 def stain_reference(root: Path, reference: str, device):
     """(normalizer on `device`, meta record) for --normalized; the record pins the reference file's bytes."""
-    import macenko_gpu
-    ref = Path(reference)
-    ref = ref if ref.is_absolute() else root / ref
-    if not ref.is_file():
-        raise DataError(f"--reference-patch {ref}: file not found (Macenko needs a stain reference tile)")
-    try:
-        normalizer = macenko_gpu.MacenkoNormalizer().fit(macenko_gpu.load_rgb(ref))
-    except ValueError as e:
-        raise DataError(f"--reference-patch {ref}: {e}") from None
+    normalizer = model.fit_stain_reference(root, reference)
+    ref = Path(reference) if Path(reference).is_absolute() else root / reference
     state = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in normalizer.state_dict().items()}
     record = {"reference": str(reference), "sha256": hashlib.sha256(ref.read_bytes()).hexdigest(), "state": state}
     return normalizer.to(device), record
@@ -335,7 +332,6 @@ def decode_chunk(dataset, lo: int, hi: int, fd: int, row_bytes: int) -> list[int
 def normalize_chunk(normalizer, fd: int, lo: int, hi: int, size: int, bad) -> None:
     """Read back decoded rows, Macenko-normalize them in one batch on the normalizer's device, store uint8 levels
     (the normalizer's output is level/255, so nothing is lost). Undecodable rows stay zero."""
-    import torch
     row_bytes = 3 * size * size
     raw = np.frombuffer(os.pread(fd, (hi - lo) * row_bytes, lo * row_bytes), np.uint8).reshape(hi - lo, 3, size, size)
     keep = [k for k in range(hi - lo) if lo + k not in bad]
@@ -366,9 +362,7 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
         raise DataError(f"--data-root {root}: no patches to cache")
     normalizer = stain = None
     if normalized:
-        import torch
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        normalizer, stain = stain_reference(root, reference or common.DEFAULT_REFERENCE, device)
+        normalizer, stain = stain_reference(root, reference or common.DEFAULT_REFERENCE, common.resolve_device(device))
     want = wanted_meta(rows, image_size, stain, root)
     t0 = time.perf_counter()
     with _locked(cache_dir):
@@ -398,7 +392,6 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
 def _fill(cache_dir, root, rows, size, workers, normalizer, progress, on_chunk) -> int:
     """Decode every unfinished chunk with `workers` threads (PIL releases the GIL while decoding and resizing);
     this thread normalizes (if asked) and records each finished chunk. Returns the number of chunks built."""
-    from tqdm import tqdm
     samples = [common.Sample(r["path"], r["patient"], r["source"], r["label"], 0) for r in rows]
     dataset = common.PatchDataset(root, samples, size, skip_bad=True)
     n_chunks, row_bytes = -(-len(rows) // CHUNK_ROWS), 3 * size * size
@@ -454,25 +447,16 @@ def _finish(cache_dir: Path, want: dict) -> list[int]:
 
 @contextlib.contextmanager
 def _locked(cache_dir: Path):
-    import fcntl
     with open(cache_dir / ".lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # a second builder waits here, then finds the cache complete; close unlocks
         yield
 
 
 # ----------------------------------------------------------------------------------------------- entry points
-def ensure_cache(data_root, cache_dir, image_size: int = 256, workers: int = 4, normalized: bool = False,
-                 reference: str | None = None, device=None, progress: bool = True, data=None) -> Path:
-    """Build, resume or reuse the cache in `cache_dir` for `data_root`; returns `cache_dir` (the one call
-    train.py / evaluate.py make for --cache DIR). Pass `data` (common.load_data) to skip re-reading the root."""
-    data = data if data is not None else common.load_data(data_root)
-    build_cache(data, cache_dir, image_size, workers, normalized, reference, device, progress)
-    return Path(cache_dir)
-
-
 def prepare(cache_dir, data, image_size: int, workers: int, normalized: bool | None = None,
             reference: str | None = None, device=None) -> Path:
-    """ensure_cache for train.py / evaluate.py `--cache DIR`, with one-line errors naming --cache.
+    """The one entry point of train.py, evaluate.py and the launcher's `--cache DIR`: build, resume or reuse the
+    cache of every patch of `data` (build_cache), with one-line errors naming --cache; returns DIR.
 
     It refreshes a cache whose PNGs changed, but never turns a finished cache into another kind (size,
     normalization, stain reference): a job on this node may be reading it, and a rebuild truncates patches.u8
@@ -491,17 +475,22 @@ def prepare(cache_dir, data, image_size: int, workers: int, normalized: bool | N
         raise DataError(f"--cache {where}: holds {have}, but this run needs {kind(image_size, normalized, reference)}; "
                         f"give another folder (or delete this one to rebuild it)")
     try:
-        return ensure_cache(data.root, where, image_size, workers, normalized, reference, device, data=data)
+        build_cache(data, where, image_size, workers, normalized, reference, device)
+        return where
     except OSError as e:
         raise DataError(f"--cache {where}: {e.strerror or e}") from None
+
+
+def patch_dataset(root, samples, image_size: int, skip_bad: bool = False, cache=None):
+    """(uint8 image, label, index) items of `samples`: decoded PNGs, or with a prepared cache the same bytes from it."""
+    if cache is None:
+        return common.PatchDataset(root, samples, image_size, skip_bad)
+    return CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=skip_bad)
 
 
 def same_stain(a: dict | None, b: dict | None) -> bool:
     """Whether two MacenkoNormalizer states normalize alike: equal settings, and reference stain vectors and maxima
     equal up to float noise (a reference fitted on another device differs in the last bits)."""
-    import torch
-
-    import macenko_gpu
     if a is None or b is None:
         return a is None and b is None
     try:  # states saved before the stain modes existed, in today's form (they normalize as they did)

@@ -1,7 +1,8 @@
 """Patient-level splits and the content hashes that keep them honest (shared by train.py and audit_leakage.py).
 
-Split out of common.py only because common.py could not hold it under the ~500-line limit; it is the
-"splits" part of the design card's common.py and imports nothing but common.
+Owns which patient goes where: the split flags, the deterministic stratified split, duplicate-content groups, and the
+checks a split must pass wherever it is loaded. It is the "splits" part of the design card's common.py, a module of
+its own because training and the audit must resolve the very same split; it imports nothing but common.
 
     import common, splits
     data = common.load_data(root)
@@ -310,17 +311,26 @@ def load_split(path) -> dict:
     return split
 
 
-def resolve_split(args, data: HelicoData, progress: bool = True) -> tuple[dict, list[list[str]], dict[str, list[str]]]:
-    """The split the flags ask for; returns (split, duplicate groups, shared content as from shared_content)."""
-    cache = Path(args.hash_cache) if args.hash_cache else default_hash_cache(data.root)
+def split_options(args) -> dict:
+    """The values of split_args_parser's flags (bar --data-root) as resolve_split's keyword arguments."""
+    return {"split_file": args.split, "seed": args.split_seed, "val_frac": args.val_frac, "test_frac": args.test_frac,
+            "folds": args.folds, "fold": args.fold, "reference_patch": args.reference_patch,
+            "hash_cache": args.hash_cache}
+
+
+def resolve_split(data: HelicoData, split_file=None, seed: int = 0, val_frac: float = 0.2,
+                  test_frac: float | None = None, folds: int | None = None, fold: int | None = None,
+                  reference_patch: str | None = DEFAULT_REFERENCE, hash_cache=None, progress: bool = True) -> tuple[dict, list[list[str]], dict[str, list[str]]]:
+    """The split asked for: split_file reloaded, else made from the rest; the one path train.py and the audit take.
+    Returns (split, duplicate groups, shared content as from shared_content)."""
+    cache = Path(hash_cache) if hash_cache else default_hash_cache(data.root)
     shared = shared_content(data, cache=cache, progress=progress)
     groups = duplicate_groups(shared)
-    if args.split:
-        split = load_split(args.split)
+    if split_file:
+        split = load_split(split_file)
     else:
-        split = make_split(data, args.split_seed, args.val_frac, args.folds, args.fold,
-                           keep_in_train=[reference_patient(args.reference_patch)], groups=groups,
-                           test_frac=getattr(args, "test_frac", None))
+        split = make_split(data, seed, val_frac, folds, fold, keep_in_train=[reference_patient(reference_patch)],
+                           groups=groups, test_frac=test_frac)
     return split, groups, shared
 
 

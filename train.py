@@ -16,6 +16,8 @@ Pipeline: DataLoader workers only decode PNGs (or read --cache) to uint8; on the
 colour jitter with independent random factors per sample -> one of the 8 symmetries of the square per sample ->
 ImageNet normalization -> model under autocast (bf16 where supported, else fp16 with a GradScaler; off on CPU
 unless --amp). The operating threshold is the one that maximises F1 on the validation patients.
+This file owns the training loop, its sample order and the run folder; what the model sees, its precision and the
+checkpoint schema are model.py's (evaluate.py and bench.py call the same functions), the metrics metrics.py's.
 
 Exit codes: 0 done (or already complete), 1 the HoldOut is not independent (a HoldOut patient shares an ID or a
 byte-identical image with CrossValidation; nothing trained), 2 bad input (one-line `error:`), 3 non-finite loss
@@ -46,10 +48,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import figures
 import loaders
+import metrics
+import model
+import patch_cache
 import splits
-from train_input import (EpochSampler, fit_normalizer, make_dataset, model_input,  # bench.py times train.model_input
-                         prepare_cache, stratified_subset)
 
 EXIT_NAN, EXIT_PREEMPTED = common.EXIT_NAN, common.EXIT_STOPPED
 SKIPPED = "skipped_images.txt"  # --skip-bad-images: the undecodable files left out, one path per line
@@ -123,40 +127,51 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ----------------------------------------------------------------------------------------------- data and metrics
+# ----------------------------------------------------------------------------------------------- data
+class EpochSampler(torch.utils.data.Sampler):
+    """DistributedSampler's contract (equal padded share per rank, set_epoch) with the order drawn from (seed, epoch)
+    alone, so a resumed run sees the same order; `skip` resumes mid-epoch, `balanced` draws classes equally."""
+
+    def __init__(self, labels, balanced: bool, seed: int, rank: int = 0, world: int = 1):
+        self.labels, self.balanced, self.seed = torch.as_tensor(labels), balanced, seed
+        self.rank, self.world = rank, world
+        self.per_rank = math.ceil(len(labels) / world)
+        self.epoch = self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n, total = len(self.labels), self.per_rank * self.world
+        if self.balanced:
+            weights = 1.0 / torch.bincount(self.labels, minlength=2).float()[self.labels]
+            order = torch.multinomial(weights, total, replacement=True, generator=g)
+        else:
+            order = torch.randperm(n, generator=g).repeat(math.ceil(total / n))[:total]  # pad like DistributedSampler
+        return iter(order[self.rank::self.world][self.skip:].tolist())
+
+    def __len__(self):
+        return max(0, self.per_rank - self.skip)
+
+
+def stratified_subset(samples, n, seed):
+    """n samples keeping the class ratio (at least one per class), the same ones for a given seed."""
+    if n is None or n >= len(samples):
+        return samples
+    by_label: dict[int, list[int]] = {}
+    for k, s in enumerate(samples):
+        by_label.setdefault(s.label, []).append(k)
+    rng, keep = random.Random(seed), []
+    for label, ks in sorted(by_label.items()):
+        keep += rng.sample(ks, min(len(ks), max(1, round(n * len(ks) / len(samples)))))
+    return [samples[k] for k in sorted(keep)]
+
+
 def loader(dataset, sampler, args, drop_last=False):
     return loaders.make_loader(dataset, batch_size=args.batch_size, sampler=sampler, workers=args.workers,
                                pin_memory=args.pin_memory, drop_last=drop_last, persistent=args.persistent_workers,
                                prefetch_factor=args.prefetch_factor, seed=args.seed)
-
-
-def best_f1_threshold(y, scores) -> tuple[float, str]:
-    """The score threshold (predict positive when score >= it) with the highest F1 on these labels."""
-    y, s = np.asarray(y), np.asarray(scores, dtype=np.float64)
-    if y.size == 0 or y.min() == y.max():
-        return 0.5, "default 0.5: validation holds one class only"
-    order = np.argsort(-s, kind="mergesort")
-    last = np.r_[np.flatnonzero(np.diff(s[order])), y.size - 1]  # last index of each distinct score
-    tp = np.cumsum(y[order])[last]
-    f1 = 2 * tp / (tp + (last + 1) + y.sum())  # 2tp / (2tp + fp + fn)
-    return float(s[order][last[int(np.argmax(f1))]]), "max F1 on validation (positive when score >= threshold)"
-
-
-def plot_curves(records, path):
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
-    fig, epochs = Figure(figsize=(10, 4)), [r["epoch"] for r in records]
-    for ax, title, keys in zip(fig.subplots(1, 2), ("loss (BCE, positive-weighted)", "validation"),
-                               (("train_loss", "val_loss"), ("pr_auc", "roc_auc"))):
-        for key in keys:
-            ax.plot(epochs, [r[key] for r in records], "o-", label=key)
-        ax.set(xlabel="epoch", title=title)
-    ax.axhline(records[-1]["dummy_pr_auc"], ls="--", c="grey", label="dummy PR-AUC (prevalence)")
-    ax.set_ylim(0, 1.02)
-    for ax in fig.axes:
-        ax.legend()
-    fig.tight_layout()
-    with common.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -183,34 +198,26 @@ def requeue() -> str:
     return f"requeued SLURM job {job}" if r.returncode == 0 else f"scontrol requeue {job} failed: {r.stderr.strip()}"
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-    if name != "cpu" and not name.startswith("cuda"):
-        raise common.DataError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise common.DataError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
+JITTER_HELP = (f"expected 0 or four numbers B,C,S,H like {DEFAULT_JITTER}, with B, C, S in [0, 1) and H in "
+               f"[0, 0.5]")
 
 
-def number(text: str) -> float:
+def numbers(flag: str, text: str, expected: str) -> list[float]:
+    """The comma-separated numbers of --flag, or a one-line error saying what was expected."""
     try:
-        return float(text)
+        return [float(v) for v in text.split(",")]
     except ValueError:
-        return float("nan")  # fails every range check below
+        raise common.DataError(f"--{flag} {text}: {expected}") from None
 
 
 def resolve_args(args, device, local_world: int) -> None:
     """Fill in automatic defaults and reject bad values with one-line messages naming the flag."""
     if not args.data_root:
         raise common.DataError("--data-root: not given and $HELICO_DATA is not set")
-    jitter = [number(v) for v in args.jitter.split(",")]
+    jitter = numbers("jitter", args.jitter, JITTER_HELP)
     jitter = jitter * 4 if jitter == [0.0] else jitter
     if len(jitter) != 4 or not all(0 <= v < 1 for v in jitter[:3]) or not 0 <= jitter[3] <= 0.5:
-        raise common.DataError(f"--jitter {args.jitter}: expected 0 or four numbers B,C,S,H like {DEFAULT_JITTER}, "
-                               f"with B, C, S in [0, 1) and H in [0, 0.5]")
+        raise common.DataError(f"--jitter {args.jitter}: {JITTER_HELP}")
     args.jitter = jitter
     for flag, value, low in (("epochs", args.epochs, 1), ("batch-size", args.batch_size, 2), ("image-size",
                              args.image_size, 32), ("prefetch-factor", args.prefetch_factor, 1),
@@ -221,8 +228,10 @@ def resolve_args(args, device, local_world: int) -> None:
         raise common.DataError("--cache-normalized: needs --cache DIR and --macenko (it stores Macenko's output)")
     if not args.lr > 0 or args.weight_decay < 0:
         raise common.DataError(f"--lr {args.lr} / --weight-decay {args.weight_decay}: need lr > 0, weight decay >= 0")
-    if args.pos_weight != "auto" and not number(args.pos_weight) > 0:
-        raise common.DataError(f"--pos-weight {args.pos_weight}: expected auto or a positive number")
+    if args.pos_weight != "auto":
+        weight = numbers("pos-weight", args.pos_weight, "expected auto or a positive number")
+        if len(weight) != 1 or not weight[0] > 0:
+            raise common.DataError(f"--pos-weight {args.pos_weight}: expected auto or a positive number")
     cuda = device.type == "cuda"
     args.device, args.amp = str(device), cuda if args.amp is None else args.amp
     args.pin_memory = cuda if args.pin_memory is None else args.pin_memory
@@ -273,12 +282,13 @@ def changed_flags(old: dict, new: dict) -> list[str]:
 def plan_run(args, data, world, device) -> dict:
     """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume."""
     common.writable_folder(args.runs_dir, "--runs-dir")  # before any work: a read-only one is bad input (exit 2)
-    split, groups, shared = splits.resolve_split(args, data)
+    split, groups, shared = splits.resolve_split(data, **splits.split_options(args))
     splits.check_holdout_independent(data, shared)  # the HoldOut must stay an independent test: exit 1 otherwise
     run_dir = Path(args.runs_dir) / args.run_id
     resume = (run_dir / "last.pt").is_file()
     if resume:
-        split = common.load_checkpoint(run_dir / "last.pt", named=f"--run-id {args.run_id}: resuming from")["split"]
+        split = model.load_checkpoint(run_dir / "last.pt", training=True,
+                                      named=f"--run-id {args.run_id}: resuming from")["split"]
         if (run_dir / "config.json").is_file():
             _, _, config = samples_and_config(args, data, split, world, device)
             changed = changed_flags(json.loads((run_dir / "config.json").read_text()), config)
@@ -302,7 +312,8 @@ class Trainer:
         train, val, self.config = samples_and_config(args, data, self.split, world, device)
         self.counts = (len(train), sum(s.label for s in train), len(val), sum(s.label for s in val))
         self.sampler = EpochSampler([s.label for s in train], args.sampler == "balanced", args.seed, rank, world)
-        train_ds, val_ds = (make_dataset(args, data, part) for part in (train, val))
+        train_ds, val_ds = (patch_cache.patch_dataset(data.root, part, args.image_size, args.skip_bad_images, args.cache)
+                            for part in (train, val))
         self.train_loader = loader(train_ds, self.sampler, args, drop_last=self.sampler.per_rank >= args.batch_size)
         shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
         self.val_loader = loader(torch.utils.data.Subset(val_ds, shard), None, args)
@@ -313,13 +324,12 @@ class Trainer:
         # --cache-normalized: the cached patches already are; checkpoints still carry the reference for evaluate.py
         self.stain = train_ds.stain if args.cache_normalized else normalizer.state_dict() if normalizer else None
         torch.manual_seed(args.seed)  # identical initial weights on every rank
-        ckpt = common.load_checkpoint(self.run_dir / "last.pt") if plan["resume"] else None
+        ckpt = model.load_checkpoint(self.run_dir / "last.pt", training=True) if plan["resume"] else None
         if ckpt and ckpt["stain"] is not None and self.normalizer is not None:  # a resumed run keeps its stain
             self.normalizer = type(normalizer).from_state_dict(ckpt["stain"]).to(device)  # (older mode included)
             self.stain = ckpt["stain"]
-        self.raw = common.build_model(args.arch, "none" if ckpt else args.weights).to(device)
-        if args.channels_last:
-            self.raw = self.raw.to(memory_format=torch.channels_last)
+        self.run = model.precision(device, args.amp, args.channels_last)
+        self.raw = self.run.place(model.build_model(args.arch, "none" if ckpt else args.weights), device)
         self.model = self.raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
             self.raw, device_ids=[device.index] if device.type == "cuda" else None)
         self.opt = torch.optim.AdamW(self.raw.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -327,9 +337,7 @@ class Trainer:
         warmup = max(1, total // 20)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(
             (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
-        bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
-        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp and not bf16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.run.grad_scaling)
         self.pos_weight = torch.tensor(self.config["pos_weight"], device=device)
         self.gen = torch.Generator(device).manual_seed(args.seed * 1000 + 1 + rank)  # augmentation draws
         self.epoch, self.progress, self.best, self.records = 0, {"step": 0, "loss_sum": 0.0, "seen": 0}, None, []
@@ -366,12 +374,12 @@ class Trainer:
         np_rng, py_rng = np.random.get_state(), random.getstate()
         rng = {"torch": torch.get_rng_state(), "augment": states, "python": [py_rng[0], list(py_rng[1]), py_rng[2]],
                "numpy": [np_rng[0], torch.from_numpy(np_rng[1].astype(np.int64)), *np_rng[2:]]}
-        ckpt = {"model": self.raw.state_dict(), "arch": self.args.arch, "config": self.config, "split": self.split,
-                "stain": self.stain,
-                "threshold": self.threshold, "threshold_rule": self.rule, "image_size": self.args.image_size,
-                "epoch": self.epoch, "progress": dict(self.progress), "best_score": self.best,
-                "val_metrics": self.val_metrics, "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng, "version": 1}
+        ckpt = model.checkpoint(
+            model_state=self.raw.state_dict(), arch=self.args.arch, config=self.config, split=self.split,
+            stain=self.stain, threshold=self.threshold, threshold_rule=self.rule, image_size=self.args.image_size,
+            epoch=self.epoch, val_metrics=self.val_metrics,
+            training={"progress": dict(self.progress), "best_score": self.best, "optimizer": self.opt.state_dict(),
+                      "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng})
         for name in names:
             common.atomic_torch_save(ckpt, self.run_dir / name)
 
@@ -392,8 +400,8 @@ class Trainer:
                     self.note_skipped(self.train_paths[k] for k in idx[labels == common.BAD].tolist())
                 x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
                 with torch.no_grad():
-                    x = model_input(x, self.normalizer, args.jitter, self.gen, args.channels_last)
-                with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=args.amp):
+                    x = model.model_input(x, self.normalizer, args.jitter, self.gen, self.run.channels_last)
+                with self.run.autocast():
                     logits = self.model(x).squeeze(1)
                 keep = (labels != common.BAD).float()  # undecodable patches (--skip-bad-images) weigh nothing
                 losses = keep * F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
@@ -456,9 +464,9 @@ class Trainer:
         for images, y, i in self.val_loader:
             images, y, i, bad = common.drop_bad(images, y, i)
             self.note_skipped(self.val_paths[k] for k in bad)
-            x = model_input(images.to(self.device, non_blocking=True), self.normalizer,
-                            channels_last=self.args.channels_last)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.args.amp):
+            x = model.model_input(images.to(self.device, non_blocking=True), self.normalizer,
+                                  channels_last=self.run.channels_last)
+            with self.run.autocast():
                 logits = self.raw(x).squeeze(1).float()
             y = y.to(self.device)
             loss += F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=self.pos_weight, reduction="sum")
@@ -480,7 +488,7 @@ class Trainer:
                 self.progress["step"] else "new run"
             print(f"{self.run_dir}: {resumed}; train {self.counts[0]} samples ({self.counts[1]} positive, pos_weight "
                   f"{self.config['pos_weight']:.2f}), validation {self.counts[2]} windows ({self.counts[3]} positive); "
-                  f"{self.world} x {self.device}, amp {self.amp_dtype if self.args.amp else 'off'}, commit "
+                  f"{self.world} x {self.device}, amp {self.run.dtype if self.run.amp else 'off'}, commit "
                   f"{self.config['environment']['git_commit']}", file=sys.stderr)
         while self.epoch < self.args.epochs:
             start = time.perf_counter()
@@ -509,8 +517,8 @@ class Trainer:
     def end_epoch(self, start: float):
         """Validate, choose the threshold, write best.pt, last.pt, log.jsonl and learning_curves.png."""
         y, s, val_loss = self.validate()
-        self.threshold, self.rule = best_f1_threshold(y, s)
-        m = self.val_metrics = common.binary_metrics(y, s, self.threshold)
+        self.threshold, self.rule = metrics.best_f1_threshold(y, s)
+        m = self.val_metrics = metrics.binary_metrics(y, s, self.threshold)
         p, self.progress = self.progress, {"step": 0, "loss_sum": 0.0, "seen": 0}
         self.epoch += 1
         score = m["pr_auc"] if m["pr_auc"] == m["pr_auc"] else -1.0  # NaN (one-class validation) never wins
@@ -525,7 +533,7 @@ class Trainer:
         self.save(*(["best.pt"] if is_best else []), "last.pt")
         if self.rank == 0:
             common.atomic_write_text(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
-            plot_curves(self.records, self.run_dir / "learning_curves.png")
+            figures.plot_learning_curves(self.records, self.run_dir / "learning_curves.png")
             print(f"epoch {self.epoch}: train loss {r['train_loss']:.4f}, val loss {val_loss:.4f}, PR-AUC "
                   f"{r['pr_auc']:.3f} (dummy {r['dummy_pr_auc']:.3f}), ROC-AUC {r['roc_auc']:.3f}, recall "
                   f"{r['recall']:.3f}, precision {r['precision']:.3f} at threshold {r['threshold']:.3f}, "
@@ -534,11 +542,14 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------- main
 def run(args, rank: int, world: int, local_rank: int) -> int:
-    device = resolve_device(args.device, local_rank)
+    device = common.resolve_device(args.device, local_rank)
     resolve_args(args, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     data = common.load_data(args.data_root)
-    normalizer = fit_normalizer(args, data.root) if args.macenko and not args.cache_normalized else None
+    normalizer = None
+    if args.macenko and not args.cache_normalized:
+        normalizer = model.fit_stain_reference(data.root, args.reference_patch)
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # under torchrun: this rank's GPU for every later allocation
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
@@ -557,7 +568,9 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     if error:
         raise error if rank == 0 else type(error)("")  # said once, by rank 0
     args.run_id = plan["run_id"]
-    prepare_cache(args, data, device)  # after the resume check: a refused run builds nothing
+    if args.cache:  # after the resume check (a refused run builds nothing), before any DataLoader worker forks
+        patch_cache.prepare(args.cache, data, args.image_size, max(1, args.workers), args.cache_normalized,
+                            args.reference_patch, device)
     return Trainer(args, data, plan, normalizer, device, rank, world).fit()
 
 

@@ -96,12 +96,12 @@ def test_dataloader_workers_read_the_same_batches(cache64, mini_root):
 
 
 # ----------------------------------------------------------------------------------------------- reuse and rebuild
-def test_second_ensure_cache_reuses_without_decoding(cache64, mini_root):
+def test_second_build_reuses_without_decoding(cache64, mini_root):
     before = (cache64 / patch_cache.PATCHES).stat().st_mtime_ns
     report = build(mini_root, cache64)
     assert report["action"] == "reused" and report["chunks_built"] == 0
     assert (cache64 / patch_cache.PATCHES).stat().st_mtime_ns == before
-    assert patch_cache.ensure_cache(mini_root, cache64, 64, workers=2, progress=False) == cache64
+    assert patch_cache.prepare(cache64, common.load_data(mini_root), 64, workers=2) == cache64
 
 
 def test_interrupted_build_is_never_trusted_and_resumes(mini_root, tmp_path, monkeypatch):

@@ -16,6 +16,9 @@ from sklearn import metrics as skm
 import common
 import eval_report
 import evaluate
+import gradcam
+import metrics
+import model
 
 FAST = ["--device", "cpu", "--workers", "0", "--bootstrap", "200", "--seed", "0"]
 LEVELS = ("patch", "patch_at_0.5", "by_source.annotated", "by_source.supplemental", "patient", "holdout.patient")
@@ -56,7 +59,7 @@ def test_every_output_file_exists_and_parses(evaluation):
     out = evaluation["out"]
     assert evaluation["metrics"]["patch"]["n"] == len(patch_rows(evaluation)) > 0
     assert evaluation["patients"] and evaluation["predictions"]
-    groups = [g for g in eval_report.GRADCAM_GROUPS if g in np.load(out / "gradcam/heatmaps.npz").files]
+    groups = [g for g in gradcam.GRADCAM_GROUPS if g in np.load(out / "gradcam/heatmaps.npz").files]
     assert "true_positives" in groups  # the max-F1 threshold always keeps at least one true positive
     pngs = ["figures/pr_curve.png", "figures/roc_curve.png", "figures/score_histograms.png",
             "figures/confusion_matrix.png", "learning_curves.png", *[f"gradcam/{g}.png" for g in groups]]
@@ -122,21 +125,19 @@ def test_patch_metrics_reproduce_the_validation_metrics_logged_by_training(evalu
 
 
 def test_scores_follow_trainings_eval_preprocessing_with_the_stored_stain_reference(tiny_run, demo_root):
-    import argparse
     import macenko_gpu
-    import train
     data = common.load_data(demo_root)
     ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
     reference = macenko_gpu.synthetic_ihc_tiles(1, 256, seed=3)[0]  # a tile with both stains, as the real one has
     ckpt["stain"] = macenko_gpu.MacenkoNormalizer().fit(reference).state_dict()
-    model, normalizer = evaluate.model_of(ckpt, "best.pt", None, torch.device("cpu"))
+    net, normalizer = model.from_checkpoint(ckpt, "best.pt", None, torch.device("cpu"))
     samples, size = data.labelled[:6], ckpt["image_size"]
-    flags = argparse.Namespace(skip_bad_images=False, batch_size=4, workers=0, no_amp=True)
-    scores, bad = evaluate.score_samples(model, normalizer, demo_root, samples, size, torch.device("cpu"), flags)
+    scores, bad = evaluate.score_samples(net, normalizer, demo_root, samples, size, torch.device("cpu"), batch_size=4,
+                                         workers=0)
     images = torch.stack([common.PatchDataset(demo_root, samples, size)[i][0] for i in range(len(samples))])
     with torch.no_grad():
-        expected = torch.sigmoid(model(train.model_input(images, normalizer)).reshape(-1)).numpy()
-        unstained = torch.sigmoid(model(train.model_input(images, None)).reshape(-1)).numpy()
+        expected = torch.sigmoid(net(model.model_input(images, normalizer)).reshape(-1)).numpy()
+        unstained = torch.sigmoid(net(model.model_input(images, None)).reshape(-1)).numpy()
     assert bad == [] and np.allclose(scores, expected, atol=1e-5)
     assert not np.allclose(scores, unstained, atol=1e-3)  # the stain reference really is applied
 
@@ -234,7 +235,7 @@ def test_bootstrap_cis_are_reproducible_with_the_seed(evaluation, demo_root):
     val = m["meta"]["val_patients"]
     pred = predictions_from_csv([r for r in evaluation["predictions"] if r["split"] == "val"])
     analyse = lambda seed: evaluate.analyse(pred, val, common.read_diagnosis(demo_root), m["patch"]["threshold"],
-                                            m["patient"]["top_k"], evaluate.patient_draws(len(val), 200, seed))[0]
+                                            m["patient"]["top_k"], metrics.patient_draws(len(val), 200, seed))[0]
     again = analyse(0)
     for name in ("patch", "patch_at_0.5", "by_source.annotated", "patient"):
         np.testing.assert_equal(level(again, name)["ci95"], level(m, name)["ci95"])
@@ -258,7 +259,7 @@ def test_compare_of_a_run_with_itself_gives_zero_deltas_within_noise(tiny_run, t
 def test_gradcam_heatmaps_have_the_patch_size_and_are_not_constant(evaluation):
     size = evaluation["metrics"]["meta"]["image_size"]
     saved = np.load(evaluation["out"] / "gradcam/heatmaps.npz")
-    groups = [g for g in eval_report.GRADCAM_GROUPS if g in saved.files]
+    groups = [g for g in gradcam.GRADCAM_GROUPS if g in saved.files]
     assert "true_positives" in groups
     for g in groups:
         maps = saved[g].astype(np.float32)
@@ -268,14 +269,14 @@ def test_gradcam_heatmaps_have_the_patch_size_and_are_not_constant(evaluation):
 
 def test_gradcam_finds_the_last_spatial_layer_of_a_model_without_layer4():
     torch.manual_seed(0)
-    model = common.build_model("mobilenet_v3_small").eval()
+    net = model.build_model("mobilenet_v3_small").eval()
     x = torch.randn(2, 3, 64, 64)
-    layer = eval_report.gradcam_layer(model, x[:1])
-    assert layer in (model.features, model.features[-1])  # the same (576, 2, 2) output: the last spatial one
-    maps, signed = eval_report.gradcam(model, layer, x)
+    layer = gradcam.gradcam_layer(net, x[:1])
+    assert layer in (net.features, net.features[-1])  # the same (576, 2, 2) output: the last spatial one
+    maps, signed = gradcam.gradcam(net, layer, x)
     assert maps.shape == (2, 64, 64) and signed.shape == (2, 2, 2)
     assert all(float(m.max() - m.min()) > 0 for m in maps)
-    assert all(p.grad is None for p in model.parameters())  # no gradient left behind
+    assert all(p.grad is None for p in net.parameters())  # no gradient left behind
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -410,19 +411,18 @@ def normalized_cache(demo_root, tiny_ckpt, tmp_path_factory):
 
 def test_cache_normalized_to_the_checkpoints_stain_is_used_without_normalizing_again(
         normalized_cache, tiny_ckpt, demo_root, monkeypatch):
-    import argparse
     import macenko_gpu
     ckpt = {**tiny_ckpt, "stain": fitted_stain(demo_root / common.DEFAULT_REFERENCE)}
-    model, normalizer = evaluate.model_of(ckpt, "best.pt", None, torch.device("cpu"))
+    net, normalizer = model.from_checkpoint(ckpt, "best.pt", None, torch.device("cpu"))
     samples, size = common.load_data(demo_root).labelled[:8], int(ckpt["image_size"])
-    flags = argparse.Namespace(skip_bad_images=False, batch_size=4, workers=0, no_amp=True)
-    png, _ = evaluate.score_samples(model, normalizer, demo_root, samples, size, torch.device("cpu"), flags)
+    png, _ = evaluate.score_samples(net, normalizer, demo_root, samples, size, torch.device("cpu"), batch_size=4,
+                                    workers=0)
 
     def normalized_twice(self, images):
         raise AssertionError("the cache's patches were normalized again")
     monkeypatch.setattr(macenko_gpu.MacenkoNormalizer, "normalize", normalized_twice)
-    cached, bad = evaluate.score_samples(model, normalizer, demo_root, samples, size, torch.device("cpu"), flags,
-                                         cache=normalized_cache)
+    cached, bad = evaluate.score_samples(net, normalizer, demo_root, samples, size, torch.device("cpu"), batch_size=4,
+                                         workers=0, cache=normalized_cache)
     assert bad == [] and np.allclose(cached, png, atol=1e-6)
 
 

@@ -8,7 +8,7 @@ import common
 import patch_cache
 import resident
 from test_cache import copy_mini_root
-from train_input import EpochSampler
+from train import EpochSampler
 
 SIZE = 32
 

@@ -141,11 +141,11 @@ def test_load_split_rejects_bad_files(tmp_path, content, message):
 def test_resolve_split_makes_or_reloads_the_same_split(data, root, tmp_path):
     parser = argparse.ArgumentParser(parents=[splits.split_args_parser()])
     args = parser.parse_args(["--data-root", str(root), "--hash-cache", str(tmp_path / "h.json")])
-    made, groups, shared = splits.resolve_split(args, data, progress=False)
+    made, groups, shared = splits.resolve_split(data, **splits.split_options(args), progress=False)
     (tmp_path / "split.json").write_text(json.dumps(made))
     args = parser.parse_args(["--data-root", str(root), "--split", str(tmp_path / "split.json"),
                               "--hash-cache", str(tmp_path / "h.json")])
-    loaded, groups2, shared2 = splits.resolve_split(args, data, progress=False)
+    loaded, groups2, shared2 = splits.resolve_split(data, **splits.split_options(args), progress=False)
     assert loaded == made and groups2 == groups and shared2 == shared and "B22-47" in made["train"]
 
 

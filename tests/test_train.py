@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import common
+import metrics
+import model
 import train
 from conftest import TINY_TRAIN_FLAGS
 
@@ -80,9 +82,9 @@ def test_checkpoints_load_with_weights_only_and_carry_the_api_keys(tiny_run):
     for name in ("best.pt", "last.pt"):
         ckpt = load(tiny_run / name)
         assert API_KEYS <= set(ckpt), API_KEYS - set(ckpt)
-        assert common.load_checkpoint(tiny_run / name)["arch"] == "resnet18"
-        model = common.build_model(ckpt["arch"], "none")
-        model.load_state_dict(ckpt["model"])  # rebuilds unaided: no DDP "module." prefix
+        assert model.load_checkpoint(tiny_run / name)["arch"] == "resnet18"
+        net = model.build_model(ckpt["arch"], "none")
+        net.load_state_dict(ckpt["model"])  # rebuilds unaided: no DDP "module." prefix
         assert 0.0 <= ckpt["threshold"] <= 1.0 and "F1" in ckpt["threshold_rule"]
         assert ckpt["split"] == json.loads((tiny_run / "split.json").read_text())
         assert ckpt["image_size"] == ckpt["config"]["image_size"] == 64
@@ -119,7 +121,7 @@ def test_resume_after_an_epoch_gives_bitwise_identical_weights(demo_root, tmp_pa
 
 def test_stop_signal_mid_epoch_then_resume_gives_bitwise_identical_weights(demo_root, tmp_path, straight_run,
                                                                            monkeypatch):
-    real_model_input, calls = train.model_input, []
+    real_model_input, calls = model.model_input, []
 
     def signal_during_first_training_step(images, *args, **kwargs):
         if kwargs.get("gen", args[2] if len(args) > 2 else None) is not None:
@@ -128,11 +130,11 @@ def test_stop_signal_mid_epoch_then_resume_gives_bitwise_identical_weights(demo_
                 train.on_signal(signal.SIGUSR1, None)  # what SLURM's --signal does, minus the timing
         return real_model_input(images, *args, **kwargs)
 
-    monkeypatch.setattr(train, "model_input", signal_during_first_training_step)
+    monkeypatch.setattr(model, "model_input", signal_during_first_training_step)
     assert run_train(demo_root, tmp_path, "straight") == train.EXIT_PREEMPTED
     ckpt = load(tmp_path / "straight" / "last.pt")
     assert (ckpt["epoch"], ckpt["progress"]["step"]) == (0, 2)  # flags are read one step late: stops after step 2
-    monkeypatch.setattr(train, "model_input", real_model_input)
+    monkeypatch.setattr(model, "model_input", real_model_input)
     assert run_train(demo_root, tmp_path, "straight") == 0
     assert same_weights(load(tmp_path / "straight" / "last.pt")["model"], load(straight_run / "last.pt")["model"])
 
@@ -169,7 +171,7 @@ def test_macenko_amp_channels_last_run_stores_the_fitted_stain_reference(demo_ro
 # ----------------------------------------------------------------------------------------------- fault guards
 def test_nan_loss_exits_3_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch,
                                                                                     capsys):
-    real_model_input, calls = train.model_input, []
+    real_model_input, calls = model.model_input, []
 
     def poison_fifth_training_batch(images, *args, **kwargs):
         x = real_model_input(images, *args, **kwargs)
@@ -179,7 +181,7 @@ def test_nan_loss_exits_3_naming_epoch_and_step_and_keeps_the_last_good_checkpoi
                 x = x * float("nan")
         return x
 
-    monkeypatch.setattr(train, "model_input", poison_fifth_training_batch)
+    monkeypatch.setattr(model, "model_input", poison_fifth_training_batch)
     assert run_train(demo_root, tmp_path, "nan") == train.EXIT_NAN
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and "epoch 2 step 2" in err and "last.pt" in err
@@ -244,15 +246,15 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     # The gathered metrics equal a single-process pass of the saved model over the validation windows.
     data = common.load_data(demo_root)
     val = common.select(data.labelled, ckpt["split"]["val"])
-    model = common.build_model("resnet18", "none")
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    net = model.build_model("resnet18", "none")
+    net.load_state_dict(ckpt["model"])
+    net.eval()
     ds = common.PatchDataset(demo_root, val, 32)
     with torch.no_grad():
         x = torch.stack([ds[k][0] for k in range(len(ds))])
-        scores = torch.sigmoid(model(train.model_input(x)).squeeze(1)).numpy()
+        scores = torch.sigmoid(net(model.model_input(x)).squeeze(1)).numpy()
     y = np.array([s.label for s in val])
-    assert record["pr_auc"] == pytest.approx(common.average_precision(y, scores), abs=1e-6)
+    assert record["pr_auc"] == pytest.approx(metrics.average_precision(y, scores), abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -383,11 +385,27 @@ def test_cache_flags_may_change_on_resume(demo_root, tmp_path, png_run, normaliz
     assert (tmp_path / "png" / "log.jsonl").read_text() == log  # already complete: nothing retrained
 
 
-# ----------------------------------------------------------------------------------------------- threshold
-def test_threshold_maximises_f1_on_validation():
-    rng = np.random.default_rng(0)
-    y = (rng.random(300) < 0.1).astype(int)
-    s = np.round(np.clip(rng.normal(0.3 + 0.3 * y, 0.2), 0, 1), 2)  # rounded: ties included
-    threshold, rule = train.best_f1_threshold(y, s)
-    best = max(common.f1(y, (s >= t).astype(int)) for t in np.unique(s))
-    assert common.f1(y, (s >= threshold).astype(int)) == pytest.approx(best) and "F1" in rule
+# ----------------------------------------------------------------------------------------------- sample order
+def test_epoch_sampler_shards_cover_every_sample_and_replay_per_epoch():
+    labels = [0] * 37 + [1] * 3
+    shards = [train.EpochSampler(labels, False, seed=0, rank=r, world=3) for r in range(3)]
+    for s in shards:
+        s.set_epoch(4)
+    orders = [list(s) for s in shards]
+    assert {len(o) for o in orders} == {14} and set(sum(orders, [])) == set(range(40))
+    again = train.EpochSampler(labels, False, seed=0, rank=1, world=3)
+    again.set_epoch(4, skip=5)
+    assert list(again) == orders[1][5:]  # mid-epoch resume continues the same order
+    balanced = train.EpochSampler(labels, True, seed=0)
+    picks = []
+    for epoch in range(50):
+        balanced.set_epoch(epoch)
+        picks += [labels[i] for i in balanced]
+    assert 0.4 < np.mean(picks) < 0.6
+
+
+def test_limit_samples_keeps_the_class_ratio():
+    samples = [common.Sample(f"p/{k}.png", "B22-01", "annotated", int(k < 20), k) for k in range(200)]
+    subset = train.stratified_subset(samples, 50, seed=0)
+    assert len(subset) == 50 and sum(s.label for s in subset) == 5
+    assert subset == train.stratified_subset(samples, 50, seed=0)

@@ -1,0 +1,134 @@
+"""Every chart the project draws (learning curves, PR/ROC curves, score histograms, confusion matrices), saved
+atomically as PNG with matplotlib's object API: no pyplot, so no global backend state, and it works headless.
+
+    figures.plot_learning_curves(records, run_dir / "learning_curves.png")   # train.py, every epoch
+    files = figures.write_figures(tmp, val_pred, metrics, patient_rows)    # evaluate.py
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+import common
+import metrics
+
+
+def subplots(*grid, figsize, layout=None, **kw):
+    """(figure, axes) like pyplot.subplots, without pyplot."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*grid, **kw)
+
+
+def save(fig, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with common.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+
+# ----------------------------------------------------------------------------------------------- training
+def plot_learning_curves(records: list[dict], path) -> None:
+    """Loss and validation metrics per epoch (train.py's log.jsonl records), with the dummy's PR-AUC when logged."""
+    fig, (loss, val) = subplots(1, 2, figsize=(10, 4))
+    epochs = [r["epoch"] for r in records]
+    for ax, keys in ((loss, ("train_loss", "val_loss")), (val, ("pr_auc", "roc_auc", "recall", "precision"))):
+        for k in keys:
+            if any(k in r for r in records):
+                ax.plot(epochs, [r.get(k, np.nan) for r in records], "o-", label=k)
+        ax.set(xlabel="epoch")
+    if "dummy_pr_auc" in records[-1]:
+        val.axhline(records[-1]["dummy_pr_auc"], ls="--", c="grey", label="dummy PR-AUC (prevalence)")
+    loss.set(title="loss (BCE, positive-weighted)")
+    val.set(title="validation", ylim=(0, 1.02))
+    for ax in (loss, val):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def learning_curves_from_log(log_path: Path, out_png: Path) -> list[str]:
+    """plot_learning_curves of a run's log.jsonl (unparsable lines skipped); returns [png name] or [] if empty."""
+    records = []
+    for line in log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            r = json.loads(line)
+            if isinstance(r, dict) and "epoch" in r:
+                records.append(r)
+    if not records:
+        return []
+    plot_learning_curves(records, out_png)
+    return [out_png.name]
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def _two_classes(y) -> bool:
+    return len(y) > 0 and 0 < np.sum(y) < len(y)
+
+
+def write_figures(folder: Path, pred, result: dict, patient_rows: list[dict]) -> list[str]:
+    """PR and ROC curves, score histograms per class, confusion matrices; returns paths relative to folder."""
+    patch = pred.patch_eval
+    y, s, src = pred.label[patch], pred.score[patch], pred.source[patch]
+    rows = [r for r in patient_rows if r.get("split", "val") == "val" and r["label"] >= 0 and np.isfinite(r["score"])]
+    py, ps = np.array([r["label"] for r in rows]), np.array([r["score"] for r in rows])
+    curves = {"patches, all": (y, s), "patches, annotated only": (y[src == "annotated"], s[src == "annotated"]),
+              "patients": (py, ps)}
+    fig_pr, ax_pr = subplots(figsize=(5, 4.5))
+    fig_roc, ax_roc = subplots(figsize=(5, 4.5))
+    for name, (cy, cs) in curves.items():
+        if not _two_classes(cy):
+            continue
+        c = metrics.curve_points(cy, cs)
+        if name != "patients":
+            ax_pr.step(c["recall"], c["precision"], where="post",
+                       label=f"{name} (AP {metrics.average_precision(cy, cs):.3f})")
+        ax_roc.plot(c["fpr"], c["tpr"], drawstyle="steps-post", label=f"{name} (AUC {metrics.roc_auc(cy, cs):.3f})")
+    if _two_classes(y):
+        ax_pr.axhline(y.mean(), ls=":", c="grey", label=f"chance (prevalence {y.mean():.2f})")
+    ax_roc.plot([0, 1], [0, 1], ls=":", c="grey", label="chance")
+    for ax, xl, yl, title in ((ax_pr, "recall", "precision", "Precision-recall, validation"),
+                              (ax_roc, "false positive rate", "true positive rate", "ROC, validation")):
+        ax.set(xlabel=xl, ylabel=yl, title=title, xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(loc="lower left" if ax is ax_pr else "lower right", fontsize=8)
+    save(fig_pr, folder / "figures/pr_curve.png")
+    save(fig_roc, folder / "figures/roc_curve.png")
+    _score_histograms(folder, y, s, py, ps, result)
+    _confusions(folder, result)
+    return ["figures/pr_curve.png", "figures/roc_curve.png", "figures/score_histograms.png",
+            "figures/confusion_matrix.png"]
+
+
+def _score_histograms(folder, y, s, py, ps, result) -> None:
+    fig, axes = subplots(1, 2, figsize=(10, 3.8))
+    bins = np.linspace(0, 1, 41)
+    for label, name in ((0, "negative"), (1, "positive")):
+        axes[0].hist(s[y == label], bins=bins, alpha=0.6, label=f"{name} patches ({int((y == label).sum())})")
+    axes[0].axvline(result["patch"]["threshold"], c="k", ls="--", label="threshold")
+    axes[0].set(xlabel="patch score", ylabel="patches", title="Patch scores by label", yscale="log")
+    rule = result["patient"]["rule"]
+    for label, name in ((0, "NEGATIVA"), (1, "BAIXA/ALTA")):
+        axes[1].hist(ps[py == label], bins=20, alpha=0.6, label=f"{name} ({int((py == label).sum())})")
+    if rule:
+        axes[1].axvline(result["patient"]["threshold"], c="k", ls="--", label="threshold")
+    axes[1].set(xlabel=f"patient score ({rule or 'no rule'})", ylabel="patients", title="Patient scores by diagnosis")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    save(fig, folder / "figures/score_histograms.png")
+
+
+def _confusions(folder, result) -> None:
+    fig, axes = subplots(1, 2, figsize=(8, 3.6))
+    for ax, (level, names) in zip(axes, (("patch", ("negative", "positive")), ("patient", ("NEGATIVA", "infected")))):
+        if level == "patient" and not result["patient"]["rule"]:
+            ax.set(title="patient: no rule could be tuned", xticks=[], yticks=[])
+            continue
+        cm = np.asarray(result[level]["confusion"])
+        ax.imshow(cm, cmap="Blues", vmin=0)
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=12, color="white" if v > cm.max() / 2 else "black")
+        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=[f"pred {n}" for n in names], yticklabels=names,
+               title=f"{level} at threshold {result[level]['threshold']:.3g}")
+    save(fig, folder / "figures/confusion_matrix.png")

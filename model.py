@@ -1,0 +1,206 @@
+"""The network and its contract: architecture and weights, what it is fed, how it runs, and how it is stored.
+
+Owns four decisions every script (train.py, evaluate.py, bench.py, gradcam.py) takes from here, so validation,
+evaluation and benchmarks cannot drift apart:
+- the model's input (model_input): uint8 batch on the device -> Macenko (when a stain normalizer is given) ->
+  [training only: augment.augment] -> ImageNet normalization -> memory layout;
+- precision and layout (precision): autocast on or off, bf16 where supported else fp16 with a GradScaler,
+  channels_last for model and input together;
+- the checkpoint schema (checkpoint / load_checkpoint): a plain dict that torch.load(weights_only=True) reads;
+- the stain reference (fit_stain_reference): the Macenko normalizer of --reference-patch.
+
+    net = model.build_model("resnet18", "imagenet")
+    run = model.precision(device, amp=None, channels_last=False)    # amp None: on for CUDA, off on CPU
+    with run.autocast():
+        logits = net(model.model_input(uint8_batch, normalizer, channels_last=run.channels_last))
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+import augment
+import macenko_gpu
+from common import DataError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------------- architecture
+def build_model(arch: str = "resnet18", weights: str = "none"):
+    """Any torchvision classifier by name, its last Linear layer replaced by a one-logit head.
+
+    weights: 'imagenet' (torchvision's download cache), a path to a state dict or checkpoint, or 'none'."""
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise DataError(f"--arch {arch}: not a torchvision classifier (e.g. resnet18, resnet50, convnext_tiny)")
+    model = torchvision.models.get_model(arch, weights=None)
+    if weights == "imagenet":
+        w = torchvision.models.get_model_weights(arch).DEFAULT
+        try:
+            model.load_state_dict(w.get_state_dict(progress=False))
+        except Exception as e:  # URLError, socket errors, hash mismatch: all mean 'could not get the file'
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / w.url.rsplit("/", 1)[-1]
+            fetch = f"import torchvision; torchvision.models.get_model_weights('{arch}').DEFAULT.get_state_dict()"
+            raise DataError(f"--weights imagenet: {arch}'s weights are not in torchvision's cache {cache} and could "
+                            f"not be downloaded ({type(e).__name__}; compute nodes are often offline): on a login "
+                            f"node with the same $TORCH_HOME run python -c \"{fetch}\", or pass --weights none/FILE"
+                            ) from None
+    _one_logit_head(model)
+    if weights not in ("none", "imagenet", None):
+        path = Path(weights)
+        if not path.is_file():
+            raise DataError(f"--weights {weights}: file not found (use imagenet, none or a .pt path)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+        own = model.state_dict()
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}  # foreign heads drop out
+        if not state:
+            raise DataError(f"--weights {weights}: no tensor matches {arch}'s layers")
+        model.load_state_dict(state, strict=False)
+    return model
+
+
+def _one_logit_head(model) -> None:
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]  # fc, classifier[-1], heads.head
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, nn.Linear(getattr(parent, attr).in_features, 1))  # Sequential children are named "0", "1"
+
+
+# ----------------------------------------------------------------------------------------------- precision and layout
+@dataclass(frozen=True)
+class Precision:
+    """How the model runs on one device: autocast (on/off, dtype) and the memory layout of model and input."""
+    device_type: str
+    amp: bool
+    dtype: torch.dtype
+    channels_last: bool
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.amp)
+
+    @property
+    def grad_scaling(self) -> bool:
+        """fp16 gradients underflow without a GradScaler; bf16 has float32's range and needs none."""
+        return self.amp and self.dtype == torch.float16
+
+    def place(self, net, device):
+        """The model on `device` in this layout (input and weights must share it for the fast kernels)."""
+        net = net.to(device)
+        return net.to(memory_format=torch.channels_last) if self.channels_last else net
+
+
+def precision(device, amp: bool | None = None, channels_last: bool = False) -> Precision:
+    """The one precision rule: amp None means on for CUDA, off on CPU; bf16 where supported (CPU autocast is bf16),
+    else fp16 (with a GradScaler when training). The stored threshold was chosen on scores computed this way."""
+    bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
+    amp = device.type == "cuda" if amp is None else amp
+    return Precision(device.type, bool(amp), torch.bfloat16 if bf16 else torch.float16, bool(channels_last))
+
+
+# ----------------------------------------------------------------------------------------------- input
+def to_unit(images, normalizer=None):
+    """uint8 (B, 3, H, W) on the device -> float32 in [0, 1], Macenko-normalized when a normalizer is given."""
+    return normalizer.normalize(images) if normalizer is not None else images.float().div_(255)
+
+
+_CONSTANTS: dict = {}
+
+
+def imagenet_normalize(x):
+    key = (x.device, x.dtype)
+    if key not in _CONSTANTS:  # made once per device: a fresh host->GPU copy every step would stall the stream
+        _CONSTANTS[key] = tuple(torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+                                for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _CONSTANTS[key]
+    return (x - mean) / std
+
+
+def model_input(images, normalizer=None, jitter=None, gen=None, channels_last=False):
+    """uint8 batch on the device -> normalized float input; with a generator (training) also jitter + symmetry.
+    The one preparation of model input: training, validation, evaluation, Grad-CAM and bench.py all call it."""
+    x = to_unit(images, normalizer)
+    if gen is not None:
+        x = augment.augment(x, jitter, gen)
+    x = imagenet_normalize(x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def fit_stain_reference(root, reference: str):
+    """The Macenko normalizer (on the CPU) fitted to --reference-patch, relative to the data root unless absolute."""
+    ref = Path(reference)
+    ref = ref if ref.is_absolute() else Path(root) / ref
+    if not ref.is_file():
+        raise DataError(f"--reference-patch {ref}: file not found (Macenko needs a stain reference tile: pass one "
+                        f"under the data root or an absolute path, or train with --no-macenko)")
+    try:
+        return macenko_gpu.MacenkoNormalizer().fit(macenko_gpu.load_rgb(ref))
+    except ValueError as e:
+        raise DataError(f"--reference-patch {ref}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------- checkpoint
+CHECKPOINT_VERSION = 1
+TRAINING_KEYS = ("progress", "best_score", "optimizer", "scheduler", "scaler", "rng")  # what resumes training
+REQUIRED_KEYS = ("model", "arch", "config", "split", "stain", "threshold", "image_size")  # what evaluate.py rebuilds from
+
+
+def checkpoint(*, model_state, arch, config, split, stain, threshold, threshold_rule, image_size, epoch, val_metrics,
+               training: dict) -> dict:
+    """The checkpoint schema: plain tensors and Python values only, so torch.load(weights_only=True) reads it.
+    `training` holds TRAINING_KEYS (optimizer, scheduler, scaler and RNG states, progress, best score)."""
+    if set(training) != set(TRAINING_KEYS):
+        raise ValueError(f"training state needs exactly {TRAINING_KEYS}, got {sorted(training)}")
+    return {"model": model_state, "arch": arch, "config": config, "split": split, "stain": stain,
+            "threshold": threshold, "threshold_rule": threshold_rule, "image_size": image_size, "epoch": epoch,
+            "val_metrics": val_metrics, **training, "version": CHECKPOINT_VERSION}
+
+
+def load_checkpoint(path, training: bool = False, named: str = "--checkpoint") -> dict:
+    """A checkpoint() dict, loaded with weights_only=True; one-line errors naming the file otherwise.
+    training=True also requires the state that resumes training; `named` is what the user gave that led here, for
+    the message (train.py: the run it resumes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{named} {path}: file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle of foreign objects, ...
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+        why = next((ln for ln in lines if "Unsupported global" in ln), lines[0])  # torch's weights_only verdict
+        why = why.split(". ")[0].rstrip(".") or "file ends early"  # its first sentence, whole; the rest is advice
+        raise DataError(f"{named} {path}: unreadable checkpoint ({type(e).__name__}: {why}); truncated or not "
+                        f"written by train.py") from None
+    required = REQUIRED_KEYS + (TRAINING_KEYS if training else ())
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise DataError(f"{named} {path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
+def from_checkpoint(ckpt: dict, path, arch: str | None, device):
+    """(model in eval mode on device, stain normalizer or None) rebuilt from a checkpoint's own settings."""
+    if arch and ckpt["arch"] != arch:
+        raise DataError(f"--checkpoint {path}: architecture {ckpt['arch']}, not --arch {arch}")
+    net = build_model(ckpt["arch"], weights="none")
+    try:
+        state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+        net.load_state_dict(state)
+    except (AttributeError, RuntimeError) as e:  # torch: a header line, then one line per kind of mismatch
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise DataError(f"--checkpoint {path}: weights do not fit a {ckpt['arch']} "
+                        f"({detail[min(1, len(detail) - 1)][:160]})") from None
+    net.to(device).eval()
+    normalizer = None
+    if ckpt["stain"] is not None:
+        try:
+            normalizer = macenko_gpu.MacenkoNormalizer.from_state_dict(ckpt["stain"]).to(device)
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise DataError(f"--checkpoint {path}: unusable stain reference ({type(e).__name__}: {e})") from None
+    return net, normalizer

@@ -1,0 +1,71 @@
+"""metrics.py: every metric, threshold and curve cross-checked against scikit-learn."""
+import warnings
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+import metrics
+
+
+def random_cases(n_cases=300, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n_cases):
+        n = int(rng.integers(2, 80))
+        y = rng.integers(0, 2, n)
+        if y.min() == y.max():
+            continue
+        scores = rng.integers(0, 6, n) / 5.0 if rng.random() < 0.5 else rng.random(n)  # half with heavy ties
+        yield y, scores
+
+
+def test_ranking_metrics_equal_sklearn_with_ties():
+    for y, s in random_cases():
+        assert abs(metrics.average_precision(y, s) - skm.average_precision_score(y, s)) < 1e-9
+        assert abs(metrics.roc_auc(y, s) - skm.roc_auc_score(y, s)) < 1e-9
+
+
+def test_threshold_metrics_equal_sklearn():
+    for y, s in random_cases(seed=1):
+        pred = (s >= 0.5).astype(int)
+        assert metrics.confusion_matrix(y, pred).tolist() == skm.confusion_matrix(y, pred, labels=[0, 1]).tolist()
+        for ours, ref in ((metrics.precision, skm.precision_score), (metrics.recall, skm.recall_score),
+                          (metrics.f1, skm.f1_score)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                a, b = ours(y, pred), ref(y, pred, zero_division=np.nan)
+            assert (np.isnan(a) and np.isnan(b)) or abs(a - b) < 1e-9
+        assert abs(metrics.accuracy(y, pred) - skm.accuracy_score(y, pred)) < 1e-9
+
+
+def test_one_class_input_is_nan_with_a_warning_not_a_sentinel():
+    for fn in (metrics.average_precision, metrics.roc_auc):
+        with pytest.warns(UserWarning, match="only one class"):
+            assert np.isnan(fn([0, 0, 0], [0.1, 0.5, 0.9]))
+
+
+def test_binary_metrics_reports_the_accuracy_trap():
+    y = np.r_[np.zeros(97), np.ones(3)]
+    m = metrics.binary_metrics(y, np.zeros(100), threshold=0.5)
+    assert m["accuracy"] == m["dummy_accuracy"] == 0.97 and m["recall"] == 0.0
+    assert m["confusion"] == [[97, 0], [3, 0]] and np.isnan(m["precision"])
+
+
+def test_curve_points_equal_sklearn_curves():
+    for y, s in random_cases(seed=2):
+        c = metrics.curve_points(y, s)
+        precision, recall, _ = skm.precision_recall_curve(y, s)  # lowest threshold first, plus a (1, 0) end point
+        np.testing.assert_allclose(c["precision"], precision[:-1][::-1], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(c["recall"], recall[:-1][::-1], rtol=0, atol=1e-12)
+        fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
+        np.testing.assert_allclose(c["fpr"], fpr, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(c["tpr"], tpr, rtol=0, atol=1e-12)
+
+
+def test_threshold_maximises_f1_on_validation():
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.1).astype(int)
+    s = np.round(np.clip(rng.normal(0.3 + 0.3 * y, 0.2), 0, 1), 2)  # rounded: ties included
+    threshold, rule = metrics.best_f1_threshold(y, s)
+    best = max(metrics.f1(y, (s >= t).astype(int)) for t in np.unique(s))
+    assert metrics.f1(y, (s >= threshold).astype(int)) == pytest.approx(best) and "F1" in rule
