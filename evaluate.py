@@ -59,6 +59,7 @@ import loaders
 import metrics
 import model
 import patch_cache
+import resident
 from common import DataError
 
 PATCH_METRICS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
@@ -99,6 +100,10 @@ def get_args_parser():
     p.add_argument("--cache", metavar="DIR", help="packed uint8 cache of decoded patches (built on first use, reused "
                    "after; see patch_cache.py): later epochs and evaluations never decode a PNG. Put it on node-local "
                    "disk")
+    p.add_argument("--resident-max-frac", type=float, default=resident.DEFAULT_MAX_FRAC, metavar="F", help="with "
+                   "--cache: score from one uint8 tensor of the patches on the device when it takes at most F of its "
+                   "free memory (CPU: available RAM), else stream them from the host cache by a thread (no DataLoader "
+                   "either way); 0: always stream")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA (bf16 where supported, as in "
                    "training; slower, scores then match a float32 run)")
@@ -114,6 +119,8 @@ def check_args(args) -> None:
     for flag in ("top_k", "batch_size"):
         if getattr(args, flag) < 1:
             raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if not 0 <= args.resident_max_frac <= 1:
+        raise DataError(f"--resident-max-frac {args.resident_max_frac}: expected a share in [0, 1]")
     if args.compare and len(args.compare) < 2:
         raise DataError("--compare: give at least two checkpoints (the first is the baseline)")
 
@@ -122,7 +129,7 @@ def check_args(args) -> None:
 def scoring_options(args) -> dict:
     """The flags predict() needs, as its keyword arguments."""
     return {"batch_size": args.batch_size, "workers": args.workers, "skip_bad": args.skip_bad_images,
-            "no_amp": args.no_amp, "cache": args.cache}
+            "no_amp": args.no_amp, "cache": args.cache, "resident_max_frac": args.resident_max_frac}
 
 
 def scoring_precision(ckpt: dict, device, no_amp: bool) -> model.Precision:
@@ -204,15 +211,17 @@ def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: 
 
 
 def score_samples(net, normalizer, root, samples, image_size: int, device, *, batch_size: int, workers: int,
-                  skip_bad: bool = False, cache=None, run: model.Precision | None = None) -> tuple[np.ndarray, list[int]]:
+                  skip_bad: bool = False, cache=None, run: model.Precision | None = None,
+                  resident_max_frac: float = resident.DEFAULT_MAX_FRAC) -> tuple[np.ndarray, list[int]]:
     """Sigmoid scores (NaN for skipped undecodable files) and the indices skipped; batched, under `run`'s precision
-    and layout (default float32, contiguous)."""
+    and layout (default float32, contiguous). With a cache, no DataLoader: resident.scoring_batches."""
     run = run or model.precision(device, amp=False)
     if cache is None:
         ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=skip_bad)
-    else:
+        loader = loaders.make_loader(ds, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
+    else:  # on the device when it fits, else streamed by a thread: no worker pickles a batch
         ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, skip_bad)
-    loader = loaders.make_loader(ds, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
+        loader, _ = resident.scoring_batches(ds, batch_size, device, resident_max_frac)
     scores, bad = np.full(len(samples), np.nan), []
     net = run.place(net, device)
     interactive = sys.stderr.isatty()  # in a log file a cleared bar leaves its last state for the next line to land on
@@ -226,19 +235,20 @@ def score_samples(net, normalizer, root, samples, image_size: int, device, *, ba
             x = model.model_input(images.to(device, non_blocking=True), normalizer, channels_last=run.channels_last)
             with run.autocast():
                 logits = net(x)
-            scores[idx.numpy()] = torch.sigmoid(logits.float().reshape(-1)).cpu().numpy()
+            scores[idx.cpu().numpy()] = torch.sigmoid(logits.float().reshape(-1)).cpu().numpy()
     return scores, bad
 
 
 def predict(net, normalizer, ckpt, data, rows: list[Row], device, *, batch_size: int, workers: int, skip_bad: bool,
-            no_amp: bool, cache=None) -> tuple[Predictions, list[str]]:
+            no_amp: bool, cache=None, resident_max_frac: float = resident.DEFAULT_MAX_FRAC
+            ) -> tuple[Predictions, list[str]]:
     """Scores of `rows` (from the packed cache in `cache` when given) and the paths of skipped undecodable files."""
     samples, size = [r.sample for r in rows], int(ckpt["image_size"])
     if cache:
         cache = patch_cache.prepare(cache, data, size, max(1, workers), device=device)
     scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=batch_size,
                                 workers=workers, skip_bad=skip_bad, cache=cache,
-                                run=scoring_precision(ckpt, device, no_amp))
+                                run=scoring_precision(ckpt, device, no_amp), resident_max_frac=resident_max_frac)
     keep = np.isfinite(scores)
     pred = Predictions([s for s, k in zip(samples, keep) if k], np.array([r.split for r in rows])[keep],
                        np.array([r.patch_eval for r in rows], dtype=bool)[keep],

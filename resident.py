@@ -3,7 +3,7 @@
     import resident
     train_b, val_b, how = resident.cache_batches(train_ds, sampler, val_ds, shard, batch_size, drop_last, device,
                                                   max_frac=0.5)
-    for images, labels, idx in train_b: ...     # uint8 (B, 3, H, W) and int64 labels on `device`; idx on the host
+    for images, labels, idx in train_b: ...     # uint8 (B, 3, H, W), int64 labels and sample indices on `device`
 
 Why: a DataLoader copies every batch into shared memory, pickles it to the main process and copies it again (pinned
 memory, then the device); fifteen workers delivered less than one process gathering from the memmap (issue 13).
@@ -104,7 +104,7 @@ class ResidentBatches(Batches):
             idx = order[k:k + self.batch_size]
             self.check(idx)
             i = on_device[k:k + self.batch_size]
-            yield self.images.index_select(0, self.position[i]), self.device_labels[i], idx
+            yield self.images.index_select(0, self.position[i]), self.device_labels[i], i
 
 
 class StreamedBatches(Batches):
@@ -158,7 +158,7 @@ class StreamedBatches(Batches):
                     copied = torch.cuda.Event()
                     copied.record()
                     free.put((k, copied))
-                yield images, self.labels[idx].to(self.device, non_blocking=True), idx
+                yield images, self.labels[idx].to(self.device, non_blocking=True), idx.to(self.device)
         finally:
             stop.set()
             for _ in buffers:
@@ -189,6 +189,28 @@ def load_rows(dataset, rows: np.ndarray, device: torch.device) -> torch.Tensor:
     return out
 
 
+def fits(rows: np.ndarray, image_size: int, device: torch.device, max_frac: float) -> tuple[bool, str]:
+    """Whether these cache rows take at most max_frac of the device's free memory, and the line that says so."""
+    need, free = len(rows) * 3 * image_size ** 2, free_bytes(device)
+    if need > max_frac * free:
+        return False, (f"patches streamed from the host cache by a reading thread: {need / 1e9:.3g} GB exceed "
+                       f"--resident-max-frac {max_frac:g} x {free / 1e9:.1f} GB free on {device}")
+    return True, (f"patches resident on {device}: {need / 1e9:.3g} GB in one uint8 tensor ({len(rows)} patches, "
+                  f"<= {max_frac:g} x {free / 1e9:.1f} GB free)")
+
+
+def scoring_batches(dataset, batch_size: int, device, max_frac: float = DEFAULT_MAX_FRAC):
+    """(batches of every sample in order, the path line): evaluate.py's scoring pass, on the device when it fits."""
+    device = torch.device(device)
+    rows = np.unique(dataset.rows)
+    resident, how = fits(rows, dataset.image_size, device, max_frac)
+    order = list(range(len(dataset)))
+    if not resident:
+        return StreamedBatches(dataset, order, batch_size, False, device), how
+    images = load_rows(dataset, rows, device)
+    return ResidentBatches(dataset, order, batch_size, False, device, images, np.searchsorted(rows, dataset.rows)), how
+
+
 def cache_batches(train_ds, sampler, val_ds, val_indices, batch_size: int, drop_last: bool, device,
                   max_frac: float = DEFAULT_MAX_FRAC):
     """(training batches, validation batches, one line saying which path and why).
@@ -198,16 +220,11 @@ def cache_batches(train_ds, sampler, val_ds, val_indices, batch_size: int, drop_
     device = torch.device(device)
     val_indices = np.asarray(val_indices, dtype=np.int64)
     rows = np.unique(np.concatenate([train_ds.rows, val_ds.rows[val_indices]]))
-    size = train_ds.image_size
-    need, free = len(rows) * 3 * size * size, free_bytes(device)
-    if need > max_frac * free:
-        how = (f"patches streamed from the host cache by a reading thread: {need / 1e9:.2f} GB exceed "
-               f"--resident-max-frac {max_frac:g} x {free / 1e9:.1f} GB free on {device}")
+    resident, how = fits(rows, train_ds.image_size, device, max_frac)
+    if not resident:
         return (StreamedBatches(train_ds, sampler, batch_size, drop_last, device),
                 StreamedBatches(val_ds, val_indices.tolist(), batch_size, False, device), how)
     images = load_rows(train_ds, rows, device)
     positions = [np.searchsorted(rows, ds.rows) for ds in (train_ds, val_ds)]  # only looked up where held
-    how = (f"patches resident on {device}: {need / 1e9:.2f} GB in one uint8 tensor ({len(rows)} patches, "
-           f"<= {max_frac:g} x {free / 1e9:.1f} GB free)")
     return (ResidentBatches(train_ds, sampler, batch_size, drop_last, device, images, positions[0]),
             ResidentBatches(val_ds, val_indices.tolist(), batch_size, False, device, images, positions[1]), how)

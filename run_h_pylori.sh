@@ -41,8 +41,9 @@
 #   EVAL_ARGS          extra evaluate.py flags, split on spaces (e.g. "--holdout --bootstrap 2000")
 #   CACHE              on (default) or off. on: after the audit, build or reuse the packed patch cache (patch_cache.py,
 #                      ~0.2 MB per 256px patch, ~43 GB for the full dataset) beside the staged copy, as
-#                      <staged copy>-cache<image size>[-macenko-<reference checksum> with --cache-normalized], and pass
-#                      --cache to train.py and evaluate.py, so no epoch decodes a PNG. Only for a staged copy: a cache
+#                      <staged copy>-cache<image size>-macenko-<reference checksum> (Macenko applied once, there: the
+#                      default; plain <staged copy>-cache<image size> with --no-macenko or --no-cache-normalized), and
+#                      pass --cache to train.py and evaluate.py, so no epoch decodes a PNG. Only for a staged copy: a cache
 #                      belongs on node-local disk, never beside HELICO_DATA. Without a staged copy, or when the build
 #                      fails (no room), training decodes PNGs, with a warning. An explicit --cache DIR wins.
 #
@@ -69,7 +70,9 @@ usage() { awk 'NR == 1 || /^#SBATCH/ { next } /^#/ { sub(/^# ?/, ""); print; nex
 # Split flags are copied to the audit; --data-root and --runs-dir are taken out because this script decides
 # them (the staged copy; RUNS_DIR); everything else passes through to train.py untouched, in order.
 TRAIN_ARGS=() AUDIT_ARGS=() RUN_ID="" ARG_DATA_ROOT="" ARG_RUNS_DIR="" MODE=run
-ARG_CACHE="" IMAGE_SIZE=256 REFERENCE="" CACHE_NORMALIZED=0  # 256: train.py's default --image-size
+# CACHE_NORMALIZED: 1/0 when asked for (--cache-normalized / --no-cache-normalized or --no-macenko); empty: the
+# default, a Macenko-normalized cache (Macenko once, not every epoch), as train.py's own default with --cache
+ARG_CACHE="" IMAGE_SIZE=256 REFERENCE="" CACHE_NORMALIZED=""  # 256: train.py's default --image-size
 declare -A SPLIT_FLAGS=()  # flag -> number of values (0 or 1), from splits.split_args_parser()
 
 # The split flags are read from the parser train.py and audit_leakage.py share, so a flag added there reaches the
@@ -101,6 +104,8 @@ parse_args() {
     arg=$1
     case $arg in
       --cache-normalized) CACHE_NORMALIZED=1; shift; continue ;;  # given to train.py only with a cache
+      --no-cache-normalized) CACHE_NORMALIZED=0; shift; continue ;;
+      --no-macenko) CACHE_NORMALIZED=0 ;;  # and on to train.py
       -h|--help|--stage-only|--clean-stage|--print-split-flags) shift; continue ;;  # modes, read by main
     esac
     name=${arg%%=*}
@@ -320,7 +325,7 @@ build_cache() {
   local dir=$DATA_ROOT-cache$IMAGE_SIZE cmd
   cmd=("$PY" "$CODE_DIR/patch_cache.py" --data-root "$DATA_ROOT" --image-size "$IMAGE_SIZE"
        --workers "${SLURM_CPUS_PER_TASK:-$(nproc)}")
-  if (( CACHE_NORMALIZED )); then
+  if (( ${CACHE_NORMALIZED:-1} )); then
     dir+=-macenko-$(printf '%s' "${REFERENCE:-default}" | cksum | cut -d' ' -f1)
     cmd+=(--normalized)
     [[ -z $REFERENCE ]] || cmd+=(--reference-patch "$REFERENCE")
@@ -462,8 +467,11 @@ run_training() {
   local cmd=("$PY" "$CODE_DIR/train.py" --data-root "$DATA_ROOT" --runs-dir "$RUNS" "${TRAIN_ARGS[@]}")
   if [[ -n $CACHE_DIR ]]; then
     cmd+=(--cache "$CACHE_DIR")
-    if (( CACHE_NORMALIZED )); then cmd+=(--cache-normalized); fi
-  elif (( CACHE_NORMALIZED )); then
+    case ${CACHE_NORMALIZED:-$([[ -n $ARG_CACHE ]] || echo 1)} in  # --cache DIR unasked: train.py's own default
+      1) cmd+=(--cache-normalized) ;;
+      0) cmd+=(--no-cache-normalized) ;;
+    esac
+  elif [[ $CACHE_NORMALIZED == 1 ]]; then
     warn "no cache, so --cache-normalized is dropped: training normalizes on the device (same pixels)"
   fi
   if (( ngpu > 1 )); then

@@ -383,6 +383,14 @@ def test_a_second_cached_evaluation_decodes_no_png(cached_evaluation, monkeypatc
     assert json.loads((out / "metrics.json").read_text())["meta"]["cache"] == str(cached_evaluation["cache"])
 
 
+def test_scores_streamed_from_the_host_equal_the_device_resident_ones(cached_evaluation, tmp_path):
+    out = tmp_path / "eval"  # --resident-max-frac 0: the reading-thread fallback for a cache too big for the device
+    argv = [*cached_evaluation["args"], "--out", str(out), "--cache", str(cached_evaluation["cache"]),
+            "--resident-max-frac", "0"]
+    assert evaluate.main(argv) == 0
+    assert scores_by_path(read_csv(out / "predictions.csv")) == scores_by_path(cached_evaluation["predictions"])
+
+
 def fitted_stain(reference):
     import macenko_gpu
     image = reference if torch.is_tensor(reference) else macenko_gpu.load_rgb(reference)

@@ -278,10 +278,12 @@ def test_clean_run_trains_on_the_staged_copy_and_evaluates_best_checkpoint(node,
     assert len(staged) == 1 and marker_of(staged[0]).exists()
     config = json.loads((run / "config.json").read_text())
     assert Path(config["data_root"]).resolve() == staged[0].resolve()
-    # CACHE defaults to on: a packed cache beside the staged copy, read by training and evaluation
-    assert node.cache_dirs() == [staged[0].with_name(staged[0].name + "-cache64")]
-    assert json.loads((node.cache_dirs()[0] / "meta.json").read_text())["complete"] is True
-    assert config["cache"] == str(node.cache_dirs()[0]) and config["cache_normalized"] is False
+    # CACHE defaults to on: a packed cache beside the staged copy, read by training and evaluation, Macenko-normalized
+    # (Macenko on, so applied once in the cache rather than every epoch)
+    [cache] = node.cache_dirs()
+    assert cache.name.startswith(staged[0].name + "-cache64-macenko-")
+    assert json.loads((cache / "meta.json").read_text())["complete"] is True
+    assert config["cache"] == str(cache) and config["cache_normalized"] is True
     assert json.loads((run / "eval" / "metrics.json").read_text())["meta"]["cache"] == config["cache"]
 
 
@@ -358,6 +360,14 @@ def test_cache_normalized_gets_its_own_normalized_cache(node, demo_root):
     assert f"--cache {cache} --cache-normalized" in train_command(r)
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["complete"] and meta["normalized"] and meta["stain"]["reference"] == common.DEFAULT_REFERENCE
+
+
+def test_no_macenko_gets_a_plain_cache(node, demo_root):
+    r = node.copy_demo(demo_root).run("--run-id", "plain", *TRAIN_FLAGS, "--epochs", "0", "--no-macenko")
+    [cache] = node.cache_dirs()
+    assert cache.name == node.staged_dirs()[0].name + "-cache64"
+    assert f"--cache {cache} --no-cache-normalized" in train_command(r) and "--no-macenko" in train_command(r)
+    assert json.loads((cache / "meta.json").read_text())["normalized"] is False
 
 
 def test_a_failed_cache_build_falls_back_to_pngs_with_a_warning(node, demo_root):
