@@ -24,7 +24,8 @@ What it measures, on the checkpoint's validation patients:
 
 Writes into runs/<id>/eval/ (eval-holdout/ with --holdout, so neither replaces the other; or --out), built in a
 temp folder beside it and swapped in whole: report.md, metrics.json, predictions.csv, patients.csv, figures/*.png,
-learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images).
+learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images),
+stain_preview.png (validation positives and hard negatives: original | as trained | canonical Macenko).
 --compare writes compare.md and compare.json (default <first run>/compare/).
 This file owns what is measured and how (patient rows, the patient rule, bootstrap CIs, --compare); metrics.py
 defines the metrics, eval_report.py writes the files and markdown, figures.py the charts, gradcam.py the Grad-CAM.
@@ -56,6 +57,7 @@ import eval_report
 import figures
 import gradcam
 import loaders
+import macenko_gpu
 import metrics
 import model
 import patch_cache
@@ -368,6 +370,17 @@ def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_thres
 
 
 # ----------------------------------------------------------------------------------------------- commands
+def stain_picks(pred: Predictions, n: int = 3) -> list[tuple]:
+    """(sample, caption) of validation patches for the stain strip: the n highest- and n lowest-scored positives
+    (bacteria found, bacteria missed) and the 2n highest-scored negatives (hard negatives)."""
+    idx = np.flatnonzero(pred.patch_eval)
+    pos, neg = (idx[pred.label[idx] == c] for c in (1, 0))
+    pos, neg = pos[np.argsort(-pred.score[pos], kind="stable")], neg[np.argsort(-pred.score[neg], kind="stable")]
+    chosen = [(i, "positive") for i in dict.fromkeys([*pos[:n], *pos[::-1][:n]])] + [(i, "hard negative")
+                                                                                     for i in neg[:2 * n]]
+    return [(pred.samples[i], f"{kind}, score {pred.score[i]:.2f}: {pred.samples[i].path}") for i, kind in chosen]
+
+
 def default_out(holdout: bool) -> str:
     """eval/ and eval-holdout/ side by side: a validation-only rerun never replaces the report with the HoldOut."""
     return "eval-holdout" if holdout else "eval"
@@ -418,6 +431,11 @@ def run_evaluation(args, device) -> int:
             picks = gradcam.gradcam_picks(val_pred, threshold, args.gradcam)
             files += gradcam.write_gradcam(tmp / "gradcam", net, normalizer, data.root, picks,
                                            int(ckpt["image_size"]), device)
+        if normalizer is not None:  # the stain as the model saw it, for a pathologist to judge at a glance
+            picks = stain_picks(val_pred)
+            macenko_gpu.stain_preview(normalizer, [Path(data.root) / s.path for s, _ in picks],
+                                      [caption for _, caption in picks], tmp / "stain_preview.png")
+            files.append("stain_preview.png")
         if bad:
             common.atomic_write_text(tmp / "skipped_images.txt", "".join(f"{p}\n" for p in bad))
         eval_report.write_json(tmp / "metrics.json", result)
