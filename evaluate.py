@@ -24,7 +24,8 @@ What it measures, on the checkpoint's validation patients:
 
 Writes into runs/<id>/eval/ (eval-holdout/ with --holdout, so neither replaces the other; or --out), built in a
 temp folder beside it and swapped in whole: report.md, metrics.json, predictions.csv, patients.csv, figures/*.png,
-learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images).
+learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images),
+stain_preview.png (validation positives and hard negatives: original | as trained | canonical Macenko).
 --compare writes compare.md and compare.json (default <first run>/compare/).
 This file owns what is measured and how (patient rows, the patient rule, bootstrap CIs, --compare); metrics.py
 defines the metrics, eval_report.py writes the files and markdown, figures.py the charts, gradcam.py the Grad-CAM.
@@ -34,13 +35,16 @@ plain cache gets the checkpoint's Macenko applied (same pixels, same scores); on
 is used as it is, only if normalized to the checkpoint's own stain reference (refused otherwise, never rebuilt).
 
 Exit codes: 0 ok; 2 bad input (missing/unreadable/foreign checkpoint, wrong --arch, data root lacking a patient
-of the split, empty split, unreadable image without --skip-bad-images).
+of the split, empty split, unreadable image without --skip-bad-images, --compare of runs sharing fewer than 5
+validation patients); 5 no space left or an I/O error while writing the report (the previous one is kept); 130
+Ctrl-C (nothing written).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -56,6 +60,7 @@ import eval_report
 import figures
 import gradcam
 import loaders
+import macenko_gpu
 import metrics
 import model
 import patch_cache
@@ -368,6 +373,17 @@ def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_thres
 
 
 # ----------------------------------------------------------------------------------------------- commands
+def stain_picks(pred: Predictions, n: int = 3) -> list[tuple]:
+    """(sample, caption) of validation patches for the stain strip: the n highest- and n lowest-scored positives
+    (bacteria found, bacteria missed) and the 2n highest-scored negatives (hard negatives)."""
+    idx = np.flatnonzero(pred.patch_eval)
+    pos, neg = (idx[pred.label[idx] == c] for c in (1, 0))
+    pos, neg = pos[np.argsort(-pred.score[pos], kind="stable")], neg[np.argsort(-pred.score[neg], kind="stable")]
+    chosen = [(i, "positive") for i in dict.fromkeys([*pos[:n], *pos[::-1][:n]])] + [(i, "hard negative")
+                                                                                     for i in neg[:2 * n]]
+    return [(pred.samples[i], f"{kind}, score {pred.score[i]:.2f}: {pred.samples[i].path}") for i, kind in chosen]
+
+
 def default_out(holdout: bool) -> str:
     """eval/ and eval-holdout/ side by side: a validation-only rerun never replaces the report with the HoldOut."""
     return "eval-holdout" if holdout else "eval"
@@ -418,6 +434,11 @@ def run_evaluation(args, device) -> int:
             picks = gradcam.gradcam_picks(val_pred, threshold, args.gradcam)
             files += gradcam.write_gradcam(tmp / "gradcam", net, normalizer, data.root, picks,
                                            int(ckpt["image_size"]), device)
+        if normalizer is not None:  # the stain as the model saw it, for a pathologist to judge at a glance
+            picks = stain_picks(val_pred)
+            macenko_gpu.stain_preview(normalizer, [Path(data.root) / s.path for s, _ in picks],
+                                      [caption for _, caption in picks], tmp / "stain_preview.png")
+            files.append("stain_preview.png")
         if bad:
             common.atomic_write_text(tmp / "skipped_images.txt", "".join(f"{p}\n" for p in bad))
         eval_report.write_json(tmp / "metrics.json", result)
@@ -497,6 +518,19 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
+    except common.EnvironmentFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
+    except OSError as e:  # the report folder is built in a temp folder beside --out: a full disk there
+        if e.errno not in common.FAULTS:
+            raise
+        print(f"error: {Path(e.filename or '.').parent}: {common.FAULTS[e.errno]} while writing the report (the "
+              f"previous one is kept); free space there, then run the same command again", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C: no report written (a previous one is kept); run the same command again",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         loaders.stop_workers()  # they ignore SIGTERM/SIGINT: left to Python's exit they would keep it waiting
 

@@ -15,7 +15,7 @@
 #
 #   mkdir -p runs                 # sbatch opens runs/slurm-<jobid>.out before this script starts
 #   HELICO_DATA=/shared/HelicoDataSet sbatch run_h_pylori.sh --run-id 26 --epochs 15
-#   # no SLURM, no GPU, no internet, after `make demo` (which writes demo_data); ~1 min:
+#   # no SLURM, no GPU, no internet, after `make demo` (which writes demo_data); 6 min on 2 busy cores:
 #   HELICO_DATA=demo_data bash run_h_pylori.sh --run-id try-cpu --device cpu --weights none --image-size 64 --epochs 1
 #   bash run_h_pylori.sh --stage-only          # only stage (pre-warm a node); prints the staged path
 #   bash run_h_pylori.sh --clean-stage         # remove this node's staged copy of HELICO_DATA (and its caches)

@@ -23,8 +23,9 @@ checkpoint schema are model.py's (evaluate.py and bench.py call the same functio
 
 Exit codes: 0 done (or already complete), 1 the HoldOut is not independent (a HoldOut patient shares an ID or a
 byte-identical image with CrossValidation; nothing trained), 2 bad input (one-line `error:`), 3 non-finite loss
-(nothing saved, the last good checkpoint stays), 4 stopped by SIGUSR1/SIGTERM after writing last.pt (and `scontrol
-requeue` under SLURM). A second signal exits at once with 128 + signal number.
+(nothing saved, the last good checkpoint stays), 4 stopped by SIGUSR1/SIGTERM/Ctrl-C after writing last.pt (and
+`scontrol requeue` under SLURM), 5 no space left or an I/O error while saving (one line naming the folder; the previous
+checkpoints stay). A second signal exits at once with 128 + signal number.
 """
 from __future__ import annotations
 
