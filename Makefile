@@ -7,7 +7,7 @@ DEMO   := demo_data
 # shared); validation PR-AUC 0.86-0.95 over seeds 0-2 against a dummy's 0.04.
 DEMO_TRAIN_FLAGS ?= --image-size 64 --batch-size 32 --weights none --epochs 6 --lr 1e-3
 
-.PHONY: demo test clean rsync
+.PHONY: demo test clean rsync slurm
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,24 @@ rsync:
 	@command -v rsync >/dev/null || { apt-get update -qq && apt-get install -y -qq rsync >/dev/null; } \
 	  || echo "WARNING: rsync missing and not installable here; the launcher's rsync tests will fail"
 
-test: $(VENV)/.dev rsync
+# tests/test_launcher_slurm.py runs the launcher under a real one-node SLURM (root only): install Debian's scheduler
+# where missing. A temporary policy-rc.d (only if the machine has none) keeps the packages from starting the system
+# daemons; the test starts its own, with its own key and ports, and stops them.
+SLURM_COMMANDS := munged mungekey slurmctld slurmd slurmstepd sbatch scontrol scancel sinfo
+slurm:
+	@missing=$$(for c in $(SLURM_COMMANDS); do PATH=$$PATH:/usr/sbin:/sbin command -v $$c >/dev/null || echo $$c; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then \
+	  policy=/usr/sbin/policy-rc.d; made=; \
+	  [ -e $$policy ] || { printf '#!/bin/sh\nexit 101\n' >$$policy && chmod 755 $$policy && made=1; }; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      slurmctld slurmd munge slurm-client </dev/null >/dev/null; } \
+	    || echo "WARNING: SLURM not installable here (missing: $$missing); the SLURM launcher test will be skipped"; \
+	  [ -z "$$made" ] || rm -f $$policy; \
+	elif [ -n "$$missing" ]; then \
+	  echo "WARNING: not root, so SLURM is not installed (missing: $$missing); the SLURM launcher test will be skipped"; \
+	fi
+
+test: $(VENV)/.dev rsync slurm
 	$(PY) -m pytest -q tests
 
 clean:

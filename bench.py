@@ -8,11 +8,20 @@ Usage:
 Stages (img/s; warm-up batches excluded; CUDA timings bracketed by torch.cuda.synchronize):
     load_png    DataLoader over common.PatchDataset (PNG decode + resize) with --workers processes
     load_cache  DataLoader over patch_cache.CachedPatchDataset (one memmap gather per batch), same workers
+    stream      resident.StreamedBatches: a reading thread gathers batches from the memmap into pinned buffers,
+                copied to the device (train.py's fallback when the patches do not fit on the device)
     normalize   on the device: Macenko + per-sample colour jitter + symmetry + ImageNet normalization
                 (model.model_input, exactly what train.py runs)
     model_step  forward + backward + AdamW step on synthetic on-device batches: the ceiling
-    loop        the training loop: cache loader -> device (non_blocking) -> normalize -> step
-                (--loop-source png for the PNG loader)
+    loop        train.py's loop with --cache: resident.cache_batches (patches held on the device when they fit in
+                --resident-max-frac of its free memory, else streamed) -> normalize -> step
+    loop_loader the loop before issue 13: DataLoader over the cache (--loop-source png: PNGs) -> device -> normalize
+                -> step, for comparison
+    train       train.py itself (in this process) on --limit-samples training patches with --cache for
+                --train-epochs epochs: its last epoch's logged img/s (training only, validation excluded) is the
+                steady state; the first epoch's includes warm-up (and compilation with --compile). Needs a cache
+                of every patch: --cache DIR (a training run's), else a temporary one is built first (slow on the
+                full dataset: give --cache)
 It also measures each loader in this process alone (one core) for the packed-vs-PNG ratio per core, img/s per
 worker, peak host RSS (this process and the largest worker), peak device memory per stage, and the cache's size.
 The PNGs are read once while the cache is built, so both loaders run from a warm page cache.
@@ -40,14 +49,16 @@ import common
 import loaders
 import model
 import patch_cache
+import resident
 
 PREFETCH = 2  # batches each worker decodes ahead; a loader stage warms up through this backlog too
-STAGES = ("load_png", "load_cache", "normalize", "model_step", "loop")
+STAGES = ("load_png", "load_cache", "stream", "normalize", "model_step", "loop", "loop_loader", "train")
 JITTER = (0.05, 0.05, 0.02, 0.01)  # the original pipeline's ColorJitter (train.py's default)
 DEFAULTS = {  # CPU: small enough for a minute on a laptop; CUDA: the issue's real settings
-    "cpu": {"image_size": 64, "batch_size": 16, "batches": 3, "warmup": 1, "limit_samples": 256, "threads": 1},
+    "cpu": {"image_size": 64, "batch_size": 16, "batches": 3, "warmup": 1, "limit_samples": 256, "threads": 1,
+            "train_epochs": 2},
     "cuda": {"image_size": 224, "batch_size": 256, "batches": 30, "warmup": 5, "limit_samples": 8192,
-             "threads": None},
+             "threads": None, "train_epochs": 3},
 }
 
 
@@ -76,7 +87,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "stable smoke run: on a busy machine OpenMP threads wait on each other), torch's own with CUDA")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset to time, e.g. "
                    "load_png,load_cache for loading alone at real sizes on a CPU-only machine")
-    p.add_argument("--loop-source", choices=("cache", "png"), default="cache", help="loader of the loop stage")
+    p.add_argument("--loop-source", choices=("cache", "png"), default="cache", help="loader of the loop_loader stage")
+    p.add_argument("--resident-max-frac", type=float, default=resident.DEFAULT_MAX_FRAC, help="as train.py's: the "
+                   "loop stage holds the patches on the device when they take at most this share of its free memory "
+                   "(else it streams them); 0 times the streamed fallback")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (model_step, loop, loop_loader and "
+                   "train.py --compile in the train stage); warm-up batches absorb the compilation")
+    p.add_argument("--train-epochs", type=int, help="epochs of the train stage (default 2 CPU, 3 CUDA); the last "
+                   "one is the steady state")
     p.add_argument("--arch", default="resnet18", help="torchvision classifier (one-logit head, random weights)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision as in "
                    "train.py (bf16 where supported, else fp16 + GradScaler); default on for CUDA, off on CPU")
@@ -110,7 +128,9 @@ def resolve(args) -> None:
     if unknown or not args.stages:
         raise common.DataError(f"--stages {','.join(args.stages)}: choose from {','.join(STAGES)}")
     args.stages = [k for k in STAGES if k in args.stages]
-    for flag in ("batch_size", "image_size", "batches"):
+    if not 0 <= args.resident_max_frac <= 1:
+        raise common.DataError(f"--resident-max-frac {args.resident_max_frac}: expected a share in [0, 1]")
+    for flag in ("batch_size", "image_size", "batches", "train_epochs"):
         if getattr(args, flag) < 1:
             raise common.DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
 
@@ -168,10 +188,11 @@ def per_core_rate(dataset, args, min_seconds: float) -> float:
 class Step:
     """train.py's optimisation step: autocast by model.precision's rule (GradScaler with fp16), BCE, AdamW."""
 
-    def __init__(self, arch: str, run: model.Precision, device):
+    def __init__(self, arch: str, run: model.Precision, device, compile: bool = False):
         self.run = run
-        self.model = run.place(model.build_model(arch, "none"), device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        net = run.place(model.build_model(arch, "none"), device)
+        self.opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        self.model = torch.compile(net) if compile else net  # as train.py --compile: the step, not the optimizer
         self.scaler = torch.amp.GradScaler(device.type, enabled=run.grad_scaling)
 
     def __call__(self, x, labels):
@@ -208,6 +229,7 @@ def normalize_steps(batches, normalizer, args, device):
 
 
 def loop_steps(loader, normalizer, step, args, device):
+    """Batches from a DataLoader (on the host) or resident.*Batches (already on the device) through the step."""
     gen = torch.Generator(device).manual_seed(1)
     for images, labels, _ in cycle(loader):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -215,6 +237,46 @@ def loop_steps(loader, normalizer, step, args, device):
             x = model.model_input(images, normalizer, list(JITTER), gen, args.channels_last)
         step(x, labels)
         yield len(labels)
+
+
+def cache_feed(cached, args, device, max_frac: float):
+    """train.py's --cache path over the benchmark's patches: (batches, one line saying resident or streamed, s to
+    load). A shuffling sampler stands in for train.py's epoch sampler (the same cost: one order per epoch)."""
+    sampler = torch.utils.data.RandomSampler(range(len(cached)), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    batches, _, how = resident.cache_batches(cached, sampler, cached, [], args.batch_size, True, device, max_frac)
+    sync(device)
+    return batches, how, time.perf_counter() - t0
+
+
+def stream_steps(batches):
+    for images, labels, _ in cycle(batches):
+        yield len(labels)
+
+
+def train_stage(args, data, cache_dir, tmp: str) -> dict:
+    """train.py's own logged img/s per epoch on the bench's settings (an in-process train.main run)."""
+    import train  # the script under measurement; imported only for this stage
+    runs = Path(tmp) / "runs"
+    argv = ["--data-root", str(data.root), "--runs-dir", str(runs), "--run-id", "bench", "--device", args.device,
+            "--epochs", str(args.train_epochs), "--batch-size", str(args.batch_size), "--image-size",
+            str(args.image_size), "--weights", "none", "--arch", args.arch, "--cache", str(cache_dir),
+            "--resident-max-frac", str(args.resident_max_frac), "--workers", str(args.workers), "--seed", "0",
+            "--amp" if args.amp else "--no-amp", "--channels-last" if args.channels_last else "--no-channels-last",
+            *(["--limit-samples", str(args.limit_samples)] if args.limit_samples else []),
+            *(["--compile"] if args.compile else [])]
+    normalized = bool((patch_cache.read_meta(cache_dir) or {}).get("normalized"))
+    if args.macenko:
+        argv += ["--reference-patch", args.reference_patch, "--cache-normalized" if normalized else
+                 "--no-cache-normalized"]
+    else:
+        argv += ["--no-macenko"]
+    code = train.main(argv)
+    if code != common.EXIT_OK:
+        raise common.DataError(f"--stages train: train.py {' '.join(argv)} exited {code} (its error is above)")
+    records = [json.loads(line) for line in (runs / "bench" / "log.jsonl").read_text().splitlines()]
+    return {"img_s": records[-1]["img_s"], "per_epoch_img_s": [r["img_s"] for r in records],
+            "epoch_seconds": [r["seconds"] for r in records], "argv": argv}
 
 
 def bench_samples(data, limit: int) -> list:
@@ -240,6 +302,18 @@ def open_cache(args, data, samples, tmp: str) -> tuple:
     return patch_cache.CachedPatchDataset(cache_dir, samples, args.image_size, root=data.root), cache_dir, report
 
 
+def train_cache(args, data, tmp: str) -> Path:
+    """The cache the train stage hands train.py: --cache as it is, else a temporary one of every patch (train.py
+    would otherwise rebuild the benchmark's subset cache for all patches)."""
+    if args.cache:
+        return Path(args.cache)
+    where = Path(tmp) / "train-cache"
+    log(f"train stage: building a temporary cache of all {len(data.all_samples())} patches (give --cache to reuse one)")
+    patch_cache.build_cache(data, where, args.image_size, args.workers, args.macenko, args.reference_patch,
+                            args.device, progress=False)
+    return where
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed input size, as in train.py
@@ -251,21 +325,31 @@ def run(args) -> dict:
         log(f"cache: {args.cache or 'temporary'} ({len(samples)} patches)")
         cached, cache_dir, build = open_cache(args, data, samples, tmp)
         normalizer = None
-        if args.macenko and not cached.normalized and {"normalize", "loop"} & set(args.stages):
+        if args.macenko and not cached.normalized and {"normalize", "loop", "loop_loader"} & set(args.stages):
             normalizer = model.fit_stain_reference(data.root, args.reference_patch).to(device)
         png = common.PatchDataset(data.root, samples, args.image_size)
         t = lambda steps, extra=0: timed(steps, device, args.warmup + extra, args.batches, args.min_seconds)
         backlog = args.workers * PREFETCH  # batches ready before timing starts would inflate a loader's rate
         run = model.precision(device, args.amp, args.channels_last)
-        step = Step(args.arch, run, device) if {"model_step", "loop"} & set(args.stages) else None
+        step = Step(args.arch, run, device, args.compile) if {"model_step", "loop", "loop_loader"} & set(args.stages) \
+            else None
+        feeds = {}
+
+        def feed(max_frac):  # held (or streaming) only while its stage runs, then freed for the next
+            batches, feeds[max_frac], seconds = cache_feed(cached, args, device, max_frac)
+            log(f"{feeds[max_frac]} (ready in {seconds:.1f} s)")
+            return batches
         real = lambda: [images.to(device) for images, _, _ in (next(iter(make_loader(cached, args, 0))) for _ in range(2))]
         stage = {  # each stage's loader (and its worker processes) lives only as long as its generator
             "load_png": lambda: t(load_steps(make_loader(png, args, args.workers)), backlog),
             "load_cache": lambda: t(load_steps(make_loader(cached, args, args.workers)), backlog),
             "normalize": lambda: t(normalize_steps(real(), normalizer, args, device)),
             "model_step": lambda: t(model_steps(step, args, device)),
-            "loop": lambda: t(loop_steps(make_loader(cached if args.loop_source == "cache" else png, args, args.workers),
-                                         normalizer, step, args, device))}
+            "stream": lambda: t(stream_steps(feed(0.0))),
+            "loop": lambda: t(loop_steps(feed(args.resident_max_frac), normalizer, step, args, device)),
+            "loop_loader": lambda: t(loop_steps(make_loader(cached if args.loop_source == "cache" else png, args,
+                                                            args.workers), normalizer, step, args, device)),
+            "train": lambda: train_stage(args, data, train_cache(args, data, tmp), tmp)}
         stages, per_core = {}, {}
         for name in args.stages:
             log(f"timing {name}")
@@ -273,7 +357,8 @@ def run(args) -> dict:
             if name.startswith("load_"):  # the same loader in this process alone: one core's rate
                 per_core[name] = per_core_rate(png if name == "load_png" else cached, args, args.min_seconds)
         cache_size = patch_cache.cache_bytes(cache_dir)
-    return summarize(args, device, stages, per_core, len(samples), cached, cache_size, build, normalizer is not None)
+    return summarize(args, device, stages, per_core, len(samples), cached, cache_size, build, normalizer is not None,
+                     feeds.get(args.resident_max_frac))
 
 
 def log(message: str) -> None:
@@ -284,9 +369,13 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def summarize(args, device, stages, per_core, n, cached, cache_size, build, macenko) -> dict:
+REAL_TRAINING_PATCHES = 54_000  # the real dataset's training part (issue 13): the epoch-time projection
+
+
+def summarize(args, device, stages, per_core, n, cached, cache_size, build, macenko, feed) -> dict:
     rates = {k: v["img_s"] for k, v in stages.items()}
-    parts = [k for k in ("load_" + args.loop_source, "normalize", "model_step") if k in rates]  # the loop's parts
+    streamed = feed is not None and "streamed" in feed  # the loop's parts: on-device gather is ~free, streaming not
+    parts = [k for k in ("stream" if streamed else None, "normalize", "model_step") if k in rates]
     ceiling = rates.get("model_step")
     ru = resource.getrusage
     memory = {"peak_host_rss_mb": round(ru(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -296,6 +385,11 @@ def summarize(args, device, stages, per_core, n, cached, cache_size, build, mace
     return {
         "stages": rates, "bound": min(parts, key=rates.get) if parts else None,
         "loop_fraction_of_ceiling": ratio(rates.get("loop"), ceiling),
+        "loop_loader_fraction_of_ceiling": ratio(rates.get("loop_loader"), ceiling),
+        "train_fraction_of_ceiling": ratio(rates.get("train"), ceiling),
+        "loop_vs_loop_loader": ratio(rates.get("loop"), rates.get("loop_loader")),
+        "projected_epoch_s": {k: REAL_TRAINING_PATCHES / rates[k] for k in ("loop", "train") if rates.get(k)},
+        "feed": feed, "compile": args.compile, "resident_max_frac": args.resident_max_frac,
         "ratios_to_ceiling": {k: ratio(v, ceiling) for k, v in rates.items()},
         "per_core": {**per_core, "packed_vs_png": ratio(per_core.get("load_cache"), per_core.get("load_png"))},
         "per_worker": {k: rates[k] / args.workers for k in ("load_png", "load_cache") if k in rates},
@@ -330,15 +424,26 @@ def table(r: dict) -> str:
     notes = {"load_png": f"{fmt(r['per_worker'].get('load_png'), '.0f')} img/s per worker",
              "load_cache": f"{fmt(r['per_worker'].get('load_cache'), '.0f')} img/s per worker",
              "normalize": ("Macenko + " if r["macenko"] else "") + "jitter + symmetry (model.model_input)",
-             "model_step": "ceiling", "loop": f"{r['loop_source']} loader, all stages together"}
+             "stream": "reading thread -> pinned buffers -> device (the fallback)",
+             "model_step": "ceiling" + (" (torch.compile)" if r["compile"] else ""),
+             "loop": "train.py's --cache path: " + (r["feed"] or "-").split(":")[0],
+             "loop_loader": f"DataLoader over the {r['loop_source']} -> device (before issue 13)",
+             "train": "train.py's last epoch (steady state, validation excluded)"}
     lines = [f"bench: {r['device']} ({r['device_name']}), {r['arch']}, {r['image_size']}px, batch {r['batch_size']}, "
              f"{r['workers']} workers, {r['samples']} patches, amp {'on' if r['amp'] else 'off'}, channels_last "
              f"{'on' if r['channels_last'] else 'off'}, torch {r['torch']}",
              f"{'stage':<11} {'img/s':>10} {'x ceiling':>10}  note"]
+    if r["feed"]:
+        lines.insert(1, f"loop feed: {r['feed']}")
     for k in (k for k in STAGES if k in r["stages"]):
         lines.append(f"{k:<11} {r['stages'][k]:>10.1f} {fmt(ratio(r['stages'][k], ceiling), '.2f'):>10}  {notes[k]}")
     pc, loop = r["per_core"], r["loop_fraction_of_ceiling"]
-    lines += [f"bound: {r['bound']}" + (f"; loop at {100 * loop:.0f}% of the model-only ceiling" if loop else ""),
+    train, vs, epoch = r["train_fraction_of_ceiling"], r["loop_vs_loop_loader"], r["projected_epoch_s"]
+    lines += [f"bound: {r['bound']}" + (f"; loop at {100 * loop:.0f}% of the model-only ceiling (target >= 90%)"
+                                        if loop else "")
+              + (f"; train.py at {100 * train:.0f}% (target >= 85%)" if train else ""),
+              f"loop / loop_loader: {fmt(vs, '.2f')}x; projected epoch of {REAL_TRAINING_PATCHES:,} patches: "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in epoch.items()),
               f"per core (one process, workers=0): PNG {fmt(pc.get('load_png'), '.0f')} img/s, packed "
               f"{fmt(pc.get('load_cache'), '.0f')} img/s -> packed/PNG {fmt(pc['packed_vs_png'], '.1f')}x (target >= "
               f"10x); with {r['workers']} workers {fmt(r['packed_vs_png_per_worker'], '.1f')}x",

@@ -24,7 +24,8 @@ What it measures, on the checkpoint's validation patients:
 
 Writes into runs/<id>/eval/ (eval-holdout/ with --holdout, so neither replaces the other; or --out), built in a
 temp folder beside it and swapped in whole: report.md, metrics.json, predictions.csv, patients.csv, figures/*.png,
-learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images).
+learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images),
+stain_preview.png (validation positives and hard negatives: original | as trained | canonical Macenko).
 --compare writes compare.md and compare.json (default <first run>/compare/).
 This file owns what is measured and how (patient rows, the patient rule, bootstrap CIs, --compare); metrics.py
 defines the metrics, eval_report.py writes the files and markdown, figures.py the charts, gradcam.py the Grad-CAM.
@@ -34,13 +35,16 @@ plain cache gets the checkpoint's Macenko applied (same pixels, same scores); on
 is used as it is, only if normalized to the checkpoint's own stain reference (refused otherwise, never rebuilt).
 
 Exit codes: 0 ok; 2 bad input (missing/unreadable/foreign checkpoint, wrong --arch, data root lacking a patient
-of the split, empty split, unreadable image without --skip-bad-images).
+of the split, empty split, unreadable image without --skip-bad-images, --compare of runs sharing fewer than 5
+validation patients); 5 no space left or an I/O error while writing the report (the previous one is kept); 130
+Ctrl-C (nothing written).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -56,9 +60,11 @@ import eval_report
 import figures
 import gradcam
 import loaders
+import macenko_gpu
 import metrics
 import model
 import patch_cache
+import resident
 from common import DataError
 
 PATCH_METRICS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
@@ -99,6 +105,10 @@ def get_args_parser():
     p.add_argument("--cache", metavar="DIR", help="packed uint8 cache of decoded patches (built on first use, reused "
                    "after; see patch_cache.py): later epochs and evaluations never decode a PNG. Put it on node-local "
                    "disk")
+    p.add_argument("--resident-max-frac", type=float, default=resident.DEFAULT_MAX_FRAC, metavar="F", help="with "
+                   "--cache: score from one uint8 tensor of the patches on the device when it takes at most F of its "
+                   "free memory (CPU: available RAM), else stream them from the host cache by a thread (no DataLoader "
+                   "either way); 0: always stream")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA (bf16 where supported, as in "
                    "training; slower, scores then match a float32 run)")
@@ -114,6 +124,8 @@ def check_args(args) -> None:
     for flag in ("top_k", "batch_size"):
         if getattr(args, flag) < 1:
             raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if not 0 <= args.resident_max_frac <= 1:
+        raise DataError(f"--resident-max-frac {args.resident_max_frac}: expected a share in [0, 1]")
     if args.compare and len(args.compare) < 2:
         raise DataError("--compare: give at least two checkpoints (the first is the baseline)")
 
@@ -122,7 +134,7 @@ def check_args(args) -> None:
 def scoring_options(args) -> dict:
     """The flags predict() needs, as its keyword arguments."""
     return {"batch_size": args.batch_size, "workers": args.workers, "skip_bad": args.skip_bad_images,
-            "no_amp": args.no_amp, "cache": args.cache}
+            "no_amp": args.no_amp, "cache": args.cache, "resident_max_frac": args.resident_max_frac}
 
 
 def scoring_precision(ckpt: dict, device, no_amp: bool) -> model.Precision:
@@ -204,15 +216,17 @@ def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: 
 
 
 def score_samples(net, normalizer, root, samples, image_size: int, device, *, batch_size: int, workers: int,
-                  skip_bad: bool = False, cache=None, run: model.Precision | None = None) -> tuple[np.ndarray, list[int]]:
+                  skip_bad: bool = False, cache=None, run: model.Precision | None = None,
+                  resident_max_frac: float = resident.DEFAULT_MAX_FRAC) -> tuple[np.ndarray, list[int]]:
     """Sigmoid scores (NaN for skipped undecodable files) and the indices skipped; batched, under `run`'s precision
-    and layout (default float32, contiguous)."""
+    and layout (default float32, contiguous). With a cache, no DataLoader: resident.scoring_batches."""
     run = run or model.precision(device, amp=False)
     if cache is None:
         ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=skip_bad)
-    else:
+        loader = loaders.make_loader(ds, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
+    else:  # on the device when it fits, else streamed by a thread: no worker pickles a batch
         ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, skip_bad)
-    loader = loaders.make_loader(ds, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
+        loader, _ = resident.scoring_batches(ds, batch_size, device, resident_max_frac)
     scores, bad = np.full(len(samples), np.nan), []
     net = run.place(net, device)
     interactive = sys.stderr.isatty()  # in a log file a cleared bar leaves its last state for the next line to land on
@@ -226,19 +240,20 @@ def score_samples(net, normalizer, root, samples, image_size: int, device, *, ba
             x = model.model_input(images.to(device, non_blocking=True), normalizer, channels_last=run.channels_last)
             with run.autocast():
                 logits = net(x)
-            scores[idx.numpy()] = torch.sigmoid(logits.float().reshape(-1)).cpu().numpy()
+            scores[idx.cpu().numpy()] = torch.sigmoid(logits.float().reshape(-1)).cpu().numpy()
     return scores, bad
 
 
 def predict(net, normalizer, ckpt, data, rows: list[Row], device, *, batch_size: int, workers: int, skip_bad: bool,
-            no_amp: bool, cache=None) -> tuple[Predictions, list[str]]:
+            no_amp: bool, cache=None, resident_max_frac: float = resident.DEFAULT_MAX_FRAC
+            ) -> tuple[Predictions, list[str]]:
     """Scores of `rows` (from the packed cache in `cache` when given) and the paths of skipped undecodable files."""
     samples, size = [r.sample for r in rows], int(ckpt["image_size"])
     if cache:
         cache = patch_cache.prepare(cache, data, size, max(1, workers), device=device)
     scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=batch_size,
                                 workers=workers, skip_bad=skip_bad, cache=cache,
-                                run=scoring_precision(ckpt, device, no_amp))
+                                run=scoring_precision(ckpt, device, no_amp), resident_max_frac=resident_max_frac)
     keep = np.isfinite(scores)
     pred = Predictions([s for s, k in zip(samples, keep) if k], np.array([r.split for r in rows])[keep],
                        np.array([r.patch_eval for r in rows], dtype=bool)[keep],
@@ -358,6 +373,17 @@ def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_thres
 
 
 # ----------------------------------------------------------------------------------------------- commands
+def stain_picks(pred: Predictions, n: int = 3) -> list[tuple]:
+    """(sample, caption) of validation patches for the stain strip: the n highest- and n lowest-scored positives
+    (bacteria found, bacteria missed) and the 2n highest-scored negatives (hard negatives)."""
+    idx = np.flatnonzero(pred.patch_eval)
+    pos, neg = (idx[pred.label[idx] == c] for c in (1, 0))
+    pos, neg = pos[np.argsort(-pred.score[pos], kind="stable")], neg[np.argsort(-pred.score[neg], kind="stable")]
+    chosen = [(i, "positive") for i in dict.fromkeys([*pos[:n], *pos[::-1][:n]])] + [(i, "hard negative")
+                                                                                     for i in neg[:2 * n]]
+    return [(pred.samples[i], f"{kind}, score {pred.score[i]:.2f}: {pred.samples[i].path}") for i, kind in chosen]
+
+
 def default_out(holdout: bool) -> str:
     """eval/ and eval-holdout/ side by side: a validation-only rerun never replaces the report with the HoldOut."""
     return "eval-holdout" if holdout else "eval"
@@ -408,6 +434,11 @@ def run_evaluation(args, device) -> int:
             picks = gradcam.gradcam_picks(val_pred, threshold, args.gradcam)
             files += gradcam.write_gradcam(tmp / "gradcam", net, normalizer, data.root, picks,
                                            int(ckpt["image_size"]), device)
+        if normalizer is not None:  # the stain as the model saw it, for a pathologist to judge at a glance
+            picks = stain_picks(val_pred)
+            macenko_gpu.stain_preview(normalizer, [Path(data.root) / s.path for s, _ in picks],
+                                      [caption for _, caption in picks], tmp / "stain_preview.png")
+            files.append("stain_preview.png")
         if bad:
             common.atomic_write_text(tmp / "skipped_images.txt", "".join(f"{p}\n" for p in bad))
         eval_report.write_json(tmp / "metrics.json", result)
@@ -487,6 +518,19 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
+    except common.EnvironmentFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
+    except OSError as e:  # the report folder is built in a temp folder beside --out: a full disk there
+        if e.errno not in common.FAULTS:
+            raise
+        print(f"error: {Path(e.filename or '.').parent}: {common.FAULTS[e.errno]} while writing the report (the "
+              f"previous one is kept); free space there, then run the same command again", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C: no report written (a previous one is kept); run the same command again",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         loaders.stop_workers()  # they ignore SIGTERM/SIGINT: left to Python's exit they would keep it waiting
 

@@ -467,6 +467,15 @@ def preview_mosaic(images, columns: dict, row_labels=None, tile=160) -> Image.Im
     return canvas
 
 
+def stain_preview(normalizer, paths, labels, out_png) -> None:
+    """preview_mosaic of image files as `normalizer` (e.g. a checkpoint's) normalizes them and as canonical
+    Macenko does to the same reference stain (its state in mode macenko), written atomically to out_png."""
+    canonical = MacenkoNormalizer.from_state_dict({**normalizer.state_dict(), "mode": "macenko"})
+    columns = {f"as trained ({normalizer.mode})": normalizer, "canonical Macenko": canonical.to(normalizer.device)}
+    mosaic = preview_mosaic([load_rgb(p) for p in paths], columns, labels)
+    _atomic_write(Path(out_png), lambda f: mosaic.save(f, "PNG"))
+
+
 def preview(reference, in_dir, out_png, count=8, device="cpu") -> int:
     """Mosaic of `count` PNGs spread evenly over in_dir's sorted tree: original | default (ihc) | canonical
     (macenko; left out, with a note, if the reference cannot serve it). Returns how many patches it shows."""

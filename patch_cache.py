@@ -481,6 +481,14 @@ def prepare(cache_dir, data, image_size: int, workers: int, normalized: bool | N
         raise DataError(f"--cache {where}: {e.strerror or e}") from None
 
 
+def holds_plain(cache_dir, image_size: int) -> bool:
+    """Whether `cache_dir` holds a finished plain (not normalized) cache of `image_size` px: train.py then keeps
+    using it (Macenko on the device, same pixels) instead of refusing it for its default --cache-normalized."""
+    meta = read_meta(Path(cache_dir)) or {}
+    return (meta.get("complete") is True and meta.get("version") == VERSION and not meta.get("normalized")
+            and meta.get("image_size") == image_size)
+
+
 def patch_dataset(root, samples, image_size: int, skip_bad: bool = False, cache=None):
     """(uint8 image, label, index) items of `samples`: decoded PNGs, or with a prepared cache the same bytes from it."""
     if cache is None:

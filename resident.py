@@ -3,7 +3,7 @@
     import resident
     train_b, val_b, how = resident.cache_batches(train_ds, sampler, val_ds, shard, batch_size, drop_last, device,
                                                   max_frac=0.5)
-    for images, labels, idx in train_b: ...     # uint8 (B, 3, H, W) and int64 labels on `device`; idx on the host
+    for images, labels, idx in train_b: ...     # uint8 (B, 3, H, W), int64 labels and sample indices on `device`
 
 Why: a DataLoader copies every batch into shared memory, pickles it to the main process and copies it again (pinned
 memory, then the device); fifteen workers delivered less than one process gathering from the memmap (issue 13).
@@ -104,43 +104,47 @@ class ResidentBatches(Batches):
             idx = order[k:k + self.batch_size]
             self.check(idx)
             i = on_device[k:k + self.batch_size]
-            yield self.images.index_select(0, self.position[i]), self.device_labels[i], idx
+            yield self.images.index_select(0, self.position[i]), self.device_labels[i], i
 
 
 class StreamedBatches(Batches):
     """Batches gathered from the memmap by a reading thread into pinned host buffers, copied to the device
-    asynchronously: the host fallback when the patches do not fit on the device. Nothing is pickled."""
+    asynchronously: the host fallback when the patches do not fit on the device. Nothing is pickled; at most
+    `depth` batches are in flight (host memory stays bounded however large the cache)."""
 
     def __init__(self, dataset, sampler, batch_size, drop_last, device, depth: int = STREAM_DEPTH):
         super().__init__(dataset, sampler, batch_size, drop_last, device)
         self.rows, self.depth = torch.from_numpy(dataset.rows), depth
 
     def __iter__(self):
-        order, cuda = self.order(), self.device.type == "cuda"
+        order, cuda, n = self.order(), self.device.type == "cuda", self.batch_size
         source, size = source_tensor(self.dataset), self.dataset.image_size
-        shape = (self.batch_size, 3, size, size)
-        buffers = [torch.empty(shape, dtype=torch.uint8, pin_memory=True) for _ in range(self.depth)] if cuda else []
+        # CUDA: reused pinned slots (images, labels, indices), so every copy to the device is truly asynchronous
+        slots = [(torch.empty((n, 3, size, size), dtype=torch.uint8, pin_memory=True),
+                  torch.empty(n, dtype=torch.long, pin_memory=True), torch.empty(n, dtype=torch.long, pin_memory=True))
+                 for _ in range(self.depth)] if cuda else []
         free, ready, stop = queue.Queue(), queue.Queue(), threading.Event()
-        for k in range(len(buffers)):
+        for k in range(self.depth):
             free.put((k, None))
 
         def read():  # torch releases the GIL in index_select: this thread gathers while the main one trains
             try:
-                for start in range(0, len(order), self.batch_size):
-                    idx = order[start:start + self.batch_size]
-                    if cuda:
-                        k, copied = free.get()
-                        if stop.is_set():
-                            return
-                        if copied is not None:
-                            copied.synchronize()  # the device has read this buffer: refill it
-                        out = buffers[k][:len(idx)]
-                    else:  # on the CPU the batch is the training input itself: a fresh tensor each time
-                        k, out = None, torch.empty((len(idx), *shape[1:]), dtype=torch.uint8)
-                    torch.index_select(source, 0, self.rows[idx], out=out)
-                    ready.put((k, out, idx))
+                for start in range(0, len(order), n):
+                    k, copied = free.get()  # a slot the consumer is done with
                     if stop.is_set():
                         return
+                    if copied is not None:
+                        copied.synchronize()  # its copy to the device has finished: refill it
+                    idx = order[start:start + n]
+                    if cuda:
+                        images, labels, ids = (t[:len(idx)] for t in slots[k])
+                        ids.copy_(idx)
+                    else:  # on the CPU the batch is the training input itself: fresh tensors each time
+                        images, labels, ids = torch.empty((len(idx), 3, size, size), dtype=torch.uint8), \
+                            torch.empty(len(idx), dtype=torch.long), idx
+                    torch.index_select(source, 0, self.rows[idx], out=images)
+                    torch.index_select(self.labels, 0, idx, out=labels)
+                    ready.put((k, images, labels, ids, idx))
                 ready.put(None)
             except BaseException as e:  # re-raised in the main thread
                 ready.put(e)
@@ -151,18 +155,19 @@ class StreamedBatches(Batches):
             while (item := ready.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                k, images, idx = item
+                k, images, labels, ids, idx = item
                 self.check(idx)
+                copied = None
                 if cuda:
-                    images = images.to(self.device, non_blocking=True)
+                    images, labels, ids = (t.to(self.device, non_blocking=True) for t in (images, labels, ids))
                     copied = torch.cuda.Event()
                     copied.record()
-                    free.put((k, copied))
-                yield images, self.labels[idx].to(self.device, non_blocking=True), idx
+                yield images, labels, ids
+                free.put((k, copied))  # asked for the next batch: this one's slot may be refilled
         finally:
             stop.set()
-            for _ in buffers:
-                free.put((0, None))  # unblock a reader waiting for a buffer
+            for _ in range(self.depth):
+                free.put((0, None))  # unblock a reader waiting for a slot
             reader.join()
 
 
@@ -189,6 +194,28 @@ def load_rows(dataset, rows: np.ndarray, device: torch.device) -> torch.Tensor:
     return out
 
 
+def fits(rows: np.ndarray, image_size: int, device: torch.device, max_frac: float) -> tuple[bool, str]:
+    """Whether these cache rows take at most max_frac of the device's free memory, and the line that says so."""
+    need, free = len(rows) * 3 * image_size ** 2, free_bytes(device)
+    if need > max_frac * free:
+        return False, (f"patches streamed from the host cache by a reading thread: {need / 1e9:.3g} GB exceed "
+                       f"--resident-max-frac {max_frac:g} x {free / 1e9:.1f} GB free on {device}")
+    return True, (f"patches resident on {device}: {need / 1e9:.3g} GB in one uint8 tensor ({len(rows)} patches, "
+                  f"<= {max_frac:g} x {free / 1e9:.1f} GB free)")
+
+
+def scoring_batches(dataset, batch_size: int, device, max_frac: float = DEFAULT_MAX_FRAC):
+    """(batches of every sample in order, the path line): evaluate.py's scoring pass, on the device when it fits."""
+    device = torch.device(device)
+    rows = np.unique(dataset.rows)
+    resident, how = fits(rows, dataset.image_size, device, max_frac)
+    order = list(range(len(dataset)))
+    if not resident:
+        return StreamedBatches(dataset, order, batch_size, False, device), how
+    images = load_rows(dataset, rows, device)
+    return ResidentBatches(dataset, order, batch_size, False, device, images, np.searchsorted(rows, dataset.rows)), how
+
+
 def cache_batches(train_ds, sampler, val_ds, val_indices, batch_size: int, drop_last: bool, device,
                   max_frac: float = DEFAULT_MAX_FRAC):
     """(training batches, validation batches, one line saying which path and why).
@@ -198,16 +225,11 @@ def cache_batches(train_ds, sampler, val_ds, val_indices, batch_size: int, drop_
     device = torch.device(device)
     val_indices = np.asarray(val_indices, dtype=np.int64)
     rows = np.unique(np.concatenate([train_ds.rows, val_ds.rows[val_indices]]))
-    size = train_ds.image_size
-    need, free = len(rows) * 3 * size * size, free_bytes(device)
-    if need > max_frac * free:
-        how = (f"patches streamed from the host cache by a reading thread: {need / 1e9:.2f} GB exceed "
-               f"--resident-max-frac {max_frac:g} x {free / 1e9:.1f} GB free on {device}")
+    resident, how = fits(rows, train_ds.image_size, device, max_frac)
+    if not resident:
         return (StreamedBatches(train_ds, sampler, batch_size, drop_last, device),
                 StreamedBatches(val_ds, val_indices.tolist(), batch_size, False, device), how)
     images = load_rows(train_ds, rows, device)
     positions = [np.searchsorted(rows, ds.rows) for ds in (train_ds, val_ds)]  # only looked up where held
-    how = (f"patches resident on {device}: {need / 1e9:.2f} GB in one uint8 tensor ({len(rows)} patches, "
-           f"<= {max_frac:g} x {free / 1e9:.1f} GB free)")
     return (ResidentBatches(train_ds, sampler, batch_size, drop_last, device, images, positions[0]),
             ResidentBatches(val_ds, val_indices.tolist(), batch_size, False, device, images, positions[1]), how)

@@ -15,12 +15,18 @@
 #
 #   mkdir -p runs                 # sbatch opens runs/slurm-<jobid>.out before this script starts
 #   HELICO_DATA=/shared/HelicoDataSet sbatch run_h_pylori.sh --run-id 26 --epochs 15
-#   HELICO_DATA=demo_data bash run_h_pylori.sh --run-id demo --device cpu --epochs 1   # no SLURM needed
+#   # no SLURM, no GPU, no internet, after `make demo` (which writes demo_data); 6 min on 2 busy cores:
+#   HELICO_DATA=demo_data bash run_h_pylori.sh --run-id try-cpu --device cpu --weights none --image-size 64 --epochs 1
 #   bash run_h_pylori.sh --stage-only          # only stage (pre-warm a node); prints the staged path
+#   bash run_h_pylori.sh --clean-stage         # remove this node's staged copy of HELICO_DATA (and its caches)
 #
-# Every argument goes to train.py (see `python train.py --help`); the split flags among them (--split,
-# --split-seed, --val-frac, --folds, --fold, --reference-patch, --hash-cache) also go to audit_leakage.py,
-# so the audit checks exactly the split that will be trained. Write flags in full (no argparse abbreviations).
+# Every argument goes to train.py (see `python train.py --help`); the split flags among them (those of
+# splits.split_args_parser(), read from the code at start-up; `--print-split-flags` lists them) also go to
+# audit_leakage.py, so the audit checks exactly the split that will be trained. Write flags in full.
+# Offline compute nodes: train.py's default --weights imagenet reads torchvision's cache, which is
+# `python -c 'import torch; print(torch.hub.get_dir())'`/checkpoints; fill it once on a login node with
+# `python -c 'import torchvision; torchvision.models.resnet18(weights="DEFAULT")'` (same $TORCH_HOME), or pass
+# --weights none (random init) or --weights FILE.
 # The run folder is RUNS_DIR/<run-id>, what a requeued job resumes from; --run-id defaults to $SLURM_JOB_ID
 # (unchanged by a requeue) and is required outside SLURM.
 #
@@ -35,14 +41,22 @@
 #   EVAL_ARGS          extra evaluate.py flags, split on spaces (e.g. "--holdout --bootstrap 2000")
 #   CACHE              on (default) or off. on: after the audit, build or reuse the packed patch cache (patch_cache.py,
 #                      ~0.2 MB per 256px patch, ~43 GB for the full dataset) beside the staged copy, as
-#                      <staged copy>-cache<image size>[-macenko-<reference checksum> with --cache-normalized], and pass
-#                      --cache to train.py and evaluate.py, so no epoch decodes a PNG. Only for a staged copy: a cache
+#                      <staged copy>-cache<image size>-macenko-<reference checksum> (Macenko applied once, there: the
+#                      default; plain <staged copy>-cache<image size> with --no-macenko or --no-cache-normalized), and
+#                      pass --cache to train.py and evaluate.py, so no epoch decodes a PNG. Only for a staged copy: a cache
 #                      belongs on node-local disk, never beside HELICO_DATA. Without a staged copy, or when the build
 #                      fails (no room), training decodes PNGs, with a warning. An explicit --cache DIR wins.
 #
-# Exit codes: 0 ok; 1 the audit found a patient leak (nothing trained); 2 bad input; otherwise the failing
-# step's own exit code. After USR1 (or Ctrl-C) train.py writes last.pt and exits 4 (and requeues itself
-# under SLURM); the script then skips evaluation and exits with train.py's code.
+# Staged copies stay on the node for the next job (the end of every job logs where, and how big). Remove them
+# with --clean-stage on that node (under SLURM: srun -w NODE bash run_h_pylori.sh --clean-stage): it removes the
+# copy of HELICO_DATA (or --data-root), its marker and its caches, unless a job on the node is using it.
+#
+# Exit codes, the same meaning for every step (the log names the step and says what to do):
+#   0 done | 1 the audit found a patient leak, nothing trained (from train.py/evaluate.py: an unexpected error,
+#   traceback above) | 2 bad input (a flag, file or folder named in the message); fix it, nothing to resume |
+#   3 non-finite loss (last good checkpoint kept) | 4 stopped by a signal after writing last.pt: under SLURM the
+#   job was requeued and resumes by itself, else run the same command to resume | 5 environment fault (no space,
+#   I/O error, or --clean-stage on a copy in use): free space then run the same command | 128+N killed by signal N.
 set -euo pipefail
 
 log() { printf '[run_h_pylori %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }  # stdout is left to the steps
@@ -55,36 +69,64 @@ usage() { awk 'NR == 1 || /^#SBATCH/ { next } /^#/ { sub(/^# ?/, ""); print; nex
 # ------------------------------------------------------------------------------------------- arguments
 # Split flags are copied to the audit; --data-root and --runs-dir are taken out because this script decides
 # them (the staged copy; RUNS_DIR); everything else passes through to train.py untouched, in order.
-TRAIN_ARGS=() AUDIT_ARGS=() RUN_ID="" ARG_DATA_ROOT="" ARG_RUNS_DIR="" STAGE_ONLY=0
-ARG_CACHE="" IMAGE_SIZE=256 REFERENCE="" CACHE_NORMALIZED=0  # 256: train.py's default --image-size
+TRAIN_ARGS=() AUDIT_ARGS=() RUN_ID="" ARG_DATA_ROOT="" ARG_RUNS_DIR="" MODE=run
+# CACHE_NORMALIZED: 1/0 when asked for (--cache-normalized / --no-cache-normalized or --no-macenko); empty: the
+# default, a Macenko-normalized cache (Macenko once, not every epoch), as train.py's own default with --cache
+ARG_CACHE="" IMAGE_SIZE=256 REFERENCE="" CACHE_NORMALIZED=""  # 256: train.py's default --image-size
+declare -A SPLIT_FLAGS=()  # flag -> number of values (0 or 1), from splits.split_args_parser()
+
+# The split flags are read from the parser train.py and audit_leakage.py share, so a flag added there reaches the
+# audit without anyone editing this script (a hard-coded copy once could audit another split than the one trained).
+read_split_flags() {
+  local listing name nargs
+  listing=$("$PY" - "$CODE_DIR" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[1])
+import splits
+for action in splits.split_args_parser()._actions:
+    for flag in action.option_strings:
+        if flag.startswith("--") and action.nargs in (None, 0):  # a value, or none (store_true)
+            print(flag, 0 if action.nargs == 0 else 1)
+        elif flag.startswith("--"):
+            sys.exit(f"split flag {flag}: nargs={action.nargs!r} is not supported by run_h_pylori.sh")
+PY
+) || die 2 "PYTHON=$PY cannot read the split flags from $CODE_DIR/splits.py (error above); set PYTHON to the project's venv"
+  while read -r name nargs; do [[ -z $name ]] || SPLIT_FLAGS[$name]=$nargs; done <<<"$listing"
+  (( ${#SPLIT_FLAGS[@]} )) || die 2 "no split flags found in $CODE_DIR/splits.py"
+}
+
+# Flags this script reads itself: [flag]=number of values.
+declare -A OWN_FLAGS=([--data-root]=1 [--runs-dir]=1 [--run-id]=1 [--cache]=1 [--image-size]=1)
+
 parse_args() {
-  local arg name value
+  local arg name value nargs
   while (( $# )); do
     arg=$1
     case $arg in
-      -h|--help) usage; exit 0 ;;
-      --stage-only) STAGE_ONLY=1; shift; continue ;;
       --cache-normalized) CACHE_NORMALIZED=1; shift; continue ;;  # given to train.py only with a cache
+      --no-cache-normalized) CACHE_NORMALIZED=0; shift; continue ;;
+      --no-macenko) CACHE_NORMALIZED=0 ;;  # and on to train.py
+      -h|--help|--stage-only|--clean-stage|--print-split-flags) shift; continue ;;  # modes, read by main
     esac
     name=${arg%%=*}
+    nargs=${OWN_FLAGS[$name]:-${SPLIT_FLAGS[$name]:-}}
+    if [[ $arg != --* || -z $nargs ]]; then TRAIN_ARGS+=("$arg"); shift; continue; fi
+    if (( nargs == 0 )); then  # an on/off split flag
+      TRAIN_ARGS+=("$arg"); AUDIT_ARGS+=("$arg"); shift; continue
+    fi
+    if [[ $arg == *=* ]]; then value=${arg#*=}; shift
+    else
+      (( $# >= 2 )) || die 2 "flag $name needs a value"
+      value=$2; shift 2
+    fi
     case $name in
-      --data-root|--runs-dir|--run-id|--split|--split-seed|--val-frac|--folds|--fold|--reference-patch|--hash-cache\
-      |--cache|--image-size)
-        if [[ $arg == *=* ]]; then value=${arg#*=}; shift
-        else
-          (( $# >= 2 )) || die 2 "flag $name needs a value"
-          value=$2; shift 2
-        fi
-        case $name in
-          --data-root) ARG_DATA_ROOT=$value ;;
-          --runs-dir) ARG_RUNS_DIR=$value ;;
-          --run-id) RUN_ID=$value; TRAIN_ARGS+=(--run-id "$value") ;;
-          --cache) ARG_CACHE=$value ;;
-          --image-size) IMAGE_SIZE=$value; TRAIN_ARGS+=(--image-size "$value") ;;
-          --reference-patch) REFERENCE=$value; TRAIN_ARGS+=("$name" "$value"); AUDIT_ARGS+=("$name" "$value") ;;
-          *) TRAIN_ARGS+=("$name" "$value"); AUDIT_ARGS+=("$name" "$value") ;;
-        esac ;;
-      *) TRAIN_ARGS+=("$arg"); shift ;;
+      --data-root) ARG_DATA_ROOT=$value ;;
+      --runs-dir) ARG_RUNS_DIR=$value ;;
+      --run-id) RUN_ID=$value; TRAIN_ARGS+=(--run-id "$value") ;;
+      --cache) ARG_CACHE=$value ;;
+      --image-size) IMAGE_SIZE=$value; TRAIN_ARGS+=(--image-size "$value") ;;
+      *) [[ $name != --reference-patch ]] || REFERENCE=$value
+         TRAIN_ARGS+=("$name" "$value"); AUDIT_ARGS+=("$name" "$value") ;;
     esac
   done
 }
@@ -157,10 +199,14 @@ copy_tree() {
 # Sets STAGED_ROOT on success; returns 1 (caller falls back to the shared path) on any failure.
 # The lock is held for the whole job: shared while the copy is in use, exclusive only while copying, so a
 # job never re-syncs (rsync --delete) a copy that another job on this node is training from.
+staged_path() {  # the node-local copy of dataset $1 (an absolute path)
+  printf '%s/helico-stage/%s-%s\n' "$(stage_base)" "$(basename "$1")" "$(printf '%s' "$1" | cksum | cut -d' ' -f1)"
+}
+
 stage_dataset() {
   local src=$1 base dst
   base=$(stage_base)
-  dst=$base/helico-stage/$(basename "$src")-$(printf '%s' "$src" | cksum | cut -d' ' -f1)
+  dst=$(staged_path "$src")
   mkdir -p "$base/helico-stage" || { warn "cannot create $base/helico-stage"; return 1; }
   command -v flock >/dev/null || { warn "flock not found; cannot stage safely"; return 1; }
   exec {LOCK_FD}>>"$dst.lock" || { warn "cannot open lock file $dst.lock"; return 1; }
@@ -206,20 +252,62 @@ staged_copy_matches() {
   [[ $(tree_fingerprint "$dst") == "$src_fp" ]]
 }
 
-resolve_data_root() {
+resolve_source_root() {
   local src=${ARG_DATA_ROOT:-${HELICO_DATA:-}}
   [[ -n $src ]] || die 2 "HELICO_DATA is not set: export HELICO_DATA=/path/to/HelicoDataSet (or pass --data-root)"
   [[ -d $src ]] || die 2 "dataset root $src (HELICO_DATA / --data-root) is not a directory"
   SOURCE_ROOT=$(cd "$src" && pwd)
+}
+
+resolve_data_root() {
+  resolve_source_root
   DATA_ROOT=$SOURCE_ROOT
   if [[ ${STAGE_DIR:-} == off ]]; then
     log "staging: STAGE_DIR=off, reading $SOURCE_ROOT directly"
   elif stage_dataset "$SOURCE_ROOT"; then
     DATA_ROOT=$STAGED_ROOT
+    trap report_staged_copy EXIT  # on every way out, so a failed job also says what it leaves on the node
   else
     warn "staging failed; training from the shared path $SOURCE_ROOT (slower, loads the shared filesystem)"
   fi
   export HELICO_DATA=$DATA_ROOT
+}
+
+# Staged copies are kept for the next job on this node; say where, how big, and how to remove them.
+report_staged_copy() {
+  local size caches=()
+  for size in "$STAGED_ROOT"-cache*; do [[ ! -d $size ]] || caches+=("$size"); done
+  size=$(du -shc "$STAGED_ROOT" ${caches[@]+"${caches[@]}"} 2>/dev/null | tail -n 1 | cut -f1) || true
+  log "staged copy kept on $(hostname) for the next job: $STAGED_ROOT${caches[0]+ and its cache ${caches[*]}}" \
+      "(${size:-?} in all); remove it with: HELICO_DATA=$SOURCE_ROOT bash $CODE_DIR/run_h_pylori.sh --clean-stage" \
+      "(on this node; it refuses while a job uses the copy)"
+}
+
+# Removes this dataset's staged copy, marker and caches, holding the staging lock exclusively so no job on this
+# node is using it. The empty .lock file stays: a job blocked on it must not lose its mutual exclusion.
+clean_stage() {
+  resolve_source_root
+  local dst; dst=$(staged_path "$SOURCE_ROOT")
+  if [[ ! -e $dst && ! -e $dst.complete ]] && ! compgen -G "$dst-cache*" >/dev/null; then
+    log "clean-stage: no staged copy of $SOURCE_ROOT at $dst"; list_other_copies "$dst"; return 0
+  fi
+  command -v flock >/dev/null || die 5 "flock not found: cannot check that no job uses $dst; not removed"
+  exec {LOCK_FD}>>"$dst.lock" || die 5 "cannot open the lock file $dst.lock; not removed"
+  flock -x -n "$LOCK_FD" || die 5 "$dst is in use by a job on this node (staging lock held); not removed: run" \
+                                 "--clean-stage again after that job ends"
+  rm -f "$dst.complete"  # first: a half-removed copy must never look verified
+  chmod -R u+w "$dst" "$dst"-cache* 2>/dev/null || true
+  rm -rf "$dst" "$dst"-cache* || die 5 "could not remove all of $dst (error above)"
+  log "clean-stage: removed $dst, its marker and caches"
+  list_other_copies "$dst"
+}
+
+list_other_copies() {
+  local base; base=$(dirname "$1")
+  local others=("$base"/*.complete)
+  [[ -e ${others[0]} ]] || return 0
+  log "clean-stage: other staged copies under $base: ${others[*]%.complete} (run --clean-stage with their" \
+      "HELICO_DATA, or rm -rf them when no job on this node uses them)"
 }
 
 # ------------------------------------------------------------------------------------------- cache
@@ -237,29 +325,34 @@ build_cache() {
   local dir=$DATA_ROOT-cache$IMAGE_SIZE cmd
   cmd=("$PY" "$CODE_DIR/patch_cache.py" --data-root "$DATA_ROOT" --image-size "$IMAGE_SIZE"
        --workers "${SLURM_CPUS_PER_TASK:-$(nproc)}")
-  if (( CACHE_NORMALIZED )); then
+  if (( ${CACHE_NORMALIZED:-1} )); then
     dir+=-macenko-$(printf '%s' "${REFERENCE:-default}" | cksum | cut -d' ' -f1)
     cmd+=(--normalized)
     [[ -z $REFERENCE ]] || cmd+=(--reference-patch "$REFERENCE")
   fi
   log "cache: ${cmd[*]} --out $dir"
-  if "${cmd[@]}" --out "$dir"; then CACHE_DIR=$dir
-  else warn "cache: building $dir failed (above); training decodes PNGs"; fi
+  local rc=0
+  "${cmd[@]}" --out "$dir" || rc=$?
+  if (( rc == 0 )); then CACHE_DIR=$dir
+  else warn "cache: building $dir failed, patch_cache.py exited $rc ($(exit_meaning patch_cache.py "$rc")); training decodes PNGs"; fi
 }
 
 # ------------------------------------------------------------------------------------------- training
-# SLURM_GPUS_ON_NODE is set by --gres; outside SLURM, CUDA_VISIBLE_DEVICES says what we may use.
+# The GPUs this job may use, never a guess: SLURM_GPUS_ON_NODE is set only when --gres/--gpus allocated some; else
+# CUDA_VISIBLE_DEVICES lists them ("" or -1: none); a SLURM job with neither has none; outside SLURM, nvidia-smi
+# counts the node's. 0 means a CPU run (one process).
 count_gpus() {
   if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then echo "$SLURM_GPUS_ON_NODE"
-  elif [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${CUDA_VISIBLE_DEVICES} != -1 ]]; then
-    awk -F, '{ print NF }' <<<"$CUDA_VISIBLE_DEVICES"
-  else echo 1; fi
+  elif [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+    awk -F, '{ n = 0; for (i = 1; i <= NF; i++) if ($i != "" && $i != "-1") n++; print n }' <<<"$CUDA_VISIBLE_DEVICES"
+  elif [[ -n ${SLURM_JOB_ID:-} ]] || ! command -v nvidia-smi >/dev/null; then echo 0
+  else nvidia-smi -L 2>/dev/null | awk '/^GPU / { n++ } END { print n + 0 }'; fi
 }
 
 # srun inside the job no longer inherits --cpus-per-task (Slurm >= 22.05) unless told; and without a
 # thread count each of N processes would start one BLAS/OpenMP thread per core of the whole node.
 export_thread_counts() {
-  local nproc=$1 cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
+  local nproc=$(( $1 > 1 ? $1 : 1 )) cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
   [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
   local per=$(( cpus / nproc )); (( per >= 1 )) || per=1
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$per} MKL_NUM_THREADS=${MKL_NUM_THREADS:-$per}
@@ -269,7 +362,8 @@ export_thread_counts() {
 # runs in the background and the shell waits on it: `wait` returns early when a trapped signal arrives.
 CHILD_PID="" CHILD_IS_TORCHRUN=0 STOP_REQUESTED=0 STOP_TIME=0
 on_usr1() {
-  STOP_REQUESTED=1 STOP_TIME=$(date +%s)
+  (( STOP_REQUESTED )) || STOP_TIME=$(date +%s)  # the first request: a later TERM (SLURM requeueing) must not move it
+  STOP_REQUESTED=1
   [[ -n $CHILD_PID ]] || { log "USR1 received while training was not running"; return 0; }
   log "USR1 received: asking training to checkpoint and requeue"
   # torchrun would treat USR1 as a failure and kill its workers, so signal the workers (its children) directly.
@@ -279,7 +373,8 @@ on_usr1() {
 # Under SLURM, scancel and the time limit already send TERM to every process of the job: forwarding it too
 # would be a second signal, which makes train.py exit without its checkpoint.
 on_int_or_term() {
-  STOP_REQUESTED=1 STOP_TIME=$(date +%s)
+  (( STOP_REQUESTED )) || STOP_TIME=$(date +%s)  # the first request: a later TERM (SLURM requeueing) must not move it
+  STOP_REQUESTED=1
   [[ -n $CHILD_PID ]] || exit $(( $1 == 2 ? 130 : 143 ))
   if [[ $1 == 2 || -z ${SLURM_JOB_ID:-} ]]; then kill -TERM "$CHILD_PID" 2>/dev/null || true; fi
 }
@@ -306,16 +401,64 @@ run_forwarding_signals() {
   return "$rc"
 }
 
+# What an exit code of any step means and what to do about it: one table for audit, cache, training, evaluation
+# (the codes every script of the project shares; see the README's exit-code table).
+exit_meaning() {
+  local step=$1 rc=$2
+  case $rc in
+    0) echo "done" ;;
+    1) if [[ $step == audit_leakage.py ]]; then echo "a patient leak in this split (report above): fix the split"
+       else echo "an independence violation or an unexpected error (traceback above)"; fi ;;
+    2) echo "bad input (the flag, file or folder named above): fix it, then submit again" ;;
+    3) echo "non-finite loss (the last good checkpoint is kept in $RUNS/$RUN_ID): lower --lr, then run the same command" ;;
+    4) echo "stopped by a signal after writing last.pt: run the same command to resume" ;;
+    5) echo "environment fault (no space left or I/O error, folder named above): free space, then run the same" \
+            "command to resume" ;;
+    *) if (( rc > 128 )); then
+         echo "killed by signal $(( rc - 128 )) ($(kill -l $(( rc - 128 )) 2>/dev/null || echo '?')), e.g. out of memory," \
+              "the time limit or a second signal: run the same command to resume from the last checkpoint written"
+       else echo "unexpected exit code (error above)"; fi ;;
+  esac
+}
+
+step_failed() {  # exits with the step's own code, so the job's exit code means what the step's does
+  local step=$1 rc=$2 what=${3:-}
+  if (( rc == 1 )) && [[ -n $STEP_CRASH ]]; then crashed "$step" "$what"; fi
+  die "$rc" "$step exited $rc: $(exit_meaning "$step" "$rc")${what:+; $what}"
+}
+
+# Python exits 1 on an uncaught exception too, which must not read as the audit's "leak": a traceback on the step's
+# stderr tells them apart. OSError and a missing module are the environment (5), anything else a bug (1).
+crashed() {
+  local step=$1 what=$2
+  if [[ $STEP_CRASH =~ ^(OSError|IOError|PermissionError|FileNotFoundError|ModuleNotFoundError|ImportError) ]]; then
+    die 5 "$step crashed: $STEP_CRASH (an environment fault, not a leak: fix the folder, file or interpreter" \
+          "(PYTHON=$PY) it names, then run the same command)${what:+; $what}"
+  fi
+  die 1 "$step crashed: $STEP_CRASH (an unexpected error, traceback above; not a leak)${what:+; $what}"
+}
+
+# Runs a foreground step, its stderr shown live and kept, so that STEP_CRASH holds the exception line of a traceback.
+STEP_CRASH=""
+run_step() {
+  local errs rc=0
+  errs=$(mktemp "${TMPDIR:-/tmp}/run_h_pylori-stderr.XXXXXX") || { "$@"; return; }
+  { "$@" 2>&1 1>&3 3>&- | tee "$errs" >&2; } 3>&1 || rc=${PIPESTATUS[0]}
+  STEP_CRASH=""
+  if grep -q '^Traceback (most recent call last):' "$errs"; then
+    STEP_CRASH=$(grep -E '^[A-Za-z_.]+(Error|Exception|Interrupt)[:]?' "$errs" | tail -n 1 | cut -c1-300)
+    STEP_CRASH=${STEP_CRASH:-unknown exception}
+  fi
+  rm -f "$errs"
+  return "$rc"
+}
+
 run_audit() {
   log "audit: checking the split for patients shared between train and validation"
   local rc=0
   # ${a[@]+"${a[@]}"}: an empty array is an "unbound variable" under set -u in bash < 4.4 (still on clusters)
-  "$PY" "$CODE_DIR/audit_leakage.py" --data-root "$DATA_ROOT" ${AUDIT_ARGS[@]+"${AUDIT_ARGS[@]}"} || rc=$?
-  case $rc in
-    0) ;;
-    1) die 1 "audit_leakage.py found a patient leak in this split (report above); not training. Fix the split." ;;
-    *) die "$rc" "audit_leakage.py failed with exit code $rc (report above); not training" ;;
-  esac
+  run_step "$PY" "$CODE_DIR/audit_leakage.py" --data-root "$DATA_ROOT" ${AUDIT_ARGS[@]+"${AUDIT_ARGS[@]}"} || rc=$?
+  (( rc == 0 )) || step_failed audit_leakage.py "$rc" "not training"
 }
 
 run_training() {
@@ -324,8 +467,11 @@ run_training() {
   local cmd=("$PY" "$CODE_DIR/train.py" --data-root "$DATA_ROOT" --runs-dir "$RUNS" "${TRAIN_ARGS[@]}")
   if [[ -n $CACHE_DIR ]]; then
     cmd+=(--cache "$CACHE_DIR")
-    if (( CACHE_NORMALIZED )); then cmd+=(--cache-normalized); fi
-  elif (( CACHE_NORMALIZED )); then
+    case ${CACHE_NORMALIZED:-$([[ -n $ARG_CACHE ]] || echo 1)} in  # --cache DIR unasked: train.py's own default
+      1) cmd+=(--cache-normalized) ;;
+      0) cmd+=(--no-cache-normalized) ;;
+    esac
+  elif [[ $CACHE_NORMALIZED == 1 ]]; then
     warn "no cache, so --cache-normalized is dropped: training normalizes on the device (same pixels)"
   fi
   if (( ngpu > 1 )); then
@@ -334,13 +480,43 @@ run_training() {
     CHILD_IS_TORCHRUN=1
   fi
   log "train: ${cmd[*]}"
-  log "train: GPUs: $ngpu, OMP_NUM_THREADS=$OMP_NUM_THREADS, SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-unset}"
+  log "train: GPUs: $ngpu$( (( ngpu )) || echo ' (none allocated or visible: CPU run)'), processes: $(( ngpu > 1 ? ngpu : 1 ))," \
+      "OMP_NUM_THREADS=$OMP_NUM_THREADS, SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-unset}"
   run_forwarding_signals "${cmd[@]}"
 }
 
 last_checkpoint_since() {
   local last=$RUNS/$RUN_ID/last.pt
   [[ -f $last ]] && (( $(stat -c %Y "$last") >= $1 ))
+}
+
+# train.py runs `scontrol requeue` after saving; SLURM then stops the job (TERM to every process, so train.py often
+# ends with 143) and starts it again. The job's restart count, higher than this run's, says that happened.
+job_was_requeued() {
+  [[ -n ${SLURM_JOB_ID:-} ]] && command -v scontrol >/dev/null || return 1
+  local restarts
+  restarts=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Restarts=[0-9]*' | cut -d= -f2) || return 1
+  (( ${restarts:-0} > ${SLURM_RESTART_COUNT:-0} ))
+}
+
+# After a stop request the exit code alone does not tell the story: a checkpoint written since the stop means
+# the run can resume, whatever code the process died with.
+report_stop() {
+  local rc=$1 checkpointed=0
+  last_checkpoint_since "$STOP_TIME" && checkpointed=1
+  if (( rc == 4 || (rc > 128 && checkpointed) )) && job_was_requeued; then
+    log "stopped by a signal: training wrote $RUNS/$RUN_ID/last.pt and job $SLURM_JOB_ID was requeued (training" \
+        "exited $rc); SLURM starts it again and it resumes from last.pt by itself; evaluation skipped"
+    return 4
+  fi
+  if (( rc == 4 || (rc > 128 && checkpointed) )); then
+    local how="run the same command to resume"
+    [[ -z ${SLURM_JOB_ID:-} ]] || how="job $SLURM_JOB_ID was not requeued (see above): submit the same command again to resume"
+    log "stopped by a signal: training wrote $RUNS/$RUN_ID/last.pt (exited $rc); evaluation skipped; $how"
+    return 4
+  fi
+  (( rc != 0 )) || { log "stop requested after training finished; evaluation skipped: run the same command to evaluate"; return 0; }
+  step_failed train.py "$rc" "stopped without a new checkpoint; evaluation skipped"
 }
 
 run_evaluation() {
@@ -350,23 +526,37 @@ run_evaluation() {
   read -ra extra <<<"${EVAL_ARGS:-}"
   log "evaluate: $best ${EVAL_ARGS:-}"
   [[ -z $CACHE_DIR ]] || extra+=(--cache "$CACHE_DIR")  # evaluate.py reads either kind of cache
-  "$PY" "$CODE_DIR/evaluate.py" --checkpoint "$best" --data-root "$DATA_ROOT" ${extra[@]+"${extra[@]}"}
+  local rc=0
+  run_step "$PY" "$CODE_DIR/evaluate.py" --checkpoint "$best" --data-root "$DATA_ROOT" ${extra[@]+"${extra[@]}"} || rc=$?
+  (( rc == 0 )) || step_failed evaluate.py "$rc" "training is complete ($best)"
 }
 
 main() {
-  parse_args "$@"
+  local arg
+  for arg in "$@"; do
+    case $arg in
+      -h|--help) usage; exit 0 ;;
+      --stage-only) MODE=stage ;;
+      --clean-stage) MODE=clean ;;
+      --print-split-flags) MODE=split-flags ;;  # what the audit is given, read from splits.py (for the tests)
+    esac
+  done
   find_code_dir
+  if [[ $MODE == split-flags ]]; then pick_python; read_split_flags; printf '%s\n' "${!SPLIT_FLAGS[@]}" | sort; return 0; fi
+  if [[ $MODE == clean ]]; then parse_args "$@"; clean_stage; return 0; fi
   trap on_usr1 USR1
   trap 'on_int_or_term 2' INT
   trap 'on_int_or_term 15' TERM
   log "host $(hostname), job ${SLURM_JOB_ID:-none} (restart ${SLURM_RESTART_COUNT:-0}), code $CODE_DIR" \
       "at $(git -C "$CODE_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  if (( STAGE_ONLY )); then resolve_data_root; echo "$DATA_ROOT"; return 0; fi
+  if [[ $MODE == stage ]]; then parse_args "$@"; resolve_data_root; echo "$DATA_ROOT"; return 0; fi
+  pick_python
+  read_split_flags
+  parse_args "$@"
   if [[ -z $RUN_ID && -n ${SLURM_JOB_ID:-} ]]; then  # train.py's own default: a requeued job keeps its ID
     RUN_ID=$SLURM_JOB_ID; TRAIN_ARGS+=(--run-id "$RUN_ID")
   fi
   [[ -n $RUN_ID ]] || die 2 "--run-id is required outside SLURM (the run folder to write and to resume from)"
-  pick_python
   RUNS=${ARG_RUNS_DIR:-${RUNS_DIR:-runs}}
   [[ ${CACHE:-on} == on || ${CACHE:-on} == off ]] || die 2 "CACHE=$CACHE: expected on or off"
   resolve_data_root
@@ -378,10 +568,10 @@ main() {
   if (( STOP_REQUESTED )); then
     # torchrun turns any worker's non-zero exit, train.py's 4 included, into 1 (which here means "leak")
     if (( CHILD_IS_TORCHRUN && rc != 0 )) && last_checkpoint_since "$STOP_TIME"; then rc=4; fi
-    log "stopped by a signal: training exited $rc; skipping evaluation (run the same command to resume)"
-    return "$rc"
+    report_stop "$rc" || return $?
+    return 0
   fi
-  (( rc == 0 )) || die "$rc" "train.py failed with exit code $rc"
+  (( rc == 0 )) || step_failed train.py "$rc"
   run_evaluation
   log "done: $RUNS/$RUN_ID"
 }

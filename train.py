@@ -12,7 +12,9 @@ Run folder runs/<run-id>/: config.json (resolved flags, git commit, versions, de
 log.jsonl (one JSON line per epoch), best.pt (highest validation PR-AUC), last.pt, learning_curves.png.
 Checkpoints are plain dicts of tensors and Python values: torch.load(path, weights_only=True) reads them.
 
-Pipeline: DataLoader workers only decode PNGs (or read --cache) to uint8; on the device, batched: Macenko ->
+Pipeline: DataLoader workers only decode PNGs to uint8; with --cache there is no DataLoader: the packed uint8 patches
+sit on the device (or stream from the host when they do not fit, see resident.py), Macenko already applied by default
+(--cache-normalized). On the device, batched: Macenko (unless the cache holds normalized patches) ->
 colour jitter with independent random factors per sample -> one of the 8 symmetries of the square per sample ->
 ImageNet normalization -> model under autocast (bf16 where supported, else fp16 with a GradScaler; off on CPU
 unless --amp). The operating threshold is the one that maximises F1 on the validation patients.
@@ -21,8 +23,9 @@ checkpoint schema are model.py's (evaluate.py and bench.py call the same functio
 
 Exit codes: 0 done (or already complete), 1 the HoldOut is not independent (a HoldOut patient shares an ID or a
 byte-identical image with CrossValidation; nothing trained), 2 bad input (one-line `error:`), 3 non-finite loss
-(nothing saved, the last good checkpoint stays), 4 stopped by SIGUSR1/SIGTERM after writing last.pt (and `scontrol
-requeue` under SLURM). A second signal exits at once with 128 + signal number.
+(nothing saved, the last good checkpoint stays), 4 stopped by SIGUSR1/SIGTERM/Ctrl-C after writing last.pt (and
+`scontrol requeue` under SLURM), 5 no space left or an I/O error while saving (one line naming the folder; the previous
+checkpoints stay). A second signal exits at once with 128 + signal number.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ import loaders
 import metrics
 import model
 import patch_cache
+import resident
 import splits
 
 EXIT_NAN, EXIT_PREEMPTED = common.EXIT_NAN, common.EXIT_STOPPED
@@ -62,7 +66,7 @@ DEFAULT_JITTER = "0.05,0.05,0.02,0.01"  # the original pipeline's ColorJitter(br
 # --cache-normalized give the same pixels: Macenko's output is 8-bit levels, stored without loss).
 RESUME_IGNORES = {"run_id", "runs_dir", "data_root", "hash_cache", "device", "workers", "pin_memory", "force",
                   "persistent_workers", "prefetch_factor", "amp", "channels_last", "environment", "cache",
-                  "cache_normalized"}
+                  "cache_normalized", "resident_max_frac", "compile"}
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -100,6 +104,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "loss turns NaN")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="NHWC memory layout: usually faster with --amp on tensor-core GPUs (measure with bench.py)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model: faster steps once compiled "
+                   "(a minute or more first, per process); off until measured to pay off end to end (bench.py "
+                   "--compile). Validation and checkpoints use the plain model")
     g = p.add_argument_group("stain and augmentation (run batched on the device)")
     g.add_argument("--macenko", action=argparse.BooleanOptionalAction, default=True, help="Macenko stain "
                    "normalization to --reference-patch (the original pipeline's); --no-macenko trains on raw colours")
@@ -120,8 +127,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", metavar="DIR", help="packed uint8 cache of decoded patches (built on first use, reused "
                    "after; see patch_cache.py): later epochs and evaluations never decode a PNG. Put it on node-local "
                    "disk")
-    g.add_argument("--cache-normalized", action="store_true", help="store patches already Macenko-normalized so "
-                   "training never normalizes twice (needs --cache and --macenko; the stain still goes in checkpoints)")
+    g.add_argument("--cache-normalized", action=argparse.BooleanOptionalAction, default=None, help="store patches "
+                   "already Macenko-normalized, so Macenko runs once, not every epoch (needs --cache and --macenko; "
+                   "the stain still goes in checkpoints; same pixels, so bitwise the same weights). Default: on with "
+                   "--cache and --macenko, unless the --cache folder already holds a finished plain cache of this "
+                   "size (then Macenko runs on the device each step, as with --no-cache-normalized)")
+    g.add_argument("--resident-max-frac", type=float, default=resident.DEFAULT_MAX_FRAC, metavar="F", help="with "
+                   "--cache: hold the training patches and this rank's validation patches on the device (one uint8 "
+                   "tensor, batches gathered there: no DataLoader) when they take at most F of its free memory (CPU: "
+                   "available RAM); otherwise a reading thread streams them from the host cache. 0: always stream")
     g.add_argument("--skip-bad-images", action="store_true", help="leave undecodable PNGs out of the loss and the "
                    "metrics (they are named on stderr) instead of stopping at the first")
     return p
@@ -226,6 +240,11 @@ def resolve_args(args, device, local_world: int) -> None:
             raise common.DataError(f"--{flag} {value}: must be at least {low}")
     if args.cache_normalized and not (args.cache and args.macenko):
         raise common.DataError("--cache-normalized: needs --cache DIR and --macenko (it stores Macenko's output)")
+    if args.cache_normalized is None:  # Macenko once, at cache build time, unless a plain cache is already there
+        args.cache_normalized = bool(args.cache and args.macenko) and not patch_cache.holds_plain(args.cache,
+                                                                                                  args.image_size)
+    if not 0 <= args.resident_max_frac <= 1:
+        raise common.DataError(f"--resident-max-frac {args.resident_max_frac}: expected a share in [0, 1]")
     if not args.lr > 0 or args.weight_decay < 0:
         raise common.DataError(f"--lr {args.lr} / --weight-decay {args.weight_decay}: need lr > 0, weight decay >= 0")
     if args.pos_weight != "auto":
@@ -314,12 +333,20 @@ class Trainer:
         self.sampler = EpochSampler([s.label for s in train], args.sampler == "balanced", args.seed, rank, world)
         train_ds, val_ds = (patch_cache.patch_dataset(data.root, part, args.image_size, args.skip_bad_images, args.cache)
                             for part in (train, val))
-        self.train_loader = loader(train_ds, self.sampler, args, drop_last=self.sampler.per_rank >= args.batch_size)
+        drop_last = self.sampler.per_rank >= args.batch_size
         shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
-        self.val_loader = loader(torch.utils.data.Subset(val_ds, shard), None, args)
+        if args.cache:  # on the device when it fits, else streamed by a thread: never pickled by DataLoader workers
+            self.train_loader, self.val_loader, self.feed = resident.cache_batches(
+                train_ds, self.sampler, val_ds, shard, args.batch_size, drop_last, device, args.resident_max_frac)
+        else:
+            self.train_loader = loader(train_ds, self.sampler, args, drop_last=drop_last)
+            self.val_loader = loader(torch.utils.data.Subset(val_ds, shard), None, args)
+            self.feed = f"PNGs decoded by {args.workers} DataLoader worker(s)"
         self.train_paths, self.val_paths = [s.path for s in train], [s.path for s in val]
         skipped = self.run_dir / SKIPPED
         self.skipped = set(skipped.read_text().splitlines()) if skipped.is_file() else set()  # kept across resumes
+        recorded = train_ds.bad if args.cache and args.skip_bad_images else []  # undecodable when the cache was built
+        self.recorded_bad = [path for path, bad in zip(self.train_paths, recorded) if bad]
         self.normalizer = normalizer.to(device) if normalizer is not None else None
         # --cache-normalized: the cached patches already are; checkpoints still carry the reference for evaluate.py
         self.stain = train_ds.stain if args.cache_normalized else normalizer.state_dict() if normalizer else None
@@ -332,6 +359,8 @@ class Trainer:
         self.raw = self.run.place(model.build_model(args.arch, "none" if ckpt else args.weights), device)
         self.model = self.raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
             self.raw, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.compile:  # training steps only; self.raw (validation, checkpoints) stays the plain module
+            self.model = torch.compile(self.model)
         self.opt = torch.optim.AdamW(self.raw.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         total = len(self.train_loader) * args.epochs
         warmup = max(1, total // 20)
@@ -396,7 +425,9 @@ class Trainer:
         t0, images = time.perf_counter(), 0
         try:  # closed on every path: an error line must not land on a half-drawn bar
             for x, labels, idx in self.train_loader:
-                if (labels == common.BAD).any():  # on the host still: no device sync
+                # DataLoader batches are on the host still: no device sync. Cache batches may already be on the GPU:
+                # their undecodable rows were recorded at build time and named once when the run started
+                if labels.device.type == "cpu" and (labels == common.BAD).any():
                     self.note_skipped(self.train_paths[k] for k in idx[labels == common.BAD].tolist())
                 x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
                 with torch.no_grad():
@@ -489,7 +520,8 @@ class Trainer:
             print(f"{self.run_dir}: {resumed}; train {self.counts[0]} samples ({self.counts[1]} positive, pos_weight "
                   f"{self.config['pos_weight']:.2f}), validation {self.counts[2]} windows ({self.counts[3]} positive); "
                   f"{self.world} x {self.device}, amp {self.run.dtype if self.run.amp else 'off'}, commit "
-                  f"{self.config['environment']['git_commit']}", file=sys.stderr)
+                  f"{self.config['environment']['git_commit']}; {self.feed}", file=sys.stderr)
+        self.note_skipped(self.recorded_bad)
         while self.epoch < self.args.epochs:
             start = time.perf_counter()
             nan_step, stopped = self.train_epoch()

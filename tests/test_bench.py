@@ -23,14 +23,19 @@ def reference(tmp_path_factory):
     return path
 
 
+WITHOUT_TRAIN = ",".join(s for s in bench.STAGES if s != "train")  # train: its own test, on a prebuilt cache
+
+
 def test_cpu_run_writes_every_stage_and_the_bound(demo_root, reference, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--data-root", str(demo_root), "--json", str(out), "--reference-patch", str(reference),
-                       *TINY]) == 0
+                       "--stages", WITHOUT_TRAIN, *TINY]) == 0
     r = json.loads(out.read_text())
-    assert set(r["stages"]) == set(bench.STAGES) and all(v > 0 for v in r["stages"].values())
-    assert r["bound"] in ("load_cache", "normalize", "model_step")  # the parts of a cache-fed loop
+    assert set(r["stages"]) == set(bench.STAGES) - {"train"} and all(v > 0 for v in r["stages"].values())
+    assert r["bound"] in ("normalize", "model_step")  # the parts of the device-resident loop
     assert r["loop_fraction_of_ceiling"] == pytest.approx(r["stages"]["loop"] / r["stages"]["model_step"])
+    assert r["loop_vs_loop_loader"] == pytest.approx(r["stages"]["loop"] / r["stages"]["loop_loader"])
+    assert r["feed"].startswith("patches resident on cpu")
     assert (r["workers"], r["batch_size"], r["image_size"], r["device"], r["samples"]) == (1, 4, 32, "cpu", 16)
     assert r["per_core"]["packed_vs_png"] == pytest.approx(r["per_core"]["load_cache"] / r["per_core"]["load_png"])
     assert r["macenko"] is True and r["cache"]["temporary"] and r["cache"]["bytes_on_disk"] >= 16 * 3 * 32 * 32
@@ -47,7 +52,7 @@ def test_given_cache_dir_is_built_once_and_kept(demo_root, tmp_path):
             "--json", str(tmp_path / "b.json"), *TINY]
     assert bench.main(argv) == 0
     first = json.loads((tmp_path / "b.json").read_text())
-    assert set(first["stages"]) == {"load_png", "load_cache"} and first["bound"] == "load_cache"
+    assert set(first["stages"]) == {"load_png", "load_cache"} and first["bound"] is None  # no loop part timed
     assert first["cache"]["build"]["action"] == "built" and not first["cache"]["temporary"]
     assert first["loop_fraction_of_ceiling"] is None
     assert bench.main(argv) == 0
@@ -80,3 +85,20 @@ def test_a_cache_of_another_size_is_refused_in_one_line_never_rebuilt(demo_root,
     assert len(errors) == 1 and errors[0].startswith(f"error: --cache {cache}: image_size differs")
     assert "not rebuilding" in errors[0]
     assert {f.name: f.read_bytes() for f in cache.iterdir() if f.is_file()} == before  # untouched
+
+
+def test_train_stage_reports_train_pys_own_steady_state_beside_the_ceiling(demo_root, tmp_path, capsys):
+    import patch_cache
+    cache = tmp_path / "cache"  # a training run's cache of every patch, as on a cluster node (plain: --no-macenko)
+    patch_cache.build_cache(common.load_data(demo_root), cache, 32, workers=2, progress=False)
+    out = tmp_path / "b.json"
+    argv = ["--data-root", str(demo_root), "--cache", str(cache), "--stages", "model_step,train", "--no-macenko",
+            "--train-epochs", "2", "--json", str(out), *TINY]
+    assert bench.main(argv) == 0
+    r = json.loads(out.read_text())
+    train = r["details"]["train"]
+    assert len(train["per_epoch_img_s"]) == 2 and r["stages"]["train"] == train["per_epoch_img_s"][-1] > 0
+    assert r["train_fraction_of_ceiling"] == pytest.approx(r["stages"]["train"] / r["stages"]["model_step"])
+    assert "--cache" in train["argv"] and str(cache) in train["argv"] and "--no-macenko" in train["argv"]
+    assert r["projected_epoch_s"]["train"] == pytest.approx(54_000 / r["stages"]["train"])
+    assert "train.py at" in capsys.readouterr().out

@@ -176,6 +176,16 @@ def test_truncated_patch_file_fails_verification(cache64, mini_root, tmp_path):
         patch_cache.CachedPatchDataset(cache, all_samples(mini_root), 64)
 
 
+def test_patch_dataset_items_are_pils_rgb_pixels_channels_first(mini_root):
+    samples = all_samples(mini_root)  # RGB, RGBA, grey and off-size patches: each through the one-copy decode
+    ds = common.PatchDataset(mini_root, samples, 64)
+    for i, s in enumerate(samples):
+        with Image.open(mini_root / s.path) as im:
+            want = np.array(im.convert("RGB").resize((64, 64), Image.BILINEAR) if im.size != (64, 64) else
+                            im.convert("RGB"))
+        assert torch.equal(ds[i][0], torch.from_numpy(want).permute(2, 0, 1)), s.path
+
+
 # ----------------------------------------------------------------------------------------------- content
 def test_unreadable_png_is_recorded_and_behaves_like_patch_dataset(mini_root, tmp_path):
     root = Path(shutil.copytree(mini_root, tmp_path / "root"))

@@ -72,6 +72,16 @@ def test_every_output_file_exists_and_parses(evaluation):
     assert [p.name for p in out.parent.iterdir()] == ["eval"]  # no temp folder left beside it
 
 
+def test_report_shows_the_stain_strip_of_validation_positives_and_hard_negatives(evaluation, demo_root):
+    with Image.open(evaluation["out"] / "stain_preview.png") as im:
+        width, height = im.size  # 3 columns (original | as trained | canonical), 3 + 3 positives, 6 negatives
+    rows = patch_rows(evaluation, split="val")
+    positives, negatives = sum(r["label"] == "1" for r in rows), sum(r["label"] == "0" for r in rows)
+    shown = min(positives, 6) + min(negatives, 6)
+    assert width == 4 + 3 * (160 + 4) and height == 14 + shown * (160 + 14 + 4) + 4
+    assert "](stain_preview.png)" in (evaluation["out"] / "report.md").read_text()
+
+
 def test_predictions_cover_the_validation_and_holdout_patches_once(evaluation, demo_root):
     data = common.load_data(demo_root)
     val = evaluation["metrics"]["meta"]["val_patients"]
@@ -381,6 +391,14 @@ def test_a_second_cached_evaluation_decodes_no_png(cached_evaluation, monkeypatc
     assert evaluate.main(argv) == 0
     assert scores_by_path(read_csv(out / "predictions.csv")) == scores_by_path(cached_evaluation["predictions"])
     assert json.loads((out / "metrics.json").read_text())["meta"]["cache"] == str(cached_evaluation["cache"])
+
+
+def test_scores_streamed_from_the_host_equal_the_device_resident_ones(cached_evaluation, tmp_path):
+    out = tmp_path / "eval"  # --resident-max-frac 0: the reading-thread fallback for a cache too big for the device
+    argv = [*cached_evaluation["args"], "--out", str(out), "--cache", str(cached_evaluation["cache"]),
+            "--resident-max-frac", "0"]
+    assert evaluate.main(argv) == 0
+    assert scores_by_path(read_csv(out / "predictions.csv")) == scores_by_path(cached_evaluation["predictions"])
 
 
 def fitted_stain(reference):

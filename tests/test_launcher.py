@@ -3,6 +3,7 @@
 Each test copies the demo dataset to a "shared" folder in tmp_path and points TMPDIR (the node-local disk when
 SLURM_TMPDIR is absent) at another tmp folder, so staging, the audit gate and the run folder are all observable.
 Staging tests use --stage-only (stage, print the staged path, exit) so they do not pay for training."""
+import fcntl
 import json
 import os
 import shutil
@@ -205,6 +206,34 @@ def test_missing_run_id_exits_2_before_staging(node, demo_root):
 def test_help_prints_usage_and_environment(node):
     r = node.run("--help")
     assert r.returncode == 0 and "HELICO_DATA" in r.stdout and "sbatch run_h_pylori.sh" in r.stdout
+    assert "torch.hub.get_dir()" in r.stdout and "--clean-stage" in r.stdout
+
+
+def help_example(help_text: str) -> list[str]:
+    line = next(line for line in help_text.splitlines() if line.strip().startswith("HELICO_DATA=demo_data bash"))
+    return line.split()[3:]  # after "HELICO_DATA=demo_data bash run_h_pylori.sh"
+
+
+def test_help_example_works_as_printed_offline_and_does_not_touch_make_demos_run(node, demo_root):
+    args = help_example(node.run("--help").stdout)
+    assert args[args.index("--run-id") + 1] != "demo"  # `make demo` writes runs/demo
+    assert args[args.index("--weights") + 1] == "none"  # no download: compute nodes are often offline
+    node.copy_demo(demo_root)
+    # as printed, plus a sample limit and no Grad-CAM/bootstrap to keep the test short; no network is used
+    r = node.run(*args, "--limit-samples", "64", "--workers", "0", EVAL_ARGS="--gradcam 0 --bootstrap 0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (node.runs / args[args.index("--run-id") + 1] / "eval" / "metrics.json").is_file()
+
+
+def test_the_audit_gets_exactly_the_split_flags_of_splits_py():
+    # the launcher reads them from the code at start-up; a copy kept by hand drifted once
+    import splits
+    expected = sorted(f for a in splits.split_args_parser()._actions for f in a.option_strings if f.startswith("--"))
+    r = subprocess.run(["bash", str(SCRIPT), "--print-split-flags"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == expected
+    assert "--split-seed" in expected and "--hash-cache" in expected
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
@@ -249,10 +278,12 @@ def test_clean_run_trains_on_the_staged_copy_and_evaluates_best_checkpoint(node,
     assert len(staged) == 1 and marker_of(staged[0]).exists()
     config = json.loads((run / "config.json").read_text())
     assert Path(config["data_root"]).resolve() == staged[0].resolve()
-    # CACHE defaults to on: a packed cache beside the staged copy, read by training and evaluation
-    assert node.cache_dirs() == [staged[0].with_name(staged[0].name + "-cache64")]
-    assert json.loads((node.cache_dirs()[0] / "meta.json").read_text())["complete"] is True
-    assert config["cache"] == str(node.cache_dirs()[0]) and config["cache_normalized"] is False
+    # CACHE defaults to on: a packed cache beside the staged copy, read by training and evaluation, Macenko-normalized
+    # (Macenko on, so applied once in the cache rather than every epoch)
+    [cache] = node.cache_dirs()
+    assert cache.name.startswith(staged[0].name + "-cache64-macenko-")
+    assert json.loads((cache / "meta.json").read_text())["complete"] is True
+    assert config["cache"] == str(cache) and config["cache_normalized"] is True
     assert json.loads((run / "eval" / "metrics.json").read_text())["meta"]["cache"] == config["cache"]
 
 
@@ -281,7 +312,8 @@ def test_usr1_is_forwarded_so_training_checkpoints_and_evaluation_is_skipped(nod
     # config.json is written after train.py installed its signal handlers
     err = signal_when_exists(job, node.runs / "pre" / "config.json")
     assert job.returncode == 4, err[-3000:]  # train.py's "stopped after writing last.pt, resume me"
-    assert "USR1 received: asking training" in err and "stopped by signal" in err and "skipping evaluation" in err
+    assert "USR1 received: asking training" in err and "stopped by signal" in err and "evaluation skipped" in err
+    assert "run the same command to resume" in err
     assert (node.runs / "pre" / "last.pt").is_file()
     assert not (node.runs / "pre" / "eval").exists()
 
@@ -297,7 +329,7 @@ def test_two_listed_gpus_run_torchrun_and_usr1_reaches_its_workers(node, demo_ro
     assert "OMP_NUM_THREADS=1, SRUN_CPUS_PER_TASK=2" in err  # 2 CPUs shared by 2 processes
     assert json.loads((node.runs / "ddp" / "config.json").read_text())["world_size"] == 2
     assert job.returncode == 4, err[-3000:]
-    assert "stopped by signal" in err and "skipping evaluation" in err
+    assert "stopped by signal" in err and "evaluation skipped" in err
     assert (node.runs / "ddp" / "last.pt").is_file()
 
 
@@ -305,7 +337,7 @@ def test_two_listed_gpus_run_torchrun_and_usr1_reaches_its_workers(node, demo_ro
 # These runs stop train.py at its flag check (--epochs 0, exit 2): the launcher's "train:" log line shows what it
 # was given, after the cache step ran for real, without paying for training.
 def train_command(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2 and "train.py failed with exit code 2" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 2 and "train.py exited 2: bad input" in r.stderr, r.stderr[-3000:]
     return next(line for line in r.stderr.splitlines() if "] train: " in line)
 
 
@@ -330,6 +362,14 @@ def test_cache_normalized_gets_its_own_normalized_cache(node, demo_root):
     assert meta["complete"] and meta["normalized"] and meta["stain"]["reference"] == common.DEFAULT_REFERENCE
 
 
+def test_no_macenko_gets_a_plain_cache(node, demo_root):
+    r = node.copy_demo(demo_root).run("--run-id", "plain", *TRAIN_FLAGS, "--epochs", "0", "--no-macenko")
+    [cache] = node.cache_dirs()
+    assert cache.name == node.staged_dirs()[0].name + "-cache64"
+    assert f"--cache {cache} --no-cache-normalized" in train_command(r) and "--no-macenko" in train_command(r)
+    assert json.loads((cache / "meta.json").read_text())["normalized"] is False
+
+
 def test_a_failed_cache_build_falls_back_to_pngs_with_a_warning(node, demo_root):
     _, staged = node.copy_demo(demo_root).stage()
     reference = subprocess.run(["cksum"], input="default", capture_output=True, text=True).stdout.split()[0]
@@ -349,3 +389,136 @@ def test_an_unknown_cache_setting_exits_2_before_staging(node, demo_root):
 def test_launcher_cache_size_default_is_train_pys():
     import train
     assert f"IMAGE_SIZE={train.get_args_parser().get_default('image_size')} " in SCRIPT.read_text()
+
+
+# ----------------------------------------------------------------------------------------------- GPUs
+def gpus_line(r: subprocess.CompletedProcess) -> str:
+    return next(line for line in r.stderr.splitlines() if "] train: GPUs: " in line)
+
+
+def count_gpus(**env) -> str:
+    """The launcher's count_gpus function alone (sourced from the script), under the given environment."""
+    clean = {k: v for k, v in os.environ.items() if k not in CLEARED and not k.startswith("SLURM_")}
+    function = f"source <(sed -n '/^count_gpus()/,/^}}/p' {SCRIPT}) && count_gpus"
+    r = subprocess.run(["bash", "-c", function], env={**clean, "PATH": "/usr/bin:/bin", **env},  # no nvidia-smi
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_gpu_count_is_what_the_job_was_given_never_a_default_of_one():
+    assert count_gpus() == "0"  # no GPU visible, no nvidia-smi: a CPU run
+    assert count_gpus(CUDA_VISIBLE_DEVICES="") == "0" and count_gpus(CUDA_VISIBLE_DEVICES="-1") == "0"
+    assert count_gpus(CUDA_VISIBLE_DEVICES="0,1") == "2"
+    assert count_gpus(SLURM_JOB_ID="7") == "0"  # a --gres=none job: SLURM allocated none
+    assert count_gpus(SLURM_JOB_ID="7", SLURM_GPUS_ON_NODE="4", CUDA_VISIBLE_DEVICES="0,1,2,3") == "4"
+
+
+def test_a_cpu_run_logs_zero_gpus_and_one_process(node, demo_root):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi, so an unset CUDA_VISIBLE_DEVICES counts its GPUs")  # never on CI
+    r = node.copy_demo(demo_root).run("--run-id", "gpus", *TRAIN_FLAGS, "--epochs", "0", CACHE="off", STAGE_DIR="off")
+    train_command(r)
+    assert "GPUs: 0 (none allocated or visible: CPU run), processes: 1" in gpus_line(r)
+    assert "torch.distributed.run" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------- exit codes
+def python_where(tmp_path: Path, script: str, instead: str) -> str:
+    """An interpreter that runs everything as usual except `script`, for which it runs the bash `instead`: the
+    launcher's reading of each exit is tested here; that the scripts exit so is tested in their own test files."""
+    wrapper = tmp_path / "python-wrapper"
+    wrapper.write_text(f'#!/bin/bash\nif [[ ${{1:-}} == */{script} ]]; then {instead}; fi\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def python_whose_train_exits(tmp_path: Path, rc: int) -> str:
+    return python_where(tmp_path, "train.py", f'echo "train.py: simulated exit" >&2; exit {rc}')
+
+
+@pytest.mark.parametrize("rc, meaning", [
+    (1, "an independence violation or an unexpected error"),
+    (2, "bad input"),
+    (3, "non-finite loss"),
+    (5, "environment fault (no space left or I/O error"),
+    (137, "killed by signal 9 (KILL)"),
+])
+def test_each_training_exit_code_is_reported_with_its_own_meaning(node, demo_root, rc, meaning):
+    r = node.copy_demo(demo_root).run("--run-id", "codes", *TRAIN_FLAGS, CACHE="off", STAGE_DIR="off",
+                                      PYTHON=python_whose_train_exits(node.tmp, rc))
+    assert r.returncode == rc, r.stderr[-3000:]
+    [line] = [line for line in r.stderr.splitlines() if line.startswith("error: train.py exited")]
+    assert f"train.py exited {rc}: {meaning}" in line
+    assert "leak" not in line and "stopped by a signal" not in r.stderr
+    if rc in (1, 2, 3):
+        assert "resume" not in line  # nothing to resume: rerunning as is would fail the same way
+    if rc == 5:
+        assert "free space, then run the same command to resume" in line
+    assert "evaluate:" not in r.stderr
+
+
+@pytest.mark.parametrize("error, rc, meaning", [
+    ("OSError(5, 'Input/output error', '/node/disk')", 5, "an environment fault, not a leak"),
+    ("ModuleNotFoundError('No module named openpyxl')", 5, "an environment fault, not a leak"),
+    ("KeyError('bug')", 1, "an unexpected error, traceback above; not a leak"),
+])
+def test_an_audit_that_crashes_is_never_reported_as_a_leak(node, demo_root, error, rc, meaning):
+    # Python exits 1 on any uncaught exception: the same code as the audit's leak verdict
+    crash = f"exec {sys.executable} -c \"raise {error}\""
+    r = node.copy_demo(demo_root).run("--run-id", "crash", *TRAIN_FLAGS, STAGE_DIR="off",
+                                      PYTHON=python_where(node.tmp, "audit_leakage.py", crash))
+    assert r.returncode == rc, r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: audit_leakage.py crashed: ") and meaning in line and "not training" in line
+    assert "patient leak" not in r.stderr and not (node.runs / "crash").exists()
+
+
+def test_a_truncated_png_through_the_launcher_is_bad_input_within_seconds(node, demo_root):
+    node.copy_demo(demo_root)
+    png = sorted((node.shared / "CrossValidation" / "Annotated").rglob("*.png"))[0]
+    png.write_bytes(png.read_bytes()[:100])
+    started = time.time()
+    # default workers as users run it, no --limit-samples: the truncated file is among the samples
+    r = node.run("--run-id", "badpng", "--device", "cpu", "--epochs", "1", "--image-size", "64", "--weights", "none",
+                 "--workers", "2", CACHE="off", timeout=240)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert png.name in r.stderr and "bad input" in r.stderr
+    assert "resume" not in r.stderr.splitlines()[-1] and "stopped by a signal" not in r.stderr
+    assert time.time() - started < 180
+
+
+# ----------------------------------------------------------------------------------------------- staged copies
+def test_the_job_says_where_its_staged_copy_is_and_clean_stage_removes_it(node, demo_root):
+    r = node.copy_demo(demo_root).run("--run-id", "clean", *TRAIN_FLAGS, "--epochs", "0")  # stops at train.py
+    train_command(r)
+    [staged] = node.staged_dirs()
+    assert node.cache_dirs()  # a cache was built beside it
+    report = r.stderr.strip().splitlines()[-1]  # the EXIT trap: on every way out, a failed job included
+    assert f"staged copy kept on" in report and str(staged) in report and "--clean-stage" in report
+    r = node.run("--clean-stage")
+    assert r.returncode == 0, r.stderr
+    assert f"removed {staged}" in r.stderr
+    assert node.staged_dirs() == [] and node.cache_dirs() == [] and not marker_of(staged).exists()
+    r = node.run("--clean-stage")
+    assert r.returncode == 0 and "no staged copy" in r.stderr
+
+
+def test_clean_stage_leaves_a_copy_in_use_by_a_job_on_the_node(node, demo_root):
+    _, staged = node.copy_demo(demo_root).stage()
+    with open(f"{staged}.lock", "a") as lock:  # what a running job holds for its whole length
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        r = node.run("--clean-stage")
+    assert r.returncode == 5 and "in use by a job on this node" in r.stderr and "not removed" in r.stderr
+    assert marker_of(staged).exists() and files(staged) == files(node.shared)
+
+
+def test_clean_stage_of_one_dataset_keeps_the_others_and_names_them(node, demo_root, tmp_path):
+    node.copy_demo(demo_root)
+    other = tmp_path / "other" / "HelicoDataSet"
+    shutil.copytree(demo_root, other)
+    _, mine = node.stage()
+    _, theirs = node.stage(HELICO_DATA=str(other))
+    r = node.run("--clean-stage")
+    assert r.returncode == 0 and not mine.exists()
+    assert marker_of(theirs).exists() and f"other staged copies under {theirs.parent}: {theirs}" in r.stderr

@@ -39,7 +39,7 @@ def assert_same_batches(got, want):
     assert len(got) == len(want)
     for (x, y, i), (wx, wy, wi) in zip(got, want):
         assert x.dtype == torch.uint8 and torch.equal(x.cpu(), wx)
-        assert torch.equal(y.cpu(), wy) and torch.equal(torch.as_tensor(i), wi)
+        assert torch.equal(y.cpu(), wy) and torch.equal(i.cpu(), wi)
 
 
 def both_paths(train, val, sampler, val_indices, batch_size=8, drop_last=True):

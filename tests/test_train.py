@@ -99,6 +99,20 @@ def test_best_checkpoint_is_the_epoch_with_the_highest_validation_pr_auc(tiny_ru
     assert ckpt["val_metrics"]["pr_auc"] == pytest.approx(best["pr_auc"])
 
 
+@pytest.fixture(scope="module")
+def plain_cache(demo_root, tmp_path_factory):
+    """The packed cache FAST runs read with --cache (32 px, plain: FAST has no Macenko)."""
+    import patch_cache
+    out = tmp_path_factory.mktemp("plain") / "cache32"
+    patch_cache.build_cache(common.load_data(demo_root), out, 32, workers=2, progress=False)
+    return out
+
+
+def cache_flags(feed: str, request) -> list:
+    """Flags for the data path under test: DataLoader over PNGs, or the packed cache held on the device."""
+    return [] if feed == "loader" else ["--cache", str(request.getfixturevalue("plain_cache"))]
+
+
 # ----------------------------------------------------------------------------------------------- resume
 def test_resume_after_an_epoch_gives_bitwise_identical_weights(demo_root, tmp_path, straight_run, monkeypatch):
     real_end_epoch = train.Trainer.end_epoch
@@ -119,8 +133,10 @@ def test_resume_after_an_epoch_gives_bitwise_identical_weights(demo_root, tmp_pa
     assert (tmp_path / "straight" / "log.jsonl").read_text().count("\n") == 2
 
 
+@pytest.mark.parametrize("feed", ["loader", "resident"])
 def test_stop_signal_mid_epoch_then_resume_gives_bitwise_identical_weights(demo_root, tmp_path, straight_run,
-                                                                           monkeypatch):
+                                                                           monkeypatch, feed, request):
+    extra = cache_flags(feed, request)
     real_model_input, calls = model.model_input, []
 
     def signal_during_first_training_step(images, *args, **kwargs):
@@ -131,11 +147,11 @@ def test_stop_signal_mid_epoch_then_resume_gives_bitwise_identical_weights(demo_
         return real_model_input(images, *args, **kwargs)
 
     monkeypatch.setattr(model, "model_input", signal_during_first_training_step)
-    assert run_train(demo_root, tmp_path, "straight") == train.EXIT_PREEMPTED
+    assert run_train(demo_root, tmp_path, "straight", *extra) == train.EXIT_PREEMPTED
     ckpt = load(tmp_path / "straight" / "last.pt")
     assert (ckpt["epoch"], ckpt["progress"]["step"]) == (0, 2)  # flags are read one step late: stops after step 2
     monkeypatch.setattr(model, "model_input", real_model_input)
-    assert run_train(demo_root, tmp_path, "straight") == 0
+    assert run_train(demo_root, tmp_path, "straight", *extra) == 0
     assert same_weights(load(tmp_path / "straight" / "last.pt")["model"], load(straight_run / "last.pt")["model"])
 
 
@@ -169,8 +185,9 @@ def test_macenko_amp_channels_last_run_stores_the_fitted_stain_reference(demo_ro
 
 
 # ----------------------------------------------------------------------------------------------- fault guards
+@pytest.mark.parametrize("feed", ["loader", "resident"])
 def test_nan_loss_exits_3_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch,
-                                                                                    capsys):
+                                                                                    capsys, feed, request):
     real_model_input, calls = model.model_input, []
 
     def poison_fifth_training_batch(images, *args, **kwargs):
@@ -182,7 +199,7 @@ def test_nan_loss_exits_3_naming_epoch_and_step_and_keeps_the_last_good_checkpoi
         return x
 
     monkeypatch.setattr(model, "model_input", poison_fifth_training_batch)
-    assert run_train(demo_root, tmp_path, "nan") == train.EXIT_NAN
+    assert run_train(demo_root, tmp_path, "nan", *cache_flags(feed, request)) == train.EXIT_NAN
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and "epoch 2 step 2" in err and "last.pt" in err
     ckpt = load(tmp_path / "nan" / "last.pt")
@@ -230,13 +247,15 @@ def test_second_signal_exits_at_once_with_128_plus_its_number(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- distributed
-def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root, tmp_path):
+@pytest.mark.parametrize("feed", ["loader", "resident"])
+def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root, tmp_path, feed, request):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-id", "ddp",
-           *FAST, "--epochs", "1"]
+           *FAST, "--epochs", "1", *cache_flags(feed, request)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert ("patches resident on cpu" in r.stderr) == (feed == "resident")  # each rank: training set + its shard
     run_dir = tmp_path / "ddp"
     record = json.loads((run_dir / "log.jsonl").read_text())
     assert record["val_samples"] == validation_windows(run_dir)
@@ -327,7 +346,7 @@ def normalized_cache(demo_root, tmp_path_factory):
 
 
 def test_cache_trains_bitwise_identical_weights_to_decoding_pngs(demo_root, tmp_path, png_run):
-    assert run_cached(demo_root, tmp_path, "cached", "--cache", str(tmp_path / "cache")) == 0
+    assert run_cached(demo_root, tmp_path, "cached", "--cache", str(tmp_path / "cache"), "--no-cache-normalized") == 0
     cached, png = load(tmp_path / "cached" / "last.pt"), load(png_run / "last.pt")
     assert same_weights(cached["model"], png["model"])  # same decode, same bytes, same batches
     assert cached["threshold"] == png["threshold"]
@@ -335,14 +354,14 @@ def test_cache_trains_bitwise_identical_weights_to_decoding_pngs(demo_root, tmp_
     assert json.loads((tmp_path / "cached" / "config.json").read_text())["cache"] == str(tmp_path / "cache")
 
 
-def test_cache_normalized_skips_on_device_macenko_and_keeps_the_stain_reference(demo_root, tmp_path, png_run,
-                                                                                normalized_cache, monkeypatch):
+def test_cache_with_macenko_is_normalized_by_default_skips_on_device_macenko_and_keeps_the_stain(
+        demo_root, tmp_path, png_run, normalized_cache, monkeypatch):
     import macenko_gpu
 
     def normalized_twice(self, images):
         raise AssertionError("Macenko ran on patches the cache had already normalized")
     monkeypatch.setattr(macenko_gpu.MacenkoNormalizer, "normalize", normalized_twice)
-    assert run_cached(demo_root, tmp_path, "n", "--cache", str(normalized_cache), "--cache-normalized") == 0
+    assert run_cached(demo_root, tmp_path, "n", "--cache", str(normalized_cache)) == 0  # no --cache-normalized
     ckpt, png = load(tmp_path / "n" / "last.pt"), load(png_run / "last.pt")
     assert ckpt["config"]["cache_normalized"] is True and ckpt["config"]["macenko"] is True
     for key, value in png["stain"].items():  # evaluate.py needs it to normalize PNGs (or to check a cache)
@@ -353,7 +372,8 @@ def test_cache_normalized_skips_on_device_macenko_and_keeps_the_stain_reference(
 
 def test_cache_of_the_other_kind_is_refused_in_one_line_not_rebuilt(demo_root, tmp_path, normalized_cache, capsys):
     meta = (normalized_cache / "meta.json").read_text()
-    assert run_cached(demo_root, tmp_path, "plain", "--cache", str(normalized_cache)) == common.EXIT_BAD_INPUT
+    assert run_cached(demo_root, tmp_path, "plain", "--cache", str(normalized_cache),
+                      "--no-cache-normalized") == common.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"error: --cache {normalized_cache}: holds 64px patches Macenko-")
     assert "but this run needs 64px plain patches" in err
@@ -383,6 +403,51 @@ def test_cache_flags_may_change_on_resume(demo_root, tmp_path, png_run, normaliz
     log = (tmp_path / "png" / "log.jsonl").read_text()
     assert run_cached(demo_root, tmp_path, "png", "--cache", str(normalized_cache), "--cache-normalized") == 0
     assert (tmp_path / "png" / "log.jsonl").read_text() == log  # already complete: nothing retrained
+
+
+# ----------------------------------------------------------------------------------------------- resident path
+@pytest.mark.parametrize("frac, feed", [("0.5", "patches resident on cpu"), ("0", "streamed from the host")])
+def test_cache_on_the_device_or_streamed_trains_the_dataloaders_weights_bitwise(demo_root, tmp_path, straight_run,
+                                                                                plain_cache, capsys, frac, feed):
+    assert run_train(demo_root, tmp_path, "r", "--cache", str(plain_cache), "--resident-max-frac", frac) == 0
+    assert feed in capsys.readouterr().err
+    ckpt, reference = load(tmp_path / "r" / "last.pt"), load(straight_run / "last.pt")
+    assert same_weights(ckpt["model"], reference["model"])  # same pixels, order and draws as PNGs via DataLoader
+    assert ckpt["threshold"] == reference["threshold"] and ckpt["val_metrics"] == reference["val_metrics"]
+
+
+def test_resident_path_skips_bad_images_or_stops_in_one_line(demo_root, tmp_path, straight_run, capsys):
+    import patch_cache
+    root = Path(shutil.copytree(demo_root, tmp_path / "root"))
+    data = common.load_data(root)
+    broken = common.select(data.labelled, json.loads((straight_run / "split.json").read_text())["val"])[0].path
+    (root / broken).write_bytes(b"not a png")
+    patch_cache.build_cache(data, tmp_path / "cache", 32, workers=2, progress=False)
+    argv = ["--cache", str(tmp_path / "cache")]
+    assert train.main(["--data-root", str(root), "--runs-dir", str(tmp_path), "--run-id", "strict", *FAST, *argv,
+                       "--epochs", "1"]) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and broken in err and "--skip-bad-images" in err
+    assert train.main(["--data-root", str(root), "--runs-dir", str(tmp_path), "--run-id", "skip", *FAST, *argv,
+                       "--epochs", "1", "--skip-bad-images"]) == 0
+    assert f"skipped unreadable {broken}" in capsys.readouterr().err
+    record = json.loads((tmp_path / "skip" / "log.jsonl").read_text())
+    assert record["val_samples"] == validation_windows(tmp_path / "skip") - 1
+
+
+def test_compile_flag_compiles_the_training_model_and_saves_plain_weights(demo_root, tmp_path, monkeypatch):
+    compiled = []  # torch.compile itself takes minutes on 2 cores: record the call, train eagerly
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    assert run_train(demo_root, tmp_path, "c", "--compile", epochs=1) == 0
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    ckpt = load(tmp_path / "c" / "last.pt")
+    assert ckpt["config"]["compile"] is True and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
+def test_resident_max_frac_outside_0_1_is_one_line_exit_2(demo_root, tmp_path, capsys):
+    assert run_train(demo_root, tmp_path, "bad", "--resident-max-frac", "1.5") == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resident-max-frac 1.5") and "\n" not in err
 
 
 # ----------------------------------------------------------------------------------------------- sample order
