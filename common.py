@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+import devices
+
 # One meaning each, in every script and the launcher (README, "Exit codes"); 128 + N: killed by a second signal N.
 EXIT_OK, EXIT_LEAK, EXIT_BAD_INPUT, EXIT_NAN, EXIT_STOPPED, EXIT_ENVIRONMENT = 0, 1, 2, 3, 4, 5
 ANNOTATION_NAMES = ("HP_WSI-CoordAllAnnotatedPatches", "HP_WSI-CoordAnnotatedAllPatches",
@@ -404,17 +406,11 @@ def drop_bad(images, labels, indices):
 
 # ----------------------------------------------------------------------------------------------- devices
 def resolve_device(name=None, local_rank: int = 0):
-    """Every script's --device: None or auto (cuda when available, else cpu), cpu, cuda (cuda:LOCAL_RANK, the
-    process's GPU under torchrun) or cuda:N; a torch.device passes through the same checks."""
-    import torch
-    name = "auto" if name is None else str(name)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
-        raise DataError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    """Every script's --device, by devices.resolve_device's rule; a bad one is a DataError (exit 2)."""
+    try:
+        return devices.resolve_device(name, local_rank)
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------- files

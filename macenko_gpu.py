@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import common  # --device only: common.resolve_device, the rule every script shares
+import devices  # --device: the rule every script shares (torch only: this module stays free of common)
 import stain_math as sm
 
 MAX_CONC_PERCENTILE = sm.MAX_CONC_PERCENTILE
@@ -568,7 +568,7 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1 or args.size < 8 or args.repeats < 1:
             raise ValueError("--batch-size and --repeats must be >= 1 and --size >= 8")
-        device = common.resolve_device(args.device)
+        device = devices.resolve_device(args.device)
         if args.benchmark:
             if args.reference or args.in_dir:
                 raise ValueError("--benchmark takes no --reference, IN_DIR or OUT_DIR")
@@ -595,7 +595,7 @@ def main(argv=None) -> int:
         count = normalize_folder(args.reference, args.in_dir, args.out_dir, device, args.batch_size, args.mode)
         print(f"normalized {count} images into {args.out_dir}")
         return EXIT_OK
-    except (ValueError, OSError, common.DataError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -284,3 +284,14 @@ def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
     finally:
         os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o644  # readable by colleagues, as open() would make it
+
+
+def test_device_rule_names_the_flag_and_refuses_what_it_cannot_use():
+    assert common.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert common.resolve_device("cpu") == torch.device("cpu")
+    for bad in ("tpu", "cuda:x", "gpu"):
+        with pytest.raises(common.DataError, match=f"--device {bad}: expected auto, cpu, cuda or cuda:N"):
+            common.resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(common.DataError, match="--device cuda:1: CUDA is not available"):
+            common.resolve_device("cuda:1")
