@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
 import common
 import metrics
@@ -19,6 +18,9 @@ import metrics
 
 def subplots(*grid, figsize, layout=None, **kw):
     """(figure, axes) like pyplot.subplots, without pyplot."""
+    # matplotlib is imported when a chart is drawn, not with train.py: its first import may build a font cache by
+    # running fc-list, a child process during start-up that signal handling (and its tests) must not meet.
+    from matplotlib.figure import Figure
     fig = Figure(figsize=figsize, layout=layout)
     return fig, fig.subplots(*grid, **kw)
 
