@@ -15,6 +15,7 @@
 #
 #   mkdir -p runs                 # sbatch opens runs/slurm-<jobid>.out before this script starts
 #   HELICO_DATA=/shared/HelicoDataSet sbatch run_h_pylori.sh --run-id 26 --epochs 15
+#   sbatch --array=0-4 run_h_pylori.sh --run-id 27 --folds 5   # fold i per array task, in runs/27-f<i>
 #   # no SLURM, no GPU, no internet, after `make demo` (which writes demo_data); 6 min on 2 busy cores:
 #   HELICO_DATA=demo_data bash run_h_pylori.sh --run-id try-cpu --device cpu --weights none --image-size 64 --epochs 1
 #   bash run_h_pylori.sh --stage-only          # only stage (pre-warm a node); prints the staged path
@@ -122,13 +123,28 @@ parse_args() {
     case $name in
       --data-root) ARG_DATA_ROOT=$value ;;
       --runs-dir) ARG_RUNS_DIR=$value ;;
-      --run-id) RUN_ID=$value; TRAIN_ARGS+=(--run-id "$value") ;;
+      --run-id) RUN_ID=$value ;;  # given to train.py once resolved (main)
       --cache) ARG_CACHE=$value ;;
       --image-size) IMAGE_SIZE=$value; TRAIN_ARGS+=(--image-size "$value") ;;
       *) [[ $name != --reference-patch ]] || REFERENCE=$value
          TRAIN_ARGS+=("$name" "$value"); AUDIT_ARGS+=("$name" "$value") ;;
     esac
   done
+}
+
+# `sbatch --array=0-4 run_h_pylori.sh --run-id 27 --folds 5`: array task i trains and audits fold i (its test part)
+# into runs/27-f<i>, the run folders `evaluate.py --cv runs/27-f*` pools. An explicit --fold wins.
+array_fold() {
+  [[ -n ${SLURM_ARRAY_TASK_ID:-} ]] && has_split_flag --folds && ! has_split_flag --fold || return 0
+  TRAIN_ARGS+=(--fold "$SLURM_ARRAY_TASK_ID"); AUDIT_ARGS+=(--fold "$SLURM_ARRAY_TASK_ID")
+  RUN_ID=$RUN_ID-f$SLURM_ARRAY_TASK_ID
+  log "array task $SLURM_ARRAY_TASK_ID: fold $SLURM_ARRAY_TASK_ID, run folder $RUN_ID"
+}
+
+has_split_flag() {  # --flag or --flag=value among the split flags given (--fold is not --folds)
+  local a
+  for a in ${AUDIT_ARGS[@]+"${AUDIT_ARGS[@]}"}; do [[ $a == "$1" || $a == "$1="* ]] && return 0; done
+  return 1
 }
 
 # Under sbatch this file runs from a spool copy, so its own directory does not hold train.py.
@@ -553,10 +569,10 @@ main() {
   pick_python
   read_split_flags
   parse_args "$@"
-  if [[ -z $RUN_ID && -n ${SLURM_JOB_ID:-} ]]; then  # train.py's own default: a requeued job keeps its ID
-    RUN_ID=$SLURM_JOB_ID; TRAIN_ARGS+=(--run-id "$RUN_ID")
-  fi
+  [[ -n $RUN_ID ]] || RUN_ID=${SLURM_JOB_ID:-}  # train.py's own default: a requeued job keeps its ID
   [[ -n $RUN_ID ]] || die 2 "--run-id is required outside SLURM (the run folder to write and to resume from)"
+  array_fold
+  TRAIN_ARGS+=(--run-id "$RUN_ID")
   RUNS=${ARG_RUNS_DIR:-${RUNS_DIR:-runs}}
   [[ ${CACHE:-on} == on || ${CACHE:-on} == off ]] || die 2 "CACHE=$CACHE: expected on or off"
   resolve_data_root

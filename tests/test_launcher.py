@@ -522,3 +522,30 @@ def test_clean_stage_of_one_dataset_keeps_the_others_and_names_them(node, demo_r
     r = node.run("--clean-stage")
     assert r.returncode == 0 and not mine.exists()
     assert marker_of(theirs).exists() and f"other staged copies under {theirs.parent}: {theirs}" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------- array jobs
+def test_an_array_task_trains_and_audits_its_fold_into_its_own_run_folder(node, demo_root):
+    """sbatch --array=0-2 run_h_pylori.sh --run-id 27 --folds 3: task 1 is fold 1 in runs/27-f1 (train/evaluate
+    stubbed to record their arguments; the audit runs for real on that fold)."""
+    calls = node.tmp / "calls.txt"
+    wrapper = node.tmp / "python-recorder"
+    wrapper.write_text(f'#!/bin/bash\ncase ${{1:-}} in */train.py|*/evaluate.py) echo "$*" >>{calls}; '
+                       f'[[ $1 == */train.py ]] && mkdir -p {node.runs}/27-f1 && touch {node.runs}/27-f1/best.pt; exit 0;; '
+                       f'esac\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    r = node.copy_demo(demo_root).run("--run-id", "27", "--folds", "3", *TRAIN_FLAGS, CACHE="off", STAGE_DIR="off",
+                                      PYTHON=str(wrapper), SLURM_ARRAY_TASK_ID="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    train, evaluate = calls.read_text().splitlines()
+    assert "--run-id 27-f1" in train and "--folds 3" in train and "--fold 1" in train, train
+    assert f"--checkpoint {node.runs}/27-f1/best.pt" in evaluate, evaluate
+    assert "fold 1" in r.stderr and "leak" not in r.stderr.lower().replace("no leak", "")
+
+
+def test_an_explicit_fold_wins_over_the_array_task(node, demo_root):
+    r = node.copy_demo(demo_root).run("--run-id", "28", "--folds", "3", "--fold", "2", *TRAIN_FLAGS, CACHE="off",
+                                      STAGE_DIR="off", PYTHON=python_whose_train_exits(node.tmp, 2),
+                                      SLURM_ARRAY_TASK_ID="1")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "array task" not in r.stderr and "28-f1" not in r.stderr
