@@ -41,6 +41,9 @@ def file_digests(root: Path, rel_paths, cache: Path | None = None, workers: int 
     are skipped when `only_size_collisions`; results are cached by (path, size, mtime)."""
     from tqdm import tqdm
     stats = {p: os.stat(root / p) for p in rel_paths}
+    # An empty file holds no image, so it is no copy of anything: grouping empty files would drop all but one of
+    # them as "identical" before decoding, and --skip-bad-images would then name only that one.
+    stats = {p: st for p, st in stats.items() if st.st_size > 0}
     if only_size_collisions:
         sizes: dict[int, int] = {}
         for st in stats.values():

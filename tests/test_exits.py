@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import common
+import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 # 48 training samples at 64 px, no Macenko: seconds of work, so a hang is unmistakable.
@@ -206,8 +207,9 @@ def test_evaluate_skip_bad_images_names_every_skipped_file_and_lists_them(tiny_r
                           "--device", "cpu", "--workers", "2", "--bootstrap", "0", "--gradcam", "0",
                           "--skip-bad-images")
     assert code == 0, err[-2000:]
-    val = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)["split"]["val"]
-    expected = {s.path for s in common.select(common.load_data(root).labelled, val)} & set(broken)
+    split = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)["split"]
+    parts = {part: split[part] for part in ("val", "test") if split.get(part)}  # what evaluate.py scores
+    expected = {r.sample.path for r in evaluate.evaluation_rows(common.load_data(root), parts)} & set(broken)
     assert expected and warned(err) == expected
     assert set((out / "skipped_images.txt").read_text().splitlines()) == expected
 
@@ -223,7 +225,7 @@ def test_compare_of_runs_sharing_fewer_than_5_validation_patients_is_refused(tin
                             tmp_path / "compare", "--device", "cpu", "--workers", "2", "--bootstrap", "50")
     assert code == common.EXIT_BAD_INPUT, err[-2000:]
     lines = error_lines(err)
-    assert len(lines) == 1 and "share 1 validation patient" in lines[0] and "at least 5" in lines[0], err[-2000:]
+    assert len(lines) == 1 and "share 1 val patient" in lines[0] and "at least 5" in lines[0], err[-2000:]
     assert "noise" not in out and not (tmp_path / "compare").exists()
 
 
