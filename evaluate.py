@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -459,16 +458,7 @@ def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_thres
 
 def epochs_logged(run_dir: Path) -> list[dict]:
     """train.py's log.jsonl records (epoch, validation PR-AUC, ...): what the best epoch was chosen among."""
-    log = run_dir / "log.jsonl"
-    if not log.is_file():
-        return []
-    records = []
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            r = json.loads(line)
-            if isinstance(r, dict) and "epoch" in r:
-                records.append(r)
-    return records
+    return figures.epoch_records(run_dir / "log.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------- commands

@@ -51,14 +51,22 @@ def plot_learning_curves(records: list[dict], path) -> None:
     save(fig, path)
 
 
-def learning_curves_from_log(log_path: Path, out_png: Path) -> list[str]:
-    """plot_learning_curves of a run's log.jsonl (unparsable lines skipped); returns [png name] or [] if empty."""
+def epoch_records(log_path: Path) -> list[dict]:
+    """train.py's log.jsonl epoch records (unparsable lines skipped; [] without a log)."""
     records = []
+    if not log_path.is_file():
+        return records
     for line in log_path.read_text().splitlines():
         with contextlib.suppress(ValueError):
             r = json.loads(line)
             if isinstance(r, dict) and "epoch" in r:
                 records.append(r)
+    return records
+
+
+def learning_curves_from_log(log_path: Path, out_png: Path) -> list[str]:
+    """plot_learning_curves of a run's log.jsonl (unparsable lines skipped); returns [png name] or [] if empty."""
+    records = epoch_records(log_path)
     if not records:
         return []
     plot_learning_curves(records, out_png)
