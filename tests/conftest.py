@@ -28,6 +28,16 @@ def demo_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small_demo_root(tmp_path_factory):
+    """A 12-patient demo (~490 PNGs, a third of the default): for tests that need the real format, every trap and a
+    valid three-part split, but not the size (the launcher's: each copies, stages, audits and caches it)."""
+    import make_demo_data
+    out = tmp_path_factory.mktemp("small-demo") / "HelicoDataSet"
+    assert make_demo_data.main([str(out), "--seed", "0", "--patients", "12", "--holdout-patients", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_run(demo_root, tmp_path_factory):
     import train
     runs = tmp_path_factory.mktemp("runs")

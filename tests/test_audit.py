@@ -6,6 +6,8 @@ an existing file of a copy, unlink it first (replace_file), or the shared demo c
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import openpyxl
@@ -435,3 +437,13 @@ def test_a_truncated_png_with_an_intact_header_is_reported_as_undecodable(demo_r
     assert f["files"] == [victim.relative_to(root).as_posix()] and f["patients"] == ["B22-08"]
     assert "--skip-bad-images" in f["detail"]
     assert not [g for g in report["findings"] if g["check"] == "unreadable_png_headers"]
+
+
+def test_the_audit_and_the_split_flag_read_never_import_torch():
+    # torch's import costs ~4 s of CPU per process here; the audit and run_h_pylori.sh's split-flag read need no
+    # tensors, so a top-level `import torch` reaching them (through common -> devices once) is a regression.
+    code = "import sys, audit_leakage, splits, common, metrics; print(sorted(m for m in sys.modules if m == 'torch'))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(audit_leakage.__file__).parent, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

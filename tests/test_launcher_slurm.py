@@ -185,6 +185,12 @@ def why_no_cluster() -> str | None:
     return None
 
 
+@pytest.fixture
+def demo_root(small_demo_root):
+    """The job copies, stages, audits, caches and trains on it: the 12-patient demo serves."""
+    return small_demo_root
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     reason = why_no_cluster()
