@@ -9,9 +9,13 @@ common.resolve_device (that turns the ValueError into the scripts' DataError).
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only for the annotation: torch is imported where a device is resolved (below)
+    import torch
 
 
-def resolve_device(name=None, local_rank: int = 0) -> "torch.device":
+def resolve_device(name=None, local_rank: int = 0) -> torch.device:
     """None or auto (cuda when available, else cpu), cpu, cuda (cuda:LOCAL_RANK, the process's GPU under torchrun)
     or cuda:N; a torch.device passes through the same checks. A bad name is a ValueError naming --device."""
     # torch is imported here, not at the top: common imports this module, and the audit and the launcher's split-flag

@@ -5,7 +5,6 @@ Format checks read the files themselves (openpyxl, PIL, csv), never make_demo_da
 session-wide default demo (`demo_root`, seed 0); behaviour checks generate tiny datasets in tmp_path."""
 import csv
 import functools
-import hashlib
 import re
 import shutil
 import subprocess

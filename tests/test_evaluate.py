@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
+import analysis
 import common
 import eval_report
 import evaluate
@@ -276,7 +277,7 @@ def synthetic_predictions(n_patients=30, seed=0):
             patch.append(False)
             score.append(float(np.clip(rng.normal(0.3 + 0.3 * infected, 0.2), 0, 1)))
     patch = np.array(patch)
-    pred = evaluate.Predictions(samples, np.array(["test"] * len(samples)), patch, ~patch, np.array(score))
+    pred = analysis.Predictions(samples, np.array(["test"] * len(samples)), patch, ~patch, np.array(score))
     diagnosis = {f"P{i}": "ALTA" if (i % 2 == 1 or i == 0) else "NEGATIVA" for i in range(n_patients)}
     return pred, [f"P{i}" for i in range(n_patients)], diagnosis
 
@@ -284,15 +285,15 @@ def synthetic_predictions(n_patients=30, seed=0):
 def test_cluster_bootstrap_cis_are_reproducible_with_the_seed_and_treat_a_duplicated_pair_as_one_cluster():
     pred, patients, diagnosis = synthetic_predictions()
     groups = [["P0", "P1"]]
-    run = lambda seed: evaluate.analyse(pred, patients, diagnosis, 0.5, 3, groups,
-                                        evaluate.part_draws(patients, groups, 200, seed))
+    run = lambda seed: analysis.analyse(pred, patients, diagnosis, 0.5, 3, groups,
+                                        analysis.part_draws(patients, groups, 200, seed))
     (a, _, boot), (again, _, _) = run(0), run(0)
     for name in ("patch", "patch_at_0.5", "by_source.annotated", "patient"):
         np.testing.assert_equal(level(again, name)["ci95"], level(a, name)["ci95"])
     assert level(run(1)[0], "patch")["ci95"] != a["patch"]["ci95"]
     assert a["patch"]["ci_method"]["pr_auc"] == "patient-cluster bootstrap"
     assert a["patient"]["ci_method"]["sensitivity"].startswith("exact binomial")
-    assert evaluate.clusters(patients, groups)[1] == len(patients) - 1  # 30 patients, 29 clusters
+    assert analysis.clusters(patients, groups)[1] == len(patients) - 1  # 30 patients, 29 clusters
     assert len(boot["patch.pr_auc"]) == 200
 
 
@@ -301,7 +302,7 @@ def test_compare_of_a_run_with_itself_gives_zero_deltas_within_noise(tiny_run, t
     out = tmp_path / "compare"
     assert evaluate.main(["--compare", ckpt, ckpt, "--out", str(out), "--gradcam", "0", *FAST]) == 0
     table = json.loads((out / "compare.json").read_text())
-    assert len(table["deltas"]) == len(evaluate.HEADLINE)
+    assert len(table["deltas"]) == len(analysis.HEADLINE)
     for d in table["deltas"]:
         if math.isnan(d["value"]):
             continue

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import analysis
 import common
 import evaluate
 
@@ -209,7 +210,7 @@ def test_evaluate_skip_bad_images_names_every_skipped_file_and_lists_them(tiny_r
     assert code == 0, err[-2000:]
     split = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)["split"]
     parts = {part: split[part] for part in ("val", "test") if split.get(part)}  # what evaluate.py scores
-    expected = {r.sample.path for r in evaluate.evaluation_rows(common.load_data(root), parts)} & set(broken)
+    expected = {r.sample.path for r in analysis.evaluation_rows(common.load_data(root), parts)} & set(broken)
     assert expected and warned(err) == expected
     assert set((out / "skipped_images.txt").read_text().splitlines()) == expected
 
@@ -230,7 +231,6 @@ def test_compare_of_runs_sharing_fewer_than_5_validation_patients_is_refused(tin
 
 
 def test_evaluate_with_and_without_holdout_write_separate_folders(tiny_run, tmp_path):
-    import evaluate
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(tiny_run / "best.pt", run / "best.pt")

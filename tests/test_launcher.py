@@ -502,7 +502,7 @@ def test_the_job_says_where_its_staged_copy_is_and_clean_stage_removes_it(node, 
     [staged] = node.staged_dirs()
     assert node.cache_dirs()  # a cache was built beside it
     report = r.stderr.strip().splitlines()[-1]  # the EXIT trap: on every way out, a failed job included
-    assert f"staged copy kept on" in report and str(staged) in report and "--clean-stage" in report
+    assert "staged copy kept on" in report and str(staged) in report and "--clean-stage" in report
     r = node.run("--clean-stage")
     assert r.returncode == 0, r.stderr
     assert f"removed {staged}" in r.stderr

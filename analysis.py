@@ -1,0 +1,266 @@
+"""What evaluate.py measures, from scored patches: which patches count towards what, the patient aggregation and
+its rule, patch- and patient-level metrics with their intervals, and --compare's paired deltas.
+
+    rows, identical = analysis.count_identical_once(analysis.evaluation_rows(data, {"val": val}), root, cache)
+    # ... evaluate.py scores the rows into an analysis.Predictions ...
+    result, patient_rows, boot = analysis.analyse(pred, val, data.diagnosis, threshold, top_k, groups, draws)
+
+- patches: labelled windows of the part's patients, each file once (Aug copies are not evaluated; byte-identical
+  files count once, as in train.py's validation), at the stored threshold, at 0.5 and by source (annotated: hard;
+  supplemental: Cropped of NEGATIVA, easy);
+- patients: all their Cropped (or HoldOut) patches aggregated two ways (fraction above the patch threshold, mean
+  of the top-k scores); the rule and threshold are chosen on validation (Youden's J) and applied unchanged to test
+  and HoldOut;
+- intervals: exact Clopper-Pearson for patient proportions, a patient-cluster bootstrap (a duplicate group is one
+  cluster) for patch metrics and patient ROC-AUC, "not estimable" below metrics.MIN_CLUSTERS clusters in a class.
+
+No torch and no files here: evaluate.py scores, eval_report.py and figures.py write; metrics.py defines the
+metrics and the interval methods used here.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+import common
+import metrics
+import splits
+
+PATCH_METRICS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
+THRESHOLD_METRICS = ("recall", "precision", "f1", "accuracy")
+PATIENT_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+RULES = ("fraction_positive", "topk_mean")
+INFECTED = ("BAIXA", "ALTA")
+
+
+# ----------------------------------------------------------------------------------------------- which patches
+@dataclass
+class Predictions:
+    """One row per scored patch (predictions.csv): the raw material of every metric, CI and re-aggregation."""
+    samples: list
+    split: np.ndarray         # val | test | holdout
+    patch_eval: np.ndarray    # counted in patch-level metrics: a labelled window of a validation patient, once
+    patient_eval: np.ndarray  # aggregated into its patient's score: a Cropped (or HoldOut) patch
+    score: np.ndarray
+
+    def subset(self, mask) -> "Predictions":
+        return Predictions([s for s, k in zip(self.samples, mask) if k], self.split[mask], self.patch_eval[mask],
+                           self.patient_eval[mask], self.score[mask])
+
+    label = property(lambda self: np.array([s.label for s in self.samples], dtype=np.int64))
+    patient = property(lambda self: np.array([s.patient for s in self.samples], dtype=object))
+    source = property(lambda self: np.array([s.source for s in self.samples], dtype=object))
+
+
+class Row(NamedTuple):
+    """A patch to score and what it counts towards."""
+    sample: common.Sample
+    split: str            # val | test | holdout
+    patch_eval: bool      # a labelled window of a val or test patient, once
+    patient_eval: bool    # a Cropped (or HoldOut) patch, aggregated into its patient's score
+
+
+def evaluation_rows(data: common.HelicoData, parts: dict[str, list[str]], holdout: list[str] = ()) -> list[Row]:
+    """Each file once: a supplemental negative is both a labelled window and a Cropped patch of its patient.
+    `parts`: split part -> patients, e.g. {"val": [...], "test": [...]}."""
+    rows: dict[str, Row] = {}
+    for part, patients in parts.items():
+        for s in common.select(data.labelled, patients):
+            rows[s.path] = Row(s, part, True, False)
+        for s in common.select(data.cropped, patients):
+            rows[s.path] = rows.get(s.path, Row(s, part, False, False))._replace(patient_eval=True)
+    for s in common.select(data.holdout, holdout):
+        rows[s.path] = Row(s, "holdout", False, True)
+    return list(rows.values())
+
+
+def count_identical_once(rows: list[Row], root, cache) -> tuple[list[Row], list[str]]:
+    """Rows without repeats of byte-identical content: among the patch-level rows and, separately, among the
+    patient-level rows, only the first file (by path) of each content counts (splits.first_copies, as train.py's
+    validation), so a slide filed under two patient IDs (B22-200/B22-201) is not counted twice. Returns the rows
+    kept and the paths no longer counted anywhere."""
+    counts = {}
+    for role in ("patch_eval", "patient_eval"):
+        paths = [r.sample.path for r in rows if getattr(r, role)]
+        counts[role] = {p for p, keep in zip(paths, splits.first_copies(root, paths, cache)) if keep}
+    kept, dropped = [], []
+    for r in rows:
+        r = r._replace(patch_eval=r.sample.path in counts["patch_eval"],
+                       patient_eval=r.sample.path in counts["patient_eval"])
+        (kept if r.patch_eval or r.patient_eval else dropped).append(r)
+    return kept, sorted(r.sample.path for r in dropped)
+
+
+# ----------------------------------------------------------------------------------------------- patients
+def patient_scores(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int):
+    """One row per patient: both aggregate scores of its Cropped/HoldOut patches and its diagnosis label."""
+    use = pred.patient_eval
+    by_patient: dict[str, list[float]] = {}
+    for p, s in zip(pred.patient[use], pred.score[use]):
+        by_patient.setdefault(p, []).append(s)
+    rows = []
+    for p in patients:
+        s = np.sort(np.asarray(by_patient.get(p, []), dtype=np.float64))
+        dx = diagnosis.get(p)
+        label = 1 if dx in INFECTED else 0 if dx == "NEGATIVA" else -1  # -1: not in PatientDiagnosis.csv
+        rows.append({"patient": p, "diagnosis": dx or "", "label": label, "n_patches": int(s.size),
+                     "fraction_positive": float(np.mean(s >= patch_threshold)) if s.size else float("nan"),
+                     "topk_mean": float(s[-top_k:].mean()) if s.size else float("nan")})
+    return rows
+
+
+def choose_patient_rule(rows: list[dict]) -> dict:
+    """Pick the aggregation rule and its threshold on validation patients: best Youden's J, then ROC-AUC."""
+    usable = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0]
+    y = np.array([r["label"] for r in usable], dtype=np.int64)
+    if y.size == 0 or y.min() == y.max():
+        return {"rule": None, "threshold": float("nan"), "candidates": {},
+                "reason": f"validation patients with Cropped patches and a diagnosis are all one class ({y.size} "
+                          f"patients, {int(y.sum())} infected): no patient rule can be tuned"}
+    cands = {}
+    for rule in RULES:
+        s = np.array([r[rule] for r in usable])
+        t, j = metrics.youden_threshold(y, s)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cands[rule] = {"threshold": t, "youden_j": j, "roc_auc": metrics.roc_auc(y, s)}
+    rule = max(RULES, key=lambda r: (cands[r]["youden_j"], cands[r]["roc_auc"], -RULES.index(r)))
+    return {"rule": rule, "threshold": cands[rule]["threshold"], "candidates": cands, "reason": ""}
+
+
+# ----------------------------------------------------------------------------------------------- intervals
+def clusters(patients: list[str], groups) -> tuple[dict[str, int], int]:
+    """Cluster number of each patient (a duplicate group is one cluster) and the number of clusters."""
+    c = metrics.cluster_index(patients, groups)
+    return dict(zip(patients, c.tolist())), int(c.max()) + 1 if len(c) else 0
+
+
+def part_draws(patients: list[str], groups, resamples: int, seed: int, stream: int = 0):
+    """Cluster resamples of one part, shared by all its metrics (and by every model under --compare: paired)."""
+    n = clusters(patients, groups)[1]
+    return metrics.cluster_draws(n, resamples, seed, stream) if resamples and n else None
+
+
+def bootstrap_cis(point: dict, boot: dict[str, np.ndarray], keys, note: str) -> None:
+    """Percentile CIs (and each one's share of undefined resamples) from `boot`, or `note` saying why there are none."""
+    if boot:
+        for k in keys:
+            lo, hi, undefined = metrics.percentile_interval(boot[k])
+            point.setdefault("ci95", {})[k] = [lo, hi]
+            point.setdefault("ci_method", {})[k] = "patient-cluster bootstrap"
+            point.setdefault("bootstrap_undefined_share", {})[k] = undefined
+    elif note:
+        point.setdefault("ci_note", {}).update({k: note for k in keys})
+
+
+def no_ci_reason(ok: bool, why: str, draws) -> str:
+    return why if not ok else "" if draws is not None else "no bootstrap (--bootstrap 0)"
+
+
+def patch_level(pred: Predictions, patients: list[str], threshold: float, groups, draws) -> tuple[dict, dict]:
+    """Patch metrics at the stored threshold, at 0.5 and by source, with cluster-bootstrap CIs where estimable; and
+    their raw bootstrap values (for --compare)."""
+    patch = pred.patch_eval
+    y, s, who, src = pred.label[patch], pred.score[patch], pred.patient[patch], pred.source[patch]
+    cluster_of = clusters(patients, groups)[0]
+    everything = np.ones(len(y), bool)
+    # (path in the metrics dict, which patches, threshold, metrics): ("by_source", "annotated") nests under by_source
+    sets = [(("patch",), everything, threshold, PATCH_METRICS), (("patch_at_0.5",), everything, 0.5, THRESHOLD_METRICS),
+            *((("by_source", k), src == k, threshold, PATCH_METRICS) for k in ("annotated", "supplemental"))]
+    out, boot = {}, {}
+    for name, mask, t, keys in sets:
+        ym, sm = y[mask], s[mask]
+        cm = np.array([cluster_of[p] for p in who[mask]], dtype=np.int64)
+        ok, why = metrics.estimable(cm, ym)
+
+        def resampled(idx, ym=ym, sm=sm, t=t, keys=keys):
+            return {k: v for k, v in metrics.binary_metrics(ym[idx], sm[idx], t).items() if k in keys}
+        b = metrics.cluster_bootstrap(cm, draws, resampled) if ok and draws is not None else {}
+        boot.update({".".join((*name, k)): v for k, v in b.items()})
+        *parents, leaf = name
+        parent = out
+        for p in parents:
+            parent = parent.setdefault(p, {})
+        parent[leaf] = metrics.patch_metrics(ym, sm, t)
+        bootstrap_cis(parent[leaf], b, keys, no_ci_reason(ok, why, draws))
+    return out, boot
+
+
+def exact_cis(m: dict) -> None:
+    """Clopper-Pearson intervals of the patient proportions, from their counts: never narrower than the data allow."""
+    (tn, fp), (fn, tp) = m["confusion"]
+    for k, (hits, n) in {"sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp),
+                         "accuracy": (tp + tn, tn + fp + fn + tp)}.items():
+        m.setdefault("ci95", {})[k] = list(metrics.clopper_pearson(hits, n))
+        m.setdefault("ci_method", {})[k] = "exact binomial (Clopper-Pearson)"
+
+
+def patient_level(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
+                  groups, draws, rule: dict | None) -> tuple[dict, list[dict], dict]:
+    """Patient scores, the rule (chosen here when `rule` is None), metrics with CIs (exact for the proportions, a
+    cluster bootstrap for ROC-AUC where estimable), and raw bootstrap values (for --compare)."""
+    rows = patient_scores(pred, patients, diagnosis, patch_threshold, top_k)
+    rule = rule or choose_patient_rule(rows)
+    for r in rows:
+        r["score"] = r[rule["rule"]] if rule["rule"] else float("nan")
+        r["prediction"] = int(r["score"] >= rule["threshold"]) if np.isfinite(r["score"]) else -1
+    known = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0]
+    y = np.array([r["label"] for r in known], dtype=np.int64)
+    s = np.array([r["score"] for r in known], dtype=np.float64)
+    m = metrics.patient_metrics(y, s, rule["threshold"])
+    b = {}
+    if not rule["rule"]:  # no rule, no predictions: every metric is undefined, for the reason the rule gives
+        m.update({k: float("nan") for k in PATIENT_METRICS}, undefined={k: rule["reason"] for k in PATIENT_METRICS})
+    else:
+        exact_cis(m)
+        cluster_of = clusters(patients, groups)[0]
+        ck = np.array([cluster_of[r["patient"]] for r in known], dtype=np.int64)
+        ok, why = metrics.estimable(ck, y)
+        if ok and draws is not None:
+            b = metrics.cluster_bootstrap(ck, draws, lambda idx: {k: v for k, v in metrics.patient_metrics(
+                y[idx], s[idx], rule["threshold"]).items() if k in PATIENT_METRICS})
+        bootstrap_cis(m, {k: v for k, v in b.items() if k == "roc_auc"}, ["roc_auc"], no_ci_reason(ok, why, draws))
+    used = {r["patient"] for r in known}
+    excluded = {r["patient"]: "no diagnosis" if r["label"] < 0 else "no patches (or only byte-identical copies of "
+                "another patient's)" for r in rows if r["patient"] not in used}
+    m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k, "excluded": excluded}
+    return m, rows, {f"patient.{k}": v for k, v in b.items()}
+
+
+def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
+            groups=(), draws=None, rule: dict | None = None) -> tuple[dict, list[dict], dict]:
+    """Metrics dict, patient rows and raw bootstrap values ({"patch.pr_auc": array, ...}) of one set of patients.
+
+    Validation (rule None): the patient rule is chosen here. Test and HoldOut: `rule` comes from validation."""
+    out, boot = patch_level(pred, patients, patch_threshold, groups, draws) if pred.patch_eval.any() else ({}, {})
+    out["patient"], rows, patient_boot = patient_level(pred, patients, diagnosis, patch_threshold, top_k, groups,
+                                                       draws, rule)
+    return out, rows, {**boot, **patient_boot}
+
+
+# ----------------------------------------------------------------------------------------------- --compare
+HEADLINE = [("patch", k) for k in PATCH_METRICS] + [("patient", k) for k in PATIENT_METRICS]
+
+
+def compare_table(results: list[dict]) -> dict:
+    """Headline values of each model, and each model's delta against the first with its paired bootstrap CI (none
+    where the metric's interval is not estimable: fewer than 10 clusters in a class)."""
+    base = results[0]
+    value = lambda r, level, k: r["metrics"].get(level, {}).get(k, float("nan"))
+    models = [{"checkpoint": r["checkpoint"], **{f"{lv}.{k}": value(r, lv, k) for lv, k in HEADLINE},
+               "patch.threshold": r["metrics"]["patch"]["threshold"], "patient.rule": r["metrics"]["patient"]["rule"]}
+              for r in results]
+    deltas = []
+    for i, r in enumerate(results[1:], start=1):
+        for lv, k in HEADLINE:
+            name = f"{lv}.{k}"
+            both = name in r["boot"] and name in base["boot"]
+            nan3 = [float("nan")] * 3
+            lo, hi, _ = metrics.percentile_interval(r["boot"][name] - base["boot"][name]) if both else nan3
+            deltas.append({"model": i, "checkpoint": r["checkpoint"], "metric": name, "baseline": value(base, lv, k),
+                           "value": value(r, lv, k), "delta": value(r, lv, k) - value(base, lv, k), "ci95": [lo, hi],
+                           "within_noise": bool(lo <= 0 <= hi) if np.isfinite([lo, hi]).all() else None})
+    return {"baseline": base["checkpoint"], "models": models, "deltas": deltas}
