@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision
 
 import augment
 import macenko_gpu
@@ -36,6 +35,9 @@ def build_model(arch: str = "resnet18", weights: str = "none"):
     """Any torchvision classifier by name, its last Linear layer replaced by a one-logit head.
 
     weights: 'imagenet' (torchvision's download cache), a path to a state dict or checkpoint, or 'none'."""
+    # Imported here, the one place that needs it: torchvision's import costs ~3 s of CPU (its ops load torch._dynamo),
+    # which the cache build, every --help and every bad-flag exit of train.py and evaluate.py would pay for nothing.
+    import torchvision
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise DataError(f"--arch {arch}: not a torchvision classifier (e.g. resnet18, resnet50, convnext_tiny)")
     model = torchvision.models.get_model(arch, weights=None)

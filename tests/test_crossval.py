@@ -16,6 +16,12 @@ FOLD_FLAGS = ["--device", "cpu", "--image-size", "32", "--batch-size", "16", "--
 K = 3
 
 
+@pytest.fixture(scope="module")
+def demo_root(small_demo_root):
+    """K fold runs train and evaluate on it: the 12-patient demo (K test parts of 4 patients) serves."""
+    return small_demo_root
+
+
 def read_csv(path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
