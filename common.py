@@ -42,7 +42,12 @@ class DataError(Exception):
 
 
 class EnvironmentFault(Exception):
-    """The machine failed the run (no space left, I/O error): one line naming the folder; exit EXIT_ENVIRONMENT."""
+    """The machine failed the run (no space left, I/O error): one line naming the folder; exit EXIT_ENVIRONMENT.
+    `reason` is its FAULTS wording, so a caller can re-word the line for the folder the user knows."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
 # ----------------------------------------------------------------------------------------------- names
@@ -431,6 +436,13 @@ def writable_folder(folder, flag: str) -> Path:
     return folder
 
 
+def disk_fault(folder, reason: str, writing: str) -> EnvironmentFault:
+    """The one wording of a full or failing disk: the folder, the FAULTS reason, what was being written, the remedy."""
+    remedy = "free space there" if reason in (FAULTS[errno.ENOSPC], FAULTS[errno.EDQUOT]) else "check that disk"
+    return EnvironmentFault(f"{folder}: {reason} while writing {writing} (any previous one is kept); {remedy}, then "
+                            f"run the same command again", reason)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temp path beside `path`; rename it over `path` only if the block succeeds. A full or failing disk
@@ -448,9 +460,7 @@ def atomic_path(path):
     except OSError as e:
         if e.errno not in FAULTS:
             raise
-        remedy = "free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check that disk"
-        raise EnvironmentFault(f"{path.parent}: {FAULTS[e.errno]} while writing {path.name} (any previous one is "
-                               f"kept); {remedy}, then run the same command again to resume") from None
+        raise disk_fault(path.parent, FAULTS[e.errno], path.name) from None
     finally:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -36,11 +36,13 @@ def check_out_folder(out: Path) -> None:
 @contextlib.contextmanager
 def replaced_folder(out: Path):
     """A fresh temp folder beside `out`; on success it replaces `out` whole, so no stale file survives a re-run
-    and a crash leaves the previous evaluation intact."""
+    and a crash leaves the previous evaluation intact. A full or failing disk while it is filled (a figure, a CSV,
+    the report) is one EnvironmentFault naming `out`, not the temp folder it removes."""
     check_out_folder(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         yield tmp
         old = out.with_name(f".{out.name}.old.{os.getpid()}")
@@ -48,8 +50,14 @@ def replaced_folder(out: Path):
             os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
+    except (OSError, common.EnvironmentFault) as e:
+        if isinstance(e, OSError) and e.errno not in common.FAULTS:
+            raise
+        reason = e.reason if isinstance(e, common.EnvironmentFault) else common.FAULTS[e.errno]
+        raise common.disk_fault(out.parent, reason, f"{out.name}/") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _plain(x):

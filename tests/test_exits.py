@@ -243,6 +243,93 @@ def test_evaluate_with_and_without_holdout_write_separate_folders(tiny_run, tmp_
     assert "holdout" not in json.loads((run / "eval" / "metrics.json").read_text())
 
 
+def run_with_a_previous_report(tiny_run, tmp_path) -> Path:
+    """A run folder holding tiny_run's best.pt and an earlier eval/ report that a failed evaluation must keep."""
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    shutil.copy(tiny_run / "best.pt", run / "best.pt")
+    (run / "eval" / "metrics.json").write_text('{"previous": true}\n')
+    (run / "eval" / "report.md").write_text("the previous report\n")
+    return run
+
+
+def previous_report_kept(run: Path) -> bool:
+    return (sorted(p.name for p in run.iterdir()) == ["best.pt", "eval"]  # no temp folder left behind
+            and (run / "eval" / "report.md").read_text() == "the previous report\n")
+
+
+# os.write alone would miss it: the report's files are written through Python file objects and matplotlib.
+FULL_DISK_REPORT = """
+import errno, os, pathlib, sys
+real_write_text = pathlib.Path.write_text
+
+def full_in_the_new_report(self, *args, **kwargs):  # the disk fills up while evaluate.py writes its report
+    if self.parent.name.startswith(".eval."):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it: no file name
+    return real_write_text(self, *args, **kwargs)
+
+pathlib.Path.write_text = full_in_the_new_report
+import evaluate
+sys.exit(evaluate.main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_while_evaluate_writes_its_report_exits_5_naming_the_folder_and_keeps_the_previous_one(
+        tiny_run, tmp_path):
+    run = run_with_a_previous_report(tiny_run, tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", FULL_DISK_REPORT, "--checkpoint", str(run / "best.pt"), "--device",
+                        "cpu", "--workers", "2", "--bootstrap", "0", "--gradcam", "0"], env=env, capture_output=True,
+                       text=True, timeout=LIMIT)
+    assert r.returncode == common.EXIT_ENVIRONMENT, r.stderr[-2000:]
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[0].startswith(f"error: {run}: no space left while writing eval/"), lines[0]  # not the temp folder
+    assert "previous one is kept" in lines[0] and "free space there" in lines[0]
+    assert previous_report_kept(run)
+
+
+# Scoring made slow on purpose (50 ms a batch, whatever the CPU), so the Ctrl-C surely lands while workers decode.
+SLOW_SCORING = """
+import sys, time
+import evaluate
+real_model_input = evaluate.model.model_input
+
+def slow_model_input(*args, **kwargs):
+    time.sleep(0.05)
+    return real_model_input(*args, **kwargs)
+
+evaluate.model.model_input = slow_model_input
+sys.exit(evaluate.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_evaluation_with_workers_exits_130_in_one_line_and_keeps_the_previous_report(tiny_run,
+                                                                                                   tmp_path):
+    run = run_with_a_previous_report(tiny_run, tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SCORING, "--checkpoint", str(run / "best.pt"), "--device",
+                             "cpu", "--workers", "2", "--batch-size", "2", "--bootstrap", "0", "--gradcam", "0"],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + LIMIT
+    while not children.read_text().strip():  # the DataLoader workers start with scoring
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground group, workers included
+    try:
+        _, err = proc.communicate(timeout=LIMIT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"no exit {LIMIT} s after Ctrl-C: {proc.communicate()[1][-2000:]}")
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    stopped = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("stopped by")]
+    assert len(stopped) == 1 and "no report written" in stopped[0], err[-2000:]
+    assert previous_report_kept(run)
+
+
 # ----------------------------------------------------------------------------------------------- messages
 def test_a_truncated_last_pt_is_one_whole_line_naming_the_run_not_a_flag_train_lacks(demo_root, tmp_path, capsys):
     import torch

@@ -323,10 +323,11 @@ def test_usr1_is_forwarded_so_training_checkpoints_and_evaluation_is_skipped(nod
 
 
 def test_two_listed_gpus_run_torchrun_and_usr1_reaches_its_workers(node, demo_root):
-    # CUDA_VISIBLE_DEVICES only decides the process count here; --device cpu makes the 2 ranks use gloo.
+    # CUDA_VISIBLE_DEVICES only decides the process count here; --device cpu makes the 2 ranks use gloo. CACHE=off:
+    # the signal path is the subject, and the cache step is tested on its own below.
     node.copy_demo(demo_root)
     job = start(node, "--run-id", "ddp", *TRAIN_FLAGS, "--epochs", "200", "--no-macenko",
-                CUDA_VISIBLE_DEVICES="0,1", SLURM_CPUS_PER_TASK="2")
+                CUDA_VISIBLE_DEVICES="0,1", SLURM_CPUS_PER_TASK="2", CACHE="off")
     # an epoch's log line: both workers are past start-up, their handlers installed
     err = signal_when_exists(job, node.runs / "ddp" / "log.jsonl")
     assert "torch.distributed.run --standalone --nproc_per_node 2" in err
@@ -338,27 +339,33 @@ def test_two_listed_gpus_run_torchrun_and_usr1_reaches_its_workers(node, demo_ro
 
 
 # ----------------------------------------------------------------------------------------------- cache
-# These runs stop train.py at its flag check (--epochs 0, exit 2): the launcher's "train:" log line shows what it
-# was given, after the cache step ran for real, without paying for training.
+# These runs stop at train.py (a stand-in that exits 2 at once, python_whose_train_exits): the launcher's "train:" log
+# line shows what it was given, after the staging, audit and cache steps ran for real, without paying for training
+# (or for train.py's ~5 s of imports before its flag check).
+def stopped_at_train(node, *args, **env) -> subprocess.CompletedProcess:
+    return node.run(*args, PYTHON=python_whose_train_exits(node.tmp, 2), **env)
+
+
 def train_command(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2 and "train.py exited 2: bad input" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 2 and "train.py: simulated exit" in r.stderr, r.stderr[-3000:]
+    assert "train.py exited 2: bad input" in r.stderr
     return next(line for line in r.stderr.splitlines() if "] train: " in line)
 
 
 def test_cache_off_trains_from_pngs(node, demo_root):
-    r = node.copy_demo(demo_root).run("--run-id", "off", *TRAIN_FLAGS, "--epochs", "0", CACHE="off")
+    r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "off", *TRAIN_FLAGS, CACHE="off")
     assert "--cache" not in train_command(r) and "CACHE=off" in r.stderr
     assert node.cache_dirs() == []
 
 
 def test_without_a_staged_copy_no_cache_is_built_beside_the_shared_data(node, demo_root):
-    r = node.copy_demo(demo_root).run("--run-id", "shared", *TRAIN_FLAGS, "--epochs", "0", STAGE_DIR="off")
+    r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "shared", *TRAIN_FLAGS, STAGE_DIR="off")
     assert "--cache" not in train_command(r) and "no node-local copy" in r.stderr
     assert sorted(p.name for p in node.shared.parent.iterdir()) == ["HelicoDataSet"]
 
 
 def test_cache_normalized_gets_its_own_normalized_cache(node, demo_root):
-    r = node.copy_demo(demo_root).run("--run-id", "norm", *TRAIN_FLAGS, "--epochs", "0", "--cache-normalized")
+    r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "norm", *TRAIN_FLAGS, "--cache-normalized")
     [cache] = node.cache_dirs()
     assert cache.name.startswith(node.staged_dirs()[0].name + "-cache64-macenko-")
     assert f"--cache {cache} --cache-normalized" in train_command(r)
@@ -367,7 +374,7 @@ def test_cache_normalized_gets_its_own_normalized_cache(node, demo_root):
 
 
 def test_no_macenko_gets_a_plain_cache(node, demo_root):
-    r = node.copy_demo(demo_root).run("--run-id", "plain", *TRAIN_FLAGS, "--epochs", "0", "--no-macenko")
+    r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "plain", *TRAIN_FLAGS, "--no-macenko")
     [cache] = node.cache_dirs()
     assert cache.name == node.staged_dirs()[0].name + "-cache64"
     assert f"--cache {cache} --no-cache-normalized" in train_command(r) and "--no-macenko" in train_command(r)
@@ -378,7 +385,7 @@ def test_a_failed_cache_build_falls_back_to_pngs_with_a_warning(node, demo_root)
     _, staged = node.copy_demo(demo_root).stage()
     reference = subprocess.run(["cksum"], input="default", capture_output=True, text=True).stdout.split()[0]
     staged.with_name(f"{staged.name}-cache64-macenko-{reference}").write_text("a file where the cache would go")
-    r = node.run("--run-id", "nocache", *TRAIN_FLAGS, "--epochs", "0", "--cache-normalized")
+    r = stopped_at_train(node, "--run-id", "nocache", *TRAIN_FLAGS, "--cache-normalized")
     command = train_command(r)
     assert "WARNING: cache: building" in r.stderr and "--cache" not in command and "--image-size 64" in command
     assert "--cache-normalized is dropped" in r.stderr
@@ -421,7 +428,7 @@ def test_gpu_count_is_what_the_job_was_given_never_a_default_of_one():
 def test_a_cpu_run_logs_zero_gpus_and_one_process(node, demo_root):
     if shutil.which("nvidia-smi"):
         pytest.skip("this machine has nvidia-smi, so an unset CUDA_VISIBLE_DEVICES counts its GPUs")  # never on CI
-    r = node.copy_demo(demo_root).run("--run-id", "gpus", *TRAIN_FLAGS, "--epochs", "0", CACHE="off", STAGE_DIR="off")
+    r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "gpus", *TRAIN_FLAGS, CACHE="off", STAGE_DIR="off")
     train_command(r)
     assert "GPUs: 0 (none allocated or visible: CPU run), processes: 1" in gpus_line(r)
     assert "torch.distributed.run" not in r.stderr
@@ -497,7 +504,7 @@ def test_a_truncated_png_through_the_launcher_is_bad_input_within_seconds(node, 
 
 # ----------------------------------------------------------------------------------------------- staged copies
 def test_the_job_says_where_its_staged_copy_is_and_clean_stage_removes_it(node, demo_root):
-    r = node.copy_demo(demo_root).run("--run-id", "clean", *TRAIN_FLAGS, "--epochs", "0")  # stops at train.py
+    r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "clean", *TRAIN_FLAGS)  # stops at train.py
     train_command(r)
     [staged] = node.staged_dirs()
     assert node.cache_dirs()  # a cache was built beside it
