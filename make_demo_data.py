@@ -506,6 +506,9 @@ def main(argv=None) -> int:
         check_out_dir(out, args.force)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700): the renamed tree gets what mkdir would give
     except DemoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

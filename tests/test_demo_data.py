@@ -5,8 +5,10 @@ Format checks read the files themselves (openpyxl, PIL, csv), never make_demo_da
 session-wide default demo (`demo_root`, seed 0); behaviour checks generate tiny datasets in tmp_path."""
 import csv
 import functools
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections import Counter
@@ -307,6 +309,13 @@ def test_minimum_size_dataset_still_has_every_trap(tiny):
     assert (root / "CrossValidation/Cropped/B22-111_1").is_dir() and (root / "CrossValidation/Cropped/Thumbs.db").is_file()
     sizes = Counter(Image.open(f).size for f in root.rglob("*.png"))
     assert sizes[(64, 64)] > 0 and sizes[(52, 64)] == 1   # off-size scales with --patch-size
+
+
+def test_the_tree_gets_the_umasks_permissions_not_its_temp_folders_private_ones(tiny):
+    # built in a mkdtemp folder (0700) and renamed: a shared cluster group must still be able to read the demo
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(tiny["a"].stat().st_mode) == 0o777 & ~umask
 
 
 def test_refuses_a_non_empty_out_dir_without_force(tmp_path, capsys):
