@@ -49,7 +49,8 @@ Exit codes: 0 ok; 1 --holdout on a HoldOut that is not independent of CrossValid
 input (missing/unreadable/foreign checkpoint, wrong --arch, data root lacking a patient of the split, empty split,
 unreadable image without --skip-bad-images, --compare of runs sharing fewer than 5 patients, --cv folds that are
 not one cross-validation); 5 no space left or an I/O error while writing the report (the previous one is kept);
-130 Ctrl-C (nothing written).
+130 Ctrl-C, 143 SIGTERM (SLURM's time limit; the launcher turns Ctrl-C into it): no report written, the previous one
+kept, no temp folder left; a second signal stops at once.
 """
 from __future__ import annotations
 
@@ -435,8 +436,21 @@ def run_compare(args, device) -> int:
     return common.EXIT_OK
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stop(signum, frame):
+    """Ctrl-C and SIGTERM end the evaluation the same way, unwinding (temp report folder removed, workers stopped)
+    whatever the inherited disposition: a shell script's background job starts with SIGINT ignored. A second signal
+    gets the default action: at once."""
+    for s in STOPS:
+        signal.signal(s, signal.SIG_DFL)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    previous = {s: signal.signal(s, stop) for s in STOPS}
     try:
         check_args(args)
         device = common.resolve_device(args.device)
@@ -454,12 +468,15 @@ def main(argv=None) -> int:
         print(f"error: {Path(e.filename or '.').parent}: {common.FAULTS[e.errno]} while writing the report (the "
               f"previous one is kept); free space there, then run the same command again", file=sys.stderr)
         return common.EXIT_ENVIRONMENT
-    except KeyboardInterrupt:
-        print("stopped by Ctrl-C: no report written (a previous one is kept); run the same command again",
-              file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as e:
+        name = e.args[0] if e.args else "SIGINT"
+        print(f"stopped by {'Ctrl-C' if name == 'SIGINT' else name}: no report written (a previous one is kept); run "
+              f"the same command again", file=sys.stderr)
+        return 128 + signal.Signals[name].value
     finally:
         loaders.stop_workers()  # they ignore SIGTERM/SIGINT: left to Python's exit they would keep it waiting
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":
