@@ -1,7 +1,7 @@
 """The one rule that turns every script's --device (auto, cpu, cuda, cuda:N) into a torch.device.
 
-A module of its own, importing nothing of the project, so that macenko_gpu.py (kept free of the project's other modules by
-design) follows the same rule as train.py, evaluate.py, bench.py and patch_cache.py, which call it through
+A module of its own, importing nothing of the project, so that macenko_gpu.py (kept free of the project's other
+modules by design) follows the same rule as train.py, evaluate.py, bench.py and patch_cache.py, which call it through
 common.resolve_device (that turns the ValueError into the scripts' DataError).
 
     device = devices.resolve_device("auto")            # cuda when available, else cpu

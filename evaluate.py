@@ -81,7 +81,6 @@ import splits
 from common import DataError
 
 
-
 # ----------------------------------------------------------------------------------------------- flags
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -239,8 +238,8 @@ def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, ba
                                 run=scoring_precision(ckpt, device, no_amp), resident_max_frac=resident_max_frac)
     keep = np.isfinite(scores)
     pred = analysis.Predictions([s for s, k in zip(samples, keep) if k], np.array([r.split for r in rows])[keep],
-                       np.array([r.patch_eval for r in rows], dtype=bool)[keep],
-                       np.array([r.patient_eval for r in rows], dtype=bool)[keep], scores[keep])
+                                np.array([r.patch_eval for r in rows], dtype=bool)[keep],
+                                np.array([r.patient_eval for r in rows], dtype=bool)[keep], scores[keep])
     skipped = [samples[i].path for i in sorted(bad)]
     for path in skipped:
         print(f"warning: skipped unreadable {path} (--skip-bad-images)", file=sys.stderr)
@@ -462,11 +461,11 @@ def main(argv=None) -> int:
     except common.EnvironmentFault as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_ENVIRONMENT
-    except OSError as e:  # the report folder is built in a temp folder beside --out: a full disk there
-        if e.errno not in common.FAULTS:
+    except OSError as e:  # a disk fault outside the report folder (reading the checkpoint or data; the report's own
+        if e.errno not in common.FAULTS:  # writes come as EnvironmentFault from eval_report.replaced_folder)
             raise
-        print(f"error: {Path(e.filename or '.').parent}: {common.FAULTS[e.errno]} while writing the report (the "
-              f"previous one is kept); free space there, then run the same command again", file=sys.stderr)
+        print(f"error: {e.filename or 'the disk'}: {common.FAULTS[e.errno]}; no report written (a previous one is "
+              f"kept); check that disk, then run the same command again", file=sys.stderr)
         return common.EXIT_ENVIRONMENT
     except KeyboardInterrupt as e:
         name = e.args[0] if e.args else "SIGINT"

@@ -23,11 +23,15 @@ FAST = ["--device", "cpu", "--image-size", "64", "--batch-size", "16", "--weight
 LIMIT = 90  # seconds: a healthy run of these scripts takes ~10-20 s here (mostly imports); the hang was for ever
 
 
+def child_env(**extra) -> dict:
+    """Every script started here: the project on PYTHONPATH, one BLAS thread (main process and 2 workers, 2 cores)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+
+
 def script(name, *argv, timeout=LIMIT, env=()):
     """Run ROOT/name as its own process group, as a shell or SLURM starts it; the group is killed on timeout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **dict(env)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / name), *map(str, argv)], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / name), *map(str, argv)], env=child_env(**dict(env)),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -35,6 +39,31 @@ def script(name, *argv, timeout=LIMIT, env=()):
         out, err = proc.communicate()
         pytest.fail(f"{name} still running after {timeout} s (hang): {err[-2000:]}")
     return proc.returncode, out, err
+
+
+def signal_once_workers_run(argv: list, signum: int, settle: float, **popen) -> tuple[int, str]:
+    """Start `python argv` as its own process group; once its DataLoader workers exist and `settle` s more have
+    passed, send `signum` to the whole group (a terminal's Ctrl-C, SLURM's TERM). Its exit code and stderr; failed
+    if it never starts workers or does not exit LIMIT s after the signal."""
+    proc = subprocess.Popen([sys.executable, *map(str, argv)], env=child_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + LIMIT
+    while not children.read_text().strip():  # the workers start with the first batch
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(settle)
+    os.killpg(proc.pid, signum)
+    try:
+        _, err = proc.communicate(timeout=LIMIT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"no exit {LIMIT} s after {signal.Signals(signum).name}: {proc.communicate()[1][-2000:]}")
+    return proc.returncode, err
+
+
+def stop_lines(err: str) -> list[str]:
+    return [line for line in err.replace("\r", "\n").splitlines() if line.startswith("stopped by")]
 
 
 def error_lines(err: str) -> list[str]:
@@ -105,25 +134,13 @@ def test_a_zero_byte_validation_png_in_evaluate_with_workers_is_one_line_naming_
 # ----------------------------------------------------------------------------------------------- stops
 def test_ctrl_c_saves_last_pt_and_exits_4_in_one_line(demo_root, tmp_path):
     import torch
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir",
-                             str(tmp_path), "--run-id", "interrupted", *FAST, "--workers", "2", "--epochs", "50"],
-                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    deadline = time.monotonic() + LIMIT
-    while not children.read_text().strip():  # the DataLoader workers start with the first training step
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.2)
-    time.sleep(2)  # past their worker_init_fn
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-    try:
-        _, err = proc.communicate(timeout=LIMIT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"no exit {LIMIT} s after Ctrl-C: {proc.communicate()[1][-2000:]}")
-    assert proc.returncode == common.EXIT_STOPPED, err[-2000:]
+    # a terminal's Ctrl-C: the whole foreground group; 2 s settle: the workers are past their worker_init_fn
+    code, err = signal_once_workers_run([ROOT / "train.py", "--data-root", demo_root, "--runs-dir", tmp_path,
+                                         "--run-id", "interrupted", *FAST, "--workers", "2", "--epochs", "50"],
+                                        signal.SIGINT, settle=2)
+    assert code == common.EXIT_STOPPED, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
-    stopped = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("stopped by")]
+    stopped = stop_lines(err)
     assert len(stopped) == 1 and "SIGINT" in stopped[0] and "resume" in stopped[0], err[-2000:]
     ckpt = torch.load(tmp_path / "interrupted" / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] * 3 + ckpt["progress"]["step"] >= 1
@@ -148,10 +165,9 @@ sys.exit(train.main(sys.argv[1:]))
 
 def test_a_full_disk_while_saving_exits_5_naming_the_folder_and_keeps_the_previous_checkpoints(demo_root, tmp_path):
     import torch
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-c", FULL_DISK, "--data-root", str(demo_root), "--runs-dir", str(tmp_path),
-                          "--run-id", "full", *FAST, "--workers", "2", "--epochs", "2"], env=env, capture_output=True,
-                         text=True, timeout=LIMIT * 2)
+                          "--run-id", "full", *FAST, "--workers", "2", "--epochs", "2"], env=child_env(),
+                         capture_output=True, text=True, timeout=LIMIT * 2)
     assert run.returncode == common.EXIT_ENVIRONMENT, run.stderr[-2000:]
     lines = error_lines(run.stderr)
     assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
@@ -277,10 +293,9 @@ sys.exit(evaluate.main(sys.argv[1:]))
 def test_a_full_disk_while_evaluate_writes_its_report_exits_5_naming_the_folder_and_keeps_the_previous_one(
         tiny_run, tmp_path):
     run = run_with_a_previous_report(tiny_run, tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", FULL_DISK_REPORT, "--checkpoint", str(run / "best.pt"), "--device",
-                        "cpu", "--workers", "2", "--bootstrap", "0", "--gradcam", "0"], env=env, capture_output=True,
-                       text=True, timeout=LIMIT)
+                        "cpu", "--workers", "2", "--bootstrap", "0", "--gradcam", "0"], env=child_env(),
+                       capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode == common.EXIT_ENVIRONMENT, r.stderr[-2000:]
     lines = error_lines(r.stderr)
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -313,26 +328,12 @@ def test_ctrl_c_or_sigterm_during_evaluation_with_workers_keeps_the_previous_rep
     # SIGTERM: SLURM's time limit, and the launcher's form of Ctrl-C. The process starts with SIGINT ignored, as a
     # shell script's background job does (CI ran the suite so once, and evaluate.py then shrugged Ctrl-C off).
     run = run_with_a_previous_report(tiny_run, tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SCORING, "--checkpoint", str(run / "best.pt"), "--device",
-                             "cpu", "--workers", "2", "--batch-size", "2", "--bootstrap", "0", "--gradcam", "0"],
-                            env=env, start_new_session=True, preexec_fn=ignore_sigint, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    deadline = time.monotonic() + LIMIT
-    while not children.read_text().strip():  # the DataLoader workers start with scoring
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.2)
-    time.sleep(1)
-    os.killpg(proc.pid, signum)  # the whole group, workers included: a terminal's Ctrl-C, SLURM's TERM
-    try:
-        _, err = proc.communicate(timeout=LIMIT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"no exit {LIMIT} s after {signum!r}: {proc.communicate()[1][-2000:]}")
-    assert proc.returncode == 128 + signum, err[-2000:]
+    code, err = signal_once_workers_run(["-c", SLOW_SCORING, "--checkpoint", run / "best.pt", "--device", "cpu",
+                                         "--workers", "2", "--batch-size", "2", "--bootstrap", "0", "--gradcam", "0"],
+                                        signum, settle=1, preexec_fn=ignore_sigint)
+    assert code == 128 + signum, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
-    stopped = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("stopped by")]
+    stopped = stop_lines(err)
     assert len(stopped) == 1 and stopped[0].startswith(says) and "no report written" in stopped[0], err[-2000:]
     assert previous_report_kept(run)
 
