@@ -22,15 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+import analysis
 import metrics
 import splits
 from common import DataError
 from eval_report import fmt
 
-PATCH_KEYS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
-PATIENT_KEYS = ("accuracy", "sensitivity", "specificity")
-PREDICTION_COLUMNS = ["path", "patient", "source", "label", "score", "prediction", "split", "patch_eval",
-                      "patient_eval"]
+PATIENT_KEYS = ("accuracy", "sensitivity", "specificity")  # the proportions, with exact intervals
 
 
 @dataclass
@@ -94,7 +92,7 @@ def patch_summary(rows: list[dict], groups, resamples: int, seed: int) -> dict:
             warnings.simplefilter("ignore")
             m = metrics.binary_metrics(y[idx], s[idx])  # ranking metrics from the scores
             m.update({k: getattr(metrics, k)(y[idx], pred[idx]) for k in ("recall", "precision", "f1", "accuracy")})
-        return {k: m[k] for k in PATCH_KEYS}
+        return {k: m[k] for k in analysis.PATCH_METRICS}
     out = {**point(np.arange(y.size)), "n": int(y.size), "positives": int(y.sum()),
            "confusion": metrics.confusion_matrix(y, pred).tolist()}
     cluster = metrics.cluster_index([r["patient"] for r in rows], groups)
@@ -104,7 +102,7 @@ def patch_summary(rows: list[dict], groups, resamples: int, seed: int) -> dict:
         return out
     draws = metrics.cluster_draws(int(cluster.max()) + 1, resamples, seed)
     boot = metrics.cluster_bootstrap(cluster, draws, point)
-    cis = {k: metrics.percentile_interval(boot[k]) for k in PATCH_KEYS}
+    cis = {k: metrics.percentile_interval(boot[k]) for k in analysis.PATCH_METRICS}
     out["ci95"] = {k: [lo, hi] for k, (lo, hi, _) in cis.items()}
     out["bootstrap_undefined_share"] = {k: u for k, (_, _, u) in cis.items()}
     return out
@@ -115,8 +113,7 @@ def patient_summary(rows: list[dict]) -> dict:
     rows = [r for r in rows if int(r["label"]) >= 0 and int(r["prediction"]) >= 0]
     y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
     p = np.array([int(r["prediction"]) for r in rows], dtype=np.int64)
-    tp, fn = int(((y == 1) & (p == 1)).sum()), int(((y == 1) & (p == 0)).sum())
-    tn, fp = int(((y == 0) & (p == 0)).sum()), int(((y == 0) & (p == 1)).sum())
+    (tn, fp), (fn, tp) = metrics.confusion_matrix(y, p).tolist()
     counts = {"sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp), "accuracy": (tp + tn, y.size)}
     return {**{k: k_ / n if n else float("nan") for k, (k_, n) in counts.items()},
             "ci95": {k: list(metrics.clopper_pearson(k_, n)) for k, (k_, n) in counts.items()},
@@ -127,7 +124,7 @@ def patient_summary(rows: list[dict]) -> dict:
 def per_fold(folds: list[Fold]) -> dict:
     """Each fold's own headline (test) metric: values, mean and sd (ddof 1) over the folds."""
     out = {}
-    for level, keys in (("patch", PATCH_KEYS), ("patient", PATIENT_KEYS + ("roc_auc",))):
+    for level, keys in (("patch", analysis.PATCH_METRICS), ("patient", analysis.PATIENT_METRICS)):
         for k in keys:
             v = np.array([float(f.metrics.get(level, {}).get(k, float("nan"))) for f in folds])
             ok = v[np.isfinite(v)]
@@ -163,7 +160,7 @@ def render(result: dict) -> str:
     lines += [f"| roc_auc | (not pooled: each fold has its own rule) | {sd('patient.roc_auc')} |", "",
               f"## Patches ({p['n']}, {p['positives']} positive), patient-cluster bootstrap 95% CIs", "",
               "| metric | pooled [95% CI] | per fold mean +/- sd |", "|---|---|---|"]
-    lines += [f"| {k} | {ci(p, k)} | {sd('patch.' + k)} |" for k in PATCH_KEYS]
+    lines += [f"| {k} | {ci(p, k)} | {sd('patch.' + k)} |" for k in analysis.PATCH_METRICS]
     undefined = {k: v for k, v in p.get("bootstrap_undefined_share", {}).items() if v}
     if undefined:
         lines += ["", "Resamples where a metric was undefined (dropped from its interval): " +

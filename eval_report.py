@@ -79,10 +79,13 @@ def write_csv(path, header: list[str], rows) -> None:
         w.writerows(rows)
 
 
+PREDICTION_COLUMNS = ["path", "patient", "source", "label", "score", "prediction", "split", "patch_eval",
+                      "patient_eval"]  # predictions.csv, read back by crossval.py
+
+
 def write_predictions(path, pred, threshold: float) -> None:
     """One row per scored patch; score in full precision (repr) so metrics recomputed from it are exact."""
-    header = ["path", "patient", "source", "label", "score", "prediction", "split", "patch_eval", "patient_eval"]
-    write_csv(path, header,
+    write_csv(path, PREDICTION_COLUMNS,
               ([s.path, s.patient, s.source, s.label, repr(float(sc)), int(sc >= threshold), sp, int(pe), int(qe)]
                for s, sc, sp, pe, qe in zip(pred.samples, pred.score, pred.split, pred.patch_eval, pred.patient_eval)))
 

@@ -180,10 +180,6 @@ def split_parts(ckpt: dict, data: common.HelicoData, path) -> dict[str, list[str
     return parts
 
 
-def validation_patients(ckpt: dict, data: common.HelicoData, path) -> list[str]:
-    return split_parts(ckpt, data, path)["val"]
-
-
 def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: bool):
     """The samples read from the packed cache, and the normalizer still to apply to them: none when the cache holds
     patches already normalized to the checkpoint's own stain reference (refused when to another one)."""
@@ -246,11 +242,6 @@ def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, ba
     return pred, skipped
 
 
-def epochs_logged(run_dir: Path) -> list[dict]:
-    """train.py's log.jsonl records (epoch, validation PR-AUC, ...): what the best epoch was chosen among."""
-    return figures.epoch_records(run_dir / "log.jsonl")
-
-
 # ----------------------------------------------------------------------------------------------- commands
 def stain_picks(pred: analysis.Predictions, n: int = 3) -> list[tuple]:
     """(sample, caption) of validation patches for the stain strip: the n highest- and n lowest-scored positives
@@ -308,7 +299,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
         result["selection"] = by_part["val"]
     if holdout:
         result["holdout"] = {"patient": by_part["holdout"]["patient"], "patches": int((pred.split == "holdout").sum())}
-    log = epochs_logged(path.parent)
+    log = figures.epoch_records(path.parent / "log.jsonl")  # what the best epoch was chosen among
     result["meta"] = {"checkpoint": str(path), "arch": ckpt["arch"], "image_size": int(ckpt["image_size"]),
                       "epoch": ckpt.get("epoch"), "data_root": str(data.root), "headline": headline,
                       "untouched_test": headline == "test", "stain": "macenko" if normalizer else None,
@@ -327,8 +318,9 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
         eval_report.write_predictions(tmp / "predictions.csv", pred, threshold)
         eval_report.write_patients(tmp / "patients.csv", patient_rows, result["patient"]["rule"])
         files = figures.write_figures(tmp, shown, result, patient_rows, part=headline)
-        if (path.parent / "log.jsonl").is_file():
-            files += figures.learning_curves_from_log(path.parent / "log.jsonl", tmp / "learning_curves.png")
+        if log:
+            figures.plot_learning_curves(log, tmp / "learning_curves.png")
+            files.append("learning_curves.png")
         if args.gradcam:
             picks = gradcam.gradcam_picks(shown, threshold, args.gradcam)
             cams, result["meta"]["gradcam"] = gradcam.write_gradcam(tmp / "gradcam", net, normalizer, data.root, picks,
@@ -375,8 +367,8 @@ def run_cv(args, device) -> int:
     result, preds, pats = crossval.summarize(folds, args.bootstrap, args.seed)
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_json(tmp / "metrics.json", result)
-        eval_report.write_csv(tmp / "predictions.csv", ["fold", *crossval.PREDICTION_COLUMNS],
-                              ([r["fold"], *(r[c] for c in crossval.PREDICTION_COLUMNS)] for r in preds))
+        eval_report.write_csv(tmp / "predictions.csv", ["fold", *eval_report.PREDICTION_COLUMNS],
+                              ([r["fold"], *(r[c] for c in eval_report.PREDICTION_COLUMNS)] for r in preds))
         eval_report.write_csv(tmp / "patients.csv", ["fold", *eval_report.PATIENT_COLUMNS, "rule"],
                               ([r["fold"], *(r[c] for c in [*eval_report.PATIENT_COLUMNS, "rule"])] for r in pats))
         common.atomic_write_text(tmp / "report.md", crossval.render(result))

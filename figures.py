@@ -64,15 +64,6 @@ def epoch_records(log_path: Path) -> list[dict]:
     return records
 
 
-def learning_curves_from_log(log_path: Path, out_png: Path) -> list[str]:
-    """plot_learning_curves of a run's log.jsonl (unparsable lines skipped); returns [png name] or [] if empty."""
-    records = epoch_records(log_path)
-    if not records:
-        return []
-    plot_learning_curves(records, out_png)
-    return [out_png.name]
-
-
 # ----------------------------------------------------------------------------------------------- evaluation
 def _two_classes(y) -> bool:
     return len(y) > 0 and 0 < np.sum(y) < len(y)

@@ -2,7 +2,7 @@
 
 Owns which patient goes where: the split flags, the deterministic stratified split, duplicate-content groups, and the
 checks a split must pass wherever it is loaded. It is the "splits" part of the design card's common.py, a module of
-its own because training and the audit must resolve the very same split; it imports nothing but common.
+its own because training and the audit must resolve the very same split; it imports only common and metrics.
 
     import common, splits
     data = common.load_data(root)

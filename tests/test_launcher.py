@@ -220,8 +220,6 @@ def help_example(help_text: str) -> list[str]:
     return line.split()[3:]  # after "HELICO_DATA=demo_data bash run_h_pylori.sh"
 
 
-
-
 def test_the_audit_gets_exactly_the_split_flags_of_splits_py():
     # the launcher reads them from the code at start-up; a copy kept by hand drifted once
     import splits
@@ -558,8 +556,7 @@ def test_an_array_task_trains_and_audits_its_fold_into_its_own_run_folder(node, 
 
 
 def test_an_explicit_fold_wins_over_the_array_task(node, demo_root):
-    r = node.copy_demo(demo_root).run("--run-id", "28", "--folds", "3", "--fold", "2", *TRAIN_FLAGS, CACHE="off",
-                                      STAGE_DIR="off", PYTHON=python_whose_train_exits(node.tmp, 2),
-                                      SLURM_ARRAY_TASK_ID="1")
+    r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "28", "--folds", "3", "--fold", "2", *TRAIN_FLAGS,
+                         CACHE="off", STAGE_DIR="off", SLURM_ARRAY_TASK_ID="1")
     assert r.returncode == 2, r.stderr[-3000:]
     assert "array task" not in r.stderr and "28-f1" not in r.stderr
