@@ -41,6 +41,7 @@ def plot_learning_curves(records: list[dict], path) -> None:
             if any(k in r for r in records):
                 ax.plot(epochs, [r.get(k, np.nan) for r in records], "o-", label=k)
         ax.set(xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs, never "epoch 1.25"
     if "dummy_pr_auc" in records[-1]:
         val.axhline(records[-1]["dummy_pr_auc"], ls="--", c="grey", label="dummy PR-AUC (prevalence)")
     loss.set(title="loss (BCE, positive-weighted)")
