@@ -6,14 +6,14 @@ Usage:
     python bench.py --data-root $HELICO_DATA --device cuda --no-channels-last --no-amp   # compare settings
 
 Stages (img/s; warm-up batches excluded; CUDA timings bracketed by torch.cuda.synchronize):
-    load_png    DataLoader over common.PatchDataset (PNG decode + resize) with --workers processes
-    load_cache  DataLoader over patch_cache.CachedPatchDataset (one memmap gather per batch), same workers
-    stream      resident.StreamedBatches: a reading thread gathers batches from the memmap into pinned buffers,
+    load_png    DataLoader over helicodata.PatchDataset (PNG decode + resize) with --workers processes
+    load_cache  DataLoader over packed_cache.CachedPatchDataset (one memmap gather per batch), same workers
+    stream      feeds.StreamedBatches: a reading thread gathers batches from the memmap into pinned buffers,
                 copied to the device (train.py's fallback when the patches do not fit on the device)
     normalize   on the device: Macenko + per-sample colour jitter + symmetry + ImageNet normalization
                 (model.model_input, exactly what train.py runs)
     model_step  forward + backward + AdamW step on synthetic on-device batches: the ceiling
-    loop        train.py's loop with --cache: resident.cache_batches (patches held on the device when they fit in
+    loop        train.py's loop with --cache: feeds.cache_batches (patches held on the device when they fit in
                 --resident-max-frac of its free memory, else streamed) -> normalize -> step
     loop_loader the loop before issue 13: DataLoader over the cache (--loop-source png: PNGs) -> device -> normalize
                 -> step, for comparison
@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 
 import common
-import loaders
-import model
-import patch_cache
-import resident
+from helico import helicodata, loaders
+from helico import model
+from helico import packed_cache
+from helico import feeds
 
 PREFETCH = 2  # batches each worker decodes ahead; a loader stage warms up through this backlog too
 STAGES = ("load_png", "load_cache", "stream", "normalize", "model_step", "loop", "loop_loader", "train")
@@ -88,7 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset to time, e.g. "
                    "load_png,load_cache for loading alone at real sizes on a CPU-only machine")
     p.add_argument("--loop-source", choices=("cache", "png"), default="cache", help="loader of the loop_loader stage")
-    p.add_argument("--resident-max-frac", type=float, default=resident.DEFAULT_MAX_FRAC, help="as train.py's: the "
+    p.add_argument("--resident-max-frac", type=float, default=feeds.DEFAULT_MAX_FRAC, help="as train.py's: the "
                    "loop stage holds the patches on the device when they take at most this share of its free memory "
                    "(else it streams them); 0 times the streamed fallback")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (model_step, loop, loop_loader and "
@@ -102,7 +102,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="NHWC layout for model and input; default on for CUDA, off on CPU")
     p.add_argument("--macenko", action=argparse.BooleanOptionalAction, default=True,
                    help="include Macenko in the normalize and loop stages (skipped anyway for a normalized cache)")
-    p.add_argument("--reference-patch", default=common.DEFAULT_REFERENCE, help="stain reference, relative to the "
+    p.add_argument("--reference-patch", default=helicodata.DEFAULT_REFERENCE, help="stain reference, relative to the "
                    "data root or absolute")
     return p
 
@@ -244,7 +244,7 @@ def cache_feed(cached, args, device, max_frac: float):
     load). A shuffling sampler stands in for train.py's epoch sampler (the same cost: one order per epoch)."""
     sampler = torch.utils.data.RandomSampler(range(len(cached)), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    batches, _, how = resident.cache_batches(cached, sampler, cached, [], args.batch_size, True, device, max_frac)
+    batches, _, how = feeds.cache_batches(cached, sampler, cached, [], args.batch_size, True, device, max_frac)
     sync(device)
     return batches, how, time.perf_counter() - t0
 
@@ -265,7 +265,7 @@ def train_stage(args, data, cache_dir, tmp: str) -> dict:
             "--amp" if args.amp else "--no-amp", "--channels-last" if args.channels_last else "--no-channels-last",
             *(["--limit-samples", str(args.limit_samples)] if args.limit_samples else []),
             *(["--compile"] if args.compile else [])]
-    normalized = bool((patch_cache.read_meta(cache_dir) or {}).get("normalized"))
+    normalized = bool((packed_cache.read_meta(cache_dir) or {}).get("normalized"))
     if args.macenko:
         argv += ["--reference-patch", args.reference_patch, "--cache-normalized" if normalized else
                  "--no-cache-normalized"]
@@ -281,7 +281,7 @@ def train_stage(args, data, cache_dir, tmp: str) -> dict:
 
 def bench_samples(data, limit: int) -> list:
     """One sample per path, a fixed random subset: every stage sees the same patches."""
-    samples = patch_cache.unique_samples(data.all_samples())
+    samples = packed_cache.unique_samples(data.all_samples())
     random.Random(0).shuffle(samples)
     return samples[:limit] if limit else samples
 
@@ -289,17 +289,17 @@ def bench_samples(data, limit: int) -> list:
 def open_cache(args, data, samples, tmp: str) -> tuple:
     """(CachedPatchDataset over `samples`, cache dir, build report or None)."""
     if args.cache:  # a training run's cache, as it is: a plain or normalized one is timed, never rebuilt
-        meta = patch_cache.read_meta(Path(args.cache)) or {}
-        normalized = bool(meta.get("normalized")) and meta.get("version") == patch_cache.VERSION
+        meta = packed_cache.read_meta(Path(args.cache)) or {}
+        normalized = bool(meta.get("normalized")) and meta.get("version") == packed_cache.VERSION
         reference = meta["stain"]["reference"] if normalized else None
-        report = patch_cache.build_cache(data, args.cache, args.image_size, args.workers, normalized, reference,
+        report = packed_cache.build_cache(data, args.cache, args.image_size, args.workers, normalized, reference,
                                          args.device, progress=False, rebuild=False)
         cache_dir = Path(args.cache)
     else:
         cache_dir = Path(tmp) / "cache"
-        report = patch_cache.build_cache(data, cache_dir, args.image_size, args.workers, progress=False,
+        report = packed_cache.build_cache(data, cache_dir, args.image_size, args.workers, progress=False,
                                          samples=samples)
-    return patch_cache.CachedPatchDataset(cache_dir, samples, args.image_size, root=data.root), cache_dir, report
+    return packed_cache.CachedPatchDataset(cache_dir, samples, args.image_size, root=data.root), cache_dir, report
 
 
 def train_cache(args, data, tmp: str) -> Path:
@@ -309,7 +309,7 @@ def train_cache(args, data, tmp: str) -> Path:
         return Path(args.cache)
     where = Path(tmp) / "train-cache"
     log(f"train stage: building a temporary cache of all {len(data.all_samples())} patches (give --cache to reuse one)")
-    patch_cache.build_cache(data, where, args.image_size, args.workers, args.macenko, args.reference_patch,
+    packed_cache.build_cache(data, where, args.image_size, args.workers, args.macenko, args.reference_patch,
                             args.device, progress=False)
     return where
 
@@ -317,7 +317,7 @@ def train_cache(args, data, tmp: str) -> Path:
 def run(args) -> dict:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed input size, as in train.py
-    data = common.load_data(args.data_root)
+    data = helicodata.load_data(args.data_root)
     samples = bench_samples(data, args.limit_samples)
     if len(samples) < args.batch_size:
         raise common.DataError(f"--batch-size {args.batch_size}: only {len(samples)} patches; lower it")
@@ -327,7 +327,7 @@ def run(args) -> dict:
         normalizer = None
         if args.macenko and not cached.normalized and {"normalize", "loop", "loop_loader"} & set(args.stages):
             normalizer = model.fit_stain_reference(data.root, args.reference_patch).to(device)
-        png = common.PatchDataset(data.root, samples, args.image_size)
+        png = helicodata.PatchDataset(data.root, samples, args.image_size)
         t = lambda steps, extra=0: timed(steps, device, args.warmup + extra, args.batches, args.min_seconds)
         backlog = args.workers * PREFETCH  # batches ready before timing starts would inflate a loader's rate
         run = model.precision(device, args.amp, args.channels_last)
@@ -356,7 +356,7 @@ def run(args) -> dict:
             stages[name] = stage[name]()
             if name.startswith("load_"):  # the same loader in this process alone: one core's rate
                 per_core[name] = per_core_rate(png if name == "load_png" else cached, args, args.min_seconds)
-        cache_size = patch_cache.cache_bytes(cache_dir)
+        cache_size = packed_cache.cache_bytes(cache_dir)
     return summarize(args, device, stages, per_core, len(samples), cached, cache_size, build, normalizer is not None,
                      feeds.get(args.resident_max_frac))
 

@@ -65,19 +65,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import analysis
+from helico import analysis, helicodata
 import common
-import crossval
-import eval_report
-import figures
-import gradcam
-import loaders
+from helico import crossval
+from helico import eval_report
+from helico import figures
+from helico import gradcam
+from helico import loaders
 import macenko_gpu
-import metrics
-import model
-import patch_cache
-import resident
-import splits
+from helico import metrics
+from helico import model
+from helico import packed_cache
+from helico import feeds
+from helico import splits
 from common import DataError
 
 
@@ -117,7 +117,7 @@ def get_args_parser():
     p.add_argument("--cache", metavar="DIR", help="packed uint8 cache of decoded patches (built on first use, reused "
                    "after; see patch_cache.py): later epochs and evaluations never decode a PNG. Put it on node-local "
                    "disk")
-    p.add_argument("--resident-max-frac", type=float, default=resident.DEFAULT_MAX_FRAC, metavar="F", help="with "
+    p.add_argument("--resident-max-frac", type=float, default=feeds.DEFAULT_MAX_FRAC, metavar="F", help="with "
                    "--cache: score from one uint8 tensor of the patches on the device when it takes at most F of its "
                    "free memory (CPU: available RAM), else stream them from the host cache by a thread (no DataLoader "
                    "either way); 0: always stream")
@@ -164,7 +164,7 @@ def data_root_of(ckpt: dict, override: str | None, path) -> str:
     return root
 
 
-def split_parts(ckpt: dict, data: common.HelicoData, path) -> dict[str, list[str]]:
+def split_parts(ckpt: dict, data: helicodata.HelicoData, path) -> dict[str, list[str]]:
     """{"val": patients, "test": patients} of the checkpoint's split, checked against the data root. The test part
     is empty for a two-part split (or one written before splits had three parts): no untouched set."""
     split = ckpt["split"] if isinstance(ckpt["split"], dict) else {}
@@ -183,10 +183,10 @@ def split_parts(ckpt: dict, data: common.HelicoData, path) -> dict[str, list[str
 def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: bool):
     """The samples read from the packed cache, and the normalizer still to apply to them: none when the cache holds
     patches already normalized to the checkpoint's own stain reference (refused when to another one)."""
-    ds = patch_cache.CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=skip_bad)
+    ds = packed_cache.CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=skip_bad)
     if not ds.normalized:
         return ds, normalizer
-    if not patch_cache.same_stain(ds.stain, normalizer.state_dict() if normalizer else None):
+    if not packed_cache.same_stain(ds.stain, normalizer.state_dict() if normalizer else None):
         raise DataError(f"--cache {cache}: holds patches Macenko-normalized to {ds.reference}, but the checkpoint was "
                         f"trained {'with another stain reference' if normalizer else 'without Macenko'}; give "
                         f"--cache a folder of plain patches")
@@ -195,23 +195,23 @@ def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: 
 
 def score_samples(net, normalizer, root, samples, image_size: int, device, *, batch_size: int, workers: int,
                   skip_bad: bool = False, cache=None, run: model.Precision | None = None,
-                  resident_max_frac: float = resident.DEFAULT_MAX_FRAC) -> tuple[np.ndarray, list[int]]:
+                  resident_max_frac: float = feeds.DEFAULT_MAX_FRAC) -> tuple[np.ndarray, list[int]]:
     """Sigmoid scores (NaN for skipped undecodable files) and the indices skipped; batched, under `run`'s precision
-    and layout (default float32, contiguous). With a cache, no DataLoader: resident.scoring_batches."""
+    and layout (default float32, contiguous). With a cache, no DataLoader: feeds.scoring_batches."""
     run = run or model.precision(device, amp=False)
     if cache is None:
-        ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=skip_bad)
+        ds = helicodata.PatchDataset(root, samples, image_size=image_size, skip_bad=skip_bad)
         loader = loaders.make_loader(ds, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
     else:  # on the device when it fits, else streamed by a thread: no worker pickles a batch
         ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, skip_bad)
-        loader, _ = resident.scoring_batches(ds, batch_size, device, resident_max_frac)
+        loader, _ = feeds.scoring_batches(ds, batch_size, device, resident_max_frac)
     scores, bad = np.full(len(samples), np.nan), []
     net = run.place(net, device)
     interactive = sys.stderr.isatty()  # in a log file a cleared bar leaves its last state for the next line to land on
     bar = tqdm(loader, desc="scoring", unit="batch", mininterval=2 if interactive else 30, leave=not interactive)
     with torch.inference_mode(), contextlib.closing(bar):
         for images, labels, idx in bar:
-            images, labels, idx, dropped = common.drop_bad(images, labels, idx)
+            images, labels, idx, dropped = helicodata.drop_bad(images, labels, idx)
             bad += dropped
             if len(idx) == 0:
                 continue
@@ -223,12 +223,12 @@ def score_samples(net, normalizer, root, samples, image_size: int, device, *, ba
 
 
 def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, batch_size: int, workers: int,
-            skip_bad: bool, no_amp: bool, cache=None, resident_max_frac: float = resident.DEFAULT_MAX_FRAC
+            skip_bad: bool, no_amp: bool, cache=None, resident_max_frac: float = feeds.DEFAULT_MAX_FRAC
             ) -> tuple[analysis.Predictions, list[str]]:
     """Scores of `rows` (from the packed cache in `cache` when given) and the paths of skipped undecodable files."""
     samples, size = [r.sample for r in rows], int(ckpt["image_size"])
     if cache:
-        cache = patch_cache.prepare(cache, data, size, max(1, workers), device=device)
+        cache = packed_cache.prepare(cache, data, size, max(1, workers), device=device)
     scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=batch_size,
                                 workers=workers, skip_bad=skip_bad, cache=cache,
                                 run=scoring_precision(ckpt, device, no_amp), resident_max_frac=resident_max_frac)
@@ -266,7 +266,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     eval_report.check_out_folder(out)
     ckpt = model.load_checkpoint(path)
     net, normalizer = model.from_checkpoint(ckpt, path, args.arch, device)
-    data = common.load_data(data_root_of(ckpt, args.data_root, path))
+    data = helicodata.load_data(data_root_of(ckpt, args.data_root, path))
     parts = split_parts(ckpt, data, path)
     hash_cache = splits.hash_cache_path(None, data.root)
     shared = splits.shared_content(data, cache=hash_cache, progress=False)
@@ -274,7 +274,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     holdout = data.holdout_patients if args.holdout else []
     if args.holdout:
         if not holdout:
-            raise DataError(f"--holdout: {data.root} has no HoldOut patients (missing {common.TREES['holdout']}/ "
+            raise DataError(f"--holdout: {data.root} has no HoldOut patients (missing {helicodata.TREES['holdout']}/ "
                             f"folder?)")
         splits.check_holdout_independent(data, shared)  # exit 1: a HoldOut that overlaps CV proves nothing
     rows, identical = analysis.count_identical_once(analysis.evaluation_rows(data, parts, holdout), data.root,
@@ -362,7 +362,7 @@ def run_cv(args, device) -> int:
                             device)
     folds = sorted((crossval.read_fold(r) for r in runs), key=lambda f: (f.split.get("fold") is None,
                                                                          f.split.get("fold")))
-    data = common.load_data(folds[0].metrics["meta"]["data_root"])
+    data = helicodata.load_data(folds[0].metrics["meta"]["data_root"])
     crossval.check_folds(folds, data.cv_patients)
     result, preds, pats = crossval.summarize(folds, args.bootstrap, args.seed)
     with eval_report.replaced_folder(out) as tmp:
@@ -390,7 +390,7 @@ def run_compare(args, device) -> int:
     out = Path(args.out) if args.out else paths[0].parent / "compare"
     eval_report.check_out_folder(out)
     ckpts = [model.load_checkpoint(p) for p in paths]
-    data = common.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
+    data = helicodata.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
     parts = [split_parts(c, data, p) for c, p in zip(ckpts, paths)]
     part = "test" if all(ps["test"] for ps in parts) and set.intersection(*(set(ps["test"]) for ps in parts)) \
         else "val"

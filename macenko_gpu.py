@@ -1,13 +1,5 @@
 """Batched IHC stain normalization (hematoxylin + DAB): one vectorised pass over a whole batch, on CPU or CUDA.
 
-Usage:
-    # offline pre-normalization: every PNG under IN_DIR (recursively) -> same tree under OUT_DIR
-    python macenko_gpu.py --reference ref.png IN_DIR OUT_DIR [--device cuda] [--batch-size 64]
-    # speed of this implementation and of torchstain's per-image normalizer, same inputs and device
-    python macenko_gpu.py --benchmark [--device cpu|cuda] [--batch-size 64] [--size 224] [--json OUT]
-    # a mosaic to judge by eye: --count patches of IN_DIR as original | default (ihc) | canonical Macenko
-    python macenko_gpu.py --preview --reference ref.png IN_DIR OUT.png [--count 8]
-
 In code (what training and evaluation do):
     norm = MacenkoNormalizer().fit(load_rgb("ref.png")).to("cuda")
     x = norm.normalize(batch)      # uint8 (B,3,H,W) -> float32 (B,3,H,W) in [0,1] on batch's device
@@ -30,7 +22,8 @@ Modes (mode=..., stored in the state; every mode is one batched pass, no per-ima
   * "auto": the previous default (single-stain tiles keep one stain), kept only so checkpoints trained with it
     normalize as they were trained; it turns sparse rods blue (projected onto hematoxylin). Not for new runs.
 States written before the modes existed (single_stain="auto"/"off") load as "auto"/"macenko".
-python stain_check.py prints bacteria AUROC / brown-nuclei numbers of every mode on synthetic IHC patches.
+The command line (a folder, --preview mosaics, the torchstain benchmark) is stain.py; python stain_check.py prints
+bacteria AUROC / brown-nuclei numbers of every mode on synthetic IHC patches.
 
 The reference must define DAB: fit() raises a one-line ValueError for one with under 100 tissue pixels, under
 0.2% of its tissue on DAB, or hematoxylin and DAB vectors < 30 degrees apart (diffuse DAB on its nuclei: its
@@ -50,25 +43,18 @@ Memory: chunks of chunk_pixels pixels (2^20 on CPU: cache-sized, few parallel re
 of working memory per pixel of a chunk (~60 MB on CPU, ~1 GB on CUDA; ~4 MB per 256x256 image) plus the float32
 output (12 bytes per pixel). No torch.quantile (2^24-element limit): any batch size works (tested: 512 x 256x256).
 
-Exit codes: 0 ok, 2 bad input or usage (missing reference, empty folder, unreadable PNG, missing torchstain).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-import devices  # --device: the rule every script shares (torch only: this module stays free of common)
-import stain_math as sm
+import common
+from helico import stain_math as sm
 
 MAX_CONC_PERCENTILE = sm.MAX_CONC_PERCENTILE
 CPU_CHUNK_PIXELS = 2 ** 20  # ~20 tiles of 224x224: OD (12 MB) stays below glibc's mmap threshold, few parallel regions
@@ -84,7 +70,6 @@ PALE_PERCENTILE = 25  # ihc: hematoxylin's angle ignores this palest share of ti
 MIN_HEMATOXYLIN_ANGLE = 10.0  # ihc: a patch whose hematoxylin estimate lies closer to DAB is nearly all DAB
 GOOD_REFERENCE = ("a good reference is a tissue-rich tile whose DAB-free nuclei are blue and that shows clear brown "
                   "DAB (a few bacteria or other DAB-positive structures, >= 0.2% of its tissue)")
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
 SETTINGS = ("mode", "io", "alpha", "beta", "dab_scale", "single_stain_angle", "stain_presence", "min_tissue_pixels")
 
 
@@ -397,53 +382,11 @@ def synthetic_ihc_tiles(count, size=224, seed=0, dab=True) -> torch.Tensor:
 STAIN_OD = torch.nn.functional.normalize(torch.tensor([[0.650, 0.268], [0.704, 0.570], [0.286, 0.776]]), dim=0)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def normalize_folder(reference, in_dir, out_dir, device, batch_size, mode="ihc") -> int:
-    """Normalize every PNG under in_dir into the same relative path under out_dir; returns how many."""
-    in_dir, out_dir = Path(in_dir), Path(out_dir)
-    if not Path(reference).is_file():
-        raise FileNotFoundError(f"reference image not found: {reference}")
-    if not in_dir.is_dir():
-        raise FileNotFoundError(f"input folder not found: {in_dir}")
-    if out_dir.resolve() == in_dir.resolve() or in_dir.resolve() in out_dir.resolve().parents:
-        raise ValueError(f"output folder {out_dir} must not be the input folder or inside it")
-    files = sorted(p for p in in_dir.rglob("*") if p.suffix.lower() == ".png" and p.is_file())  # skips Thumbs.db
-    if not files:
-        raise ValueError(f"no .png files under {in_dir}")
-    norm = MacenkoNormalizer(mode=mode).to(device).fit(load_rgb(reference))
-    from tqdm import tqdm
-    batch, paths = [], []
-    for path in tqdm(files, unit="img", desc="macenko", disable=None):
-        image = load_rgb(path)
-        if batch and (len(batch) == batch_size or image.shape != batch[0].shape):  # a batch holds one tile size
-            _write_batch(norm, batch, paths, in_dir, out_dir)
-            batch, paths = [], []
-        batch.append(image)
-        paths.append(path)
-    _write_batch(norm, batch, paths, in_dir, out_dir)
-    return len(files)
+# ---------------------------------------------------------------------------------------------- previews
 
 
-def _write_batch(norm, images, paths, in_dir, out_dir):
-    levels = norm.normalize(torch.stack(images).to(norm.device)).mul(255).round().to(torch.uint8)
-    for rgb, path in zip(levels.permute(0, 2, 3, 1).cpu().numpy(), paths):
-        _atomic_write(out_dir / path.relative_to(in_dir), lambda f, a=rgb: Image.fromarray(a).save(f, "PNG"))
 
 
-def _atomic_write(target: Path, write):
-    """write(file) into a temp file next to target, then rename: a crash never leaves a half-written file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: as common.atomic_path, give open()'s permissions
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def preview_mosaic(images, columns: dict, row_labels=None, tile=160) -> Image.Image:
@@ -473,132 +416,5 @@ def stain_preview(normalizer, paths, labels, out_png) -> None:
     canonical = MacenkoNormalizer.from_state_dict({**normalizer.state_dict(), "mode": "macenko"})
     columns = {f"as trained ({normalizer.mode})": normalizer, "canonical Macenko": canonical.to(normalizer.device)}
     mosaic = preview_mosaic([load_rgb(p) for p in paths], columns, labels)
-    _atomic_write(Path(out_png), lambda f: mosaic.save(f, "PNG"))
-
-
-def preview(reference, in_dir, out_png, count=8, device="cpu") -> int:
-    """Mosaic of `count` PNGs spread evenly over in_dir's sorted tree: original | default (ihc) | canonical
-    (macenko; left out, with a note, if the reference cannot serve it). Returns how many patches it shows."""
-    in_dir = Path(in_dir)
-    if not Path(reference).is_file():
-        raise FileNotFoundError(f"reference image not found: {reference}")
-    files = sorted(p for p in in_dir.rglob("*") if p.suffix.lower() == ".png" and p.is_file()) if in_dir.is_dir() \
-        else []
-    if not files:
-        raise ValueError(f"no .png files under {in_dir}")
-    picked = [files[i * len(files) // min(count, len(files))] for i in range(min(count, len(files)))]
-    ref, columns = load_rgb(reference), {}
-    columns["default (ihc)"] = MacenkoNormalizer().to(device).fit(ref)
-    try:
-        columns["canonical Macenko"] = MacenkoNormalizer(mode="macenko").to(device).fit(ref)
-    except ValueError as err:
-        print(f"note: canonical Macenko column left out: {err}", file=sys.stderr)
-    mosaic = preview_mosaic([load_rgb(p) for p in picked], columns, [p.relative_to(in_dir).as_posix() for p in picked])
-    _atomic_write(Path(out_png), lambda f: mosaic.save(f, "PNG"))
-    return len(picked)
-
-
-def _timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # time the work, not the queueing
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, result
-
-
-def benchmark(device, batch_size=64, size=224, repeats=3) -> dict:
-    """img/s of normalize() (default ihc mode, and canonical macenko) on one batch and of torchstain's per-image
-    TorchMacenkoNormalizer on the same tiles; the grey-level difference of the macenko mode to torchstain."""
-    try:
-        from torchstain.torch.normalizers import TorchMacenkoNormalizer
-    except ImportError:
-        raise ValueError("--benchmark compares against torchstain, which is not installed: "
-                         "pip install -r requirements-dev.txt") from None
-    device = torch.device(device)
-    tiles = synthetic_ihc_tiles(batch_size + 1, size, seed=0).to(device)
-    reference, batch = tiles[0], tiles[1:]
-    theirs, rates, outputs = TorchMacenkoNormalizer(), {}, {}
-    theirs.fit(reference)
-    for mode in ("ihc", "macenko"):
-        ours = MacenkoNormalizer(mode=mode).to(device).fit(reference)
-        ours.normalize(batch[:2])  # warm-up: kernels, allocator
-        runs = [_timed(lambda: ours.normalize(batch), device) for _ in range(repeats)]
-        rates[mode], outputs[mode] = batch_size / sorted(t for t, _ in runs)[len(runs) // 2], runs[0][1]  # median
-    theirs.normalize(batch[0], stains=False)
-    theirs_s, theirs_out = _timed(lambda: [theirs.normalize(t, stains=False)[0] for t in batch], device)
-    diff = outputs["macenko"].mul(255).round() - torch.stack(theirs_out).permute(0, 3, 1, 2).float()
-    theirs_rate = batch_size / theirs_s
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU thread(s)"
-    return {"device": str(device), "card": card, "batch_size": batch_size, "size": size, "torch": torch.__version__,
-            "macenko_gpu_img_per_s": round(rates["ihc"], 1), "macenko_mode_img_per_s": round(rates["macenko"], 1),
-            "torchstain_img_per_s": round(theirs_rate, 1), "ratio": round(rates["ihc"] / theirs_rate, 2),
-            "macenko_mode_ratio": round(rates["macenko"] / theirs_rate, 2),
-            "mean_abs_level_difference": round(float(diff.abs().mean()), 3)}
-
-
-def get_args_parser():
-    p = argparse.ArgumentParser(description="Batched, IHC-safe Macenko stain normalization: normalize a folder of "
-                                "PNGs, or --benchmark against torchstain.", epilog="exit codes: 0 ok, 2 bad input")
-    p.add_argument("in_dir", nargs="?", help="folder of PNG tiles, searched recursively (folder mode)")
-    p.add_argument("out_dir", nargs="?", help="where the normalized PNGs go, same relative paths; not inside IN_DIR")
-    p.add_argument("--reference", help="PNG defining the target colours: a tissue-rich tile with blue DAB-free nuclei "
-                   "and clear brown DAB (a few bacteria are enough); keep the same one for training and evaluation")
-    p.add_argument("--preview", action="store_true", help="write a mosaic PNG (OUT_DIR is then the PNG's path) of "
-                   "--count patches of IN_DIR: original | default | canonical Macenko, to judge the stain by eye")
-    p.add_argument("--count", type=int, default=8, help="--preview: patches shown, spread evenly over IN_DIR")
-    p.add_argument("--benchmark", action="store_true", help="print img/s of this implementation and of torchstain's "
-                   "per-image normalizer on the same synthetic tiles and device (needs requirements-dev.txt)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per normalize() call; 256 or more pays off "
-                   "on a GPU, 64 is plenty on a CPU")
-    p.add_argument("--size", type=int, default=224, help="benchmark tile side in pixels")
-    p.add_argument("--repeats", type=int, default=3, help="benchmark: timed runs of our batch (the median counts)")
-    p.add_argument("--json", help="benchmark: also write the numbers to this JSON file")
-    p.add_argument("--mode", choices=MODES, default="ihc", help="ihc (default): DAB vector from the reference, its "
-                   "amount kept, hematoxylin per patch - bacteria stay brown, nuclei stay blue; macenko: canonical "
-                   "Macenko on every patch (torchstain's; paints DAB-free nuclei brown); auto: the previous default, "
-                   "for checkpoints trained with it (loses sparse bacteria)")
-    return p
-
-
-def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        if args.batch_size < 1 or args.size < 8 or args.repeats < 1:
-            raise ValueError("--batch-size and --repeats must be >= 1 and --size >= 8")
-        device = devices.resolve_device(args.device)
-        if args.benchmark:
-            if args.reference or args.in_dir:
-                raise ValueError("--benchmark takes no --reference, IN_DIR or OUT_DIR")
-            r = benchmark(device, args.batch_size, args.size, args.repeats)
-            print(f"{r['device']} ({r['card']}), batch {r['batch_size']} x 3x{r['size']}x{r['size']}, "
-                  f"torch {r['torch']}")
-            print(f"macenko_gpu, default ihc mode (batched) : {r['macenko_gpu_img_per_s']:10.1f} img/s")
-            print(f"macenko_gpu, macenko mode (batched)     : {r['macenko_mode_img_per_s']:10.1f} img/s")
-            print(f"torchstain (per-image loop)             : {r['torchstain_img_per_s']:10.1f} img/s")
-            print(f"ratio, ihc / torchstain                 : {r['ratio']:10.2f}x")
-            print(f"ratio, macenko mode / torchstain        : {r['macenko_mode_ratio']:10.2f}x  (outputs differ by "
-                  f"{r['mean_abs_level_difference']} grey levels on average)")
-            if args.json:
-                _atomic_write(Path(args.json), lambda f: f.write(json.dumps(r, indent=2).encode()))
-            return EXIT_OK
-        if not (args.reference and args.in_dir and args.out_dir):
-            raise ValueError("folder mode needs --reference REF.png IN_DIR OUT_DIR (or use --benchmark)")
-        if args.preview:
-            if args.count < 1 or not args.out_dir.lower().endswith(".png"):
-                raise ValueError("--preview needs --count >= 1 and an OUT.png path ending in .png")
-            shown = preview(args.reference, args.in_dir, args.out_dir, args.count, device)
-            print(f"wrote {args.out_dir}: {shown} patches, original | default (ihc) | canonical Macenko")
-            return EXIT_OK
-        count = normalize_folder(args.reference, args.in_dir, args.out_dir, device, args.batch_size, args.mode)
-        print(f"normalized {count} images into {args.out_dir}")
-        return EXIT_OK
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    with common.atomic_path(out_png) as tmp:
+        mosaic.save(tmp, "PNG")

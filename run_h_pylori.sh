@@ -83,7 +83,7 @@ read_split_flags() {
   listing=$("$PY" - "$CODE_DIR" <<'PY'
 import sys
 sys.path.insert(0, sys.argv[1])
-import splits
+from helico import splits
 for action in splits.split_args_parser()._actions:
     for flag in action.option_strings:
         if flag.startswith("--") and action.nargs in (None, 0):  # a value, or none (store_true)
@@ -91,9 +91,9 @@ for action in splits.split_args_parser()._actions:
         elif flag.startswith("--"):
             sys.exit(f"split flag {flag}: nargs={action.nargs!r} is not supported by run_h_pylori.sh")
 PY
-) || die 2 "PYTHON=$PY cannot read the split flags from $CODE_DIR/splits.py (error above); set PYTHON to the project's venv"
+) || die 2 "PYTHON=$PY cannot read the split flags from $CODE_DIR/helico/splits.py (error above); set PYTHON to the project's venv"
   while read -r name nargs; do [[ -z $name ]] || SPLIT_FLAGS[$name]=$nargs; done <<<"$listing"
-  (( ${#SPLIT_FLAGS[@]} )) || die 2 "no split flags found in $CODE_DIR/splits.py"
+  (( ${#SPLIT_FLAGS[@]} )) || die 2 "no split flags found in $CODE_DIR/helico/splits.py"
 }
 
 # Flags this script reads itself: [flag]=number of values.

@@ -13,7 +13,7 @@ log.jsonl (one JSON line per epoch), best.pt (highest validation PR-AUC), last.p
 Checkpoints are plain dicts of tensors and Python values: torch.load(path, weights_only=True) reads them.
 
 Pipeline: DataLoader workers only decode PNGs to uint8; with --cache there is no DataLoader: the packed uint8 patches
-sit on the device (or stream from the host when they do not fit, see resident.py), Macenko already applied by default
+sit on the device (or stream from the host when they do not fit, see feeds.py), Macenko already applied by default
 (--cache-normalized). On the device, batched: Macenko (unless the cache holds normalized patches) ->
 colour jitter with independent random factors per sample -> one of the 8 symmetries of the square per sample ->
 ImageNet normalization -> model under autocast (bf16 where supported, else fp16 with a GradScaler; off on CPU
@@ -51,13 +51,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-import figures
-import loaders
-import metrics
-import model
-import patch_cache
-import resident
-import splits
+from helico import figures, helicodata
+from helico import loaders
+from helico import metrics
+from helico import model
+from helico import packed_cache
+from helico import feeds
+from helico import splits
 
 EXIT_NAN, EXIT_PREEMPTED = common.EXIT_NAN, common.EXIT_STOPPED
 SKIPPED = "skipped_images.txt"  # --skip-bad-images: the undecodable files left out, one path per line
@@ -132,7 +132,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "the stain still goes in checkpoints; same pixels, so bitwise the same weights). Default: on with "
                    "--cache and --macenko, unless the --cache folder already holds a finished plain cache of this "
                    "size (then Macenko runs on the device each step, as with --no-cache-normalized)")
-    g.add_argument("--resident-max-frac", type=float, default=resident.DEFAULT_MAX_FRAC, metavar="F", help="with "
+    g.add_argument("--resident-max-frac", type=float, default=feeds.DEFAULT_MAX_FRAC, metavar="F", help="with "
                    "--cache: hold the training patches and this rank's validation patches on the device (one uint8 "
                    "tensor, batches gathered there: no DataLoader) when they take at most F of its free memory (CPU: "
                    "available RAM); otherwise a reading thread streams them from the host cache. 0: always stream")
@@ -241,7 +241,7 @@ def resolve_args(args, device, local_world: int) -> None:
     if args.cache_normalized and not (args.cache and args.macenko):
         raise common.DataError("--cache-normalized: needs --cache DIR and --macenko (it stores Macenko's output)")
     if args.cache_normalized is None:  # Macenko once, at cache build time, unless a plain cache is already there
-        args.cache_normalized = bool(args.cache and args.macenko) and not patch_cache.holds_plain(args.cache,
+        args.cache_normalized = bool(args.cache and args.macenko) and not packed_cache.holds_plain(args.cache,
                                                                                                   args.image_size)
     if not 0 <= args.resident_max_frac <= 1:
         raise common.DataError(f"--resident-max-frac {args.resident_max_frac}: expected a share in [0, 1]")
@@ -278,9 +278,9 @@ def environment(device) -> dict:
 
 def samples_and_config(args, data, split, world, device):
     """Training/validation samples of the split and the run's config dict (resolved flags + environment)."""
-    train = common.select(data.labelled, split["train"], include_aug=True)
+    train = helicodata.select(data.labelled, split["train"], include_aug=True)
     train = stratified_subset(train, args.limit_samples, args.seed)
-    val = common.select(data.labelled, split["val"])
+    val = helicodata.select(data.labelled, split["val"])
     # a byte-identical window (a slide under two patient IDs) counts once, exactly as evaluate.py counts it
     val = [s for s, keep in zip(val, splits.first_copies(data.root, [s.path for s in val],
                                                         splits.hash_cache_path(args.hash_cache, data.root))) if keep]
@@ -334,12 +334,12 @@ class Trainer:
         train, val, self.config = samples_and_config(args, data, self.split, world, device)
         self.counts = (len(train), sum(s.label for s in train), len(val), sum(s.label for s in val))
         self.sampler = EpochSampler([s.label for s in train], args.sampler == "balanced", args.seed, rank, world)
-        train_ds, val_ds = (patch_cache.patch_dataset(data.root, part, args.image_size, args.skip_bad_images, args.cache)
+        train_ds, val_ds = (packed_cache.patch_dataset(data.root, part, args.image_size, args.skip_bad_images, args.cache)
                             for part in (train, val))
         drop_last = self.sampler.per_rank >= args.batch_size
         shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
         if args.cache:  # on the device when it fits, else streamed by a thread: never pickled by DataLoader workers
-            self.train_loader, self.val_loader, self.feed = resident.cache_batches(
+            self.train_loader, self.val_loader, self.feed = feeds.cache_batches(
                 train_ds, self.sampler, val_ds, shard, args.batch_size, drop_last, device, args.resident_max_frac)
         else:
             self.train_loader = loader(train_ds, self.sampler, args, drop_last=drop_last)
@@ -430,14 +430,14 @@ class Trainer:
             for x, labels, idx in self.train_loader:
                 # DataLoader batches are on the host still: no device sync. Cache batches may already be on the GPU:
                 # their undecodable rows were recorded at build time and named once when the run started
-                if labels.device.type == "cpu" and (labels == common.BAD).any():
-                    self.note_skipped(self.train_paths[k] for k in idx[labels == common.BAD].tolist())
+                if labels.device.type == "cpu" and (labels == helicodata.BAD).any():
+                    self.note_skipped(self.train_paths[k] for k in idx[labels == helicodata.BAD].tolist())
                 x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
                 with torch.no_grad():
                     x = model.model_input(x, self.normalizer, args.jitter, self.gen, self.run.channels_last)
                 with self.run.autocast():
                     logits = self.model(x).squeeze(1)
-                keep = (labels != common.BAD).float()  # undecodable patches (--skip-bad-images) weigh nothing
+                keep = (labels != helicodata.BAD).float()  # undecodable patches (--skip-bad-images) weigh nothing
                 losses = keep * F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
                                                                    pos_weight=self.pos_weight, reduction="none")
                 loss = losses.sum() / keep.sum().clamp(min=1)
@@ -496,7 +496,7 @@ class Trainer:
                 dist.broadcast(buffer, 0)
         idx, labels, scores, loss = [], [], [], torch.zeros((), device=self.device)
         for images, y, i in self.val_loader:
-            images, y, i, bad = common.drop_bad(images, y, i)
+            images, y, i, bad = helicodata.drop_bad(images, y, i)
             self.note_skipped(self.val_paths[k] for k in bad)
             x = model.model_input(images.to(self.device, non_blocking=True), self.normalizer,
                                   channels_last=self.run.channels_last)
@@ -579,7 +579,7 @@ class Trainer:
 def run(args, rank: int, world: int, local_rank: int) -> int:
     device = common.resolve_device(args.device, local_rank)
     resolve_args(args, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    data = common.load_data(args.data_root)
+    data = helicodata.load_data(args.data_root)
     normalizer = None
     if args.macenko and not args.cache_normalized:
         normalizer = model.fit_stain_reference(data.root, args.reference_patch)
@@ -604,7 +604,7 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
         raise error if rank == 0 else type(error)("")  # said once, by rank 0
     args.run_id = plan["run_id"]
     if args.cache:  # after the resume check (a refused run builds nothing), before any DataLoader worker forks
-        patch_cache.prepare(args.cache, data, args.image_size, max(1, args.workers), args.cache_normalized,
+        packed_cache.prepare(args.cache, data, args.image_size, max(1, args.workers), args.cache_normalized,
                             args.reference_patch, device)
     return Trainer(args, data, plan, normalizer, device, rank, world).fit()
 

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-import augment
+from helico import augment
 
 
 def test_color_jitter_equals_torchvision_adjust_functions_per_sample():

@@ -9,6 +9,7 @@ from PIL import Image
 
 import bench
 import common
+from helico import helicodata
 
 TINY = ["--device", "cpu", "--image-size", "32", "--batch-size", "4", "--batches", "1", "--warmup", "1",
         "--limit-samples", "16", "--workers", "1", "--min-seconds", "0", "--threads", "1"]
@@ -75,9 +76,9 @@ def test_a_cache_of_another_size_is_refused_in_one_line_never_rebuilt(demo_root,
     keep = {"B22-100_0"}
     root = Path(shutil.copytree(demo_root, tmp_path / "root", ignore=lambda folder, names: [
         n for n in names if Path(folder).name in ("Annotated", "Cropped", "HoldOut") and n not in keep]))
-    import patch_cache
+    from helico import packed_cache
     cache = tmp_path / "cache"
-    patch_cache.build_cache(common.load_data(root), cache, 48, workers=1, progress=False)  # a "training run's"
+    packed_cache.build_cache(helicodata.load_data(root), cache, 48, workers=1, progress=False)  # a "training run's"
     before = {f.name: f.read_bytes() for f in cache.iterdir() if f.is_file()}
     argv = ["--data-root", str(root), "--cache", str(cache), "--stages", "load_cache", *TINY]  # 32 px
     assert bench.main(argv) == common.EXIT_BAD_INPUT
@@ -88,9 +89,9 @@ def test_a_cache_of_another_size_is_refused_in_one_line_never_rebuilt(demo_root,
 
 
 def test_train_stage_reports_train_pys_own_steady_state_beside_the_ceiling(demo_root, tmp_path, capsys):
-    import patch_cache
+    from helico import packed_cache
     cache = tmp_path / "cache"  # a training run's cache of every patch, as on a cluster node (plain: --no-macenko)
-    patch_cache.build_cache(common.load_data(demo_root), cache, 32, workers=2, progress=False)
+    packed_cache.build_cache(helicodata.load_data(demo_root), cache, 32, workers=2, progress=False)
     out = tmp_path / "b.json"
     argv = ["--data-root", str(demo_root), "--cache", str(cache), "--stages", "model_step,train", "--no-macenko",
             "--train-epochs", "2", "--json", str(out), *TINY]

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 import common
-import patch_cache
+from helico import helicodata, packed_cache
 from common import DataError
+import patch_cache
 
 KEEP = ("B22-111_0", "B22-111_1", "B22-100_0")  # RGBA folders (B22-111_1), a grey and an off-size patch (B22-100)
 
@@ -36,16 +37,16 @@ def mini_root(demo_root, tmp_path_factory):
 def cache64(mini_root, tmp_path_factory):
     """One finished 64px cache of mini_root, shared read-only (tests that break it copy it first)."""
     out = tmp_path_factory.mktemp("cache") / "c64"
-    patch_cache.build_cache(common.load_data(mini_root), out, 64, workers=2, progress=False)
+    packed_cache.build_cache(helicodata.load_data(mini_root), out, 64, workers=2, progress=False)
     return out
 
 
 def build(root, out, size=64, **kw):
-    return patch_cache.build_cache(common.load_data(root), out, size, workers=2, progress=False, **kw)
+    return packed_cache.build_cache(helicodata.load_data(root), out, size, workers=2, progress=False, **kw)
 
 
 def all_samples(root):
-    return common.load_data(root).all_samples()
+    return helicodata.load_data(root).all_samples()
 
 
 def assert_same_items(cached, reference):
@@ -70,65 +71,65 @@ def test_mini_root_holds_the_awkward_patches(mini_root):
 def test_cached_items_equal_patch_dataset_items_bytewise(mini_root, tmp_path, size):
     build(mini_root, tmp_path / "c", size)
     samples = all_samples(mini_root)  # labelled + cropped + holdout: paths repeat across lists, on purpose
-    assert_same_items(patch_cache.CachedPatchDataset(tmp_path / "c", samples, size, root=mini_root),
-                      common.PatchDataset(mini_root, samples, size))
+    assert_same_items(packed_cache.CachedPatchDataset(tmp_path / "c", samples, size, root=mini_root),
+                      helicodata.PatchDataset(mini_root, samples, size))
 
 
 def test_cache_holds_each_path_once(cache64, mini_root):
-    rows, _ = patch_cache.read_index(cache64)
+    rows, _ = packed_cache.read_index(cache64)
     paths = [r["path"] for r in rows]
     assert len(paths) == len(set(paths)) == len({s.path for s in all_samples(mini_root)})
 
 
 def test_label_comes_from_the_samples_not_the_cache(cache64, mini_root):
     flipped = [dataclasses.replace(s, label=7) for s in all_samples(mini_root)[:5]]
-    assert [cached[1] for cached in patch_cache.CachedPatchDataset(cache64, flipped, 64)] == [7] * 5
+    assert [cached[1] for cached in packed_cache.CachedPatchDataset(cache64, flipped, 64)] == [7] * 5
 
 
 def test_dataloader_workers_read_the_same_batches(cache64, mini_root):
     samples = all_samples(mini_root)[:40]
-    cached = patch_cache.CachedPatchDataset(cache64, samples, 64)
+    cached = packed_cache.CachedPatchDataset(cache64, samples, 64)
     cached[0]  # the parent maps the file first: forked workers must map their own
     batches = list(torch.utils.data.DataLoader(cached, batch_size=16, num_workers=2))
-    want = list(torch.utils.data.DataLoader(common.PatchDataset(mini_root, samples, 64), batch_size=16))
+    want = list(torch.utils.data.DataLoader(helicodata.PatchDataset(mini_root, samples, 64), batch_size=16))
     for (x, y, i), (wx, wy, wi) in zip(batches, want, strict=True):
         assert torch.equal(x, wx) and torch.equal(y, wy) and torch.equal(i, wi)
 
 
 # ----------------------------------------------------------------------------------------------- reuse and rebuild
 def test_second_build_reuses_without_decoding(cache64, mini_root):
-    before = (cache64 / patch_cache.PATCHES).stat().st_mtime_ns
+    before = (cache64 / packed_cache.PATCHES).stat().st_mtime_ns
     report = build(mini_root, cache64)
     assert report["action"] == "reused" and report["chunks_built"] == 0
-    assert (cache64 / patch_cache.PATCHES).stat().st_mtime_ns == before
-    assert patch_cache.prepare(cache64, common.load_data(mini_root), 64, workers=2) == cache64
+    assert (cache64 / packed_cache.PATCHES).stat().st_mtime_ns == before
+    assert packed_cache.prepare(cache64, helicodata.load_data(mini_root), 64, workers=2) == cache64
 
 
 def test_interrupted_build_is_never_trusted_and_resumes(mini_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(patch_cache, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(packed_cache, "CHUNK_ROWS", 8)
 
     def interrupt_after_three(chunk, built, todo):
         if built == 3:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         build(mini_root, tmp_path / "c", on_chunk=interrupt_after_three)
-    assert json.loads((tmp_path / "c" / patch_cache.META).read_text())["complete"] is False
+    assert json.loads((tmp_path / "c" / packed_cache.META).read_text())["complete"] is False
     with pytest.raises(DataError, match="incomplete"):
-        patch_cache.CachedPatchDataset(tmp_path / "c", all_samples(mini_root), 64)
+        packed_cache.CachedPatchDataset(tmp_path / "c", all_samples(mini_root), 64)
     report = build(mini_root, tmp_path / "c")
     assert report["action"] == "resumed" and report["chunks_built"] == report["chunks"] - 3
-    assert_same_items(patch_cache.CachedPatchDataset(tmp_path / "c", all_samples(mini_root), 64),
-                      common.PatchDataset(mini_root, all_samples(mini_root), 64))
+    assert_same_items(packed_cache.CachedPatchDataset(tmp_path / "c", all_samples(mini_root), 64),
+                      helicodata.PatchDataset(mini_root, all_samples(mini_root), 64))
 
 
 def test_cache_without_complete_flag_is_refused_then_finished(cache64, tmp_path, mini_root):
     cache = Path(shutil.copytree(cache64, tmp_path / "c"))
-    meta = json.loads((cache / patch_cache.META).read_text())
-    (cache / patch_cache.META).write_text(json.dumps({**meta, "complete": False}))
+    meta = json.loads((cache / packed_cache.META).read_text())
+    (cache / packed_cache.META).write_text(json.dumps({**meta, "complete": False}))
     with pytest.raises(DataError, match=f"{cache}.*incomplete"):
-        patch_cache.CachedPatchDataset(cache, all_samples(mini_root), 64)
+        packed_cache.CachedPatchDataset(cache, all_samples(mini_root), 64)
     assert build(mini_root, cache)["action"] == "resumed"
-    assert patch_cache.CachedPatchDataset(cache, all_samples(mini_root), 64)[0][0].shape == (3, 64, 64)
+    assert packed_cache.CachedPatchDataset(cache, all_samples(mini_root), 64)[0][0].shape == (3, 64, 64)
 
 
 def test_changed_source_file_makes_cache_stale_and_triggers_rebuild(mini_root, tmp_path, capsys):
@@ -138,47 +139,47 @@ def test_changed_source_file_makes_cache_stale_and_triggers_rebuild(mini_root, t
     victim = root / samples[3].path
     Image.open(victim).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT).save(victim)  # new pixels, size, mtime
     with pytest.raises(DataError, match="stale"):
-        patch_cache.CachedPatchDataset(tmp_path / "c", samples, 64, root=root)
+        packed_cache.CachedPatchDataset(tmp_path / "c", samples, 64, root=root)
     assert build(root, tmp_path / "c")["action"] == "built"
     assert "source files changed (0 added, 0 removed, 1 modified)" in capsys.readouterr().err
-    cached = patch_cache.CachedPatchDataset(tmp_path / "c", samples, 64, root=root)
-    assert torch.equal(cached[3][0], common.PatchDataset(root, samples, 64)[3][0])
+    cached = packed_cache.CachedPatchDataset(tmp_path / "c", samples, 64, root=root)
+    assert torch.equal(cached[3][0], helicodata.PatchDataset(root, samples, 64)[3][0])
 
 
 def test_cache_of_another_image_size_is_rejected(cache64, mini_root):
     with pytest.raises(DataError, match=f"--cache {cache64}: holds 64px patches, not 96px") as err:
-        patch_cache.CachedPatchDataset(cache64, all_samples(mini_root), 96)
+        packed_cache.CachedPatchDataset(cache64, all_samples(mini_root), 96)
     assert "\n" not in str(err.value)
 
 
 def test_sample_missing_from_the_cache_is_rejected(cache64, mini_root, demo_root):
-    stranger = [s for s in common.load_data(demo_root).cropped if s.patient == "B22-47"][:1]
+    stranger = [s for s in helicodata.load_data(demo_root).cropped if s.patient == "B22-47"][:1]
     with pytest.raises(DataError, match=f"{cache64}: lacks 1 sample"):
-        patch_cache.CachedPatchDataset(cache64, stranger, 64)
+        packed_cache.CachedPatchDataset(cache64, stranger, 64)
 
 
 def test_tampered_index_fails_verification_and_is_rebuilt(cache64, mini_root, tmp_path):
     cache = Path(shutil.copytree(cache64, tmp_path / "c"))
-    lines = (cache / patch_cache.INDEX).read_text().splitlines(keepends=True)
+    lines = (cache / packed_cache.INDEX).read_text().splitlines(keepends=True)
     lines[1], lines[2] = lines[1].replace("0,", "1,", 1), lines[2].replace("1,", "0,", 1)  # swap two rows' pixels
-    (cache / patch_cache.INDEX).write_text("".join(lines))
+    (cache / packed_cache.INDEX).write_text("".join(lines))
     with pytest.raises(DataError, match="checksum"):
-        patch_cache.CachedPatchDataset(cache, all_samples(mini_root), 64)
+        packed_cache.CachedPatchDataset(cache, all_samples(mini_root), 64)
     assert build(mini_root, cache)["action"] == "built"
-    patch_cache.CachedPatchDataset(cache, all_samples(mini_root), 64)
+    packed_cache.CachedPatchDataset(cache, all_samples(mini_root), 64)
 
 
 def test_truncated_patch_file_fails_verification(cache64, mini_root, tmp_path):
     cache = Path(shutil.copytree(cache64, tmp_path / "c"))
-    with open(cache / patch_cache.PATCHES, "r+b") as f:
+    with open(cache / packed_cache.PATCHES, "r+b") as f:
         f.truncate(1000)
     with pytest.raises(DataError, match="patches.u8 holds 1000 bytes"):
-        patch_cache.CachedPatchDataset(cache, all_samples(mini_root), 64)
+        packed_cache.CachedPatchDataset(cache, all_samples(mini_root), 64)
 
 
 def test_patch_dataset_items_are_pils_rgb_pixels_channels_first(mini_root):
     samples = all_samples(mini_root)  # RGB, RGBA, grey and off-size patches: each through the one-copy decode
-    ds = common.PatchDataset(mini_root, samples, 64)
+    ds = helicodata.PatchDataset(mini_root, samples, 64)
     for i, s in enumerate(samples):
         with Image.open(mini_root / s.path) as im:
             want = np.array(im.convert("RGB").resize((64, 64), Image.BILINEAR) if im.size != (64, 64) else
@@ -193,10 +194,10 @@ def test_unreadable_png_is_recorded_and_behaves_like_patch_dataset(mini_root, tm
     (root / samples[2].path).write_bytes(b"not a png")
     build(root, tmp_path / "c")
     with pytest.raises(DataError, match=samples[2].path):
-        patch_cache.CachedPatchDataset(tmp_path / "c", samples, 64)[2]
-    skipping = patch_cache.CachedPatchDataset(tmp_path / "c", samples, 64, skip_bad=True)
-    assert_same_items(skipping, common.PatchDataset(root, samples, 64, skip_bad=True))
-    assert skipping[2][1] == common.BAD
+        packed_cache.CachedPatchDataset(tmp_path / "c", samples, 64)[2]
+    skipping = packed_cache.CachedPatchDataset(tmp_path / "c", samples, 64, skip_bad=True)
+    assert_same_items(skipping, helicodata.PatchDataset(root, samples, 64, skip_bad=True))
+    assert skipping[2][1] == helicodata.BAD
 
 
 def test_normalized_cache_stores_quantized_macenko_output(mini_root, tmp_path, cache64):
@@ -205,9 +206,9 @@ def test_normalized_cache_stores_quantized_macenko_output(mini_root, tmp_path, c
     Image.fromarray(macenko_gpu.synthetic_ihc_tiles(1, 256, seed=3)[0].permute(1, 2, 0).numpy()).save(reference)
     build(mini_root, tmp_path / "c", normalized=True, reference=str(reference), device="cpu")
     samples = all_samples(mini_root)
-    cached = patch_cache.CachedPatchDataset(tmp_path / "c", samples, 64)
+    cached = packed_cache.CachedPatchDataset(tmp_path / "c", samples, 64)
     normalizer = macenko_gpu.MacenkoNormalizer().fit(macenko_gpu.load_rgb(reference))
-    raw = torch.stack([common.PatchDataset(mini_root, samples, 64)[i][0] for i in range(len(samples))])
+    raw = torch.stack([helicodata.PatchDataset(mini_root, samples, 64)[i][0] for i in range(len(samples))])
     want = normalizer.normalize(raw).mul(255).round().to(torch.uint8)
     got = torch.stack([cached[i][0] for i in range(len(samples))])
     assert torch.equal(got, want) and not torch.equal(got, raw)
@@ -215,7 +216,7 @@ def test_normalized_cache_stores_quantized_macenko_output(mini_root, tmp_path, c
     for key, value in normalizer.state_dict().items():
         assert torch.equal(cached.stain[key], value) if torch.is_tensor(value) else cached.stain[key] == value, key
     assert macenko_gpu.MacenkoNormalizer.from_state_dict(cached.stain).fitted  # usable as a checkpoint's stain
-    plain = patch_cache.CachedPatchDataset(cache64, samples, 64)
+    plain = packed_cache.CachedPatchDataset(cache64, samples, 64)
     assert not plain.normalized and plain.stain is None
 
 
@@ -225,7 +226,7 @@ def test_normalized_request_rebuilds_a_plain_cache(cache64, mini_root, tmp_path)
     reference = tmp_path / "reference.png"
     Image.fromarray(macenko_gpu.synthetic_ihc_tiles(1, 256, seed=3)[0].permute(1, 2, 0).numpy()).save(reference)
     assert build(mini_root, cache, normalized=True, reference=str(reference), device="cpu")["action"] == "built"
-    assert patch_cache.CachedPatchDataset(cache, all_samples(mini_root), 64).normalized
+    assert packed_cache.CachedPatchDataset(cache, all_samples(mini_root), 64).normalized
 
 
 # ----------------------------------------------------------------------------------------------- CLI

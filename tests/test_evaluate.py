@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-import analysis
+from helico import analysis, helicodata
 import common
-import eval_report
+from helico import eval_report
 import evaluate
-import gradcam
-import metrics
-import model
+from helico import gradcam
+from helico import metrics
+from helico import model
 
 FAST = ["--device", "cpu", "--workers", "0", "--bootstrap", "200", "--seed", "0"]
 LEVELS = ("patch", "patch_at_0.5", "by_source.annotated", "by_source.supplemental", "patient", "selection.patient",
@@ -87,15 +87,15 @@ def test_report_shows_the_stain_strip_of_validation_positives_and_hard_negatives
 
 
 def test_predictions_cover_the_val_test_and_holdout_patches_once_byte_identical_copies_once(evaluation, demo_root):
-    data = common.load_data(demo_root)
+    data = helicodata.load_data(demo_root)
     meta = evaluation["metrics"]["meta"]
     patients = meta["val_patients"] + meta["test_patients"]
     assert meta["test_patients"] and not set(meta["val_patients"]) & set(meta["test_patients"])
     rows = evaluation["predictions"]
     assert len({r["path"] for r in rows}) == len(rows)
-    for scored, expected in (({r["path"] for r in patch_rows(evaluation)}, common.select(data.labelled, patients)),
+    for scored, expected in (({r["path"] for r in patch_rows(evaluation)}, helicodata.select(data.labelled, patients)),
                              ({r["path"] for r in rows if r["patient_eval"] == "1"},
-                              common.select(data.cropped, patients) + data.holdout)):
+                              helicodata.select(data.cropped, patients) + data.holdout)):
         assert scored <= {s.path for s in expected}
         counted = {sha256(demo_root / p) for p in scored}
         assert len(counted) == len(scored)  # no content counted twice ...
@@ -137,7 +137,7 @@ def test_patch_metrics_reproduce_the_validation_metrics_logged_by_training(evalu
 
 def test_scores_follow_trainings_eval_preprocessing_with_the_stored_stain_reference(tiny_run, demo_root):
     import macenko_gpu
-    data = common.load_data(demo_root)
+    data = helicodata.load_data(demo_root)
     ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
     reference = macenko_gpu.synthetic_ihc_tiles(1, 256, seed=3)[0]  # a tile with both stains, as the real one has
     ckpt["stain"] = macenko_gpu.MacenkoNormalizer().fit(reference).state_dict()
@@ -145,7 +145,7 @@ def test_scores_follow_trainings_eval_preprocessing_with_the_stored_stain_refere
     samples, size = data.labelled[:6], ckpt["image_size"]
     scores, bad = evaluate.score_samples(net, normalizer, demo_root, samples, size, torch.device("cpu"), batch_size=4,
                                          workers=0)
-    images = torch.stack([common.PatchDataset(demo_root, samples, size)[i][0] for i in range(len(samples))])
+    images = torch.stack([helicodata.PatchDataset(demo_root, samples, size)[i][0] for i in range(len(samples))])
     with torch.no_grad():
         expected = torch.sigmoid(net(model.model_input(images, normalizer)).reshape(-1)).numpy()
         unstained = torch.sigmoid(net(model.model_input(images, None)).reshape(-1)).numpy()
@@ -269,11 +269,11 @@ def synthetic_predictions(n_patients=30, seed=0):
         infected = i % 2 == 1 or i == 0
         for k in range(6):
             label = int(infected and k < 2)
-            samples.append(common.Sample(f"A/P{i}_0/{k}.png", f"P{i}", "annotated", label, k))
+            samples.append(helicodata.Sample(f"A/P{i}_0/{k}.png", f"P{i}", "annotated", label, k))
             patch.append(True)
             score.append(float(np.clip(rng.normal(0.3 + 0.4 * label, 0.2), 0, 1)))
         for k in range(5):
-            samples.append(common.Sample(f"C/P{i}_0/{k}.png", f"P{i}", "supplemental", -1, 100 + k))
+            samples.append(helicodata.Sample(f"C/P{i}_0/{k}.png", f"P{i}", "supplemental", -1, 100 + k))
             patch.append(False)
             score.append(float(np.clip(rng.normal(0.3 + 0.3 * infected, 0.2), 0, 1)))
     patch = np.array(patch)
@@ -484,14 +484,14 @@ def test_cache_gives_the_same_scores_as_decoding_pngs(evaluation, cached_evaluat
     assert max(abs(cached[p] - png[p]) for p in png) <= 1e-6
     meta = json.loads((cached_evaluation["cache"] / "meta.json").read_text())
     assert meta["complete"] is True and meta["normalized"] is False  # plain: the checkpoint's stain is applied
-    every_patch = {s.path for s in common.load_data(evaluation["metrics"]["meta"]["data_root"]).all_samples()}
+    every_patch = {s.path for s in helicodata.load_data(evaluation["metrics"]["meta"]["data_root"]).all_samples()}
     assert meta["count"] == len(every_patch) > len(png)  # the whole dataset, once: training reuses the same cache
 
 
 def test_a_second_cached_evaluation_decodes_no_png(cached_evaluation, monkeypatch, tmp_path):
     def no_png(self, i):
         raise AssertionError(f"decoded {self.samples[i].path}")
-    monkeypatch.setattr(common.PatchDataset, "__getitem__", no_png)
+    monkeypatch.setattr(helicodata.PatchDataset, "__getitem__", no_png)
     out = tmp_path / "eval"
     argv = [*cached_evaluation["args"], "--out", str(out), "--cache", str(cached_evaluation["cache"])]
     assert evaluate.main(argv) == 0
@@ -516,19 +516,19 @@ def fitted_stain(reference):
 @pytest.fixture(scope="module")
 def normalized_cache(demo_root, tiny_ckpt, tmp_path_factory):
     """A cache normalized to the demo's default stain reference, as train.py --cache-normalized writes it."""
-    import patch_cache
+    from helico import packed_cache
     out = tmp_path_factory.mktemp("normalized") / "cache"
-    patch_cache.build_cache(common.load_data(demo_root), out, int(tiny_ckpt["image_size"]), workers=2,
-                            normalized=True, reference=common.DEFAULT_REFERENCE, device="cpu", progress=False)
+    packed_cache.build_cache(helicodata.load_data(demo_root), out, int(tiny_ckpt["image_size"]), workers=2,
+                            normalized=True, reference=helicodata.DEFAULT_REFERENCE, device="cpu", progress=False)
     return out
 
 
 def test_cache_normalized_to_the_checkpoints_stain_is_used_without_normalizing_again(
         normalized_cache, tiny_ckpt, demo_root, monkeypatch):
     import macenko_gpu
-    ckpt = {**tiny_ckpt, "stain": fitted_stain(demo_root / common.DEFAULT_REFERENCE)}
+    ckpt = {**tiny_ckpt, "stain": fitted_stain(demo_root / helicodata.DEFAULT_REFERENCE)}
     net, normalizer = model.from_checkpoint(ckpt, "best.pt", None, torch.device("cpu"))
-    samples, size = common.load_data(demo_root).labelled[:8], int(ckpt["image_size"])
+    samples, size = helicodata.load_data(demo_root).labelled[:8], int(ckpt["image_size"])
     png, _ = evaluate.score_samples(net, normalizer, demo_root, samples, size, torch.device("cpu"), batch_size=4,
                                     workers=0)
 

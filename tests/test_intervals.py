@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import metrics as intervals
+from helico import metrics as intervals
 
 
 @pytest.mark.parametrize("k,n", [(0, 1), (1, 1), (2, 2), (0, 2), (4, 4), (3, 7), (5, 13), (50, 100), (1, 300)])

@@ -17,6 +17,7 @@ import pytest
 
 import common
 from conftest import ROOT, TINY_TRAIN_FLAGS
+from helico import helicodata
 
 SCRIPT = ROOT / "run_h_pylori.sh"
 TRAIN_FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "1", "--limit-samples", "64"]
@@ -222,7 +223,7 @@ def help_example(help_text: str) -> list[str]:
 
 def test_the_audit_gets_exactly_the_split_flags_of_splits_py():
     # the launcher reads them from the code at start-up; a copy kept by hand drifted once
-    import splits
+    from helico import splits
     expected = sorted(f for a in splits.split_args_parser()._actions for f in a.option_strings if f.startswith("--"))
     r = subprocess.run(["bash", str(SCRIPT), "--print-split-flags"], capture_output=True, text=True,
                        env={**os.environ, "PYTHON": sys.executable}, timeout=60)
@@ -235,9 +236,9 @@ def test_the_audit_gets_exactly_the_split_flags_of_splits_py():
 def leaky_split(node, tmp_path) -> Path:
     """A split file whose validation part repeats a training patient."""
     import common
-    import splits
-    data = common.load_data(node.shared)
-    split = splits.make_split(data, seed=0, keep_in_train=[splits.reference_patient(common.DEFAULT_REFERENCE)])
+    from helico import splits
+    data = helicodata.load_data(node.shared)
+    split = splits.make_split(data, seed=0, keep_in_train=[splits.reference_patient(helicodata.DEFAULT_REFERENCE)])
     split["val"].append(next(p for p in split["train"] if p != "B22-47"))
     path = tmp_path / "leaky_split.json"
     path.write_text(json.dumps(split))
@@ -368,7 +369,7 @@ def test_cache_normalized_gets_its_own_normalized_cache(node, demo_root):
     assert cache.name.startswith(node.staged_dirs()[0].name + "-cache64-macenko-")
     assert f"--cache {cache} --cache-normalized" in train_command(r)
     meta = json.loads((cache / "meta.json").read_text())
-    assert meta["complete"] and meta["normalized"] and meta["stain"]["reference"] == common.DEFAULT_REFERENCE
+    assert meta["complete"] and meta["normalized"] and meta["stain"]["reference"] == helicodata.DEFAULT_REFERENCE
 
 
 def test_no_macenko_gets_a_plain_cache(node, demo_root):

@@ -18,9 +18,10 @@ from sklearn.metrics import roc_auc_score
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 
 import macenko_gpu
-import patch_cache
+from helico import helicodata, packed_cache
+import stain
 import stain_check
-import stain_math
+from helico import stain_math
 from macenko_gpu import FALLBACK, SINGLE_STAIN, TWO_STAINS, MacenkoNormalizer, load_rgb, synthetic_ihc_tiles
 
 TILE = 128
@@ -282,7 +283,7 @@ def test_reference_without_enough_dab_is_refused(reference, dab_free_ihc, ihc_re
 
 def test_demo_stain_reference_is_accepted(demo_root):
     import common
-    MacenkoNormalizer().fit(load_rgb(demo_root / common.DEFAULT_REFERENCE))
+    MacenkoNormalizer().fit(load_rgb(demo_root / helicodata.DEFAULT_REFERENCE))
 
 
 def test_checkpoint_state_of_the_previous_version_normalizes_as_it_was_trained(ihc, reference):
@@ -293,9 +294,9 @@ def test_checkpoint_state_of_the_previous_version_normalizes_as_it_was_trained(i
         restored = MacenkoNormalizer.from_state_dict({**old, "single_stain": old_name})
         assert restored.mode == mode and torch.equal(restored.normalize(tiles), norm.normalize(tiles))
         # a cache normalized by the previous version still matches its checkpoint's stain in evaluate.py
-        assert patch_cache.same_stain({**old, "single_stain": old_name}, restored.state_dict())
+        assert packed_cache.same_stain({**old, "single_stain": old_name}, restored.state_dict())
         today = MacenkoNormalizer().fit(reference).state_dict()
-        assert not patch_cache.same_stain({**old, "single_stain": old_name}, today)
+        assert not packed_cache.same_stain({**old, "single_stain": old_name}, today)
 
 
 # ------------------------------------------------------------------------------------ interface
@@ -357,7 +358,7 @@ def test_cli_normalizes_a_folder_tree_with_rgba_and_grey_images(ihc, reference, 
     write_png(src / "B22-01_0" / "00002.png", rgba, "RGBA")
     write_png(src / "B22-02_1" / "7.png", tiles[2][..., 0], "L")
     (src / "B22-02_1" / "Thumbs.db").write_bytes(b"stray")
-    assert macenko_gpu.main(["--reference", str(tmp_path / "ref.png"), str(src), str(tmp_path / "out"),
+    assert stain.main(["--reference", str(tmp_path / "ref.png"), str(src), str(tmp_path / "out"),
                              "--device", "cpu", "--batch-size", "2"]) == 0
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*"))
     assert written == ["B22-01_0", "B22-01_0/00001.png", "B22-01_0/00002.png", "B22-02_1", "B22-02_1/7.png"]
@@ -393,7 +394,7 @@ def test_cli_bad_input_exits_2_with_a_one_line_error(case, message, reference, t
         (src / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     if case == "output_inside_input":
         out = src / "normalized"
-    code = macenko_gpu.main(["--reference", str(ref), str(src), str(out), "--device", "cpu"])
+    code = stain.main(["--reference", str(ref), str(src), str(out), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: ") and message in err and "\n" not in err
@@ -421,19 +422,19 @@ def test_cli_preview_writes_one_png_with_three_columns(ihc, reference, tmp_path,
     for i, tile in enumerate(tiles_of(ihc)[:5]):
         write_png(tmp_path / "in" / f"B22-0{i}_0" / "00001.png", tile.permute(1, 2, 0).numpy())
     out = tmp_path / "preview.png"
-    assert macenko_gpu.main(["--preview", "--reference", str(tmp_path / "ref.png"), str(tmp_path / "in"), str(out),
+    assert stain.main(["--preview", "--reference", str(tmp_path / "ref.png"), str(tmp_path / "in"), str(out),
                              "--count", "3", "--device", "cpu"]) == 0
     assert "3 patches" in capsys.readouterr().out
     width, height = Image.open(out).size
     assert width == 4 + 3 * (160 + 4) and height == 14 + 3 * (160 + 14 + 4) + 4
-    assert macenko_gpu.main(["--preview", "--reference", str(tmp_path / "ref.png"), str(tmp_path / "ref.png"),
+    assert stain.main(["--preview", "--reference", str(tmp_path / "ref.png"), str(tmp_path / "ref.png"),
                              str(tmp_path / "p2.png")]) == 2
     assert "no .png files" in capsys.readouterr().err
 
 
 def test_benchmark_prints_both_rates_and_their_ratio(tmp_path, capsys):
     report = tmp_path / "bench.json"
-    assert macenko_gpu.main(["--benchmark", "--device", "cpu", "--batch-size", "3", "--size", "64",
+    assert stain.main(["--benchmark", "--device", "cpu", "--batch-size", "3", "--size", "64",
                              "--repeats", "1", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "macenko_gpu" in printed and "torchstain" in printed and "ratio" in printed
@@ -448,7 +449,7 @@ def test_benchmark_prints_both_rates_and_their_ratio(tmp_path, capsys):
 
 def test_benchmark_without_torchstain_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torchstain.torch.normalizers", None)  # makes the import fail
-    assert macenko_gpu.main(["--benchmark", "--device", "cpu", "--batch-size", "1", "--size", "32"]) == 2
+    assert stain.main(["--benchmark", "--device", "cpu", "--batch-size", "1", "--size", "32"]) == 2
     assert "pip install -r requirements-dev.txt" in capsys.readouterr().err
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-import metrics
+from helico import metrics
 
 
 def random_cases(n_cases=300, seed=0):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import common
-import model
+from helico import model
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])

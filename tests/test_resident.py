@@ -1,12 +1,12 @@
-"""resident.py: batches from the packed cache without a DataLoader are the DataLoader's batches, byte for byte."""
+"""feeds.py: batches from the packed cache without a DataLoader are the DataLoader's batches, byte for byte."""
 import threading
 
 import pytest
 import torch
 
 import common
-import patch_cache
-import resident
+from helico import helicodata, packed_cache
+from helico import feeds
 from test_cache import copy_mini_root
 from train import EpochSampler
 
@@ -17,16 +17,16 @@ SIZE = 32
 def mini(demo_root, tmp_path_factory):
     """(root, cache dir, samples) of a few demo patients, one PNG broken (recorded as a bad row)."""
     root = copy_mini_root(demo_root, tmp_path_factory.mktemp("mini") / "HelicoDataSet")
-    samples = patch_cache.unique_samples(common.load_data(root).all_samples())
+    samples = packed_cache.unique_samples(helicodata.load_data(root).all_samples())
     (root / samples[5].path).write_bytes(b"not a png")
     cache = tmp_path_factory.mktemp("cache") / "c"
-    patch_cache.build_cache(common.load_data(root), cache, SIZE, workers=2, progress=False)
+    packed_cache.build_cache(helicodata.load_data(root), cache, SIZE, workers=2, progress=False)
     return root, cache, samples
 
 
 def dataset(mini, skip_bad=True, part=slice(None)):
     root, cache, samples = mini
-    return patch_cache.CachedPatchDataset(cache, samples[part], SIZE, root=root, skip_bad=skip_bad)
+    return packed_cache.CachedPatchDataset(cache, samples[part], SIZE, root=root, skip_bad=skip_bad)
 
 
 def loader_batches(ds, sampler, batch_size, drop_last, workers=0):
@@ -44,10 +44,10 @@ def assert_same_batches(got, want):
 
 def both_paths(train, val, sampler, val_indices, batch_size=8, drop_last=True):
     """(resident, streamed) (train, val) pairs over the same datasets on the CPU."""
-    resident_path = resident.cache_batches(train, sampler, val, val_indices, batch_size, drop_last, "cpu", 0.5)
-    streamed_path = resident.cache_batches(train, sampler, val, val_indices, batch_size, drop_last, "cpu", 0.0)
-    assert isinstance(resident_path[0], resident.ResidentBatches) and "resident on cpu" in resident_path[2]
-    assert isinstance(streamed_path[0], resident.StreamedBatches) and "streamed" in streamed_path[2]
+    resident_path = feeds.cache_batches(train, sampler, val, val_indices, batch_size, drop_last, "cpu", 0.5)
+    streamed_path = feeds.cache_batches(train, sampler, val, val_indices, batch_size, drop_last, "cpu", 0.0)
+    assert isinstance(resident_path[0], feeds.ResidentBatches) and "resident on cpu" in resident_path[2]
+    assert isinstance(streamed_path[0], feeds.StreamedBatches) and "streamed" in streamed_path[2]
     return resident_path, streamed_path
 
 
@@ -86,7 +86,7 @@ def test_only_the_needed_patches_are_held(mini):
     root, cache, samples = mini
     train, val = dataset(mini, part=slice(0, 20)), dataset(mini, part=slice(20, 40))
     shard = [0, 3, 7]
-    batches = resident.cache_batches(train, list(range(20)), val, shard, 4, False, "cpu", 0.5)[0]
+    batches = feeds.cache_batches(train, list(range(20)), val, shard, 4, False, "cpu", 0.5)[0]
     assert batches.images.shape == (23, 3, SIZE, SIZE)  # 20 training + 3 validation patches, not the whole cache
     assert len(samples) > 40
 
@@ -95,7 +95,7 @@ def test_undecodable_patch_is_bad_label_when_skipping_else_the_loaders_error(min
     train, val = dataset(mini, part=slice(0, 16)), dataset(mini, part=slice(16, None))
     for path in both_paths(train, val, list(range(16)), [0]):
         labels = torch.cat([y for _, y, _ in path[0]])
-        assert labels[5] == common.BAD and (torch.cat([labels[:5], labels[6:]]) != common.BAD).all()
+        assert labels[5] == helicodata.BAD and (torch.cat([labels[:5], labels[6:]]) != helicodata.BAD).all()
     strict = dataset(mini, skip_bad=False, part=slice(0, 16))
     for path in both_paths(strict, val, list(range(16)), [0]):
         batches = iter(path[0])
@@ -105,7 +105,7 @@ def test_undecodable_patch_is_bad_label_when_skipping_else_the_loaders_error(min
 
 def test_streaming_stopped_early_leaves_no_reading_thread(mini):
     train, val = dataset(mini, part=slice(0, 40)), dataset(mini, part=slice(40, None))
-    streamed = resident.cache_batches(train, list(range(40)), val, [0], 4, True, "cpu", 0.0)[0]
+    streamed = feeds.cache_batches(train, list(range(40)), val, [0], 4, True, "cpu", 0.0)[0]
     before = threading.active_count()
     batches = iter(streamed)
     next(batches)
@@ -114,7 +114,7 @@ def test_streaming_stopped_early_leaves_no_reading_thread(mini):
 
 
 def test_free_memory_on_the_cpu_is_the_hosts_available_memory():
-    free = resident.free_bytes(torch.device("cpu"))
+    free = feeds.free_bytes(torch.device("cpu"))
     with open("/proc/meminfo") as f:
         total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
     assert 0 < free <= total

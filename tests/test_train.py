@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import common
-import metrics
-import model
-import splits
+from helico import helicodata, metrics
+from helico import model
+from helico import splits
 import train
 from conftest import TINY_TRAIN_FLAGS
 
@@ -38,8 +38,8 @@ def run_train(demo_root, runs, run_id, *extra, epochs=2):
 def validation_windows(run_dir) -> int:
     """The split's validation windows, each once, byte-identical files once (B22-200/201: counted by content)."""
     split = json.loads((run_dir / "split.json").read_text())
-    data = common.load_data(json.loads((run_dir / "config.json").read_text())["data_root"])
-    paths = [s.path for s in common.select(data.labelled, split["val"])]
+    data = helicodata.load_data(json.loads((run_dir / "config.json").read_text())["data_root"])
+    paths = [s.path for s in helicodata.select(data.labelled, split["val"])]
     return len({hashlib.sha256((data.root / p).read_bytes()).hexdigest() for p in paths})
 
 
@@ -106,9 +106,9 @@ def test_best_checkpoint_is_the_epoch_with_the_highest_validation_pr_auc(tiny_ru
 @pytest.fixture(scope="module")
 def plain_cache(demo_root, tmp_path_factory):
     """The packed cache FAST runs read with --cache (32 px, plain: FAST has no Macenko)."""
-    import patch_cache
+    from helico import packed_cache
     out = tmp_path_factory.mktemp("plain") / "cache32"
-    patch_cache.build_cache(common.load_data(demo_root), out, 32, workers=2, progress=False)
+    packed_cache.build_cache(helicodata.load_data(demo_root), out, 32, workers=2, progress=False)
     return out
 
 
@@ -267,13 +267,13 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     assert ckpt["config"]["world_size"] == 2 and len(ckpt["rng"]["augment"]) == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])
     # The gathered metrics equal a single-process pass of the saved model over the validation windows.
-    data = common.load_data(demo_root)
-    val = common.select(data.labelled, ckpt["split"]["val"])
+    data = helicodata.load_data(demo_root)
+    val = helicodata.select(data.labelled, ckpt["split"]["val"])
     val = [s for s, keep in zip(val, splits.first_copies(demo_root, [s.path for s in val])) if keep]  # as training
     net = model.build_model("resnet18", "none")
     net.load_state_dict(ckpt["model"])
     net.eval()
-    ds = common.PatchDataset(demo_root, val, 32)
+    ds = helicodata.PatchDataset(demo_root, val, 32)
     with torch.no_grad():
         x = torch.stack([ds[k][0] for k in range(len(ds))])
         scores = torch.sigmoid(net(model.model_input(x)).squeeze(1)).numpy()
@@ -343,10 +343,10 @@ def png_run(demo_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def normalized_cache(demo_root, tmp_path_factory):
     """What --cache-normalized builds for the default stain reference (built here, so tests can time the reuse)."""
-    import patch_cache
+    from helico import packed_cache
     out = tmp_path_factory.mktemp("normalized") / "cache"
-    patch_cache.build_cache(common.load_data(demo_root), out, 64, workers=2, normalized=True,
-                            reference=common.DEFAULT_REFERENCE, device="cpu", progress=False)
+    packed_cache.build_cache(helicodata.load_data(demo_root), out, 64, workers=2, normalized=True,
+                            reference=helicodata.DEFAULT_REFERENCE, device="cpu", progress=False)
     return out
 
 
@@ -422,12 +422,12 @@ def test_cache_on_the_device_or_streamed_trains_the_dataloaders_weights_bitwise(
 
 
 def test_resident_path_skips_bad_images_or_stops_in_one_line(demo_root, tmp_path, straight_run, capsys):
-    import patch_cache
+    from helico import packed_cache
     root = Path(shutil.copytree(demo_root, tmp_path / "root"))
-    data = common.load_data(root)
-    broken = common.select(data.labelled, json.loads((straight_run / "split.json").read_text())["val"])[0].path
+    data = helicodata.load_data(root)
+    broken = helicodata.select(data.labelled, json.loads((straight_run / "split.json").read_text())["val"])[0].path
     (root / broken).write_bytes(b"not a png")
-    patch_cache.build_cache(data, tmp_path / "cache", 32, workers=2, progress=False)
+    packed_cache.build_cache(data, tmp_path / "cache", 32, workers=2, progress=False)
     argv = ["--cache", str(tmp_path / "cache")]
     assert train.main(["--data-root", str(root), "--runs-dir", str(tmp_path), "--run-id", "strict", *FAST, *argv,
                        "--epochs", "1"]) == common.EXIT_BAD_INPUT
@@ -475,7 +475,7 @@ def test_epoch_sampler_shards_cover_every_sample_and_replay_per_epoch():
 
 
 def test_limit_samples_keeps_the_class_ratio():
-    samples = [common.Sample(f"p/{k}.png", "B22-01", "annotated", int(k < 20), k) for k in range(200)]
+    samples = [helicodata.Sample(f"p/{k}.png", "B22-01", "annotated", int(k < 20), k) for k in range(200)]
     subset = train.stratified_subset(samples, 50, seed=0)
     assert len(subset) == 50 and sum(s.label for s in subset) == 5
     assert subset == train.stratified_subset(samples, 50, seed=0)

@@ -6,7 +6,7 @@ common.py) because train.py, evaluate.py and the figures all compute them and no
 Cross-checked against scikit-learn (and scipy's beta quantiles) in tests/test_metrics.py and tests/test_intervals.py.
 Nothing here imports the rest of the project.
 
-    import metrics
+    from helico import metrics
     m = metrics.binary_metrics(labels, scores, threshold=0.5)     # pr_auc, roc_auc, recall, precision, f1, ...
     t, why = metrics.best_f1_threshold(labels, scores)             # train.py's operating threshold
     lo, hi = metrics.clopper_pearson(4, 4)                         # 4/4 infected found: [0.398, 1.0], never [1, 1]

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-import analysis
-import metrics
-import splits
+from helico import analysis
+from helico import metrics
+from helico import splits
 from common import DataError
-from eval_report import fmt
+from helico.eval_report import fmt
 
 PATIENT_KEYS = ("accuracy", "sensitivity", "specificity")  # the proportions, with exact intervals
 

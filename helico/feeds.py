@@ -1,7 +1,7 @@
 """Batches from the packed cache without a DataLoader: the patches held on the device, or streamed from the memmap.
 
-    import resident
-    train_b, val_b, how = resident.cache_batches(train_ds, sampler, val_ds, shard, batch_size, drop_last, device,
+    from helico import feeds
+    train_b, val_b, how = feeds.cache_batches(train_ds, sampler, val_ds, shard, batch_size, drop_last, device,
                                                   max_frac=0.5)
     for images, labels, idx in train_b: ...     # uint8 (B, 3, H, W), int64 labels and sample indices on `device`
 
@@ -14,8 +14,8 @@ there: no workers, no host copy per step (the epoch's order goes to the device o
 fit, StreamedBatches gathers each batch on a reading thread straight into pinned host buffers (no pickling, no
 shared memory) while the main thread trains on the previous one.
 
-Same batches as DataLoader(dataset, sampler=sampler, batch_size, drop_last) over patch_cache.CachedPatchDataset:
-same order (whatever the sampler yields, epoch by epoch), same bytes, same labels (common.BAD for undecodable patches,
+Same batches as DataLoader(dataset, sampler=sampler, batch_size, drop_last) over packed_cache.CachedPatchDataset:
+same order (whatever the sampler yields, epoch by epoch), same bytes, same labels (helicodata.BAD for undecodable patches,
 or the same one-line DataError without --skip-bad-images), same sample indices; so training gives bitwise the same
 weights as the DataLoader path on the same seed.
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import common
-import patch_cache
+from helico import helicodata, packed_cache
 
 DEFAULT_MAX_FRAC = 0.5  # share of free device memory the patches may take: the rest is the model's (activations...)
 LOAD_ROWS = 256  # rows per host->device copy while loading (50 MB at 256 px)
@@ -60,7 +60,7 @@ def source_tensor(dataset) -> torch.Tensor:
     """The whole cache file as a (count, 3, H, W) uint8 CPU tensor over the memmap (copy-on-write mapping: writable
     as far as torch knows, so no warning, yet never written)."""
     s = dataset.image_size
-    mm = np.memmap(dataset.cache_dir / patch_cache.PATCHES, np.uint8, "c", shape=(dataset.count, 3, s, s))
+    mm = np.memmap(dataset.cache_dir / packed_cache.PATCHES, np.uint8, "c", shape=(dataset.count, 3, s, s))
     return torch.from_numpy(mm)
 
 
@@ -71,7 +71,7 @@ class Batches:
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
         self.device = torch.device(device)
         labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.long)
-        self.labels = torch.where(torch.from_numpy(dataset.bad), common.BAD, labels)  # as CachedPatchDataset says
+        self.labels = torch.where(torch.from_numpy(dataset.bad), helicodata.BAD, labels)  # as CachedPatchDataset says
 
     def __len__(self):
         n = len(self.sampler)

@@ -4,11 +4,12 @@ Owns which patient goes where: the split flags, the deterministic stratified spl
 checks a split must pass wherever it is loaded. It is the "splits" part of the design card's common.py, a module of
 its own because training and the audit must resolve the very same split; it imports only common and metrics.
 
-    import common, splits
-    data = common.load_data(root)
+    import common
+    from helico import splits
+    data = helicodata.load_data(root)
     groups = splits.duplicate_groups(splits.shared_content(data))   # patients sharing byte-identical images
     split = splits.make_split(data, seed=0, keep_in_train=["B22-47"], groups=groups)
-    problems = splits.split_problems(split, data, groups, reference=common.DEFAULT_REFERENCE)
+    problems = splits.split_problems(split, data, groups, reference=helicodata.DEFAULT_REFERENCE)
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import metrics
-from common import DEFAULT_REFERENCE, TREES, DataError, HelicoData, atomic_write_text, patient_id
+from helico import metrics
+from common import DataError, atomic_write_text
+from helico.helicodata import DEFAULT_REFERENCE, TREES, HelicoData, patient_id
 
 
 # ----------------------------------------------------------------------------------------------- content hashes

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import augment
+from helico import augment
 import macenko_gpu
 from common import DataError
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import common
-import figures
-import model
+from helico import figures, helicodata
+from helico import model
 from common import DataError
 
 GRADCAM_GROUPS = {"false_positives": "highest-scoring negatives", "false_negatives": "lowest-scoring positives",
@@ -107,7 +107,7 @@ def write_gradcam(folder: Path, net, normalizer, root, picks: dict, image_size: 
     for name, items in picks.items():
         if not items:
             continue
-        ds = common.PatchDataset(root, [s for s, _ in items], image_size=image_size)
+        ds = helicodata.PatchDataset(root, [s for s, _ in items], image_size=image_size)
         images = torch.stack([ds[i][0] for i in range(len(ds))])
         x = model.model_input(images.to(device), normalizer)
         layer, layer_name, size, note = gradcam_layer(net, x[:1])

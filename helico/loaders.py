@@ -1,6 +1,6 @@
 """DataLoader workers for every script: how they start, how their errors reach the user, and how they stop.
 
-    import loaders
+    from helico import loaders
     loader = loaders.make_loader(dataset, batch_size=128, workers=4, sampler=sampler, persistent=True)
     try:
         for images, labels, idx in loader:   # a DataError in a worker is raised here as itself: one line
@@ -85,8 +85,8 @@ class Loader(torch.utils.data.DataLoader):
 def make_loader(dataset, *, batch_size: int, workers: int, sampler=None, shuffle: bool = False,
                 drop_last: bool = False, pin_memory: bool = False, persistent: bool = False,
                 prefetch_factor: int | None = None, seed: int | None = None) -> Loader:
-    """The one way the scripts build a DataLoader (uint8 images, label, index items of common.PatchDataset or
-    patch_cache.CachedPatchDataset). `seed` gives the loader its own RNG, so the global one stays resumable."""
+    """The one way the scripts build a DataLoader (uint8 images, label, index items of helicodata.PatchDataset or
+    packed_cache.CachedPatchDataset). `seed` gives the loader its own RNG, so the global one stays resumable."""
     return Loader(_Carrying(dataset), batch_size=batch_size, sampler=sampler, shuffle=shuffle, num_workers=workers,
                   collate_fn=_collate, pin_memory=pin_memory, drop_last=drop_last,
                   persistent_workers=persistent and workers > 0, worker_init_fn=ignore_stop_signals,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import common
-import metrics
+from helico import metrics
 
 
 def subplots(*grid, figsize, layout=None, **kw):

@@ -1,0 +1,21 @@
+"""The library behind the top-level commands (train.py, evaluate.py, audit_leakage.py, ...): nothing here is run.
+
+    helicodata    the HelicoDataSet as the code sees it: patients, workbook rows, samples, PatchDataset
+    splits        content hashes, duplicate-patient groups, patient-level splits and their checks, the split flags
+    packed_cache  the packed uint8 patch cache and where patches are read from (PNGs or the cache)
+    feeds         batches from the packed cache without a DataLoader: device-resident or streamed by a thread
+    loaders       DataLoader workers: how they start, how their errors reach the user, how they stop
+    augment       training augmentation as pure tensor functions
+    model         the network and its contract: build_model, precision, model_input, checkpoint schema
+    metrics       AP, ROC-AUC, thresholds, exact and bootstrap intervals (plain numpy)
+    analysis      what evaluation measures from scores: patch and patient metrics, the patient rule
+    crossval      evaluate.py --cv: pooling K fold runs
+    eval_report   evaluate.py's files: the eval folder swap, CSV/JSON, report.md
+    figures       every chart
+    gradcam       Grad-CAM maps and grids
+    stain_math    macenko_gpu's batched per-image statistics
+
+The two shared modules the design card places at the top level stay there: common.py (errors, exit codes,
+--device, atomic writes) and macenko_gpu.py (batched stain normalization). The package imports them; they import
+nothing of the package except macenko_gpu's stain_math.
+"""

@@ -1,0 +1,513 @@
+"""Packed patch cache: decode every patch once into a uint8 memory-mapped array, so no epoch decodes a PNG.
+
+In code (what train.py / evaluate.py do with --cache DIR):
+    cache = packed_cache.prepare("/local/cache256", data, 256, workers=16)        # build, resume or reuse
+    ds = packed_cache.patch_dataset(data.root, samples, 256, cache=cache)         # PatchDataset's items
+    if ds.normalized: skip Macenko (the pixels already are), and store ds.stain as the checkpoint's stain reference
+
+Owns where training and evaluation read patches from (patch_dataset: PNGs or the cache) and the cache's one entry
+point (prepare); a module of its own because the cache is a file format with its own lifecycle, not part of the data.
+
+CACHE_DIR holds:
+    patches.u8    uint8 (N, 3, H, W), C order, no header (np.memmap); row r is index row r
+    index.csv     row,path,patient,label,source,size,mtime_ns   (every patch of data.all_samples(), by path)
+    meta.json     image size, count, normalized + stain reference, index checksum, source fingerprint, and
+                  "complete": true, written last: a cache without it is never read
+    progress.bin  one byte per chunk of rows, 1 once the chunk is decoded (and normalized) and written
+    bad_rows.txt  rows PatchDataset could not decode (listed in meta.json as "bad_rows" when complete)
+    .lock         flock'd while building, so two jobs (or DDP ranks) never build the same folder at once
+The decode is PatchDataset's own (so items are byte-identical to it); labels always come from the caller's
+Samples, never from the cache. A rebuild happens when the source files changed (paths, sizes or mtimes: the
+fingerprint), the image size, the normalization or the stain reference differ, or verification fails; an
+interrupted build resumes from its finished chunks. Only the files above are ever deleted in CACHE_DIR.
+Size on disk: 196,608 bytes per 256x256 patch (~43 GB for the ~220k patches of HelicoDataSet, ~33 GB at 224).
+The command that builds one by hand is the top-level patch_cache.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+import macenko_gpu
+from helico import helicodata, model
+from common import DataError
+
+VERSION = 1
+CHUNK_ROWS = 64  # resume granularity: 64 rows of 256x256 = 12.6 MB per write
+PATCHES, INDEX, META, PROGRESS, BAD_ROWS = "patches.u8", "index.csv", "meta.json", "progress.bin", "bad_rows.txt"
+INDEX_COLUMNS = ("row", "path", "patient", "label", "source", "size", "mtime_ns")
+
+
+# ----------------------------------------------------------------------------------------------- index
+def unique_samples(samples) -> list:
+    """One Sample per path (the first seen), sorted by path so the row order never depends on the workbook."""
+    first = {}
+    for s in samples:
+        first.setdefault(s.path, s)
+    return [first[p] for p in sorted(first)]
+
+
+def index_rows(root: Path, samples) -> list[dict]:
+    rows = []
+    for r, s in enumerate(samples):
+        try:
+            st = os.stat(root / s.path)
+        except OSError as e:
+            raise DataError(f"{root / s.path}: cannot stat ({e.strerror})") from None
+        rows.append({"row": r, "path": s.path, "patient": s.patient, "label": s.label, "source": s.source,
+                     "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return rows
+
+
+def index_bytes(rows: list[dict]) -> bytes:
+    out = io.StringIO()
+    w = csv.DictWriter(out, INDEX_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return out.getvalue().encode()
+
+
+def fingerprint(rows) -> str:
+    """What the pixels depend on: each source file's path, size and mtime (relative paths, so a staged rsync -a
+    copy of the dataset keeps the same fingerprint)."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(f"{r['path']}\t{r['size']}\t{r['mtime_ns']}\n".encode())
+    return h.hexdigest()
+
+
+def read_index(cache_dir: Path) -> tuple[list[dict], str]:
+    data = (cache_dir / INDEX).read_bytes()
+    rows = list(csv.DictReader(io.StringIO(data.decode())))
+    for r in rows:
+        for k in ("row", "label", "size", "mtime_ns"):
+            r[k] = int(r[k])
+    return rows, hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- meta
+def read_meta(cache_dir: Path) -> dict | None:
+    with contextlib.suppress(OSError, ValueError):
+        meta = json.loads((cache_dir / META).read_text())
+        return meta if isinstance(meta, dict) else None
+    return None
+
+
+def write_meta(cache_dir: Path, meta: dict) -> None:
+    common.atomic_write_text(cache_dir / META, json.dumps(meta, indent=1) + "\n")
+
+
+def problems(cache_dir: Path, meta: dict | None) -> list[str]:
+    """Why this cache cannot be read as it is (empty list: complete and verified)."""
+    if meta is None:
+        return [f"no readable {META}"]
+    if meta.get("version") != VERSION:
+        return [f"written by another patch_cache version ({meta.get('version')}, expected {VERSION})"]
+    if meta.get("complete") is not True:
+        return ["incomplete (a build was interrupted or is running)"]
+    out = []
+    try:
+        rows, digest = read_index(cache_dir)
+    except (OSError, ValueError, KeyError) as e:
+        return [f"unreadable {INDEX} ({type(e).__name__})"]
+    if digest != meta.get("index_sha256"):
+        out.append(f"{INDEX} checksum differs from {META} (edited or corrupted)")
+    if len(rows) != meta.get("count"):
+        out.append(f"{INDEX} has {len(rows)} rows, {META} says {meta.get('count')}")
+    want = meta.get("count", -1) * 3 * meta.get("image_size", 0) ** 2
+    have = (cache_dir / PATCHES).stat().st_size if (cache_dir / PATCHES).is_file() else None
+    if have != want:
+        out.append(f"{PATCHES} holds {have} bytes, expected {want}")
+    return out
+
+
+def stain_from_meta(meta: dict):
+    """The stored MacenkoNormalizer state with tensors again (weights_only-safe for a checkpoint), or None."""
+    if not meta.get("normalized"):
+        return None
+    state = dict(meta["stain"]["state"])
+    for k in ("stain_matrix", "max_concentrations"):
+        state[k] = torch.tensor(state[k], dtype=torch.float32)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+class CachedPatchDataset:
+    """PatchDataset's items `(uint8 (3, H, W) tensor, label, idx)` read from a packed cache; label from `samples`.
+
+    `root` (optional, recommended) re-checks each sample's source file size and mtime against the index, so a
+    cache older than its PNGs is refused. The memmap is opened lazily in each process (fork/pickle safe)."""
+
+    def __init__(self, cache_dir, samples, image_size: int, root=None, skip_bad: bool = False):
+        self.cache_dir, self.samples, self.image_size, self.skip_bad = Path(cache_dir), list(samples), image_size, skip_bad
+        meta = read_meta(self.cache_dir)
+        bad = problems(self.cache_dir, meta)
+        if bad:
+            raise DataError(f"--cache {self.cache_dir}: {bad[0]}; run patch_cache.py --out on it "
+                            f"(an interrupted build resumes)")
+        if meta["image_size"] != image_size:
+            raise DataError(f"--cache {self.cache_dir}: holds {meta['image_size']}px patches, not {image_size}px; "
+                            f"use a cache built with --image-size {image_size}")
+        rows, _ = read_index(self.cache_dir)
+        by_path = {r["path"]: r for r in rows}
+        missing = [s.path for s in self.samples if s.path not in by_path]
+        if missing:
+            raise DataError(f"--cache {self.cache_dir}: lacks {len(missing)} sample(s), e.g. {missing[0]}; "
+                            f"it was built from another data root or file set: rebuild it")
+        mine = [by_path[s.path] for s in self.samples]
+        if root is not None:
+            changed = [r["path"] for r in mine if _stat_key(Path(root) / r["path"]) != [r["size"], r["mtime_ns"]]]
+            if changed:
+                raise DataError(f"--cache {self.cache_dir}: stale: {len(changed)} source file(s) changed since it "
+                                f"was built, e.g. {changed[0]}; rebuild it (prepare does so automatically)")
+        self.rows = np.array([r["row"] for r in mine], dtype=np.int64)
+        bad_rows = set(meta.get("bad_rows", []))
+        self.bad = np.array([r["row"] in bad_rows for r in mine], dtype=bool)
+        self.count, self.meta = meta["count"], meta
+        self.normalized = bool(meta.get("normalized"))
+        self.stain = stain_from_meta(meta)
+        self.reference = meta["stain"]["reference"] if self.normalized else None
+        self._mm, self._pid = None, None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _patches(self):
+        if self._mm is None or self._pid != os.getpid():  # a forked worker maps the file itself
+            s = self.image_size
+            self._mm = np.memmap(self.cache_dir / PATCHES, np.uint8, "r", shape=(self.count, 3, s, s))
+            self._pid = os.getpid()
+        return self._mm
+
+    def __getstate__(self):
+        return {**self.__dict__, "_mm": None, "_pid": None}
+
+    def __getitem__(self, idx: int):
+        return self.__getitems__([idx])[0]
+
+    def __getitems__(self, indices):
+        """A whole batch in one gather from the memmap (DataLoader calls this with the batch's indices)."""
+        indices = list(indices)
+        if self.bad[indices].any():
+            self._bad_rows(indices)
+        images = torch.from_numpy(self._patches()[self.rows[indices]])  # fancy indexing copies: no mmap views escape
+        out = []
+        for k, i in enumerate(indices):
+            label = helicodata.BAD if self.bad[i] else self.samples[i].label
+            out.append((images[k], label, i))
+        return out
+
+    def _bad_rows(self, indices):
+        first = next(i for i in indices if self.bad[i])
+        if not self.skip_bad:
+            raise DataError(f"{self.samples[first].path}: unreadable image (recorded when the cache "
+                            f"{self.cache_dir} was built); pass --skip-bad-images to skip and list it")
+
+
+def _stat_key(path: Path) -> list | None:
+    with contextlib.suppress(OSError):
+        return [os.stat(path).st_size, os.stat(path).st_mtime_ns]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- build
+def stain_reference(root: Path, reference: str, device):
+    """(normalizer on `device`, meta record) for --normalized; the record pins the reference file's bytes."""
+    normalizer = model.fit_stain_reference(root, reference)
+    ref = Path(reference) if Path(reference).is_absolute() else root / reference
+    state = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in normalizer.state_dict().items()}
+    record = {"reference": str(reference), "sha256": hashlib.sha256(ref.read_bytes()).hexdigest(), "state": state}
+    return normalizer.to(device), record
+
+
+def wanted_meta(rows, image_size: int, stain: dict | None, root: Path) -> dict:
+    """The meta.json a finished cache of these rows must carry (with "complete" still false)."""
+    return {"version": VERSION, "image_size": image_size, "count": len(rows), "dtype": "uint8",
+            "shape": [len(rows), 3, image_size, image_size], "layout": "NCHW C-order, row = index row",
+            "normalized": stain is not None, "stain": stain, "index_sha256": hashlib.sha256(index_bytes(rows)).hexdigest(),
+            "fingerprint": fingerprint(rows), "chunk_rows": CHUNK_ROWS, "data_root": str(root.absolute()),
+            "complete": False}
+
+
+SAME_BUILD = ("version", "image_size", "count", "normalized", "index_sha256", "fingerprint", "chunk_rows")
+
+
+def rebuild_reason(cache_dir: Path, old: dict | None, want: dict, rows: list[dict]) -> str | None:
+    """Why the cache on disk cannot be reused or resumed for `want` (None: it can)."""
+    if old is None:
+        return "no cache yet" if not (cache_dir / PATCHES).exists() else f"no readable {META}"
+    if old.get("version") == VERSION and old.get("fingerprint") != want["fingerprint"]:
+        return "source files changed (" + _changes(cache_dir, rows) + ")"
+    for key in SAME_BUILD:
+        if old.get(key) != want[key]:
+            return f"{key} differs (cache {old.get(key)!r}, wanted {want[key]!r})"
+    if want["normalized"] and _stain_key(old["stain"]) != _stain_key(want["stain"]):
+        return f"built with another stain reference or normalizer settings ({old['stain']['reference']})"
+    if old.get("complete"):
+        bad = problems(cache_dir, old)
+        return f"verification failed: {bad[0]}" if bad else None
+    return None if _resumable(cache_dir, old) else "interrupted build cannot be resumed (files missing or resized)"
+
+
+def _stain_key(stain: dict) -> list:
+    """Reference file and normalizer settings; not the fitted tensors, whose last bits differ across devices."""
+    fitted = ("stain_matrix", "max_concentrations")
+    return [stain["reference"], stain["sha256"], {k: v for k, v in stain["state"].items() if k not in fitted}]
+
+
+def _changes(cache_dir: Path, rows: list[dict]) -> str:
+    try:
+        old_rows, _ = read_index(cache_dir)
+    except (OSError, ValueError, KeyError):
+        return "old index unreadable"
+    old = {r["path"]: (r["size"], r["mtime_ns"]) for r in old_rows}
+    new = {r["path"]: (r["size"], r["mtime_ns"]) for r in rows}
+    changed = sum(1 for p in new if p in old and old[p] != new[p])
+    return f"{len(new.keys() - old.keys())} added, {len(old.keys() - new.keys())} removed, {changed} modified"
+
+
+def _resumable(cache_dir: Path, meta: dict) -> bool:
+    n_chunks = -(-meta["count"] // meta["chunk_rows"])
+    try:
+        sizes = (cache_dir / PATCHES).stat().st_size, (cache_dir / PROGRESS).stat().st_size
+        _, digest = read_index(cache_dir)
+    except (OSError, ValueError, KeyError):
+        return False
+    return sizes == (meta["count"] * 3 * meta["image_size"] ** 2, n_chunks) and digest == meta["index_sha256"]
+
+
+def start_fresh(cache_dir: Path, rows: list[dict], want: dict) -> None:
+    """Lay out an empty cache; meta (complete=false) goes first so no reader trusts what follows."""
+    need = want["count"] * 3 * want["image_size"] ** 2
+    old = (cache_dir / PATCHES).stat().st_blocks * 512 if (cache_dir / PATCHES).exists() else 0
+    free = shutil.disk_usage(cache_dir).free
+    if need > free + old:
+        raise DataError(f"--out {cache_dir}: the cache needs {need / 1e9:.1f} GB, only {(free + old) / 1e9:.1f} GB "
+                        f"free there; choose a disk with room (node-local scratch) or a smaller --image-size")
+    write_meta(cache_dir, want)
+    common.atomic_write_text(cache_dir / INDEX, index_bytes(rows).decode())
+    common.atomic_write_text(cache_dir / BAD_ROWS, "")
+    with open(cache_dir / PATCHES, "wb") as f:
+        f.truncate(need)  # sparse: every chunk writes its own rows
+    with common.atomic_path(cache_dir / PROGRESS) as tmp:
+        tmp.write_bytes(bytes(-(-want["count"] // CHUNK_ROWS)))
+
+
+def decode_chunk(dataset, lo: int, hi: int, fd: int, row_bytes: int) -> list[int]:
+    """Decode rows lo..hi-1 exactly as PatchDataset does and write them at their offset; returns bad rows."""
+    block = np.empty((hi - lo, row_bytes), dtype=np.uint8)
+    bad = []
+    for k, r in enumerate(range(lo, hi)):
+        image, label, _ = dataset[r]
+        block[k] = image.numpy().reshape(-1)
+        if label == helicodata.BAD:
+            bad.append(r)
+    os.pwrite(fd, block.data, lo * row_bytes)
+    return bad
+
+
+def normalize_chunk(normalizer, fd: int, lo: int, hi: int, size: int, bad) -> None:
+    """Read back decoded rows, Macenko-normalize them in one batch on the normalizer's device, store uint8 levels
+    (the normalizer's output is level/255, so nothing is lost). Undecodable rows stay zero."""
+    row_bytes = 3 * size * size
+    raw = np.frombuffer(os.pread(fd, (hi - lo) * row_bytes, lo * row_bytes), np.uint8).reshape(hi - lo, 3, size, size)
+    keep = [k for k in range(hi - lo) if lo + k not in bad]
+    out = raw.copy()
+    if keep:
+        x = torch.from_numpy(raw[keep]).to(normalizer.device)
+        out[keep] = normalizer.normalize(x).mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+    os.pwrite(fd, out.data, lo * row_bytes)
+
+
+def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normalized: bool = False,
+                reference: str | None = None, device=None, progress: bool = True, samples=None, on_chunk=None,
+                rebuild: bool = True) -> dict:
+    """Build, resume or reuse the cache of `samples` (default data.all_samples()); returns a report dict.
+
+    rebuild=False refuses (DataError) a folder holding a cache that would have to be rebuilt (another size, kind,
+    sample set or stale PNGs): for callers that did not create it (bench.py). An empty folder is still built and an
+    interrupted build still resumes. on_chunk(chunk, built, todo) runs after each chunk is recorded (tests interrupt
+    a build by raising in it)."""
+    cache_dir = Path(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {cache_dir}: cannot create the cache folder ({e.strerror})") from None
+    root = Path(data.root)
+    rows = index_rows(root, unique_samples(data.all_samples() if samples is None else samples))
+    if not rows:
+        raise DataError(f"--data-root {root}: no patches to cache")
+    normalizer = stain = None
+    if normalized:
+        normalizer, stain = stain_reference(root, reference or helicodata.DEFAULT_REFERENCE, common.resolve_device(device))
+    want = wanted_meta(rows, image_size, stain, root)
+    t0 = time.perf_counter()
+    with _locked(cache_dir):
+        old = read_meta(cache_dir)
+        reason = rebuild_reason(cache_dir, old, want, rows)
+        if reason is None and old.get("complete"):
+            return {"cache": str(cache_dir), "action": "reused", "count": len(rows), "chunks_built": 0,
+                    "undecodable": [rows[r]["path"] for r in old.get("bad_rows", [])],
+                    "chunks": -(-len(rows) // CHUNK_ROWS), "seconds": time.perf_counter() - t0}
+        if reason is not None and reason != "no cache yet" and not rebuild:
+            raise DataError(f"--cache {cache_dir}: {reason}; not rebuilding a cache this command did not create "
+                            f"(give an empty folder, or this cache's own settings)")
+        if reason is not None:
+            if reason != "no cache yet":
+                print(f"patch_cache: rebuilding {cache_dir}: {reason}", file=sys.stderr)
+            start_fresh(cache_dir, rows, want)
+        built = _fill(cache_dir, root, rows, image_size, workers, normalizer, progress, on_chunk)
+        undecodable = [rows[r]["path"] for r in _finish(cache_dir, want)]
+    for path in undecodable:  # once, when built: every decode happens here, so this is where they are found
+        print(f"warning: undecodable {root / path}: stored as zeros; training stops at it unless --skip-bad-images",
+              file=sys.stderr)
+    return {"cache": str(cache_dir), "action": "built" if reason else "resumed", "count": len(rows),
+            "chunks_built": built, "chunks": -(-len(rows) // CHUNK_ROWS), "seconds": time.perf_counter() - t0,
+            "undecodable": undecodable}
+
+
+def _fill(cache_dir, root, rows, size, workers, normalizer, progress, on_chunk) -> int:
+    """Decode every unfinished chunk with `workers` threads (PIL releases the GIL while decoding and resizing);
+    this thread normalizes (if asked) and records each finished chunk. Returns the number of chunks built."""
+    samples = [helicodata.Sample(r["path"], r["patient"], r["source"], r["label"], 0) for r in rows]
+    dataset = helicodata.PatchDataset(root, samples, size, skip_bad=True)
+    n_chunks, row_bytes = -(-len(rows) // CHUNK_ROWS), 3 * size * size
+    span = lambda c: (c * CHUNK_ROWS, min((c + 1) * CHUNK_ROWS, len(rows)))
+    fd, pfd = os.open(cache_dir / PATCHES, os.O_RDWR), os.open(cache_dir / PROGRESS, os.O_RDWR)
+    done = os.pread(pfd, n_chunks, 0)
+    todo = [c for c in range(n_chunks) if not done[c]]
+    bar = tqdm(total=len(rows), initial=len(rows) - sum(span(c)[1] - span(c)[0] for c in todo),
+               desc=f"caching {size}px", unit="patch", disable=not progress, smoothing=0.05,
+               mininterval=1 if sys.stderr.isatty() else 30)  # a SLURM log gets a line every 30 s, not every second
+    built = 0
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool, open(cache_dir / BAD_ROWS, "a") as bad_file:
+            pending = {pool.submit(decode_chunk, dataset, *span(c), fd, row_bytes): c for c in todo}
+            try:
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        c, bad = pending.pop(future), future.result()
+                        if normalizer is not None:
+                            normalize_chunk(normalizer, fd, *span(c), size, set(bad))
+                        bad_file.write("".join(f"{r}\n" for r in bad))
+                        bad_file.flush()
+                        os.pwrite(pfd, b"\x01", c)  # recorded only once its rows (and bad rows) are written
+                        built += 1
+                        bar.update(span(c)[1] - span(c)[0])
+                        if on_chunk is not None:
+                            on_chunk(c, built, len(todo))
+            finally:
+                for future in pending:
+                    future.cancel()  # interrupted: queued chunks never start, running ones end unrecorded
+    finally:
+        bar.close()
+        os.close(fd)
+        os.close(pfd)
+    return built
+
+
+def _finish(cache_dir: Path, want: dict) -> list[int]:
+    """Verify (every chunk recorded, count, size, index checksum), then write meta with complete=true, last."""
+    n_chunks = -(-want["count"] // CHUNK_ROWS)
+    progress = (cache_dir / PROGRESS).read_bytes()
+    if progress != b"\x01" * n_chunks:
+        raise DataError(f"--out {cache_dir}: {n_chunks - progress.count(1)} chunk(s) unfinished after the build")
+    bad_rows = sorted({int(line) for line in (cache_dir / BAD_ROWS).read_text().split()})
+    meta = {**want, "bad_rows": bad_rows, "complete": True}
+    bad = problems(cache_dir, meta)
+    if bad:
+        raise DataError(f"--out {cache_dir}: verification failed: {bad[0]}")
+    write_meta(cache_dir, meta)  # from here on readers trust the cache
+    return bad_rows
+
+
+@contextlib.contextmanager
+def _locked(cache_dir: Path):
+    with open(cache_dir / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # a second builder waits here, then finds the cache complete; close unlocks
+        yield
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+def prepare(cache_dir, data, image_size: int, workers: int, normalized: bool | None = None,
+            reference: str | None = None, device=None) -> Path:
+    """The one entry point of train.py, evaluate.py and the launcher's `--cache DIR`: build, resume or reuse the
+    cache of every patch of `data` (build_cache), with one-line errors naming --cache; returns DIR.
+
+    It refreshes a cache whose PNGs changed, but never turns a finished cache into another kind (size,
+    normalization, stain reference): a job on this node may be reading it, and a rebuild truncates patches.u8
+    under it. normalized=None (evaluate.py) takes the kind a finished cache in DIR already has."""
+    where = Path(cache_dir)
+    if where.exists() and not where.is_dir():
+        raise DataError(f"--cache {where}: not a directory (give a folder for the packed patch cache)")
+    meta = read_meta(where) or {}
+    done = meta.get("complete") is True and meta.get("version") == VERSION
+    if normalized is None:  # an interrupted build of either kind resumes as that kind
+        normalized = bool(meta.get("normalized")) and meta.get("version") == VERSION
+        reference = meta["stain"]["reference"] if normalized else None
+    kind = lambda size, norm, ref: f"{size}px " + (f"patches Macenko-normalized to {ref}" if norm else "plain patches")
+    have = kind(meta.get("image_size"), meta.get("normalized"), (meta.get("stain") or {}).get("reference"))
+    if done and have != kind(image_size, normalized, reference):
+        raise DataError(f"--cache {where}: holds {have}, but this run needs {kind(image_size, normalized, reference)}; "
+                        f"give another folder (or delete this one to rebuild it)")
+    try:
+        build_cache(data, where, image_size, workers, normalized, reference, device)
+        return where
+    except OSError as e:
+        raise DataError(f"--cache {where}: {e.strerror or e}") from None
+
+
+def holds_plain(cache_dir, image_size: int) -> bool:
+    """Whether `cache_dir` holds a finished plain (not normalized) cache of `image_size` px: train.py then keeps
+    using it (Macenko on the device, same pixels) instead of refusing it for its default --cache-normalized."""
+    meta = read_meta(Path(cache_dir)) or {}
+    return (meta.get("complete") is True and meta.get("version") == VERSION and not meta.get("normalized")
+            and meta.get("image_size") == image_size)
+
+
+def patch_dataset(root, samples, image_size: int, skip_bad: bool = False, cache=None):
+    """(uint8 image, label, index) items of `samples`: decoded PNGs, or with a prepared cache the same bytes from it."""
+    if cache is None:
+        return helicodata.PatchDataset(root, samples, image_size, skip_bad)
+    return CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=skip_bad)
+
+
+def same_stain(a: dict | None, b: dict | None) -> bool:
+    """Whether two MacenkoNormalizer states normalize alike: equal settings, and reference stain vectors and maxima
+    equal up to float noise (a reference fitted on another device differs in the last bits)."""
+    if a is None or b is None:
+        return a is None and b is None
+    try:  # states saved before the stain modes existed, in today's form (they normalize as they did)
+        a, b = (macenko_gpu.MacenkoNormalizer.from_state_dict(s).state_dict() for s in (a, b))
+    except ValueError:
+        return False
+    for k in a:
+        if torch.is_tensor(a[k]) or torch.is_tensor(b[k]):
+            x, y = (torch.as_tensor(v, dtype=torch.float64) for v in (a[k], b[k]))
+            if x.shape != y.shape or not torch.allclose(x, y, rtol=1e-4, atol=1e-6):
+                return False
+        elif a[k] != b[k]:
+            return False
+    return True
+
+
+def cache_bytes(cache_dir) -> int:
+    """Bytes the cache's own files occupy on disk (allocated blocks, not apparent size)."""
+    return sum((Path(cache_dir) / f).stat().st_blocks * 512 for f in (PATCHES, INDEX, META, PROGRESS, BAD_ROWS)
+               if (Path(cache_dir) / f).exists())
