@@ -235,6 +235,14 @@ def test_a_job_stages_trains_checkpoints_on_usr1_requeues_resumes_and_evaluates(
     wait_for("the requeue", lambda: cluster.job(job).get("Restarts") == "1" and
              cluster.job(job).get("JobState") == "PENDING", 90, logs=logs)
     assert (run / "last.pt").is_file()
+    # Not at once: the requeue revoked the job's credential on the node, and slurmd compares whole seconds, so an
+    # allocation within the same second gets a credential it counts as revoked ("Killing non-startable batch JobId=1:
+    # Job credential revoked" in slurmctld.log, an empty log after the requeue, state FAILED). That is what SLURM's
+    # own BeginTime delay avoids; under load the old instance's clean-up also finishes later. Wait for the node to
+    # be idle again (the first instance is gone), then past the revocation's second.
+    wait_for("the node to be idle after the requeue", lambda: cluster.run(
+        "sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle", 60, logs=logs)
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     state = wait_for("the requeued job to finish", lambda: cluster.job(job).get("JobState") in
                      ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
