@@ -6,7 +6,8 @@
     python audit_leakage.py --data-root HelicoDataSet --split runs/26/split.json --json audit.json
 
 The split comes from splits.resolve_split, as in train.py, so the audit checks exactly the split train.py makes
-from the same flags. The report shows each part's composition (with the all-negative classifier's accuracy:
+from the same flags; it accepts train.py's whole command line (helico/train_flags.py), which is how
+run_h_pylori.sh calls it: `python audit_leakage.py <train.py's arguments>`. The report shows each part's composition (with the all-negative classifier's accuracy:
 the accuracy trap), then every finding, one line each, under a stable check name:
 - leaks: patient_in_several_parts (B22-111_0 in train, B22-111_1 in val), split_lists_folder_names,
   identical_images_across_parts (byte-identical PNGs in different parts; HoldOut counts as a part),
@@ -47,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 import common
-from helico import helicodata, splits
+from helico import helicodata, splits, train_flags
 from common import DataError
 from helico.helicodata import TREES, patient_id
 
@@ -556,18 +557,24 @@ def to_json_all(audits: list[Audit], cross: list[Finding]) -> dict:
 # ----------------------------------------------------------------------------------------------- main
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Audit a patient-level split of the HelicoDataSet for leaks before "
-                                "training. Exit 0: no leak; 1: leak found; 2: bad input.",
-                                parents=[splits.split_args_parser()])
+                                "training. Exit 0: no leak; 1: leak found; 2: bad input. Every train.py flag is "
+                                "accepted too (not listed here), so the audit takes train.py's whole command line and "
+                                "checks the split it trains.",
+                                parents=[train_flags.train_args_parser(shown=False)], allow_abbrev=False)
     p.add_argument("--json", metavar="OUT", help="also write the findings and composition as JSON (for CI or "
                    "to archive next to a run); written atomically")
     p.add_argument("--expected-size", type=int, default=256, help="patch side in pixels the dataset should have "
                    "(256 for the real data; the demo's --patch-size if you changed it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs of batch jobs)")
+    p.add_argument("--check-flags", action="store_true", help="only parse the command line and exit (0, or 2 with "
+                   "one line): what run_h_pylori.sh runs before staging, so a mistyped flag costs no copy")
     return p
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.check_flags:
+        return common.EXIT_OK
     try:
         audits, cross = audit_all(args)
         if args.json:
@@ -578,6 +585,8 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
+    except (OSError, ImportError) as e:  # never Python's exit 1, which here means a leak
+        return common.unexpected_fault(e)
     print("\n\n".join(render_report(a) for a in audits))
     if len(audits) > 1:
         print(f"\nAll {len(audits)} folds: " + ("; ".join(f"LEAK [{f.check}] {f.detail}" for f in cross) or

@@ -12,7 +12,8 @@ Stages (img/s; warm-up batches excluded; CUDA timings bracketed by torch.cuda.sy
                 copied to the device (train.py's fallback when the patches do not fit on the device)
     normalize   on the device: Macenko + per-sample colour jitter + symmetry + ImageNet normalization
                 (model.model_input, exactly what train.py runs)
-    model_step  forward + backward + AdamW step on synthetic on-device batches: the ceiling
+    model_step  train.py's own step (optimisation.train_step: forward, backward, AdamW, schedule) on synthetic
+                on-device batches: the ceiling
     loop        train.py's loop with --cache: feeds.cache_batches (patches held on the device when they fit in
                 --resident-max-frac of its free memory, else streamed) -> normalize -> step
     loop_loader the loop before issue 13: DataLoader over the cache (--loop-source png: PNGs) -> device -> normalize
@@ -43,17 +44,19 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import common
-from helico import helicodata, loaders
+import train
+from helico import augment, helicodata, loaders
 from helico import model
 from helico import packed_cache
 from helico import feeds
+from helico import runlog
+from helico import optimisation
 
 PREFETCH = 2  # batches each worker decodes ahead; a loader stage warms up through this backlog too
 STAGES = ("load_png", "load_cache", "stream", "normalize", "model_step", "loop", "loop_loader", "train")
-JITTER = (0.05, 0.05, 0.02, 0.01)  # the original pipeline's ColorJitter (train.py's default)
+JITTER = list(augment.DEFAULT_JITTER)  # train.py's default --jitter
 DEFAULTS = {  # CPU: small enough for a minute on a laptop; CUDA: the issue's real settings
     "cpu": {"image_size": 64, "batch_size": 16, "batches": 3, "warmup": 1, "limit_samples": 256, "threads": 1,
             "train_epochs": 2},
@@ -63,7 +66,8 @@ DEFAULTS = {  # CPU: small enough for a minute on a laptop; CUDA: the issue's re
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--data-root", default=os.environ.get("HELICO_DATA"), help="HelicoDataSet folder (default "
                    "$HELICO_DATA); benchmark the copy training reads (node-local on a cluster)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default cuda if available, else cpu")
@@ -97,7 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "one is the steady state")
     p.add_argument("--arch", default="resnet18", help="torchvision classifier (one-logit head, random weights)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision as in "
-                   "train.py (bf16 where supported, else fp16 + GradScaler); default on for CUDA, off on CPU")
+                   "train.py (bf16 on Ampere+, else fp16 + GradScaler); default on for CUDA, off on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC layout for model and input; default on for CUDA, off on CPU")
     p.add_argument("--macenko", action=argparse.BooleanOptionalAction, default=True,
@@ -186,23 +190,19 @@ def per_core_rate(dataset, args, min_seconds: float) -> float:
 
 # ----------------------------------------------------------------------------------------------- stages
 class Step:
-    """train.py's optimisation step: autocast by model.precision's rule (GradScaler with fp16), BCE, AdamW."""
+    """train.py's optimisation step itself (optimisation.train_step), on a model, optimizer and schedule built as
+    train.py builds them (optimisation.build, with train.py's default lr and weight decay; pos_weight 1)."""
+    LR, WEIGHT_DECAY, TOTAL_STEPS = 3e-4, 0.01, 1_000_000  # a schedule no benchmark reaches the end of
 
-    def __init__(self, arch: str, run: model.Precision, device, compile: bool = False):
-        self.run = run
-        net = run.place(model.build_model(arch, "none"), device)
-        self.opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    def __init__(self, arch: str, precision: model.Precision, device, compile: bool = False):
+        self.precision = precision
+        net = precision.place(model.build_model(arch, "none"), device)
+        self.opt, self.sched, self.scaler = optimisation.build(net, self.LR, self.WEIGHT_DECAY, self.TOTAL_STEPS,
+                                                                precision)
         self.model = torch.compile(net) if compile else net  # as train.py --compile: the step, not the optimizer
-        self.scaler = torch.amp.GradScaler(device.type, enabled=run.grad_scaling)
 
     def __call__(self, x, labels):
-        with self.run.autocast():
-            logits = self.model(x).squeeze(1)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float())
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
+        optimisation.train_step(self.model, x, labels, self.precision, self.opt, self.sched, self.scaler)
 
 
 def model_steps(step, args, device):
@@ -223,7 +223,7 @@ def normalize_steps(batches, normalizer, args, device):
     while True:
         images = batches[k % len(batches)]
         with torch.no_grad():
-            model.model_input(images, normalizer, list(JITTER), gen, args.channels_last)
+            model.model_input(images, normalizer, JITTER, gen, args.channels_last)
         k += 1
         yield images.shape[0]
 
@@ -234,7 +234,7 @@ def loop_steps(loader, normalizer, step, args, device):
     for images, labels, _ in cycle(loader):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.no_grad():
-            x = model.model_input(images, normalizer, list(JITTER), gen, args.channels_last)
+            x = model.model_input(images, normalizer, JITTER, gen, args.channels_last)
         step(x, labels)
         yield len(labels)
 
@@ -256,7 +256,6 @@ def stream_steps(batches):
 
 def train_stage(args, data, cache_dir, tmp: str) -> dict:
     """train.py's own logged img/s per epoch on the bench's settings (an in-process train.main run)."""
-    import train  # the script under measurement; imported only for this stage
     runs = Path(tmp) / "runs"
     argv = ["--data-root", str(data.root), "--runs-dir", str(runs), "--run-id", "bench", "--device", args.device,
             "--epochs", str(args.train_epochs), "--batch-size", str(args.batch_size), "--image-size",
@@ -274,7 +273,7 @@ def train_stage(args, data, cache_dir, tmp: str) -> dict:
     code = train.main(argv)
     if code != common.EXIT_OK:
         raise common.DataError(f"--stages train: train.py {' '.join(argv)} exited {code} (its error is above)")
-    records = [json.loads(line) for line in (runs / "bench" / "log.jsonl").read_text().splitlines()]
+    records = runlog.read(runs / "bench")
     return {"img_s": records[-1]["img_s"], "per_epoch_img_s": [r["img_s"] for r in records],
             "epoch_seconds": [r["seconds"] for r in records], "argv": argv}
 
@@ -330,9 +329,9 @@ def run(args) -> dict:
         png = helicodata.PatchDataset(data.root, samples, args.image_size)
         t = lambda steps, extra=0: timed(steps, device, args.warmup + extra, args.batches, args.min_seconds)
         backlog = args.workers * PREFETCH  # batches ready before timing starts would inflate a loader's rate
-        run = model.precision(device, args.amp, args.channels_last)
-        step = Step(args.arch, run, device, args.compile) if {"model_step", "loop", "loop_loader"} & set(args.stages) \
-            else None
+        precision = model.precision(device, args.amp, args.channels_last)
+        step = Step(args.arch, precision, device, args.compile) \
+            if {"model_step", "loop", "loop_loader"} & set(args.stages) else None
         feeds = {}
 
         def feed(max_frac):  # held (or streaming) only while its stage runs, then freed for the next
@@ -466,6 +465,11 @@ def main(argv=None) -> int:
     except common.DataError as e:
         print(f"error: {e}", file=sys.stderr)  # one line, from a DataLoader worker too (loaders carries it)
         return common.EXIT_BAD_INPUT
+    except common.EnvironmentFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return common.EXIT_ENVIRONMENT
+    except (OSError, ImportError) as e:
+        return common.unexpected_fault(e)
     finally:
         loaders.stop_workers()
         torch.set_num_threads(threads)  # --threads must not outlive main() when called in-process

@@ -1,15 +1,16 @@
 """The conventions every script shares: bad input and its exit codes, the --device rule, atomic file writes.
 
 A top-level module (the design card's): scripts and the helico package import it; it imports nothing of the
-project, and not torch at import time (the audit and the launcher's flag reads stay fast).
+project, and not torch at import time (the audit and the launcher's flag check stay fast).
 
     import common
     device = common.resolve_device("auto")              # cuda when available, else cpu; bad name: DataError
     common.atomic_write_text(run_dir / "split.json", text)  # all or nothing; a full disk: EnvironmentFault
 
 Every bad input raises DataError with a one-line message naming the file, row or flag; scripts turn it into
-`error: ...` on stderr and exit code 2 (EXIT_BAD_INPUT). The dataset itself (patients, workbook, samples) is
-helico/helicodata.py.
+`error: ...` on stderr and exit code 2 (EXIT_BAD_INPUT). An OSError or ImportError nothing caught becomes one line
+and its exit code too (unexpected_fault), so the launcher reads every step from its exit code alone. The dataset
+itself (patients, workbook, samples) is helico/helicodata.py.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import errno
 import io
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,12 +40,33 @@ class EnvironmentFault(Exception):
         self.reason = reason
 
 
+def unexpected_fault(error: OSError | ImportError) -> int:
+    """The one line and exit code of an OSError or ImportError that reached a script's main() uncaught, so that exit
+    1 keeps meaning what each script documents (a leak, a dependent HoldOut) and never "Python crashed": a disk
+    fault (errno in FAULTS) is EXIT_ENVIRONMENT naming the file or folder; another OSError (a missing or unreadable
+    file) and a missing module are bad input (EXIT_BAD_INPUT) naming the file or the module."""
+    if isinstance(error, ImportError):
+        module = error.name or str(error)
+        print(f"error: Python module {module} cannot be imported ({error}) by {sys.executable}: install the "
+              f"project's requirements (pip install -r requirements.txt) or run the project's interpreter",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    where = error.filename or "the disk"
+    if error.errno in FAULTS:
+        print(f"error: {where}: {FAULTS[error.errno]}; free space there or check that disk, then run the same "
+              f"command again", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    print(f"error: {where}: {error.strerror or error}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 # ----------------------------------------------------------------------------------------------- devices
-def resolve_device(name=None, local_rank: int = 0):
+def resolve_device(name=None, local_rank: int = 0, world: int = 1):
     """Every script's --device: None or auto (cuda when available, else cpu), cpu, cuda (cuda:LOCAL_RANK, the
     process's GPU under torchrun) or cuda:N; a torch.device passes through the same checks. A bad name is a
-    DataError naming --device (exit 2)."""
-    # torch is imported here, not at the top: the audit and the launcher's split-flag read (common, splits, no
+    DataError naming --device (exit 2), and so is cuda:N among `world` > 1 torchrun processes: it would put every
+    rank on GPU N, where NCCL fails."""
+    # torch is imported here, not at the top: the audit and the launcher's flag check (common, splits, no
     # tensors) would otherwise pay torch's import, ~4 s per process, at every job start.
     import torch
     name = "auto" if name is None else str(name)
@@ -53,6 +76,9 @@ def resolve_device(name=None, local_rank: int = 0):
         raise DataError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DataError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if world > 1 and name.startswith("cuda:"):
+        raise DataError(f"--device {name}: under torchrun ({world} processes) every rank would use that one GPU; use "
+                        f"--device cuda (each rank takes cuda:LOCAL_RANK)")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 

@@ -46,11 +46,11 @@ plain cache gets the checkpoint's Macenko applied (same pixels, same scores); on
 is used as it is, only if normalized to the checkpoint's own stain reference (refused otherwise, never rebuilt).
 
 Exit codes: 0 ok; 1 --holdout on a HoldOut that is not independent of CrossValidation (patients named); 2 bad
-input (missing/unreadable/foreign checkpoint, wrong --arch, data root lacking a patient of the split, empty split,
-unreadable image without --skip-bad-images, --compare of runs sharing fewer than 5 patients, --cv folds that are
-not one cross-validation); 5 no space left or an I/O error while writing the report (the previous one is kept);
-130 Ctrl-C, 143 SIGTERM (SLURM's time limit; the launcher turns Ctrl-C into it): no report written, the previous one
-kept, no temp folder left; a second signal stops at once.
+input (missing/unreadable/foreign checkpoint, a run folder instead of its best.pt, wrong --arch, data root lacking a
+patient of the split, empty split, unreadable image without --skip-bad-images, --compare of runs sharing fewer than 5
+patients, --cv folds that are not one cross-validation); 5 no space left or an I/O error while writing the report
+(the previous one is kept); 130 Ctrl-C, 143 SIGTERM (SLURM's time limit; the launcher turns Ctrl-C into it): no
+report written, the previous one kept, no temp folder left; a second signal stops at once.
 """
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ from helico import metrics
 from helico import model
 from helico import packed_cache
 from helico import feeds
+from helico import runlog
 from helico import splits
 from common import DataError
 
@@ -84,7 +85,7 @@ from common import DataError
 # ----------------------------------------------------------------------------------------------- flags
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", metavar="CKPT", help="a train.py checkpoint (best.pt: the epoch with the best "
                       "validation PR-AUC); the report goes to eval/ beside it (eval-holdout/ with --holdout)")
@@ -117,12 +118,15 @@ def get_args_parser():
     p.add_argument("--cache", metavar="DIR", help="packed uint8 cache of decoded patches (built on first use, reused "
                    "after; see patch_cache.py): later epochs and evaluations never decode a PNG. Put it on node-local "
                    "disk")
+    p.add_argument("--cache-base", metavar="DIR", help="the cache train.py --cache-base DIR names for this "
+                   "checkpoint (its image size, cache kind and stain reference), built if missing; if the disk fails "
+                   "there, a warning and PNGs. --cache DIR wins; one checkpoint only (not --compare/--cv)")
     p.add_argument("--resident-max-frac", type=float, default=feeds.DEFAULT_MAX_FRAC, metavar="F", help="with "
                    "--cache: score from one uint8 tensor of the patches on the device when it takes at most F of its "
                    "free memory (CPU: available RAM), else stream them from the host cache by a thread (no DataLoader "
                    "either way); 0: always stream")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA (bf16 where supported, as in "
+    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA (bf16 on Ampere+, as in "
                    "training; slower, scores then match a float32 run)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip undecodable PNGs (listed in the report) "
                    "instead of stopping with an error")
@@ -138,6 +142,8 @@ def check_args(args) -> None:
             raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if not 0 <= args.resident_max_frac <= 1:
         raise DataError(f"--resident-max-frac {args.resident_max_frac}: expected a share in [0, 1]")
+    if args.cache_base and (args.compare or args.cv):
+        raise DataError("--cache-base: for one --checkpoint; give --compare and --cv a --cache DIR")
     if args.compare and len(args.compare) < 2:
         raise DataError("--compare: give at least two checkpoints (the first is the baseline)")
 
@@ -155,6 +161,16 @@ def scoring_precision(ckpt: dict, device, no_amp: bool) -> model.Precision:
     config = ckpt.get("config") or {}
     amp = device.type == "cuda" and config.get("amp", True) and not no_amp
     return model.precision(device, amp=amp, channels_last=config.get("channels_last", False))
+
+
+def checkpoint_file(given: str, flag: str) -> Path:
+    """The checkpoint a user named; a run folder (`--checkpoint runs/demo`) is refused naming the file it holds,
+    before its parent is taken for where eval/ goes."""
+    path = Path(given)
+    if path.is_dir():
+        raise DataError(f"{flag} {path}: a folder, not a checkpoint; pass {path / 'best.pt'} (the best validation "
+                        f"epoch) or {path / 'last.pt'}")
+    return path
 
 
 def data_root_of(ckpt: dict, override: str | None, path) -> str:
@@ -194,11 +210,11 @@ def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: 
 
 
 def score_samples(net, normalizer, root, samples, image_size: int, device, *, batch_size: int, workers: int,
-                  skip_bad: bool = False, cache=None, run: model.Precision | None = None,
+                  skip_bad: bool = False, cache=None, precision: model.Precision | None = None,
                   resident_max_frac: float = feeds.DEFAULT_MAX_FRAC) -> tuple[np.ndarray, list[int]]:
-    """Sigmoid scores (NaN for skipped undecodable files) and the indices skipped; batched, under `run`'s precision
-    and layout (default float32, contiguous). With a cache, no DataLoader: feeds.scoring_batches."""
-    run = run or model.precision(device, amp=False)
+    """Sigmoid scores (NaN for skipped undecodable files) and the indices skipped; batched, under `precision`'s
+    autocast and layout (default float32, contiguous). With a cache, no DataLoader: feeds.scoring_batches."""
+    precision = precision or model.precision(device, amp=False)
     if cache is None:
         ds = helicodata.PatchDataset(root, samples, image_size=image_size, skip_bad=skip_bad)
         loader = loaders.make_loader(ds, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
@@ -206,7 +222,7 @@ def score_samples(net, normalizer, root, samples, image_size: int, device, *, ba
         ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, skip_bad)
         loader, _ = feeds.scoring_batches(ds, batch_size, device, resident_max_frac)
     scores, bad = np.full(len(samples), np.nan), []
-    net = run.place(net, device)
+    net = precision.place(net, device)
     interactive = sys.stderr.isatty()  # in a log file a cleared bar leaves its last state for the next line to land on
     bar = tqdm(loader, desc="scoring", unit="batch", mininterval=2 if interactive else 30, leave=not interactive)
     with torch.inference_mode(), contextlib.closing(bar):
@@ -215,11 +231,22 @@ def score_samples(net, normalizer, root, samples, image_size: int, device, *, ba
             bad += dropped
             if len(idx) == 0:
                 continue
-            x = model.model_input(images.to(device, non_blocking=True), normalizer, channels_last=run.channels_last)
-            with run.autocast():
+            x = model.model_input(images.to(device, non_blocking=True), normalizer,
+                                  channels_last=precision.channels_last)
+            with precision.autocast():
                 logits = net(x)
             scores[idx.cpu().numpy()] = torch.sigmoid(logits.float().reshape(-1)).cpu().numpy()
     return scores, bad
+
+
+def cache_under_base(base, ckpt, data, workers: int, device) -> str | None:
+    """The folder train.py --cache-base names for this checkpoint (the kind it trained from; after a PNG fallback,
+    the kind it would have built), prepared; None, with a warning, when the disk fails there."""
+    config = ckpt["config"]
+    normalized = config["cache_normalized"] if config.get("cache") else config["macenko"]
+    folder = packed_cache.prepare_in(base, data, int(ckpt["image_size"]), max(1, workers), normalized,
+                                     config["reference_patch"], device)
+    return None if folder is None else str(folder)
 
 
 def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, batch_size: int, workers: int,
@@ -231,7 +258,7 @@ def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, ba
         cache = packed_cache.prepare(cache, data, size, max(1, workers), device=device)
     scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=batch_size,
                                 workers=workers, skip_bad=skip_bad, cache=cache,
-                                run=scoring_precision(ckpt, device, no_amp), resident_max_frac=resident_max_frac)
+                                precision=scoring_precision(ckpt, device, no_amp), resident_max_frac=resident_max_frac)
     keep = np.isfinite(scores)
     pred = analysis.Predictions([s for s, k in zip(samples, keep) if k], np.array([r.split for r in rows])[keep],
                                 np.array([r.patch_eval for r in rows], dtype=bool)[keep],
@@ -261,7 +288,7 @@ def default_out(holdout: bool) -> str:
 
 def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     """Score and analyse one checkpoint, write its eval folder; returns (metrics dict, folder)."""
-    path = Path(args.checkpoint)
+    path = checkpoint_file(args.checkpoint, "--checkpoint")
     out = Path(args.out) if args.out else path.parent / default_out(args.holdout)
     eval_report.check_out_folder(out)
     ckpt = model.load_checkpoint(path)
@@ -281,6 +308,8 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                                                     hash_cache)
     if not any(r.patch_eval for r in rows):
         raise DataError(f"validation patients of {path} have no labelled patches in {data.root}: empty split")
+    if args.cache_base and not args.cache:
+        args.cache = cache_under_base(args.cache_base, ckpt, data, args.workers, device)
     pred, bad = predict(net, normalizer, ckpt, data, rows, device, **scoring_options(args))
     threshold = float(ckpt["threshold"])
     by_part, patient_rows = {}, []
@@ -299,7 +328,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
         result["selection"] = by_part["val"]
     if holdout:
         result["holdout"] = {"patient": by_part["holdout"]["patient"], "patches": int((pred.split == "holdout").sum())}
-    log = figures.epoch_records(path.parent / "log.jsonl")  # what the best epoch was chosen among
+    log = runlog.read(path.parent)  # what the best epoch was chosen among
     result["meta"] = {"checkpoint": str(path), "arch": ckpt["arch"], "image_size": int(ckpt["image_size"]),
                       "epoch": ckpt.get("epoch"), "data_root": str(data.root), "headline": headline,
                       "untouched_test": headline == "test", "stain": "macenko" if normalizer else None,
@@ -386,7 +415,7 @@ def run_compare(args, device) -> int:
     if args.holdout:
         raise DataError("--holdout: not used with --compare (compare on the test or validation part, then evaluate "
                         "the winner)")
-    paths = [Path(p) for p in args.compare]
+    paths = [checkpoint_file(p, "--compare") for p in args.compare]
     out = Path(args.out) if args.out else paths[0].parent / "compare"
     eval_report.check_out_folder(out)
     ckpts = [model.load_checkpoint(p) for p in paths]
@@ -455,10 +484,12 @@ def main(argv=None) -> int:
         return common.EXIT_ENVIRONMENT
     except OSError as e:  # a disk fault outside the report folder (reading the checkpoint or data; the report's own
         if e.errno not in common.FAULTS:  # writes come as EnvironmentFault from eval_report.replaced_folder)
-            raise
+            return common.unexpected_fault(e)
         print(f"error: {e.filename or 'the disk'}: {common.FAULTS[e.errno]}; no report written (a previous one is "
               f"kept); check that disk, then run the same command again", file=sys.stderr)
         return common.EXIT_ENVIRONMENT
+    except ImportError as e:
+        return common.unexpected_fault(e)
     except KeyboardInterrupt as e:
         name = e.args[0] if e.args else "SIGINT"
         print(f"stopped by {'Ctrl-C' if name == 'SIGINT' else name}: no report written (a previous one is kept); run "

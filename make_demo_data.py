@@ -63,6 +63,8 @@ import numpy as np
 import openpyxl
 from PIL import Image, ImageDraw, ImageFilter
 
+import common
+
 WORKBOOK = "HP_WSI-CoordAllAnnotatedPatches.xlsx"
 DIAGNOSIS_CSV = "PatientDiagnosis.csv"
 CREATOR = "make_demo_data.py"         # workbook author: how --force recognises a folder it may replace
@@ -477,7 +479,7 @@ def summary(out: Path, tally: Counter, seconds: float) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("out_dir", metavar="OUT_DIR", help="folder to create; must be missing or empty unless --force")
     ap.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical dataset (default 0)")
     ap.add_argument("--patients", type=int, default=36,
@@ -518,6 +520,8 @@ def main(argv=None) -> int:
     try:
         tally = build(tmp, args.seed, args.patients, args.holdout_patients, args.patch_size)
         move_into_place(tmp, out)
+    except OSError as e:  # a full disk mid-build: exit 5 naming it, not a traceback
+        return common.unexpected_fault(e)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

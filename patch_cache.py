@@ -25,7 +25,8 @@ from helico import helicodata, packed_cache
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Rerunning the same command resumes an interrupted build and only checks a "
-                                       "finished one; it rebuilds by itself when the PNGs changed.")
+                                       "finished one; it rebuilds by itself when the PNGs changed.",
+                                allow_abbrev=False)
     p.add_argument("--data-root", default=os.environ.get("HELICO_DATA"),
                    help="HelicoDataSet folder (default $HELICO_DATA); stage it to node-local disk first on a cluster")
     p.add_argument("--out", required=True, metavar="CACHE_DIR",
@@ -60,11 +61,13 @@ def main(argv=None) -> int:
         return common.EXIT_BAD_INPUT
     except (OSError, common.EnvironmentFault) as e:  # a disk filling up or failing mid-build
         if isinstance(e, OSError) and e.errno not in common.FAULTS:
-            raise
+            return common.unexpected_fault(e)
         why = str(e) if isinstance(e, common.EnvironmentFault) else common.FAULTS[e.errno]
         print(f"error: --out {args.out}: {why}; free space there (or check that disk), then run the same command "
               f"again to resume the build", file=sys.stderr)
         return common.EXIT_ENVIRONMENT
+    except ImportError as e:
+        return common.unexpected_fault(e)
     except KeyboardInterrupt:
         print(f"stopped by Ctrl-C: {args.out} is incomplete and will not be used; rerun the same command to resume",
               file=sys.stderr)

@@ -21,9 +21,9 @@
 #   bash run_h_pylori.sh --stage-only          # only stage (pre-warm a node); prints the staged path
 #   bash run_h_pylori.sh --clean-stage         # remove this node's staged copy of HELICO_DATA (and its caches)
 #
-# Every argument goes to train.py (see `python train.py --help`); the split flags among them (those of
-# splits.split_args_parser(), read from the code at start-up; `--print-split-flags` lists them) also go to
-# audit_leakage.py, so the audit checks exactly the split that will be trained. Write flags in full.
+# Every argument goes to train.py (see `python train.py --help`), and the same list to audit_leakage.py, which accepts
+# train.py's whole command line: the audit checks exactly the split that will be trained. Write flags in full: a
+# mistyped or abbreviated flag (--val for --val-frac) is refused (exit 2) before anything is staged.
 # Offline compute nodes: train.py's default --weights imagenet reads torchvision's cache, which is
 # `python -c 'import torch; print(torch.hub.get_dir())'`/checkpoints; fill it once on a login node with
 # `python -c 'import torchvision; torchvision.models.resnet18(weights="DEFAULT")'` (same $TORCH_HOME), or pass
@@ -40,24 +40,25 @@
 #   STAGE_RESERVE_MB   free space to leave on the node disk after staging (default 1024)
 #   STAGE_LOCK_TIMEOUT seconds to wait for another job's copy on this node before giving up (default 7200)
 #   EVAL_ARGS          extra evaluate.py flags, split on spaces (e.g. "--holdout --bootstrap 2000")
-#   CACHE              on (default) or off. on: after the audit, build or reuse the packed patch cache (patch_cache.py,
-#                      ~0.2 MB per 256px patch, ~43 GB for the full dataset) beside the staged copy, as
-#                      <staged copy>-cache<image size>-macenko-<reference checksum> (Macenko applied once, there: the
-#                      default; plain <staged copy>-cache<image size> with --no-macenko or --no-cache-normalized), and
-#                      pass --cache to train.py and evaluate.py, so no epoch decodes a PNG. Only for a staged copy: a cache
-#                      belongs on node-local disk, never beside HELICO_DATA. Without a staged copy, or when the build
-#                      fails (no room), training decodes PNGs, with a warning. An explicit --cache DIR wins.
+#   CACHE              on (default) or off. on: pass --cache-base <staged copy>-cache to train.py and evaluate.py, which
+#                      build or reuse the packed patch cache there (~0.2 MB per 256px patch, ~43 GB for the full
+#                      dataset), in the folder train.py names for its image size, cache kind and stain reference
+#                      (Macenko applied once, in the cache, by default), so no epoch decodes a PNG. Only for a
+#                      staged copy: a cache belongs on node-local disk, never beside HELICO_DATA. Without a staged
+#                      copy, or when the build fails for want of room, training decodes PNGs, with a warning. An
+#                      explicit --cache DIR wins (and a failure there stops the job).
 #
 # Staged copies stay on the node for the next job (the end of every job logs where, and how big). Remove them
 # with --clean-stage on that node (under SLURM: srun -w NODE bash run_h_pylori.sh --clean-stage): it removes the
 # copy of HELICO_DATA (or --data-root), its marker and its caches, unless a job on the node is using it.
 #
-# Exit codes, the same meaning for every step (the log names the step and says what to do):
-#   0 done | 1 the audit found a patient leak, nothing trained (from train.py/evaluate.py: an unexpected error,
-#   traceback above) | 2 bad input (a flag, file or folder named in the message); fix it, nothing to resume |
-#   3 non-finite loss (last good checkpoint kept) | 4 stopped by a signal after writing last.pt: under SLURM the
-#   job was requeued and resumes by itself, else run the same command to resume | 5 environment fault (no space,
-#   I/O error, or --clean-stage on a copy in use): free space then run the same command | 128+N killed by signal N.
+# Exit codes, the same meaning for every step, read from the step's exit code alone (the log names the step and says
+# what to do): 0 done | 1 the audit found a patient leak, nothing trained (from train.py/evaluate.py: the HoldOut is
+# not independent of CrossValidation) | 2 bad input (a flag, file, folder or missing Python module named in the
+# message); fix it, nothing to resume | 3 non-finite loss (last good checkpoint kept) | 4 stopped by a signal after
+# writing last.pt: under SLURM the job was requeued and resumes by itself, else run the same command to resume |
+# 5 environment fault (no space, I/O error, or --clean-stage on a copy in use): free space then run the same command |
+# 128+N killed by signal N | any other code: the step crashed, a bug (its traceback is above).
 set -euo pipefail
 
 log() { printf '[run_h_pylori %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }  # stdout is left to the steps
@@ -68,53 +69,22 @@ die() { local code=$1; shift; printf 'error: %s\n' "$*" >&2; exit "$code"; }
 usage() { awk 'NR == 1 || /^#SBATCH/ { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "${BASH_SOURCE[0]}"; }
 
 # ------------------------------------------------------------------------------------------- arguments
-# Split flags are copied to the audit; --data-root and --runs-dir are taken out because this script decides
-# them (the staged copy; RUNS_DIR); everything else passes through to train.py untouched, in order.
-TRAIN_ARGS=() AUDIT_ARGS=() RUN_ID="" ARG_DATA_ROOT="" ARG_RUNS_DIR="" MODE=run
-# CACHE_NORMALIZED: 1/0 when asked for (--cache-normalized / --no-cache-normalized or --no-macenko); empty: the
-# default, a Macenko-normalized cache (Macenko once, not every epoch), as train.py's own default with --cache
-ARG_CACHE="" IMAGE_SIZE=256 REFERENCE="" CACHE_NORMALIZED=""  # 256: train.py's default --image-size
-declare -A SPLIT_FLAGS=()  # flag -> number of values (0 or 1), from splits.split_args_parser()
-
-# The split flags are read from the parser train.py and audit_leakage.py share, so a flag added there reaches the
-# audit without anyone editing this script (a hard-coded copy once could audit another split than the one trained).
-read_split_flags() {
-  local listing name nargs
-  listing=$("$PY" - "$CODE_DIR" <<'PY'
-import sys
-sys.path.insert(0, sys.argv[1])
-from helico import splits
-for action in splits.split_args_parser()._actions:
-    for flag in action.option_strings:
-        if flag.startswith("--") and action.nargs in (None, 0):  # a value, or none (store_true)
-            print(flag, 0 if action.nargs == 0 else 1)
-        elif flag.startswith("--"):
-            sys.exit(f"split flag {flag}: nargs={action.nargs!r} is not supported by run_h_pylori.sh")
-PY
-) || die 2 "PYTHON=$PY cannot read the split flags from $CODE_DIR/helico/splits.py (error above); set PYTHON to the project's venv"
-  while read -r name nargs; do [[ -z $name ]] || SPLIT_FLAGS[$name]=$nargs; done <<<"$listing"
-  (( ${#SPLIT_FLAGS[@]} )) || die 2 "no split flags found in $CODE_DIR/helico/splits.py"
-}
-
-# Flags this script reads itself: [flag]=number of values.
-declare -A OWN_FLAGS=([--data-root]=1 [--runs-dir]=1 [--run-id]=1 [--cache]=1 [--image-size]=1)
+# TRAIN_ARGS go to train.py and, the same list, to the audit. --data-root, --runs-dir and --run-id are taken out here
+# because this script decides them (the staged copy; RUNS_DIR; SLURM's job ID) and gives them back resolved; the
+# rest passes through untouched, in order: train.py's parser, not this script, knows what each flag takes.
+TRAIN_ARGS=() RUN_ID="" ARG_DATA_ROOT="" ARG_RUNS_DIR="" ARG_CACHE="" MODE=run
 
 parse_args() {
-  local arg name value nargs
+  local arg name value
   while (( $# )); do
-    arg=$1
+    arg=$1 name=${1%%=*}
     case $arg in
-      --cache-normalized) CACHE_NORMALIZED=1; shift; continue ;;  # given to train.py only with a cache
-      --no-cache-normalized) CACHE_NORMALIZED=0; shift; continue ;;
-      --no-macenko) CACHE_NORMALIZED=0 ;;  # and on to train.py
-      -h|--help|--stage-only|--clean-stage|--print-split-flags) shift; continue ;;  # modes, read by main
+      -h|--help|--stage-only|--clean-stage) shift; continue ;;  # modes, read by main
     esac
-    name=${arg%%=*}
-    nargs=${OWN_FLAGS[$name]:-${SPLIT_FLAGS[$name]:-}}
-    if [[ $arg != --* || -z $nargs ]]; then TRAIN_ARGS+=("$arg"); shift; continue; fi
-    if (( nargs == 0 )); then  # an on/off split flag
-      TRAIN_ARGS+=("$arg"); AUDIT_ARGS+=("$arg"); shift; continue
-    fi
+    case $name in
+      --data-root|--runs-dir|--run-id|--cache) ;;
+      *) TRAIN_ARGS+=("$arg"); shift; continue ;;
+    esac
     if [[ $arg == *=* ]]; then value=${arg#*=}; shift
     else
       (( $# >= 2 )) || die 2 "flag $name needs a value"
@@ -123,27 +93,37 @@ parse_args() {
     case $name in
       --data-root) ARG_DATA_ROOT=$value ;;
       --runs-dir) ARG_RUNS_DIR=$value ;;
-      --run-id) RUN_ID=$value ;;  # given to train.py once resolved (main)
-      --cache) ARG_CACHE=$value ;;
-      --image-size) IMAGE_SIZE=$value; TRAIN_ARGS+=(--image-size "$value") ;;
-      *) [[ $name != --reference-patch ]] || REFERENCE=$value
-         TRAIN_ARGS+=("$name" "$value"); AUDIT_ARGS+=("$name" "$value") ;;
+      --run-id) RUN_ID=$value ;;
+      --cache) ARG_CACHE=$value; TRAIN_ARGS+=(--cache "$value") ;;  # train.py's; evaluate.py reads it too
     esac
   done
+}
+
+# A mistyped or abbreviated flag is refused before the copy, by the parser train.py uses: the audit's (it accepts
+# train.py's whole command line and loads no torch, so this costs a fraction of a second). It also proves PYTHON.
+check_flags() {
+  local errs rc=0
+  errs=$("$PY" "$CODE_DIR/audit_leakage.py" --check-flags ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} 2>&1 >/dev/null) || rc=$?
+  (( rc != 0 )) || return 0
+  if (( rc == 2 )) && [[ $errs == *"error: "* ]]; then
+    die 2 "${errs##*error: } (every argument goes to train.py: see python train.py --help; write flags in full)"
+  fi
+  printf '%s\n' "$errs" >&2
+  die 2 "PYTHON=$PY cannot run $CODE_DIR/audit_leakage.py (exit $rc, output above); set PYTHON to the project's venv"
 }
 
 # `sbatch --array=0-4 run_h_pylori.sh --run-id 27 --folds 5`: array task i trains and audits fold i (its test part)
 # into runs/27-f<i>, the run folders `evaluate.py --cv runs/27-f*` pools. An explicit --fold wins.
 array_fold() {
-  [[ -n ${SLURM_ARRAY_TASK_ID:-} ]] && has_split_flag --folds && ! has_split_flag --fold || return 0
-  TRAIN_ARGS+=(--fold "$SLURM_ARRAY_TASK_ID"); AUDIT_ARGS+=(--fold "$SLURM_ARRAY_TASK_ID")
+  [[ -n ${SLURM_ARRAY_TASK_ID:-} ]] && has_flag --folds && ! has_flag --fold || return 0
+  TRAIN_ARGS+=(--fold "$SLURM_ARRAY_TASK_ID")
   RUN_ID=$RUN_ID-f$SLURM_ARRAY_TASK_ID
   log "array task $SLURM_ARRAY_TASK_ID: fold $SLURM_ARRAY_TASK_ID, run folder $RUN_ID"
 }
 
-has_split_flag() {  # --flag or --flag=value among the split flags given (--fold is not --folds)
+has_flag() {  # --flag or --flag=value among the arguments given (--fold is not --folds)
   local a
-  for a in ${AUDIT_ARGS[@]+"${AUDIT_ARGS[@]}"}; do [[ $a == "$1" || $a == "$1="* ]] && return 0; done
+  for a in ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}; do [[ $a == "$1" || $a == "$1="* ]] && return 0; done
   return 1
 }
 
@@ -235,13 +215,13 @@ stage_under_lock() {
   local src=$1 dst=$2 marker=$2.complete src_fp timeout=${STAGE_LOCK_TIMEOUT:-7200}
   log "staging: fingerprinting $src"
   src_fp=$(tree_fingerprint "$src") || { warn "cannot list $src"; return 1; }
-  flock -s -w "$timeout" "$LOCK_FD" || { warn "timed out after ${timeout}s waiting for the staging lock"; return 1; }
+  lock_stage -s "$dst.lock" "$timeout" || { warn "timed out after ${timeout}s waiting for the staging lock"; return 1; }
   if staged_copy_matches "$dst" "$marker" "$src_fp"; then
     log "staging: reusing verified copy at $dst (marker matches source: ${src_fp% *})"
     return 0
   fi
   flock -u "$LOCK_FD"
-  flock -x -w "$timeout" "$LOCK_FD" || { warn "timed out after ${timeout}s waiting for the staging lock"; return 1; }
+  lock_stage -x "$dst.lock" "$timeout" || { warn "timed out after ${timeout}s waiting for the staging lock"; return 1; }
   if ! staged_copy_matches "$dst" "$marker" "$src_fp"; then  # another job may have finished it while we waited
     if [[ -e $marker || -d $dst ]]; then log "staging: copy at $dst is incomplete or stale; not trusted, re-syncing"; fi
     rm -f "$marker" || return 1
@@ -259,6 +239,17 @@ stage_under_lock() {
     log "staging: another job finished the copy while we waited; reusing $dst"
   fi
   flock -s "$LOCK_FD"  # downgrade: other jobs may now reuse the copy, but not re-sync it under us
+}
+
+# flock on LOCK_FD ($1: -s or -x), then check the lock file is still the one at its path: --clean-stage removes it
+# once it holds it, and a lock on a removed file excludes nobody (the next job opens a new one), so reopen and retry.
+lock_stage() {
+  local mode=$1 file=$2 timeout=$3
+  while :; do
+    flock "$mode" -w "$timeout" "$LOCK_FD" || return 1
+    [[ $(stat -c %i "$file" 2>/dev/null) == "$(stat -L -c %i "/dev/fd/$LOCK_FD")" ]] && return 0
+    exec {LOCK_FD}>&- && exec {LOCK_FD}>>"$file" || return 1
+  done
 }
 
 staged_copy_matches() {
@@ -299,8 +290,9 @@ report_staged_copy() {
       "(on this node; it refuses while a job uses the copy)"
 }
 
-# Removes this dataset's staged copy, marker and caches, holding the staging lock exclusively so no job on this
-# node is using it. The empty .lock file stays: a job blocked on it must not lose its mutual exclusion.
+# Removes this dataset's staged copy, marker, caches and lock file, holding the staging lock exclusively so no job on
+# this node is using it. A job blocked on the removed lock file finds it gone once it gets the lock and takes a new
+# one (lock_stage), so mutual exclusion holds.
 clean_stage() {
   resolve_source_root
   local dst; dst=$(staged_path "$SOURCE_ROOT")
@@ -314,6 +306,7 @@ clean_stage() {
   rm -f "$dst.complete"  # first: a half-removed copy must never look verified
   chmod -R u+w "$dst" "$dst"-cache* 2>/dev/null || true
   rm -rf "$dst" "$dst"-cache* || die 5 "could not remove all of $dst (error above)"
+  rm -f "$dst.lock"  # last, still held: see lock_stage
   log "clean-stage: removed $dst, its marker and caches"
   list_other_copies "$dst"
 }
@@ -327,30 +320,22 @@ list_other_copies() {
 }
 
 # ------------------------------------------------------------------------------------------- cache
-# Decoded once into one uint8 file on the node's disk (patch_cache.py): every epoch and the evaluation then read
-# it instead of ~220k PNGs. The folder name carries what the cache holds, so jobs with another image size or stain
-# reference on this node use their own (patch_cache refuses to turn a finished cache into another kind).
-CACHE_DIR=""
-build_cache() {
-  if [[ -n $ARG_CACHE ]]; then CACHE_DIR=$ARG_CACHE; log "cache: --cache $CACHE_DIR (train.py builds it)"; return 0; fi
+# Decoded once into one uint8 file on the node's disk: every epoch and the evaluation then read it instead of ~220k
+# PNGs. train.py names the folder under the base (its image size, cache kind and stain reference: its own defaults and
+# rules) and builds or reuses it; evaluate.py finds the same folder from the checkpoint. Both fall back to PNGs, with a
+# warning, when the node's disk has no room. EVAL_CACHE_ARGS: what evaluate.py gets.
+EVAL_CACHE_ARGS=()
+cache_args() {
+  if [[ -n $ARG_CACHE ]]; then
+    EVAL_CACHE_ARGS=(--cache "$ARG_CACHE"); log "cache: --cache $ARG_CACHE (train.py builds it)"; return 0
+  fi
   if [[ ${CACHE:-on} == off ]]; then log "cache: CACHE=off, training decodes PNGs"; return 0; fi
   if [[ $DATA_ROOT == "$SOURCE_ROOT" ]]; then
     warn "cache: no node-local copy of the data (staging off or failed), so no cache; training decodes PNGs"
     return 0
   fi
-  local dir=$DATA_ROOT-cache$IMAGE_SIZE cmd
-  cmd=("$PY" "$CODE_DIR/patch_cache.py" --data-root "$DATA_ROOT" --image-size "$IMAGE_SIZE"
-       --workers "${SLURM_CPUS_PER_TASK:-$(nproc)}")
-  if (( ${CACHE_NORMALIZED:-1} )); then
-    dir+=-macenko-$(printf '%s' "${REFERENCE:-default}" | cksum | cut -d' ' -f1)
-    cmd+=(--normalized)
-    [[ -z $REFERENCE ]] || cmd+=(--reference-patch "$REFERENCE")
-  fi
-  log "cache: ${cmd[*]} --out $dir"
-  local rc=0
-  "${cmd[@]}" --out "$dir" || rc=$?
-  if (( rc == 0 )); then CACHE_DIR=$dir
-  else warn "cache: building $dir failed, patch_cache.py exited $rc ($(exit_meaning patch_cache.py "$rc")); training decodes PNGs"; fi
+  TRAIN_ARGS+=(--cache-base "$DATA_ROOT-cache") EVAL_CACHE_ARGS=(--cache-base "$DATA_ROOT-cache")
+  log "cache: --cache-base $DATA_ROOT-cache (train.py builds or reuses its cache there)"
 }
 
 # ------------------------------------------------------------------------------------------- training
@@ -417,15 +402,17 @@ run_forwarding_signals() {
   return "$rc"
 }
 
-# What an exit code of any step means and what to do about it: one table for audit, cache, training, evaluation
-# (the codes every script of the project shares; see the README's exit-code table).
+# What an exit code of any step means and what to do about it: one table for audit, training, evaluation (the codes
+# every script of the project shares; see the README's exit-code table). Python exits 1 on an uncaught exception too:
+# the scripts turn OSError and ImportError into 5 and 2 themselves, so a 1 with a traceback can only be a bug.
 exit_meaning() {
   local step=$1 rc=$2
   case $rc in
     0) echo "done" ;;
     1) if [[ $step == audit_leakage.py ]]; then echo "a patient leak in this split (report above): fix the split"
-       else echo "an independence violation or an unexpected error (traceback above)"; fi ;;
-    2) echo "bad input (the flag, file or folder named above): fix it, then submit again" ;;
+       else echo "the HoldOut is not independent of CrossValidation (patients named above)"; fi
+       echo "(a traceback above instead: crashed, a bug)" ;;
+    2) echo "bad input (the flag, file, folder or module named above): fix it, then submit again" ;;
     3) echo "non-finite loss (the last good checkpoint is kept in $RUNS/$RUN_ID): lower --lr, then run the same command" ;;
     4) echo "stopped by a signal after writing last.pt: run the same command to resume" ;;
     5) echo "environment fault (no space left or I/O error, folder named above): free space, then run the same" \
@@ -433,63 +420,26 @@ exit_meaning() {
     *) if (( rc > 128 )); then
          echo "killed by signal $(( rc - 128 )) ($(kill -l $(( rc - 128 )) 2>/dev/null || echo '?')), e.g. out of memory," \
               "the time limit or a second signal: run the same command to resume from the last checkpoint written"
-       else echo "unexpected exit code (error above)"; fi ;;
+       else echo "crashed (exit $rc): a bug, the traceback is above"; fi ;;
   esac
 }
 
 step_failed() {  # exits with the step's own code, so the job's exit code means what the step's does
   local step=$1 rc=$2 what=${3:-}
-  if (( rc == 1 )) && [[ -n $STEP_CRASH ]]; then crashed "$step" "$what"; fi
-  die "$rc" "$step exited $rc: $(exit_meaning "$step" "$rc")${what:+; $what}"
-}
-
-# Python exits 1 on an uncaught exception too, which must not read as the audit's "leak": a traceback on the step's
-# stderr tells them apart. OSError and a missing module are the environment (5), anything else a bug (1).
-crashed() {
-  local step=$1 what=$2
-  if [[ $STEP_CRASH =~ ^(OSError|IOError|PermissionError|FileNotFoundError|ModuleNotFoundError|ImportError) ]]; then
-    die 5 "$step crashed: $STEP_CRASH (an environment fault, not a leak: fix the folder, file or interpreter" \
-          "(PYTHON=$PY) it names, then run the same command)${what:+; $what}"
-  fi
-  die 1 "$step crashed: $STEP_CRASH (an unexpected error, traceback above; not a leak)${what:+; $what}"
-}
-
-# Runs a foreground step, its stderr shown live and kept, so that STEP_CRASH holds the exception line of a traceback.
-STEP_CRASH=""
-run_step() {
-  local errs rc=0
-  errs=$(mktemp "${TMPDIR:-/tmp}/run_h_pylori-stderr.XXXXXX") || { "$@"; return; }
-  { "$@" 2>&1 1>&3 3>&- | tee "$errs" >&2; } 3>&1 || rc=${PIPESTATUS[0]}
-  STEP_CRASH=""
-  if grep -q '^Traceback (most recent call last):' "$errs"; then
-    STEP_CRASH=$(grep -E '^[A-Za-z_.]+(Error|Exception|Interrupt)[:]?' "$errs" | tail -n 1 | cut -c1-300)
-    STEP_CRASH=${STEP_CRASH:-unknown exception}
-  fi
-  rm -f "$errs"
-  return "$rc"
+  die "$rc" "$step exited $rc: $(exit_meaning "$step" "$rc" | paste -sd' ')${what:+; $what}"
 }
 
 run_audit() {
-  log "audit: checking the split for patients shared between train and validation"
+  log "audit: checking the split for patients shared between its parts (train/validation/test)"
   local rc=0
-  # ${a[@]+"${a[@]}"}: an empty array is an "unbound variable" under set -u in bash < 4.4 (still on clusters)
-  run_step "$PY" "$CODE_DIR/audit_leakage.py" --data-root "$DATA_ROOT" ${AUDIT_ARGS[@]+"${AUDIT_ARGS[@]}"} || rc=$?
+  "$PY" "$CODE_DIR/audit_leakage.py" "${TRAIN_ARGS[@]}" || rc=$?  # train.py's very arguments
   (( rc == 0 )) || step_failed audit_leakage.py "$rc" "not training"
 }
 
 run_training() {
   local ngpu; ngpu=$(count_gpus)
   export_thread_counts "$ngpu"
-  local cmd=("$PY" "$CODE_DIR/train.py" --data-root "$DATA_ROOT" --runs-dir "$RUNS" "${TRAIN_ARGS[@]}")
-  if [[ -n $CACHE_DIR ]]; then
-    cmd+=(--cache "$CACHE_DIR")
-    case ${CACHE_NORMALIZED:-$([[ -n $ARG_CACHE ]] || echo 1)} in  # --cache DIR unasked: train.py's own default
-      1) cmd+=(--cache-normalized) ;;
-      0) cmd+=(--no-cache-normalized) ;;
-    esac
-  elif [[ $CACHE_NORMALIZED == 1 ]]; then
-    warn "no cache, so --cache-normalized is dropped: training normalizes on the device (same pixels)"
-  fi
+  local cmd=("$PY" "$CODE_DIR/train.py" "${TRAIN_ARGS[@]}")
   if (( ngpu > 1 )); then
     # python -m torch.distributed.run is torchrun from this interpreter's torch, whatever is on PATH.
     cmd=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$ngpu" "${cmd[@]:1}")
@@ -541,9 +491,10 @@ run_evaluation() {
   local extra=()
   read -ra extra <<<"${EVAL_ARGS:-}"
   log "evaluate: $best ${EVAL_ARGS:-}"
-  [[ -z $CACHE_DIR ]] || extra+=(--cache "$CACHE_DIR")  # evaluate.py reads either kind of cache
+  # ${a[@]+"${a[@]}"}: an empty array is an "unbound variable" under set -u in bash < 4.4 (still on clusters)
+  extra+=(${EVAL_CACHE_ARGS[@]+"${EVAL_CACHE_ARGS[@]}"})
   local rc=0
-  run_step "$PY" "$CODE_DIR/evaluate.py" --checkpoint "$best" --data-root "$DATA_ROOT" ${extra[@]+"${extra[@]}"} || rc=$?
+  "$PY" "$CODE_DIR/evaluate.py" --checkpoint "$best" --data-root "$DATA_ROOT" ${extra[@]+"${extra[@]}"} || rc=$?
   (( rc == 0 )) || step_failed evaluate.py "$rc" "training is complete ($best)"
 }
 
@@ -554,11 +505,9 @@ main() {
       -h|--help) usage; exit 0 ;;
       --stage-only) MODE=stage ;;
       --clean-stage) MODE=clean ;;
-      --print-split-flags) MODE=split-flags ;;  # what the audit is given, read from splits.py (for the tests)
     esac
   done
   find_code_dir
-  if [[ $MODE == split-flags ]]; then pick_python; read_split_flags; printf '%s\n' "${!SPLIT_FLAGS[@]}" | sort; return 0; fi
   if [[ $MODE == clean ]]; then parse_args "$@"; clean_stage; return 0; fi
   trap on_usr1 USR1
   trap 'on_int_or_term 2' INT
@@ -567,17 +516,18 @@ main() {
       "at $(git -C "$CODE_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   if [[ $MODE == stage ]]; then parse_args "$@"; resolve_data_root; echo "$DATA_ROOT"; return 0; fi
   pick_python
-  read_split_flags
   parse_args "$@"
   [[ -n $RUN_ID ]] || RUN_ID=${SLURM_JOB_ID:-}  # train.py's own default: a requeued job keeps its ID
   [[ -n $RUN_ID ]] || die 2 "--run-id is required outside SLURM (the run folder to write and to resume from)"
   array_fold
-  TRAIN_ARGS+=(--run-id "$RUN_ID")
   RUNS=${ARG_RUNS_DIR:-${RUNS_DIR:-runs}}
+  TRAIN_ARGS=(--runs-dir "$RUNS" --run-id "$RUN_ID" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
   [[ ${CACHE:-on} == on || ${CACHE:-on} == off ]] || die 2 "CACHE=$CACHE: expected on or off"
+  check_flags
   resolve_data_root
+  TRAIN_ARGS=(--data-root "$DATA_ROOT" "${TRAIN_ARGS[@]}")
+  cache_args
   run_audit
-  build_cache
   (( STOP_REQUESTED == 0 )) || requeue_before_training
   local rc=0
   run_training || rc=$?

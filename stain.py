@@ -126,7 +126,8 @@ def benchmark(device, batch_size=64, size=224, repeats=3) -> dict:
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Batched, IHC-safe Macenko stain normalization: normalize a folder of "
-                                "PNGs, or --benchmark against torchstain.", epilog="exit codes: 0 ok, 2 bad input")
+                                "PNGs, or --benchmark against torchstain.", epilog="exit codes: 0 ok, 2 bad input",
+                                allow_abbrev=False)
     p.add_argument("in_dir", nargs="?", help="folder of PNG tiles, searched recursively (folder mode)")
     p.add_argument("out_dir", nargs="?", help="where the normalized PNGs go, same relative paths; not inside IN_DIR")
     p.add_argument("--reference", help="PNG defining the target colours: a tissue-rich tile with blue DAB-free nuclei "
@@ -182,9 +183,11 @@ def main(argv=None) -> int:
         count = normalize_folder(args.reference, args.in_dir, args.out_dir, device, args.batch_size, args.mode)
         print(f"normalized {count} images into {args.out_dir}")
         return common.EXIT_OK
-    except (ValueError, OSError) as err:
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
+    except (OSError, ImportError) as err:  # a full disk is exit 5, not bad input; torchstain missing: one line
+        return common.unexpected_fault(err)
 
 
 if __name__ == "__main__":

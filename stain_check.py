@@ -26,6 +26,7 @@ import sys
 import numpy as np
 import torch
 
+import common
 import macenko_gpu
 from macenko_gpu import MacenkoNormalizer
 
@@ -180,7 +181,8 @@ def format_table(rows) -> str:
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Synthetic IHC check of the stain normalizer modes: AUROC of bacteria, "
-                                "DAB kept, brown pixels invented on hematoxylin-only patches (a table, ~1 min).")
+                                "DAB kept, brown pixels invented on hematoxylin-only patches (a table, ~1 min).",
+                                allow_abbrev=False)
     p.add_argument("--modes", nargs="+", choices=macenko_gpu.MODES, default=list(macenko_gpu.MODES),
                    help="modes to check (default all; ihc is the normalizer's default)")
     p.add_argument("--seed", type=int, default=0, help="rod placement seed")
@@ -193,8 +195,8 @@ def main(argv=None) -> int:
         print(format_table(check(args.modes, args.seed)))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
-        return macenko_gpu.EXIT_BAD_INPUT
-    return macenko_gpu.EXIT_OK
+        return common.EXIT_BAD_INPUT
+    return common.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ Usage:
     python train.py --data-root demo_data --run-id demo --device cpu --weights none --image-size 64 --epochs 6 --lr 1e-3
 
 Re-running the same --run-id resumes from runs/<run-id>/last.pt, mid-epoch included (what makes SLURM requeue
-safe); a run folder whose config.json holds different flags refuses to resume unless --force.
+safe); a run folder whose config.json holds different flags refuses to resume unless --force, and a finished run
+says so and trains nothing (exit 0). One train.py at a time per run folder: rank 0 holds a flock on
+runs/<run-id>/.train.lock (its pid and host inside) for the whole run, so a second one on the same --run-id exits 2
+naming the folder and that pid; the lock dies with its process, so a requeued or killed run still resumes.
+Flags are spelled out in full: a prefix (--epoch for --epochs, --val for --val-frac) is refused, exit 2.
 
 Run folder runs/<run-id>/: config.json (resolved flags, git commit, versions, device, SLURM job id), split.json,
 log.jsonl (one JSON line per epoch), best.pt (highest validation PR-AUC), last.pt, learning_curves.png.
@@ -16,10 +20,11 @@ Pipeline: DataLoader workers only decode PNGs to uint8; with --cache there is no
 sit on the device (or stream from the host when they do not fit, see feeds.py), Macenko already applied by default
 (--cache-normalized). On the device, batched: Macenko (unless the cache holds normalized patches) ->
 colour jitter with independent random factors per sample -> one of the 8 symmetries of the square per sample ->
-ImageNet normalization -> model under autocast (bf16 where supported, else fp16 with a GradScaler; off on CPU
+ImageNet normalization -> model under autocast (bf16 on Ampere+ GPUs, else fp16 with a GradScaler; off on CPU
 unless --amp). The operating threshold is the one that maximises F1 on the validation patients.
-This file owns the training loop, its sample order and the run folder; what the model sees, its precision and the
-checkpoint schema are model.py's (evaluate.py and bench.py call the same functions), the metrics metrics.py's.
+This file owns the training loop and the run folder; the sample order is sampling.py's, the optimisation step
+optimisation.py's (bench.py times that same step), log.jsonl's format runlog.py's; what the model sees, its precision
+and the checkpoint schema are model.py's (evaluate.py and bench.py call the same functions), the metrics metrics.py's.
 
 Exit codes: 0 done (or already complete), 1 the HoldOut is not independent (a HoldOut patient shares an ID or a
 byte-identical image with CrossValidation; nothing trained), 2 bad input (one-line `error:`), 3 non-finite loss
@@ -30,13 +35,14 @@ checkpoints stay). A second signal exits at once with 128 + signal number.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
-import math
 import os
 import platform
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,22 +57,27 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from helico import figures, helicodata
+import macenko_gpu
+from helico import augment, figures, helicodata
 from helico import loaders
 from helico import metrics
 from helico import model
 from helico import packed_cache
 from helico import feeds
+from helico import optimisation
+from helico import runlog
+from helico import sampling
 from helico import splits
+from helico import train_flags
 
-EXIT_NAN, EXIT_PREEMPTED = common.EXIT_NAN, common.EXIT_STOPPED
 SKIPPED = "skipped_images.txt"  # --skip-bad-images: the undecodable files left out, one path per line
-DEFAULT_JITTER = "0.05,0.05,0.02,0.01"  # the original pipeline's ColorJitter(brightness, contrast, saturation, hue)
+LOCK = ".train.lock"  # in the run folder: flock-ed by rank 0 for the whole run; holds its pid and host
+DEFAULT_JITTER = ",".join(map(str, augment.DEFAULT_JITTER))  # as --jitter spells it: "0.05,0.05,0.02,0.01"
 # Flags that may change between a run and its resumption without changing what is trained (--cache and
 # --cache-normalized give the same pixels: Macenko's output is 8-bit levels, stored without loss).
 RESUME_IGNORES = {"run_id", "runs_dir", "data_root", "hash_cache", "device", "workers", "pin_memory", "force",
                   "persistent_workers", "prefetch_factor", "amp", "channels_last", "environment", "cache",
-                  "cache_normalized", "resident_max_frac", "compile"}
+                  "cache_base", "cache_normalized", "resident_max_frac", "compile"}
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -75,113 +86,15 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter, parents=[splits.split_args_parser()])
-    g = p.add_argument_group("run")
-    g.add_argument("--run-id", help="run folder name under --runs-dir; re-use it to resume. Default: $SLURM_JOB_ID "
-                   "(a requeued job keeps its ID, so it resumes itself), else the start time YYYYmmdd-HHMMSS")
-    g.add_argument("--runs-dir", default="runs", help="where run folders live; put it on shared storage on a cluster")
-    g.add_argument("--force", action="store_true", help="resume even though the run folder's config.json holds "
-                   "different flags (e.g. more --epochs); the new flags win but the split stays the checkpoint's")
-    g.add_argument("--seed", type=int, default=0, help="model init, sample order and augmentation draws")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N; under torchrun "
-                   "each process takes cuda:$LOCAL_RANK")
-    g = p.add_argument_group("model and optimisation")
-    g.add_argument("--arch", default="resnet18", help="any torchvision classifier; its head becomes one logit")
-    g.add_argument("--weights", default="imagenet", help="imagenet (torchvision cache; fetch it once on a login node "
-                   "if compute nodes are offline), none (random init: demo only), or a .pt state dict/checkpoint")
-    g.add_argument("--epochs", type=int, default=15, help="passes over the training patients")
-    g.add_argument("--batch-size", type=int, default=128, help="per process; the global batch is this times the "
-                   "number of processes. Halve it (and --lr) if the GPU runs out of memory")
-    g.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate (linear warmup over the first "
-                   "5%% of steps, cosine decay to 0); scale it with the global batch size")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
-    g.add_argument("--pos-weight", default="auto", help="weight of the positive class in the loss against the "
-                   "~1:40 imbalance: auto = n_neg/n_pos of the training set (1 with --sampler balanced), or a number")
-    g.add_argument("--sampler", choices=("shuffle", "balanced"), default="shuffle", help="balanced draws both "
-                   "classes equally often (with replacement) instead of weighting the loss")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision: bf16 where "
-                   "supported, else fp16 with a GradScaler. Default: on for CUDA, off on CPU. Try --no-amp if the "
-                   "loss turns NaN")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                   help="NHWC memory layout: usually faster with --amp on tensor-core GPUs (measure with bench.py)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model: faster steps once compiled "
-                   "(a minute or more first, per process); off until measured to pay off end to end (bench.py "
-                   "--compile). Validation and checkpoints use the plain model")
-    g = p.add_argument_group("stain and augmentation (run batched on the device)")
-    g.add_argument("--macenko", action=argparse.BooleanOptionalAction, default=True, help="Macenko stain "
-                   "normalization to --reference-patch (the original pipeline's); --no-macenko trains on raw colours")
-    g.add_argument("--jitter", default=DEFAULT_JITTER, help="colour jitter B,C,S,H: brightness, contrast, saturation "
-                   "factors in [1-x, 1+x] and hue shift in [-h, h] turns, drawn per sample; 0 disables")
-    g.add_argument("--image-size", type=int, default=256, help="patches are resized to this square side; 256 is "
-                   "native. 64-128 makes CPU demos fast")
-    g.add_argument("--limit-samples", type=int, default=None, help="train on a stratified random subset of this "
-                   "many training samples (CPU demo, smoke tests); validation is never subsampled")
-    g = p.add_argument_group("data loading")
-    g.add_argument("--workers", type=int, default=None, help="PNG-decoding processes per training process; decoding "
-                   "is the usual bottleneck. Default: the CPUs this process may use (per GPU under torchrun) minus 1")
-    g.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="page-locked batches for asynchronous host-to-GPU copies. Default: on with CUDA")
-    g.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep workers alive between epochs instead of re-forking them")
-    g.add_argument("--prefetch-factor", type=int, default=4, help="batches each worker decodes ahead")
-    g.add_argument("--cache", metavar="DIR", help="packed uint8 cache of decoded patches (built on first use, reused "
-                   "after; see patch_cache.py): later epochs and evaluations never decode a PNG. Put it on node-local "
-                   "disk")
-    g.add_argument("--cache-normalized", action=argparse.BooleanOptionalAction, default=None, help="store patches "
-                   "already Macenko-normalized, so Macenko runs once, not every epoch (needs --cache and --macenko; "
-                   "the stain still goes in checkpoints; same pixels, so bitwise the same weights). Default: on with "
-                   "--cache and --macenko, unless the --cache folder already holds a finished plain cache of this "
-                   "size (then Macenko runs on the device each step, as with --no-cache-normalized)")
-    g.add_argument("--resident-max-frac", type=float, default=feeds.DEFAULT_MAX_FRAC, metavar="F", help="with "
-                   "--cache: hold the training patches and this rank's validation patches on the device (one uint8 "
-                   "tensor, batches gathered there: no DataLoader) when they take at most F of its free memory (CPU: "
-                   "available RAM); otherwise a reading thread streams them from the host cache. 0: always stream")
-    g.add_argument("--skip-bad-images", action="store_true", help="leave undecodable PNGs out of the loss and the "
-                   "metrics (they are named on stderr) instead of stopping at the first")
+    # No prefixes: `--val 0.3` or `--epoch 1` would pass for --val-frac/--epochs (issue 19). The flags are
+    # train_flags' (torch-free), so that audit_leakage.py parses this very command line.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter,
+                                parents=[train_flags.train_args_parser()], allow_abbrev=False)
+    p.set_defaults(jitter=DEFAULT_JITTER, resident_max_frac=feeds.DEFAULT_MAX_FRAC)  # their modules' own defaults
     return p
 
 
 # ----------------------------------------------------------------------------------------------- data
-class EpochSampler(torch.utils.data.Sampler):
-    """DistributedSampler's contract (equal padded share per rank, set_epoch) with the order drawn from (seed, epoch)
-    alone, so a resumed run sees the same order; `skip` resumes mid-epoch, `balanced` draws classes equally."""
-
-    def __init__(self, labels, balanced: bool, seed: int, rank: int = 0, world: int = 1):
-        self.labels, self.balanced, self.seed = torch.as_tensor(labels), balanced, seed
-        self.rank, self.world = rank, world
-        self.per_rank = math.ceil(len(labels) / world)
-        self.epoch = self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0):
-        self.epoch, self.skip = epoch, skip
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        n, total = len(self.labels), self.per_rank * self.world
-        if self.balanced:
-            weights = 1.0 / torch.bincount(self.labels, minlength=2).float()[self.labels]
-            order = torch.multinomial(weights, total, replacement=True, generator=g)
-        else:
-            order = torch.randperm(n, generator=g).repeat(math.ceil(total / n))[:total]  # pad like DistributedSampler
-        return iter(order[self.rank::self.world][self.skip:].tolist())
-
-    def __len__(self):
-        return max(0, self.per_rank - self.skip)
-
-
-def stratified_subset(samples, n, seed):
-    """n samples keeping the class ratio (at least one per class), the same ones for a given seed."""
-    if n is None or n >= len(samples):
-        return samples
-    by_label: dict[int, list[int]] = {}
-    for k, s in enumerate(samples):
-        by_label.setdefault(s.label, []).append(k)
-    rng, keep = random.Random(seed), []
-    for label, ks in sorted(by_label.items()):
-        keep += rng.sample(ks, min(len(ks), max(1, round(n * len(ks) / len(samples)))))
-    return [samples[k] for k in sorted(keep)]
-
-
 def loader(dataset, sampler, args, drop_last=False):
     return loaders.make_loader(dataset, batch_size=args.batch_size, sampler=sampler, workers=args.workers,
                                pin_memory=args.pin_memory, drop_last=drop_last, persistent=args.persistent_workers,
@@ -238,8 +151,15 @@ def resolve_args(args, device, local_world: int) -> None:
                              ("limit-samples", args.limit_samples, 2), ("workers", args.workers, 0)):
         if value is not None and value < low:
             raise common.DataError(f"--{flag} {value}: must be at least {low}")
+    if args.cache_base and not args.cache:  # the folder of this kind under the base; --cache DIR wins
+        args.cache_normalized = args.macenko if args.cache_normalized is None else args.cache_normalized
+        args.cache = str(packed_cache.cache_folder(args.cache_base, args.image_size, args.cache_normalized,
+                                                   args.reference_patch))
+    else:
+        args.cache_base = None  # what run() reads: the cache is not --cache-base's, so a disk fault stays fatal
     if args.cache_normalized and not (args.cache and args.macenko):
-        raise common.DataError("--cache-normalized: needs --cache DIR and --macenko (it stores Macenko's output)")
+        raise common.DataError("--cache-normalized: needs --cache DIR (or --cache-base) and --macenko (it stores "
+                               "Macenko's output)")
     if args.cache_normalized is None:  # Macenko once, at cache build time, unless a plain cache is already there
         args.cache_normalized = bool(args.cache and args.macenko) and not packed_cache.holds_plain(args.cache,
                                                                                                   args.image_size)
@@ -279,7 +199,7 @@ def environment(device) -> dict:
 def samples_and_config(args, data, split, world, device):
     """Training/validation samples of the split and the run's config dict (resolved flags + environment)."""
     train = helicodata.select(data.labelled, split["train"], include_aug=True)
-    train = stratified_subset(train, args.limit_samples, args.seed)
+    train = sampling.stratified_subset(train, args.limit_samples, args.seed)
     val = helicodata.select(data.labelled, split["val"])
     # a byte-identical window (a slide under two patient IDs) counts once, exactly as evaluate.py counts it
     val = [s for s, keep in zip(val, splits.first_copies(data.root, [s.path for s in val],
@@ -301,19 +221,75 @@ def changed_flags(old: dict, new: dict) -> list[str]:
     return [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
 
 
+# ----------------------------------------------------------------------------------------------- run folder lock
+HELD: list[tuple[int, Path, bool]] = []  # this process's lock: (file descriptor, run folder, whether it created it)
+
+
+def lock_run_folder(run_dir: Path) -> None:
+    """Rank 0: hold the run folder until release_run_folder(), so that a second train.py on the same --run-id is
+    refused (exit 2) rather than both writing it. The kernel drops a flock with its process, so a requeued,
+    preempted or killed run never leaves a stale lock: the next run on the folder resumes."""
+    common.writable_folder(run_dir.parent, "--runs-dir")  # before any work: a read-only one is bad input (exit 2)
+    common.writable_folder(run_dir, "--run-id")  # a file of that name there
+    created = not run_dir.exists()
+    while True:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise common.disk_fault(run_dir, common.FAULTS.get(e.errno, e.strerror), LOCK) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid not yet recorded"
+            os.close(fd)
+            raise common.DataError(f"{run_dir} is in use by another train.py ({holder}): wait for it to end, or use "
+                                   f"another --run-id") from None
+        except OSError as e:  # a file system without flock (Lustre mounted without it): train, unguarded
+            print(f"warning: {run_dir}: cannot lock ({e.strerror}); a second train.py on this --run-id would not "
+                  f"be refused", file=sys.stderr)
+            os.close(fd)
+            return
+        try:  # the file locked must still be the folder's: a refused run may have just removed what it created
+            same = os.path.samestat(os.fstat(fd), os.stat(run_dir / LOCK))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)  # for the second one's message
+    HELD.append((fd, run_dir, created))
+
+
+def release_run_folder() -> None:
+    """Unlock; a folder the run created and left holding nothing but the lock (refused before training: bad input,
+    a leaky split) is removed, as if the run had never started."""
+    while HELD:
+        fd, run_dir, created = HELD.pop()
+        try:
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+                (run_dir / LOCK).unlink()
+                run_dir.rmdir()
+        except OSError:  # left as it is: the next run locks it all the same
+            pass
+        os.close(fd)
+
+
 def plan_run(args, data, world, device) -> dict:
-    """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume."""
+    """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume; with them what
+    rank 0 alone keeps (too big to broadcast): the checkpoint and (train, val, config), each read once."""
     common.writable_folder(args.runs_dir, "--runs-dir")  # before any work: a read-only one is bad input (exit 2)
     split, groups, shared = splits.resolve_split(data, **splits.split_options(args))
     splits.check_holdout_independent(data, shared)  # the HoldOut must stay an independent test: exit 1 otherwise
     run_dir = Path(args.runs_dir) / args.run_id
-    resume = (run_dir / "last.pt").is_file()
-    if resume:
-        split = model.load_checkpoint(run_dir / "last.pt", training=True,
-                                      named=f"--run-id {args.run_id}: resuming from")["split"]
+    ckpt = last_checkpoint(run_dir, args.run_id) if (run_dir / "last.pt").is_file() else None
+    samples = None
+    if ckpt:
+        split = ckpt["split"]
+        samples = samples_and_config(args, data, split, world, device)
         if (run_dir / "config.json").is_file():
-            _, _, config = samples_and_config(args, data, split, world, device)
-            changed = changed_flags(json.loads((run_dir / "config.json").read_text()), config)
+            changed = changed_flags(json.loads((run_dir / "config.json").read_text()), samples[2])
             if changed and not args.force:
                 raise common.DataError(f"{run_dir} holds a run with other flags ({'; '.join(changed[:4])}): use "
                                        f"another --run-id, or --force to resume with the new flags")
@@ -321,57 +297,87 @@ def plan_run(args, data, world, device) -> dict:
     if problems:
         raise common.DataError(f"split{' ' + args.split if args.split else ''}: {problems[0]} ({len(problems)} "
                                f"problem(s) in all; audit_leakage.py lists them)")
-    return {"split": split, "resume": resume, "run_id": args.run_id}
+    return {"split": split, "resume": ckpt is not None, "run_id": args.run_id, "checkpoint": ckpt,
+            "complete": ckpt is not None and ckpt["epoch"] >= args.epochs,
+            "samples": samples or samples_and_config(args, data, split, world, device)}
+
+
+def last_checkpoint(run_dir: Path, run_id: str) -> dict:
+    """The run folder's last.pt with the state that resumes training."""
+    return model.load_checkpoint(run_dir / "last.pt", training=True, named=f"--run-id {run_id}: resuming from")
 
 
 # ----------------------------------------------------------------------------------------------- training
+def previously_skipped(run_dir: Path) -> set[str]:
+    """--skip-bad-images: the files an earlier part of this run left out (kept across resumes)."""
+    skipped = run_dir / SKIPPED
+    return set(skipped.read_text().splitlines()) if skipped.is_file() else set()
+
+
+def batch_feeds(args, train_ds, val_ds, sampler, shard: list[int], device) -> tuple:
+    """(training batches, validation batches, one line saying where they come from)."""
+    drop_last = sampler.per_rank >= args.batch_size
+    if args.cache:  # on the device when it fits, else streamed by a thread: never pickled by DataLoader workers
+        return feeds.cache_batches(train_ds, sampler, val_ds, shard, args.batch_size, drop_last, device,
+                                   args.resident_max_frac)
+    return (loader(train_ds, sampler, args, drop_last=drop_last),
+            loader(torch.utils.data.Subset(val_ds, shard), None, args),
+            f"PNGs decoded by {args.workers} DataLoader worker(s)")
+
+
+def stain_normalizer(args, data, train_ds, ckpt, device) -> tuple:
+    """(the normalizer the device applies each step or None, the stain reference checkpoints carry). A resumed run
+    keeps its checkpoint's stain (an older mode included); --cache-normalized patches already are normalized, but
+    checkpoints still carry their reference for evaluate.py."""
+    if args.cache_normalized:
+        return None, train_ds.stain
+    if not args.macenko:
+        return None, None
+    if ckpt and ckpt["stain"] is not None:
+        return macenko_gpu.MacenkoNormalizer.from_state_dict(ckpt["stain"]).to(device), ckpt["stain"]
+    normalizer = model.fit_stain_reference(data.root, args.reference_patch)
+    return normalizer.to(device), normalizer.state_dict()
+
+
+def network(args, precision: model.Precision, device, world: int, resumed: bool) -> tuple:
+    """(the plain model: validation and checkpoints, the model the training step calls: DDP and compile)."""
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    raw = precision.place(model.build_model(args.arch, "none" if resumed else args.weights), device)
+    net = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        raw, device_ids=[device.index] if device.type == "cuda" else None)
+    return raw, torch.compile(net) if args.compile else net  # compiled for training steps only
+
+
 class Trainer:
     """One run: model, optimizer, data and run folder. Every rank computes; rank 0 alone writes files."""
 
-    def __init__(self, args, data, plan, normalizer, device, rank, world):
+    def __init__(self, args, data, plan, device, rank, world):
+        """plan: plan_run's split, checkpoint (None for a new run) and (train, val, config), each read once."""
         self.args, self.device, self.rank, self.world, self.split = args, device, rank, world, plan["split"]
         self.run_dir = Path(args.runs_dir) / args.run_id
-        train, val, self.config = samples_and_config(args, data, self.split, world, device)
+        (train, val, self.config), ckpt = plan["samples"], plan["checkpoint"]
         self.counts = (len(train), sum(s.label for s in train), len(val), sum(s.label for s in val))
-        self.sampler = EpochSampler([s.label for s in train], args.sampler == "balanced", args.seed, rank, world)
-        train_ds, val_ds = (packed_cache.patch_dataset(data.root, part, args.image_size, args.skip_bad_images, args.cache)
-                            for part in (train, val))
-        drop_last = self.sampler.per_rank >= args.batch_size
-        shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
-        if args.cache:  # on the device when it fits, else streamed by a thread: never pickled by DataLoader workers
-            self.train_loader, self.val_loader, self.feed = feeds.cache_batches(
-                train_ds, self.sampler, val_ds, shard, args.batch_size, drop_last, device, args.resident_max_frac)
-        else:
-            self.train_loader = loader(train_ds, self.sampler, args, drop_last=drop_last)
-            self.val_loader = loader(torch.utils.data.Subset(val_ds, shard), None, args)
-            self.feed = f"PNGs decoded by {args.workers} DataLoader worker(s)"
         self.train_paths, self.val_paths = [s.path for s in train], [s.path for s in val]
-        skipped = self.run_dir / SKIPPED
-        self.skipped = set(skipped.read_text().splitlines()) if skipped.is_file() else set()  # kept across resumes
+        # ============ data: the patches, their stain, the epoch order and the feeds ============
+        train_ds, val_ds = (packed_cache.patch_dataset(data.root, part, args.image_size, args.skip_bad_images,
+                                                       args.cache) for part in (train, val))
+        self.normalizer, self.stain = stain_normalizer(args, data, train_ds, ckpt, device)
+        self.sampler = sampling.EpochSampler([s.label for s in train], args.sampler == "balanced", args.seed, rank,
+                                             world)
+        shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
+        self.train_loader, self.val_loader, self.feed = batch_feeds(args, train_ds, val_ds, self.sampler, shard,
+                                                                    device)
+        self.skipped = previously_skipped(self.run_dir)
         recorded = train_ds.bad if args.cache and args.skip_bad_images else []  # undecodable when the cache was built
         self.recorded_bad = [path for path, bad in zip(self.train_paths, recorded) if bad]
-        self.normalizer = normalizer.to(device) if normalizer is not None else None
-        # --cache-normalized: the cached patches already are; checkpoints still carry the reference for evaluate.py
-        self.stain = train_ds.stain if args.cache_normalized else normalizer.state_dict() if normalizer else None
-        torch.manual_seed(args.seed)  # identical initial weights on every rank
-        ckpt = model.load_checkpoint(self.run_dir / "last.pt", training=True) if plan["resume"] else None
-        if ckpt and ckpt["stain"] is not None and self.normalizer is not None:  # a resumed run keeps its stain
-            self.normalizer = type(normalizer).from_state_dict(ckpt["stain"]).to(device)  # (older mode included)
-            self.stain = ckpt["stain"]
-        self.run = model.precision(device, args.amp, args.channels_last)
-        self.raw = self.run.place(model.build_model(args.arch, "none" if ckpt else args.weights), device)
-        self.model = self.raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
-            self.raw, device_ids=[device.index] if device.type == "cuda" else None)
-        if args.compile:  # training steps only; self.raw (validation, checkpoints) stays the plain module
-            self.model = torch.compile(self.model)
-        self.opt = torch.optim.AdamW(self.raw.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        total = len(self.train_loader) * args.epochs
-        warmup = max(1, total // 20)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(
-            (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.run.grad_scaling)
+        # ============ model and optimisation ============
+        self.precision = model.precision(device, args.amp, args.channels_last)
+        self.raw, self.model = network(args, self.precision, device, world, resumed=ckpt is not None)
+        self.opt, self.sched, self.scaler = optimisation.build(self.raw, args.lr, args.weight_decay,
+                                                               len(self.train_loader) * args.epochs, self.precision)
         self.pos_weight = torch.tensor(self.config["pos_weight"], device=device)
         self.gen = torch.Generator(device).manual_seed(args.seed * 1000 + 1 + rank)  # augmentation draws
+        # ============ progress: a new run's, or the checkpoint's ============
         self.epoch, self.progress, self.best, self.records = 0, {"step": 0, "loss_sum": 0.0, "seen": 0}, None, []
         self.threshold, self.rule, self.val_metrics = 0.5, "default 0.5: not validated yet", {}
         if ckpt is not None:
@@ -392,9 +398,8 @@ class Trainer:
         random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
         if len(rng["augment"]) == self.world and rng["augment"][0].shape == self.gen.get_state().shape:
             self.gen.set_state(rng["augment"][self.rank])  # unless the world size or device type changed
-        log = self.run_dir / "log.jsonl"
-        if log.is_file():  # lines of epochs after the checkpoint would be repeated: drop them
-            self.records = [r for r in map(json.loads, log.read_text().splitlines()) if r["epoch"] <= self.epoch]
+        # the log's lines of epochs after the checkpoint would be repeated: drop them
+        self.records = [r for r in runlog.read(self.run_dir) if r["epoch"] <= self.epoch]
 
     def save(self, *names):
         """Write a checkpoint that rebuilds the model (evaluate.py) or continues training. Collective under DDP."""
@@ -434,20 +439,11 @@ class Trainer:
                     self.note_skipped(self.train_paths[k] for k in idx[labels == helicodata.BAD].tolist())
                 x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
                 with torch.no_grad():
-                    x = model.model_input(x, self.normalizer, args.jitter, self.gen, self.run.channels_last)
-                with self.run.autocast():
-                    logits = self.model(x).squeeze(1)
-                keep = (labels != helicodata.BAD).float()  # undecodable patches (--skip-bad-images) weigh nothing
-                losses = keep * F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
-                                                                   pos_weight=self.pos_weight, reduction="none")
-                loss = losses.sum() / keep.sum().clamp(min=1)
-                self.opt.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.opt)
-                self.scaler.update()
-                self.sched.step()
-                loss_sum, seen = loss_sum + losses.sum().detach(), seen + keep.sum()
-                flags = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(),
+                    x = model.model_input(x, self.normalizer, args.jitter, self.gen, self.precision.channels_last)
+                loss, summed, kept = optimisation.train_step(self.model, x, labels, self.precision, self.opt,
+                                                             self.sched, self.scaler, self.pos_weight)
+                loss_sum, seen = loss_sum + summed, seen + kept
+                flags = torch.stack([(~torch.isfinite(loss)).float(), loss,
                                      torch.full((), float(STOP.is_set()), device=dev)])
                 if self.world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
@@ -499,8 +495,8 @@ class Trainer:
             images, y, i, bad = helicodata.drop_bad(images, y, i)
             self.note_skipped(self.val_paths[k] for k in bad)
             x = model.model_input(images.to(self.device, non_blocking=True), self.normalizer,
-                                  channels_last=self.run.channels_last)
-            with self.run.autocast():
+                                  channels_last=self.precision.channels_last)
+            with self.precision.autocast():
                 logits = self.raw(x).squeeze(1).float()
             y = y.to(self.device)
             loss += F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=self.pos_weight, reduction="sum")
@@ -522,7 +518,7 @@ class Trainer:
                 self.progress["step"] else "new run"
             print(f"{self.run_dir}: {resumed}; train {self.counts[0]} samples ({self.counts[1]} positive, pos_weight "
                   f"{self.config['pos_weight']:.2f}), validation {self.counts[2]} windows ({self.counts[3]} positive); "
-                  f"{self.world} x {self.device}, amp {self.run.dtype if self.run.amp else 'off'}, commit "
+                  f"{self.world} x {self.device}, amp {self.precision.dtype if self.precision.amp else 'off'}, commit "
                   f"{self.config['environment']['git_commit']}; {self.feed}", file=sys.stderr)
         self.note_skipped(self.recorded_bad)
         while self.epoch < self.args.epochs:
@@ -534,14 +530,14 @@ class Trainer:
                     print(f"error: loss is NaN/inf at epoch {self.epoch + 1} step {nan_step}; stopped without saving, "
                           f"last good checkpoint: {last if last.is_file() else 'none'} (try a lower --lr or --no-amp)",
                           file=sys.stderr)
-                return EXIT_NAN
+                return common.EXIT_NAN
             if stopped:
                 self.save("last.pt")
                 if self.rank == 0:
                     print(f"stopped by signal {STOPPED_BY[0] if STOPPED_BY else ''} at epoch {self.epoch + 1} step "
                           f"{self.progress['step']}: saved "
                           f"{self.run_dir / 'last.pt'}; {requeue()}", file=sys.stderr)
-                return EXIT_PREEMPTED
+                return common.EXIT_STOPPED
             self.end_epoch(start)
         best = max(self.records, key=lambda r: r["pr_auc"] if r["pr_auc"] == r["pr_auc"] else -1, default=None)
         if self.rank == 0 and best:
@@ -567,7 +563,7 @@ class Trainer:
         self.records.append(r)
         self.save(*(["best.pt"] if is_best else []), "last.pt")
         if self.rank == 0:
-            common.atomic_write_text(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+            runlog.write(self.run_dir, self.records)
             figures.plot_learning_curves(self.records, self.run_dir / "learning_curves.png")
             print(f"epoch {self.epoch}: train loss {r['train_loss']:.4f}, val loss {val_loss:.4f}, PR-AUC "
                   f"{r['pr_auc']:.3f} (dummy {r['dummy_pr_auc']:.3f}), ROC-AUC {r['roc_auc']:.3f}, recall "
@@ -577,12 +573,9 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------- main
 def run(args, rank: int, world: int, local_rank: int) -> int:
-    device = common.resolve_device(args.device, local_rank)
+    device = common.resolve_device(args.device, local_rank, world)
     resolve_args(args, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     data = helicodata.load_data(args.data_root)
-    normalizer = None
-    if args.macenko and not args.cache_normalized:
-        normalizer = model.fit_stain_reference(data.root, args.reference_patch)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # under torchrun: this rank's GPU for every later allocation
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
@@ -593,20 +586,44 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     plan, error = None, None
     if rank == 0:
         try:
+            lock_run_folder(Path(args.runs_dir) / args.run_id)  # held until main() returns
             plan = plan_run(args, data, world, device)
         except common.DataError as e:  # IndependenceError included: its type decides the exit code
             error = e
     if world > 1:  # the other ranks take the split and run ID from rank 0, and stop with it on an error
-        box = [(plan, error)]
+        box = [({k: plan[k] for k in ("split", "resume", "run_id", "complete")} if plan else None, error)]
         dist.broadcast_object_list(box, src=0)
-        plan, error = box[0]
+        plan, error = (plan, error) if rank == 0 else box[0]
     if error:
         raise error if rank == 0 else type(error)("")  # said once, by rank 0
     args.run_id = plan["run_id"]
+    if plan["complete"]:  # re-running a finished run (`make demo` twice) trains nothing and builds no cache
+        if rank == 0:
+            run_dir, ckpt = Path(args.runs_dir) / args.run_id, plan["checkpoint"]
+            score = ckpt["best_score"]  # -1: validation had one class only
+            best = f"; best validation PR-AUC {score:.3f}: {run_dir / 'best.pt'}" if (score or -1) >= 0 else ""
+            print(f"{run_dir}: already complete ({ckpt['epoch']} of {args.epochs} epochs), nothing trained{best}",
+                  file=sys.stderr)
+        return common.EXIT_OK
+    if rank != 0:  # what rank 0 read while planning, read once here
+        plan["checkpoint"] = last_checkpoint(Path(args.runs_dir) / args.run_id, args.run_id) if plan["resume"] else None
+        plan["samples"] = samples_and_config(args, data, plan["split"], world, device)
     if args.cache:  # after the resume check (a refused run builds nothing), before any DataLoader worker forks
-        packed_cache.prepare(args.cache, data, args.image_size, max(1, args.workers), args.cache_normalized,
-                            args.reference_patch, device)
-    return Trainer(args, data, plan, normalizer, device, rank, world).fit()
+        prepare_cache(args, data, plan, device)
+    return Trainer(args, data, plan, device, rank, world).fit()
+
+
+def prepare_cache(args, data, plan, device) -> None:
+    """Build or reuse the cache. --cache DIR is strict; under --cache-base a disk fault (no space for ~43 GB on a
+    node) only costs speed, so training decodes PNGs instead, said in one line, and config.json says so."""
+    workers = max(1, args.workers)
+    if not args.cache_base:
+        packed_cache.prepare(args.cache, data, args.image_size, workers, args.cache_normalized, args.reference_patch,
+                             device)
+    elif packed_cache.prepare_in(args.cache_base, data, args.image_size, workers, args.cache_normalized,
+                                 args.reference_patch, device) is None:
+        args.cache, args.cache_normalized = None, False
+        plan["samples"][2].update(cache=None, cache_normalized=False)  # config.json says what was trained from
 
 
 def main(argv=None) -> int:
@@ -627,8 +644,11 @@ def main(argv=None) -> int:
     except common.EnvironmentFault as e:  # only rank 0 writes files
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_ENVIRONMENT
+    except (OSError, ImportError) as e:  # never Python's exit 1, which here means a dependent HoldOut
+        return common.unexpected_fault(e)
     finally:
         loaders.stop_workers()  # workers ignore SIGTERM: left to Python's exit they would keep it waiting for ever
+        release_run_folder()
         for s, handler in previous.items():
             signal.signal(s, handler)
         if dist.is_initialized():

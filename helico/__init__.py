@@ -2,10 +2,14 @@
 
     helicodata    the HelicoDataSet as the code sees it: patients, workbook rows, samples, PatchDataset
     splits        content hashes, duplicate-patient groups, patient-level splits and their checks, the split flags
+    train_flags   train.py's whole command line, torch-free: train.py parses it, audit_leakage.py accepts it
     packed_cache  the packed uint8 patch cache and where patches are read from (PNGs or the cache)
     feeds         batches from the packed cache without a DataLoader: device-resident or streamed by a thread
     loaders       DataLoader workers: how they start, how their errors reach the user, how they stop
-    augment       training augmentation as pure tensor functions
+    augment       training augmentation as pure tensor functions, the default jitter
+    sampling      the --limit-samples subset and the resumable epoch sampler
+    optimisation  one optimisation step (train.py and bench.py call the same one) and what it steps
+    runlog        log.jsonl: the epoch records train.py writes and everyone reads back
     model         the network and its contract: build_model, precision, model_input, checkpoint schema
     metrics       AP, ROC-AUC, thresholds, exact and bootstrap intervals (plain numpy)
     analysis      what evaluation measures from scores: patch and patient metrics, the patient rule

@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-import common
 from helico import helicodata, metrics
 from helico import splits
 

@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+DEFAULT_JITTER = (0.05, 0.05, 0.02, 0.01)  # the original pipeline's ColorJitter(brightness, contrast, saturation, hue)
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights, so jitter matches its adjust_* functions
 
 

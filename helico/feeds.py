@@ -9,17 +9,17 @@ Why: a DataLoader copies every batch into shared memory, pickles it to the main 
 memory, then the device); fifteen workers delivered less than one process gathering from the memmap (issue 13).
 Here the patches the run needs (training set + this rank's validation shard, never the HoldOut or other patients)
 are loaded once, by the same memmap gather, into ONE uint8 tensor on the device when it takes at most `max_frac` of
-the device's free memory (CUDA: torch.cuda.mem_get_info; CPU: MemAvailable), and each batch is one index_select
-there: no workers, no host copy per step (the epoch's order goes to the device once per epoch). When it does not
-fit, StreamedBatches gathers each batch on a reading thread straight into pinned host buffers (no pickling, no
-shared memory) while the main thread trains on the previous one.
+the device's free memory (CUDA: mem_get_info plus PyTorch's cached-but-unused blocks; CPU: MemAvailable), and each
+batch is one index_select there: no workers, no host copy per step (the epoch's order goes to the device once per
+epoch). When it does not fit, StreamedBatches gathers each batch on a reading thread straight into pinned host
+buffers (no pickling, no shared memory) while the main thread trains on the previous one.
 
 Same batches as DataLoader(dataset, sampler=sampler, batch_size, drop_last) over packed_cache.CachedPatchDataset:
 same order (whatever the sampler yields, epoch by epoch), same bytes, same labels (helicodata.BAD for undecodable patches,
 or the same one-line DataError without --skip-bad-images), same sample indices; so training gives bitwise the same
 weights as the DataLoader path on the same seed.
 
-DDP: every rank holds the WHOLE training set, because train.py's EpochSampler (like DistributedSampler) deals the
+DDP: every rank holds the WHOLE training set, because sampling.EpochSampler (like DistributedSampler) deals the
 shuffled order out to the ranks anew each epoch, so any rank may need any patch; holding a fixed shard would change
 the order and lose bitwise equality with the DataLoader path. Validation shards are fixed (rank::world), so each rank
 holds only its own.
@@ -34,7 +34,6 @@ import threading
 import numpy as np
 import torch
 
-import common
 from helico import helicodata, packed_cache
 
 DEFAULT_MAX_FRAC = 0.5  # share of free device memory the patches may take: the rest is the model's (activations...)
@@ -43,9 +42,11 @@ STREAM_DEPTH = 4  # pinned batches in flight on the host path: one being copied,
 
 
 def free_bytes(device: torch.device) -> int:
-    """Free memory of the device: CUDA's own count, or the host's MemAvailable on the CPU."""
+    """Free memory of the device: CUDA's own count plus what PyTorch's caching allocator holds unused (a checkpoint
+    scored before, evaluate.py --compare/--cv, left it reserved: free to us, not to CUDA); on the CPU, MemAvailable."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -54,6 +55,15 @@ def free_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def copied_event(device: torch.device):
+    """An event recorded on `device`'s current stream, where `.to(device, non_blocking=True)` queued the copy; a bare
+    `Event().record()` goes on the CURRENT device's stream, which is not `device` when nobody set it (evaluate.py
+    --device cuda:1): it completes at once and the pinned buffer is refilled while its copy still reads it."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def source_tensor(dataset) -> torch.Tensor:
@@ -160,8 +170,7 @@ class StreamedBatches(Batches):
                 copied = None
                 if cuda:
                     images, labels, ids = (t.to(self.device, non_blocking=True) for t in (images, labels, ids))
-                    copied = torch.cuda.Event()
-                    copied.record()
+                    copied = copied_event(self.device)
                 yield images, labels, ids
                 free.put((k, copied))  # asked for the next batch: this one's slot may be refilled
         finally:
@@ -188,8 +197,7 @@ def load_rows(dataset, rows: np.ndarray, device: torch.device) -> torch.Tensor:
             done[n % 2].synchronize()  # its previous copy has left: refill it while the other one copies
         torch.index_select(source, 0, index[a:b], out=buf[:b - a])
         out[a:b].copy_(buf[:b - a], non_blocking=True)
-        done[n % 2] = torch.cuda.Event()
-        done[n % 2].record()
+        done[n % 2] = copied_event(device)
     torch.cuda.synchronize(device)
     return out
 

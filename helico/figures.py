@@ -6,8 +6,6 @@ atomically as PNG with matplotlib's object API: no pyplot, so no global backend 
 """
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -50,19 +48,6 @@ def plot_learning_curves(records: list[dict], path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     save(fig, path)
-
-
-def epoch_records(log_path: Path) -> list[dict]:
-    """train.py's log.jsonl epoch records (unparsable lines skipped; [] without a log)."""
-    records = []
-    if not log_path.is_file():
-        return records
-    for line in log_path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            r = json.loads(line)
-            if isinstance(r, dict) and "epoch" in r:
-                records.append(r)
-    return records
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

@@ -4,15 +4,15 @@ Owns four decisions every script (train.py, evaluate.py, bench.py, gradcam.py) t
 evaluation and benchmarks cannot drift apart:
 - the model's input (model_input): uint8 batch on the device -> Macenko (when a stain normalizer is given) ->
   [training only: augment.augment] -> ImageNet normalization -> memory layout;
-- precision and layout (precision): autocast on or off, bf16 where supported else fp16 with a GradScaler,
+- precision and layout (precision): autocast on or off, bf16 on the CPU and Ampere+ GPUs else fp16 with a GradScaler,
   channels_last for model and input together;
 - the checkpoint schema (checkpoint / load_checkpoint): a plain dict that torch.load(weights_only=True) reads;
 - the stain reference (fit_stain_reference): the Macenko normalizer of --reference-patch.
 
     net = model.build_model("resnet18", "imagenet")
-    run = model.precision(device, amp=None, channels_last=False)    # amp None: on for CUDA, off on CPU
-    with run.autocast():
-        logits = net(model.model_input(uint8_batch, normalizer, channels_last=run.channels_last))
+    precision = model.precision(device, amp=None, channels_last=False)    # amp None: on for CUDA, off on CPU
+    with precision.autocast():
+        logits = net(model.model_input(uint8_batch, normalizer, channels_last=precision.channels_last))
 """
 from __future__ import annotations
 
@@ -99,9 +99,12 @@ class Precision:
 
 
 def precision(device, amp: bool | None = None, channels_last: bool = False) -> Precision:
-    """The one precision rule: amp None means on for CUDA, off on CPU; bf16 where supported (CPU autocast is bf16),
-    else fp16 (with a GradScaler when training). The stored threshold was chosen on scores computed this way."""
-    bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
+    """The one precision rule: amp None means on for CUDA, off on CPU; bf16 on the CPU (its autocast dtype) and on
+    GPUs of compute capability 8.0+ (Ampere on), else fp16 (with a GradScaler when training). The stored threshold
+    was chosen on scores computed this way."""
+    # Not torch.cuda.is_bf16_supported(): it counts emulated bf16 (slow on V100/T4) and asks the current device,
+    # which is not `device` when nobody set it (evaluate.py --device cuda:1).
+    bf16 = device.type == "cpu" or torch.cuda.get_device_capability(device) >= (8, 0)
     amp = device.type == "cuda" if amp is None else amp
     return Precision(device.type, bool(amp), torch.bfloat16 if bf16 else torch.float16, bool(channels_last))
 

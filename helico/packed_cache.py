@@ -4,6 +4,7 @@ In code (what train.py / evaluate.py do with --cache DIR):
     cache = packed_cache.prepare("/local/cache256", data, 256, workers=16)        # build, resume or reuse
     ds = packed_cache.patch_dataset(data.root, samples, 256, cache=cache)         # PatchDataset's items
     if ds.normalized: skip Macenko (the pixels already are), and store ds.stain as the checkpoint's stain reference
+    packed_cache.cache_folder("/local/caches", 256, True, reference)  # --cache-base: the folder of this kind
 
 Owns where training and evaluation read patches from (patch_dataset: PNGs or the cache) and the cache's one entry
 point (prepare); a module of its own because the cache is a file format with its own lifecycle, not part of the data.
@@ -470,7 +471,34 @@ def prepare(cache_dir, data, image_size: int, workers: int, normalized: bool | N
         build_cache(data, where, image_size, workers, normalized, reference, device)
         return where
     except OSError as e:
+        if e.errno in common.FAULTS:  # the disk failed the build, not the user: exit 5, and --cache-base falls back
+            raise common.disk_fault(where, common.FAULTS[e.errno], "the patch cache") from None
         raise DataError(f"--cache {where}: {e.strerror or e}") from None
+
+
+def cache_folder(base, image_size: int, normalized: bool, reference: str | None) -> Path:
+    """The folder under `base` (train.py and evaluate.py --cache-base) for a cache of this kind: cache<size>, or
+    cache<size>-macenko-<digest of the reference as given> when it holds Macenko's output, so jobs with another
+    size or stain reference on a node use their own folder (prepare refuses to turn a finished cache into another
+    kind)."""
+    name = f"cache{image_size}"
+    if normalized:
+        reference = reference or helicodata.DEFAULT_REFERENCE
+        name += f"-macenko-{hashlib.sha1(reference.encode()).hexdigest()[:10]}"
+    return Path(base).absolute() / name
+
+
+def prepare_in(base, data, image_size: int, workers: int, normalized: bool, reference: str | None,
+               device=None) -> Path | None:
+    """--cache-base: prepare the folder cache_folder names under `base`, or None when the disk fails there (no room
+    for ~43 GB on a node costs speed, not the run), after one warning line: the caller then decodes PNGs."""
+    folder = cache_folder(base, image_size, normalized, reference)
+    try:
+        return prepare(folder, data, image_size, workers, normalized, reference, device)
+    except common.EnvironmentFault as e:
+        print(f"warning: --cache-base {base}: {e.reason} while building {folder}; decoding PNGs instead (slower)",
+              file=sys.stderr)
+        return None
 
 
 def holds_plain(cache_dir, image_size: int) -> bool:

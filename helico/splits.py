@@ -124,7 +124,7 @@ def duplicate_groups(shared: dict[str, list[str]]) -> list[list[str]]:
 def split_args_parser():
     """The split flags, defined once and shared by train.py and audit_leakage.py via `parents=`."""
     import argparse
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the parsers using it refuse prefixes too
     g = p.add_argument_group("data and patient-level split (train / val / test)")
     g.add_argument("--data-root", default=os.environ.get("HELICO_DATA"),
                    help="HelicoDataSet folder (holds CrossValidation/, HoldOut/, the xlsx and the csv); "

@@ -9,7 +9,8 @@ from PIL import Image
 
 import bench
 import common
-from helico import helicodata
+import train
+from helico import augment, helicodata
 
 TINY = ["--device", "cpu", "--image-size", "32", "--batch-size", "4", "--batches", "1", "--warmup", "1",
         "--limit-samples", "16", "--workers", "1", "--min-seconds", "0", "--threads", "1"]
@@ -103,3 +104,12 @@ def test_train_stage_reports_train_pys_own_steady_state_beside_the_ceiling(demo_
     assert "--cache" in train["argv"] and str(cache) in train["argv"] and "--no-macenko" in train["argv"]
     assert r["projected_epoch_s"]["train"] == pytest.approx(54_000 / r["stages"]["train"])
     assert "train.py at" in capsys.readouterr().out
+
+
+def test_model_step_is_train_pys_optimisation_step(demo_root, tmp_path, monkeypatch):
+    from helico import optimisation
+    real_step, nets = optimisation.train_step, []
+    monkeypatch.setattr(optimisation, "train_step", lambda net, *a, **k: nets.append(net) or real_step(net, *a, **k))
+    assert bench.main(["--data-root", str(demo_root), "--stages", "model_step", *TINY]) == 0
+    assert len(nets) >= 2 and nets[0] is nets[-1]  # warm-up and timed batches: one model, stepped by train.py's step
+    assert bench.JITTER == list(augment.DEFAULT_JITTER) and train.DEFAULT_JITTER == "0.05,0.05,0.02,0.01"

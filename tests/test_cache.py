@@ -243,3 +243,33 @@ def test_cli_bad_data_root_is_one_line_exit_2(tmp_path, capsys):
     assert patch_cache.main(["--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------- --cache-base
+def test_cache_folder_names_size_kind_and_reference_under_the_base(tmp_path):
+    folder = packed_cache.cache_folder
+    assert folder(tmp_path, 64, False, None) == tmp_path / "cache64"
+    normalized = folder(tmp_path, 64, True, None)
+    assert normalized.parent == tmp_path and normalized.name.startswith("cache64-macenko-")
+    assert normalized == folder(tmp_path, 64, True, helicodata.DEFAULT_REFERENCE)  # None: the default reference
+    kinds = {normalized, folder(tmp_path, 128, True, None), folder(tmp_path, 64, True, "B22-1_0/x.png"),
+             folder(tmp_path, 64, False, None)}
+    assert len(kinds) == 4  # a job of another size, stain reference or kind never shares a folder
+
+
+def no_space(*args, **kwargs):
+    import errno
+    raise OSError(errno.ENOSPC, "No space left on device", "patches.u8")
+
+
+def test_a_full_disk_under_cache_base_falls_back_to_pngs_in_one_line(mini_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(packed_cache, "build_cache", no_space)
+    assert packed_cache.prepare_in(tmp_path, helicodata.load_data(mini_root), 64, 1, False, None) is None
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"warning: --cache-base {tmp_path}: no space left") and "decoding PNGs" in line
+
+
+def test_a_full_disk_under_an_explicit_cache_is_an_environment_fault(mini_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(packed_cache, "build_cache", no_space)
+    with pytest.raises(common.EnvironmentFault, match=f"{tmp_path / 'c'}: no space left"):  # exit 5, not bad input
+        packed_cache.prepare(tmp_path / "c", helicodata.load_data(mini_root), 64, 1, False)

@@ -462,6 +462,18 @@ def test_compare_needs_two_checkpoints(tiny_run, capsys):
     assert "at least two" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--checkpoint", "--compare"])
+def test_a_run_folder_given_as_checkpoint_is_refused_naming_its_best_pt(tiny_run, tmp_path, capsys, flag):
+    run = tmp_path / "runs" / "demo"  # `evaluate.py --checkpoint runs/demo`: the folder, where best.pt was meant
+    run.mkdir(parents=True)
+    shutil.copy(tiny_run / "best.pt", run / "best.pt")
+    extra = [str(run / "best.pt")] if flag == "--compare" else []
+    assert evaluate.main([flag, str(run), *extra, *FAST]) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {flag} {run}: a folder") and f"pass {run / 'best.pt'}" in err[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["best.pt", "demo", "runs"]  # no eval/ or compare/ written
+
+
 
 # ----------------------------------------------------------------------------------------------- --cache
 @pytest.fixture(scope="module")

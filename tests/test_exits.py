@@ -201,14 +201,14 @@ def warned(err: str) -> set[str]:
 
 
 def test_skip_bad_images_names_every_skipped_file_on_stderr_and_in_the_run_folder(truncated_root, tmp_path):
-    import train
+    from helico import sampling
     root, broken = truncated_root
     code, _, err = script("train.py", "--data-root", root, "--runs-dir", tmp_path, "--run-id", "skip", *FAST,
                           "--workers", "2", "--epochs", "1", "--skip-bad-images")
     assert code == 0, err[-2000:]
     run_dir = tmp_path / "skip"
     split, data = json.loads((run_dir / "split.json").read_text()), helicodata.load_data(root)
-    trained = train.stratified_subset(helicodata.select(data.labelled, split["train"], include_aug=True), 48, 0)
+    trained = sampling.stratified_subset(helicodata.select(data.labelled, split["train"], include_aug=True), 48, 0)
     seen = {s.path for s in trained} | {s.path for s in helicodata.select(data.labelled, split["val"])}
     expected = seen & set(broken)
     assert expected, "the test data must put a broken file in this run"
@@ -373,3 +373,40 @@ def test_the_cache_build_names_every_undecodable_png(truncated_root, tmp_path):
     assert code == 0, err[-2000:]
     named = set(re.findall(r"^warning: undecodable (\S+):", err, re.MULTILINE))
     assert named == {str(root / p) for p in broken}
+
+
+# ----------------------------------------------------------------------------------------------- uncaught faults
+FAULTS_RAISED = {  # what reached main() uncaught -> (exit code, what its one line names)
+    "io": (OSError(5, "Input/output error", "/node/disk/patches.u8"), common.EXIT_ENVIRONMENT,
+           "I/O error"),  # naming the file, or the folder the command knows it by (patch_cache: --out)
+    "missing file": (FileNotFoundError(2, "No such file or directory", "/data/x.csv"), common.EXIT_BAD_INPUT,
+                     "/data/x.csv: No such file or directory"),
+    "missing module": (ModuleNotFoundError("No module named 'openpyxl'", name="openpyxl"), common.EXIT_BAD_INPUT,
+                       "openpyxl"),
+}
+
+
+@pytest.mark.parametrize("command, entry", [("audit_leakage", "audit_all"), ("train", "run"), ("evaluate",
+                                            "run_evaluation"), ("patch_cache", "packed_cache.build_cache")])
+@pytest.mark.parametrize("fault", list(FAULTS_RAISED))
+def test_an_uncaught_os_or_import_error_is_one_line_and_its_documented_code_never_1(command, entry, fault, monkeypatch,
+                                                                                     capsys, tmp_path):
+    # Python's own exit 1 is the audit's "leak" and train.py's "dependent HoldOut": the launcher reads exit codes only
+    import importlib
+    module = importlib.import_module(command)
+    error, code, named = FAULTS_RAISED[fault]
+
+    def crash(*args, **kwargs):
+        raise error
+    target = module if "." not in entry else getattr(module, entry.split(".")[0])
+    monkeypatch.setattr(target, entry.split(".")[-1], crash)
+    monkeypatch.setattr(helicodata, "load_data", lambda root: None)
+    argv = {"audit_leakage": ["--data-root", str(tmp_path)],
+            "train": ["--data-root", str(tmp_path), "--device", "cpu", "--runs-dir", str(tmp_path)],
+            "evaluate": ["--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu"],
+            "patch_cache": ["--data-root", str(tmp_path), "--out", str(tmp_path / "c"), "--workers", "1"]}[command]
+    assert module.main(argv) == code
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("error: ") and named in line
+    if fault == "missing module":
+        assert "pip install -r requirements.txt" in line

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-import common
 from conftest import ROOT, TINY_TRAIN_FLAGS
 from helico import helicodata
 
@@ -70,7 +69,8 @@ class Node:
         return sorted(p for p in (self.local / "helico-stage").glob("*") if p.is_dir() and "-cache" not in p.name)
 
     def cache_dirs(self) -> list[Path]:
-        return sorted(p for p in (self.local / "helico-stage").glob("*-cache*") if p.is_dir())
+        """The caches train.py built under the launcher's --cache-base (<staged copy>-cache)."""
+        return sorted(p for base in (self.local / "helico-stage").glob("*-cache") for p in base.iterdir() if p.is_dir())
 
 
 def files(root: Path) -> dict[str, int]:
@@ -221,21 +221,43 @@ def help_example(help_text: str) -> list[str]:
     return line.split()[3:]  # after "HELICO_DATA=demo_data bash run_h_pylori.sh"
 
 
-def test_the_audit_gets_exactly_the_split_flags_of_splits_py():
-    # the launcher reads them from the code at start-up; a copy kept by hand drifted once
-    from helico import splits
-    expected = sorted(f for a in splits.split_args_parser()._actions for f in a.option_strings if f.startswith("--"))
-    r = subprocess.run(["bash", str(SCRIPT), "--print-split-flags"], capture_output=True, text=True,
-                       env={**os.environ, "PYTHON": sys.executable}, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == expected
-    assert "--split-seed" in expected and "--hash-cache" in expected
+def recording_python(node, stop_train: bool = True) -> tuple[str, Path]:
+    """An interpreter that appends each audit_leakage.py and train.py command line to calls.txt (the audit then runs
+    for real; train.py, with stop_train, exits 2 at once)."""
+    calls = node.tmp / "calls.txt"
+    wrapper = node.tmp / "python-recorder"
+    train = "exit 2" if stop_train else f'exec {sys.executable} "$@"'
+    wrapper.write_text(f'#!/bin/bash\ncase ${{1:-}} in */audit_leakage.py|*/train.py) echo "$*" >>{calls};; esac\n'
+                       f'[[ ${{1:-}} == */train.py ]] && {train}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper), calls
+
+
+def test_the_audit_gets_train_pys_very_arguments(node, demo_root):
+    # the launcher once copied only the split flags it had read from argparse's private _actions; now the audit takes
+    # train.py's whole command line, so whatever reaches train.py reaches the audit
+    python, calls = recording_python(node)
+    split = ["--val-frac", "0.3", "--split-seed", "4", "--folds", "3", "--fold", "1", "--test-frac=0"]
+    r = node.copy_demo(demo_root).run("--run-id", "same", *split, *TRAIN_FLAGS, CACHE="off", PYTHON=python)
+    assert r.returncode == 2, r.stderr[-3000:]
+    check, audit, train = (line.split()[1:] for line in calls.read_text().splitlines())
+    assert check[0] == "--check-flags" and audit == train, (audit, train)
+    assert train[train.index("--val-frac") + 1] == "0.3" and "--test-frac=0" in train and "--fold" in train
+    assert "audit: checking the split" in r.stderr and "train/validation/test" in r.stderr
+
+
+@pytest.mark.parametrize("abbreviated", [["--val", "0.3"], ["--epoch", "1"]])
+def test_an_abbreviated_flag_is_refused_in_one_line_before_staging(node, demo_root, abbreviated):
+    r = node.copy_demo(demo_root).run("--run-id", "abbrev", *TRAIN_FLAGS, *abbreviated)
+    assert r.returncode == 2, r.stderr[-3000:]
+    [line] = [line for line in r.stderr.splitlines() if "error" in line]
+    assert line.startswith(f"error: unrecognized arguments: {' '.join(abbreviated)}"), r.stderr
+    assert not (node.local / "helico-stage").exists() and not node.runs.exists()
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
 def leaky_split(node, tmp_path) -> Path:
     """A split file whose validation part repeats a training patient."""
-    import common
     from helico import splits
     data = helicodata.load_data(node.shared)
     split = splits.make_split(data, seed=0, keep_in_train=[splits.reference_patient(helicodata.DEFAULT_REFERENCE)])
@@ -283,8 +305,8 @@ def test_the_help_example_as_printed_trains_on_the_staged_copy_and_evaluates_bes
     assert Path(config["data_root"]).resolve() == staged[0].resolve()
     # CACHE defaults to on: a packed cache beside the staged copy, read by training and evaluation, Macenko-normalized
     # (Macenko on, so applied once in the cache rather than every epoch)
-    [cache] = node.cache_dirs()
-    assert cache.name.startswith(staged[0].name + "-cache64-macenko-")
+    [cache] = node.cache_dirs()  # train.py named it under the launcher's --cache-base, for --image-size 64
+    assert cache.parent.name == staged[0].name + "-cache" and cache.name.startswith("cache64-macenko-")
     assert json.loads((cache / "meta.json").read_text())["complete"] is True
     assert config["cache"] == str(cache) and config["cache_normalized"] is True
     assert json.loads((run / "eval" / "metrics.json").read_text())["meta"]["cache"] == config["cache"]
@@ -363,42 +385,27 @@ def test_without_a_staged_copy_no_cache_is_built_beside_the_shared_data(node, de
     assert sorted(p.name for p in node.shared.parent.iterdir()) == ["HelicoDataSet"]
 
 
-def test_cache_normalized_gets_its_own_normalized_cache(node, demo_root):
-    r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "norm", *TRAIN_FLAGS, "--cache-normalized")
-    [cache] = node.cache_dirs()
-    assert cache.name.startswith(node.staged_dirs()[0].name + "-cache64-macenko-")
-    assert f"--cache {cache} --cache-normalized" in train_command(r)
-    meta = json.loads((cache / "meta.json").read_text())
-    assert meta["complete"] and meta["normalized"] and meta["stain"]["reference"] == helicodata.DEFAULT_REFERENCE
-
-
-def test_no_macenko_gets_a_plain_cache(node, demo_root):
-    r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "plain", *TRAIN_FLAGS, "--no-macenko")
-    [cache] = node.cache_dirs()
-    assert cache.name == node.staged_dirs()[0].name + "-cache64"
-    assert f"--cache {cache} --no-cache-normalized" in train_command(r) and "--no-macenko" in train_command(r)
-    assert json.loads((cache / "meta.json").read_text())["normalized"] is False
-
-
-def test_a_failed_cache_build_falls_back_to_pngs_with_a_warning(node, demo_root):
-    _, staged = node.copy_demo(demo_root).stage()
-    reference = subprocess.run(["cksum"], input="default", capture_output=True, text=True).stdout.split()[0]
-    staged.with_name(f"{staged.name}-cache64-macenko-{reference}").write_text("a file where the cache would go")
-    r = stopped_at_train(node, "--run-id", "nocache", *TRAIN_FLAGS, "--cache-normalized")
+@pytest.mark.parametrize("flags", [["--cache-normalized"], ["--no-macenko"], ["--no-cache-normalized"]])
+def test_the_cache_base_beside_the_staged_copy_and_the_cache_flags_reach_train_py_untouched(node, demo_root, flags):
+    # train.py names, builds and falls back from the cache itself (tests/test_cache.py); the launcher copies none of it
+    r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "base", *TRAIN_FLAGS, *flags)
+    [staged] = node.staged_dirs()
     command = train_command(r)
-    assert "WARNING: cache: building" in r.stderr and "--cache" not in command and "--image-size 64" in command
-    assert "--cache-normalized is dropped" in r.stderr
+    assert f"--cache-base {staged}-cache" in command and " ".join(flags) in command
+    assert "--cache " not in command and node.cache_dirs() == []  # nothing built by the launcher
+
+
+def test_an_explicit_cache_reaches_train_and_evaluate_instead_of_the_base(node, demo_root):
+    python, calls = recording_python(node)
+    r = node.copy_demo(demo_root).run("--run-id", "mine", *TRAIN_FLAGS, "--cache", node.tmp / "mine", PYTHON=python)
+    train = calls.read_text().splitlines()[-1]
+    assert f"--cache {node.tmp / 'mine'}" in train and "--cache-base" not in train, r.stderr[-3000:]
 
 
 def test_an_unknown_cache_setting_exits_2_before_staging(node, demo_root):
     r = node.copy_demo(demo_root).run("--run-id", "x", CACHE="yes")
     assert r.returncode == 2 and "CACHE=yes: expected on or off" in r.stderr
     assert not (node.local / "helico-stage").exists()
-
-
-def test_launcher_cache_size_default_is_train_pys():
-    import train
-    assert f"IMAGE_SIZE={train.get_args_parser().get_default('image_size')} " in SCRIPT.read_text()
 
 
 # ----------------------------------------------------------------------------------------------- GPUs
@@ -448,11 +455,12 @@ def python_whose_train_exits(tmp_path: Path, rc: int) -> str:
 
 
 @pytest.mark.parametrize("rc, meaning", [
-    (1, "an independence violation or an unexpected error"),
+    (1, "the HoldOut is not independent of CrossValidation"),
     (2, "bad input"),
     (3, "non-finite loss"),
     (5, "environment fault (no space left or I/O error"),
     (137, "killed by signal 9 (KILL)"),
+    (7, "crashed (exit 7): a bug, the traceback is above"),  # a code no table documents
 ])
 def test_each_training_exit_code_is_reported_with_its_own_meaning(node, demo_root, rc, meaning):
     r = node.copy_demo(demo_root).run("--run-id", "codes", *TRAIN_FLAGS, CACHE="off", STAGE_DIR="off",
@@ -461,26 +469,26 @@ def test_each_training_exit_code_is_reported_with_its_own_meaning(node, demo_roo
     [line] = [line for line in r.stderr.splitlines() if line.startswith("error: train.py exited")]
     assert f"train.py exited {rc}: {meaning}" in line
     assert "leak" not in line and "stopped by a signal" not in r.stderr
-    if rc in (1, 2, 3):
+    if rc in (1, 2, 3, 7):
         assert "resume" not in line  # nothing to resume: rerunning as is would fail the same way
     if rc == 5:
         assert "free space, then run the same command to resume" in line
     assert "evaluate:" not in r.stderr
 
 
-@pytest.mark.parametrize("error, rc, meaning", [
-    ("OSError(5, 'Input/output error', '/node/disk')", 5, "an environment fault, not a leak"),
-    ("ModuleNotFoundError('No module named openpyxl')", 5, "an environment fault, not a leak"),
-    ("KeyError('bug')", 1, "an unexpected error, traceback above; not a leak"),
+@pytest.mark.parametrize("rc, meaning", [
+    (5, "environment fault"),  # what audit_leakage.py exits on an I/O error (tests/test_exits.py)
+    (2, "bad input"),  # and on a missing module
+    (7, "crashed (exit 7): a bug, the traceback is above"),
 ])
-def test_an_audit_that_crashes_is_never_reported_as_a_leak(node, demo_root, error, rc, meaning):
-    # Python exits 1 on any uncaught exception: the same code as the audit's leak verdict
-    crash = f"exec {sys.executable} -c \"raise {error}\""
+def test_an_audit_that_fails_is_read_from_its_exit_code_and_never_reported_as_a_leak(node, demo_root, rc, meaning):
+    # no traceback is read: the audit turns OSError and ImportError into 5 and 2 itself, so 1 stays "a leak"
+    audit = f'[[ $2 == --check-flags ]] || {{ echo "Traceback (most recent call last):" >&2; exit {rc}; }}'
     r = node.copy_demo(demo_root).run("--run-id", "crash", *TRAIN_FLAGS, STAGE_DIR="off",
-                                      PYTHON=python_where(node.tmp, "audit_leakage.py", crash))
+                                      PYTHON=python_where(node.tmp, "audit_leakage.py", audit))
     assert r.returncode == rc, r.stderr[-3000:]
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: audit_leakage.py crashed: ") and meaning in line and "not training" in line
+    assert line.startswith(f"error: audit_leakage.py exited {rc}: ") and meaning in line and "not training" in line
     assert "patient leak" not in r.stderr and not (node.runs / "crash").exists()
 
 
@@ -506,13 +514,14 @@ def test_the_job_says_where_its_staged_copy_is_and_clean_stage_removes_it(node, 
     r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "clean", *TRAIN_FLAGS)  # stops at train.py
     train_command(r)
     [staged] = node.staged_dirs()
-    assert node.cache_dirs()  # a cache was built beside it
+    (staged.parent / f"{staged.name}-cache" / "cache64").mkdir(parents=True)  # what train.py builds there
     report = r.stderr.strip().splitlines()[-1]  # the EXIT trap: on every way out, a failed job included
     assert "staged copy kept on" in report and str(staged) in report and "--clean-stage" in report
     r = node.run("--clean-stage")
     assert r.returncode == 0, r.stderr
     assert f"removed {staged}" in r.stderr
     assert node.staged_dirs() == [] and node.cache_dirs() == [] and not marker_of(staged).exists()
+    assert list((node.local / "helico-stage").iterdir()) == []  # its .lock file too
     r = node.run("--clean-stage")
     assert r.returncode == 0 and "no staged copy" in r.stderr
 

@@ -282,7 +282,6 @@ def test_reference_without_enough_dab_is_refused(reference, dab_free_ihc, ihc_re
 
 
 def test_demo_stain_reference_is_accepted(demo_root):
-    import common
     MacenkoNormalizer().fit(load_rgb(demo_root / helicodata.DEFAULT_REFERENCE))
 
 

@@ -36,3 +36,22 @@ def test_load_checkpoint_errors_are_one_line_and_name_the_file(tmp_path):
     torch.save({"model": {}}, tmp_path / "partial.pt")
     with pytest.raises(common.DataError, match="not a train.py checkpoint .missing arch, config, split, stain, threshold, image_size"):
         model.load_checkpoint(tmp_path / "partial.pt")
+
+
+@pytest.mark.parametrize("capability, dtype, scaled", [((7, 0), torch.float16, True), ((7, 5), torch.float16, True),
+                                                       ((8, 0), torch.bfloat16, False),
+                                                       ((9, 0), torch.bfloat16, False)])
+def test_bf16_only_from_compute_capability_8_of_the_chosen_gpu_else_fp16_scaled(monkeypatch, capability, dtype, scaled):
+    # is_bf16_supported() says True on V100/T4 (emulated, slow) and asks the current device, not the chosen one
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    run = model.precision(torch.device("cuda", 1))
+    assert (run.amp, run.dtype, run.grad_scaling) == (True, dtype, scaled)
+    assert asked == [torch.device("cuda", 1)]
+
+
+def test_cpu_precision_is_bf16_without_asking_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: pytest.fail("asked CUDA on the CPU"))
+    run = model.precision(torch.device("cpu"), amp=True)
+    assert (run.amp, run.dtype, run.grad_scaling) == (True, torch.bfloat16, False)

@@ -8,7 +8,7 @@ import common
 from helico import helicodata, packed_cache
 from helico import feeds
 from test_cache import copy_mini_root
-from train import EpochSampler
+from helico.sampling import EpochSampler
 
 SIZE = 32
 
@@ -118,3 +118,30 @@ def test_free_memory_on_the_cpu_is_the_hosts_available_memory():
     with open("/proc/meminfo") as f:
         total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
     assert 0 < free <= total
+
+
+def test_copy_event_is_recorded_on_the_target_devices_stream_not_the_current_devices(monkeypatch):
+    # evaluate.py --device cuda:1 never makes cuda:1 current: an event on cuda:0's stream would complete at once
+    # and the reading thread would refill a pinned buffer whose copy to cuda:1 is still in flight.
+    calls = []
+
+    class FakeEvent:
+        def record(self, stream=None):
+            calls.append(("record", stream))
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    event = feeds.copied_event(torch.device("cuda", 1))
+    assert isinstance(event, FakeEvent) and calls == [("record", "stream of cuda:1")]
+
+
+def test_free_cuda_memory_counts_pytorchs_cached_but_unused_blocks(monkeypatch):
+    # a checkpoint scored before (evaluate.py --compare/--cv) leaves its memory reserved by PyTorch's allocator:
+    # CUDA calls it used, yet the next checkpoint's patches may take it
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: asked.append(d) or (10 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: asked.append(d) or 30 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: asked.append(d) or 4 << 30)
+    gpu = torch.device("cuda", 1)
+    assert feeds.free_bytes(gpu) == (10 + 30 - 4) << 30
+    assert asked == [gpu] * 3

@@ -16,6 +16,7 @@ import torch
 import common
 from helico import helicodata, metrics
 from helico import model
+from helico import packed_cache
 from helico import splits
 import train
 from conftest import TINY_TRAIN_FLAGS
@@ -151,7 +152,7 @@ def test_stop_signal_mid_epoch_then_resume_gives_bitwise_identical_weights(demo_
         return real_model_input(images, *args, **kwargs)
 
     monkeypatch.setattr(model, "model_input", signal_during_first_training_step)
-    assert run_train(demo_root, tmp_path, "straight", *extra) == train.EXIT_PREEMPTED
+    assert run_train(demo_root, tmp_path, "straight", *extra) == common.EXIT_STOPPED
     ckpt = load(tmp_path / "straight" / "last.pt")
     assert (ckpt["epoch"], ckpt["progress"]["step"]) == (0, 2)  # flags are read one step late: stops after step 2
     monkeypatch.setattr(model, "model_input", real_model_input)
@@ -172,6 +173,38 @@ def test_loader_flags_may_change_on_resume(demo_root, tmp_path, straight_run):
     log = (tmp_path / "straight" / "log.jsonl").read_text()
     assert run_train(demo_root, tmp_path, "straight", "--prefetch-factor", "2", "--no-persistent-workers") == 0
     assert (tmp_path / "straight" / "log.jsonl").read_text() == log  # already complete: nothing retrained
+
+
+def test_rerunning_a_complete_run_says_so_in_one_line_and_trains_nothing(demo_root, tmp_path, straight_run, capsys):
+    run_dir = tmp_path / "straight"  # `make demo` a second time
+    shutil.copytree(straight_run, run_dir)
+    before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "best.pt", "log.jsonl", "config.json")}
+    assert run_train(demo_root, tmp_path, "straight") == common.EXIT_OK
+    err = capsys.readouterr().err.strip().splitlines()
+    best = load(run_dir / "best.pt")["val_metrics"]["pr_auc"]
+    assert err == [f"{run_dir}: already complete (2 of 2 epochs), nothing trained; best validation PR-AUC {best:.3f}: "
+                   f"{run_dir / 'best.pt'}"]
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+
+def test_resume_reads_last_pt_and_builds_samples_and_config_once(demo_root, tmp_path, straight_run, monkeypatch):
+    shutil.copytree(straight_run, tmp_path / "straight")
+    loads, builds = [], []
+    real_load, real_samples = model.load_checkpoint, train.samples_and_config
+    monkeypatch.setattr(model, "load_checkpoint", lambda path, *a, **k: loads.append(Path(path).name) or
+                        real_load(path, *a, **k))
+    monkeypatch.setattr(train, "samples_and_config", lambda *a, **k: builds.append(1) or real_samples(*a, **k))
+    assert run_train(demo_root, tmp_path, "straight", "--force", epochs=3) == 0  # one more epoch
+    assert loads == ["last.pt"] and builds == [1]
+    assert load(tmp_path / "straight" / "last.pt")["epoch"] == 3
+
+
+def test_every_training_step_is_the_shared_optimisation_step(demo_root, tmp_path, monkeypatch):
+    from helico import optimisation
+    real_step, calls = optimisation.train_step, []
+    monkeypatch.setattr(optimisation, "train_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    assert run_train(demo_root, tmp_path, "shared", "--limit-samples", "32", epochs=1) == 0
+    assert len(calls) == load(tmp_path / "shared" / "last.pt")["scheduler"]["last_epoch"] == 2  # 32 samples, batch 16
 
 
 def test_macenko_amp_channels_last_run_stores_the_fitted_stain_reference(demo_root, tmp_path):
@@ -203,7 +236,7 @@ def test_nan_loss_exits_3_naming_epoch_and_step_and_keeps_the_last_good_checkpoi
         return x
 
     monkeypatch.setattr(model, "model_input", poison_fifth_training_batch)
-    assert run_train(demo_root, tmp_path, "nan", *cache_flags(feed, request)) == train.EXIT_NAN
+    assert run_train(demo_root, tmp_path, "nan", *cache_flags(feed, request)) == common.EXIT_NAN
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and "epoch 2 step 2" in err and "last.pt" in err
     ckpt = load(tmp_path / "nan" / "last.pt")
@@ -233,7 +266,7 @@ def test_sigterm_to_the_whole_job_finishes_the_step_writes_last_pt_and_exits_4(d
     time.sleep(2)  # past its worker_init_fn
     os.killpg(proc.pid, signal.SIGTERM)  # as SLURM preempts: every process, the DataLoader worker too
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == train.EXIT_PREEMPTED, err
+    assert proc.returncode == common.EXIT_STOPPED, err
     assert "stopped by signal" in err and "not under SLURM" in err
     ckpt = load(tmp_path / "preempted" / "last.pt")
     assert ckpt["epoch"] * 3 + ckpt["progress"]["step"] >= 2
@@ -248,6 +281,33 @@ def test_second_signal_exits_at_once_with_128_plus_its_number(monkeypatch):
     train.on_signal(signal.SIGTERM, None)
     assert exits == [128 + signal.SIGTERM]
     train.STOP.clear()
+
+
+# ----------------------------------------------------------------------------------------------- run folder lock
+def test_a_second_train_on_a_run_id_in_use_is_refused_naming_the_folder_and_pid_then_resume_works(demo_root, tmp_path,
+                                                                                                   capsys):
+    run_dir, lock = tmp_path / "busy", tmp_path / "busy" / train.LOCK
+    first = second = start_training(demo_root, tmp_path, "busy", "--epochs", "50")
+    try:
+        wait_until(lambda: (run_dir / "last.pt").is_file(), first, "the first run's first epoch")
+        os.kill(first.pid, signal.SIGSTOP)  # frozen mid-run: it holds the lock for as long as this test needs
+        assert lock.read_text().startswith(f"pid {first.pid} on ")
+        second = start_training(demo_root, tmp_path, "busy", "--epochs", "50")
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == common.EXIT_BAD_INPUT, err
+        assert err.strip().splitlines()[-1] == (f"error: {run_dir} is in use by another train.py "
+                                                f"({lock.read_text().strip()}): wait for it to end, or use another "
+                                                f"--run-id")
+    finally:
+        for proc in {first, second}:  # the first as a node failure or a requeue ends it: no chance to unlock
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate(timeout=120)
+    epoch = load(run_dir / "last.pt")["epoch"]  # whatever it reached: the lock died with it, the run resumes
+    capsys.readouterr()
+    assert run_train(demo_root, tmp_path, "busy", "--force", epochs=epoch + 1) == common.EXIT_OK
+    assert f"{run_dir}: resuming after epoch {epoch} step 0" in capsys.readouterr().err
+    assert load(run_dir / "last.pt")["epoch"] == epoch + 1
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -455,27 +515,17 @@ def test_resident_max_frac_outside_0_1_is_one_line_exit_2(demo_root, tmp_path, c
     assert err.startswith("error: --resident-max-frac 1.5") and "\n" not in err
 
 
-# ----------------------------------------------------------------------------------------------- sample order
-def test_epoch_sampler_shards_cover_every_sample_and_replay_per_epoch():
-    labels = [0] * 37 + [1] * 3
-    shards = [train.EpochSampler(labels, False, seed=0, rank=r, world=3) for r in range(3)]
-    for s in shards:
-        s.set_epoch(4)
-    orders = [list(s) for s in shards]
-    assert {len(o) for o in orders} == {14} and set(sum(orders, [])) == set(range(40))
-    again = train.EpochSampler(labels, False, seed=0, rank=1, world=3)
-    again.set_epoch(4, skip=5)
-    assert list(again) == orders[1][5:]  # mid-epoch resume continues the same order
-    balanced = train.EpochSampler(labels, True, seed=0)
-    picks = []
-    for epoch in range(50):
-        balanced.set_epoch(epoch)
-        picks += [labels[i] for i in balanced]
-    assert 0.4 < np.mean(picks) < 0.6
-
-
-def test_limit_samples_keeps_the_class_ratio():
-    samples = [helicodata.Sample(f"p/{k}.png", "B22-01", "annotated", int(k < 20), k) for k in range(200)]
-    subset = train.stratified_subset(samples, 50, seed=0)
-    assert len(subset) == 50 and sum(s.label for s in subset) == 5
-    assert subset == train.stratified_subset(samples, 50, seed=0)
+def test_cache_base_builds_train_pys_own_folder_and_a_full_disk_trains_from_pngs(demo_root, tmp_path, monkeypatch,
+                                                                                capsys):
+    """--cache-base DIR: train.py names the folder with its own defaults (Macenko on: a normalized cache); when the
+    disk is full there it warns and trains from PNGs, and config.json says it did."""
+    def no_space(*args, **kwargs):
+        import errno
+        raise OSError(errno.ENOSPC, "No space left on device", "patches.u8")
+    monkeypatch.setattr(packed_cache, "build_cache", no_space)
+    assert run_cached(demo_root, tmp_path, "full", "--cache-base", str(tmp_path / "base")) == 0
+    err = capsys.readouterr().err
+    folder = packed_cache.cache_folder(tmp_path / "base", 64, True, helicodata.DEFAULT_REFERENCE)
+    assert f"warning: --cache-base {tmp_path / 'base'}: no space left while building {folder}" in err
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert config["cache"] is None and config["cache_normalized"] is False and config["cache_base"]

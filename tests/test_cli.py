@@ -1,0 +1,55 @@
+"""Every command's flags as a user types them: no prefix of a flag is taken for the flag (issue 19).
+
+With argparse's default allow_abbrev, `run_h_pylori.sh ... --val 0.3` audited the default split while train.py
+trained on --val-frac 0.3, and `--epoch 1` passed for `--epochs`. Each case below gives the command arguments that
+would fail fast *after* parsing (a missing data root, a missing checkpoint...), so that code which still accepted the
+prefix fails this test at once with another message rather than running.
+"""
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+MISSING = "/nonexistent/HelicoDataSet"
+
+# command -> (arguments before the abbreviation, the abbreviation and its value); {tmp} is the test's folder
+ABBREVIATED = {
+    "train --val": ("train", ["--data-root", MISSING], ["--val", "0.3"]),  # --val-frac
+    "train --epoch": ("train", ["--data-root", MISSING], ["--epoch", "1"]),  # --epochs
+    "audit_leakage --val": ("audit_leakage", ["--data-root", MISSING], ["--val", "0.3"]),  # --val-frac
+    "evaluate --hold": ("evaluate", ["--checkpoint", "{tmp}/best.pt"], ["--hold"]),  # --holdout
+    "bench --min": ("bench", ["--data-root", MISSING], ["--min", "0"]),  # --min-seconds
+    "make_demo_data --see": ("make_demo_data", ["{tmp}/file/demo"], ["--see", "1"]),  # --seed
+    "patch_cache --norm": ("patch_cache", ["--data-root", MISSING, "--out", "{tmp}/cache"], ["--norm"]),  # --normalized
+    "stain --ref": ("stain", [MISSING, "{tmp}/out"], ["--ref", "{tmp}/x.png"]),  # --reference
+    "stain_check --mode": ("stain_check", [], ["--mode", "bogus"]),  # --modes (which would reject the value)
+}
+
+
+@pytest.mark.parametrize("case", list(ABBREVIATED))
+def test_an_abbreviated_flag_exits_2_naming_it(case, tmp_path, capsys):
+    command, before, abbreviated = ABBREVIATED[case]
+    (tmp_path / "file").write_text("")  # make_demo_data: an OUT_DIR it cannot create
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in before + abbreviated]
+    main = importlib.import_module(command).main
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == common.EXIT_BAD_INPUT, err
+    assert f"error: unrecognized arguments: {' '.join(argv[len(before):])}" in err, err
+
+
+def test_train_val_abbreviation_is_refused_as_the_launcher_runs_it(tmp_path):
+    """The issue's own command line, in its own process: exit 2 before any data is read."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-root", MISSING, "--runs-dir", str(tmp_path),
+                        "--val", "0.3"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == common.EXIT_BAD_INPUT, r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("error: unrecognized arguments: --val 0.3"), r.stderr
+    assert not any(tmp_path.iterdir())
