@@ -149,10 +149,10 @@ def check_args(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- model and data
-def scoring_options(args) -> dict:
-    """The flags predict() needs, as its keyword arguments."""
+def scoring_options(args, cache) -> dict:
+    """The flags predict() needs, as its keyword arguments, with the cache prepared_cache() returned."""
     return {"batch_size": args.batch_size, "workers": args.workers, "skip_bad": args.skip_bad_images,
-            "no_amp": args.no_amp, "cache": args.cache, "resident_max_frac": args.resident_max_frac}
+            "no_amp": args.no_amp, "cache": cache, "resident_max_frac": args.resident_max_frac}
 
 
 def scoring_precision(ckpt: dict, device, no_amp: bool) -> model.Precision:
@@ -239,23 +239,29 @@ def score_samples(net, normalizer, root, samples, image_size: int, device, *, ba
     return scores, bad
 
 
-def cache_under_base(base, ckpt, data, workers: int, device) -> str | None:
-    """The folder train.py --cache-base names for this checkpoint (the kind it trained from; after a PNG fallback,
-    the kind it would have built), prepared; None, with a warning, when the disk fails there."""
-    config = ckpt["config"]
-    normalized = config["cache_normalized"] if config.get("cache") else config["macenko"]
-    folder = packed_cache.prepare_in(base, data, int(ckpt["image_size"]), max(1, workers), normalized,
-                                     config["reference_patch"], device)
-    return None if folder is None else str(folder)
+def prepared_cache(args, ckpt, data, device) -> str | None:
+    """The packed cache this checkpoint's patches are scored from, built or checked once: --cache DIR (strict), or
+    the folder train.py --cache-base names for it (the kind it trained from; after a PNG fallback, the kind it would
+    have built), None with a warning when the disk fails there; None without either flag."""
+    size, workers = int(ckpt["image_size"]), max(1, args.workers)
+    if args.cache:
+        packed_cache.prepare(args.cache, data, size, workers, device=device)
+        return args.cache
+    if args.cache_base:
+        config = ckpt["config"]
+        normalized = config["cache_normalized"] if config.get("cache") else config["macenko"]
+        folder = packed_cache.prepare_in(args.cache_base, data, size, workers, normalized, config["reference_patch"],
+                                         device)
+        return None if folder is None else str(folder)
+    return None
 
 
 def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, batch_size: int, workers: int,
             skip_bad: bool, no_amp: bool, cache=None, resident_max_frac: float = feeds.DEFAULT_MAX_FRAC
             ) -> tuple[analysis.Predictions, list[str]]:
-    """Scores of `rows` (from the packed cache in `cache` when given) and the paths of skipped undecodable files."""
+    """Scores of `rows` (from the packed cache `cache`, prepared_cache()'s, when given) and the paths of skipped
+    undecodable files."""
     samples, size = [r.sample for r in rows], int(ckpt["image_size"])
-    if cache:
-        cache = packed_cache.prepare(cache, data, size, max(1, workers), device=device)
     scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=batch_size,
                                 workers=workers, skip_bad=skip_bad, cache=cache,
                                 precision=scoring_precision(ckpt, device, no_amp), resident_max_frac=resident_max_frac)
@@ -308,9 +314,8 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                                                     hash_cache)
     if not any(r.patch_eval for r in rows):
         raise DataError(f"validation patients of {path} have no labelled patches in {data.root}: empty split")
-    if args.cache_base and not args.cache:
-        args.cache = cache_under_base(args.cache_base, ckpt, data, args.workers, device)
-    pred, bad = predict(net, normalizer, ckpt, data, rows, device, **scoring_options(args))
+    cache = prepared_cache(args, ckpt, data, device)
+    pred, bad = predict(net, normalizer, ckpt, data, rows, device, **scoring_options(args, cache))
     threshold = float(ckpt["threshold"])
     by_part, patient_rows = {}, []
     for stream, part in enumerate(("val", "test", "holdout")):  # val first: it chooses the rule the others apply
@@ -339,7 +344,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                       "training_val_metrics": ckpt.get("val_metrics"), "val_patients": parts["val"],
                       "test_patients": parts["test"], "holdout_patients": holdout, "duplicate_groups": groups,
                       "identical_not_counted": identical, "skipped_images": bad, "device": str(device),
-                      "cache": args.cache, "amp": scoring_precision(ckpt, device, args.no_amp).amp,
+                      "cache": cache, "amp": scoring_precision(ckpt, device, args.no_amp).amp,
                       "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient cluster",
                                     "min_clusters": metrics.MIN_CLUSTERS}}
     shown = pred.subset(pred.split == headline)
@@ -438,7 +443,8 @@ def run_compare(args, device) -> int:
     results = []
     for c, p in zip(ckpts, paths):
         net, normalizer = model.from_checkpoint(c, p, args.arch, device)
-        pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args))
+        cache = prepared_cache(args, c, data, device)
+        pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args, cache))
         result, _, boot = analysis.analyse(pred, shared, data.diagnosis, float(c["threshold"]), args.top_k, groups,
                                            draws)
         results.append({"checkpoint": str(p), "metrics": result, "boot": boot})

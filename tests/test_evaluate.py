@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from helico import analysis, helicodata
+from helico import analysis, helicodata, packed_cache
 import common
 from helico import eval_report
 import evaluate
@@ -509,6 +509,20 @@ def test_a_second_cached_evaluation_decodes_no_png(cached_evaluation, monkeypatc
     assert evaluate.main(argv) == 0
     assert scores_by_path(read_csv(out / "predictions.csv")) == scores_by_path(cached_evaluation["predictions"])
     assert json.loads((out / "metrics.json").read_text())["meta"]["cache"] == str(cached_evaluation["cache"])
+
+
+def test_cache_base_prepares_its_folder_once_and_scores_from_it(cached_evaluation, monkeypatch, tmp_path):
+    # prepare() checks every patch file's size and mtime (a stat each, ~220k on the real data): once per evaluation
+    calls, prepare = [], packed_cache.prepare
+    monkeypatch.setattr(packed_cache, "prepare", lambda *a, **k: calls.append(a[0]) or prepare(*a, **k))
+    out, base = tmp_path / "eval", tmp_path / "base"
+    assert evaluate.main([*cached_evaluation["args"], "--out", str(out), "--cache-base", str(base)]) == 0
+    config = torch.load(cached_evaluation["args"][1], weights_only=True)["config"]  # trained from PNGs, Macenko on
+    folder = packed_cache.cache_folder(base, 64, config["macenko"], config["reference_patch"])
+    assert calls == [folder]
+    assert json.loads((out / "metrics.json").read_text())["meta"]["cache"] == str(folder)
+    based, cached = scores_by_path(read_csv(out / "predictions.csv")), scores_by_path(cached_evaluation["predictions"])
+    assert based.keys() == cached.keys() and max(abs(based[p] - cached[p]) for p in cached) <= 1e-6
 
 
 def test_scores_streamed_from_the_host_equal_the_device_resident_ones(cached_evaluation, tmp_path):
