@@ -7,8 +7,9 @@
 
 The split comes from splits.resolve_split, as in train.py, so the audit checks exactly the split train.py makes
 from the same flags; it accepts train.py's whole command line (helico/train_flags.py), which is how
-run_h_pylori.sh calls it: `python audit_leakage.py <train.py's arguments>`. The report shows each part's composition (with the all-negative classifier's accuracy:
-the accuracy trap), then every finding, one line each, under a stable check name:
+run_h_pylori.sh calls it: `python audit_leakage.py <train.py's arguments>`. The report shows each part's
+composition (with the all-negative classifier's accuracy: the accuracy trap), then every finding, one line each,
+under a stable check name:
 - leaks: patient_in_several_parts (B22-111_0 in train, B22-111_1 in val), split_lists_folder_names,
   identical_images_across_parts (byte-identical PNGs in different parts; HoldOut counts as a part),
   aug_copy_across_parts (an _AugK re-crop in another part than its window), window_across_parts (Annotated

@@ -47,12 +47,7 @@ import torch
 
 import common
 import train
-from helico import augment, helicodata, loaders
-from helico import model
-from helico import packed_cache
-from helico import feeds
-from helico import runlog
-from helico import optimisation
+from helico import augment, feeds, helicodata, loaders, model, optimisation, packed_cache, runlog
 
 PREFETCH = 2  # batches each worker decodes ahead; a loader stage warms up through this backlog too
 STAGES = ("load_png", "load_cache", "stream", "normalize", "model_step", "loop", "loop_loader", "train")

@@ -65,21 +65,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from helico import analysis, helicodata
 import common
-from helico import crossval
-from helico import eval_report
-from helico import figures
-from helico import gradcam
-from helico import loaders
 import macenko_gpu
-from helico import metrics
-from helico import model
-from helico import packed_cache
-from helico import feeds
-from helico import runlog
-from helico import splits
 from common import DataError
+from helico import (
+    analysis, crossval, eval_report, feeds, figures, gradcam, helicodata, loaders, metrics, model, packed_cache,
+    runlog, splits
+)
 
 
 # ----------------------------------------------------------------------------------------------- flags

@@ -54,8 +54,8 @@ def main(argv=None) -> int:
         return common.EXIT_BAD_INPUT
     workers = args.workers or len(os.sched_getaffinity(0))
     try:
-        report = packed_cache.build_cache(helicodata.load_data(args.data_root), args.out, args.image_size, workers, args.normalized,
-                             args.reference_patch, args.device, progress=not args.quiet)
+        report = packed_cache.build_cache(helicodata.load_data(args.data_root), args.out, args.image_size, workers,
+                                          args.normalized, args.reference_patch, args.device, progress=not args.quiet)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
@@ -74,7 +74,8 @@ def main(argv=None) -> int:
         return common.EXIT_STOPPED
     rate = report["count"] / report["seconds"] if report["action"] != "reused" and report["seconds"] else None
     print(f"{report['action']} {args.out}: {report['count']} patches of {args.image_size}px"
-          f"{', Macenko-normalized' if args.normalized else ''}, {packed_cache.cache_bytes(args.out) / 1e9:.2f} GB on disk"
+          f"{', Macenko-normalized' if args.normalized else ''}, "
+          f"{packed_cache.cache_bytes(args.out) / 1e9:.2f} GB on disk"
           + (f", {report['chunks_built']}/{report['chunks']} chunks in {report['seconds']:.1f} s "
              f"({rate:.0f} patches/s)" if rate else ""))
     return common.EXIT_OK

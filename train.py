@@ -58,17 +58,10 @@ from tqdm import tqdm
 
 import common
 import macenko_gpu
-from helico import augment, figures, helicodata
-from helico import loaders
-from helico import metrics
-from helico import model
-from helico import packed_cache
-from helico import feeds
-from helico import optimisation
-from helico import runlog
-from helico import sampling
-from helico import splits
-from helico import train_flags
+from helico import (
+    augment, feeds, figures, helicodata, loaders, metrics, model, optimisation, packed_cache, runlog, sampling,
+    splits, train_flags
+)
 
 SKIPPED = "skipped_images.txt"  # --skip-bad-images: the undecodable files left out, one path per line
 LOCK = ".train.lock"  # in the run folder: flock-ed by rank 0 for the whole run; holds its pid and host
@@ -279,7 +272,6 @@ def release_run_folder() -> None:
 def plan_run(args, data, world, device) -> dict:
     """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume; with them what
     rank 0 alone keeps (too big to broadcast): the checkpoint and (train, val, config), each read once."""
-    common.writable_folder(args.runs_dir, "--runs-dir")  # before any work: a read-only one is bad input (exit 2)
     split, groups, shared = splits.resolve_split(data, **splits.split_options(args))
     splits.check_holdout_independent(data, shared)  # the HoldOut must stay an independent test: exit 1 otherwise
     run_dir = Path(args.runs_dir) / args.run_id

@@ -25,8 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from helico import helicodata, metrics
-from helico import splits
+from helico import helicodata, metrics, splits
 
 PATCH_METRICS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
 THRESHOLD_METRICS = ("recall", "precision", "f1", "accuracy")

@@ -22,10 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from helico import analysis
-from helico import metrics
-from helico import splits
 from common import DataError
+from helico import analysis, metrics, splits
 from helico.eval_report import fmt
 
 PATIENT_KEYS = ("accuracy", "sensitivity", "specificity")  # the proportions, with exact intervals

@@ -15,9 +15,9 @@ epoch). When it does not fit, StreamedBatches gathers each batch on a reading th
 buffers (no pickling, no shared memory) while the main thread trains on the previous one.
 
 Same batches as DataLoader(dataset, sampler=sampler, batch_size, drop_last) over packed_cache.CachedPatchDataset:
-same order (whatever the sampler yields, epoch by epoch), same bytes, same labels (helicodata.BAD for undecodable patches,
-or the same one-line DataError without --skip-bad-images), same sample indices; so training gives bitwise the same
-weights as the DataLoader path on the same seed.
+same order (whatever the sampler yields, epoch by epoch), same bytes, same labels (helicodata.BAD for undecodable
+patches, or the same one-line DataError without --skip-bad-images), same sample indices; so training gives bitwise
+the same weights as the DataLoader path on the same seed.
 
 DDP: every rank holds the WHOLE training set, because sampling.EpochSampler (like DistributedSampler) deals the
 shuffled order out to the ranks anew each epoch, so any rank may need any patch; holding a fixed shard would change

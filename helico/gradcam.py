@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import common
-from helico import figures, helicodata
-from helico import model
 from common import DataError
+from helico import figures, helicodata, model
 
 GRADCAM_GROUPS = {"false_positives": "highest-scoring negatives", "false_negatives": "lowest-scoring positives",
                   "true_positives": "highest-scoring positives"}

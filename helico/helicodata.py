@@ -1,7 +1,8 @@
 """The HelicoDataSet as the code sees it: what a patient, a workbook row, a sample and a decoded patch are.
 
 Owns patient IDs, the workbook/CSV reader, data-root discovery and the row-to-file join, sample selection and
-PatchDataset. Splits live in splits.py, the packed cache in packed_cache.py; errors and exit codes in the top-level common.py.
+PatchDataset. Splits live in splits.py, the packed cache in packed_cache.py; errors and exit codes in the top-level
+common.py.
 
     from helico import helicodata
     data = helicodata.load_data("HelicoDataSet")        # discover + join workbook rows to files

@@ -355,7 +355,8 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
         raise DataError(f"--data-root {root}: no patches to cache")
     normalizer = stain = None
     if normalized:
-        normalizer, stain = stain_reference(root, reference or helicodata.DEFAULT_REFERENCE, common.resolve_device(device))
+        normalizer, stain = stain_reference(root, reference or helicodata.DEFAULT_REFERENCE,
+                                            common.resolve_device(device))
     want = wanted_meta(rows, image_size, stain, root)
     t0 = time.perf_counter()
     with _locked(cache_dir):

@@ -15,13 +15,9 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from helico import analysis, helicodata, packed_cache
 import common
-from helico import eval_report
 import evaluate
-from helico import gradcam
-from helico import metrics
-from helico import model
+from helico import analysis, eval_report, gradcam, helicodata, metrics, model, packed_cache
 
 FAST = ["--device", "cpu", "--workers", "0", "--bootstrap", "200", "--seed", "0"]
 LEVELS = ("patch", "patch_at_0.5", "by_source.annotated", "by_source.supplemental", "patient", "selection.patient",

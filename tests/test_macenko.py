@@ -18,10 +18,9 @@ from sklearn.metrics import roc_auc_score
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 
 import macenko_gpu
-from helico import helicodata, packed_cache
 import stain
 import stain_check
-from helico import stain_math
+from helico import helicodata, packed_cache, stain_math
 from macenko_gpu import FALLBACK, SINGLE_STAIN, TWO_STAINS, MacenkoNormalizer, load_rgb, synthetic_ihc_tiles
 
 TILE = 128

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import common
-from helico import helicodata, packed_cache
-from helico import feeds
-from test_cache import copy_mini_root
+from helico import feeds, helicodata, packed_cache
 from helico.sampling import EpochSampler
+from test_cache import copy_mini_root
 
 SIZE = 32
 

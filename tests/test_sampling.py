@@ -1,8 +1,7 @@
 """sampling.py: the epoch order replays from (seed, epoch) alone, per rank; --limit-samples keeps the class ratio."""
 import numpy as np
 
-from helico import helicodata
-from helico import sampling
+from helico import helicodata, sampling
 
 
 def test_epoch_sampler_shards_cover_every_sample_and_replay_per_epoch():

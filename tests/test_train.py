@@ -14,12 +14,9 @@ import pytest
 import torch
 
 import common
-from helico import helicodata, metrics
-from helico import model
-from helico import packed_cache
-from helico import splits
 import train
 from conftest import TINY_TRAIN_FLAGS
+from helico import helicodata, metrics, model, packed_cache, splits
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough that a run is a few seconds on 2 cores: 48 training samples (3 steps), 32 px, no Macenko.
