@@ -4,8 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := demo_data
 # CPU demo training: 64 px, Macenko, 6 epochs from random init on the 21 training patients (36-patient demo split
-# 21/8/7): ~92 s on 2 idle cores (the whole `make demo` 2.5 min with .venv built); seed 0: validation PR-AUC 0.777
-# (dummy 0.061), test PR-AUC 0.763.
+# 21/8/7): the whole `make demo` 1 min 13 s on 2 idle cores with .venv built; seed 0: validation PR-AUC 0.727
+# (dummy 0.061), test PR-AUC 0.610 on this session's machine, 0.777 / 0.763 on another CPU (README).
 DEMO_TRAIN_FLAGS ?= --image-size 64 --batch-size 32 --weights none --epochs 6 --lr 1e-3
 
 .PHONY: demo test clean rsync slurm
