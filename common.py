@@ -51,7 +51,7 @@ def unexpected_fault(error: OSError | ImportError) -> int:
               f"project's requirements (pip install -r requirements.txt) or run the project's interpreter",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    where = error.filename or "the disk"
+    where = error.filename2 or error.filename or "the disk"  # a failed os.replace(tmp, path) names path second
     if error.errno in FAULTS:
         print(f"error: {where}: {FAULTS[error.errno]}; free space there or check that disk, then run the same "
               f"command again", file=sys.stderr)

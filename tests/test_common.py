@@ -306,3 +306,13 @@ def test_explicit_gpu_index_under_torchrun_is_refused_and_cuda_takes_the_local_r
     assert common.resolve_device("cuda", local_rank=2, world=4) == torch.device("cuda", 2)
     assert common.resolve_device("auto", local_rank=3, world=4) == torch.device("cuda", 3)
     assert common.resolve_device("cuda:1", local_rank=0, world=1) == torch.device("cuda", 1)  # one process: any GPU
+
+
+def test_a_failed_atomic_write_names_the_file_the_user_asked_for_not_its_temp_file(tmp_path, capsys):
+    (tmp_path / "log.jsonl").mkdir()  # os.replace(tmp, path) fails: IsADirectoryError(tmp, path)
+    with pytest.raises(IsADirectoryError) as caught:
+        common.atomic_write_text(tmp_path / "log.jsonl", "{}\n")
+    assert common.unexpected_fault(caught.value) == common.EXIT_BAD_INPUT
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {tmp_path / 'log.jsonl'}: ") and ".tmp" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]  # the temp file is gone
