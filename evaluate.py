@@ -55,7 +55,6 @@ report written, the previous one kept, no temp folder left; a second signal stop
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
@@ -63,14 +62,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import common
 import macenko_gpu
 from common import DataError
 from helico import (
-    analysis, crossval, eval_report, feeds, figures, gradcam, helicodata, loaders, metrics, model, packed_cache,
-    runlog, splits
+    analysis, bags, crossval, eval_report, feeds, figures, gradcam, helicodata, inference, loaders, metrics, mil,
+    model, packed_cache, runlog, splits
 )
 
 
@@ -147,14 +145,6 @@ def scoring_options(args, cache) -> dict:
             "no_amp": args.no_amp, "cache": cache, "resident_max_frac": args.resident_max_frac}
 
 
-def scoring_precision(ckpt: dict, device, no_amp: bool) -> model.Precision:
-    """Score as training validated, since the stored threshold was chosen on those scores: the run's autocast
-    (on CUDA only, unless --no-amp) and its memory layout, by model.precision's rule."""
-    config = ckpt.get("config") or {}
-    amp = device.type == "cuda" and config.get("amp", True) and not no_amp
-    return model.precision(device, amp=amp, channels_last=config.get("channels_last", False))
-
-
 def checkpoint_file(given: str, flag: str) -> Path:
     """The checkpoint a user named; a run folder (`--checkpoint runs/demo`) is refused naming the file it holds,
     before its parent is taken for where eval/ goes."""
@@ -188,64 +178,25 @@ def split_parts(ckpt: dict, data: helicodata.HelicoData, path) -> dict[str, list
     return parts
 
 
-def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: bool):
-    """The samples read from the packed cache, and the normalizer still to apply to them: none when the cache holds
-    patches already normalized to the checkpoint's own stain reference (refused when to another one)."""
-    ds = packed_cache.CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=skip_bad)
-    if not ds.normalized:
-        return ds, normalizer
-    if not packed_cache.same_stain(ds.stain, normalizer.state_dict() if normalizer else None):
-        raise DataError(f"--cache {cache}: holds patches Macenko-normalized to {ds.reference}, but the checkpoint was "
-                        f"trained {'with another stain reference' if normalizer else 'without Macenko'}; give "
-                        f"--cache a folder of plain patches")
-    return ds, None
-
-
 def score_samples(net, normalizer, root, samples, image_size: int, device, *, batch_size: int, workers: int,
                   skip_bad: bool = False, cache=None, precision: model.Precision | None = None,
                   resident_max_frac: float = feeds.DEFAULT_MAX_FRAC) -> tuple[np.ndarray, list[int]]:
-    """Sigmoid scores (NaN for skipped undecodable files) and the indices skipped; batched, under `precision`'s
-    autocast and layout (default float32, contiguous). With a cache, no DataLoader: feeds.scoring_batches."""
-    precision = precision or model.precision(device, amp=False)
-    if cache is None:
-        ds = helicodata.PatchDataset(root, samples, image_size=image_size, skip_bad=skip_bad)
-        loader = loaders.make_loader(ds, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
-    else:  # on the device when it fits, else streamed by a thread: no worker pickles a batch
-        ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, skip_bad)
-        loader, _ = feeds.scoring_batches(ds, batch_size, device, resident_max_frac)
-    scores, bad = np.full(len(samples), np.nan), []
-    net = precision.place(net, device)
-    interactive = sys.stderr.isatty()  # in a log file a cleared bar leaves its last state for the next line to land on
-    bar = tqdm(loader, desc="scoring", unit="batch", mininterval=2 if interactive else 30, leave=not interactive)
-    with torch.inference_mode(), contextlib.closing(bar):
-        for images, labels, idx in bar:
-            images, labels, idx, dropped = helicodata.drop_bad(images, labels, idx)
-            bad += dropped
-            if len(idx) == 0:
-                continue
-            x = model.model_input(images.to(device, non_blocking=True), normalizer,
-                                  channels_last=precision.channels_last)
-            with precision.autocast():
-                logits = net(x)
-            scores[idx.cpu().numpy()] = torch.sigmoid(logits.float().reshape(-1)).cpu().numpy()
+    """Sigmoid scores (NaN for skipped undecodable files) and the indices skipped (inference.run's batches)."""
+    scores = np.full(len(samples), np.nan)
+
+    def keep(idx, logits, dropped):
+        if logits is not None:
+            scores[idx] = torch.sigmoid(logits.reshape(-1)).numpy()
+    bad = inference.run(net, normalizer, root, samples, image_size, device, keep, batch_size=batch_size,
+                        workers=workers, skip_bad=skip_bad, cache=cache, precision=precision,
+                        resident_max_frac=resident_max_frac)
     return scores, bad
 
 
 def prepared_cache(args, ckpt, data, device) -> str | None:
-    """The packed cache this checkpoint's patches are scored from, built or checked once: --cache DIR (strict), or
-    the folder train.py --cache-base names for it (the kind it trained from; after a PNG fallback, the kind it would
-    have built), None with a warning when the disk fails there; None without either flag."""
-    size, workers = int(ckpt["image_size"]), max(1, args.workers)
-    if args.cache:
-        packed_cache.prepare(args.cache, data, size, workers, device=device)
-        return args.cache
-    if args.cache_base:
-        config = ckpt["config"]
-        normalized = config["cache_normalized"] if config.get("cache") else config["macenko"]
-        folder = packed_cache.prepare_in(args.cache_base, data, size, workers, normalized, config["reference_patch"],
-                                         device)
-        return None if folder is None else str(folder)
-    return None
+    """The packed cache this checkpoint's patches are scored from (packed_cache.for_checkpoint), built or checked
+    once; None without --cache or --cache-base."""
+    return packed_cache.for_checkpoint(ckpt, data, device, max(1, args.workers), args.cache, args.cache_base)
 
 
 def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, batch_size: int, workers: int,
@@ -256,7 +207,7 @@ def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, ba
     samples, size = [r.sample for r in rows], int(ckpt["image_size"])
     scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=batch_size,
                                 workers=workers, skip_bad=skip_bad, cache=cache,
-                                precision=scoring_precision(ckpt, device, no_amp), resident_max_frac=resident_max_frac)
+                                precision=model.scoring_precision(ckpt, device, no_amp), resident_max_frac=resident_max_frac)
     keep = np.isfinite(scores)
     pred = analysis.Predictions([s for s, k in zip(samples, keep) if k], np.array([r.split for r in rows])[keep],
                                 np.array([r.patch_eval for r in rows], dtype=bool)[keep],
@@ -265,6 +216,49 @@ def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, ba
     for path in skipped:
         print(f"warning: skipped unreadable {path} (--skip-bad-images)", file=sys.stderr)
     return pred, skipped
+
+
+def patient_model(args, path: Path, ckpt: dict, net, normalizer, data, patients: list[str], device, cache):
+    """The patient model train_patient.py wrote beside this checkpoint (patient/best.pt), run on every patient of
+    `patients`: {"probability": {patient: p}, "attention": {patient: [(path, weight)] most attended first},
+    "annotated": {patient: (raw attention scores, Presence labels) of its Annotated windows}, "meta": {...}}; None
+    without one, or with a note when it belongs to another checkpoint. Bags missing (e.g. a --data-root whose
+    HoldOut was not extracted) are extracted here, with the same key."""
+    mil_path = bags.patient_dir(path) / "best.pt"
+    if not mil_path.is_file():
+        return None, ""
+    mil_ckpt = mil.load_checkpoint(mil_path)
+    sha = bags.file_sha256(path)
+    if mil_ckpt["patch_checkpoint"]["sha256"] != sha:
+        return None, (f"{mil_path} was trained on the features of another checkpoint "
+                      f"({mil_ckpt['patch_checkpoint']['path']}), not {path}: not shown")
+    body, network = bags.feature_network(ckpt, net, mil_ckpt["features"]["source"], sha)
+    key = bags.bag_key(network, mil_ckpt["features"]["source"], ckpt["stain"], int(ckpt["image_size"]))
+    if key != mil_ckpt["bag_key"]:
+        return None, f"{mil_path}: its bags were made differently from this checkpoint's (bag key): not shown"
+    folder = bags.patient_dir(path) / mil_ckpt["features"]["bags"]
+    wanted = bags.patient_samples(data, patients)
+    bags.extract(body, normalizer, data.root, wanted, folder, key, int(ckpt["image_size"]), device,
+                 batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad_images, cache=cache,
+                 precision=model.scoring_precision(ckpt, device, args.no_amp),
+                 resident_max_frac=args.resident_max_frac)
+    net_mil = mil.from_checkpoint(mil_ckpt)
+    out = {"probability": {}, "attention": {}, "annotated": {},
+           "meta": {"checkpoint": str(mil_path), "epoch": mil_ckpt["epoch"], "features": mil_ckpt["features"],
+                    "selection": mil_ckpt["config"].get("selection"), "seed": mil_ckpt["config"].get("seed")}}
+    for p in patients:
+        bag = bags.load(folder, p, key)
+        rows, windows = bag.rows(), bag.rows(("annotated",))
+        prob, attn, extra = mil.predict(net_mil, bag.features[torch.from_numpy(rows)],
+                                        bag.features[torch.from_numpy(windows)])
+        weights = np.exp(attn - attn.max()) / np.exp(attn - attn.max()).sum() if attn.size else attn
+        order = np.argsort(-weights, kind="stable")
+        paths = [q for q, keep in zip(bag.paths, rows) if keep]
+        out["probability"][p] = prob
+        out["attention"][p] = [(paths[i], float(weights[i])) for i in order]
+        if extra is not None:
+            out["annotated"][p] = (extra, [lab for lab, keep in zip(bag.labels, windows) if keep])
+    return out, ""
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -309,22 +303,32 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     cache = prepared_cache(args, ckpt, data, device)
     pred, bad = predict(net, normalizer, ckpt, data, rows, device, **scoring_options(args, cache))
     threshold = float(ckpt["threshold"])
+    headline = "test" if parts["test"] else "val"
+    patient_model_out, mil_note = patient_model(args, path, ckpt, net, normalizer, data,
+                                                parts["val"] + parts["test"] + holdout, device, cache)
     by_part, patient_rows = {}, []
     for stream, part in enumerate(("val", "test", "holdout")):  # val first: it chooses the rule the others apply
         patients = holdout if part == "holdout" else parts[part]
         if not patients:
             continue
         draws = analysis.part_draws(patients, groups, args.bootstrap, args.seed, stream)
-        by_part[part], rows_of_part, _ = analysis.analyse(pred.subset(pred.split == part), patients, data.diagnosis,
-                                                          threshold, args.top_k, groups, draws,
-                                                          rule=None if part == "val" else by_part["val"]["patient"])
+        chosen = {} if part == "val" else {"rule": by_part["val"]["patient"],
+                                           "mil_rule": by_part["val"].get("patient_mil")}
+        by_part[part], rows_of_part, _ = analysis.analyse(
+            pred.subset(pred.split == part), patients, data.diagnosis, threshold, args.top_k, groups, draws,
+            mil_probability=patient_model_out and patient_model_out["probability"], **chosen)
         patient_rows += [{**r, "split": part} for r in rows_of_part]
-    headline = "test" if parts["test"] else "val"
+    if patient_model_out:  # where the model looks, on windows it never read: the headline part's Annotated ones
+        looked = [patient_model_out["annotated"][p] for p in parts[headline] if p in patient_model_out["annotated"]]
+        by_part[headline]["patient_mil"]["attention"] = analysis.attention_evidence(
+            np.concatenate([s for s, _ in looked]) if looked else [], [y for _, ys in looked for y in ys])
     result = dict(by_part[headline])
     if headline == "test":
         result["selection"] = by_part["val"]
     if holdout:
-        result["holdout"] = {"patient": by_part["holdout"]["patient"], "patches": int((pred.split == "holdout").sum())}
+        result["holdout"] = {k: by_part["holdout"][k] for k in ("patient", "patient_mil", "patient_vs_mil")
+                             if k in by_part["holdout"]}
+        result["holdout"]["patches"] = int((pred.split == "holdout").sum())
     log = runlog.read(path.parent)  # what the best epoch was chosen among
     result["meta"] = {"checkpoint": str(path), "arch": ckpt["arch"], "image_size": int(ckpt["image_size"]),
                       "epoch": ckpt.get("epoch"), "data_root": str(data.root), "headline": headline,
@@ -336,9 +340,13 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                       "training_val_metrics": ckpt.get("val_metrics"), "val_patients": parts["val"],
                       "test_patients": parts["test"], "holdout_patients": holdout, "duplicate_groups": groups,
                       "identical_not_counted": identical, "skipped_images": bad, "device": str(device),
-                      "cache": cache, "amp": scoring_precision(ckpt, device, args.no_amp).amp,
+                      "cache": cache, "amp": model.scoring_precision(ckpt, device, args.no_amp).amp,
                       "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient cluster",
-                                    "min_clusters": metrics.MIN_CLUSTERS}}
+                                    "min_clusters": metrics.MIN_CLUSTERS},
+                      "patient_model": patient_model_out["meta"] if patient_model_out else None,
+                      "patient_model_note": mil_note or (None if patient_model_out else
+                                                         f"no {bags.patient_dir(path) / 'best.pt'}: run "
+                                                         f"train_patient.py --checkpoint {path} for the patient model")}
     shown = pred.subset(pred.split == headline)
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_predictions(tmp / "predictions.csv", pred, threshold)
@@ -347,6 +355,11 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
         if log:
             figures.plot_learning_curves(log, tmp / "learning_curves.png")
             files.append("learning_curves.png")
+        if patient_model_out:
+            figures.attention_gallery(tmp / "attention_gallery.png", data.root, [
+                (r["patient"], r["diagnosis"], r["mil_probability"], patient_model_out["attention"][r["patient"]])
+                for r in patient_rows if r["split"] == headline], int(ckpt["image_size"]))
+            files.append("attention_gallery.png")
         if args.gradcam:
             picks = gradcam.gradcam_picks(shown, threshold, args.gradcam)
             cams, result["meta"]["gradcam"] = gradcam.write_gradcam(tmp / "gradcam", net, normalizer, data.root, picks,
@@ -396,7 +409,7 @@ def run_cv(args, device) -> int:
         eval_report.write_csv(tmp / "predictions.csv", ["fold", *eval_report.PREDICTION_COLUMNS],
                               ([r["fold"], *(r[c] for c in eval_report.PREDICTION_COLUMNS)] for r in preds))
         eval_report.write_csv(tmp / "patients.csv", ["fold", *eval_report.PATIENT_COLUMNS, "rule"],
-                              ([r["fold"], *(r[c] for c in [*eval_report.PATIENT_COLUMNS, "rule"])] for r in pats))
+                              ([r["fold"], *(r.get(c, "") for c in [*eval_report.PATIENT_COLUMNS, "rule"])] for r in pats))
         common.atomic_write_text(tmp / "report.md", crossval.render(result))
     print(crossval.render(result))
     print(f"wrote {out}/report.md")

@@ -21,6 +21,8 @@
 #   bash run_h_pylori.sh --stage-only          # only stage (pre-warm a node); prints the staged path
 #   bash run_h_pylori.sh --clean-stage         # remove this node's staged copy of HELICO_DATA (and its caches)
 #
+# Steps: audit, train.py, train_patient.py (the patient model of the run's best.pt: gated-attention MIL over each
+# patient's features, runs/<id>/patient/; --no-patient-model skips it), evaluate.py (both side by side).
 # Every argument goes to train.py (see `python train.py --help`), and the same list to audit_leakage.py, which accepts
 # train.py's whole command line: the audit checks exactly the split that will be trained. Write flags in full: a
 # mistyped or abbreviated flag (--val for --val-frac) is refused (exit 2) before anything is staged.
@@ -72,7 +74,7 @@ usage() { awk 'NR == 1 || /^#SBATCH/ { next } /^#/ { sub(/^# ?/, ""); print; nex
 # TRAIN_ARGS go to train.py and, the same list, to the audit. --data-root, --runs-dir and --run-id are taken out here
 # because this script decides them (the staged copy; RUNS_DIR; SLURM's job ID) and gives them back resolved; the
 # rest passes through untouched, in order: train.py's parser, not this script, knows what each flag takes.
-TRAIN_ARGS=() RUN_ID="" ARG_DATA_ROOT="" ARG_RUNS_DIR="" ARG_CACHE="" MODE=run
+TRAIN_ARGS=() RUN_ID="" ARG_DATA_ROOT="" ARG_RUNS_DIR="" ARG_CACHE="" MODE=run PATIENT_MODEL=on
 
 parse_args() {
   local arg name value
@@ -80,6 +82,7 @@ parse_args() {
     arg=$1 name=${1%%=*}
     case $arg in
       -h|--help|--stage-only|--clean-stage) shift; continue ;;  # modes, read by main
+      --no-patient-model) PATIENT_MODEL=off; shift; continue ;;  # this script's own: no train_patient.py step
     esac
     case $name in
       --data-root|--runs-dir|--run-id|--cache) ;;
@@ -485,6 +488,18 @@ report_stop() {
   step_failed train.py "$rc" "stopped without a new checkpoint; evaluation skipped"
 }
 
+# The patient model (gated-attention MIL over each patient's bag of features of this run's best.pt), in the same job,
+# before the evaluation that reports it beside the patient rule; per fold under an array. --no-patient-model skips it.
+run_patient_model() {
+  local best=$RUNS/$RUN_ID/best.pt
+  [[ $PATIENT_MODEL == on && -f $best ]] || return 0
+  log "patient model: train_patient.py --checkpoint $best"
+  local rc=0
+  "$PY" "$CODE_DIR/train_patient.py" --checkpoint "$best" --data-root "$DATA_ROOT" \
+    ${EVAL_CACHE_ARGS[@]+"${EVAL_CACHE_ARGS[@]}"} || rc=$?
+  (( rc == 0 )) || step_failed train_patient.py "$rc" "the patch model is complete ($best)"
+}
+
 run_evaluation() {
   local best=$RUNS/$RUN_ID/best.pt
   if [[ ! -f $best ]]; then warn "no $best; skipping evaluation"; return 0; fi
@@ -538,6 +553,7 @@ main() {
     return 0
   fi
   (( rc == 0 )) || step_failed train.py "$rc"
+  run_patient_model
   run_evaluation
   log "done: $RUNS/$RUN_ID"
 }

@@ -196,6 +196,37 @@ def exact_cis(m: dict) -> None:
         m.setdefault("ci_method", {})[k] = "exact binomial (Clopper-Pearson)"
 
 
+def decide(rows: list[dict], score: str, prediction: str, rule: dict, patients: list[str], groups, draws,
+           known: list[dict] | None = None) -> tuple[dict, dict]:
+    """Write each row's decision (`prediction`: 1/0, -1 without a score) at the rule's threshold on `score`; metrics
+    of the `known` rows (default: those with a diagnosis and patches) with CIs: exact for the proportions, a cluster
+    bootstrap for ROC-AUC where estimable. Returns (metrics, raw bootstrap values)."""
+    for r in rows:
+        r[prediction] = int(r[score] >= rule["threshold"]) if np.isfinite(r[score]) else -1
+    known = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0] if known is None else known
+    y = np.array([r["label"] for r in known], dtype=np.int64)
+    s = np.array([r[score] for r in known], dtype=np.float64)
+    m = metrics.patient_metrics(y, s, rule["threshold"])
+    b = {}
+    if not rule["rule"]:  # no rule, no predictions: every metric is undefined, for the reason the rule gives
+        m.update({k: float("nan") for k in PATIENT_METRICS}, undefined={k: rule["reason"] for k in PATIENT_METRICS})
+        return m, b
+    exact_cis(m)
+    cluster_of = clusters(patients, groups)[0]
+    ck = np.array([cluster_of[r["patient"]] for r in known], dtype=np.int64)
+    ok, why = metrics.estimable(ck, y)
+    if ok and draws is not None:
+        b = metrics.cluster_bootstrap(ck, draws, lambda idx: {k: v for k, v in metrics.patient_metrics(
+            y[idx], s[idx], rule["threshold"]).items() if k in PATIENT_METRICS})
+    bootstrap_cis(m, {k: v for k, v in b.items() if k == "roc_auc"}, ["roc_auc"], no_ci_reason(ok, why, draws))
+    return m, b
+
+
+def left_out(rows: list[dict], used: set) -> dict[str, str]:
+    return {r["patient"]: "no diagnosis" if r["label"] < 0 else "no patches (or only byte-identical copies of "
+            "another patient's)" for r in rows if r["patient"] not in used}
+
+
 def patient_level(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
                   groups, draws, rule: dict | None) -> tuple[dict, list[dict], dict]:
     """Patient scores, the rule (chosen here when `rule` is None), metrics with CIs (exact for the proportions, a
@@ -204,39 +235,97 @@ def patient_level(pred: Predictions, patients: list[str], diagnosis: dict, patch
     rule = rule or choose_patient_rule(rows)
     for r in rows:
         r["score"] = r[rule["rule"]] if rule["rule"] else float("nan")
-        r["prediction"] = int(r["score"] >= rule["threshold"]) if np.isfinite(r["score"]) else -1
-    known = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0]
-    y = np.array([r["label"] for r in known], dtype=np.int64)
-    s = np.array([r["score"] for r in known], dtype=np.float64)
-    m = metrics.patient_metrics(y, s, rule["threshold"])
-    b = {}
-    if not rule["rule"]:  # no rule, no predictions: every metric is undefined, for the reason the rule gives
-        m.update({k: float("nan") for k in PATIENT_METRICS}, undefined={k: rule["reason"] for k in PATIENT_METRICS})
-    else:
-        exact_cis(m)
-        cluster_of = clusters(patients, groups)[0]
-        ck = np.array([cluster_of[r["patient"]] for r in known], dtype=np.int64)
-        ok, why = metrics.estimable(ck, y)
-        if ok and draws is not None:
-            b = metrics.cluster_bootstrap(ck, draws, lambda idx: {k: v for k, v in metrics.patient_metrics(
-                y[idx], s[idx], rule["threshold"]).items() if k in PATIENT_METRICS})
-        bootstrap_cis(m, {k: v for k, v in b.items() if k == "roc_auc"}, ["roc_auc"], no_ci_reason(ok, why, draws))
-    used = {r["patient"] for r in known}
-    excluded = {r["patient"]: "no diagnosis" if r["label"] < 0 else "no patches (or only byte-identical copies of "
-                "another patient's)" for r in rows if r["patient"] not in used}
-    m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k, "excluded": excluded}
+    m, b = decide(rows, "score", "prediction", rule, patients, groups, draws)
+    used = {r["patient"] for r in rows if r["label"] >= 0 and r["n_patches"] > 0}
+    m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k,
+         "excluded": left_out(rows, used)}
     return m, rows, {f"patient.{k}": v for k, v in b.items()}
 
 
+# ----------------------------------------------------------------------------------------------- the patient model
+MIL_RULE = "gated_attention_mil"
+
+
+def choose_mil_threshold(rows: list[dict]) -> dict:
+    """The patient model's threshold on its validation probabilities, as the rule's (Youden's J), on the patients the
+    rule is measured on."""
+    usable = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0 and np.isfinite(r["mil_probability"])]
+    y = np.array([r["label"] for r in usable], dtype=np.int64)
+    if y.size == 0 or y.min() == y.max():
+        return {"rule": None, "threshold": float("nan"), "candidates": {},
+                "reason": f"validation patients with a bag and a diagnosis are all one class ({y.size} patients, "
+                          f"{int(y.sum())} infected): no threshold can be chosen"}
+    s = np.array([r["mil_probability"] for r in usable])
+    t, j = metrics.youden_threshold(y, s)
+    return {"rule": MIL_RULE, "threshold": t, "candidates": {MIL_RULE: {"threshold": t, "youden_j": j,
+                                                                        "roc_auc": metrics.roc_auc(y, s)}},
+            "reason": ""}
+
+
+def mil_level(rows: list[dict], probability: dict[str, float], patients: list[str], groups, draws,
+              rule: dict | None, top_k: int) -> tuple[dict, dict]:
+    """The patient model's metrics on the rows the rule was measured on (same patients, same intervals), its
+    threshold chosen here when `rule` is None (validation). Adds mil_probability / mil_prediction to the rows."""
+    for r in rows:  # the rule's patients: one whose patches all count for another (a byte-identical copy) has none
+        r["mil_probability"] = float(probability.get(r["patient"], float("nan"))) if r["n_patches"] else float("nan")
+    rule = rule or choose_mil_threshold(rows)
+    known = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0 and np.isfinite(r["mil_probability"])]
+    m, b = decide(rows, "mil_probability", "mil_prediction", rule, patients, groups, draws, known)
+    m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k,
+         "excluded": left_out(rows, {r["patient"] for r in known})}
+    return m, {f"patient_mil.{k}": v for k, v in b.items()}
+
+
+def paired_comparison(rows: list[dict], boot: dict) -> dict:
+    """Rule vs patient model on the same patients: exact McNemar on the discordant decisions, and the paired
+    patient-cluster bootstrap interval of the ROC-AUC difference (model - rule: the same resamples for both)."""
+    both = [r for r in rows if r["label"] >= 0 and r["prediction"] >= 0 and r["mil_prediction"] >= 0]
+    y = np.array([r["label"] for r in both], dtype=np.int64)
+    rule_ok = np.array([r["prediction"] for r in both]) == y
+    mil_ok = np.array([r["mil_prediction"] for r in both]) == y
+    b, c = int((rule_ok & ~mil_ok).sum()), int((~rule_ok & mil_ok).sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        delta = (metrics.roc_auc(y, [r["mil_probability"] for r in both]) -
+                 metrics.roc_auc(y, [r["score"] for r in both])) if both else float("nan")
+    out = {"patients": len(both), "rule_only_correct": b, "model_only_correct": c,
+           "mcnemar_exact_p": metrics.mcnemar_exact(b, c), "roc_auc_difference": float(delta)}
+    if "patient.roc_auc" in boot and "patient_mil.roc_auc" in boot:
+        lo, hi, undefined = metrics.percentile_interval(boot["patient_mil.roc_auc"] - boot["patient.roc_auc"])
+        out.update(ci95=[lo, hi], ci_method="paired patient-cluster bootstrap", bootstrap_undefined_share=undefined)
+    else:
+        out["ci_note"] = "not estimable (fewer than 10 patient clusters in a class, or --bootstrap 0)"
+    return out
+
+
+def attention_evidence(scores, presence) -> dict:
+    """Does the patient model attend where the bacteria are? ROC-AUC of the raw attention score of Annotated windows
+    (which the model never reads) against their Presence label (1 vs -1), pooled over the part's patients."""
+    y, s = np.asarray(presence, dtype=np.int64), np.asarray(scores, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auc = metrics.roc_auc(y, s) if y.size else float("nan")
+    return {"roc_auc": auc, "windows": int(y.size), "positives": int(y.sum()),
+            "undefined": {} if np.isfinite(auc) else {"roc_auc": "the windows hold one class only (or none)"}}
+
+
 def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
-            groups=(), draws=None, rule: dict | None = None) -> tuple[dict, list[dict], dict]:
+            groups=(), draws=None, rule: dict | None = None, mil_probability: dict | None = None,
+            mil_rule: dict | None = None) -> tuple[dict, list[dict], dict]:
     """Metrics dict, patient rows and raw bootstrap values ({"patch.pr_auc": array, ...}) of one set of patients.
 
-    Validation (rule None): the patient rule is chosen here. Test and HoldOut: `rule` comes from validation."""
+    Validation (rule None): the patient rule is chosen here. Test and HoldOut: `rule` comes from validation. With
+    the patient model's probabilities (patient -> probability): `patient_mil` beside `patient`, on the same patients
+    and resamples, its threshold chosen on validation too (mil_rule None) and `patient_vs_mil`, the paired test."""
     out, boot = patch_level(pred, patients, patch_threshold, groups, draws) if pred.patch_eval.any() else ({}, {})
     out["patient"], rows, patient_boot = patient_level(pred, patients, diagnosis, patch_threshold, top_k, groups,
                                                        draws, rule)
-    return out, rows, {**boot, **patient_boot}
+    boot.update(patient_boot)
+    if mil_probability is not None:
+        out["patient_mil"], mil_boot = mil_level(rows, mil_probability, patients, groups, draws, mil_rule, top_k)
+        boot.update(mil_boot)
+        out["patient_vs_mil"] = paired_comparison(rows, boot)
+    return out, rows, boot
 
 
 # ----------------------------------------------------------------------------------------------- --compare

@@ -106,11 +106,12 @@ def patch_summary(rows: list[dict], groups, resamples: int, seed: int) -> dict:
     return out
 
 
-def patient_summary(rows: list[dict]) -> dict:
-    """Pooled patient decisions (each fold's rule and threshold) with exact binomial metrics."""
-    rows = [r for r in rows if int(r["label"]) >= 0 and int(r["prediction"]) >= 0]
+def patient_summary(rows: list[dict], decision: str = "prediction") -> dict:
+    """Pooled patient decisions (`decision`: the rule's, or mil_prediction: the patient model's; each fold's own
+    threshold) with exact binomial metrics."""
+    rows = [r for r in rows if int(r["label"]) >= 0 and r.get(decision) not in (None, "") and int(r[decision]) >= 0]
     y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-    p = np.array([int(r["prediction"]) for r in rows], dtype=np.int64)
+    p = np.array([int(r[decision]) for r in rows], dtype=np.int64)
     (tn, fp), (fn, tp) = metrics.confusion_matrix(y, p).tolist()
     counts = {"sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp), "accuracy": (tp + tn, y.size)}
     return {**{k: k_ / n if n else float("nan") for k, (k_, n) in counts.items()},
@@ -122,7 +123,10 @@ def patient_summary(rows: list[dict]) -> dict:
 def per_fold(folds: list[Fold]) -> dict:
     """Each fold's own headline (test) metric: values, mean and sd (ddof 1) over the folds."""
     out = {}
-    for level, keys in (("patch", analysis.PATCH_METRICS), ("patient", analysis.PATIENT_METRICS)):
+    levels = [("patch", analysis.PATCH_METRICS), ("patient", analysis.PATIENT_METRICS)]
+    if all("patient_mil" in f.metrics for f in folds):
+        levels.append(("patient_mil", analysis.PATIENT_METRICS))
+    for level, keys in levels:
         for k in keys:
             v = np.array([float(f.metrics.get(level, {}).get(k, float("nan"))) for f in folds])
             ok = v[np.isfinite(v)]
@@ -131,12 +135,19 @@ def per_fold(folds: list[Fold]) -> dict:
     return out
 
 
+def with_model(folds: list[Fold], pats: list[dict]) -> bool:
+    """Every fold evaluated with its patient model (train_patient.py): then its decisions are pooled too."""
+    return all("patient_mil" in f.metrics for f in folds) and all(r.get("mil_prediction") not in (None, "")
+                                                                   for r in pats)
+
+
 def summarize(folds: list[Fold], resamples: int, seed: int) -> tuple[dict, list[dict], list[dict]]:
     preds, pats = pooled_rows(folds)
     groups = [g for f in folds[:1] for g in f.split.get("duplicate_groups") or []]
     result = {"folds": [str(f.run) for f in folds], "k": len(folds),
               "patch": patch_summary(preds, groups, resamples, seed), "patient": patient_summary(pats),
               "per_fold": per_fold(folds),
+              **({"patient_mil": patient_summary(pats, "mil_prediction")} if with_model(folds, pats) else {}),
               "patients_tested": sorted({r["patient"] for r in pats}),
               "bootstrap": {"resamples": resamples, "seed": seed, "unit": "patient cluster"}}
     return result, preds, pats
@@ -155,7 +166,15 @@ def render(result: dict) -> str:
              "", f"## Patients ({q['n']}, {q['positives']} infected), exact binomial 95% CIs", "",
              "| metric | pooled [95% CI] | per fold mean +/- sd |", "|---|---|---|"]
     lines += [f"| {k} | {ci(q, k)} | {sd('patient.' + k)} |" for k in PATIENT_KEYS]
-    lines += [f"| roc_auc | (not pooled: each fold has its own rule) | {sd('patient.roc_auc')} |", "",
+    lines += [f"| roc_auc | (not pooled: each fold has its own rule) | {sd('patient.roc_auc')} |"]
+    if "patient_mil" in result:
+        m = result["patient_mil"]
+        lines += ["", f"## Patients, patient model (train_patient.py, each fold's own; {m['n']} patients, "
+                      f"{m['positives']} infected), exact binomial 95% CIs", "",
+                  "| metric | pooled [95% CI] | per fold mean +/- sd |", "|---|---|---|"]
+        lines += [f"| {k} | {ci(m, k)} | {sd('patient_mil.' + k)} |" for k in PATIENT_KEYS]
+        lines += [f"| roc_auc | (not pooled: each fold has its own model) | {sd('patient_mil.roc_auc')} |"]
+    lines += ["",
               f"## Patches ({p['n']}, {p['positives']} positive), patient-cluster bootstrap 95% CIs", "",
               "| metric | pooled [95% CI] | per fold mean +/- sd |", "|---|---|---|"]
     lines += [f"| {k} | {ci(p, k)} | {sd('patch.' + k)} |" for k in analysis.PATCH_METRICS]

@@ -91,12 +91,16 @@ def write_predictions(path, pred, threshold: float) -> None:
 
 
 PATIENT_COLUMNS = ["patient", "split", "diagnosis", "label", "n_patches", "fraction_positive", "topk_mean", "score",
-                   "prediction"]
+                   "prediction", "mil_probability", "mil_prediction"]  # mil_*: empty without a patient model
+
+
+def cell(v):
+    return repr(v) if isinstance(v, float) else "" if v is None else v
 
 
 def write_patients(path, rows: list[dict], rule: str | None) -> None:
     write_csv(path, [*PATIENT_COLUMNS, "rule"],
-              ([repr(r[c]) if isinstance(r[c], float) else r[c] for c in PATIENT_COLUMNS] + [rule or ""] for r in rows))
+              ([cell(r.get(c)) for c in PATIENT_COLUMNS] + [rule or ""] for r in rows))
 
 
 # ----------------------------------------------------------------------------------------------- report.md
@@ -254,8 +258,58 @@ def _patient_section(metrics: dict, patient_rows: list[dict]) -> list[str]:
         if c.get("excluded"):
             left_out = ", ".join(f"{k} ({v})" for k, v in c["excluded"].items())
             lines += ["", f"Left out of {name.split()[0]}: {left_out}"]
+    lines += _patient_model_section(metrics, cols)
     lines += ["", "### Per patient", ""]
-    lines += _table(PATIENT_COLUMNS, [[r[c] for c in PATIENT_COLUMNS] for r in patient_rows])
+    shown = [c for c in PATIENT_COLUMNS if any(c in r for r in patient_rows)]
+    lines += _table(shown, [[r.get(c) for c in shown] for r in patient_rows])
+    return lines
+
+
+def _patient_model_section(metrics: dict, rule_cols: dict) -> list[str]:
+    """The patient model beside the rule, on the same patients, and the paired test between them."""
+    meta = metrics["meta"]
+    if "patient_mil" not in metrics:
+        note = meta.get("patient_model_note")
+        return ["", f"Patient model: {note}."] if note else []
+    q = metrics["patient_mil"]
+    model = meta["patient_model"]
+    feats = model["features"]
+    lines = ["", "### Patient model beside the rule", "",
+             f"`{model['checkpoint']}` (train_patient.py): gated-attention MIL over each patient's bag of "
+             f"{feats['source']} features ({feats['network'][:12]}, {feats['image_size']} px, stain "
+             f"{feats['stain'] or 'none'}) of the same Cropped (HoldOut) patches the rule aggregates; trained on the "
+             f"training patients, epoch {model['epoch']} chosen by {model['selection']} on the validation patients. "
+             "Its threshold is chosen on the validation patients by Youden's J, as the rule's, and applied unchanged."]
+    if not q["rule"]:
+        return lines + ["", f"No threshold for the patient model: {q['reason']}."]
+    lines += ["", f"Threshold: **probability >= {fmt(q['threshold'], 4)}**.", ""]
+    model_of = {"test": q, "HoldOut": metrics.get("holdout", {}).get("patient_mil"),
+                "validation": metrics["selection"].get("patient_mil") if "selection" in metrics else q}
+    sides = {}
+    for name, c in rule_cols.items():  # "test (rule applied as is)": c -> test: rule | test: model
+        part = name.split()[0]
+        sides[f"{part}: rule"] = c
+        if model_of.get(part):
+            sides[f"{part}: model"] = model_of[part]
+    lines += _table(["metric", *sides], [[NAMES[k], *[with_ci(c, k) for c in sides.values()]]
+                                         for k in ("accuracy", "sensitivity", "specificity", "roc_auc")] +
+                    [["patients (infected)", *[f"{c['n']} ({c['positives']})" for c in sides.values()]]])
+    for where, cmp in ((meta.get("headline", "val"), metrics.get("patient_vs_mil")),
+                       ("HoldOut", metrics.get("holdout", {}).get("patient_vs_mil"))):
+        if not cmp:
+            continue
+        ci = (f"[{fmt(cmp['ci95'][0])}, {fmt(cmp['ci95'][1])}] ({cmp['ci_method']})" if "ci95" in cmp
+              else f"(CI {cmp['ci_note']})")
+        lines += ["", f"Paired on the {cmp['patients']} {PART.get(where, where)} patients: the rule alone right on "
+                      f"{cmp['rule_only_correct']}, the model alone right on {cmp['model_only_correct']}: exact McNemar "
+                      f"p = {fmt(cmp['mcnemar_exact_p'])}; ROC-AUC difference (model - rule) "
+                      f"{fmt(cmp['roc_auc_difference'])} {ci}."]
+    att = q.get("attention")
+    if att:
+        lines += ["", f"Attention as evidence: on the {att['windows']} Annotated windows of these patients "
+                      f"({att['positives']} with bacteria), windows the model never reads, the ROC-AUC of its raw "
+                      f"attention score against Presence is {fmt(att['roc_auc'])} (0.5: it looks anywhere; 1: it "
+                      "looks where the bacteria are). The most attended patches: `attention_gallery.png`."]
     return lines
 
 
@@ -322,10 +376,21 @@ def summary_lines(metrics: dict) -> list[str]:
         v, q = metrics["selection"].get("patch", {}), metrics["selection"]["patient"]
         lines.append(f"selection set (val, optimistic): patch PR-AUC {with_ci(v, 'pr_auc')}, patient accuracy "
                      f"{with_ci(q, 'accuracy')} on {q['n']} patients")
+    q = metrics.get("patient_mil")
+    if q and q["rule"]:
+        c = metrics["patient_vs_mil"]
+        lines.append(f"patient model {part}, {q['n']} patients, probability >= {fmt(q['threshold'])} (chosen on val): "
+                     + show(q, ("accuracy", "sensitivity", "specificity", "roc_auc"))
+                     + f"; vs rule: McNemar p {fmt(c['mcnemar_exact_p'])}, ROC-AUC difference "
+                       f"{fmt(c['roc_auc_difference'])}")
     if "holdout" in metrics:
         h = metrics["holdout"]["patient"]
         lines.append(f"patient HoldOut, {h['n']} patients ({h['positives']} infected), same rule, not re-tuned: "
                      + show(h, ("accuracy", "sensitivity", "specificity", "roc_auc")))
+        hq = metrics["holdout"].get("patient_mil")
+        if hq and hq["rule"]:
+            lines.append("patient model HoldOut, same threshold: "
+                         + show(hq, ("accuracy", "sensitivity", "specificity", "roc_auc")))
     return lines
 
 

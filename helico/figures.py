@@ -64,13 +64,17 @@ def write_figures(folder: Path, pred, result: dict, patient_rows: list[dict], pa
     py, ps = np.array([r["label"] for r in rows]), np.array([r["score"] for r in rows])
     curves = {"patches, all": (y, s), "patches, annotated only": (y[src == "annotated"], s[src == "annotated"]),
               "patients": (py, ps)}
+    mil_rows = [r for r in rows if np.isfinite(r.get("mil_probability", np.nan))]
+    if mil_rows:  # the patient model, on the same patients as the rule
+        curves["patients, patient model"] = (np.array([r["label"] for r in mil_rows]),
+                                             np.array([r["mil_probability"] for r in mil_rows]))
     fig_pr, ax_pr = subplots(figsize=(5, 4.5))
     fig_roc, ax_roc = subplots(figsize=(5, 4.5))
     for name, (cy, cs) in curves.items():
         if not _two_classes(cy):
             continue
         c = metrics.curve_points(cy, cs)
-        if name != "patients":  # the step function whose area is the AP in the legend (metrics.pr_step_curve)
+        if not name.startswith("patients"):  # the step function whose area is the AP in the legend (metrics.pr_step_curve)
             ax_pr.plot(*metrics.pr_step_curve(cy, cs), label=f"{name} (AP {metrics.average_precision(cy, cs):.3f})")
         ax_roc.plot(c["fpr"], c["tpr"], drawstyle="steps-post", label=f"{name} (AUC {metrics.roc_auc(cy, cs):.3f})")
     if _two_classes(y):
@@ -120,3 +124,23 @@ def _confusions(folder, result) -> None:
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=[f"pred {n}" for n in names], yticklabels=names,
                title=f"{level} at threshold {result[level]['threshold']:.3g}")
     save(fig, folder / "figures/confusion_matrix.png")
+
+
+def attention_gallery(path, root, patients: list[tuple], image_size: int, per_patient: int = 6) -> None:
+    """One strip per patient: its `per_patient` most attended bag patches (raw PNGs), each captioned with its
+    attention weight (softmax over the bag). patients: (patient, diagnosis, probability, [(path, weight)] most
+    attended first)."""
+    from PIL import Image
+    rows = max(1, len(patients))
+    fig, axes = subplots(rows, per_patient, figsize=(1.6 * per_patient, 1.9 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for i, (patient, dx, prob, ranked) in enumerate(patients):
+        axes[i, 0].set_title(f"{patient} ({dx or '?'}), model p={prob:.2f}", loc="left", fontsize=8, pad=12)
+        for j, (rel, weight) in enumerate(ranked[:per_patient]):
+            with Image.open(Path(root) / rel) as im:
+                axes[i, j].imshow(np.asarray(im.convert("RGB").resize((image_size, image_size))))
+            axes[i, j].text(0.02, 0.02, f"{weight:.2f}", transform=axes[i, j].transAxes, fontsize=7,
+                            color="white", backgroundcolor="black")
+    fig.suptitle("Most attended patches per patient (attention weight: its share of the bag)", fontsize=9)
+    save(fig, path)

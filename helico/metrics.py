@@ -251,6 +251,12 @@ def _binom_cdf(k: int, n: int, p: float) -> float:
     return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
 
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value of b vs c discordant pairs: 2 P(X <= min(b, c)), X ~ Binomial(b + c, 1/2),
+    capped at 1 (1 when there is no discordant pair)."""
+    return 1.0 if b + c == 0 else min(1.0, 2 * _binom_cdf(min(b, c), b + c, 0.5))
+
+
 def _solve(f, target: float) -> float:
     """p in [0, 1] with f(p) = target for f decreasing in p (bisection to ~1e-15)."""
     lo, hi = 0.0, 1.0

@@ -16,6 +16,7 @@ evaluation and benchmarks cannot drift apart:
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,11 +69,26 @@ def build_model(arch: str = "resnet18", weights: str = "none"):
     return model
 
 
-def _one_logit_head(model) -> None:
-    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]  # fc, classifier[-1], heads.head
+def _head_slot(model) -> tuple[nn.Module, str]:
+    """(parent module, attribute) of the classifier's last Linear layer: fc, classifier[-1], heads.head."""
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    setattr(parent, attr, nn.Linear(getattr(parent, attr).in_features, 1))  # Sequential children are named "0", "1"
+    return model.get_submodule(parent_name), attr  # Sequential children are named "0", "1"
+
+
+def _one_logit_head(model) -> None:
+    parent, attr = _head_slot(model)
+    setattr(parent, attr, nn.Linear(getattr(parent, attr).in_features, 1))
+
+
+def penultimate(net) -> tuple[nn.Module, nn.Module]:
+    """(a copy of `net` that outputs its penultimate layer: the one-logit head replaced by nn.Identity, that head):
+    head(body(x)) == net(x). The patient model's features (bags.py)."""
+    body = copy.deepcopy(net)
+    parent, attr = _head_slot(body)
+    head = getattr(parent, attr)
+    setattr(parent, attr, nn.Identity())
+    return body, head
 
 
 # ----------------------------------------------------------------------------------------------- precision and layout
@@ -107,6 +123,14 @@ def precision(device, amp: bool | None = None, channels_last: bool = False) -> P
     bf16 = device.type == "cpu" or torch.cuda.get_device_capability(device) >= (8, 0)
     amp = device.type == "cuda" if amp is None else amp
     return Precision(device.type, bool(amp), torch.bfloat16 if bf16 else torch.float16, bool(channels_last))
+
+
+def scoring_precision(ckpt: dict, device, no_amp: bool = False) -> Precision:
+    """Inference as training validated (evaluate.py's scores, bags.py's features), since the stored threshold was
+    chosen on those scores: the run's autocast (on CUDA only, unless no_amp) and its memory layout."""
+    config = ckpt.get("config") or {}
+    amp = device.type == "cuda" and config.get("amp", True) and not no_amp
+    return precision(device, amp=amp, channels_last=config.get("channels_last", False))
 
 
 # ----------------------------------------------------------------------------------------------- input

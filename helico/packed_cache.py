@@ -502,6 +502,23 @@ def prepare_in(base, data, image_size: int, workers: int, normalized: bool, refe
         return None
 
 
+def for_checkpoint(ckpt: dict, data, device, workers: int, cache=None, cache_base=None) -> str | None:
+    """The cache a trained checkpoint's patches are read from after training (evaluate.py, train_patient.py), built
+    or checked once: `cache` (strict), or the folder train.py --cache-base names for it (the kind it trained from;
+    after a PNG fallback, the kind it would have built), None with a warning when the disk fails there; None
+    without either."""
+    size = int(ckpt["image_size"])
+    if cache:
+        prepare(cache, data, size, workers, device=device)
+        return str(cache)
+    if cache_base:
+        config = ckpt["config"]
+        normalized = config["cache_normalized"] if config.get("cache") else config["macenko"]
+        folder = prepare_in(cache_base, data, size, workers, normalized, config["reference_patch"], device)
+        return None if folder is None else str(folder)
+    return None
+
+
 def holds_plain(cache_dir, image_size: int) -> bool:
     """Whether `cache_dir` holds a finished plain (not normalized) cache of `image_size` px: train.py then keeps
     using it (Macenko on the device, same pixels) instead of refusing it for its default --cache-normalized."""

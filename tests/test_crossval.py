@@ -9,6 +9,7 @@ import common
 from helico import crossval, helicodata
 import evaluate
 import train
+import train_patient
 
 # The smallest fold runs that train and evaluate: 32 px, no Macenko, 48 samples, one epoch.
 FOLD_FLAGS = ["--device", "cpu", "--image-size", "32", "--batch-size", "16", "--weights", "none", "--workers", "0",
@@ -33,6 +34,8 @@ def cv_runs(demo_root, tmp_path_factory):
     for i in range(K):
         assert train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-id", f"27-f{i}",
                            "--folds", str(K), "--fold", str(i), *FOLD_FLAGS]) == 0
+        assert train_patient.main(["--checkpoint", str(runs / f"27-f{i}" / "best.pt"), "--device", "cpu",
+                                   "--workers", "0", "--epochs", "3"]) == 0  # the fold-matched patient model
     folders = [str(runs / f"27-f{i}") for i in range(K)]
     assert evaluate.main(["--cv", *folders, "--device", "cpu", "--workers", "0", "--bootstrap", "50",
                           "--gradcam", "0"]) == 0
@@ -84,3 +87,18 @@ def test_folds_whose_test_parts_overlap_or_miss_patients_are_refused(cv_runs, de
         crossval.check_folds(folds, data.cv_patients)
     with pytest.raises(common.DataError, match="not one cross-validation"):
         crossval.check_folds(folds[:2], data.cv_patients)
+
+
+def test_the_patient_models_decisions_of_every_fold_are_pooled_beside_the_rules(cv_runs):
+    pooled = json.loads((cv_runs / "27-cv" / "metrics.json").read_text(), parse_constant=float)
+    assert "patient_mil" in pooled and "patient_mil.accuracy" in pooled["per_fold"]
+    confusion, n = np.zeros((2, 2), int), 0
+    for i in range(K):
+        own = json.loads((cv_runs / f"27-f{i}" / "eval" / "metrics.json").read_text(), parse_constant=float)
+        if own["patient_mil"]["rule"]:  # a fold whose validation patients are one class has no threshold
+            confusion += np.array(own["patient_mil"]["confusion"])
+            n += own["patient_mil"]["n"]
+    assert pooled["patient_mil"]["confusion"] == confusion.tolist() and pooled["patient_mil"]["n"] == n
+    rows = read_csv(cv_runs / "27-cv" / "patients.csv")
+    assert all(r["mil_prediction"] != "" for r in rows)
+    assert "## Patients, patient model" in (cv_runs / "27-cv" / "report.md").read_text()

@@ -1,0 +1,174 @@
+"""Feature bags for the patient model: each patient's patches through a frozen network's penultimate layer, stored
+once per patient and keyed so that a stale bag is never reused.
+
+    key = bags.bag_key(checkpoint_sha256, "checkpoint", ckpt["stain"], ckpt["image_size"])
+    folder = run_dir / "patient" / "bags" / key[:16]
+    done = bags.extract(body, normalizer, root, bags.patient_samples(data, patients), folder, key, 64, device, ...)
+    bag = bags.load(folder, "B22-03", key)        # Bag: float16 features (n, d), each patch's path and role
+
+What a patient's file holds: every patch of that patient, each once (its `_AugK` copies are not independent samples and
+are left out): its Cropped patches (role "cropped"; a HoldOut patient's patches: role "holdout"), which form the bag
+the patient model reads, and its original Annotated windows (role "annotated", with their Presence label), which the
+model never reads: evaluate.py asks whether the attention falls on the windows where a pathologist saw bacteria.
+Annotated windows stay out of the bag for the reason they stay out of the patient rule: pathologists picked them
+knowing the diagnosis (positive windows exist only for infected patients) and HoldOut patients have none.
+
+The key is a hash of what the features depend on: the network (the patch checkpoint's file hash, or the ImageNet
+backbone's name), the stain normalization applied first and the image size. A file whose key or list of paths
+differs from the wanted one is extracted again. Each file is written whole (atomically) as soon as its patient's
+last patch is through, so an interrupted extraction resumes at the first patient not yet stored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+from helico import helicodata, inference
+
+ROLES = ("cropped", "holdout", "annotated")
+BAG_ROLES = ("cropped", "holdout")  # what the patient model reads; "annotated" windows only measure its attention
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stain_fingerprint(stain: dict | None) -> str | None:
+    """A hash of a Macenko state dict (None without Macenko): its tensors' values and its settings."""
+    if stain is None:
+        return None
+    plain = lambda v: v.detach().cpu().double().tolist() if torch.is_tensor(v) else repr(v)
+    return hashlib.sha256(json.dumps(stain, sort_keys=True, default=plain).encode()).hexdigest()
+
+
+def bag_key(network: str, source: str, stain: dict | None, image_size: int) -> str:
+    """The hash every stored bag carries: features of `network` (a checkpoint's sha256, or an ImageNet arch) from
+    `source` (checkpoint | imagenet), after `stain` normalization, at `image_size`."""
+    what = {"network": network, "features": source, "stain": stain_fingerprint(stain), "image_size": int(image_size)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def patient_samples(data: helicodata.HelicoData, patients) -> dict[str, list[tuple[helicodata.Sample, str]]]:
+    """patient -> [(sample, role)]: its Cropped (or HoldOut) patches, then its original Annotated windows."""
+    out: dict[str, list] = {p: [] for p in patients}
+    for s in helicodata.one_per_window([s for s in data.cropped + data.holdout if s.patient in out]):
+        out[s.patient].append((s, "holdout" if s.source == "holdout" else "cropped"))
+    for s in helicodata.select(data.labelled, out):
+        if s.source == "annotated":
+            out[s.patient].append((s, "annotated"))
+    return out
+
+
+@dataclass
+class Bag:
+    patient: str
+    features: torch.Tensor   # float16 (n, d)
+    paths: list[str]
+    roles: list[str]         # cropped | holdout | annotated, per row
+    labels: list[int]        # annotated windows: Presence 1 -> 1, -1 -> 0; -1 for bag patches (no diagnosis kept)
+
+    def rows(self, roles=BAG_ROLES) -> np.ndarray:
+        return np.array([r in roles for r in self.roles], dtype=bool)
+
+    def bag(self) -> torch.Tensor:
+        """The rows the patient model reads, as float32."""
+        return self.features[torch.from_numpy(self.rows())].float()
+
+
+def bag_file(folder: Path, patient: str) -> Path:
+    return Path(folder) / f"{patient}.pt"
+
+
+def load(folder, patient: str, key: str, paths: list[str] | None = None) -> Bag | None:
+    """The stored bag of `patient`, or None when missing, unreadable, of another key or (given `paths`) of other
+    files: what extract() then redoes."""
+    path = bag_file(folder, patient)
+    if not path.is_file():
+        return None
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated file from a disk fault: extracted again
+        return None
+    if not isinstance(d, dict) or d.get("key") != key or (paths is not None and d.get("wanted") != paths):
+        return None
+    return Bag(patient, d["features"], d["paths"], d["roles"], d["labels"])
+
+
+def extract(body, normalizer, root, wanted: dict[str, list], folder, key: str, image_size: int, device, *,
+            batch_size: int, workers: int, skip_bad: bool = False, cache=None, precision=None,
+            resident_max_frac: float | None = None) -> dict:
+    """Store the bag of every patient of `wanted` (patient_samples()) in `folder`, skipping those already stored
+    under `key`: one inference.run pass over the patches still missing, in patient order, each patient's file
+    written as soon as its last patch is through. Returns counts and the extraction rate."""
+    folder = Path(folder)
+    todo = {p: items for p, items in wanted.items() if load(folder, p, key, [s.path for s, _ in items]) is None}
+    samples = [s for items in todo.values() for s, _ in items]
+    owner = np.array([i for i, items in enumerate(todo.values()) for _ in items], dtype=np.int64)
+    patients = list(todo)
+    left = np.bincount(owner, minlength=len(patients)) if samples else np.zeros(0, np.int64)
+    rows: dict[int, dict[int, torch.Tensor]] = {}
+    written: set[int] = set()
+
+    def write(i: int) -> None:
+        written.add(i)
+        items, got = todo[patients[i]], rows.pop(i, {})
+        keep = sorted(got)
+        feats = torch.stack([got[j] for j in keep]).half() if keep else torch.zeros(0, 0, dtype=torch.float16)
+        first = int(np.flatnonzero(owner == i)[0]) if keep or items else 0
+        chosen = [items[j - first] for j in keep]
+        common.atomic_torch_save({"key": key, "wanted": [s.path for s, _ in items], "features": feats,
+                                  "paths": [s.path for s, _ in chosen], "roles": [r for _, r in chosen],
+                                  "labels": [int(s.label) if r == "annotated" else -1 for s, r in chosen]},
+                                 bag_file(folder, patients[i]))
+
+    def consume(idx, out, dropped):
+        for j in dropped:
+            left[owner[j]] -= 1
+        for k, j in enumerate(idx.tolist()):
+            rows.setdefault(int(owner[j]), {})[j] = out[k].clone()
+            left[owner[j]] -= 1
+        for i in {int(owner[j]) for j in [*idx.tolist(), *dropped]}:
+            if left[i] == 0:
+                write(i)
+    start = time.perf_counter()
+    extra = {} if resident_max_frac is None else {"resident_max_frac": resident_max_frac}
+    bad = inference.run(body, normalizer, root, samples, image_size, device, consume, batch_size=batch_size,
+                        workers=workers, skip_bad=skip_bad, cache=cache, precision=precision, desc="features",
+                        **extra) if samples else []
+    for i in range(len(patients)):  # a patient without any patch still gets its (empty) file
+        if i not in written:
+            write(i)
+    seconds = time.perf_counter() - start
+    return {"patients": len(wanted), "extracted_patients": len(todo), "reused_patients": len(wanted) - len(todo),
+            "patches": len(samples), "skipped": [samples[j].path for j in bad], "seconds": seconds,
+            "img_s": len(samples) / seconds if samples and seconds > 0 else float("nan")}
+
+
+# ----------------------------------------------------------------------------------------------- where and from what
+SOURCES = ("checkpoint", "imagenet")
+
+
+def patient_dir(checkpoint_path) -> Path:
+    """runs/26/best.pt -> runs/26/patient/: the patient model of that patch run."""
+    return Path(checkpoint_path).parent / "patient"
+
+
+def feature_network(ckpt: dict, net, source: str, checkpoint_sha256: str):
+    """(the network whose penultimate layer gives the features, on the CPU; its identity for the key): the patch
+    checkpoint's own `net` by default, or `source` imagenet: its architecture with torchvision's ImageNet weights,
+    frozen (to read whether the patch model's training helped the patient model)."""
+    from helico import model
+    if source == "imagenet":
+        return model.penultimate(model.build_model(ckpt["arch"], "imagenet"))[0].eval(), f"imagenet:{ckpt['arch']}"
+    return model.penultimate(net)[0].eval(), checkpoint_sha256
