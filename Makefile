@@ -6,7 +6,7 @@ DEMO   := demo_data
 # CPU demo training: 64 px, Macenko, 6 epochs from random init on the 21 training patients (36-patient demo split
 # 21/8/7): the whole `make demo` 1 min 13 s on 2 idle cores with .venv built; seed 0: validation PR-AUC 0.727
 # (dummy 0.061), test PR-AUC 0.610 on this session's machine, 0.777 / 0.763 on another CPU (README).
-DEMO_TRAIN_FLAGS ?= --image-size 64 --batch-size 32 --weights none --epochs 6 --lr 1e-3
+DEMO_TRAIN_FLAGS ?= --image-size 64 --batch-size 32 --weights none --epochs 15 --lr 1e-3
 
 .PHONY: demo test clean rsync slurm
 
@@ -25,6 +25,7 @@ demo: $(VENV)/.runtime
 	test -d $(DEMO) || $(PY) make_demo_data.py $(DEMO) --seed 0
 	$(PY) audit_leakage.py --data-root $(DEMO)
 	$(PY) train.py --data-root $(DEMO) --run-id demo --device cpu $(DEMO_TRAIN_FLAGS)
+	$(PY) train_patient.py --checkpoint runs/demo/best.pt --device cpu
 	$(PY) evaluate.py --checkpoint runs/demo/best.pt --holdout
 
 # The launcher tests stage data with rsync (and test the cp fallback without it): install it where missing.

@@ -19,6 +19,7 @@ import errno
 import io
 import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -61,6 +62,52 @@ def unexpected_fault(error: OSError | ImportError) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- devices
+STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _unwind(signum, frame):
+    """Ctrl-C and SIGTERM end a command the same way, unwinding (temp files removed, workers stopped) whatever the
+    inherited disposition: a shell script's background job starts with SIGINT ignored. A second signal gets the
+    default action: at once."""
+    for s in STOPS:
+        signal.signal(s, signal.SIG_DFL)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def guarded_main(run, *, kept: str, again: str, cleanup=None, leak=()) -> int:
+    """Run a command's body `run()` and turn what ends it into one line and the documented exit code: DataError 2
+    (an instance of `leak`: 1), EnvironmentFault and disk faults 5, other OSError and ImportError by unexpected_fault,
+    Ctrl-C 130 and SIGTERM 143 (signal handlers installed for the call). `kept` says what survives a stop or fault
+    ("no report written (a previous one is kept)"), `again` how to go on ("run the same command again").
+    cleanup() runs on every way out (DataLoader workers)."""
+    previous = {s: signal.signal(s, _unwind) for s in STOPS}
+    try:
+        return run()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LEAK if isinstance(e, leak) else EXIT_BAD_INPUT
+    except EnvironmentFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except OSError as e:  # a disk fault outside the writes that report their own folder (reading data, a checkpoint)
+        if e.errno not in FAULTS:
+            return unexpected_fault(e)
+        print(f"error: {e.filename or 'the disk'}: {FAULTS[e.errno]}; {kept}; check that disk, then {again}",
+              file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except ImportError as e:
+        return unexpected_fault(e)
+    except KeyboardInterrupt as e:
+        name = e.args[0] if e.args else "SIGINT"
+        print(f"stopped by {'Ctrl-C' if name == 'SIGINT' else name}: {kept}; {again}", file=sys.stderr)
+        return 128 + signal.Signals[name].value
+    finally:
+        if cleanup:
+            cleanup()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def resolve_device(name=None, local_rank: int = 0, world: int = 1):
     """Every script's --device: None or auto (cuda when available, else cpu), cpu, cuda (cuda:LOCAL_RANK, the
     process's GPU under torchrun) or cuda:N; a torch.device passes through the same checks. A bad name is a

@@ -22,6 +22,10 @@ two-part split (no test part) is evaluated on val, and the report says first tha
   unchanged to test and HoldOut. Annotated windows are NOT aggregated: pathologists picked them knowing the
   diagnosis (positive windows exist only for infected patients) and HoldOut patients have none, so using them
   would leak the label and make validation and HoldOut scores incomparable;
+- the patient model (when train_patient.py wrote runs/<id>/patient/best.pt for this very checkpoint) beside the
+  rule, on the same patients: its probability per patient, its threshold chosen on validation (Youden's J) and
+  applied unchanged; exact McNemar and the paired bootstrap ROC-AUC difference against the rule; where its
+  attention falls on the Annotated windows (which it never reads) and a gallery of the most attended patches;
 - --holdout: the same rule and threshold applied to the HoldOut patients; refused (exit 1, naming them) when a
   HoldOut patient shares an ID or a byte-identical image with CrossValidation;
 - 95% CIs (metrics.py): exact binomial (Clopper-Pearson) for patient sensitivity, specificity and accuracy; a
@@ -56,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -467,49 +470,18 @@ def run_compare(args, device) -> int:
     return common.EXIT_OK
 
 
-STOPS = (signal.SIGINT, signal.SIGTERM)
-
-
-def stop(signum, frame):
-    """Ctrl-C and SIGTERM end the evaluation the same way, unwinding (temp report folder removed, workers stopped)
-    whatever the inherited disposition: a shell script's background job starts with SIGINT ignored. A second signal
-    gets the default action: at once."""
-    for s in STOPS:
-        signal.signal(s, signal.SIG_DFL)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    previous = {s: signal.signal(s, stop) for s in STOPS}
-    try:
+
+    def body():
         check_args(args)
         device = common.resolve_device(args.device)
         return run_compare(args, device) if args.compare else run_cv(args, device) if args.cv else \
             run_evaluation(args, device)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return common.EXIT_LEAK if isinstance(e, splits.IndependenceError) else common.EXIT_BAD_INPUT
-    except common.EnvironmentFault as e:
-        print(f"error: {e}", file=sys.stderr)
-        return common.EXIT_ENVIRONMENT
-    except OSError as e:  # a disk fault outside the report folder (reading the checkpoint or data; the report's own
-        if e.errno not in common.FAULTS:  # writes come as EnvironmentFault from eval_report.replaced_folder)
-            return common.unexpected_fault(e)
-        print(f"error: {e.filename or 'the disk'}: {common.FAULTS[e.errno]}; no report written (a previous one is "
-              f"kept); check that disk, then run the same command again", file=sys.stderr)
-        return common.EXIT_ENVIRONMENT
-    except ImportError as e:
-        return common.unexpected_fault(e)
-    except KeyboardInterrupt as e:
-        name = e.args[0] if e.args else "SIGINT"
-        print(f"stopped by {'Ctrl-C' if name == 'SIGINT' else name}: no report written (a previous one is kept); run "
-              f"the same command again", file=sys.stderr)
-        return 128 + signal.Signals[name].value
-    finally:
-        loaders.stop_workers()  # they ignore SIGTERM/SIGINT: left to Python's exit they would keep it waiting
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    # workers ignore SIGTERM/SIGINT: left to Python's exit they would keep it waiting, so cleanup stops them
+    return common.guarded_main(body, kept="no report written (a previous one is kept)",
+                               again="run the same command again", cleanup=loaders.stop_workers,
+                               leak=splits.IndependenceError)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 
@@ -193,45 +192,14 @@ def run(args) -> int:
     return common.EXIT_OK
 
 
-STOPS = (signal.SIGINT, signal.SIGTERM)
-
-
-def stop(signum, frame):
-    """Ctrl-C and SIGTERM unwind (bags written so far stay; the same command resumes); a second signal: at once."""
-    for s in STOPS:
-        signal.signal(s, signal.SIG_DFL)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    previous = {s: signal.signal(s, stop) for s in STOPS}
-    try:
+
+    def body():
         check_args(args)
         return run(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return common.EXIT_BAD_INPUT
-    except common.EnvironmentFault as e:
-        print(f"error: {e}", file=sys.stderr)
-        return common.EXIT_ENVIRONMENT
-    except OSError as e:
-        if e.errno not in common.FAULTS:
-            return common.unexpected_fault(e)
-        print(f"error: {e.filename or 'the disk'}: {common.FAULTS[e.errno]}; bags written so far are kept; check "
-              f"that disk, then run the same command again", file=sys.stderr)
-        return common.EXIT_ENVIRONMENT
-    except ImportError as e:
-        return common.unexpected_fault(e)
-    except KeyboardInterrupt as e:
-        name = e.args[0] if e.args else "SIGINT"
-        print(f"stopped by {'Ctrl-C' if name == 'SIGINT' else name}: the bags extracted so far are kept; run the "
-              f"same command again to resume", file=sys.stderr)
-        return 128 + signal.Signals[name].value
-    finally:
-        loaders.stop_workers()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    return common.guarded_main(body, kept="the bags extracted so far are kept", again="run the same command again "
+                               "to resume", cleanup=loaders.stop_workers)
 
 
 if __name__ == "__main__":

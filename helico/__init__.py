@@ -14,6 +14,9 @@
     metrics       AP, ROC-AUC, thresholds, exact and bootstrap intervals (plain numpy)
     analysis      what evaluation measures from scores: patch and patient metrics, the patient rule
     crossval      evaluate.py --cv: pooling K fold runs
+    inference     patches through a network for inference: the batches and model input evaluate.py and bags.py share
+    bags          the patient model's feature bags: extraction, storage keyed by what the features depend on
+    mil           the patient model: gated-attention MIL, its training and checkpoint schema
     eval_report   evaluate.py's files: the eval folder swap, CSV/JSON, report.md
     figures       every chart
     gradcam       Grad-CAM maps and grids

@@ -29,6 +29,8 @@ ABBREVIATED = {
     "patch_cache --norm": ("patch_cache", ["--data-root", MISSING, "--out", "{tmp}/cache"], ["--norm"]),  # --normalized
     "stain --ref": ("stain", [MISSING, "{tmp}/out"], ["--ref", "{tmp}/x.png"]),  # --reference
     "stain_check --mode": ("stain_check", [], ["--mode", "bogus"]),  # --modes (which would reject the value)
+    "train_patient --epoch": ("train_patient", ["--checkpoint", "{tmp}/best.pt"], ["--epoch", "1"]),  # --epochs
+    "bench_patient --train": ("bench_patient", ["--checkpoint", "{tmp}/best.pt"], ["--train", "1"]),  # --train-bags
 }
 
 

@@ -299,6 +299,9 @@ def test_the_help_example_as_printed_trains_on_the_staged_copy_and_evaluates_bes
     assert (run / "best.pt").is_file() and (run / "split.json").is_file()
     assert (run / "eval" / "metrics.json").is_file() and (run / "eval" / "report.md").is_file()
     assert not (run / "eval" / "gradcam").exists()
+    # the patient model, trained in the same job from the staged copy and reported beside the rule
+    assert (run / "patient" / "best.pt").is_file() and (run / "patient" / "log.jsonl").is_file()
+    assert "patient_mil" in json.loads((run / "eval" / "metrics.json").read_text())
     staged = node.staged_dirs()
     assert len(staged) == 1 and marker_of(staged[0]).exists()
     config = json.loads((run / "config.json").read_text())
@@ -357,6 +360,28 @@ def test_two_listed_gpus_run_torchrun_and_usr1_reaches_its_workers(node, demo_ro
     assert job.returncode == 4, err[-3000:]
     assert "stopped by signal" in err and "evaluation skipped" in err
     assert (node.runs / "ddp" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("flag", ["", "--no-patient-model"])
+def test_the_patient_model_step_runs_after_training_unless_turned_off(node, demo_root, flag):
+    # Stand-ins after the real audit: train.py "finishes" at once (best.pt is there), train_patient.py exits 2 and
+    # evaluate.py 0, so the log shows whether the step ran and that its exit code is read like every step's.
+    (node.runs / "pm").mkdir(parents=True)
+    (node.runs / "pm" / "best.pt").write_bytes(b"")
+    wrapper = node.tmp / "python-wrapper"
+    wrapper.write_text('#!/bin/bash\ncase ${1:-} in\n  */train.py|*/evaluate.py) exit 0 ;;\n'
+                       '  */train_patient.py) echo "train_patient.py: simulated $*" >&2; exit 2 ;;\nesac\n'
+                       f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    r = node.copy_demo(demo_root).run("--run-id", "pm", *TRAIN_FLAGS, *[flag] * bool(flag), CACHE="off",
+                                      STAGE_DIR="off", PYTHON=str(wrapper))
+    if flag:
+        assert r.returncode == 0 and "train_patient.py" not in r.stderr, r.stderr[-3000:]
+        return
+    assert r.returncode == 2, r.stderr[-3000:]
+    [called] = [line for line in r.stderr.splitlines() if line.startswith("train_patient.py: simulated")]
+    assert f"--checkpoint {node.runs / 'pm' / 'best.pt'} --data-root" in called
+    assert "error: train_patient.py exited 2: bad input" in r.stderr and "the patch model is complete" in r.stderr
 
 
 # ----------------------------------------------------------------------------------------------- cache

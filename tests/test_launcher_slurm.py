@@ -255,7 +255,8 @@ def test_a_job_stages_trains_checkpoints_on_usr1_requeues_resumes_and_evaluates(
                       "stopped by signal", f"requeued SLURM job {job}",  # train.py's own line
                       f"job {job} was requeued", "resumes from last.pt by itself"]
     expected_second = ["reusing verified copy", "x: resuming after epoch 0 step",  # mid-epoch
-                       "evaluate:", "done: runs/x", "staged copy kept on", "--clean-stage"]
+                       "patient model: train_patient.py", "evaluate:", "done: runs/x", "staged copy kept on",
+                       "--clean-stage"]
     assert [e for e in expected_first if e not in first] == [], text[-6000:]
     assert [e for e in expected_second if e not in second] == [], text[-6000:]
     assert "GPUs: 0 (none allocated or visible: CPU run)" in text and "GPUs: 1" not in text

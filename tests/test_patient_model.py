@@ -237,3 +237,22 @@ def test_a_patient_model_of_another_checkpoint_is_not_shown_and_the_report_says_
     assert "patient_mil" not in m and "mil_probability" in (out / "patients.csv").read_text()
     assert "trained on the features of another checkpoint" in m["meta"]["patient_model_note"]
     assert "trained on the features of another checkpoint" in (out / "report.md").read_text()
+
+
+def test_the_benchmark_times_mil_training_and_extraction_and_names_the_machine(patch_run, tmp_path, capsys):
+    import bench_patient
+    out = tmp_path / "bench.json"
+    assert bench_patient.main(["--train-bags", "6", "--val-bags", "4", "--bag-size", "20", "--features", "16",
+                               "--epochs", "2", "--checkpoint", str(patch_run / "best.pt"), "--device", "cpu",
+                               "--workers", "0", "--patches", "40", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("machine: ") and "mil      6 training + 4 validation bags" in text and "img/s" in text
+    mil_, extract = json.loads(out.read_text())
+    assert mil_["epochs"] == 2 and mil_["seconds"] > 0 and extract["patches"] == 40 and extract["img_s"] > 0
+
+
+def test_train_patient_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert train_patient.main(["--checkpoint", str(tmp_path / "best.pt")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --checkpoint {tmp_path / 'best.pt'}: file not found"
+    assert train_patient.main(["--checkpoint", str(tmp_path / "best.pt"), "--epochs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --epochs 0: must be >= 1"
