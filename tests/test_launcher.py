@@ -577,15 +577,16 @@ def test_an_array_task_trains_and_audits_its_fold_into_its_own_run_folder(node, 
     stubbed to record their arguments; the audit runs for real on that fold)."""
     calls = node.tmp / "calls.txt"
     wrapper = node.tmp / "python-recorder"
-    wrapper.write_text(f'#!/bin/bash\ncase ${{1:-}} in */train.py|*/evaluate.py) echo "$*" >>{calls}; '
+    wrapper.write_text(f'#!/bin/bash\ncase ${{1:-}} in */train.py|*/train_patient.py|*/evaluate.py) echo "$*" >>{calls}; '
                        f'[[ $1 == */train.py ]] && mkdir -p {node.runs}/27-f1 && touch {node.runs}/27-f1/best.pt; exit 0;; '
                        f'esac\nexec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
     r = node.copy_demo(demo_root).run("--run-id", "27", "--folds", "3", *TRAIN_FLAGS, CACHE="off", STAGE_DIR="off",
                                       PYTHON=str(wrapper), SLURM_ARRAY_TASK_ID="1")
     assert r.returncode == 0, r.stderr[-3000:]
-    train, evaluate = calls.read_text().splitlines()
+    train, patient, evaluate = calls.read_text().splitlines()
     assert "--run-id 27-f1" in train and "--folds 3" in train and "--fold 1" in train, train
+    assert f"--checkpoint {node.runs}/27-f1/best.pt" in patient, patient  # the fold's own patient model
     assert f"--checkpoint {node.runs}/27-f1/best.pt" in evaluate, evaluate
     assert "fold 1" in r.stderr and "leak" not in r.stderr.lower().replace("no leak", "")
 

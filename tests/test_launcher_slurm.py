@@ -219,7 +219,8 @@ def test_a_job_stages_trains_checkpoints_on_usr1_requeues_resumes_and_evaluates(
     r = cluster.run("sbatch", "--parsable", "--gres=none", "--cpus-per-task=2", "--mem=1G", f"--chdir={work}",
                     f"--output={work}/runs/slurm-%j.out", str(SCRIPT), "--run-id", "x", "--device", "cpu",
                     "--weights", "none", "--image-size", "64", "--batch-size", "16", "--epochs", "1",
-                    "--limit-samples", "32", "--workers", "2", "--seed", "0", env=env, cwd=ROOT)
+                    "--limit-samples", "32", "--workers", "2", "--seed", "0",
+                    "--no-patient-model", env=env, cwd=ROOT)  # the patient model step: test_launcher's help example
     job = r.stdout.strip().split(";")[0]
     run, log = work / "runs" / "x", work / "runs" / f"slurm-{job}.out"
     logs = [log, *cluster.logs]
@@ -255,10 +256,10 @@ def test_a_job_stages_trains_checkpoints_on_usr1_requeues_resumes_and_evaluates(
                       "stopped by signal", f"requeued SLURM job {job}",  # train.py's own line
                       f"job {job} was requeued", "resumes from last.pt by itself"]
     expected_second = ["reusing verified copy", "x: resuming after epoch 0 step",  # mid-epoch
-                       "patient model: train_patient.py", "evaluate:", "done: runs/x", "staged copy kept on",
-                       "--clean-stage"]
+                       "evaluate:", "done: runs/x", "staged copy kept on", "--clean-stage"]
     assert [e for e in expected_first if e not in first] == [], text[-6000:]
     assert [e for e in expected_second if e not in second] == [], text[-6000:]
+    assert "patient model:" not in text  # --no-patient-model, read by the launcher itself (not passed to train.py)
     assert "GPUs: 0 (none allocated or visible: CPU run)" in text and "GPUs: 1" not in text
     assert "run the same command to resume" not in text and "submit the same command again" not in text
     assert (run / "eval" / "metrics.json").is_file()
