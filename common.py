@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import re
@@ -191,6 +192,15 @@ def write_all(path, data) -> None:
 def atomic_write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def file_sha256(path) -> str:
+    """The hex SHA-256 of a file's bytes (a checkpoint's identity in bag keys and the ledger of looks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_torch_save(obj, path) -> None:

@@ -37,8 +37,10 @@ Writes into runs/<id>/eval/ (eval-holdout/ with --holdout, so neither replaces t
 temp folder beside it and swapped in whole: report.md, metrics.json, predictions.csv, patients.csv, figures/*.png,
 learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images),
 stain_preview.png (validation positives and hard negatives: original | as trained | canonical Macenko).
---compare writes compare.md and compare.json (default <first run>/compare/), on the test patients the checkpoints
-share (else validation). --cv evaluates each fold run (its eval/), then writes runs/27-cv/ (report.md,
+--compare writes compare.md and compare.json (default <first run>/compare/), on the validation patients the
+checkpoints share (--compare-on test: the test patients), each with its own validation-chosen threshold and rule; one
+verdict, on patch PR-AUC. Every look at test or HoldOut labels (--checkpoint, --compare-on test, --cv) is appended to
+runs/holdout_ledger.jsonl (ledger.py) and the report states which look it is and the other models' looks. --cv evaluates each fold run (its eval/), then writes runs/27-cv/ (report.md,
 metrics.json, predictions.csv, patients.csv: see crossval.py).
 This file owns the commands and the scoring (checkpoint -> model, split parts, patches -> scores under training's
 precision); analysis.py owns what is measured from the scores (which patches count, patient rule, intervals,
@@ -70,8 +72,8 @@ import common
 import macenko_gpu
 from common import DataError
 from helico import (
-    analysis, bags, crossval, eval_report, feeds, figures, gradcam, helicodata, inference, loaders, metrics, mil,
-    model, packed_cache, runlog, splits
+    analysis, bags, crossval, eval_report, feeds, figures, gradcam, helicodata, inference, ledger, loaders, metrics,
+    mil, model, packed_cache, runlog, splits
 )
 
 
@@ -83,12 +85,16 @@ def get_args_parser():
     what.add_argument("--checkpoint", metavar="CKPT", help="a train.py checkpoint (best.pt: the epoch with the best "
                       "validation PR-AUC); the report goes to eval/ beside it (eval-holdout/ with --holdout)")
     what.add_argument("--compare", nargs="+", metavar="CKPT", help="two or more checkpoints: headline metrics side "
-                      "by side, deltas against the first with paired patient-cluster bootstrap CIs, on the test "
-                      "patients they share (else the validation patients)")
+                      "by side, deltas against the first with paired patient-cluster bootstrap CIs, on the patients "
+                      "of --compare-on they share, each model with its own validation-chosen threshold and rule; "
+                      "one verdict, on the primary metric (patch PR-AUC)")
     what.add_argument("--cv", nargs="+", metavar="RUN", help="the run folders of one cross-validation (runs/27-f*): "
                       "each is evaluated (its eval/), then their out-of-fold test predictions are pooled into "
                       "<runs>/27-cv/ (or --out), after checking the folds' test parts are disjoint and cover the "
                       "patients")
+    p.add_argument("--compare-on", choices=("val", "test"), default="val", help="--compare's patients: val (choose "
+                   "among models there) or test, which spends the untouched part on the choice: the ledger "
+                   "(runs/holdout_ledger.jsonl) records it and every compared model's later report says so")
     p.add_argument("--data-root", help="HelicoDataSet folder; default: the one stored in the checkpoint. Point it at "
                    "the staged copy on a cluster node")
     p.add_argument("--out", help="output folder (default runs/<id>/eval/, or eval-holdout/ with --holdout). An "
@@ -221,7 +227,7 @@ def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, ba
     return pred, skipped
 
 
-def patient_model(args, path: Path, ckpt: dict, net, normalizer, data, patients: list[str], device, cache):
+def patient_model(args, path: Path, sha: str, ckpt: dict, net, normalizer, data, patients: list[str], device, cache):
     """The patient model train_patient.py wrote beside this checkpoint (patient/best.pt), run on every patient of
     `patients`: {"probability": {patient: p}, "attention": {patient: [(path, weight)] most attended first},
     "annotated": {patient: (raw attention scores, Presence labels) of its Annotated windows}, "meta": {...}}; None
@@ -231,7 +237,6 @@ def patient_model(args, path: Path, ckpt: dict, net, normalizer, data, patients:
     if not mil_path.is_file():
         return None, ""
     mil_ckpt = mil.load_checkpoint(mil_path)
-    sha = bags.file_sha256(path)
     if mil_ckpt["patch_checkpoint"]["sha256"] != sha:
         return None, (f"{mil_path} was trained on the features of another checkpoint "
                       f"({mil_ckpt['patch_checkpoint']['path']}), not {path}: not shown")
@@ -307,7 +312,8 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     pred, bad = predict(net, normalizer, ckpt, data, rows, device, **scoring_options(args, cache))
     threshold = float(ckpt["threshold"])
     headline = "test" if parts["test"] else "val"
-    patient_model_out, mil_note = patient_model(args, path, ckpt, net, normalizer, data,
+    sha = common.file_sha256(path)
+    patient_model_out, mil_note = patient_model(args, path, sha, ckpt, net, normalizer, data,
                                                 parts["val"] + parts["test"] + holdout, device, cache)
     by_part, patient_rows = {}, []
     for stream, part in enumerate(("val", "test", "holdout")):  # val first: it chooses the rule the others apply
@@ -350,6 +356,9 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                       "patient_model_note": mil_note or (None if patient_model_out else
                                                          f"no {bags.patient_dir(path) / 'best.pt'}: run "
                                                          f"train_patient.py --checkpoint {path} for the patient model")}
+    looked = ["test"] * (headline == "test") + ["holdout"] * bool(holdout)
+    if looked:  # counted before anything is written: a report that fails to write still looked
+        result["meta"]["looks"] = record_look(path, sha, looked, result, args, kind="evaluate")
     shown = pred.subset(pred.split == headline)
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_predictions(tmp / "predictions.csv", pred, threshold)
@@ -380,6 +389,32 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     return result, out
 
 
+def headline_numbers(result: dict) -> dict:
+    """What a ledger line keeps of a look: the headline patch and patient numbers of each part looked at."""
+    pick = lambda m, keys: {k: m[k] for k in keys if k in m}
+    out = {"test": {**{f"patch.{k}": v for k, v in pick(result.get("patch", {}), ("pr_auc", "roc_auc")).items()},
+                    **{f"patient.{k}": v for k, v in pick(result.get("patient", {}), analysis.PATIENT_METRICS).items()},
+                    **{f"patient_mil.{k}": v for k, v in pick(result.get("patient_mil", {}),
+                                                              analysis.PATIENT_METRICS).items()}}}
+    if "holdout" in result:
+        h = result["holdout"]
+        out["holdout"] = {**{f"patient.{k}": v for k, v in pick(h["patient"], analysis.PATIENT_METRICS).items()},
+                          **{f"patient_mil.{k}": v for k, v in pick(h.get("patient_mil", {}),
+                                                                    analysis.PATIENT_METRICS).items()}}
+    return out
+
+
+def record_look(path, sha: str, parts: list[str], result: dict, args, kind: str) -> dict:
+    """Append this look at test/HoldOut labels to the runs folder's ledger; returns what the report discloses (the
+    looks before this one, this one's number)."""
+    where = ledger.path_for(path)
+    looks = ledger.looks(ledger.read(where), sha, parts)
+    ledger.append(where, {"kind": kind, "checkpoint": str(path), "sha256": sha, "parts": parts,
+                          "flags": {"top_k": args.top_k, "bootstrap": args.bootstrap, "seed": args.seed},
+                          "headline": {p: v for p, v in headline_numbers(result).items() if p in parts}})
+    return {**looks, "ledger": str(where)}
+
+
 def run_evaluation(args, device) -> int:
     result, out = evaluate_checkpoint(args, device)
     print("\n".join(eval_report.summary_lines(result)))
@@ -407,6 +442,14 @@ def run_cv(args, device) -> int:
     data = helicodata.load_data(folds[0].metrics["meta"]["data_root"])
     crossval.check_folds(folds, data.cv_patients)
     result, preds, pats = crossval.summarize(folds, args.bootstrap, args.seed)
+    shas = [common.file_sha256(r / "best.pt") for r in runs]
+    where = ledger.path_for(runs[0] / "best.pt")
+    result["looks"] = {"test": {"look": 1 + sum(1 for e in ledger.read(where) if e.get("kind") == "cv"
+                                                and sorted(e.get("sha256s", [])) == sorted(shas)),
+                                "ledger": str(where)}}
+    ledger.append(where, {"kind": "cv", "checkpoints": [str(r / "best.pt") for r in runs], "sha256s": shas,
+                          "parts": ["test"], "headline": {"test": {k: result["patient"][k] for k in
+                                                                   crossval.PATIENT_KEYS}}})
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_json(tmp / "metrics.json", result)
         eval_report.write_csv(tmp / "predictions.csv", ["fold", *eval_report.PREDICTION_COLUMNS],
@@ -425,43 +468,60 @@ MIN_SHARED_PATIENTS = 5
 
 
 def run_compare(args, device) -> int:
+    """Models side by side on the patients they share, each with its own validation-chosen threshold and patient
+    rule. On the validation part by default: where models are chosen among. --compare-on test uses the untouched
+    part to choose, which the ledger records against every compared model, so their later reports say so."""
     if args.holdout:
-        raise DataError("--holdout: not used with --compare (compare on the test or validation part, then evaluate "
-                        "the winner)")
+        raise DataError("--holdout: not used with --compare (compare and choose on the validation part, then evaluate "
+                        "the chosen checkpoint once with --holdout)")
     paths = [checkpoint_file(p, "--compare") for p in args.compare]
     out = Path(args.out) if args.out else paths[0].parent / "compare"
     eval_report.check_out_folder(out)
     ckpts = [model.load_checkpoint(p) for p in paths]
     data = helicodata.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
     parts = [split_parts(c, data, p) for c, p in zip(ckpts, paths)]
-    part = "test" if all(ps["test"] for ps in parts) and set.intersection(*(set(ps["test"]) for ps in parts)) \
-        else "val"
-    sets = [ps[part] for ps in parts]
-    shared = sorted(set.intersection(*map(set, sets)))
+    part = args.compare_on
+    lacking = [str(p) for p, ps in zip(paths, parts) if not ps[part]]
+    if lacking:
+        raise DataError(f"--compare-on test: {', '.join(lacking)} has no test part (a two-part split); compare on "
+                        f"the validation part")
+    shared = sorted(set.intersection(*(set(ps[part]) for ps in parts)))
     if len(shared) < MIN_SHARED_PATIENTS:
         raise DataError(f"--compare: the checkpoints share {len(shared)} {part} patient(s) "
                         f"({', '.join(shared) or 'none'}); a paired comparison needs at least {MIN_SHARED_PATIENTS}: "
                         f"train the runs on one split (train.py --split runs/<id>/split.json)")
     hash_cache = splits.hash_cache_path(None, data.root)
     groups = splits.duplicate_groups(splits.shared_content(data, cache=hash_cache, progress=False))
-    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, {part: shared}), data.root, hash_cache)
-    if not any(r.patch_eval for r in rows):
+    own_val = sorted({p for ps in parts for p in ps["val"]} - set(shared))  # where each model's rule is chosen
+    scored = {"val": sorted(set(own_val) | set(shared))} if part == "val" else {"val": own_val, "test": shared}
+    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, scored), data.root, hash_cache)
+    if not any(r.patch_eval and r.sample.patient in set(shared) for r in rows):
         raise DataError(f"--compare: the shared {part} patients have no labelled patches in {data.root}")
     draws = analysis.part_draws(shared, groups, args.bootstrap, args.seed)  # the same resamples for every model: paired
     results = []
-    for c, p in zip(ckpts, paths):
+    for c, p, ps in zip(ckpts, paths, parts):
         net, normalizer = model.from_checkpoint(c, p, args.arch, device)
         cache = prepared_cache(args, c, data, device)
         pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args, cache))
-        result, _, boot = analysis.analyse(pred, shared, data.diagnosis, float(c["threshold"]), args.top_k, groups,
-                                           draws)
+        threshold = float(c["threshold"])
+        of = lambda patients: pred.subset(np.isin(pred.patient, list(patients)))
+        rule = analysis.analyse(of(ps["val"]), ps["val"], data.diagnosis, threshold, args.top_k)[0]["patient"]
+        result, _, boot = analysis.analyse(of(shared), shared, data.diagnosis, threshold, args.top_k, groups, draws,
+                                           rule=rule)
         results.append({"checkpoint": str(p), "metrics": result, "boot": boot})
         del net
     table = analysis.compare_table(results)
-    table.update({"patients": shared, "part": part,
-                  "same_validation_patients": all(set(v) == set(shared) for v in sets),
+    table.update({"patients": shared, "part": part, "rule_chosen_on": "each model's own validation part",
+                  "same_validation_patients": len({tuple(ps["val"]) for ps in parts}) == 1,
                   "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient cluster",
                                 "paired": True}})
+    if part == "test":  # choosing among models on the untouched part: every one of them carries it from now on
+        shas = [common.file_sha256(p) for p in paths]
+        where = ledger.path_for(paths[0])
+        ledger.append(where, {"kind": "compare-test", "checkpoints": [str(p) for p in paths], "sha256s": shas,
+                              "parts": ["test"], "headline": {"test": {m["checkpoint"]: m[analysis.PRIMARY]
+                                                                       for m in table["models"]}}})
+        table["ledger"] = str(where)
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_json(tmp / "compare.json", table)
         common.atomic_write_text(tmp / "compare.md", eval_report.render_compare(table))

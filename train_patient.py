@@ -103,7 +103,7 @@ def extract_bags(args, ckpt, data, device) -> tuple[str, object, dict]:
     """(bag key, bags folder, extraction counts) for every patient of the split and of the HoldOut."""
     path = args.checkpoint
     net, normalizer = model.from_checkpoint(ckpt, path, None, torch.device("cpu"))
-    sha = bags.file_sha256(path)
+    sha = common.file_sha256(path)
     body, network = bags.feature_network(ckpt, net, args.features, sha)
     key = bags.bag_key(network, args.features, ckpt["stain"], int(ckpt["image_size"]))
     folder = bags.patient_dir(path) / "bags" / key[:16]

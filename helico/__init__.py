@@ -14,6 +14,7 @@
     metrics       AP, ROC-AUC, thresholds, exact and bootstrap intervals (plain numpy)
     analysis      what evaluation measures from scores: patch and patient metrics, the patient rule
     crossval      evaluate.py --cv: pooling K fold runs
+    ledger        runs/holdout_ledger.jsonl: every look at test or HoldOut labels, and what a report discloses
     inference     patches through a network for inference: the batches and model input evaluate.py and bags.py share
     bags          the patient model's feature bags: extraction, storage keyed by what the features depend on
     mil           the patient model: gated-attention MIL, its training and checkpoint schema

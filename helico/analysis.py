@@ -332,13 +332,19 @@ def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_thres
 HEADLINE = [("patch", k) for k in PATCH_METRICS] + [("patient", k) for k in PATIENT_METRICS]
 
 
+PRIMARY = "patch.pr_auc"  # --compare's one pre-declared verdict; the other deltas are descriptive
+
+
 def compare_table(results: list[dict]) -> dict:
     """Headline values of each model, and each model's delta against the first with its paired bootstrap CI (none
-    where the metric's interval is not estimable: fewer than 10 clusters in a class)."""
+    where the metric's interval is not estimable: fewer than 10 clusters in a class) and the share of resamples
+    where the delta was undefined. Only PRIMARY gets a verdict: ten metrics tested at 95% each would find a
+    'difference' by chance, and a CI containing 0 is no evidence of equivalence."""
     base = results[0]
     value = lambda r, level, k: r["metrics"].get(level, {}).get(k, float("nan"))
     models = [{"checkpoint": r["checkpoint"], **{f"{lv}.{k}": value(r, lv, k) for lv, k in HEADLINE},
-               "patch.threshold": r["metrics"]["patch"]["threshold"], "patient.rule": r["metrics"]["patient"]["rule"]}
+               "patch.threshold": r["metrics"]["patch"]["threshold"], "patient.rule": r["metrics"]["patient"]["rule"],
+               "patient.threshold": r["metrics"]["patient"]["threshold"]}
               for r in results]
     deltas = []
     for i, r in enumerate(results[1:], start=1):
@@ -346,8 +352,12 @@ def compare_table(results: list[dict]) -> dict:
             name = f"{lv}.{k}"
             both = name in r["boot"] and name in base["boot"]
             nan3 = [float("nan")] * 3
-            lo, hi, _ = metrics.percentile_interval(r["boot"][name] - base["boot"][name]) if both else nan3
+            lo, hi, undefined = metrics.percentile_interval(r["boot"][name] - base["boot"][name]) if both else nan3
+            primary = name == PRIMARY
+            verdict = None if not (primary and np.isfinite([lo, hi]).all()) else \
+                "no difference shown (CI contains 0)" if lo <= 0 <= hi else "different (CI excludes 0)"
             deltas.append({"model": i, "checkpoint": r["checkpoint"], "metric": name, "baseline": value(base, lv, k),
                            "value": value(r, lv, k), "delta": value(r, lv, k) - value(base, lv, k), "ci95": [lo, hi],
-                           "within_noise": bool(lo <= 0 <= hi) if np.isfinite([lo, hi]).all() else None})
-    return {"baseline": base["checkpoint"], "models": models, "deltas": deltas}
+                           "undefined_share": undefined, "role": "primary" if primary else "descriptive",
+                           "verdict": verdict})
+    return {"baseline": base["checkpoint"], "models": models, "deltas": deltas, "primary": PRIMARY}

@@ -36,14 +36,6 @@ ROLES = ("cropped", "holdout", "annotated")
 BAG_ROLES = ("cropped", "holdout")  # what the patient model reads; "annotated" windows only measure its attention
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def stain_fingerprint(stain: dict | None) -> str | None:
     """A hash of a Macenko state dict (None without Macenko): its tensors' values and its settings."""
     if stain is None:

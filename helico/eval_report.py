@@ -179,10 +179,40 @@ def disclosure(metrics: dict) -> list[str]:
             f"patients that chose the model, so all of them are optimistic. {chosen}"]
 
 
+PART_NAMES = {"test": "test part", "holdout": "HoldOut"}
+
+
+def looks_lines(looks: dict | None) -> list[str]:
+    """How often the labels behind these numbers have been looked at (the ledger, runs/holdout_ledger.jsonl)."""
+    if not looks:
+        return []
+    lines = []
+    for part in ("test", "holdout"):
+        if part not in looks:
+            continue
+        lk = looks[part]
+        earlier = ", ".join(e["time"] for e in lk["earlier"][-5:])
+        line = f"**Look {lk['look']} at the {PART_NAMES[part]}'s labels by this checkpoint**" + (
+            f" (earlier: {earlier})." if earlier else " (the first).")
+        others = sorted({e.get("checkpoint") or ", ".join(e.get("checkpoints") or []) for e in lk["other_models"]})
+        if others:
+            line += (f" Other models looked at it {len(lk['other_models'])} time(s): "
+                     + ", ".join(f"`{o}`" for o in others[:5]) + (" ..." if len(others) > 5 else "") + ".")
+        lines.append(line)
+    for c in looks.get("chosen_among", []):
+        lines.append(f"**The test part was used to choose among {c['models']} models** ({c['time']}, evaluate.py "
+                     f"--compare --compare-on test): its test numbers are no longer untouched.")
+    if lines:
+        lines.append(f"Every look is a line of `{looks.get('ledger')}`: the more looks, the less each is worth.")
+    return lines
+
+
 def _header(metrics: dict) -> list[str]:
     meta = metrics["meta"]
     boot = meta["bootstrap"]
-    lines = [f"# Evaluation of `{meta['checkpoint']}`", "", *disclosure(metrics), ""] + _table(["", ""], [
+    looked = looks_lines(meta.get("looks"))
+    lines = [f"# Evaluation of `{meta['checkpoint']}`", "", *disclosure(metrics), "",
+             *([" ".join(looked), ""] if looked else [])] + _table(["", ""], [
         ["architecture", f"{meta['arch']}, {meta['image_size']} px input"], ["epoch", meta.get("epoch")],
         ["data root", f"`{meta['data_root']}`"], ["stain normalization", meta["stain"] or "none"],
         ["patch threshold", f"{fmt(meta['patch_threshold'])} ({meta.get('threshold_rule') or 'chosen on validation'})"],
@@ -366,6 +396,7 @@ def render_report(metrics: dict, files: list[str], patient_rows: list[dict]) -> 
 def summary_lines(metrics: dict) -> list[str]:
     m, p = metrics["patch"], metrics["patient"]
     part = metrics["meta"].get("headline", "val")
+    looks = metrics["meta"].get("looks") or {}
     show = lambda d, keys: "  ".join(f"{k} {with_ci(d, k)}" for k in keys)
     how = "untouched" if part == "test" else "tuned on them, NO UNTOUCHED SET"
     lines = [f"patch   {part}, {m['n']} patches ({m['positives']} positive), threshold {fmt(m['threshold'])}: "
@@ -391,24 +422,43 @@ def summary_lines(metrics: dict) -> list[str]:
         if hq and hq["rule"]:
             lines.append("patient model HoldOut, same threshold: "
                          + show(hq, ("accuracy", "sensitivity", "specificity", "roc_auc")))
+    if looks:
+        lines.append("looks: " + "; ".join(f"{PART_NAMES[k]}: look {v['look']} by this checkpoint, "
+                                           f"{len(v['other_models'])} by other models" for k, v in looks.items()
+                                           if k in PART_NAMES)
+                     + "".join(f"; test part used to choose among {c['models']} models" for c in
+                               looks.get("chosen_among", [])) + f" ({looks.get('ledger')})")
     return lines
 
 
 def render_compare(table: dict) -> str:
-    boot = table["bootstrap"]
+    boot, part = table["bootstrap"], table.get("part", "val")
     lines = [f"# Comparison against `{table['baseline']}`", "",
-             f"On the {len(table['patients'])} {table.get('part', 'val')} patients all checkpoints share; deltas = "
-             f"model - baseline, 95% CI from {boot['resamples']} paired patient-cluster bootstrap resamples (seed "
-             f"{boot['seed']}): the same clusters drawn for every model (none where fewer than 10 clusters hold a "
-             "class). 'within noise' = the CI contains 0."]
+             f"On the {len(table['patients'])} {PART.get(part, part)} patients all checkpoints share, each model with "
+             f"its own threshold and patient rule, chosen on its own validation part. Deltas = model - baseline, 95% "
+             f"CI from {boot['resamples']} paired patient-cluster bootstrap resamples (seed {boot['seed']}): the same "
+             "clusters drawn for every model (none where fewer than 10 clusters hold a class), with the share of "
+             "resamples where the delta was undefined (dropped from the CI).", "",
+             f"**One verdict, on the primary metric declared before looking: `{table.get('primary')}`** (the patch "
+             "PR-AUC). The other rows are descriptive: ten metrics tested at 95% each would show some 'difference' by "
+             "chance, and a CI that contains 0 shows no difference, not that the models are equivalent."]
+    if part == "val":
+        lines += ["", "The validation part also chose each model's epoch, threshold and rule: every number here is "
+                      "optimistic, for every model alike. Choose here; then evaluate the chosen checkpoint once."]
+    else:
+        lines += ["", f"**The test part was used to choose among {len(table['models'])} models.** The ledger "
+                      f"(`{table.get('ledger')}`) records it, and every compared model's later report says so: its "
+                      "test numbers are no longer untouched."]
     if not table["same_validation_patients"]:
         lines += ["", "**The checkpoints have different validation splits**: only the shared patients are compared, "
-                      "and each model's stored threshold was chosen on its own split."]
-    verdict = {True: "within noise", False: "beyond noise (CI excludes 0)", None: "undefined"}
+                      "and each model's threshold and rule were chosen on its own validation part."]
     for i, model in enumerate(table["models"][1:], start=1):
         lines += ["", f"## {i}. `{model['checkpoint']}`", ""]
-        lines += _table(["metric", "baseline", "this model", "delta [95% CI]", "verdict"],
-                        [[d["metric"], d["baseline"], d["value"], f"{fmt(d['delta'])} [{fmt(d['ci95'][0])}, "
-                          f"{fmt(d['ci95'][1])}]", verdict[d["within_noise"]]]
+        lines += _table(["metric", "role", "baseline", "this model", "delta [95% CI]", "undefined resamples",
+                         "verdict"],
+                        [[d["metric"], d["role"], d["baseline"], d["value"], f"{fmt(d['delta'])} "
+                          f"[{fmt(d['ci95'][0])}, {fmt(d['ci95'][1])}]",
+                          f"{100 * d['undefined_share']:.1f}%" if np.isfinite(d["undefined_share"]) else "-",
+                          d["verdict"] or ("-" if d["role"] == "descriptive" else "undefined (no CI)")]
                          for d in table["deltas"] if d["model"] == i])
     return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ a test part or of the HoldOut, so that no report can hide how often its numbers 
     ledger.append(runs_dir, {"kind": "evaluate", "sha256": sha256, "parts": ["test", "holdout"], ...})
 
 Append-only: a line is written whole with O_APPEND (one write, so concurrent evaluations never interleave lines)
-and fsynced; nothing here rewrites or deletes the file. The runs folder is the one holding the checkpoint's run
+and fsynced, after a newline if a crash left the last line torn (that torn line is skipped when read); nothing here rewrites or deletes the file. The runs folder is the one holding the checkpoint's run
 folder (runs/26/best.pt -> runs/), so every run of a project shares one ledger. Kinds:
 - evaluate: evaluate.py --checkpoint (the test part; with --holdout the HoldOut too);
 - compare-test: evaluate.py --compare --compare-on test, which used the test part to choose among several models:
@@ -50,8 +50,11 @@ def append(path, entry: dict) -> dict:
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv), **entry}
     line = (json.dumps(entry, sort_keys=True, default=str) + "\n").encode()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash: end it, keep this one whole
+            line = b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
     finally:
