@@ -276,8 +276,8 @@ def stain_picks(pred: analysis.Predictions, n: int = 3) -> list[tuple]:
     idx = np.flatnonzero(pred.patch_eval)
     pos, neg = (idx[pred.label[idx] == c] for c in (1, 0))
     pos, neg = pos[np.argsort(-pred.score[pos], kind="stable")], neg[np.argsort(-pred.score[neg], kind="stable")]
-    chosen = [(i, "positive") for i in dict.fromkeys([*pos[:n], *pos[::-1][:n]])] + [(i, "hard negative")
-                                                                                     for i in neg[:2 * n]]
+    kind = lambda i: "hard negative" if pred.samples[i].source == "annotated" else "easy negative (Cropped, NEGATIVA)"
+    chosen = [(i, "positive") for i in dict.fromkeys([*pos[:n], *pos[::-1][:n]])] + [(i, kind(i)) for i in neg[:2 * n]]
     return [(pred.samples[i], f"{kind}, score {pred.score[i]:.2f}: {pred.samples[i].path}") for i, kind in chosen]
 
 
@@ -341,7 +341,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     log = runlog.read(path.parent)  # what the best epoch was chosen among
     result["meta"] = {"checkpoint": str(path), "arch": ckpt["arch"], "image_size": int(ckpt["image_size"]),
                       "epoch": ckpt.get("epoch"), "data_root": str(data.root), "headline": headline,
-                      "untouched_test": headline == "test", "stain": "macenko" if normalizer else None,
+                      "untouched_test": headline == "test", "stain": f"macenko ({ckpt['stain'].get('mode', 'macenko')} mode)" if normalizer else None,
                       "patch_threshold": threshold, "threshold_rule": ckpt.get("threshold_rule"),
                       "selection": {"epochs": len(log), "pr_auc_by_epoch": [r.get("pr_auc") for r in log],
                                     "patient_rule": by_part["val"]["patient"]["rule"],
@@ -365,7 +365,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
         eval_report.write_patients(tmp / "patients.csv", patient_rows, result["patient"]["rule"])
         files = figures.write_figures(tmp, shown, result, patient_rows, part=headline)
         if log:
-            figures.plot_learning_curves(log, tmp / "learning_curves.png")
+            figures.plot_learning_curves(log, tmp / "learning_curves.png", chosen=ckpt.get("epoch"))
             files.append("learning_curves.png")
         if patient_model_out:
             figures.attention_gallery(tmp / "attention_gallery.png", data.root, [

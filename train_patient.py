@@ -184,7 +184,7 @@ def run(args) -> int:
     ckpt_out["patients"] = {"train": train_p, "val": val_p}
     common.atomic_torch_save(ckpt_out, out / "best.pt")
     runlog.write(out, result["records"])
-    figures.plot_learning_curves(result["records"], out / "learning_curves.png")
+    figures.plot_learning_curves(result["records"], out / "learning_curves.png", chosen=result["epoch"])
     best = result["records"][result["epoch"] - 1]
     print(f"patient model: epoch {result['epoch']} kept (lowest validation cross-entropy {best['val_loss']:.4f}, "
           f"val roc_auc {best['roc_auc']:.3f}); trained in {seconds:.1f} s")

@@ -184,6 +184,7 @@ def patch_level(pred: Predictions, patients: list[str], threshold: float, groups
             parent = parent.setdefault(p, {})
         parent[leaf] = metrics.patch_metrics(ym, sm, t)
         bootstrap_cis(parent[leaf], b, keys, no_ci_reason(ok, why, draws))
+    out["patch"]["calibration"] = metrics.calibration(y, s)  # the sigmoid scores read as probabilities
     return out, boot
 
 
@@ -212,6 +213,9 @@ def decide(rows: list[dict], score: str, prediction: str, rule: dict, patients: 
         m.update({k: float("nan") for k in PATIENT_METRICS}, undefined={k: rule["reason"] for k in PATIENT_METRICS})
         return m, b
     exact_cis(m)
+    m["by_grade"] = by_grade(known, prediction)
+    m["predictive_values"] = metrics.predictive_values(m["sensitivity"], m["specificity"]) \
+        if np.isfinite([m["sensitivity"], m["specificity"]]).all() else {}
     cluster_of = clusters(patients, groups)[0]
     ck = np.array([cluster_of[r["patient"]] for r in known], dtype=np.int64)
     ok, why = metrics.estimable(ck, y)
@@ -220,6 +224,18 @@ def decide(rows: list[dict], score: str, prediction: str, rule: dict, patients: 
             y[idx], s[idx], rule["threshold"]).items() if k in PATIENT_METRICS})
     bootstrap_cis(m, {k: v for k, v in b.items() if k == "roc_auc"}, ["roc_auc"], no_ci_reason(ok, why, draws))
     return m, b
+
+
+def by_grade(known: list[dict], prediction: str) -> dict:
+    """Sensitivity per grade with its exact interval: BAIXA (few, scattered bacteria: the hard case) and ALTA."""
+    out = {}
+    for grade in INFECTED:
+        rows = [r for r in known if r.get("diagnosis") == grade]
+        found = sum(r[prediction] == 1 for r in rows)
+        out[grade] = {"sensitivity": found / len(rows) if rows else float("nan"), "found": int(found),
+                      "n": len(rows), "ci95": list(metrics.clopper_pearson(found, len(rows))),
+                      "ci_method": "exact binomial (Clopper-Pearson)"}
+    return out
 
 
 def left_out(rows: list[dict], used: set) -> dict[str, str]:
@@ -271,6 +287,7 @@ def mil_level(rows: list[dict], probability: dict[str, float], patients: list[st
     rule = rule or choose_mil_threshold(rows)
     known = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0 and np.isfinite(r["mil_probability"])]
     m, b = decide(rows, "mil_probability", "mil_prediction", rule, patients, groups, draws, known)
+    m["calibration"] = metrics.calibration([r["label"] for r in known], [r["mil_probability"] for r in known], 5)
     m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k,
          "excluded": left_out(rows, {r["patient"] for r in known})}
     return m, {f"patient_mil.{k}": v for k, v in b.items()}

@@ -91,8 +91,12 @@ def patch_summary(rows: list[dict], groups, resamples: int, seed: int) -> dict:
             m = metrics.binary_metrics(y[idx], s[idx])  # ranking metrics from the scores
             m.update({k: getattr(metrics, k)(y[idx], pred[idx]) for k in ("recall", "precision", "f1", "accuracy")})
         return {k: m[k] for k in analysis.PATCH_METRICS}
+    folds = np.array([r["fold"] for r in rows])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stratified = metrics.stratified_roc_auc(y, s, folds)
     out = {**point(np.arange(y.size)), "n": int(y.size), "positives": int(y.sum()),
-           "confusion": metrics.confusion_matrix(y, pred).tolist()}
+           "confusion": metrics.confusion_matrix(y, pred).tolist(), "roc_auc_fold_stratified": stratified}
     cluster = metrics.cluster_index([r["patient"] for r in rows], groups)
     ok, why = metrics.estimable(cluster, y)
     if not ok or not resamples or not y.size:
@@ -109,7 +113,15 @@ def patch_summary(rows: list[dict], groups, resamples: int, seed: int) -> dict:
 def patient_summary(rows: list[dict], decision: str = "prediction") -> dict:
     """Pooled patient decisions (`decision`: the rule's, or mil_prediction: the patient model's; each fold's own
     threshold) with exact binomial metrics."""
-    rows = [r for r in rows if int(r["label"]) >= 0 and r.get(decision) not in (None, "") and int(r[decision]) >= 0]
+    used = [r for r in rows if int(r["label"]) >= 0 and r.get(decision) not in (None, "") and int(r[decision]) >= 0]
+    excluded = {r["patient"]: "no diagnosis" if int(r["label"]) < 0 else "no decision (no patches counted, or no "
+                "rule)" for r in rows if r not in used}
+    score = "mil_probability" if decision == "mil_prediction" else "score"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stratified = metrics.stratified_roc_auc([int(r["label"]) for r in used], [float(r[score]) for r in used],
+                                                [r["fold"] for r in used]) if used else float("nan")
+    rows = used
     y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
     p = np.array([int(r[decision]) for r in rows], dtype=np.int64)
     (tn, fp), (fn, tp) = metrics.confusion_matrix(y, p).tolist()
@@ -117,7 +129,7 @@ def patient_summary(rows: list[dict], decision: str = "prediction") -> dict:
     return {**{k: k_ / n if n else float("nan") for k, (k_, n) in counts.items()},
             "ci95": {k: list(metrics.clopper_pearson(k_, n)) for k, (k_, n) in counts.items()},
             "ci_method": "exact binomial (Clopper-Pearson)", "n": int(y.size), "positives": int(y.sum()),
-            "confusion": [[tn, fp], [fn, tp]]}
+            "confusion": [[tn, fp], [fn, tp]], "roc_auc_fold_stratified": stratified, "excluded": excluded}
 
 
 def per_fold(folds: list[Fold]) -> dict:
@@ -166,22 +178,32 @@ def render(result: dict) -> str:
              "", f"## Patients ({q['n']}, {q['positives']} infected), exact binomial 95% CIs", "",
              "| metric | pooled [95% CI] | per fold mean +/- sd |", "|---|---|---|"]
     lines += [f"| {k} | {ci(q, k)} | {sd('patient.' + k)} |" for k in PATIENT_KEYS]
-    lines += [f"| roc_auc | (not pooled: each fold has its own rule) | {sd('patient.roc_auc')} |"]
+    lines += [f"| roc_auc, fold-stratified (pairs within a fold) | {fmt(q['roc_auc_fold_stratified'])} | "
+              f"{sd('patient.roc_auc')} |"]
+    if q.get("excluded"):
+        lines += ["", f"Left out of the {q['n']}: " + ", ".join(f"{k} ({v})" for k, v in q["excluded"].items())]
     if "patient_mil" in result:
         m = result["patient_mil"]
         lines += ["", f"## Patients, patient model (train_patient.py, each fold's own; {m['n']} patients, "
                       f"{m['positives']} infected), exact binomial 95% CIs", "",
                   "| metric | pooled [95% CI] | per fold mean +/- sd |", "|---|---|---|"]
         lines += [f"| {k} | {ci(m, k)} | {sd('patient_mil.' + k)} |" for k in PATIENT_KEYS]
-        lines += [f"| roc_auc | (not pooled: each fold has its own model) | {sd('patient_mil.roc_auc')} |"]
+        lines += [f"| roc_auc, fold-stratified (pairs within a fold) | {fmt(m['roc_auc_fold_stratified'])} | "
+                  f"{sd('patient_mil.roc_auc')} |"]
     lines += ["",
               f"## Patches ({p['n']}, {p['positives']} positive), patient-cluster bootstrap 95% CIs", "",
               "| metric | pooled [95% CI] | per fold mean +/- sd |", "|---|---|---|"]
-    lines += [f"| {k} | {ci(p, k)} | {sd('patch.' + k)} |" for k in analysis.PATCH_METRICS]
+    lines += [f"| roc_auc, fold-stratified (pairs within a fold: the headline) | {fmt(p['roc_auc_fold_stratified'])} "
+              f"| {sd('patch.roc_auc')} |"]
+    lines += [f"| {k}{' (pooled across folds)' if k in ('pr_auc', 'roc_auc') else ''} | {ci(p, k)} | "
+              f"{sd('patch.' + k)} |" for k in analysis.PATCH_METRICS]
     undefined = {k: v for k, v in p.get("bootstrap_undefined_share", {}).items() if v}
     if undefined:
         lines += ["", "Resamples where a metric was undefined (dropped from its interval): " +
                   ", ".join(f"{k} {100 * v:.1f}%" for k, v in undefined.items())]
     lines += ["", "Folds: " + ", ".join(f"`{r}`" for r in result["folds"]),
-              "", "PR-AUC and ROC-AUC pool scores of different models; their per-fold values are the safer read."]
+              "", "Pooled PR-AUC and ROC-AUC compare scores of different models, whose scales differ (one fold's "
+              "model may score everything higher): read the fold-stratified ROC-AUC, which compares pairs within a "
+              "fold only, and the per-fold PR-AUC mean. The intervals hold the K fitted models fixed: they do not "
+              "include the variability of training them again."]
     return "\n".join(lines) + "\n"

@@ -258,7 +258,43 @@ def _patch_section(metrics: dict) -> list[str]:
                     [["patches (positive)", *[f"{src[s]['n']} ({src[s]['positives']})" for s in names]]])
     notes = _interval_notes(m, "patch") + _interval_notes(half, "patch at 0.5") + \
         [n for s in names for n in _interval_notes(src[s], s)]
+    cal = m.get("calibration")
+    if cal:
+        notes += [f"Calibration of the patch scores: Brier {fmt(cal['brier'])}, ECE {fmt(cal['ece'])} "
+                  f"({cal['n_bins']} equal-width bins; `figures/reliability.png`). **The scores are not calibrated "
+                  "probabilities**: training weights positives (pos_weight, n_negative / n_positive by default), which "
+                  "shifts the logits, so the 'at 0.5' column is not a calibrated operating point; the threshold was "
+                  "chosen on validation for F1."]
     return lines + ([""] + notes if notes else [])
+
+
+def _grade_and_prevalence(cols: dict) -> list[str]:
+    """Sensitivity per grade (BAIXA: few scattered bacteria, the hard case; ALTA) and PPV/NPV at stated
+    prevalences, for each column of the patient table."""
+    shown = {name: c for name, c in cols.items() if c.get("by_grade")}
+    if not shown:
+        return []
+    cell = lambda g: (f"{g['found']}/{g['n']} = {fmt(g['sensitivity'])} [{fmt(g['ci95'][0])}, {fmt(g['ci95'][1])}]"
+                      if g["n"] else "no patient")
+    lines = ["", "Sensitivity by grade (exact binomial 95% CIs):", ""]
+    lines += _table(["grade", *shown], [[grade, *[cell(c["by_grade"][grade]) for c in shown.values()]]
+                                        for grade in ("BAIXA", "ALTA")])
+    prevs = next(iter(shown.values())).get("predictive_values") or {}
+    if prevs:
+        lines += ["", "PPV / NPV at stated prevalences of infection (Bayes, from each column's sensitivity and "
+                      "specificity; a split's own infected share is not the clinic's):", ""]
+        lines += _table(["prevalence", *shown], [[prev, *[
+            f"{fmt(c['predictive_values'][prev]['ppv'])} / {fmt(c['predictive_values'][prev]['npv'])}"
+            if prev in c.get("predictive_values", {}) else "-" for c in shown.values()]] for prev in prevs])
+    return lines
+
+
+def _below_chance(cols: dict) -> list[str]:
+    low = [f"{name} ({fmt(c['roc_auc'])})" for name, c in cols.items()
+           if isinstance(c.get("roc_auc"), float) and c["roc_auc"] < 0.5]
+    return ["", f"**ROC-AUC below 0.5** in {', '.join(low)}: the scores rank these patients the wrong way round. On "
+                "a handful of patients that can be chance (see the intervals), but it is not a result to pass over: "
+                "look at the per-patient rows below."] if low else []
 
 
 def _patient_section(metrics: dict, patient_rows: list[dict]) -> list[str]:
@@ -284,6 +320,7 @@ def _patient_section(metrics: dict, patient_rows: list[dict]) -> list[str]:
                                                for k in ("accuracy", "sensitivity", "specificity", "roc_auc")] +
                            [["patients (infected)", *[f"{c['n']} ({c['positives']})" for c in cols.values()]]])
     lines += [""] + [n for name, c in cols.items() for n in _interval_notes(c, name.split()[0])]
+    lines += _grade_and_prevalence(cols) + _below_chance(cols)
     for name, c in cols.items():
         if c.get("excluded"):
             left_out = ", ".join(f"{k} ({v})" for k, v in c["excluded"].items())
@@ -324,6 +361,13 @@ def _patient_model_section(metrics: dict, rule_cols: dict) -> list[str]:
     lines += _table(["metric", *sides], [[NAMES[k], *[with_ci(c, k) for c in sides.values()]]
                                          for k in ("accuracy", "sensitivity", "specificity", "roc_auc")] +
                     [["patients (infected)", *[f"{c['n']} ({c['positives']})" for c in sides.values()]]])
+    lines += _grade_and_prevalence({k: v for k, v in sides.items() if k.endswith("model")})
+    lines += _below_chance({k: v for k, v in sides.items() if k.endswith("model")})
+    cal = q.get("calibration")
+    if cal:
+        lines += ["", f"The model's probabilities on these patients: Brier {fmt(cal['brier'])}, ECE {fmt(cal['ece'])} "
+                      f"({cal['n_bins']} bins; trained with positives weighted, so not calibrated either). The rule's "
+                      "score is a share of patches or a mean of patch scores: not a probability at all."]
     for where, cmp in ((meta.get("headline", "val"), metrics.get("patient_vs_mil")),
                        ("HoldOut", metrics.get("holdout", {}).get("patient_vs_mil"))):
         if not cmp:

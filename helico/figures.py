@@ -30,9 +30,13 @@ def save(fig, path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- training
-def plot_learning_curves(records: list[dict], path) -> None:
-    """Loss and validation metrics per epoch (train.py's log.jsonl records), with the dummy's PR-AUC when logged."""
+def plot_learning_curves(records: list[dict], path, chosen: int | None = None) -> None:
+    """Loss and validation metrics per epoch (train.py's log.jsonl records), with the dummy's PR-AUC when logged and
+    the chosen epoch (the checkpoint's) marked."""
     fig, (loss, val) = subplots(1, 2, figsize=(10, 4))
+    if chosen is not None:
+        for ax in (loss, val):
+            ax.axvline(chosen, ls=":", c="k", label=f"chosen epoch {chosen}")
     epochs = [r["epoch"] for r in records]
     for ax, keys in ((loss, ("train_loss", "val_loss")), (val, ("pr_auc", "roc_auc", "recall", "precision"))):
         for k in keys:
@@ -89,17 +93,22 @@ def write_figures(folder: Path, pred, result: dict, patient_rows: list[dict], pa
     save(fig_roc, folder / "figures/roc_curve.png")
     _score_histograms(folder, y, s, py, ps, result)
     _confusions(folder, result)
+    cal = {"patches": result["patch"]["calibration"]} if "calibration" in result.get("patch", {}) else {}
+    if result.get("patient_mil", {}).get("calibration"):
+        cal["patients, patient model"] = result["patient_mil"]["calibration"]
+    reliability(folder / "figures/reliability.png", cal)
     return ["figures/pr_curve.png", "figures/roc_curve.png", "figures/score_histograms.png",
-            "figures/confusion_matrix.png"]
+            "figures/confusion_matrix.png", "figures/reliability.png"]
 
 
 def _score_histograms(folder, y, s, py, ps, result) -> None:
     fig, axes = subplots(1, 2, figsize=(10, 3.8))
     bins = np.linspace(0, 1, 41)
-    for label, name in ((0, "negative"), (1, "positive")):
-        axes[0].hist(s[y == label], bins=bins, alpha=0.6, label=f"{name} patches ({int((y == label).sum())})")
+    for label, name in ((0, "negative"), (1, "positive")):  # each class its own density: a few positives still show
+        axes[0].hist(s[y == label], bins=bins, alpha=0.6, density=True,
+                     label=f"{name} patches ({int((y == label).sum())})")
     axes[0].axvline(result["patch"]["threshold"], c="k", ls="--", label="threshold")
-    axes[0].set(xlabel="patch score", ylabel="patches", title="Patch scores by label", yscale="log")
+    axes[0].set(xlabel="patch score", ylabel="density (each class sums to 1)", title="Patch scores by label")
     rule = result["patient"]["rule"]
     for label, name in ((0, "NEGATIVA"), (1, "BAIXA/ALTA")):
         axes[1].hist(ps[py == label], bins=20, alpha=0.6, label=f"{name} ({int((py == label).sum())})")
@@ -121,9 +130,25 @@ def _confusions(folder, result) -> None:
         ax.imshow(cm, cmap="Blues", vmin=0)
         for (i, j), v in np.ndenumerate(cm):
             ax.text(j, i, str(v), ha="center", va="center", fontsize=12, color="white" if v > cm.max() / 2 else "black")
+        rule = f"{result['patient']['rule']} >= " if level == "patient" else "score >= "
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=[f"pred {n}" for n in names], yticklabels=names,
-               title=f"{level} at threshold {result[level]['threshold']:.3g}")
+               title=f"{level}: {rule}{result[level]['threshold']:.3g}")
     save(fig, folder / "figures/confusion_matrix.png")
+
+
+def reliability(path, curves: dict) -> None:
+    """Reliability diagram: per probability bin, mean predicted against observed share (metrics.calibration's bins),
+    the diagonal being perfect calibration. curves: name -> calibration dict."""
+    fig, ax = subplots(figsize=(5, 4.5))
+    ax.plot([0, 1], [0, 1], ls=":", c="grey", label="calibrated")
+    for name, cal in curves.items():
+        b = cal["bins"]
+        ax.plot([r["mean_predicted"] for r in b], [r["observed"] for r in b], "o-",
+                label=f"{name} (Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f})")
+    ax.set(xlabel="mean predicted probability (bin)", ylabel="observed share positive", xlim=(0, 1), ylim=(0, 1.02),
+           title="Reliability (uncalibrated scores)")
+    ax.legend(fontsize=8)
+    save(fig, path)
 
 
 def attention_gallery(path, root, patients: list[tuple], image_size: int, per_patient: int = 6) -> None:

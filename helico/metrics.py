@@ -94,6 +94,21 @@ def roc_auc(y, scores) -> float:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def stratified_roc_auc(y, scores, strata) -> float:
+    """ROC-AUC over the positive-negative pairs within each stratum only (cross-validation: within a fold, so two
+    fold models' score scales are never compared): sum over strata of AUC_k * pos_k * neg_k / sum of pos_k * neg_k.
+    NaN when no stratum holds both classes."""
+    y, s, strata = np.asarray(y), np.asarray(scores, dtype=np.float64), np.asarray(strata)
+    num = den = 0.0
+    for k in np.unique(strata):
+        sel = strata == k
+        pos, neg = int(y[sel].sum()), int(sel.sum() - y[sel].sum())
+        if pos and neg:
+            num += roc_auc(y[sel], s[sel]) * pos * neg
+            den += pos * neg
+    return num / den if den else float("nan")
+
+
 def curve_points(y, s) -> dict[str, np.ndarray]:
     """Recall, precision, FPR and TPR at every distinct score threshold (highest first)."""
     y, s = np.asarray(y, dtype=np.int64), np.asarray(s, dtype=np.float64)
@@ -190,6 +205,37 @@ def patient_metrics(y, s, threshold: float) -> dict:
              "n": int(y.size), "positives": int(y.sum())}
     m["undefined"] = nan_reasons(m, "patient")
     return m
+
+
+def predictive_values(sensitivity: float, specificity: float, prevalences=(0.05, 0.1, 0.3, 0.5)) -> dict:
+    """PPV and NPV at stated prevalences, by Bayes from sensitivity and specificity: a split's own infected share is
+    not the clinic's, and PPV moves with it."""
+    out = {}
+    for p in prevalences:
+        tp, fp = sensitivity * p, (1 - specificity) * (1 - p)
+        tn, fn = specificity * (1 - p), (1 - sensitivity) * p
+        out[f"{p:g}"] = {"ppv": tp / (tp + fp) if tp + fp > 0 else float("nan"),
+                         "npv": tn / (tn + fn) if tn + fn > 0 else float("nan")}
+    return out
+
+
+def calibration(y, p, bins: int = 10) -> dict:
+    """Brier score, expected calibration error over `bins` equal-width probability bins (sum over bins of
+    n_bin / n * |mean predicted - observed share|; the last bin includes 1.0) and each bin's counts: the reliability
+    diagram's points."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    if y.size == 0:
+        return {"brier": float("nan"), "ece": float("nan"), "bins": [], "n_bins": bins}
+    which = np.minimum((p * bins).astype(np.int64), bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            mean_p, share = float(p[sel].mean()), float(y[sel].mean())
+            ece += sel.sum() / y.size * abs(mean_p - share)
+            rows.append({"lo": b / bins, "hi": (b + 1) / bins, "n": int(sel.sum()), "mean_predicted": mean_p,
+                         "observed": share})
+    return {"brier": float(np.mean((p - y) ** 2)), "ece": float(ece), "bins": rows, "n_bins": bins}
 
 
 # ----------------------------------------------------------------------------------------------- thresholds

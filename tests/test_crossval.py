@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import common
-from helico import crossval, helicodata
+from helico import crossval, helicodata, metrics
 import evaluate
 import train
 import train_patient
@@ -102,3 +102,20 @@ def test_the_patient_models_decisions_of_every_fold_are_pooled_beside_the_rules(
     rows = read_csv(cv_runs / "27-cv" / "patients.csv")
     assert all(r["mil_prediction"] != "" for r in rows)
     assert "## Patients, patient model" in (cv_runs / "27-cv" / "report.md").read_text()
+
+
+def test_the_cv_headline_auc_compares_pairs_within_a_fold_and_left_out_patients_are_named(cv_runs):
+    pooled = json.loads((cv_runs / "27-cv" / "metrics.json").read_text(), parse_constant=float)
+    rows = [r for r in read_csv(cv_runs / "27-cv" / "predictions.csv") if r["patch_eval"] == "1"]
+    expected = metrics.stratified_roc_auc([int(r["label"]) for r in rows], [float(r["score"]) for r in rows],
+                                          [r["fold"] for r in rows])
+    got = pooled["patch"]["roc_auc_fold_stratified"]
+    assert got == pytest.approx(expected) or (np.isnan(got) and np.isnan(expected))
+    patients = read_csv(cv_runs / "27-cv" / "patients.csv")
+    left = {r["patient"] for r in patients if r["label"] == "-1" or r["prediction"] == "-1"}
+    assert set(pooled["patient"]["excluded"]) == left
+    assert pooled["patient"]["n"] + len(left) == len(patients)
+    report = (cv_runs / "27-cv" / "report.md").read_text()
+    assert "fold-stratified (pairs within a fold: the headline)" in report and "hold the K fitted models fixed" in report
+    if left:
+        assert "Left out of the" in report and sorted(left)[0] in report

@@ -72,6 +72,29 @@ def test_every_output_file_exists_and_parses(evaluation):
     assert [p.name for p in out.parent.iterdir()] == ["eval"]  # no temp folder left beside it
 
 
+def test_the_report_gives_sensitivity_by_grade_predictive_values_and_calibration(evaluation):
+    from sklearn.metrics import brier_score_loss
+    m, out = evaluation["metrics"], evaluation["out"]
+    rows = patch_rows(evaluation, split="test")
+    y, s = [int(r["label"]) for r in rows], [float(r["score"]) for r in rows]
+    assert m["patch"]["calibration"]["brier"] == pytest.approx(brier_score_loss(y, s))
+    p = m["patient"]
+    decided = [r for r in evaluation["patients"] if r["split"] == "test" and r["label"] != "-1"
+               and r["prediction"] != "-1"]
+    for grade in ("BAIXA", "ALTA"):
+        mine = [r for r in decided if r["diagnosis"] == grade]
+        g = p["by_grade"][grade]
+        assert (g["n"], g["found"]) == (len(mine), sum(r["prediction"] == "1" for r in mine))
+        assert g["ci95"] == list(metrics.clopper_pearson(g["found"], g["n"]))
+    assert set(p["predictive_values"]) == {"0.05", "0.1", "0.3", "0.5"}
+    report = (out / "report.md").read_text()
+    assert "Sensitivity by grade (exact binomial 95% CIs)" in report and "PPV / NPV at stated prevalences" in report
+    assert "**The scores are not calibrated probabilities**" in report and "figures/reliability.png" in report
+    assert "| stain normalization | macenko (ihc mode) |" in report  # the mode the checkpoint holds, not a constant
+    with Image.open(out / "figures/reliability.png") as im:
+        im.verify()
+
+
 def test_report_shows_the_stain_strip_of_validation_positives_and_hard_negatives(evaluation, demo_root):
     with Image.open(evaluation["out"] / "stain_preview.png") as im:
         width, height = im.size  # 3 columns (original | as trained | canonical), 3 + 3 positives, 6 negatives

@@ -99,3 +99,46 @@ def test_pr_step_curve_area_is_the_average_precision():
             r, p = metrics.pr_step_curve(y, s)
             area = float(np.sum(np.diff(r) * (p[1:] + p[:-1]) / 2))  # trapezoids of the drawn polyline
             assert area == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------- calibration, CV AUC
+def test_calibration_bins_and_brier_equal_sklearns():
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+    rng = np.random.default_rng(3)
+    p = rng.beta(0.6, 2.0, size=500)
+    y = (rng.random(500) < p ** 0.7).astype(int)  # miscalibrated on purpose
+    cal = metrics.calibration(y, p, bins=10)
+    assert cal["brier"] == pytest.approx(brier_score_loss(y, p), rel=1e-12)
+    observed, predicted = calibration_curve(y, p, n_bins=10, strategy="uniform")
+    assert np.allclose([b["observed"] for b in cal["bins"]], observed)
+    assert np.allclose([b["mean_predicted"] for b in cal["bins"]], predicted)
+    counts = np.array([b["n"] for b in cal["bins"]])
+    assert cal["ece"] == pytest.approx(np.sum(counts / 500 * np.abs(predicted - observed)))
+    assert metrics.calibration(np.ones(4), np.ones(4))["ece"] == 0  # 1.0 falls in the last bin, perfectly
+
+
+def test_predictive_values_follow_a_population_of_that_prevalence():
+    sens, spec = 0.86, 0.96
+    pv = metrics.predictive_values(sens, spec, (0.1, 0.5))
+    for prev, n in ((0.1, 100_000), (0.5, 100_000)):
+        pos, neg = n * prev, n * (1 - prev)
+        tp, fn, tn, fp = sens * pos, (1 - sens) * pos, spec * neg, (1 - spec) * neg
+        assert pv[f"{prev:g}"]["ppv"] == pytest.approx(tp / (tp + fp)) and \
+            pv[f"{prev:g}"]["npv"] == pytest.approx(tn / (tn + fn))
+
+
+def test_fold_stratified_auc_compares_pairs_within_a_fold_only():
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    s = y * 1.5 + rng.normal(size=400)
+    assert metrics.stratified_roc_auc(y, s, np.zeros(400)) == pytest.approx(roc_auc_score(y, s))
+    # five folds, each model its own logit offset: pooling mixes the scales, within-fold pairs do not
+    fold = np.repeat(np.arange(5), 80)
+    shifted = s + rng.normal(scale=1.0, size=5)[fold]
+    per_fold = [roc_auc_score(y[fold == k], shifted[fold == k]) for k in range(5)]
+    weights = [y[fold == k].sum() * (1 - y[fold == k]).sum() for k in range(5)]
+    assert metrics.stratified_roc_auc(y, shifted, fold) == pytest.approx(np.average(per_fold, weights=weights))
+    assert roc_auc_score(y, shifted) < metrics.stratified_roc_auc(y, shifted, fold)
+    assert np.isnan(metrics.stratified_roc_auc([1, 1, 0], [0.5, 0.6, 0.1], [0, 0, 1]))  # no fold holds both

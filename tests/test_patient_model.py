@@ -207,7 +207,7 @@ def test_evaluate_reports_the_patient_model_beside_the_rule_on_the_same_patients
                           "0", "--bootstrap", "20", "--gradcam", "0"]) == 0
     out = patch_run / "eval-holdout"
     m = json.loads((out / "metrics.json").read_text(), parse_constant=float)
-    assert set(m["patient_mil"]) - {"attention"} == set(m["patient"])
+    assert set(m["patient_mil"]) - {"attention", "calibration"} == set(m["patient"])
     assert m["patient_mil"]["rule"] == analysis.MIL_RULE and np.isfinite(m["patient_mil"]["threshold"])
     assert m["selection"]["patient_mil"]["threshold"] == m["patient_mil"]["threshold"]  # chosen on validation
     assert m["patient_mil"]["n"] == m["patient"]["n"] and m["holdout"]["patient_mil"]["n"] == m["holdout"]["patient"]["n"]
