@@ -40,8 +40,9 @@ stain_preview.png (validation positives and hard negatives: original | as traine
 --compare writes compare.md and compare.json (default <first run>/compare/), on the validation patients the
 checkpoints share (--compare-on test: the test patients), each with its own validation-chosen threshold and rule; one
 verdict, on patch PR-AUC. Every look at test or HoldOut labels (--checkpoint, --compare-on test, --cv) is appended to
-runs/holdout_ledger.jsonl (ledger.py) and the report states which look it is and the other models' looks. --cv evaluates each fold run (its eval/), then writes runs/27-cv/ (report.md,
-metrics.json, predictions.csv, patients.csv: see crossval.py).
+runs/holdout_ledger.jsonl (ledger.py) and the report states which look it is and the other models' looks.
+--cv evaluates each fold run (its eval/), then writes runs/27-cv/ (report.md, metrics.json, predictions.csv,
+patients.csv: see crossval.py).
 This file owns the commands and the scoring (checkpoint -> model, split parts, patches -> scores under training's
 precision); analysis.py owns what is measured from the scores (which patches count, patient rule, intervals,
 --compare's deltas), metrics.py the metrics and interval methods, eval_report.py the files and markdown, figures.py
@@ -106,8 +107,10 @@ def get_args_parser():
     p.add_argument("--bootstrap", type=int, default=1000, help="patient-cluster bootstrap resamples for the patch "
                    "metrics' 95%% CIs (patient proportions get exact binomial intervals); 0 skips them")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed: the same seed gives the same intervals")
-    p.add_argument("--top-k", type=int, default=10, help="k of the top-k-mean patient rule (mean of a patient's k "
-                   "highest patch scores; all patches when the patient has fewer)")
+    p.add_argument("--top-k", type=int, default=10, help="k of the top-k mean written to patients.csv (mean of a "
+                   "patient's k highest patch scores); not a rule candidate: it grows with the patient's patch count")
+    p.add_argument("--top-share", type=float, default=analysis.TOP_SHARE, help="the top_share_mean rule: mean of a "
+                   "patient's highest ceil(share x n) patch scores, the same statistic for 25 or 2,000 patches")
     p.add_argument("--gradcam", type=int, default=8, help="patches per Grad-CAM grid (top false positives, false "
                    "negatives, true positives); 0 skips Grad-CAM")
     p.add_argument("--batch-size", type=int, default=256, help="inference batch; lower it if the GPU runs out "
@@ -141,6 +144,8 @@ def check_args(args) -> None:
             raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if not 0 <= args.resident_max_frac <= 1:
         raise DataError(f"--resident-max-frac {args.resident_max_frac}: expected a share in [0, 1]")
+    if not 0 < args.top_share <= 1:
+        raise DataError(f"--top-share {args.top_share}: expected a share in (0, 1]")
     if args.cache_base and (args.compare or args.cv):
         raise DataError("--cache-base: for one --checkpoint; give --compare and --cv a --cache DIR")
     if args.compare and len(args.compare) < 2:
@@ -216,7 +221,8 @@ def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, ba
     samples, size = [r.sample for r in rows], int(ckpt["image_size"])
     scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=batch_size,
                                 workers=workers, skip_bad=skip_bad, cache=cache,
-                                precision=model.scoring_precision(ckpt, device, no_amp), resident_max_frac=resident_max_frac)
+                                precision=model.scoring_precision(ckpt, device, no_amp),
+                                resident_max_frac=resident_max_frac)
     keep = np.isfinite(scores)
     pred = analysis.Predictions([s for s, k in zip(samples, keep) if k], np.array([r.split for r in rows])[keep],
                                 np.array([r.patch_eval for r in rows], dtype=bool)[keep],
@@ -325,7 +331,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                                            "mil_rule": by_part["val"].get("patient_mil")}
         by_part[part], rows_of_part, _ = analysis.analyse(
             pred.subset(pred.split == part), patients, data.diagnosis, threshold, args.top_k, groups, draws,
-            mil_probability=patient_model_out and patient_model_out["probability"], **chosen)
+            mil_probability=patient_model_out and patient_model_out["probability"], top_share=args.top_share, **chosen)
         patient_rows += [{**r, "split": part} for r in rows_of_part]
     if patient_model_out:  # where the model looks, on windows it never read: the headline part's Annotated ones
         looked = [patient_model_out["annotated"][p] for p in parts[headline] if p in patient_model_out["annotated"]]
@@ -341,7 +347,8 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     log = runlog.read(path.parent)  # what the best epoch was chosen among
     result["meta"] = {"checkpoint": str(path), "arch": ckpt["arch"], "image_size": int(ckpt["image_size"]),
                       "epoch": ckpt.get("epoch"), "data_root": str(data.root), "headline": headline,
-                      "untouched_test": headline == "test", "stain": f"macenko ({ckpt['stain'].get('mode', 'macenko')} mode)" if normalizer else None,
+                      "untouched_test": headline == "test",
+                      "stain": f"macenko ({ckpt['stain'].get('mode', 'macenko')} mode)" if normalizer else None,
                       "patch_threshold": threshold, "threshold_rule": ckpt.get("threshold_rule"),
                       "selection": {"epochs": len(log), "pr_auc_by_epoch": [r.get("pr_auc") for r in log],
                                     "patient_rule": by_part["val"]["patient"]["rule"],
@@ -410,7 +417,8 @@ def record_look(path, sha: str, parts: list[str], result: dict, args, kind: str)
     where = ledger.path_for(path)
     looks = ledger.looks(ledger.read(where), sha, parts)
     ledger.append(where, {"kind": kind, "checkpoint": str(path), "sha256": sha, "parts": parts,
-                          "flags": {"top_k": args.top_k, "bootstrap": args.bootstrap, "seed": args.seed},
+                          "flags": {"top_k": args.top_k, "top_share": args.top_share, "bootstrap": args.bootstrap,
+                                    "seed": args.seed},
                           "headline": {p: v for p, v in headline_numbers(result).items() if p in parts}})
     return {**looks, "ledger": str(where)}
 
@@ -455,7 +463,8 @@ def run_cv(args, device) -> int:
         eval_report.write_csv(tmp / "predictions.csv", ["fold", *eval_report.PREDICTION_COLUMNS],
                               ([r["fold"], *(r[c] for c in eval_report.PREDICTION_COLUMNS)] for r in preds))
         eval_report.write_csv(tmp / "patients.csv", ["fold", *eval_report.PATIENT_COLUMNS, "rule"],
-                              ([r["fold"], *(r.get(c, "") for c in [*eval_report.PATIENT_COLUMNS, "rule"])] for r in pats))
+                              ([r["fold"], *(r.get(c, "") for c in [*eval_report.PATIENT_COLUMNS, "rule"])]
+                               for r in pats))
         common.atomic_write_text(tmp / "report.md", crossval.render(result))
     print(crossval.render(result))
     print(f"wrote {out}/report.md")
@@ -505,9 +514,10 @@ def run_compare(args, device) -> int:
         pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args, cache))
         threshold = float(c["threshold"])
         of = lambda patients: pred.subset(np.isin(pred.patient, list(patients)))
-        rule = analysis.analyse(of(ps["val"]), ps["val"], data.diagnosis, threshold, args.top_k)[0]["patient"]
+        rule = analysis.analyse(of(ps["val"]), ps["val"], data.diagnosis, threshold, args.top_k,
+                                top_share=args.top_share)[0]["patient"]
         result, _, boot = analysis.analyse(of(shared), shared, data.diagnosis, threshold, args.top_k, groups, draws,
-                                           rule=rule)
+                                           rule=rule, top_share=args.top_share)
         results.append({"checkpoint": str(p), "metrics": result, "boot": boot})
         del net
     table = analysis.compare_table(results)

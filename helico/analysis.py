@@ -8,9 +8,9 @@ its rule, patch- and patient-level metrics with their intervals, and --compare's
 - patches: labelled windows of the part's patients, each file once (Aug copies are not evaluated; byte-identical
   files count once, as in train.py's validation), at the stored threshold, at 0.5 and by source (annotated: hard;
   supplemental: Cropped of NEGATIVA, easy);
-- patients: all their Cropped (or HoldOut) patches aggregated two ways (fraction above the patch threshold, mean
-  of the top-k scores); the rule and threshold are chosen on validation (Youden's J) and applied unchanged to test
-  and HoldOut;
+- patients: all their Cropped (or HoldOut) patches aggregated two count-invariant ways (fraction above the patch
+  threshold, mean of the top 10% of scores; the top-k mean is reported, not chosen: it grows with the patch count);
+  the rule and threshold are chosen on validation (Youden's J) and applied unchanged to test and HoldOut;
 - intervals: exact Clopper-Pearson for patient proportions, a patient-cluster bootstrap (a duplicate group is one
   cluster) for patch metrics and patient ROC-AUC, "not estimable" below metrics.MIN_CLUSTERS clusters in a class.
 
@@ -30,7 +30,12 @@ from helico import helicodata, metrics, splits
 PATCH_METRICS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
 THRESHOLD_METRICS = ("recall", "precision", "f1", "accuracy")
 PATIENT_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
-RULES = ("fraction_positive", "topk_mean")
+# The patient rule's candidates: statistics that do not grow with a patient's patch count, so a rule chosen on
+# Cropped folders transfers to HoldOut folders of another size. topk_mean (the mean of a fixed k highest scores) does
+# grow with the count (a negative patient: 0.061 / 0.103 / 0.148 / 0.186 at 25 / 100 / 500 / 2000 patches): it is
+# still computed and written to patients.csv, but no longer chosen.
+RULES = ("fraction_positive", "top_share_mean")
+TOP_SHARE = 0.1  # top_share_mean: the mean of the highest ceil(TOP_SHARE * n) scores of a patient's n patches
 INFECTED = ("BAIXA", "ALTA")
 
 
@@ -93,8 +98,15 @@ def count_identical_once(rows: list[Row], root, cache) -> tuple[list[Row], list[
 
 
 # ----------------------------------------------------------------------------------------------- patients
-def patient_scores(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int):
-    """One row per patient: both aggregate scores of its Cropped/HoldOut patches and its diagnosis label."""
+def top_share_mean(sorted_scores: np.ndarray, share: float = TOP_SHARE) -> float:
+    """Mean of the highest ceil(share * n) of n ascending-sorted scores (at least one): count-invariant."""
+    n = sorted_scores.size
+    return float(sorted_scores[-max(1, int(np.ceil(share * n))):].mean()) if n else float("nan")
+
+
+def patient_scores(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
+                   top_share: float = TOP_SHARE):
+    """One row per patient: the aggregate scores of its Cropped/HoldOut patches and its diagnosis label."""
     use = pred.patient_eval
     by_patient: dict[str, list[float]] = {}
     for p, s in zip(pred.patient[use], pred.score[use]):
@@ -106,7 +118,8 @@ def patient_scores(pred: Predictions, patients: list[str], diagnosis: dict, patc
         label = 1 if dx in INFECTED else 0 if dx == "NEGATIVA" else -1  # -1: not in PatientDiagnosis.csv
         rows.append({"patient": p, "diagnosis": dx or "", "label": label, "n_patches": int(s.size),
                      "fraction_positive": float(np.mean(s >= patch_threshold)) if s.size else float("nan"),
-                     "topk_mean": float(s[-top_k:].mean()) if s.size else float("nan")})
+                     "topk_mean": float(s[-top_k:].mean()) if s.size else float("nan"),
+                     "top_share_mean": top_share_mean(s, top_share)})
     return rows
 
 
@@ -244,17 +257,20 @@ def left_out(rows: list[dict], used: set) -> dict[str, str]:
 
 
 def patient_level(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
-                  groups, draws, rule: dict | None) -> tuple[dict, list[dict], dict]:
+                  groups, draws, rule: dict | None, top_share: float = TOP_SHARE) -> tuple[dict, list[dict], dict]:
     """Patient scores, the rule (chosen here when `rule` is None), metrics with CIs (exact for the proportions, a
     cluster bootstrap for ROC-AUC where estimable), and raw bootstrap values (for --compare)."""
-    rows = patient_scores(pred, patients, diagnosis, patch_threshold, top_k)
+    rows = patient_scores(pred, patients, diagnosis, patch_threshold, top_k, top_share)
     rule = rule or choose_patient_rule(rows)
     for r in rows:
         r["score"] = r[rule["rule"]] if rule["rule"] else float("nan")
     m, b = decide(rows, "score", "prediction", rule, patients, groups, draws)
     used = {r["patient"] for r in rows if r["label"] >= 0 and r["n_patches"] > 0}
-    m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k,
-         "excluded": left_out(rows, used)}
+    counts = np.array([r["n_patches"] for r in rows if r["patient"] in used])
+    m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k, "top_share": top_share,
+         "excluded": left_out(rows, used),
+         "patch_counts": {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())}
+         if counts.size else {}}
     return m, rows, {f"patient.{k}": v for k, v in b.items()}
 
 
@@ -288,8 +304,11 @@ def mil_level(rows: list[dict], probability: dict[str, float], patients: list[st
     known = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0 and np.isfinite(r["mil_probability"])]
     m, b = decide(rows, "mil_probability", "mil_prediction", rule, patients, groups, draws, known)
     m["calibration"] = metrics.calibration([r["label"] for r in known], [r["mil_probability"] for r in known], 5)
-    m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k,
-         "excluded": left_out(rows, {r["patient"] for r in known})}
+    counts = np.array([r["n_patches"] for r in known])
+    m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k, "top_share": None,
+         "excluded": left_out(rows, {r["patient"] for r in known}),
+         "patch_counts": {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())}
+         if counts.size else {}}
     return m, {f"patient_mil.{k}": v for k, v in b.items()}
 
 
@@ -328,7 +347,7 @@ def attention_evidence(scores, presence) -> dict:
 
 def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
             groups=(), draws=None, rule: dict | None = None, mil_probability: dict | None = None,
-            mil_rule: dict | None = None) -> tuple[dict, list[dict], dict]:
+            mil_rule: dict | None = None, top_share: float = TOP_SHARE) -> tuple[dict, list[dict], dict]:
     """Metrics dict, patient rows and raw bootstrap values ({"patch.pr_auc": array, ...}) of one set of patients.
 
     Validation (rule None): the patient rule is chosen here. Test and HoldOut: `rule` comes from validation. With
@@ -336,7 +355,7 @@ def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_thres
     and resamples, its threshold chosen on validation too (mil_rule None) and `patient_vs_mil`, the paired test."""
     out, boot = patch_level(pred, patients, patch_threshold, groups, draws) if pred.patch_eval.any() else ({}, {})
     out["patient"], rows, patient_boot = patient_level(pred, patients, diagnosis, patch_threshold, top_k, groups,
-                                                       draws, rule)
+                                                       draws, rule, top_share)
     boot.update(patient_boot)
     if mil_probability is not None:
         out["patient_mil"], mil_boot = mil_level(rows, mil_probability, patients, groups, draws, mil_rule, top_k)

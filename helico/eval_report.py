@@ -90,8 +90,9 @@ def write_predictions(path, pred, threshold: float) -> None:
                for s, sc, sp, pe, qe in zip(pred.samples, pred.score, pred.split, pred.patch_eval, pred.patient_eval)))
 
 
-PATIENT_COLUMNS = ["patient", "split", "diagnosis", "label", "n_patches", "fraction_positive", "topk_mean", "score",
-                   "prediction", "mil_probability", "mil_prediction"]  # mil_*: empty without a patient model
+PATIENT_COLUMNS = ["patient", "split", "diagnosis", "label", "n_patches", "fraction_positive", "topk_mean",
+                   "top_share_mean", "score", "prediction", "mil_probability", "mil_prediction"]
+# mil_*: empty without a patient model
 
 
 def cell(v):
@@ -300,8 +301,11 @@ def _below_chance(cols: dict) -> list[str]:
 def _patient_section(metrics: dict, patient_rows: list[dict]) -> list[str]:
     p, headline = metrics["patient"], metrics["meta"].get("headline", "val")
     lines = ["", "## Patient level", "", "Each patient's score aggregates ALL its Cropped patches (HoldOut: all its "
-             "patches): `fraction_positive` = share of patches scoring >= the patch threshold, `topk_mean` = mean of "
-             f"the {p['top_k']} highest scores. Annotated windows are not used: they were picked knowing the "
+             "patches): `fraction_positive` = share of patches scoring >= the patch threshold, `top_share_mean` = "
+             f"mean of the highest {100 * (p.get('top_share') or 0):g}% of scores (at least one): both are the same "
+             "for a patient of 25 or 2,000 patches, so a rule chosen on Cropped folders transfers to HoldOut "
+             f"folders of another size. `topk_mean` (mean of the {p['top_k']} highest scores) is listed but not chosen: it grows "
+             "with the patch count. Annotated windows are not used: they were picked knowing the "
              "diagnosis. Label: NEGATIVA = 0, BAIXA/ALTA = 1."]
     if p["rule"]:
         lines += ["", f"Rule chosen on the validation patients (best Youden's J, then ROC-AUC): **{p['rule']} >= "
@@ -321,6 +325,10 @@ def _patient_section(metrics: dict, patient_rows: list[dict]) -> list[str]:
                            [["patients (infected)", *[f"{c['n']} ({c['positives']})" for c in cols.values()]]])
     lines += [""] + [n for name, c in cols.items() for n in _interval_notes(c, name.split()[0])]
     lines += _grade_and_prevalence(cols) + _below_chance(cols)
+    counts = {name: c["patch_counts"] for name, c in cols.items() if c.get("patch_counts")}
+    if counts:
+        lines += ["", "Patches per patient (min / median / max): " + "; ".join(
+            f"{name.split()[0]} {c['min']} / {fmt(c['median'], 0)} / {c['max']}" for name, c in counts.items()) + "."]
     for name, c in cols.items():
         if c.get("excluded"):
             left_out = ", ".join(f"{k} ({v})" for k, v in c["excluded"].items())
@@ -375,7 +383,8 @@ def _patient_model_section(metrics: dict, rule_cols: dict) -> list[str]:
         ci = (f"[{fmt(cmp['ci95'][0])}, {fmt(cmp['ci95'][1])}] ({cmp['ci_method']})" if "ci95" in cmp
               else f"(CI {cmp['ci_note']})")
         lines += ["", f"Paired on the {cmp['patients']} {PART.get(where, where)} patients: the rule alone right on "
-                      f"{cmp['rule_only_correct']}, the model alone right on {cmp['model_only_correct']}: exact McNemar "
+                      f"{cmp['rule_only_correct']}, the model alone right on {cmp['model_only_correct']}: exact "
+                      "McNemar "
                       f"p = {fmt(cmp['mcnemar_exact_p'])}; ROC-AUC difference (model - rule) "
                       f"{fmt(cmp['roc_auc_difference'])} {ci}."]
     att = q.get("attention")

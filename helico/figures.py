@@ -78,7 +78,7 @@ def write_figures(folder: Path, pred, result: dict, patient_rows: list[dict], pa
         if not _two_classes(cy):
             continue
         c = metrics.curve_points(cy, cs)
-        if not name.startswith("patients"):  # the step function whose area is the AP in the legend (metrics.pr_step_curve)
+        if not name.startswith("patients"):  # the step function whose area is the AP (metrics.pr_step_curve)
             ax_pr.plot(*metrics.pr_step_curve(cy, cs), label=f"{name} (AP {metrics.average_precision(cy, cs):.3f})")
         ax_roc.plot(c["fpr"], c["tpr"], drawstyle="steps-post", label=f"{name} (AUC {metrics.roc_auc(cy, cs):.3f})")
     if _two_classes(y):

@@ -6,8 +6,9 @@ a test part or of the HoldOut, so that no report can hide how often its numbers 
     ledger.append(runs_dir, {"kind": "evaluate", "sha256": sha256, "parts": ["test", "holdout"], ...})
 
 Append-only: a line is written whole with O_APPEND (one write, so concurrent evaluations never interleave lines)
-and fsynced, after a newline if a crash left the last line torn (that torn line is skipped when read); nothing here rewrites or deletes the file. The runs folder is the one holding the checkpoint's run
-folder (runs/26/best.pt -> runs/), so every run of a project shares one ledger. Kinds:
+and fsynced, after a newline if a crash left the last line torn (that torn line is skipped when read); nothing here
+rewrites or deletes the file. The runs folder is the one holding the checkpoint's run folder (runs/26/best.pt ->
+runs/), so every run of a project shares one ledger. Kinds:
 - evaluate: evaluate.py --checkpoint (the test part; with --holdout the HoldOut too);
 - compare-test: evaluate.py --compare --compare-on test, which used the test part to choose among several models:
   each of them carries it in its later reports;

@@ -206,6 +206,7 @@ def test_patient_scores_aggregate_every_cropped_patch_on_disk(evaluation, demo_r
         assert int(row["n_patches"]) == len(s) == on_disk
         assert float(row["fraction_positive"]) == pytest.approx(np.mean(s >= threshold))
         assert float(row["topk_mean"]) == pytest.approx(s[-k:].mean())
+        assert float(row["top_share_mean"]) == pytest.approx(s[-int(np.ceil(0.1 * len(s))):].mean())
         assert float(row["score"]) == float(row[m["patient"]["rule"]])
 
 
@@ -616,3 +617,17 @@ def test_a_file_as_cache_is_exit_2_one_line(tiny_run, tmp_path, capsys):
     assert evaluate.main(argv) == common.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --cache {tmp_path / 'cache'}: not a directory (give a folder for the packed patch cache)"]
+
+
+def test_the_patient_rule_candidates_do_not_grow_with_the_patch_count():
+    # the reviewer's case: a NEGATIVA patient's scores, drawn from one distribution, in folders of 25 to 2,000 patches
+    rng = np.random.default_rng(0)
+    by_count = {}
+    for n in (25, 100, 500, 2000):
+        s = np.sort(rng.beta(1, 30, size=(200, n)), axis=1)
+        by_count[n] = (np.mean([analysis.top_share_mean(row) for row in s]), np.mean(s[:, -10:].mean(axis=1)))
+    share = [v[0] for v in by_count.values()]
+    topk = [v[1] for v in by_count.values()]
+    assert topk[-1] > 2 * topk[0]  # topk_mean: 0.06 at 25 patches, 0.19 at 2,000
+    assert max(share) - min(share) < 0.15 * np.mean(share)  # top_share_mean: the same statistic at every size
+    assert "topk_mean" not in analysis.RULES and set(analysis.RULES) == {"fraction_positive", "top_share_mean"}

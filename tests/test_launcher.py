@@ -577,7 +577,8 @@ def test_an_array_task_trains_and_audits_its_fold_into_its_own_run_folder(node, 
     stubbed to record their arguments; the audit runs for real on that fold)."""
     calls = node.tmp / "calls.txt"
     wrapper = node.tmp / "python-recorder"
-    wrapper.write_text(f'#!/bin/bash\ncase ${{1:-}} in */train.py|*/train_patient.py|*/evaluate.py) echo "$*" >>{calls}; '
+    wrapper.write_text(f'#!/bin/bash\ncase ${{1:-}} in */train.py|*/train_patient.py|*/evaluate.py) '
+                       f'echo "$*" >>{calls}; '
                        f'[[ $1 == */train.py ]] && mkdir -p {node.runs}/27-f1 && touch {node.runs}/27-f1/best.pt; exit 0;; '
                        f'esac\nexec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)

@@ -210,7 +210,8 @@ def test_evaluate_reports_the_patient_model_beside_the_rule_on_the_same_patients
     assert set(m["patient_mil"]) - {"attention", "calibration"} == set(m["patient"])
     assert m["patient_mil"]["rule"] == analysis.MIL_RULE and np.isfinite(m["patient_mil"]["threshold"])
     assert m["selection"]["patient_mil"]["threshold"] == m["patient_mil"]["threshold"]  # chosen on validation
-    assert m["patient_mil"]["n"] == m["patient"]["n"] and m["holdout"]["patient_mil"]["n"] == m["holdout"]["patient"]["n"]
+    assert m["patient_mil"]["n"] == m["patient"]["n"]
+    assert m["holdout"]["patient_mil"]["n"] == m["holdout"]["patient"]["n"]
     assert m["patient_mil"]["ci_method"]["accuracy"] == "exact binomial (Clopper-Pearson)"
     cmp = m["patient_vs_mil"]
     assert cmp["patients"] == m["patient"]["n"] and 0 <= cmp["mcnemar_exact_p"] <= 1
