@@ -193,7 +193,9 @@ def samples_and_config(args, data, split, world, device):
     """Training/validation samples of the split and the run's config dict (resolved flags + environment)."""
     train = helicodata.select(data.labelled, split["train"], include_aug=True)
     train = sampling.stratified_subset(train, args.limit_samples, args.seed)
-    val = helicodata.select(data.labelled, split["val"])
+    # validation (epoch and threshold) on the annotated windows only: the Cropped patches of NEGATIVA patients are
+    # easy negatives that would inflate accuracy and flatten the threshold; evaluate.py's headline is the same set
+    val = [s for s in helicodata.select(data.labelled, split["val"]) if s.source == "annotated"]
     # a byte-identical window (a slide under two patient IDs) counts once, exactly as evaluate.py counts it
     val = [s for s, keep in zip(val, splits.first_copies(data.root, [s.path for s in val],
                                                         splits.hash_cache_path(args.hash_cache, data.root))) if keep]

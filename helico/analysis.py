@@ -5,9 +5,10 @@ its rule, patch- and patient-level metrics with their intervals, and --compare's
     # ... evaluate.py scores the rows into an analysis.Predictions ...
     result, patient_rows, boot = analysis.analyse(pred, val, data.diagnosis, threshold, top_k, groups, draws)
 
-- patches: labelled windows of the part's patients, each file once (Aug copies are not evaluated; byte-identical
-  files count once, as in train.py's validation), at the stored threshold, at 0.5 and by source (annotated: hard;
-  supplemental: Cropped of NEGATIVA, easy);
+- patches: the headline is the part's annotated windows (pathologist-reviewed positives and hard negatives, what
+  train.py's validation chose the epoch and threshold on), each file once (Aug copies are not evaluated;
+  byte-identical files count once), at the stored threshold and at 0.5; the Cropped patches of NEGATIVA patients
+  (easy negatives) are reported as each NEGATIVA patient's false-positive rate, and by source;
 - patients: all their Cropped (or HoldOut) patches aggregated two count-invariant ways (fraction above the patch
   threshold, mean of the top 10% of scores; the top-k mean is reported, not chosen: it grows with the patch count);
   the rule and threshold are chosen on validation (Youden's J) and applied unchanged to test and HoldOut;
@@ -177,10 +178,11 @@ def patch_level(pred: Predictions, patients: list[str], threshold: float, groups
     patch = pred.patch_eval
     y, s, who, src = pred.label[patch], pred.score[patch], pred.patient[patch], pred.source[patch]
     cluster_of = clusters(patients, groups)[0]
-    everything = np.ones(len(y), bool)
+    annotated = src == "annotated"  # the headline: pathologist-reviewed windows, what chose the epoch and threshold
     # (path in the metrics dict, which patches, threshold, metrics): ("by_source", "annotated") nests under by_source
-    sets = [(("patch",), everything, threshold, PATCH_METRICS), (("patch_at_0.5",), everything, 0.5, THRESHOLD_METRICS),
-            *((("by_source", k), src == k, threshold, PATCH_METRICS) for k in ("annotated", "supplemental"))]
+    sets = [(("patch",), annotated, threshold, PATCH_METRICS), (("patch_at_0.5",), annotated, 0.5, THRESHOLD_METRICS),
+            *((("by_source", k), src == k, threshold, PATCH_METRICS) for k in ("annotated", "supplemental")),
+            (("all_labelled",), np.ones(len(y), bool), threshold, PATCH_METRICS)]
     out, boot = {}, {}
     for name, mask, t, keys in sets:
         ym, sm = y[mask], s[mask]
@@ -197,8 +199,18 @@ def patch_level(pred: Predictions, patients: list[str], threshold: float, groups
             parent = parent.setdefault(p, {})
         parent[leaf] = metrics.patch_metrics(ym, sm, t)
         bootstrap_cis(parent[leaf], b, keys, no_ci_reason(ok, why, draws))
-    out["patch"]["calibration"] = metrics.calibration(y, s)  # the sigmoid scores read as probabilities
+    out["patch"]["calibration"] = metrics.calibration(y[annotated], s[annotated])  # sigmoid scores as probabilities
+    out["cropped_negatives"] = cropped_negatives(who[~annotated], s[~annotated], threshold)
     return out, boot
+
+
+def cropped_negatives(patients, scores, threshold: float) -> dict:
+    """The easy negatives (Cropped patches of NEGATIVA patients) as what they cost a pathologist: the share of each
+    NEGATIVA patient's patches flagged at the threshold (its false-positive rate), summarized over those patients."""
+    rates = {p: float(np.mean(scores[patients == p] >= threshold)) for p in sorted(set(patients.tolist()))}
+    v = np.array(list(rates.values()))
+    return {"patients": len(rates), "patches": int(len(scores)), "per_patient": rates,
+            **({"mean": float(v.mean()), "median": float(np.median(v)), "max": float(v.max())} if v.size else {})}
 
 
 def exact_cis(m: dict) -> None:

@@ -80,7 +80,7 @@ def pooled_rows(folds: list[Fold], part: str = "test") -> tuple[list[dict], list
 
 def patch_summary(rows: list[dict], groups, resamples: int, seed: int) -> dict:
     """Pooled patch metrics (decisions at each fold's threshold) with cluster-bootstrap CIs where estimable."""
-    rows = [r for r in rows if r["patch_eval"] == "1"]
+    rows = [r for r in rows if r["patch_eval"] == "1" and r["source"] == "annotated"]  # the headline set
     y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
     s = np.array([float(r["score"]) for r in rows])
     pred = np.array([int(r["prediction"]) for r in rows], dtype=np.int64)

@@ -247,8 +247,11 @@ def _patch_section(metrics: dict) -> list[str]:
             for k in ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")]
     rows.append(["all-negative dummy accuracy", fmt(m["dummy_accuracy"]), fmt(half["dummy_accuracy"])])
     src = metrics.get("by_source", {})
-    lines = ["", f"## Patch level, {part}", "", "Labelled patches, each window once (Aug copies excluded): "
-             f"{m['n']} patches, {m['positives']} positive. Values with [95% CI].", ""]
+    lines = ["", f"## Patch level, {part}", "", "Annotated windows, each once (Aug copies excluded): "
+             f"{m['n']} patches, {m['positives']} positive. Values with [95% CI]. These pathologist-reviewed positives "
+             "and hard negatives are the headline set, and the set whose validation part chose the epoch and the "
+             "threshold; the easy negatives (Cropped patches of NEGATIVA patients) follow as a false-positive rate "
+             "per patient.", ""]
     lines += _table(["metric", f"at threshold {fmt(m['threshold'])}", "at 0.5"], rows)
     lines += ["", f"Confusion at {fmt(m['threshold'])}: TN {tn}, FP {fp}, FN {fn}, TP {tp}.", "",
               "### By source", "", "Annotated: pathologist-reviewed windows (hard negatives and positives). "
@@ -257,6 +260,16 @@ def _patch_section(metrics: dict) -> list[str]:
     lines += _table(["metric", *names], [[NAMES[k], *[with_ci(src[s], k) for s in names]] for k in
                                          ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")] +
                     [["patches (positive)", *[f"{src[s]['n']} ({src[s]['positives']})" for s in names]]])
+    neg = metrics.get("cropped_negatives") or {}
+    if neg.get("patients"):
+        lines += ["", f"Easy negatives: the {neg['patches']} Cropped patches of the {neg['patients']} NEGATIVA patients "
+                      f"flagged at {fmt(m['threshold'])}: per patient, mean {100 * neg['mean']:.1f}%, median "
+                      f"{100 * neg['median']:.1f}%, worst {100 * neg['max']:.1f}% of its patches (each flagged patch is "
+                      "one a pathologist would look at for nothing)."]
+    if "all_labelled" in metrics:
+        a = metrics["all_labelled"]
+        lines += ["", f"Annotated windows and easy negatives mixed (the headline before; easy negatives lift it): "
+                      f"accuracy {with_ci(a, 'accuracy')}, PR-AUC {with_ci(a, 'pr_auc')} on {a['n']} patches."]
     notes = _interval_notes(m, "patch") + _interval_notes(half, "patch at 0.5") + \
         [n for s in names for n in _interval_notes(src[s], s)]
     cal = m.get("calibration")

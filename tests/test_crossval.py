@@ -65,7 +65,8 @@ def test_every_patient_is_tested_by_the_one_model_that_never_saw_it(cv_runs, dem
 def test_pooled_metrics_recompute_from_the_pooled_rows_with_exact_patient_intervals(cv_runs):
     from sklearn import metrics as skm
     m = json.loads((cv_runs / "27-cv" / "metrics.json").read_text())
-    rows = [r for r in read_csv(cv_runs / "27-cv" / "predictions.csv") if r["patch_eval"] == "1"]
+    rows = [r for r in read_csv(cv_runs / "27-cv" / "predictions.csv") if r["patch_eval"] == "1"
+            and r["source"] == "annotated"]  # the headline set, as in each fold's own report
     y, pred = np.array([int(r["label"]) for r in rows]), np.array([int(r["prediction"]) for r in rows])
     assert m["patch"]["recall"] == pytest.approx(skm.recall_score(y, pred))
     assert m["patch"]["pr_auc"] == pytest.approx(skm.average_precision_score(y, [float(r["score"]) for r in rows]))
@@ -106,7 +107,8 @@ def test_the_patient_models_decisions_of_every_fold_are_pooled_beside_the_rules(
 
 def test_the_cv_headline_auc_compares_pairs_within_a_fold_and_left_out_patients_are_named(cv_runs):
     pooled = json.loads((cv_runs / "27-cv" / "metrics.json").read_text(), parse_constant=float)
-    rows = [r for r in read_csv(cv_runs / "27-cv" / "predictions.csv") if r["patch_eval"] == "1"]
+    rows = [r for r in read_csv(cv_runs / "27-cv" / "predictions.csv") if r["patch_eval"] == "1"
+            and r["source"] == "annotated"]
     expected = metrics.stratified_roc_auc([int(r["label"]) for r in rows], [float(r["score"]) for r in rows],
                                           [r["fold"] for r in rows])
     got = pooled["patch"]["roc_auc_fold_stratified"]

@@ -57,7 +57,7 @@ def patch_rows(evaluation, **where):
 # ----------------------------------------------------------------------------------------------- outputs
 def test_every_output_file_exists_and_parses(evaluation):
     out = evaluation["out"]
-    assert evaluation["metrics"]["patch"]["n"] == len(patch_rows(evaluation, split="test")) > 0
+    assert evaluation["metrics"]["patch"]["n"] == len(patch_rows(evaluation, split="test", source="annotated")) > 0
     assert evaluation["patients"] and evaluation["predictions"]
     groups = [g for g in gradcam.GRADCAM_GROUPS if g in np.load(out / "gradcam/heatmaps.npz").files]
     assert "true_positives" in groups  # the max-F1 threshold always keeps at least one true positive
@@ -75,9 +75,14 @@ def test_every_output_file_exists_and_parses(evaluation):
 def test_the_report_gives_sensitivity_by_grade_predictive_values_and_calibration(evaluation):
     from sklearn.metrics import brier_score_loss
     m, out = evaluation["metrics"], evaluation["out"]
-    rows = patch_rows(evaluation, split="test")
+    rows = patch_rows(evaluation, split="test", source="annotated")
     y, s = [int(r["label"]) for r in rows], [float(r["score"]) for r in rows]
     assert m["patch"]["calibration"]["brier"] == pytest.approx(brier_score_loss(y, s))
+    easy = patch_rows(evaluation, split="test", source="supplemental")  # Cropped of NEGATIVA: a rate per patient
+    rates = {p: np.mean([float(r["score"]) >= m["patch"]["threshold"] for r in easy if r["patient"] == p])
+             for p in {r["patient"] for r in easy}}
+    assert m["cropped_negatives"]["per_patient"] == pytest.approx(rates)
+    assert m["cropped_negatives"]["patches"] == len(easy)
     p = m["patient"]
     decided = [r for r in evaluation["patients"] if r["split"] == "test" and r["label"] != "-1"
                and r["prediction"] != "-1"]
@@ -125,8 +130,8 @@ def test_predictions_cover_the_val_test_and_holdout_patches_once_byte_identical_
 
 
 # ----------------------------------------------------------------------------------------------- patch metrics
-@pytest.mark.parametrize("name, source", [("patch", None), ("patch_at_0.5", None),
-                                          ("by_source.annotated", "annotated")])
+@pytest.mark.parametrize("name, source", [("patch", "annotated"), ("patch_at_0.5", "annotated"),
+                                          ("by_source.annotated", "annotated"), ("all_labelled", None)])
 def test_patch_metrics_equal_sklearn_recomputed_from_predictions_csv(evaluation, name, source):
     m = level(evaluation["metrics"], name)
     rows = patch_rows(evaluation, split="test", **({"source": source} if source else {}))

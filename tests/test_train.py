@@ -34,10 +34,11 @@ def run_train(demo_root, runs, run_id, *extra, epochs=2):
 
 
 def validation_windows(run_dir) -> int:
-    """The split's validation windows, each once, byte-identical files once (B22-200/201: counted by content)."""
+    """The split's annotated validation windows (what chooses the epoch and threshold; Cropped negatives are not
+    among them), each once, byte-identical files once (B22-200/201: counted by content)."""
     split = json.loads((run_dir / "split.json").read_text())
     data = helicodata.load_data(json.loads((run_dir / "config.json").read_text())["data_root"])
-    paths = [s.path for s in helicodata.select(data.labelled, split["val"])]
+    paths = [s.path for s in helicodata.select(data.labelled, split["val"]) if s.source == "annotated"]
     return len({hashlib.sha256((data.root / p).read_bytes()).hexdigest() for p in paths})
 
 
@@ -325,7 +326,7 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     assert not any(k.startswith("module.") for k in ckpt["model"])
     # The gathered metrics equal a single-process pass of the saved model over the validation windows.
     data = helicodata.load_data(demo_root)
-    val = helicodata.select(data.labelled, ckpt["split"]["val"])
+    val = [s for s in helicodata.select(data.labelled, ckpt["split"]["val"]) if s.source == "annotated"]
     val = [s for s, keep in zip(val, splits.first_copies(demo_root, [s.path for s in val])) if keep]  # as training
     net = model.build_model("resnet18", "none")
     net.load_state_dict(ckpt["model"])
