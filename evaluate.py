@@ -5,6 +5,7 @@
     python evaluate.py --checkpoint runs/26/best.pt --data-root /scratch/$USER/HelicoDataSet --out /tmp/ev26
     python evaluate.py --compare runs/10/best.pt runs/14/best.pt          # deltas with paired cluster-bootstrap CIs
     python evaluate.py --cv runs/27-f*                                    # pooled out-of-fold test predictions
+    python evaluate.py --holdout --ensemble runs/27-f*                    # the CV's one HoldOut model
 
 Everything comes from the checkpoint (train.py writes it): architecture, weights, image size, the patient split,
 the Macenko stain reference and the patch threshold chosen on validation. Only --data-root may override the
@@ -14,9 +15,10 @@ Macenko -> ImageNet normalization) under the run's precision and layout (model.p
 What it measures. The headline is the split's test part (nothing was chosen on it); the validation part, which
 chose the epoch, the patch threshold and the patient rule, is reported as the selection set (optimistic). A
 two-part split (no test part) is evaluated on val, and the report says first that there is no untouched set.
-- patches (labelled windows, each once, Aug copies excluded, byte-identical files once), at the stored threshold
-  and at 0.5, next to the all-negative dummy's accuracy; and by source: annotated (hard) vs supplemental (Cropped
-  of NEGATIVA, easy);
+- patches: the annotated windows (pathologist-reviewed positives and hard negatives, each once, Aug copies excluded,
+  byte-identical files once: what train.py's validation chose the epoch and threshold on), at the stored threshold
+  and at 0.5, next to the all-negative dummy's accuracy; the Cropped patches of NEGATIVA patients (easy negatives) as
+  each NEGATIVA patient's false-positive rate; calibration (Brier, ECE, reliability diagram);
 - patients: ALL their Cropped patches are scored and aggregated (fraction of positive patches, and the mean of the
   top-k scores); the rule and its threshold are chosen on the validation patients (Youden's J) and applied
   unchanged to test and HoldOut. Annotated windows are NOT aggregated: pathologists picked them knowing the
@@ -89,6 +91,11 @@ def get_args_parser():
                       "by side, deltas against the first with paired patient-cluster bootstrap CIs, on the patients "
                       "of --compare-on they share, each model with its own validation-chosen threshold and rule; "
                       "one verdict, on the primary metric (patch PR-AUC)")
+    what.add_argument("--ensemble", nargs="+", metavar="RUN", help="with --holdout: the fold runs of one "
+                      "cross-validation (runs/27-f*, each evaluated) as ONE HoldOut model: the mean of the fold "
+                      "models' probabilities (patch model, and patient model where every fold has one), thresholds "
+                      "chosen on the pooled out-of-fold test predictions only; beside each fold model alone. Writes "
+                      "<runs>/27-ensemble/")
     what.add_argument("--cv", nargs="+", metavar="RUN", help="the run folders of one cross-validation (runs/27-f*): "
                       "each is evaluated (its eval/), then their out-of-fold test predictions are pooled into "
                       "<runs>/27-cv/ (or --out), after checking the folds' test parts are disjoint and cover the "
@@ -146,8 +153,8 @@ def check_args(args) -> None:
         raise DataError(f"--resident-max-frac {args.resident_max_frac}: expected a share in [0, 1]")
     if not 0 < args.top_share <= 1:
         raise DataError(f"--top-share {args.top_share}: expected a share in (0, 1]")
-    if args.cache_base and (args.compare or args.cv):
-        raise DataError("--cache-base: for one --checkpoint; give --compare and --cv a --cache DIR")
+    if args.cache_base and (args.compare or args.cv or args.ensemble):
+        raise DataError("--cache-base: for one --checkpoint; give --compare, --cv and --ensemble a --cache DIR")
     if args.compare and len(args.compare) < 2:
         raise DataError("--compare: give at least two checkpoints (the first is the baseline)")
 
@@ -471,6 +478,103 @@ def run_cv(args, device) -> int:
     return common.EXIT_OK
 
 
+def oof_predictions(folds) -> analysis.Predictions:
+    """The pooled out-of-fold test rows of the fold runs' predictions.csv, as Predictions: what the ensemble's
+    thresholds are chosen on (each patient scored by the one model that never saw it, no HoldOut label read)."""
+    rows, _ = crossval.pooled_rows(folds)
+    samples = [helicodata.Sample(r["path"], r["patient"], r["source"], int(r["label"]), 0) for r in rows]
+    flag = lambda k: np.array([r[k] == "1" for r in rows], dtype=bool)
+    return analysis.Predictions(samples, np.array(["test"] * len(rows)), flag("patch_eval"), flag("patient_eval"),
+                                np.array([float(r["score"]) for r in rows]))
+
+
+def run_ensemble(args, device) -> int:
+    """evaluate.py --holdout --ensemble runs/27-f*: the one declared HoldOut model of a cross-validation. Each patch
+    (and each patient bag) is scored by every fold model and the probabilities averaged; the patch threshold and the
+    patient rule (and the patient model's threshold) are chosen on the folds' pooled out-of-fold test predictions
+    only, never on the HoldOut, whose labels reach nothing but the metrics. Each fold model's own HoldOut numbers (its
+    own validation-chosen thresholds) are reported beside it."""
+    runs = [Path(r) for r in args.ensemble]
+    if not args.holdout:
+        raise DataError("--ensemble: the ensemble is the cross-validation's HoldOut model; add --holdout")
+    if len(runs) < 2 or len(set(runs)) != len(runs):
+        raise DataError(f"--ensemble: give the run folders of two or more folds, each once (got {len(runs)})")
+    out = Path(args.out) if args.out else runs[0].parent / f"{crossval.default_out(runs).name[:-3]}-ensemble"
+    eval_report.check_out_folder(out)
+    folds = sorted((crossval.read_fold(r) for r in runs), key=lambda f: (f.split.get("fold") is None,
+                                                                         f.split.get("fold")))
+    paths = [f.run / "best.pt" for f in folds]
+    ckpts = [model.load_checkpoint(p) for p in paths]
+    data = helicodata.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
+    crossval.check_folds(folds, data.cv_patients)
+    hash_cache = splits.hash_cache_path(None, data.root)
+    shared = splits.shared_content(data, cache=hash_cache, progress=False)
+    splits.check_holdout_independent(data, shared)
+    groups = splits.duplicate_groups(shared)
+    holdout = data.holdout_patients
+    if not holdout:
+        raise DataError(f"--ensemble: {data.root} has no HoldOut patients")
+    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, {}, holdout), data.root, hash_cache)
+    # thresholds from the out-of-fold predictions only
+    oof = oof_predictions(folds)
+    ann = oof.patch_eval & (oof.source == "annotated")
+    patch_threshold, _ = metrics.best_f1_threshold(oof.label[ann], oof.score[ann])
+    oof_patients = sorted(set(oof.patient[oof.patient_eval].tolist()))
+    rule = analysis.choose_patient_rule(analysis.patient_scores(oof, oof_patients, data.diagnosis, patch_threshold,
+                                                                args.top_k, args.top_share))
+    _, oof_pats = crossval.pooled_rows(folds)
+    with_model = crossval.with_model(folds, oof_pats)
+    mil_rule = analysis.choose_mil_threshold([{"label": int(r["label"]), "n_patches": int(r["n_patches"]),
+                                               "mil_probability": float(r["mil_probability"] or "nan")}
+                                              for r in oof_pats]) if with_model else None
+    draws = analysis.part_draws(holdout, groups, args.bootstrap, args.seed)
+    scores, probs, each = [], [], []
+    for f, c, p in zip(folds, ckpts, paths):
+        net, normalizer = model.from_checkpoint(c, p, args.arch, device)
+        cache = prepared_cache(args, c, data, device)
+        pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args, cache))
+        mil_out = patient_model(args, p, common.file_sha256(p), c, net, normalizer, data, holdout, device, cache)[0] \
+            if with_model else None
+        own = f.metrics["selection"]
+        m, _, _ = analysis.analyse(pred, holdout, data.diagnosis, float(c["threshold"]), args.top_k, groups, draws,
+                                   rule=own["patient"], mil_probability=mil_out and mil_out["probability"],
+                                   mil_rule=own.get("patient_mil"), top_share=args.top_share)
+        each.append({"run": str(f.run), "fold": f.split.get("fold"), **{k: m[k] for k in ("patient", "patient_mil")
+                                                                        if k in m}})
+        scores.append(pred.score)
+        probs.append(mil_out["probability"] if mil_out else None)
+        del net
+    mean = analysis.Predictions(pred.samples, pred.split, pred.patch_eval, pred.patient_eval,
+                                np.mean(np.stack(scores), axis=0))
+    mean_mil = {p: float(np.mean([d[p] for d in probs])) for p in holdout} if with_model else None
+    result, patient_rows, _ = analysis.analyse(mean, holdout, data.diagnosis, patch_threshold, args.top_k, groups,
+                                               draws, rule=rule, mil_probability=mean_mil, mil_rule=mil_rule,
+                                               top_share=args.top_share)
+    shas = [common.file_sha256(p) for p in paths]
+    where = ledger.path_for(paths[0])
+    entries = ledger.read(where)
+    look = 1 + sum(1 for e in entries if e.get("kind") == "ensemble" and sorted(e.get("sha256s", [])) == sorted(shas))
+    table = {"ensemble": {k: result[k] for k in ("patient", "patient_mil", "patient_vs_mil") if k in result},
+             "folds": each, "k": len(folds), "holdout_patients": holdout,
+             "thresholds": {"patch": patch_threshold, "patient_rule": rule["rule"],
+                            "patient_threshold": rule["threshold"],
+                            "patient_model_threshold": mil_rule["threshold"] if mil_rule else None,
+                            "chosen_on": "the folds' pooled out-of-fold test predictions"},
+             "looks": {"holdout": {"look": look, "ledger": str(where)}}, "runs": [str(f.run) for f in folds]}
+    ledger.append(where, {"kind": "ensemble", "checkpoints": [str(p) for p in paths], "sha256s": shas,
+                          "parts": ["holdout"], "headline": {"holdout": {f"patient.{k}": result["patient"][k]
+                                                                         for k in analysis.PATIENT_METRICS}}})
+    text = eval_report.render_ensemble(table)
+    with eval_report.replaced_folder(out) as tmp:
+        eval_report.write_json(tmp / "metrics.json", table)
+        eval_report.write_patients(tmp / "patients.csv", [{**r, "split": "holdout"} for r in patient_rows],
+                                   rule["rule"])
+        common.atomic_write_text(tmp / "report.md", text)
+    print(text)
+    print(f"wrote {out}/report.md")
+    return common.EXIT_OK
+
+
 # Fewer shared validation patients than this and a bootstrap over patients has nothing to resample: one patient
 # gives a zero-width interval that "excludes 0" for any difference. Refuse rather than print a verdict.
 MIN_SHARED_PATIENTS = 5
@@ -547,7 +651,7 @@ def main(argv=None) -> int:
         check_args(args)
         device = common.resolve_device(args.device)
         return run_compare(args, device) if args.compare else run_cv(args, device) if args.cv else \
-            run_evaluation(args, device)
+            run_ensemble(args, device) if args.ensemble else run_evaluation(args, device)
     # workers ignore SIGTERM/SIGINT: left to Python's exit they would keep it waiting, so cleanup stops them
     return common.guarded_main(body, kept="no report written (a previous one is kept)",
                                again="run the same command again", cleanup=loaders.stop_workers,

@@ -528,3 +528,33 @@ def render_compare(table: dict) -> str:
                           d["verdict"] or ("-" if d["role"] == "descriptive" else "undefined (no CI)")]
                          for d in table["deltas"] if d["model"] == i])
     return "\n".join(lines) + "\n"
+
+
+def render_ensemble(table: dict) -> str:
+    """evaluate.py --ensemble's report: the averaged fold models on the HoldOut beside each fold model alone."""
+    t, ens = table["thresholds"], table["ensemble"]
+    lines = [f"# HoldOut: the ensemble of {table['k']} fold models", "",
+             f"Each HoldOut patch is scored by every fold model and the probabilities are averaged (the patient model's "
+             f"too, where every fold has one). Thresholds chosen on {t['chosen_on']}, never on the HoldOut: patch "
+             f"{fmt(t['patch'])} (max F1 on the annotated windows), patient rule **{t['patient_rule']} >= "
+             f"{fmt(t['patient_threshold'], 4)}**" + (f", patient model probability >= "
+                                                      f"{fmt(t['patient_model_threshold'], 4)}"
+                                                      if t.get("patient_model_threshold") is not None else "")
+             + " (Youden's J). The HoldOut labels reach the metrics only.", "",
+             f"**Look {table['looks']['holdout']['look']} at the HoldOut's labels by this ensemble** (ledger "
+             f"`{table['looks']['holdout']['ledger']}`). Declare this one HoldOut model before looking; each fold "
+             "model's own HoldOut numbers below are for reading the spread, not for choosing.", ""]
+    cols = {"ensemble: rule": ens["patient"]}
+    if "patient_mil" in ens:
+        cols["ensemble: model"] = ens["patient_mil"]
+    for f in table["folds"]:
+        cols[f"fold {f['fold']}: rule"] = f["patient"]
+        if "patient_mil" in f:
+            cols[f"fold {f['fold']}: model"] = f["patient_mil"]
+    lines += _table(["metric", *cols], [[NAMES[k], *[with_ci(c, k) for c in cols.values()]]
+                                        for k in ("accuracy", "sensitivity", "specificity", "roc_auc")] +
+                    [["patients (infected)", *[f"{c['n']} ({c['positives']})" for c in cols.values()]]])
+    lines += _grade_and_prevalence({k: v for k, v in cols.items() if k.startswith("ensemble")})
+    lines += _below_chance(cols)
+    lines += ["", "Fold runs: " + ", ".join(f"`{r}`" for r in table["runs"])]
+    return "\n".join(lines) + "\n"

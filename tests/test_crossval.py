@@ -122,3 +122,41 @@ def test_the_cv_headline_auc_compares_pairs_within_a_fold_and_left_out_patients_
     assert "hold the K fitted models fixed" in report
     if left:
         assert "Left out of the" in report and sorted(left)[0] in report
+
+
+def flipped_copy(root, patients, where):
+    """The same images (links) under another PatientDiagnosis.csv: `patients`' diagnoses turned over."""
+    where.mkdir()
+    for entry in root.iterdir():
+        if entry.name != "PatientDiagnosis.csv":
+            (where / entry.name).symlink_to(entry)
+    lines = (root / "PatientDiagnosis.csv").read_text().splitlines()
+    swap = {"NEGATIVA": "ALTA", "ALTA": "NEGATIVA", "BAIXA": "NEGATIVA"}
+    body = [f"{p},{swap[d]}" if p in patients else line for line in lines[1:] for p, d in [line.split(",")[:2]]]
+    (where / "PatientDiagnosis.csv").write_text("\n".join([lines[0], *body]) + "\n")
+    return where
+
+
+def test_the_ensemble_is_one_holdout_model_whose_thresholds_never_read_the_holdout(cv_runs, demo_root, tmp_path):
+    runs = [str(cv_runs / f"27-f{i}") for i in range(K)]
+    flags = ["--holdout", "--device", "cpu", "--workers", "0", "--bootstrap", "0", "--gradcam", "0"]
+    assert evaluate.main(["--ensemble", *runs, "--out", str(tmp_path / "ens"), *flags]) == 0
+    m = json.loads((tmp_path / "ens" / "metrics.json").read_text(), parse_constant=float)
+    holdout = helicodata.load_data(demo_root).holdout_patients
+    assert m["k"] == K and len(m["folds"]) == K and m["holdout_patients"] == holdout
+    assert m["thresholds"]["chosen_on"] == "the folds' pooled out-of-fold test predictions"
+    assert "patient_mil" in m["ensemble"] and all("patient_mil" in f for f in m["folds"])
+    report = (tmp_path / "ens" / "report.md").read_text()
+    assert "the ensemble of 3 fold models" in report and "Look 1 at the HoldOut's labels by this ensemble" in report
+    # the HoldOut's labels reach the metrics only: turned over, every score, probability and decision stays
+    flipped = flipped_copy(demo_root, set(holdout), tmp_path / "flipped")
+    assert evaluate.main(["--ensemble", *runs, "--out", str(tmp_path / "ens2"), "--data-root", str(flipped),
+                          *flags]) == 0
+    a, b = (read_csv(tmp_path / d / "patients.csv") for d in ("ens", "ens2"))
+    keep = ("patient", "n_patches", "fraction_positive", "top_share_mean", "score", "prediction", "mil_probability",
+            "mil_prediction")
+    assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in b]
+    assert [r["label"] for r in a] != [r["label"] for r in b]
+    m2 = json.loads((tmp_path / "ens2" / "metrics.json").read_text(), parse_constant=float)
+    assert m2["thresholds"] == m["thresholds"]
+    assert m2["looks"]["holdout"]["look"] == 2  # the same ensemble, looked at again
