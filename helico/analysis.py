@@ -156,13 +156,18 @@ def part_draws(patients: list[str], groups, resamples: int, seed: int, stream: i
     return metrics.cluster_draws(n, resamples, seed, stream) if resamples and n else None
 
 
-def bootstrap_cis(point: dict, boot: dict[str, np.ndarray], keys, note: str) -> None:
-    """Percentile CIs (and each one's share of undefined resamples) from `boot`, or `note` saying why there are none."""
+BOOTSTRAP_METHOD = "patient-cluster bootstrap, BCa"
+
+
+def bootstrap_cis(point: dict, boot: dict[str, np.ndarray], keys, note: str, jack: dict | None = None) -> None:
+    """BCa CIs (bias-corrected and accelerated: the jackknife over clusters in `jack`) and each one's share of
+    undefined resamples from `boot`, or `note` saying why there are none. With 10 + 10 patient clusters the plain
+    percentile interval covered 88% for a nominal 95% (tests/test_intervals.py's simulation)."""
     if boot:
         for k in keys:
-            lo, hi, undefined = metrics.percentile_interval(boot[k])
+            lo, hi, undefined = metrics.bca_interval(boot[k], point.get(k, float("nan")), (jack or {}).get(k, []))
             point.setdefault("ci95", {})[k] = [lo, hi]
-            point.setdefault("ci_method", {})[k] = "patient-cluster bootstrap"
+            point.setdefault("ci_method", {})[k] = BOOTSTRAP_METHOD
             point.setdefault("bootstrap_undefined_share", {})[k] = undefined
     elif note:
         point.setdefault("ci_note", {}).update({k: note for k in keys})
@@ -192,13 +197,14 @@ def patch_level(pred: Predictions, patients: list[str], threshold: float, groups
         def resampled(idx, ym=ym, sm=sm, t=t, keys=keys):
             return {k: v for k, v in metrics.binary_metrics(ym[idx], sm[idx], t).items() if k in keys}
         b = metrics.cluster_bootstrap(cm, draws, resampled) if ok and draws is not None else {}
+        jack = metrics.jackknife(cm, int(cm.max()) + 1, resampled) if b else {}
         boot.update({".".join((*name, k)): v for k, v in b.items()})
         *parents, leaf = name
         parent = out
         for p in parents:
             parent = parent.setdefault(p, {})
         parent[leaf] = metrics.patch_metrics(ym, sm, t)
-        bootstrap_cis(parent[leaf], b, keys, no_ci_reason(ok, why, draws))
+        bootstrap_cis(parent[leaf], b, keys, no_ci_reason(ok, why, draws), jack)
     out["patch"]["calibration"] = metrics.calibration(y[annotated], s[annotated])  # sigmoid scores as probabilities
     out["cropped_negatives"] = cropped_negatives(who[~annotated], s[~annotated], threshold)
     return out, boot
@@ -244,10 +250,13 @@ def decide(rows: list[dict], score: str, prediction: str, rule: dict, patients: 
     cluster_of = clusters(patients, groups)[0]
     ck = np.array([cluster_of[r["patient"]] for r in known], dtype=np.int64)
     ok, why = metrics.estimable(ck, y)
+    roc = lambda idx: {"roc_auc": metrics.patient_metrics(y[idx], s[idx], rule["threshold"])["roc_auc"]}
+    jack = {}
     if ok and draws is not None:
         b = metrics.cluster_bootstrap(ck, draws, lambda idx: {k: v for k, v in metrics.patient_metrics(
             y[idx], s[idx], rule["threshold"]).items() if k in PATIENT_METRICS})
-    bootstrap_cis(m, {k: v for k, v in b.items() if k == "roc_auc"}, ["roc_auc"], no_ci_reason(ok, why, draws))
+        jack = metrics.jackknife(ck, int(ck.max()) + 1, roc)
+    bootstrap_cis(m, {k: v for k, v in b.items() if k == "roc_auc"}, ["roc_auc"], no_ci_reason(ok, why, draws), jack)
     return m, b
 
 

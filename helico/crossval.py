@@ -104,7 +104,8 @@ def patch_summary(rows: list[dict], groups, resamples: int, seed: int) -> dict:
         return out
     draws = metrics.cluster_draws(int(cluster.max()) + 1, resamples, seed)
     boot = metrics.cluster_bootstrap(cluster, draws, point)
-    cis = {k: metrics.percentile_interval(boot[k]) for k in analysis.PATCH_METRICS}
+    jack = metrics.jackknife(cluster, int(cluster.max()) + 1, point)
+    cis = {k: metrics.bca_interval(boot[k], out[k], jack[k]) for k in analysis.PATCH_METRICS}
     out["ci95"] = {k: [lo, hi] for k, (lo, hi, _) in cis.items()}
     out["bootstrap_undefined_share"] = {k: u for k, (_, _, u) in cis.items()}
     return out

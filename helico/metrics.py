@@ -402,3 +402,47 @@ def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(finite, [tail, 100 - tail])
     return float(lo), float(hi), float(undefined)
+
+
+def jackknife(cluster: np.ndarray, n_clusters: int, metric_fn) -> dict[str, np.ndarray]:
+    """metric_fn on the rows of all clusters but one, for each cluster left out: BCa's acceleration."""
+    members = rows_of_clusters(cluster, n_clusters)
+    out: dict[str, list] = {}
+    for c in range(n_clusters):
+        idx = np.concatenate([members[k] for k in range(n_clusters) if k != c]) if n_clusters > 1 else \
+            np.zeros(0, dtype=np.int64)
+        for k, v in metric_fn(idx).items():
+            out.setdefault(k, []).append(v)
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def bca_interval(values: np.ndarray, point: float, jack: np.ndarray, level: float = LEVEL
+                 ) -> tuple[float, float, float]:
+    """(low, high, undefined share): the bias-corrected and accelerated bootstrap interval (Efron 1987; Efron &
+    Tibshirani 1993, ch. 14) over the resamples where the metric is defined. Bias z0 from the share of resamples
+    below the point estimate (ties count half), acceleration from the jackknife over clusters. It corrects the
+    percentile interval's under-coverage with few clusters and a skewed, bounded statistic; it falls back to the
+    percentile interval when the correction is undefined (every resample on one side of the point, or a constant
+    jackknife)."""
+    from statistics import NormalDist
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    lo, hi, undefined = percentile_interval(values, level)
+    jack = np.asarray(jack, dtype=np.float64)
+    jack = jack[np.isfinite(jack)]
+    if not finite.size or not np.isfinite(point) or jack.size < 3:
+        return lo, hi, undefined
+    below = (np.sum(finite < point) + 0.5 * np.sum(finite == point)) / finite.size
+    if not 0 < below < 1:
+        return lo, hi, undefined
+    normal = NormalDist()
+    z0 = normal.inv_cdf(below)
+    d = jack.mean() - jack
+    spread = np.sum(d ** 2)
+    a = float(np.sum(d ** 3) / (6 * spread ** 1.5)) if spread > 0 else 0.0
+    out = []
+    for tail in ((1 - level) / 2, (1 + level) / 2):
+        z = normal.inv_cdf(tail)
+        shifted = z0 + (z0 + z) / (1 - a * (z0 + z))
+        out.append(float(np.percentile(finite, 100 * normal.cdf(shifted))))
+    return out[0], out[1], undefined

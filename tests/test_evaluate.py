@@ -316,7 +316,7 @@ def test_cluster_bootstrap_cis_are_reproducible_with_the_seed_and_treat_a_duplic
     for name in ("patch", "patch_at_0.5", "by_source.annotated", "patient"):
         np.testing.assert_equal(level(again, name)["ci95"], level(a, name)["ci95"])
     assert level(run(1)[0], "patch")["ci95"] != a["patch"]["ci95"]
-    assert a["patch"]["ci_method"]["pr_auc"] == "patient-cluster bootstrap"
+    assert a["patch"]["ci_method"]["pr_auc"] == "patient-cluster bootstrap, BCa"
     assert a["patient"]["ci_method"]["sensitivity"].startswith("exact binomial")
     assert analysis.clusters(patients, groups)[1] == len(patients) - 1  # 30 patients, 29 clusters
     assert len(boot["patch.pr_auc"]) == 200

@@ -55,3 +55,29 @@ def test_percentile_interval_reports_the_share_of_undefined_resamples():
     lo, hi, undefined = intervals.percentile_interval(values)
     assert undefined == pytest.approx(0.2) and lo == pytest.approx(np.percentile(np.linspace(0, 1, 80), 2.5))
     assert np.isnan(intervals.percentile_interval(np.array([np.nan, np.nan]))[0])
+
+
+def test_bca_covers_a_skewed_cluster_statistic_better_than_the_percentile_interval():
+    """The reviewer's finding: near the cluster floor the percentile interval under-covers. A patch-level rate over
+    20 patient clusters of 20-60 patches whose own rates vary (Beta, mean 0.08): the share of 400 simulated studies
+    whose 95% interval holds the true rate. Seeded: the same numbers on every machine."""
+    rng = np.random.default_rng(0)
+    hits = {"percentile": 0, "bca": 0}
+    for _ in range(400):
+        m = rng.integers(20, 60, 20)
+        k = rng.binomial(m, rng.beta(0.4, 4.6, 20))
+        draws = rng.integers(0, 20, (500, 20))
+        boot = k[draws].sum(1) / m[draws].sum(1)
+        jack = (k.sum() - k) / (m.sum() - m)  # leave one cluster out
+        for name, (lo, hi, _) in (("percentile", intervals.percentile_interval(boot)),
+                                  ("bca", intervals.bca_interval(boot, k.sum() / m.sum(), jack))):
+            hits[name] += lo <= 0.08 <= hi
+    percentile, bca = hits["percentile"] / 400, hits["bca"] / 400
+    assert percentile < 0.93 and bca >= percentile + 0.015 and bca >= 0.91, (percentile, bca)
+
+
+def test_bca_without_bias_or_skew_is_the_percentile_interval():
+    values = np.linspace(-1, 1, 2001)  # symmetric around the point, a symmetric jackknife: z0 = 0, a = 0
+    assert intervals.bca_interval(values, 0.0, np.array([-1.0, 0.0, 1.0])) == \
+        pytest.approx(intervals.percentile_interval(values))
+    assert intervals.bca_interval(values, 5.0, np.array([1.0, 2.0, 3.0])) == intervals.percentile_interval(values)
