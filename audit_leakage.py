@@ -19,7 +19,8 @@ under a stable check name:
 - warnings: multi_section_patients, label_conflicts, presence_zero_rows, rows_without_files, files_without_rows,
   stray_entries, duplicate_rows, control_or_external_mentions (paths and every workbook/CSV cell),
   off_size_images, unreadable_png_headers, undecodable_images (a valid header, pixels that do not decode: a
-  truncated PNG), duplicate_content_groups (even when kept together),
+  truncated PNG), duplicate_content_groups (even when kept together), near_duplicate_images (a 64-bit perceptual
+  hash within 6 bits across two patients: a re-encoded copy under another ID, which the content hash misses),
   reference_patch_missing, patients_outside_split, patients_without_diagnosis.
 
 Exit codes: 0 no leak (warnings may be printed); 1 at least one leak; 2 bad input (missing or malformed data
@@ -47,6 +48,8 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+
+import numpy as np
 
 import common
 from helico import helicodata, splits, train_flags
@@ -320,15 +323,49 @@ def decode_check(path: Path) -> tuple[tuple[int, int] | None, str | None]:
         return None, None
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _DECODED:
-        size, error = png_size(path), None
+        size, error, fingerprint = png_size(path), None, None
         if size is not None:
             try:
                 with Image.open(path) as im:
                     im.load()  # every pixel: what PatchDataset does before it trains on the file
+                    fingerprint = dhash(im)
             except (OSError, SyntaxError, ValueError) as e:
                 error = str(e) or type(e).__name__
-        _DECODED[key] = size, error
+        _DECODED[key] = size, error, fingerprint
     return _DECODED[key]
+
+
+def dhash(im) -> int:
+    """A 64-bit perceptual difference hash: the image in grey, shrunk to 9x8, one bit per horizontal neighbour pair
+    (left brighter than right). A re-encoded, recompressed or slightly re-coloured copy keeps nearly every bit; two
+    different tissue patches differ in about half of them."""
+    from PIL import Image
+    g = np.asarray(im.convert("L").resize((9, 8), Image.BILINEAR), dtype=np.int16)
+    bits = (g[:, :-1] > g[:, 1:]).ravel()
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+NEAR = 6  # bits of 64: at most this many differ for a near-duplicate (re-encoded copies: 0-3 in tests/test_audit.py)
+BANDS = NEAR + 1  # pigeonhole: two hashes within NEAR bits agree exactly on at least one of NEAR + 1 bands
+
+
+def near_duplicate_pairs(hashes: dict[str, int]) -> list[tuple[str, str, int]]:
+    """(path, path, differing bits) of images whose hashes differ in at most NEAR bits, found through exact matches
+    on one of BANDS bit bands (no all-pairs comparison: linear in the files for real data)."""
+    paths = sorted(hashes)
+    width = -(-64 // BANDS)
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(paths):
+        for b in range(BANDS):
+            buckets[(b, (hashes[p] >> (b * width)) & ((1 << width) - 1))].append(i)
+    pairs = {}
+    for members in buckets.values():
+        if len(members) > 1:
+            for x, i in enumerate(members):
+                for j in members[x + 1:]:
+                    if (i, j) not in pairs:
+                        pairs[(i, j)] = bin(hashes[paths[i]] ^ hashes[paths[j]]).count("1")
+    return [(paths[i], paths[j], d) for (i, j), d in sorted(pairs.items()) if d <= NEAR]
 
 
 def decode_images(root: Path, paths, workers: int = 16, chunk: int = 256, progress: bool = True) -> dict:
@@ -364,6 +401,31 @@ def undecodable_images(errors: dict[str, str]) -> list[Finding]:
     return found("warning", "undecodable_images", bad, map(path_patient, bad), f"{len(bad)} PNG(s) with a valid "
                  f"header whose pixels do not decode ({examples(why)}): {examples(bad)}; train.py and evaluate.py "
                  f"stop at the first one (exit 2): replace them, or pass --skip-bad-images to leave them out", bad)
+
+
+def near_duplicate_images(hashes: dict[str, int], shared: dict[str, list[str]], groups, parts: Parts,
+                          holdout_patients) -> list[Finding]:
+    """Images of two different patients (not one duplicate group) whose perceptual hashes differ in at most NEAR of
+    64 bits, byte-identical files excepted (identical_images_across_parts and duplicate_content_groups report those):
+    a re-encoded or re-coloured copy of a slide under another ID escapes the content hash, the split, the bootstrap
+    clusters and the HoldOut check. A warning, not a leak: a hash match is evidence, not proof; look at the pairs."""
+    identical = {p for ps in shared.values() for p in ps}
+    group_of = {p: i for i, g in enumerate(groups) for p in g}
+    where = lambda p: parts.of_patient(p) or (HOLDOUT if p in set(holdout_patients) else "no part")
+    lines, patients, files = [], [], []
+    for a, b, bits in near_duplicate_pairs(hashes):
+        pa, pb = path_patient(a), path_patient(b)
+        if pa == pb or pa is None or pb is None or (a in identical and b in identical) or \
+                group_of.get(pa, pa) == group_of.get(pb, pb):
+            continue
+        lines.append(f"{a} ({pa}, {where(pa)}) ~ {b} ({pb}, {where(pb)}), {bits} bit(s)")
+        patients += [pa, pb]
+        files += [a, b]
+    return found("warning", "near_duplicate_images", lines, sorted(set(patients)), f"{len(lines)} pair(s) of images of "
+                 f"different patients whose 64-bit perceptual hashes differ in <= {NEAR} bits (not byte-identical: "
+                 f"re-encoded or re-coloured copies?): {examples(lines)}; if a pair is one slide under two IDs, its "
+                 f"patients must stay in one part (and out of the HoldOut): give train.py a --split that does so",
+                 files)
 
 
 def duplicate_content_groups(groups: list[list[str]], parts: Parts, holdout_patients) -> list[Finding]:
@@ -435,7 +497,7 @@ class Audit:
 
 
 def run_checks(data, split, groups, shared, sizes, errors, reference_patch: str | None,
-               expected_size: int) -> list[Finding]:
+               expected_size: int, hashes: dict | None = None) -> list[Finding]:
     """Leaks first (in the order of the module docstring), then warnings."""
     parts = Parts(split)
     folders = {f"{TREES[tree]}/{f}" for tree, pats in data.folders.items() for fs in pats.values() for f in fs}
@@ -450,6 +512,7 @@ def run_checks(data, split, groups, shared, sizes, errors, reference_patch: str 
         *control_or_external_mentions(data, set(sizes) | set(data.stray) | folders),
         *off_size_images(sizes, expected_size), *undecodable_images(errors),
         *duplicate_content_groups(groups, parts, data.holdout_patients),
+        *near_duplicate_images(hashes or {}, shared, groups, parts, data.holdout_patients),
         *reference_patch_missing(data.root, reference_patch), *patients_outside_split(split, data),
         *patients_without_diagnosis(data)]
 
@@ -480,10 +543,11 @@ def audit(args, data: helicodata.HelicoData, checked: dict) -> Audit:
     if missing:  # split_problems reports it too; here it is bad input, as it is for train.py
         raise DataError(f"--split {args.split}: data root {data.root} lacks patient(s) of the split: "
                         f"{examples(missing)}")
-    sizes = {p: size for p, (size, _) in checked.items()}
-    errors = {p: error for p, (_, error) in checked.items() if error}
+    sizes = {p: size for p, (size, _, _) in checked.items()}
+    errors = {p: error for p, (_, error, _) in checked.items() if error}
+    hashes = {p: h for p, (_, _, h) in checked.items() if h is not None}
     return Audit(data, split, run_checks(data, split, groups, shared, sizes, errors, args.reference_patch,
-                                         args.expected_size),
+                                         args.expected_size, hashes),
                  composition(data, split, Parts(split)),
                  split_source=f"from {args.split}" if args.split else "made from the flags, as train.py makes it")
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import openpyxl
 import pytest
 from PIL import Image
@@ -448,3 +449,44 @@ def test_the_audit_and_the_split_flag_read_never_import_torch():
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------- near-duplicates
+def test_a_re_encoded_copy_under_another_patient_is_a_near_duplicate_the_content_hash_misses(small_demo_root, tmp_path):
+    import io
+    root = copy_demo(small_demo_root, tmp_path)
+    rc, clean = run_audit(root, tmp_path)
+    assert rc == 0 and finding(clean, "near_duplicate_images") is None  # distinct demo patches: >= 10 bits apart
+    data = helicodata.load_data(root)
+    source = next(s.path for s in data.cropped if s.source == "supplemental")  # a CrossValidation patch
+    holdout_folder = next((root / HOLDOUT).iterdir())
+    with Image.open(root / source) as im:  # rescanned: 3 grey levels brighter, JPEG-compressed, saved as PNG again
+        pixels = np.clip(np.asarray(im.convert("RGB"), dtype=np.int16) + 3, 0, 255).astype(np.uint8)
+    jpeg = io.BytesIO()
+    Image.fromarray(pixels).save(jpeg, "JPEG", quality=85)
+    jpeg.seek(0)
+    copy = holdout_folder / "9999.png"
+    with Image.open(jpeg) as im:
+        im.save(copy)
+    assert copy.read_bytes() != (root / source).read_bytes()
+    rc, report = run_audit(root, tmp_path)
+    hit = finding(report, "near_duplicate_images")
+    assert hit is not None and hit["kind"] == "warning"
+    assert {str(copy.relative_to(root)), source} <= set(hit["files"])
+    owner = next(s.patient for s in data.cropped if s.path == source)
+    assert {helicodata.patient_id(holdout_folder.name), owner} <= set(hit["patients"])
+    assert "HoldOut" in hit["detail"] and "<= 6 bits" in hit["detail"]
+    assert finding(report, "identical_images_across_parts") is None  # not byte-identical: only this check sees it
+
+
+def test_the_banded_search_finds_every_pair_within_the_threshold():
+    rng = np.random.default_rng(0)
+    base = [int(x) for x in rng.integers(0, 2**63, 200, dtype=np.int64)]
+    hashes = {f"P{i}/x.png": h for i, h in enumerate(base)}
+    for i, flips in enumerate((0, 3, 6, 7)):  # near copies of base[i]: within NEAR bits or just beyond
+        bits = rng.choice(64, flips, replace=False)
+        hashes[f"Q{i}/y.png"] = base[i] ^ sum(1 << int(b) for b in bits)
+    found_pairs = {(a, b) for a, b, _ in audit_leakage.near_duplicate_pairs(hashes)}
+    brute = {(a, b) for a in sorted(hashes) for b in sorted(hashes) if a < b
+             and bin(hashes[a] ^ hashes[b]).count("1") <= audit_leakage.NEAR}
+    assert found_pairs == brute and ("P2/x.png", "Q2/y.png") in brute and ("P3/x.png", "Q3/y.png") not in brute
