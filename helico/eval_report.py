@@ -222,7 +222,7 @@ def _header(metrics: dict) -> list[str]:
                           if meta.get("test_patients") else "none: no untouched set"],
         ["95% CIs", "patient proportions: exact binomial (Clopper-Pearson); patch metrics and patient ROC-AUC: "
                     + (f"{boot['resamples']} patient-cluster bootstrap resamples (duplicated patients one cluster), "
-                       f"seed {boot['seed']}, percentile; not estimable with fewer than "
+                       f"seed {boot['seed']}, BCa; not estimable with fewer than "
                        f"{boot.get('min_clusters', 10)} clusters in a class" if boot["resamples"]
                        else "none (--bootstrap 0)")],
         ["device", f"{meta['device']}, AMP {'on' if meta['amp'] else 'off'}"]])

@@ -154,18 +154,27 @@ def reliability(path, curves: dict) -> None:
 def attention_gallery(path, root, patients: list[tuple], image_size: int, per_patient: int = 6) -> None:
     """One strip per patient: its `per_patient` most attended bag patches (raw PNGs), each captioned with its
     attention weight (softmax over the bag). patients: (patient, diagnosis, probability, [(path, weight)] most
-    attended first)."""
+    attended first). Drawn as one mosaic image: one imshow, not one axes per patch."""
     from PIL import Image
+    gap, label = 4, 14  # pixels between tiles, and above each strip for its caption
     rows = max(1, len(patients))
-    fig, axes = subplots(rows, per_patient, figsize=(1.6 * per_patient, 1.9 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.set_axis_off()
+    mosaic = np.full((rows * (image_size + label + gap), per_patient * (image_size + gap), 3), 255, np.uint8)
+    captions = []
     for i, (patient, dx, prob, ranked) in enumerate(patients):
-        axes[i, 0].set_title(f"{patient} ({dx or '?'}), model p={prob:.2f}", loc="left", fontsize=8, pad=12)
+        top = i * (image_size + label + gap) + label
+        captions.append((0, top - 3, f"{patient} ({dx or '?'}), model p={prob:.2f}", 8))
         for j, (rel, weight) in enumerate(ranked[:per_patient]):
             with Image.open(Path(root) / rel) as im:
-                axes[i, j].imshow(np.asarray(im.convert("RGB").resize((image_size, image_size))))
-            axes[i, j].text(0.02, 0.02, f"{weight:.2f}", transform=axes[i, j].transAxes, fontsize=7,
-                            color="white", backgroundcolor="black")
-    fig.suptitle("Most attended patches per patient (attention weight: its share of the bag)", fontsize=9)
+                tile = np.asarray(im.convert("RGB").resize((image_size, image_size)))
+            left = j * (image_size + gap)
+            mosaic[top:top + image_size, left:left + image_size] = tile
+            captions.append((left + 2, top + image_size - 3, f"{weight:.2f}", 7))
+    scale = max(1.0, 160 / image_size)  # small patches drawn larger
+    fig, ax = subplots(figsize=(mosaic.shape[1] * scale / 100, mosaic.shape[0] * scale / 100 + 0.4))
+    ax.imshow(mosaic, interpolation="nearest")
+    for x, y, text, size in captions:
+        ax.text(x, y, text, fontsize=size, color="white" if size == 7 else "black",
+                backgroundcolor="black" if size == 7 else "none")
+    ax.set_axis_off()
+    ax.set_title("Most attended patches per patient (attention weight: its share of the bag)", fontsize=9)
     save(fig, path)

@@ -191,7 +191,7 @@ def test_a_killed_extraction_resumes_at_the_first_patient_not_stored(patch_run, 
     kept = len(list(run.glob("patient/bags/*/*.pt")))
     assert 1 <= kept and not list(run.glob("patient/bags/*/.*.tmp"))  # whole files only
     capsys.readouterr()
-    assert train_patient.main(cmd[2:-2] + ["--workers", "0"]) == 0  # the same command again
+    assert train_patient.main([str(a) for a in cmd[2:4]] + PATIENT_FLAGS) == 0  # again (default batch, no workers)
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("features:"))
     assert f"{kept} reused" in line
     ours, theirs = run / "patient", patient_run
