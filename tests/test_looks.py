@@ -1,7 +1,6 @@
 """Every look at test and HoldOut labels counted (the ledger, runs/holdout_ledger.jsonl), and nothing chosen there:
 --compare chooses on validation with each model's own rule; choosing on test is recorded against every model."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -38,17 +37,31 @@ def test_each_look_is_counted_and_choosing_on_test_follows_every_compared_model(
     assert evaluate.main(["--checkpoint", str(a), "--holdout", *FAST]) == 0
     first = metrics_of(two_runs / "a" / "eval-holdout")["meta"]["looks"]
     assert (first["test"]["look"], first["holdout"]["look"]) == (1, 1) and first["chosen_among"] == []
+    holdout_report = (two_runs / "a" / "eval-holdout" / "metrics.json").read_text()
     assert evaluate.main(["--checkpoint", str(a), *FAST]) == 0  # the test part again, not the HoldOut
+    assert (two_runs / "a" / "eval-holdout" / "metrics.json").read_text() == holdout_report  # eval/ beside it
     second = metrics_of(two_runs / "a" / "eval")["meta"]["looks"]
     assert second["test"]["look"] == 2 and "holdout" not in second
     entries = ledger.read(where)
     assert [e["parts"] for e in entries] == [["test", "holdout"], ["test"]]
     assert entries[0]["sha256"] == common.file_sha256(a) and "patient.accuracy" in entries[0]["headline"]["holdout"]
+    # comparing on validation (the default) reads no test label: not in the ledger
+    own = metrics_of(two_runs / "a" / "eval-holdout")["selection"]["patient"]  # a's rule, chosen on validation
+    n = len(ledger.read(where))
+    for part in ("val", "test"):
+        out = tmp_path / f"cmp-{part}"
+        assert evaluate.main(["--compare", str(a), str(b), "--compare-on", part, "--out", str(out), *FAST]) == 0
+        table = json.loads((out / "compare.json").read_text(), parse_constant=float)
+        assert table["part"] == part and table["rule_chosen_on"] == "each model's own validation part"
+        assert (table["models"][0]["patient.rule"], table["models"][0]["patient.threshold"]) == \
+            (own["rule"], own["threshold"])  # never re-chosen on the compared patients
+        assert [d["role"] for d in table["deltas"]].count("primary") == 1
+        assert all(d["verdict"] is None for d in table["deltas"] if d["role"] == "descriptive")
+        assert "One verdict, on the primary metric declared before looking: `patch.pr_auc`" in \
+            (out / "compare.md").read_text()
     # choosing between a and b on the test part: recorded once, against both
-    out = tmp_path / "cmp"
-    assert evaluate.main(["--compare", str(a), str(b), "--compare-on", "test", "--out", str(out), *FAST]) == 0
-    assert ledger.read(where)[-1]["kind"] == "compare-test" and "used to choose among 2 models" in \
-        (out / "compare.md").read_text()
+    assert len(ledger.read(where)) == n + 1 and ledger.read(where)[-1]["kind"] == "compare-test"
+    assert "used to choose among 2 models" in (tmp_path / "cmp-test" / "compare.md").read_text()
     assert evaluate.main(["--checkpoint", str(b), "--holdout", *FAST]) == 0
     looks = metrics_of(two_runs / "b" / "eval-holdout")["meta"]["looks"]
     assert looks["test"]["look"] == 2  # the comparison was its first look at the test part
@@ -59,27 +72,6 @@ def test_each_look_is_counted_and_choosing_on_test_follows_every_compared_model(
     report = (two_runs / "b" / "eval-holdout" / "report.md").read_text()
     assert "**Look 2 at the test part's labels by this checkpoint**" in report
     assert "**The test part was used to choose among 2 models**" in report
-
-
-def test_compare_chooses_each_models_rule_on_its_own_validation_part(two_runs, tmp_path):
-    a = two_runs / "a" / "best.pt"
-    copy = tmp_path / "runs" / "c" / "best.pt"  # its own runs folder: this test's looks stay out of the other's ledger
-    copy.parent.mkdir(parents=True)
-    shutil.copy(a, copy)
-    assert evaluate.main(["--checkpoint", str(copy), "--out", str(tmp_path / "ev"), *FAST]) == 0
-    own = metrics_of(tmp_path / "ev")["patient"]
-    for part in ("val", "test"):
-        out = tmp_path / f"cmp-{part}"
-        assert evaluate.main(["--compare", str(copy), str(copy), "--compare-on", part, "--out", str(out), *FAST]) == 0
-        table = json.loads((out / "compare.json").read_text(), parse_constant=float)
-        assert table["part"] == part and table["rule_chosen_on"] == "each model's own validation part"
-        for m in table["models"]:  # the rule evaluate.py chose on validation, whatever part is compared
-            assert (m["patient.rule"], m["patient.threshold"]) == (own["rule"], own["threshold"])
-        assert [d["role"] for d in table["deltas"]].count("primary") == 1
-        assert all(d["verdict"] is None for d in table["deltas"] if d["role"] == "descriptive")
-    text = (tmp_path / "cmp-val" / "compare.md").read_text()
-    assert "One verdict, on the primary metric declared before looking: `patch.pr_auc`" in text
-    assert [e["kind"] for e in ledger.read(copy.parent.parent / ledger.NAME)] == ["evaluate", "compare-test"]
 
 
 def test_holdout_with_compare_advises_choosing_on_validation(two_runs, capsys):
