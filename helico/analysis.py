@@ -187,12 +187,12 @@ def patch_level(pred: Predictions, patients: list[str], threshold: float, groups
     # (path in the metrics dict, which patches, threshold, metrics): ("by_source", "annotated") nests under by_source
     sets = [(("patch",), annotated, threshold, PATCH_METRICS), (("patch_at_0.5",), annotated, 0.5, THRESHOLD_METRICS),
             *((("by_source", k), src == k, threshold, PATCH_METRICS) for k in ("annotated", "supplemental")),
-            (("all_labelled",), np.ones(len(y), bool), threshold, PATCH_METRICS)]
+            (("all_labelled",), np.ones(len(y), bool), threshold, ())]  # descriptive: the old mix, no CI
     out, boot = {}, {}
     for name, mask, t, keys in sets:
         ym, sm = y[mask], s[mask]
         cm = np.array([cluster_of[p] for p in who[mask]], dtype=np.int64)
-        ok, why = metrics.estimable(cm, ym)
+        ok, why = metrics.estimable(cm, ym) if keys else (False, "descriptive only (no interval)")
 
         def resampled(idx, ym=ym, sm=sm, t=t, keys=keys):
             return {k: v for k, v in metrics.binary_metrics(ym[idx], sm[idx], t).items() if k in keys}

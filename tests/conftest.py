@@ -44,3 +44,18 @@ def tiny_run(demo_root, tmp_path_factory):
     assert train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-id", "tiny",
                        *TINY_TRAIN_FLAGS]) == 0
     return runs / "tiny"
+
+
+def flipped_diagnoses(root, patients, where):
+    """The dataset at `root` seen through links, with `patients`' diagnoses turned over in a PatientDiagnosis.csv of
+    its own (NEGATIVA <-> ALTA, BAIXA -> NEGATIVA): what must change no weight and no prediction of a model that was
+    never given those labels."""
+    where.mkdir()
+    for entry in root.iterdir():
+        if entry.name != "PatientDiagnosis.csv":
+            (where / entry.name).symlink_to(entry)
+    lines = (root / "PatientDiagnosis.csv").read_text().splitlines()
+    swap = {"NEGATIVA": "ALTA", "ALTA": "NEGATIVA", "BAIXA": "NEGATIVA"}
+    body = [f"{p},{swap[d]}" if p in patients else line for line in lines[1:] for p, d in [line.split(",")[:2]]]
+    (where / "PatientDiagnosis.csv").write_text("\n".join([lines[0], *body]) + "\n")
+    return where

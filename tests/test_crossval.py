@@ -10,6 +10,7 @@ from helico import crossval, helicodata, metrics
 import evaluate
 import train
 import train_patient
+from conftest import flipped_diagnoses
 
 # The smallest fold runs that train and evaluate: 32 px, no Macenko, 48 samples, one epoch.
 FOLD_FLAGS = ["--device", "cpu", "--image-size", "32", "--batch-size", "16", "--weights", "none", "--workers", "0",
@@ -124,19 +125,6 @@ def test_the_cv_headline_auc_compares_pairs_within_a_fold_and_left_out_patients_
         assert "Left out of the" in report and sorted(left)[0] in report
 
 
-def flipped_copy(root, patients, where):
-    """The same images (links) under another PatientDiagnosis.csv: `patients`' diagnoses turned over."""
-    where.mkdir()
-    for entry in root.iterdir():
-        if entry.name != "PatientDiagnosis.csv":
-            (where / entry.name).symlink_to(entry)
-    lines = (root / "PatientDiagnosis.csv").read_text().splitlines()
-    swap = {"NEGATIVA": "ALTA", "ALTA": "NEGATIVA", "BAIXA": "NEGATIVA"}
-    body = [f"{p},{swap[d]}" if p in patients else line for line in lines[1:] for p, d in [line.split(",")[:2]]]
-    (where / "PatientDiagnosis.csv").write_text("\n".join([lines[0], *body]) + "\n")
-    return where
-
-
 def test_the_ensemble_is_one_holdout_model_whose_thresholds_never_read_the_holdout(cv_runs, demo_root, tmp_path):
     runs = [str(cv_runs / f"27-f{i}") for i in range(K)]
     flags = ["--holdout", "--device", "cpu", "--workers", "0", "--bootstrap", "0", "--gradcam", "0"]
@@ -149,7 +137,7 @@ def test_the_ensemble_is_one_holdout_model_whose_thresholds_never_read_the_holdo
     report = (tmp_path / "ens" / "report.md").read_text()
     assert "the ensemble of 3 fold models" in report and "Look 1 at the HoldOut's labels by this ensemble" in report
     # the HoldOut's labels reach the metrics only: turned over, every score, probability and decision stays
-    flipped = flipped_copy(demo_root, set(holdout), tmp_path / "flipped")
+    flipped = flipped_diagnoses(demo_root, set(holdout), tmp_path / "flipped")
     assert evaluate.main(["--ensemble", *runs, "--out", str(tmp_path / "ens2"), "--data-root", str(flipped),
                           *flags]) == 0
     a, b = (read_csv(tmp_path / d / "patients.csv") for d in ("ens", "ens2"))

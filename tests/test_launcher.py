@@ -363,7 +363,7 @@ def test_two_listed_gpus_run_torchrun_and_usr1_reaches_its_workers(node, demo_ro
 
 
 @pytest.mark.parametrize("flag", ["", "--no-patient-model"])
-def test_the_patient_model_step_runs_after_training_unless_turned_off(node, demo_root, flag):
+def test_the_patient_model_step_runs_after_training_unless_turned_off(node, small_demo_root, flag):
     # Stand-ins after the real audit: train.py "finishes" at once (best.pt is there), train_patient.py exits 2 and
     # evaluate.py 0, so the log shows whether the step ran and that its exit code is read like every step's.
     (node.runs / "pm").mkdir(parents=True)
@@ -373,8 +373,8 @@ def test_the_patient_model_step_runs_after_training_unless_turned_off(node, demo
                        '  */train_patient.py) echo "train_patient.py: simulated $*" >&2; exit 2 ;;\nesac\n'
                        f'exec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
-    r = node.copy_demo(demo_root).run("--run-id", "pm", *TRAIN_FLAGS, *[flag] * bool(flag), CACHE="off",
-                                      STAGE_DIR="off", PYTHON=str(wrapper))
+    r = node.copy_demo(small_demo_root).run("--run-id", "pm", *TRAIN_FLAGS, *[flag] * bool(flag), CACHE="off",
+                                            STAGE_DIR="off", PYTHON=str(wrapper))
     if flag:
         assert r.returncode == 0 and "train_patient.py" not in r.stderr, r.stderr[-3000:]
         return

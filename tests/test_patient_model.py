@@ -18,6 +18,7 @@ import evaluate
 import train
 import train_patient
 from helico import analysis, bags, helicodata, metrics, mil, model
+from conftest import flipped_diagnoses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smallest patch run with a stain reference: 32 px, Macenko on, 48 samples, one epoch.
@@ -157,16 +158,10 @@ def test_flipping_test_and_holdout_diagnoses_leaves_the_patient_model_bitwise_un
     ckpt = model.load_checkpoint(patch_run / "best.pt")
     data = helicodata.load_data(small_demo_root)
     hidden = set(ckpt["split"]["test"]) | set(data.holdout_patients)
-    flipped = tmp_path / "flipped"  # the same images (links), another PatientDiagnosis.csv
-    flipped.mkdir()
-    for entry in small_demo_root.iterdir():
-        if entry.name != "PatientDiagnosis.csv":
-            (flipped / entry.name).symlink_to(entry)
-    lines = (small_demo_root / "PatientDiagnosis.csv").read_text().splitlines()
-    swap = {"NEGATIVA": "ALTA", "ALTA": "NEGATIVA", "BAIXA": "NEGATIVA"}
-    changed = [f"{p},{swap[d]}" if p in hidden else line for line in lines[1:] for p, d in [line.split(",")[:2]]]
-    assert sum(a != b for a, b in zip(changed, lines[1:])) >= len(hidden) - 1
-    (flipped / "PatientDiagnosis.csv").write_text("\n".join([lines[0], *changed]) + "\n")
+    flipped = flipped_diagnoses(small_demo_root, hidden, tmp_path / "flipped")
+    assert sum(a != b for a, b in zip((flipped / "PatientDiagnosis.csv").read_text().splitlines(),
+                                      (small_demo_root / "PatientDiagnosis.csv").read_text().splitlines())) >= \
+        len(hidden) - 1
     shutil.rmtree(bag_folder(patient_run))  # extracted again, under the flipped diagnoses
     assert train_patient.main(["--checkpoint", str(patch_run / "best.pt"), "--data-root", str(flipped),
                                *PATIENT_FLAGS]) == 0
