@@ -15,7 +15,8 @@ extract: bags.extract (train_patient.py's extraction: decode or cache, the check
      deleted afterwards. Prints img/s and the projection for the real dataset's --real-patches patches.
 Absolute times depend on the machine: the output names it (CPU model, cores, GPU).
 
-Exit codes: 0 ok, 2 bad input (unreadable checkpoint, missing data root, bad flag value).
+Exit codes: 0 ok, 2 bad input (unreadable checkpoint, missing data root, bad flag value), 5 no space left or an
+I/O error writing --json, 130 Ctrl-C, 143 SIGTERM.
 """
 from __future__ import annotations
 
@@ -102,27 +103,7 @@ def bench_extract(args, device) -> dict:
             "projected_seconds": args.real_patches / stats["img_s"], "real_patches": args.real_patches}
 
 
-def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    threads = torch.get_num_threads()
-    try:
-        for flag in ("train_bags", "val_bags", "bag_size", "features", "epochs", "batch_size", "patches"):
-            if getattr(args, flag) < 1:
-                raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = common.resolve_device(args.device) if args.checkpoint else None
-        results = [bench_mil(args)]
-        if args.checkpoint:
-            results.append(bench_extract(args, device))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return common.EXIT_BAD_INPUT
-    except (OSError, ImportError) as e:
-        return common.unexpected_fault(e)
-    finally:
-        loaders.stop_workers()
-        torch.set_num_threads(threads)
+def report(args, device, results) -> None:
     print(f"machine: {machine(device)}")
     m = results[0]
     print(f"mil      {m['train_bags']} training + {m['val_bags']} validation bags x {m['bag_size']} patches x "
@@ -133,7 +114,29 @@ def main(argv=None) -> int:
               f"{e['img_s']:.0f} img/s; {e['real_patches']:,} patches would take {e['projected_seconds'] / 60:.1f} min")
     if args.json:
         common.atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
-    return common.EXIT_OK
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+
+    def body():
+        for flag in ("train_bags", "val_bags", "bag_size", "features", "epochs", "batch_size", "patches"):
+            if getattr(args, flag) < 1:
+                raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = common.resolve_device(args.device) if args.checkpoint else None
+        results = [bench_mil(args)]
+        if args.checkpoint:
+            results.append(bench_extract(args, device))
+        report(args, device, results)  # before the threads are reset: the machine line names the ones timed
+        return common.EXIT_OK
+
+    def cleanup():
+        loaders.stop_workers()
+        torch.set_num_threads(threads)  # --threads must not outlive main() when called in-process
+    return common.guarded_main(body, kept="nothing written", again="run the same command again", cleanup=cleanup)
 
 
 if __name__ == "__main__":

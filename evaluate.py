@@ -253,16 +253,13 @@ def patient_model(args, path: Path, sha: str, ckpt: dict, net, normalizer, data,
     if mil_ckpt["patch_checkpoint"]["sha256"] != sha:
         return None, (f"{mil_path} was trained on the features of another checkpoint "
                       f"({mil_ckpt['patch_checkpoint']['path']}), not {path}: not shown")
-    body, network = bags.feature_network(ckpt, net, mil_ckpt["features"]["source"], sha)
-    key = bags.bag_key(network, mil_ckpt["features"]["source"], ckpt["stain"], int(ckpt["image_size"]))
-    if key != mil_ckpt["bag_key"]:
+    done = bags.ensure(path, sha, ckpt, net, normalizer, mil_ckpt["features"]["source"], data, patients, device,
+                       batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad_images, cache=cache,
+                       no_amp=args.no_amp, resident_max_frac=args.resident_max_frac,
+                       expected_key=mil_ckpt["bag_key"])
+    if done is None:  # the hash matched, so only another feature code could make other bags
         return None, f"{mil_path}: its bags were made differently from this checkpoint's (bag key): not shown"
-    folder = bags.patient_dir(path) / mil_ckpt["features"]["bags"]
-    wanted = bags.patient_samples(data, patients)
-    bags.extract(body, normalizer, data.root, wanted, folder, key, int(ckpt["image_size"]), device,
-                 batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad_images, cache=cache,
-                 precision=model.scoring_precision(ckpt, device, args.no_amp),
-                 resident_max_frac=args.resident_max_frac)
+    key, folder = done["key"], done["folder"]
     net_mil = mil.from_checkpoint(mil_ckpt)
     out = {"probability": {}, "attention": {}, "annotated": {},
            "meta": {"checkpoint": str(mil_path), "epoch": mil_ckpt["epoch"], "features": mil_ckpt["features"],
@@ -270,9 +267,9 @@ def patient_model(args, path: Path, sha: str, ckpt: dict, net, normalizer, data,
     for p in patients:
         bag = bags.load(folder, p, key)
         rows, windows = bag.rows(), bag.rows(("annotated",))
-        prob, attn, extra = mil.predict(net_mil, bag.features[torch.from_numpy(rows)],
-                                        bag.features[torch.from_numpy(windows)])
-        weights = np.exp(attn - attn.max()) / np.exp(attn - attn.max()).sum() if attn.size else attn
+        prob, attn, extra = mil.predict(net_mil, bag.bag(), bag.features[torch.from_numpy(windows)])
+        weights = np.exp(attn - attn.max()) if attn.size else attn  # softmax over the bag: each patch's share
+        weights = weights / weights.sum() if attn.size else weights
         order = np.argsort(-weights, kind="stable")
         paths = [q for q, keep in zip(bag.paths, rows) if keep]
         out["probability"][p] = prob
@@ -459,9 +456,7 @@ def run_cv(args, device) -> int:
     result, preds, pats = crossval.summarize(folds, args.bootstrap, args.seed)
     shas = [common.file_sha256(r / "best.pt") for r in runs]
     where = ledger.path_for(runs[0] / "best.pt")
-    result["looks"] = {"test": {"look": 1 + sum(1 for e in ledger.read(where) if e.get("kind") == "cv"
-                                                and sorted(e.get("sha256s", [])) == sorted(shas)),
-                                "ledger": str(where)}}
+    result["looks"] = {"test": {"look": ledger.group_look(ledger.read(where), "cv", shas), "ledger": str(where)}}
     ledger.append(where, {"kind": "cv", "checkpoints": [str(r / "best.pt") for r in runs], "sha256s": shas,
                           "parts": ["test"], "headline": {"test": {k: result["patient"][k] for k in
                                                                    crossval.PATIENT_KEYS}}})
@@ -478,10 +473,10 @@ def run_cv(args, device) -> int:
     return common.EXIT_OK
 
 
-def oof_predictions(folds) -> analysis.Predictions:
-    """The pooled out-of-fold test rows of the fold runs' predictions.csv, as Predictions: what the ensemble's
-    thresholds are chosen on (each patient scored by the one model that never saw it, no HoldOut label read)."""
-    rows, _ = crossval.pooled_rows(folds)
+def oof_predictions(rows: list[dict]) -> analysis.Predictions:
+    """The pooled out-of-fold test rows of the fold runs' predictions.csv (crossval.pooled_rows), as Predictions:
+    what the ensemble's thresholds are chosen on (each patient scored by the one model that never saw it, no
+    HoldOut label read)."""
     samples = [helicodata.Sample(r["path"], r["patient"], r["source"], int(r["label"]), 0) for r in rows]
     flag = lambda k: np.array([r[k] == "1" for r in rows], dtype=bool)
     return analysis.Predictions(samples, np.array(["test"] * len(rows)), flag("patch_eval"), flag("patient_eval"),
@@ -505,6 +500,7 @@ def run_ensemble(args, device) -> int:
                                                                          f.split.get("fold")))
     paths = [f.run / "best.pt" for f in folds]
     ckpts = [model.load_checkpoint(p) for p in paths]
+    shas = [common.file_sha256(p) for p in paths]
     data = helicodata.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
     crossval.check_folds(folds, data.cv_patients)
     hash_cache = splits.hash_cache_path(None, data.root)
@@ -516,24 +512,24 @@ def run_ensemble(args, device) -> int:
         raise DataError(f"--ensemble: {data.root} has no HoldOut patients")
     rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, {}, holdout), data.root, hash_cache)
     # thresholds from the out-of-fold predictions only
-    oof = oof_predictions(folds)
+    oof_preds, oof_pats = crossval.pooled_rows(folds)
+    oof = oof_predictions(oof_preds)
     ann = oof.patch_eval & (oof.source == "annotated")
     patch_threshold, _ = metrics.best_f1_threshold(oof.label[ann], oof.score[ann])
     oof_patients = sorted(set(oof.patient[oof.patient_eval].tolist()))
     rule = analysis.choose_patient_rule(analysis.patient_scores(oof, oof_patients, data.diagnosis, patch_threshold,
                                                                 args.top_k, args.top_share))
-    _, oof_pats = crossval.pooled_rows(folds)
     with_model = crossval.with_model(folds, oof_pats)
     mil_rule = analysis.choose_mil_threshold([{"label": int(r["label"]), "n_patches": int(r["n_patches"]),
                                                "mil_probability": float(r["mil_probability"] or "nan")}
                                               for r in oof_pats]) if with_model else None
     draws = analysis.part_draws(holdout, groups, args.bootstrap, args.seed)
     scores, probs, each = [], [], []
-    for f, c, p in zip(folds, ckpts, paths):
+    for f, c, p, sha in zip(folds, ckpts, paths, shas):
         net, normalizer = model.from_checkpoint(c, p, args.arch, device)
         cache = prepared_cache(args, c, data, device)
         pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args, cache))
-        mil_out = patient_model(args, p, common.file_sha256(p), c, net, normalizer, data, holdout, device, cache)[0] \
+        mil_out = patient_model(args, p, sha, c, net, normalizer, data, holdout, device, cache)[0] \
             if with_model else None
         own = f.metrics["selection"]
         m, _, _ = analysis.analyse(pred, holdout, data.diagnosis, float(c["threshold"]), args.top_k, groups, draws,
@@ -550,10 +546,8 @@ def run_ensemble(args, device) -> int:
     result, patient_rows, _ = analysis.analyse(mean, holdout, data.diagnosis, patch_threshold, args.top_k, groups,
                                                draws, rule=rule, mil_probability=mean_mil, mil_rule=mil_rule,
                                                top_share=args.top_share)
-    shas = [common.file_sha256(p) for p in paths]
     where = ledger.path_for(paths[0])
-    entries = ledger.read(where)
-    look = 1 + sum(1 for e in entries if e.get("kind") == "ensemble" and sorted(e.get("sha256s", [])) == sorted(shas))
+    look = ledger.group_look(ledger.read(where), "ensemble", shas)
     table = {"ensemble": {k: result[k] for k in ("patient", "patient_mil", "patient_vs_mil") if k in result},
              "folds": each, "k": len(folds), "holdout_patients": holdout,
              "thresholds": {"patch": patch_threshold, "patient_rule": rule["rule"],

@@ -102,11 +102,6 @@ def labelled_patients(patients: list[str], diagnosis: dict, duplicate_groups) ->
 def extract_bags(args, ckpt, data, device) -> tuple[str, object, dict]:
     """(bag key, bags folder, extraction counts) for every patient of the split and of the HoldOut."""
     path = args.checkpoint
-    net, normalizer = model.from_checkpoint(ckpt, path, None, torch.device("cpu"))
-    sha = common.file_sha256(path)
-    body, network = bags.feature_network(ckpt, net, args.features, sha)
-    key = bags.bag_key(network, args.features, ckpt["stain"], int(ckpt["image_size"]))
-    folder = bags.patient_dir(path) / "bags" / key[:16]
     split = ckpt["split"]
     patients = sorted({p for part in ("train", "val", "test") for p in split.get(part) or []}
                       | set(data.holdout_patients))
@@ -114,20 +109,19 @@ def extract_bags(args, ckpt, data, device) -> tuple[str, object, dict]:
     if missing:
         raise DataError(f"data root {data.root} lacks patient(s) of the split of {path}: {', '.join(missing[:10])} "
                         f"(wrong --data-root, or an incomplete staged copy?)")
+    net, normalizer = model.from_checkpoint(ckpt, path, None, torch.device("cpu"))
+    sha = common.file_sha256(path)
     cache = packed_cache.for_checkpoint(ckpt, data, device, max(1, args.workers), args.cache, args.cache_base)
-    if normalizer is not None:
-        normalizer = normalizer.to(device)
-    stats = bags.extract(body, normalizer, data.root, bags.patient_samples(data, patients), folder, key,
-                         int(ckpt["image_size"]), device, batch_size=args.batch_size, workers=args.workers,
-                         skip_bad=args.skip_bad_images, cache=cache,
-                         precision=model.scoring_precision(ckpt, device, args.no_amp),
-                         resident_max_frac=args.resident_max_frac)
+    stats = bags.ensure(path, sha, ckpt, net, normalizer.to(device) if normalizer is not None else None,
+                        args.features, data, patients, device, batch_size=args.batch_size, workers=args.workers,
+                        skip_bad=args.skip_bad_images, cache=cache, no_amp=args.no_amp,
+                        resident_max_frac=args.resident_max_frac)
     for p in stats["skipped"]:
         print(f"warning: skipped unreadable {p} (--skip-bad-images)", file=sys.stderr)
     rate = f", {stats['img_s']:.0f} img/s on {device}" if stats["patches"] else ""
     print(f"features: {stats['extracted_patients']} patients extracted ({stats['patches']} patches{rate}), "
-          f"{stats['reused_patients']} reused from {folder}")
-    return key, folder, {**stats, "network": network, "checkpoint_sha256": sha}
+          f"{stats['reused_patients']} reused from {stats['folder']}")
+    return stats["key"], stats["folder"], {**stats, "checkpoint_sha256": sha}
 
 
 def part_bags(folder, key, patients) -> tuple[list[str], list[torch.Tensor]]:

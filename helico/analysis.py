@@ -272,6 +272,13 @@ def by_grade(known: list[dict], prediction: str) -> dict:
     return out
 
 
+def patch_counts(rows: list[dict]) -> dict:
+    """Patches per patient over `rows` (min / median / max): what a count-dependent statistic would depend on."""
+    counts = np.array([r["n_patches"] for r in rows])
+    return {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())} \
+        if counts.size else {}
+
+
 def left_out(rows: list[dict], used: set) -> dict[str, str]:
     return {r["patient"]: "no diagnosis" if r["label"] < 0 else "no patches (or only byte-identical copies of "
             "another patient's)" for r in rows if r["patient"] not in used}
@@ -287,11 +294,8 @@ def patient_level(pred: Predictions, patients: list[str], diagnosis: dict, patch
         r["score"] = r[rule["rule"]] if rule["rule"] else float("nan")
     m, b = decide(rows, "score", "prediction", rule, patients, groups, draws)
     used = {r["patient"] for r in rows if r["label"] >= 0 and r["n_patches"] > 0}
-    counts = np.array([r["n_patches"] for r in rows if r["patient"] in used])
     m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k, "top_share": top_share,
-         "excluded": left_out(rows, used),
-         "patch_counts": {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())}
-         if counts.size else {}}
+         "excluded": left_out(rows, used), "patch_counts": patch_counts([r for r in rows if r["patient"] in used])}
     return m, rows, {f"patient.{k}": v for k, v in b.items()}
 
 
@@ -325,11 +329,8 @@ def mil_level(rows: list[dict], probability: dict[str, float], patients: list[st
     known = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0 and np.isfinite(r["mil_probability"])]
     m, b = decide(rows, "mil_probability", "mil_prediction", rule, patients, groups, draws, known)
     m["calibration"] = metrics.calibration([r["label"] for r in known], [r["mil_probability"] for r in known], 5)
-    counts = np.array([r["n_patches"] for r in known])
     m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k, "top_share": None,
-         "excluded": left_out(rows, {r["patient"] for r in known}),
-         "patch_counts": {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())}
-         if counts.size else {}}
+         "excluded": left_out(rows, {r["patient"] for r in known}), "patch_counts": patch_counts(known)}
     return m, {f"patient_mil.{k}": v for k, v in b.items()}
 
 

@@ -1,10 +1,8 @@
 """Feature bags for the patient model: each patient's patches through a frozen network's penultimate layer, stored
 once per patient and keyed so that a stale bag is never reused.
 
-    key = bags.bag_key(checkpoint_sha256, "checkpoint", ckpt["stain"], ckpt["image_size"])
-    folder = run_dir / "patient" / "bags" / key[:16]
-    done = bags.extract(body, normalizer, root, bags.patient_samples(data, patients), folder, key, 64, device, ...)
-    bag = bags.load(folder, "B22-03", key)        # Bag: float16 features (n, d), each patch's path and role
+    done = bags.ensure("runs/26/best.pt", sha256, ckpt, net, normalizer, "checkpoint", data, patients, device, ...)
+    bag = bags.load(done["folder"], "B22-03", done["key"])   # Bag: float16 features (n, d), each patch's path, role
 
 What a patient's file holds: every patch of that patient, each once (its `_AugK` copies are not independent samples and
 are left out): its Cropped patches (role "cropped"; a HoldOut patient's patches: role "holdout"), which form the bag
@@ -30,9 +28,8 @@ import numpy as np
 import torch
 
 import common
-from helico import helicodata, inference
+from helico import feeds, helicodata, inference, model
 
-ROLES = ("cropped", "holdout", "annotated")
 BAG_ROLES = ("cropped", "holdout")  # what the patient model reads; "annotated" windows only measure its attention
 
 
@@ -99,16 +96,18 @@ def load(folder, patient: str, key: str, paths: list[str] | None = None) -> Bag 
 
 def extract(body, normalizer, root, wanted: dict[str, list], folder, key: str, image_size: int, device, *,
             batch_size: int, workers: int, skip_bad: bool = False, cache=None, precision=None,
-            resident_max_frac: float | None = None) -> dict:
+            resident_max_frac: float = feeds.DEFAULT_MAX_FRAC) -> dict:
     """Store the bag of every patient of `wanted` (patient_samples()) in `folder`, skipping those already stored
     under `key`: one inference.run pass over the patches still missing, in patient order, each patient's file
     written as soon as its last patch is through. Returns counts and the extraction rate."""
     folder = Path(folder)
     todo = {p: items for p, items in wanted.items() if load(folder, p, key, [s.path for s, _ in items]) is None}
     samples = [s for items in todo.values() for s, _ in items]
-    owner = np.array([i for i, items in enumerate(todo.values()) for _ in items], dtype=np.int64)
     patients = list(todo)
-    left = np.bincount(owner, minlength=len(patients)) if samples else np.zeros(0, np.int64)
+    counts = np.array([len(items) for items in todo.values()], dtype=np.int64)
+    owner = np.repeat(np.arange(len(patients)), counts)  # sample index -> its patient's number
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)  # each patient's first sample index
+    left = counts.copy()
     rows: dict[int, dict[int, torch.Tensor]] = {}
     written: set[int] = set()
 
@@ -117,8 +116,7 @@ def extract(body, normalizer, root, wanted: dict[str, list], folder, key: str, i
         items, got = todo[patients[i]], rows.pop(i, {})
         keep = sorted(got)
         feats = torch.stack([got[j] for j in keep]).half() if keep else torch.zeros(0, 0, dtype=torch.float16)
-        first = int(np.flatnonzero(owner == i)[0]) if keep or items else 0
-        chosen = [items[j - first] for j in keep]
+        chosen = [items[j - first[i]] for j in keep]
         common.atomic_torch_save({"key": key, "wanted": [s.path for s, _ in items], "features": feats,
                                   "paths": [s.path for s, _ in chosen], "roles": [r for _, r in chosen],
                                   "labels": [int(s.label) if r == "annotated" else -1 for s, r in chosen]},
@@ -134,10 +132,9 @@ def extract(body, normalizer, root, wanted: dict[str, list], folder, key: str, i
             if left[i] == 0:
                 write(i)
     start = time.perf_counter()
-    extra = {} if resident_max_frac is None else {"resident_max_frac": resident_max_frac}
     bad = inference.run(body, normalizer, root, samples, image_size, device, consume, batch_size=batch_size,
                         workers=workers, skip_bad=skip_bad, cache=cache, precision=precision, desc="features",
-                        **extra) if samples else []
+                        resident_max_frac=resident_max_frac) if samples else []
     for i in range(len(patients)):  # a patient without any patch still gets its (empty) file
         if i not in written:
             write(i)
@@ -160,7 +157,25 @@ def feature_network(ckpt: dict, net, source: str, checkpoint_sha256: str):
     """(the network whose penultimate layer gives the features, on the CPU; its identity for the key): the patch
     checkpoint's own `net` by default, or `source` imagenet: its architecture with torchvision's ImageNet weights,
     frozen (to read whether the patch model's training helped the patient model)."""
-    from helico import model
     if source == "imagenet":
         return model.penultimate(model.build_model(ckpt["arch"], "imagenet"))[0].eval(), f"imagenet:{ckpt['arch']}"
     return model.penultimate(net)[0].eval(), checkpoint_sha256
+
+
+def ensure(checkpoint_path, sha: str, ckpt: dict, net, normalizer, source: str, data, patients, device, *,
+           batch_size: int, workers: int, skip_bad: bool = False, cache=None, no_amp: bool = False,
+           resident_max_frac: float = feeds.DEFAULT_MAX_FRAC, expected_key: str | None = None) -> dict | None:
+    """The bags of `patients` for this checkpoint and feature source, extracted where missing (train_patient.py
+    for the whole split, evaluate.py for what its data root adds): {"key", "folder", "network", **extract()'s
+    counts}. Features under the run's own precision (model.scoring_precision), as evaluate.py scores. None, with
+    nothing extracted, when the key is not `expected_key` (a patient model trained on other bags)."""
+    body, network = feature_network(ckpt, net, source, sha)
+    key = bag_key(network, source, ckpt["stain"], int(ckpt["image_size"]))
+    if expected_key is not None and key != expected_key:
+        return None
+    folder = patient_dir(checkpoint_path) / "bags" / key[:16]
+    stats = extract(body, normalizer, data.root, patient_samples(data, patients), folder, key,
+                    int(ckpt["image_size"]), device, batch_size=batch_size, workers=workers, skip_bad=skip_bad,
+                    cache=cache, precision=model.scoring_precision(ckpt, device, no_amp),
+                    resident_max_frac=resident_max_frac)
+    return {"key": key, "folder": folder, "network": network, **stats}

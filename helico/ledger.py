@@ -80,6 +80,13 @@ def looks(entries: list[dict], sha256: str, parts) -> dict:
     return out
 
 
+def group_look(entries: list[dict], kind: str, sha256s) -> int:
+    """The number of this look by a group of checkpoints (--cv, --ensemble): 1 + earlier entries of `kind` by the
+    same set of checkpoints."""
+    mine = sorted(sha256s)
+    return 1 + sum(1 for e in entries if e.get("kind") == kind and sorted(e.get("sha256s", [])) == mine)
+
+
 def brief(entry: dict) -> dict:
     return {k: entry.get(k) for k in ("time", "kind", "checkpoint", "checkpoints", "parts", "headline")
             if entry.get(k) is not None}
