@@ -47,7 +47,7 @@ import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
@@ -186,13 +186,14 @@ def holdout_in_crossvalidation(data: helicodata.HelicoData) -> list[Finding]:
                  f"CrossValidation: {examples(both)}; the HoldOut is no longer an independent test")
 
 
-def reference_not_in_train(reference: str | None, parts: Parts) -> list[Finding]:
-    folder = PurePosixPath(Path(reference or "").as_posix()).parent.name
-    part = parts.of_folder(folder) if reference else None
-    return found("leak", "reference_not_in_train", part in ("val", "test"), [patient_id(folder)],
-                 f"stain reference {reference} belongs to {patient_id(folder)}, a {part} patient: the normalizer "
-                 f"would be fitted on {part} data; keep it in train (the default split does) or pick another "
-                 f"--reference-patch", [reference])
+def reference_not_in_train(reference, parts: Parts) -> list[Finding]:
+    outside = [(p, parts.of_patient(p)) for p in helicodata.reference_patients(reference)
+               if parts.of_patient(p) in ("val", "test")]
+    return found("leak", "reference_not_in_train", outside, [p for p, _ in outside],
+                 f"stain reference {' '.join(helicodata.reference_list(reference))} comes from "
+                 f"{', '.join(f'{p} (a {part} patient)' for p, part in outside)}: the normalizer would be fitted on "
+                 f"held-out data; keep them in train (the default split does) or pick another --reference-patch",
+                 helicodata.reference_list(reference))
 
 
 def split_refused(problems: list[str], findings: list[Finding]) -> list[Finding]:
@@ -436,11 +437,12 @@ def duplicate_content_groups(groups: list[list[str]], parts: Parts, holdout_pati
                  f"they must stay in one part")
 
 
-def reference_patch_missing(root: Path, reference: str | None) -> list[Finding]:
-    path = Path(reference or "")
-    missing = bool(reference) and not (path if path.is_absolute() else root / path).is_file()
-    return found("warning", "reference_patch_missing", missing, [patient_id(path.parent.name)], f"stain reference "
-                 f"{reference} not found under {root}: Macenko normalization cannot use it; pass --reference-patch")
+def reference_patch_missing(root: Path, reference) -> list[Finding]:
+    entries = helicodata.reference_list(reference)
+    missing = [e for e in entries if not (Path(e) if Path(e).is_absolute() else root / e).exists()]
+    return found("warning", "reference_patch_missing", missing, helicodata.reference_patients(missing),
+                 f"stain reference {' '.join(missing)} not found under {root}: Macenko normalization cannot use it; "
+                 f"pass --reference-patch")
 
 
 def patients_outside_split(split: dict, data: helicodata.HelicoData) -> list[Finding]:
@@ -496,7 +498,7 @@ class Audit:
         return [f for f in self.findings if f.kind == "leak"]
 
 
-def run_checks(data, split, groups, shared, sizes, errors, reference_patch: str | None,
+def run_checks(data, split, groups, shared, sizes, errors, reference_patch,
                expected_size: int, hashes: dict | None = None) -> list[Finding]:
     """Leaks first (in the order of the module docstring), then warnings."""
     parts = Parts(split)

@@ -101,8 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="NHWC layout for model and input; default on for CUDA, off on CPU")
     p.add_argument("--macenko", action=argparse.BooleanOptionalAction, default=True,
                    help="include Macenko in the normalize and loop stages (skipped anyway for a normalized cache)")
-    p.add_argument("--reference-patch", default=helicodata.DEFAULT_REFERENCE, help="stain reference, relative to the "
-                   "data root or absolute")
+    helicodata.add_reference_argument(p, "the one train.py uses")
     return p
 
 
@@ -261,7 +260,7 @@ def train_stage(args, data, cache_dir, tmp: str) -> dict:
             *(["--compile"] if args.compile else [])]
     normalized = bool((packed_cache.read_meta(cache_dir) or {}).get("normalized"))
     if args.macenko:
-        argv += ["--reference-patch", args.reference_patch, "--cache-normalized" if normalized else
+        argv += ["--reference-patch", *args.reference_patch, "--cache-normalized" if normalized else
                  "--no-cache-normalized"]
     else:
         argv += ["--no-macenko"]

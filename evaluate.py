@@ -64,6 +64,7 @@ report written, the previous one kept, no temp folder left; a second signal stop
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -81,6 +82,15 @@ from helico import (
 
 
 # ----------------------------------------------------------------------------------------------- flags
+def stain_survey(run_dir) -> dict | None:
+    """train.py's stain_survey.json beside the checkpoint (slides whose DAB hue lies far from the reference's), or
+    None for runs without Macenko or from before it existed."""
+    try:
+        return json.loads((Path(run_dir) / "stain_survey.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -353,6 +363,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                       "epoch": ckpt.get("epoch"), "data_root": str(data.root), "headline": headline,
                       "untouched_test": headline == "test",
                       "stain": f"macenko ({ckpt['stain'].get('mode', 'macenko')} mode)" if normalizer else None,
+                      "stain_survey": stain_survey(path.parent),
                       "patch_threshold": threshold, "threshold_rule": ckpt.get("threshold_rule"),
                       "selection": {"epochs": len(log), "pr_auc_by_epoch": [r.get("pr_auc") for r in log],
                                     "patient_rule": by_part["val"]["patient"]["rule"],

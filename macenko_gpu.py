@@ -94,13 +94,16 @@ class MacenkoNormalizer:
         return self.stain_matrix is not None
 
     @torch.no_grad()
-    def fit(self, reference: torch.Tensor) -> "MacenkoNormalizer":
-        """Estimate the reference stain matrix and maxima from one uint8 (3, H, W) image; returns self. Raises
-        ValueError (one line) for a reference that cannot define both stains."""
-        x = _check_uint8(reference, ndim=3, what="reference").to(self.device).reshape(1, 3, -1)
+    def fit(self, reference) -> "MacenkoNormalizer":
+        """Estimate the reference stain matrix and maxima from one uint8 (3, H, W) image, or from several (a list
+        of them, sizes may differ, or a (N, 3, H, W) batch) whose pixels are pooled as one image: the DAB vector
+        then rests on every reference's DAB pixels, not one patch's few. Returns self. Raises ValueError (one
+        line) for a reference that cannot define both stains."""
+        x = _pooled(reference, "reference").to(self.device)
         od, count, mean, two, _, _ = self._two_stain_estimate(x)  # canonical Macenko (torchstain's fit)
         tissue = x.amax(dim=1) <= self._constants(x.device)["tissue_level"]
-        dab, share = _reference_dab(od, tissue, two[0, :, 0], self.alpha)
+        dab, _, share = (v[0] for v in _dab_vectors(od, tissue, two[:, :, 0], self.alpha))
+        share = float(share)
         if self.mode == "ihc":  # canonical hematoxylin, DAB from the reference's DAB pixels alone
             two = torch.stack((two[:, :, 0], dab[None]), -1)
         pinv, invertible = sm.pinv(two)
@@ -110,6 +113,33 @@ class MacenkoNormalizer:
             raise ValueError(f"reference image is unusable: a stain has no positive concentration; {GOOD_REFERENCE}")
         self.stain_matrix, self.max_concentrations, self._cache = two[0].float(), max_conc.float(), {}
         return self
+
+    @torch.no_grad()
+    def dab_angles(self, groups) -> list:
+        """For each group of uint8 (3, H, W) images (e.g. a slide's patches), the angle in degrees between the DAB
+        vector fit() would take from their pooled pixels and this normalizer's; None where they show too little DAB
+        to define one (under min_tissue_pixels DAB pixels or REFERENCE_DAB_SHARE of their tissue). The ihc mode
+        keeps the reference's DAB vector on every patch, so a slide whose DAB hue differs has its DAB amount
+        changed (10 degrees: rods x0.83 to x1.26). Groups are padded with white, which is not tissue."""
+        dab, out = self._reference()[0][:, 1].double(), []
+        budget = self.chunk_pixels or (CPU_CHUNK_PIXELS if self.device.type == "cpu" else CUDA_CHUNK_PIXELS)
+        pooled = [_pooled(g, "slide images") for g in groups]
+        lo = 0
+        while lo < len(pooled):  # chunks of groups: at least one, else up to the chunk's pixel budget
+            hi = lo + 1
+            while hi < len(pooled) and sum(p.shape[-1] for p in pooled[lo:hi + 1]) <= budget:
+                hi += 1
+            width = max(p.shape[-1] for p in pooled[lo:hi])
+            x = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=255) for p in pooled[lo:hi]])
+            x = x.to(self.device)
+            od, count, _, two, _, _ = self._two_stain_estimate(x)
+            tissue = x.amax(dim=1) <= self._constants(x.device)["tissue_level"]
+            vectors, n, share = _dab_vectors(od, tissue, two[:, :, 0], self.alpha)
+            angles = torch.rad2deg(torch.acos((vectors.double() @ dab.to(vectors.device)).clamp(-1, 1)))
+            ok = (n >= self.min_tissue_pixels) & (share >= REFERENCE_DAB_SHARE) & (count >= self.min_tissue_pixels)
+            out += [float(a) if k else None for a, k in zip(angles.cpu(), ok.cpu())]
+            lo = hi
+        return out
 
     @torch.no_grad()
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
@@ -291,20 +321,22 @@ def _hematoxylin_vectors(od, tissue, count, mean, dab, alpha):
     return h, (norm > 1e-3 * mean.norm(dim=-1)) & ((h @ dab) < math.cos(math.radians(MIN_HEMATOXYLIN_ANGLE)))
 
 
-def _reference_dab(od, tissue, hematoxylin, alpha):
-    """DAB unit vector (3,) of one reference image (od (1, 3, N)) and the share of its tissue that shows DAB. Its
-    DAB pixels are those at least REFERENCE_DAB_OD off the hematoxylin axis; in the plane of hematoxylin and their
-    mean offset, DAB is their 100-alpha percentile angle. Canonical Macenko takes that percentile over all tissue,
-    which is noise when DAB covers under ~1% of it (a reference with a few bacteria)."""
-    offset = od - hematoxylin.float()[None, :, None] * (hematoxylin.float() @ od)[:, None]
+def _dab_vectors(od, tissue, hematoxylin, alpha):
+    """DAB unit vectors (b, 3) of b images (od (b, 3, N), hematoxylin (b, 3)), their DAB pixel counts and the share
+    of their tissue that shows DAB. DAB pixels are those at least REFERENCE_DAB_OD off the hematoxylin axis; in the
+    plane of hematoxylin and their mean offset, DAB is their 100-alpha percentile angle. Canonical Macenko takes
+    that percentile over all tissue, which is noise when DAB covers under ~1% of it (a reference with a few
+    bacteria)."""
+    h = hematoxylin.float()
+    offset = od - h[:, :, None] * torch.bmm(h[:, None], od)
     off = offset.norm(dim=1)  # DAB pixels: far enough off hematoxylin, and not just a dark nucleus a bit off it
     dab_pixels = tissue & (off >= REFERENCE_DAB_OD) & (off >= math.sin(math.radians(MIN_DAB_ANGLE)) * od.norm(dim=1))
     n = dab_pixels.sum(dim=1)
-    axis = (offset * dab_pixels[:, None]).sum(-1).double()[0]
-    u = torch.stack((hematoxylin, axis / axis.norm().clamp(min=1e-300)))[None]  # (1, 2, 3), orthonormal
+    axis = (offset * dab_pixels[:, None]).sum(-1).double()
+    u = torch.stack((hematoxylin.double(), axis / axis.norm(dim=-1, keepdim=True).clamp(min=1e-300)), 1)  # (b, 2, 3)
     proj = torch.bmm(u.float(), od)
     _, phi = sm.tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), dab_pixels, n.clamp(min=1), alpha)
-    return sm.unit_in_plane(u, phi)[0], float(n[0]) / max(float(tissue.sum()), 1.0)
+    return sm.unit_in_plane(u, phi), n, n.double() / tissue.sum(dim=1).clamp(min=1).double()
 
 
 def _check_reference(tissue_pixels, min_tissue_pixels, invertible, two, dab_share):
@@ -336,6 +368,16 @@ def _stain_matrices(two, single, mean, ref):
 
 
 # ---------------------------------------------------------------------------------------------- inputs
+def _pooled(images, what) -> torch.Tensor:
+    """One uint8 (3, H, W) image, a list of them or a (N, 3, H, W) batch -> their pixels as one (1, 3, P) image."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        images = list(_check_uint8(images, ndim=4, what=what))
+    images = images if isinstance(images, (list, tuple)) else [images]
+    if not images:
+        raise ValueError(f"{what}: no images")
+    return torch.cat([_check_uint8(x, ndim=3, what=what).reshape(3, -1) for x in images], 1)[None]
+
+
 def _check_uint8(x, ndim, what):
     shape = "(B, 3, H, W)" if ndim == 4 else "(3, H, W)"
     if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != ndim or x.shape[-3] != 3:

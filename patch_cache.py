@@ -37,8 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: all CPU cores of this job)")
     p.add_argument("--normalized", action="store_true", help="store patches already Macenko-normalized, so "
                    "training skips the normalizer (it is recorded in meta.json; a GPU makes this fast)")
-    p.add_argument("--reference-patch", default=helicodata.DEFAULT_REFERENCE, help="stain reference for --normalized, "
-                   "relative to the data root or absolute; use the same one train.py uses")
+    helicodata.add_reference_argument(p, "for --normalized; use the same one train.py uses")
     p.add_argument("--device", default=None, help="device for --normalized (default cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -16,6 +16,10 @@ Columns: worst per-patch AUROC of the output's DAB (rgb2hed) separating rod pixe
 rods; the smallest ratio of the rods' mean output DAB to their input DAB; the largest share of pixels above DAB
 0.03 on a hematoxylin-only patch (a brown nucleus); mean |difference| in grey levels to canonical Macenko
 (mode macenko) on the tissue-rich two-stain tiles. Targets (issue 11): AUROC >= 0.95, kept >= 0.5, brown < 0.1%.
+Then two small tables: the reference's DAB vector (degrees off the true one) fitted from each of 8 sparse-rod
+patches alone and from the 8 pooled (--reference-patch with several files); and MacenkoNormalizer.dab_angles of
+8-patch slides whose DAB is turned 0, +-5, +-10 degrees (train.py's stain survey), with what the ihc mode then
+does to their rods' DAB.
 Exit codes: 0 printed, 2 bad flag or missing dev dependency.
 """
 from __future__ import annotations
@@ -76,10 +80,29 @@ def add_rods(hed, rng, coverage, dab) -> tuple[np.ndarray, np.ndarray]:
     return out, mask
 
 
-def to_uint8(hed) -> torch.Tensor:
-    """HED (H, W, 3) -> uint8 RGB (3, H, W), as a scanner would store it."""
-    rgb = (np.clip(_skimage()[1](hed), 0, 1) * 255).round().astype(np.uint8)
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+def to_uint8(hed, dab_turn=0.0) -> torch.Tensor:
+    """HED (H, W, 3) -> uint8 RGB (3, H, W), as a scanner would store it; dab_turn (degrees) turns the DAB vector
+    in its plane with hematoxylin, away from hematoxylin when positive (another lab's or batch's DAB hue)."""
+    rgb = (np.clip(_skimage()[1](hed), 0, 1) if not dab_turn else
+           np.clip(np.exp(-(hed * -np.log(1e-6)) @ turned_stains(dab_turn)), 0, 1))
+    return torch.from_numpy((rgb * 255).round().astype(np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def true_dab() -> torch.Tensor:
+    """The DAB unit vector (3,) the synthetic cases are mixed with: scikit-image's rgb_from_hed row."""
+    from skimage.color import rgb_from_hed
+    return torch.nn.functional.normalize(torch.tensor(rgb_from_hed[2], dtype=torch.float64), dim=0)
+
+
+def turned_stains(degrees) -> np.ndarray:
+    """scikit-image's rgb_from_hed with its DAB row turned `degrees` away from hematoxylin, same length."""
+    from skimage.color import rgb_from_hed
+    m = rgb_from_hed.copy()
+    h, d = m[0] / np.linalg.norm(m[0]), m[2] / np.linalg.norm(m[2])
+    e = (d - (d @ h) * h) / np.linalg.norm(d - (d @ h) * h)
+    angle = np.arccos(d @ h) + np.radians(degrees)
+    m[2] = (np.cos(angle) * h + np.sin(angle) * e) * np.linalg.norm(m[2])
+    return m
 
 
 def quadrants(image, size=SIZE) -> torch.Tensor:
@@ -124,6 +147,65 @@ def references(seed=0) -> dict:
     refs["real IHC tile"] = torch.from_numpy(ihc_sample()[256:, 256:]).permute(2, 0, 1).contiguous()
     refs["weak: one rod"] = to_uint8(add_rods(base, rng, 0.0002, STRONG_DAB)[0])
     return refs
+
+
+def sparse_references(seed=0, coverage=0.002, count=8) -> list:
+    """`count` single-patch references as a user picks them: hematoxylin-only quadrants with a few strong rods
+    (`coverage` of their pixels), uint8 (3, 256, 256) each."""
+    rng, tiles = np.random.default_rng(seed + 2000), []
+    quads = quadrants(torch.from_numpy(hematoxylin_only()).permute(2, 0, 1))
+    for k in range(count):
+        tiles.append(to_uint8(add_rods(quads[k % len(quads)].permute(1, 2, 0).numpy(), rng, coverage,
+                                       STRONG_DAB + 0.04 * (k % 2))[0]))
+    return tiles
+
+
+def dab_error(norm) -> float:
+    """Degrees between a fitted normalizer's DAB vector and the true one."""
+    cos = float(norm.stain_matrix[:, 1].double() @ true_dab())
+    return float(np.degrees(np.arccos(min(1.0, cos))))
+
+
+def reference_check(seed=0) -> dict:
+    """The reference's DAB vector fitted from one sparse patch (each of 8) or from all 8 pooled: degrees off the
+    true DAB vector, per coverage."""
+    out = {}
+    for coverage in (0.005, 0.002):
+        refs = sparse_references(seed, coverage)
+        singles = [dab_error(MacenkoNormalizer().fit(r)) for r in refs]
+        out[coverage] = {"single": singles, "pooled": dab_error(MacenkoNormalizer().fit(refs))}
+    return out
+
+
+HUE_TURNS = (0.0, 5.0, -5.0, 10.0, -10.0)
+
+
+def hue_check(seed=0) -> dict:
+    """MacenkoNormalizer.dab_angles of synthetic slides (8 patches, rods on 0.2% of their pixels) whose DAB is
+    turned by each of HUE_TURNS degrees, against a reference pooled from 8 patches of the true DAB; and the rods'
+    mean output DAB over input DAB under the ihc mode (what a far hue does to the signal)."""
+    rng, norm = np.random.default_rng(seed + 3000), MacenkoNormalizer().fit(sparse_references(seed, 0.005))
+    quads = quadrants(torch.from_numpy(hematoxylin_only()).permute(2, 0, 1))
+    rows = {}
+    for turn in HUE_TURNS:
+        cases = [add_rods(quads[k % 4].permute(1, 2, 0).numpy(), rng, 0.002, STRONG_DAB) for k in range(8)]
+        slide = torch.stack([to_uint8(hed, turn) for hed, _ in cases])
+        masks = np.stack([m for _, m in cases])
+        out, plain = dab_of(norm.normalize(slide)), dab_of(torch.stack([to_uint8(hed) for hed, _ in cases]))
+        rows[turn] = {"angle": norm.dab_angles([slide])[0], "rod_dab_ratio": float(out[masks].mean() / plain[masks].mean())}
+    return rows
+
+
+def format_reference_table(ref: dict, hue: dict) -> str:
+    lines = ["| reference DAB vector, rods on | one patch (min / median / max of 8) | 8 patches pooled |", "|---|---|---|"]
+    for coverage, r in ref.items():
+        lines.append(f"| {coverage:.1%} of pixels | {min(r['single']):.1f} / {np.median(r['single']):.1f} / "
+                     f"{max(r['single']):.1f} degrees | {r['pooled']:.1f} degrees |")
+    lines += ["", "| slide DAB turned | measured (dab_angles) | rod DAB out / true-hue rod DAB out (ihc) |", "|---|---|---|"]
+    for turn, r in hue.items():
+        measured = "too little DAB" if r["angle"] is None else f"{r['angle']:.1f} degrees"
+        lines.append(f"| {turn:+.0f} degrees | {measured} | x{r['rod_dab_ratio']:.2f} |")
+    return "\n".join(lines)
 
 
 def rod_scores(out, tiles, masks) -> tuple[float, float]:
@@ -193,6 +275,8 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         print(format_table(check(args.modes, args.seed)))
+        print()
+        print(format_reference_table(reference_check(args.seed), hue_check(args.seed)))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return common.EXIT_BAD_INPUT

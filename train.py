@@ -13,7 +13,8 @@ naming the folder and that pid; the lock dies with its process, so a requeued or
 Flags are spelled out in full: a prefix (--epoch for --epochs, --val for --val-frac) is refused, exit 2.
 
 Run folder runs/<run-id>/: config.json (resolved flags, git commit, versions, device, SLURM job id), split.json,
-log.jsonl (one JSON line per epoch), best.pt (highest validation PR-AUC), last.pt, learning_curves.png.
+log.jsonl (one JSON line per epoch), best.pt (highest validation PR-AUC), last.pt, learning_curves.png, and with
+Macenko stain_survey.json (each slide's DAB hue against the reference's; a warning names the far ones).
 Checkpoints are plain dicts of tensors and Python values: torch.load(path, weights_only=True) reads them.
 
 Pipeline: DataLoader workers only decode PNGs to uint8; with --cache there is no DataLoader: the packed uint8 patches
@@ -72,6 +73,8 @@ RESUME_IGNORES = {"run_id", "runs_dir", "data_root", "hash_cache", "device", "wo
                   "persistent_workers", "prefetch_factor", "amp", "channels_last", "environment", "cache",
                   "cache_base", "cache_normalized", "resident_max_frac", "compile"}
 
+ADDED_FLAGS = {"hed_jitter": [0.0, 0.0]}  # flags newer than some run folders: their value in runs made before them
+
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # "(default: None)" says nothing: those helps describe their automatic value
@@ -121,6 +124,8 @@ def requeue() -> str:
 JITTER_HELP = (f"expected 0 or four numbers B,C,S,H like {DEFAULT_JITTER}, with B, C, S in [0, 1) and H in "
                f"[0, 0.5]")
 
+HED_HELP = "expected 0 or two numbers A,B like 0.05,0.005, with A in [0, 1) and B in [0, 0.5]"
+
 
 def numbers(flag: str, text: str, expected: str) -> list[float]:
     """The comma-separated numbers of --flag, or a one-line error saying what was expected."""
@@ -139,6 +144,11 @@ def resolve_args(args, device, local_world: int) -> None:
     if len(jitter) != 4 or not all(0 <= v < 1 for v in jitter[:3]) or not 0 <= jitter[3] <= 0.5:
         raise common.DataError(f"--jitter {args.jitter}: {JITTER_HELP}")
     args.jitter = jitter
+    hed = numbers("hed-jitter", args.hed_jitter, HED_HELP)
+    hed = hed * 2 if hed == [0.0] else hed
+    if len(hed) != 2 or not 0 <= hed[0] < 1 or not 0 <= hed[1] <= 0.5:
+        raise common.DataError(f"--hed-jitter {args.hed_jitter}: {HED_HELP}")
+    args.hed_jitter = hed
     for flag, value, low in (("epochs", args.epochs, 1), ("batch-size", args.batch_size, 2), ("image-size",
                              args.image_size, 32), ("prefetch-factor", args.prefetch_factor, 1),
                              ("limit-samples", args.limit_samples, 2), ("workers", args.workers, 0)):
@@ -210,8 +220,16 @@ def samples_and_config(args, data, split, world, device):
     return train, val, config
 
 
+def as_stored(config: dict) -> dict:
+    """A config as today's config.json spells it: runs written before a flag existed, or before --reference-patch
+    took several entries, resume as what they trained with."""
+    config = {**ADDED_FLAGS, **json.loads(json.dumps(config))}
+    config["reference_patch"] = helicodata.reference_list(config.get("reference_patch"))
+    return config
+
+
 def changed_flags(old: dict, new: dict) -> list[str]:
-    new = json.loads(json.dumps(new))  # compare as config.json stores them
+    old, new = as_stored(old), as_stored(new)  # compare as config.json stores them
     keys = sorted((set(old) | set(new)) - RESUME_IGNORES)
     return [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
 
@@ -356,6 +374,7 @@ class Trainer:
         train_ds, val_ds = (packed_cache.patch_dataset(data.root, part, args.image_size, args.skip_bad_images,
                                                        args.cache) for part in (train, val))
         self.normalizer, self.stain = stain_normalizer(args, data, train_ds, ckpt, device)
+        self.slides = (data.root, data.labelled + data.cropped if rank == 0 and self.stain is not None else [])
         self.sampler = sampling.EpochSampler([s.label for s in train], args.sampler == "balanced", args.seed, rank,
                                              world)
         shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
@@ -433,7 +452,8 @@ class Trainer:
                     self.note_skipped(self.train_paths[k] for k in idx[labels == helicodata.BAD].tolist())
                 x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
                 with torch.no_grad():
-                    x = model.model_input(x, self.normalizer, args.jitter, self.gen, self.precision.channels_last)
+                    x = model.model_input(x, self.normalizer, args.jitter, self.gen, self.precision.channels_last,
+                                          args.hed_jitter)
                 loss, summed, kept = optimisation.train_step(self.model, x, labels, self.precision, self.opt,
                                                              self.sched, self.scaler, self.pos_weight)
                 loss_sum, seen = loss_sum + summed, seen + kept
@@ -502,6 +522,24 @@ class Trainer:
         y, s = (np.array([by_index[i][k] for i in sorted(by_index)]) for k in (0, 1))
         return y.astype(np.int64), s.astype(np.float64), sum(part[3] for part in parts) / max(len(y), 1)
 
+    def survey_stain(self) -> None:
+        """Once per run (rank 0, with a stain reference): stain_survey.json and one warning line naming the slides
+        whose DAB hue lies far from the reference's (model.dab_hue_survey; no labels read, no HoldOut pixels)."""
+        where = self.run_dir / "stain_survey.json"
+        if not self.slides[1] or where.is_file():
+            return
+        normalizer = macenko_gpu.MacenkoNormalizer.from_state_dict(self.stain).to(self.device)
+        survey = model.dab_hue_survey(*self.slides, normalizer)
+        common.atomic_write_text(where, json.dumps(survey, indent=1) + "\n")
+        if survey["far"]:
+            angles, unmeasured = survey["angles"], sum(a is None for a in survey["angles"].values())
+            print(f"warning: stain: {len(survey['far'])} of {len(angles)} slides have a DAB hue more than "
+                  f"{survey['threshold_deg']:g} degrees from the reference's ("
+                  + ", ".join(f"{s} {angles[s]:.1f}" for s in survey["far"][:10])
+                  + f"{', ...' if len(survey['far']) > 10 else ''}): normalization keeps the reference's DAB "
+                  f"vector, so their DAB amount changes; consider --reference-patch with tiles of several slides "
+                  f"({unmeasured} slides show too little DAB to measure; {where})", file=sys.stderr)
+
     def fit(self) -> int:
         """The epoch loop; returns the exit code."""
         if self.rank == 0:
@@ -515,6 +553,7 @@ class Trainer:
                   f"{self.world} x {self.device}, amp {self.precision.dtype if self.precision.amp else 'off'}, commit "
                   f"{self.config['environment']['git_commit']}; {self.feed}", file=sys.stderr)
         self.note_skipped(self.recorded_bad)
+        self.survey_stain()
         while self.epoch < self.args.epochs:
             start = time.perf_counter()
             nan_step, stopped = self.train_epoch()

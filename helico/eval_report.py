@@ -208,6 +208,17 @@ def looks_lines(looks: dict | None) -> list[str]:
     return lines
 
 
+def hue_line(survey: dict) -> str:
+    """train.py's survey of each slide's DAB hue against the stain reference's, in one table cell."""
+    angles = survey["angles"]
+    measured = [a for a in angles.values() if a is not None]
+    far = ", ".join(f"{s} ({angles[s]:.1f} deg)" for s in survey["far"][:10]) + (" ..." if len(survey["far"]) > 10
+                                                                                  else "")
+    return (f"{len(survey['far'])} of {len(measured)} measured slides more than {survey['threshold_deg']:g} degrees "
+            f"from the reference's DAB{': ' + far if far else ''} (their DAB amount changes under the ihc mode); "
+            f"{len(angles) - len(measured)} slides show too little DAB to measure")
+
+
 def _header(metrics: dict) -> list[str]:
     meta = metrics["meta"]
     boot = meta["bootstrap"]
@@ -216,6 +227,7 @@ def _header(metrics: dict) -> list[str]:
              *([" ".join(looked), ""] if looked else [])] + _table(["", ""], [
         ["architecture", f"{meta['arch']}, {meta['image_size']} px input"], ["epoch", meta.get("epoch")],
         ["data root", f"`{meta['data_root']}`"], ["stain normalization", meta["stain"] or "none"],
+        *([["DAB hue survey", hue_line(meta["stain_survey"])]] if meta.get("stain_survey") else []),
         ["patch threshold", f"{fmt(meta['patch_threshold'])} ({meta.get('threshold_rule') or 'chosen on validation'})"],
         ["validation patients", f"{len(meta['val_patients'])}: {', '.join(meta['val_patients'])}"],
         ["test patients", f"{len(meta.get('test_patients') or [])}: {', '.join(meta.get('test_patients') or [])}"

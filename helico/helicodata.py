@@ -18,7 +18,7 @@ import csv
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -29,6 +29,7 @@ ANNOTATION_NAMES = ("HP_WSI-CoordAllAnnotatedPatches", "HP_WSI-CoordAnnotatedAll
 DIAGNOSIS_NAME = "PatientDiagnosis.csv"
 DIAGNOSES = ("NEGATIVA", "BAIXA", "ALTA")  # BAIXA (low density) and ALTA (high) both mean infected
 DEFAULT_REFERENCE = "CrossValidation/Annotated/B22-47_0/01653.png"  # the original pipeline's stain reference
+MAX_REFERENCE_PATCHES = 64  # a reference fitted from more pooled patches would need chunking (~60 bytes per pixel)
 
 
 # ----------------------------------------------------------------------------------------------- names
@@ -167,6 +168,55 @@ def read_diagnosis(path) -> dict[str, str]:
             raise DataError(f"{path}: row {n}: {patient} listed twice with different diagnoses")
         out[patient] = dx
     return out
+
+
+# ----------------------------------------------------------------------------------------------- stain reference
+def add_reference_argument(parser, purpose: str) -> None:
+    """--reference-patch, as every command spells it (train.py and the audit through splits.py, patch_cache.py,
+    bench.py): one PNG or more, or folders of them; `purpose` ends its help."""
+    parser.add_argument("--reference-patch", nargs="+", default=[DEFAULT_REFERENCE], metavar="PNG_OR_FOLDER",
+                        help="stain reference: one PNG, several, or folders of them (their pixels pooled: tiles of "
+                        "several slides give a steadier DAB vector than one patch's few rods), relative to the data "
+                        f"root or absolute; {purpose}")
+
+
+def reference_list(reference) -> list[str]:
+    """--reference-patch as given -> a list of entries (files or folders): a string (older checkpoints' config,
+    library callers), a list (the flag takes several), or None (no reference)."""
+    if not reference:
+        return []
+    return [str(reference)] if isinstance(reference, (str, Path)) else [str(r) for r in reference]
+
+
+def reference_files(root, reference) -> list[Path]:
+    """The PNGs a stain reference is fitted from: each entry relative to the data root unless absolute; a folder
+    gives its own PNGs (sorted, not recursive). DataError naming the entry when one is missing or an empty folder,
+    or when there are more than MAX_REFERENCE_PATCHES."""
+    files = []
+    for entry in reference_list(reference):
+        path = Path(entry) if Path(entry).is_absolute() else Path(root) / entry
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+            if not found:
+                raise DataError(f"--reference-patch {path}: folder holds no .png (give stain reference tiles)")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"--reference-patch {path}: file not found (Macenko needs a stain reference tile: pass "
+                            f"one under the data root or an absolute path, or train with --no-macenko)")
+    if len(files) > MAX_REFERENCE_PATCHES:
+        raise DataError(f"--reference-patch: {len(files)} PNGs, at most {MAX_REFERENCE_PATCHES} (a few dozen "
+                        f"tissue-rich tiles with DAB fix the stain vectors; more only costs memory)")
+    return files
+
+
+def reference_patients(reference) -> list[str]:
+    """The patients a stain reference is taken from, by name alone (no disk read): a file's folder, or a folder's
+    own name (`<Pat_ID>_<section>`). Splits keep them in train; tiles copied into a folder of another name are
+    not traced."""
+    paths = [PurePosixPath(Path(e).as_posix()) for e in reference_list(reference)]
+    return sorted({patient_id(p.parent.name if p.suffix.lower() == ".png" else p.name) for p in paths})
 
 
 # ----------------------------------------------------------------------------------------------- discovery

@@ -7,7 +7,8 @@ evaluation and benchmarks cannot drift apart:
 - precision and layout (precision): autocast on or off, bf16 on the CPU and Ampere+ GPUs else fp16 with a GradScaler,
   channels_last for model and input together;
 - the checkpoint schema (checkpoint / load_checkpoint): a plain dict that torch.load(weights_only=True) reads;
-- the stain reference (fit_stain_reference): the Macenko normalizer of --reference-patch.
+- the stain reference (fit_stain_reference): the Macenko normalizer of --reference-patch (pooled patches), and
+  dab_hue_survey: the slides whose DAB hue lies far from it.
 
     net = model.build_model("resnet18", "imagenet")
     precision = model.precision(device, amp=None, channels_last=False)    # amp None: on for CUDA, off on CPU
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from helico import augment
+from helico import augment, helicodata
 import macenko_gpu
 from common import DataError
 
@@ -151,27 +152,55 @@ def imagenet_normalize(x):
     return (x - mean) / std
 
 
-def model_input(images, normalizer=None, jitter=None, gen=None, channels_last=False):
-    """uint8 batch on the device -> normalized float input; with a generator (training) also jitter + symmetry.
-    The one preparation of model input: training, validation, evaluation, Grad-CAM and bench.py all call it."""
+def model_input(images, normalizer=None, jitter=None, gen=None, channels_last=False, hed=(0.0, 0.0)):
+    """uint8 batch on the device -> normalized float input; with a generator (training) also colour jitter, HED
+    jitter and symmetry. The one preparation of model input: training, validation, evaluation, Grad-CAM and
+    bench.py all call it."""
     x = to_unit(images, normalizer)
     if gen is not None:
-        x = augment.augment(x, jitter, gen)
+        x = augment.augment(x, jitter, gen, hed)
     x = imagenet_normalize(x)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def fit_stain_reference(root, reference: str):
-    """The Macenko normalizer (on the CPU) fitted to --reference-patch, relative to the data root unless absolute."""
-    ref = Path(reference)
-    ref = ref if ref.is_absolute() else Path(root) / ref
-    if not ref.is_file():
-        raise DataError(f"--reference-patch {ref}: file not found (Macenko needs a stain reference tile: pass one "
-                        f"under the data root or an absolute path, or train with --no-macenko)")
+def fit_stain_reference(root, reference):
+    """The Macenko normalizer (on the CPU) fitted to --reference-patch: one PNG, several, or folders of them
+    (helicodata.reference_files), their pixels pooled."""
+    files = helicodata.reference_files(root, reference)
+    if not files:
+        raise DataError("--reference-patch: none given (Macenko needs a stain reference tile, or --no-macenko)")
     try:
-        return macenko_gpu.MacenkoNormalizer().fit(macenko_gpu.load_rgb(ref))
+        return macenko_gpu.MacenkoNormalizer().fit([macenko_gpu.load_rgb(f) for f in files])
     except ValueError as e:
-        raise DataError(f"--reference-patch {ref}: {e}") from None
+        where = files[0] if len(files) == 1 else f"{len(files)} PNGs ({files[0].parent}, ...)"
+        raise DataError(f"--reference-patch {where}: {e}") from None
+
+
+SURVEY_PATCHES = 8  # per slide: ~0.5 M pixels pooled, enough for a DAB direction where a slide shows rods
+# Synthetic slides (python stain_check.py): the true hue reads 1.2 degrees, DAB turned 5 degrees 4.2-6.9 (rods'
+# DAB x0.86-x1.10 after normalization), turned 10 degrees 6.1-10.2 (x0.73-x1.20).
+DAB_HUE_WARN_DEG = 4.0
+
+
+def dab_hue_survey(root, samples, normalizer, per_slide: int = SURVEY_PATCHES) -> dict:
+    """How far each slide's DAB hue lies from the reference's (macenko_gpu.MacenkoNormalizer.dab_angles), from up
+    to per_slide patches per slide folder spread over its sorted paths (no labels read). The ihc mode keeps the
+    reference's DAB vector, so a far slide's DAB amount changes. {"threshold_deg", "patches_per_slide",
+    "angles": {slide: degrees or None (too little DAB to measure)}, "far": [slides above the threshold]}."""
+    by_slide: dict[str, list[str]] = {}
+    for s in samples:
+        by_slide.setdefault(s.path.rsplit("/", 2)[-2], []).append(s.path)
+    slides, angles = sorted(by_slide), {}
+
+    def picks(slide):  # per_slide paths spread evenly over the slide's sorted paths
+        paths = sorted(set(by_slide[slide]))
+        step = max(1.0, len(paths) / per_slide)
+        return [macenko_gpu.load_rgb(Path(root) / paths[int(k * step)]) for k in range(min(per_slide, len(paths)))]
+    for lo in range(0, len(slides), 16):  # 16 slides decoded at a time: memory stays ~25 MB at 256 px
+        chunk = slides[lo:lo + 16]
+        angles.update(zip(chunk, normalizer.dab_angles([picks(s) for s in chunk])))
+    return {"threshold_deg": DAB_HUE_WARN_DEG, "patches_per_slide": per_slide, "angles": angles,
+            "far": [s for s, a in angles.items() if a is not None and a > DAB_HUE_WARN_DEG]}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoint

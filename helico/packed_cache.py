@@ -227,12 +227,14 @@ def _stat_key(path: Path) -> list | None:
 
 
 # ----------------------------------------------------------------------------------------------- build
-def stain_reference(root: Path, reference: str, device):
-    """(normalizer on `device`, meta record) for --normalized; the record pins the reference file's bytes."""
+def stain_reference(root: Path, reference, device):
+    """(normalizer on `device`, meta record) for --normalized; the record pins the reference files' bytes (one
+    file: its sha256, as caches built before several files were allowed; several: a digest of theirs in order)."""
     normalizer = model.fit_stain_reference(root, reference)
-    ref = Path(reference) if Path(reference).is_absolute() else root / reference
+    digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in helicodata.reference_files(root, reference)]
+    digest = digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
     state = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in normalizer.state_dict().items()}
-    record = {"reference": str(reference), "sha256": hashlib.sha256(ref.read_bytes()).hexdigest(), "state": state}
+    record = {"reference": " ".join(helicodata.reference_list(reference)), "sha256": digest, "state": state}
     return normalizer.to(device), record
 
 
@@ -336,7 +338,7 @@ def normalize_chunk(normalizer, fd: int, lo: int, hi: int, size: int, bad) -> No
 
 
 def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normalized: bool = False,
-                reference: str | None = None, device=None, progress: bool = True, samples=None, on_chunk=None,
+                reference=None, device=None, progress: bool = True, samples=None, on_chunk=None,
                 rebuild: bool = True) -> dict:
     """Build, resume or reuse the cache of `samples` (default data.all_samples()); returns a report dict.
 
@@ -448,7 +450,7 @@ def _locked(cache_dir: Path):
 
 # ----------------------------------------------------------------------------------------------- entry points
 def prepare(cache_dir, data, image_size: int, workers: int, normalized: bool | None = None,
-            reference: str | None = None, device=None) -> Path:
+            reference=None, device=None) -> Path:
     """The one entry point of train.py, evaluate.py and the launcher's `--cache DIR`: build, resume or reuse the
     cache of every patch of `data` (build_cache), with one-line errors naming --cache; returns DIR.
 
@@ -465,8 +467,9 @@ def prepare(cache_dir, data, image_size: int, workers: int, normalized: bool | N
         reference = meta["stain"]["reference"] if normalized else None
     kind = lambda size, norm, ref: f"{size}px " + (f"patches Macenko-normalized to {ref}" if norm else "plain patches")
     have = kind(meta.get("image_size"), meta.get("normalized"), (meta.get("stain") or {}).get("reference"))
-    if done and have != kind(image_size, normalized, reference):
-        raise DataError(f"--cache {where}: holds {have}, but this run needs {kind(image_size, normalized, reference)}; "
+    given = " ".join(helicodata.reference_list(reference or helicodata.DEFAULT_REFERENCE))  # as meta.json spells it
+    if done and have != kind(image_size, normalized, given):
+        raise DataError(f"--cache {where}: holds {have}, but this run needs {kind(image_size, normalized, given)}; "
                         f"give another folder (or delete this one to rebuild it)")
     try:
         build_cache(data, where, image_size, workers, normalized, reference, device)
@@ -477,19 +480,19 @@ def prepare(cache_dir, data, image_size: int, workers: int, normalized: bool | N
         raise DataError(f"--cache {where}: {e.strerror or e}") from None
 
 
-def cache_folder(base, image_size: int, normalized: bool, reference: str | None) -> Path:
+def cache_folder(base, image_size: int, normalized: bool, reference) -> Path:
     """The folder under `base` (train.py and evaluate.py --cache-base) for a cache of this kind: cache<size>, or
     cache<size>-macenko-<digest of the reference as given> when it holds Macenko's output, so jobs with another
     size or stain reference on a node use their own folder (prepare refuses to turn a finished cache into another
     kind)."""
     name = f"cache{image_size}"
     if normalized:
-        reference = reference or helicodata.DEFAULT_REFERENCE
-        name += f"-macenko-{hashlib.sha1(reference.encode()).hexdigest()[:10]}"
+        given = " ".join(helicodata.reference_list(reference or helicodata.DEFAULT_REFERENCE))
+        name += f"-macenko-{hashlib.sha1(given.encode()).hexdigest()[:10]}"
     return Path(base).absolute() / name
 
 
-def prepare_in(base, data, image_size: int, workers: int, normalized: bool, reference: str | None,
+def prepare_in(base, data, image_size: int, workers: int, normalized: bool, reference,
                device=None) -> Path | None:
     """--cache-base: prepare the folder cache_folder names under `base`, or None when the disk fails there (no room
     for ~43 GB on a node costs speed, not the run), after one warning line: the caller then decodes PNGs."""

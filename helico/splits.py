@@ -21,9 +21,9 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from helico import metrics
+from helico import helicodata, metrics
 from common import DataError, atomic_write_text
-from helico.helicodata import DEFAULT_REFERENCE, TREES, HelicoData, patient_id
+from helico.helicodata import DEFAULT_REFERENCE, TREES, HelicoData, patient_id, reference_patients
 
 
 # ----------------------------------------------------------------------------------------------- content hashes
@@ -142,15 +142,13 @@ def split_args_parser():
                    "one run per fold, then evaluate.py --cv runs/ID-f*)")
     g.add_argument("--fold", type=int, default=None, help="which fold (0..K-1) is the test part; val is carved from "
                    "the other folds' patients (--val-frac of each diagnosis)")
-    g.add_argument("--reference-patch", default=DEFAULT_REFERENCE, help="stain reference PNG, relative to the data "
-                   "root or absolute; its patient is kept in training so validation never shapes the normalizer")
+    helicodata.add_reference_argument(g, "their patients (a file's folder, a folder's own name) are kept in "
+                                      "training so validation never shapes the normalizer")
     g.add_argument("--hash-cache", default=None, help="content-hash cache file (default ~/.cache/helico-hp/...); "
                    "re-runs only hash new or changed files")
     return p
 
 
-def reference_patient(reference_patch: str | None) -> str | None:
-    return patient_id(Path(reference_patch).parent.name) if reference_patch else None
 
 
 TEST_FRAC = 0.2     # default test share without --folds: 20% test, 20% val, 60% train per diagnosis
@@ -240,7 +238,7 @@ def has_untouched_test(split: dict) -> bool:
     return bool(split.get("test")) and split.get("untouched_test", True) is not False
 
 
-def split_problems(split: dict, data: HelicoData, groups=(), reference: str | None = None) -> list[str]:
+def split_problems(split: dict, data: HelicoData, groups=(), reference=None) -> list[str]:
     """What makes a split leaky or unusable on this data root (empty list: fine)."""
     problems, seen = [], {}
     for part in SPLIT_PARTS:
@@ -257,9 +255,9 @@ def split_problems(split: dict, data: HelicoData, groups=(), reference: str | No
         parts = {seen.get(p) for p in g if p in seen}
         if len(parts) > 1:
             problems.append(f"patients with byte-identical images are split across {sorted(parts)}: {', '.join(g)}")
-    ref = reference_patient(reference)
-    if ref and seen.get(ref) not in (None, "train"):
-        problems.append(f"stain reference patient {ref} is in {seen[ref]}, not train")
+    for ref in reference_patients(reference):
+        if seen.get(ref) not in (None, "train"):
+            problems.append(f"stain reference patient {ref} is in {seen[ref]}, not train")
     return problems
 
 
@@ -343,7 +341,7 @@ def split_options(args) -> dict:
 
 def resolve_split(data: HelicoData, split_file=None, seed: int = 0, val_frac: float = 0.2,
                   test_frac: float | None = None, folds: int | None = None, fold: int | None = None,
-                  reference_patch: str | None = DEFAULT_REFERENCE, hash_cache=None, progress: bool = True) -> tuple[dict, list[list[str]], dict[str, list[str]]]:
+                  reference_patch=DEFAULT_REFERENCE, hash_cache=None, progress: bool = True) -> tuple[dict, list[list[str]], dict[str, list[str]]]:
     """The split asked for: split_file reloaded, else made from the rest; the one path train.py and the audit take.
     Returns (split, duplicate groups, shared content as from shared_content)."""
     cache = hash_cache_path(hash_cache, data.root)
@@ -352,7 +350,7 @@ def resolve_split(data: HelicoData, split_file=None, seed: int = 0, val_frac: fl
     if split_file:
         split = load_split(split_file)
     else:
-        split = make_split(data, seed, val_frac, folds, fold, keep_in_train=[reference_patient(reference_patch)],
+        split = make_split(data, seed, val_frac, folds, fold, keep_in_train=reference_patients(reference_patch),
                            groups=groups, test_frac=test_frac)
     return split, groups, shared
 

@@ -56,6 +56,10 @@ def train_args_parser(shown: bool = True) -> argparse.ArgumentParser:
                    "normalization to --reference-patch (the original pipeline's); --no-macenko trains on raw colours")
     g.add_argument("--jitter", default=None, help="colour jitter B,C,S,H: brightness, contrast, saturation "
                    "factors in [1-x, 1+x] and hue shift in [-h, h] turns, drawn per sample; 0 disables")
+    g.add_argument("--hed-jitter", default="0", metavar="A,B", help="HED stain augmentation (Tellez et al. 2018) "
+                   "after Macenko: each stain's concentration s (scikit-image's rgb2hed) -> alpha * s + beta, alpha in "
+                   "[1-A, 1+A], beta in [-B, B], per sample and stain; HED-light is 0.05,0.05, but beta moves every "
+                   "pixel, white ones too, and DAB's amount is the signal: start small (0.05,0.005). 0 disables")
     g.add_argument("--image-size", type=int, default=256, help="patches are resized to this square side; 256 is "
                    "native. 64-128 makes CPU demos fast")
     g.add_argument("--limit-samples", type=int, default=None, help="train on a stratified random subset of this "

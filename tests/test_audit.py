@@ -276,8 +276,12 @@ def test_stain_reference_patient_in_validation_is_a_leak(demo_data, demo_root, t
     s = default_split(demo_data)
     split = write_split(tmp_path / "split.json", train=[p for p in s["train"] if p != "B22-47"],
                         val=s["val"] + ["B22-47"])
-    rc, report = run_audit(demo_root, tmp_path, "--split", split)
-    assert rc == common.EXIT_LEAK and finding(report, "reference_not_in_train")["patients"] == ["B22-47"]
+    other = s["val"][0]  # a second reference entry, a folder of another validation patient
+    tree = "annotated" if other in demo_data.folders["annotated"] else "cropped"
+    folder = f"{helicodata.TREES[tree]}/{demo_data.folders[tree][other][0]}"
+    rc, report = run_audit(demo_root, tmp_path, "--split", split, "--reference-patch", helicodata.DEFAULT_REFERENCE,
+                           folder)
+    assert rc == common.EXIT_LEAK and finding(report, "reference_not_in_train")["patients"] == sorted(["B22-47", other])
 
 
 def test_a_test_part_is_audited_and_composed_like_val(demo_data, demo_root, tmp_path, capsys):
@@ -302,7 +306,8 @@ def test_warnings_alone_exit_0(demo_audit):
 
 
 def test_missing_reference_patch_is_a_warning(demo_root, tmp_path):
-    rc, report = run_audit(demo_root, tmp_path, "--reference-patch", "CrossValidation/Annotated/B22-47_0/99999.png")
+    rc, report = run_audit(demo_root, tmp_path, "--reference-patch", "CrossValidation/Annotated/B22-47_0/99999.png",
+                           "CrossValidation/Annotated/B22-111_0")  # a folder that exists: not named
     assert rc == common.EXIT_OK and finding(report, "reference_patch_missing")["patients"] == ["B22-47"]
 
 

@@ -39,3 +39,34 @@ def test_random_symmetry_gives_each_image_one_of_the_eight_square_symmetries():
         assert len(match) == 1
         seen.add(match[0])
     assert len(seen) == 8
+
+
+def test_hed_jitter_is_scikit_images_stain_space_scaled_and_shifted_per_sample():
+    from skimage import data
+    from skimage.color import hed_from_rgb, rgb2hed, rgb_from_hed
+    x = torch.from_numpy(data.immunohistochemistry()[:48, :48]).permute(2, 0, 1).float().div(255)
+    x = torch.stack((x, x.flip(-1)))
+    factors = torch.tensor([[[1.05, 0.97, 1.02], [0.01, -0.005, 0.003]], [[0.9, 1.1, 1.0], [0.0, 0.02, -0.01]]])
+    out = augment.hed_jitter(x, factors)
+    for i in range(2):  # scikit-image's formulas with its matrices, in float64
+        rgb = np.maximum(x[i].permute(1, 2, 0).double().numpy(), 1e-6)
+        stains = (np.log(rgb) / np.log(1e-6)) @ hed_from_rgb
+        assert np.allclose(stains[stains.min(-1) > 0], rgb2hed(rgb)[stains.min(-1) > 0], atol=1e-9)  # same space
+        stains = stains * factors[i, 0].double().numpy() + factors[i, 1].double().numpy()
+        expected = np.clip(np.exp(-(stains * -np.log(1e-6)) @ rgb_from_hed), 0, 1)
+        assert np.abs(out[i].permute(1, 2, 0).double().numpy() - expected).max() < 1e-5
+    identity = torch.tensor([[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]]).repeat(2, 1, 1)
+    assert (augment.hed_jitter(x, identity) - x).abs().max() < 1e-5  # rgb2hed's clamp at 0 would change it:
+    assert (rgb2hed(x[0].permute(1, 2, 0).numpy())[..., 1] <= 0).mean() > 0.9  # eosin is negative on IHC
+
+
+def test_augment_draws_hed_factors_only_when_asked_and_repeats_by_seed():
+    x = torch.rand(4, 3, 16, 16) * 0.8 + 0.1
+    jitter = augment.DEFAULT_JITTER
+    plain = augment.augment(x, jitter, torch.Generator().manual_seed(3))
+    assert torch.equal(augment.augment(x, jitter, torch.Generator().manual_seed(3), (0.0, 0.0)), plain)
+    hed = [augment.augment(x, jitter, torch.Generator().manual_seed(3), (0.05, 0.01)) for _ in range(2)]
+    assert torch.equal(hed[0], hed[1]) and not torch.allclose(hed[0], plain, atol=1e-3)
+    factors = augment.hed_factors(10000, (0.05, 0.01), torch.Generator().manual_seed(0), "cpu")
+    assert 0.95 <= factors[:, 0].min() and factors[:, 0].max() <= 1.05 and factors[:, 1].abs().max() <= 0.01
+    assert factors[:, 0].std() > 0.02 and factors[:, 1].abs().max() > 0.0099

@@ -96,6 +96,10 @@ def test_the_report_gives_sensitivity_by_grade_predictive_values_and_calibration
     assert "Sensitivity by grade (exact binomial 95% CIs)" in report and "PPV / NPV at stated prevalences" in report
     assert "**The scores are not calibrated probabilities**" in report and "figures/reliability.png" in report
     assert "| stain normalization | macenko (ihc mode) |" in report  # the mode the checkpoint holds, not a constant
+    survey = json.loads((evaluation["ckpt"].parent / "stain_survey.json").read_text())  # train.py's, in the report
+    measured = sum(a is not None for a in survey["angles"].values())
+    assert f"| DAB hue survey | {len(survey['far'])} of {measured} measured slides more than 4 degrees" in report
+    assert all(slide in report for slide in survey["far"])
     with Image.open(out / "figures/reliability.png") as im:
         im.verify()
 

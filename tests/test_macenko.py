@@ -2,6 +2,7 @@
 
 References: torchstain's TorchMacenkoNormalizer (per image) and scikit-image's rgb2hed and its real IHC sample image
 (hematoxylin + DAB, shipped in the wheel). Tiles stay small so the file runs in well under a minute on 2 cores."""
+import hashlib
 import json
 import os
 import subprocess
@@ -17,10 +18,11 @@ from skimage.color import hed2rgb, rgb2hed
 from sklearn.metrics import roc_auc_score
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 
+import common
 import macenko_gpu
 import stain
 import stain_check
-from helico import helicodata, packed_cache, stain_math
+from helico import helicodata, model, packed_cache, stain_math
 from macenko_gpu import FALLBACK, SINGLE_STAIN, TWO_STAINS, MacenkoNormalizer, load_rgb, synthetic_ihc_tiles
 
 TILE = 128
@@ -458,3 +460,71 @@ def test_module_imports_only_runtime_dependencies():
     done = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=root))
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------------------------ references of several patches
+def test_a_reference_pooled_from_several_patches_bounds_the_worst_single_patch_dab_vector():
+    # one sparse patch's DAB vector strays up to 4.3 degrees (python stain_check.py); eight pooled stay near 1
+    refs = stain_check.sparse_references(seed=0, coverage=0.002)
+    singles = [stain_check.dab_error(MacenkoNormalizer().fit(r)) for r in refs]
+    pooled = MacenkoNormalizer().fit(refs)
+    assert stain_check.dab_error(pooled) < min(2.0, max(singles) - 1.0)
+    batch = MacenkoNormalizer().fit(torch.stack(refs))  # a (N, 3, H, W) batch pools the same pixels
+    assert torch.equal(batch.stain_matrix, pooled.stain_matrix)
+    assert torch.equal(batch.max_concentrations, pooled.max_concentrations)
+
+
+def test_dab_angles_flag_a_slide_whose_dab_hue_is_turned_and_skip_one_without_dab():
+    hue = stain_check.hue_check(seed=0)  # 8-patch slides, DAB turned by 0, +-5, +-10 degrees
+    assert hue[0.0]["angle"] < 2.0
+    for turn in (5.0, -5.0, 10.0, -10.0):
+        assert hue[turn]["angle"] > model.DAB_HUE_WARN_DEG, turn
+    assert hue[-10.0]["rod_dab_ratio"] < 0.85  # what the warning is for: the signal changes
+    norm = MacenkoNormalizer().fit(stain_check.sparse_references(seed=0, coverage=0.005)[:2])
+    blank = stain_check.hematoxylin_cases()[:3]
+    small = blank[:1, :, :64, :64]  # groups of other sizes: padded with white, which is no tissue
+    assert norm.dab_angles([list(blank), list(small)]) == [None, None]
+
+
+def test_dab_hue_survey_names_the_far_slide_of_a_data_root(tmp_path):
+    rng = np.random.default_rng(5)
+    quads = stain_check.quadrants(torch.from_numpy(stain_check.hematoxylin_only()).permute(2, 0, 1))
+    samples = []
+    for slide, turn in (("B22-1_0", 0.0), ("B22-2_0", -10.0), ("B22-3_0", None)):
+        for k in range(10):  # 8 of the 10 are read
+            hed, _ = stain_check.add_rods(quads[k % 4].permute(1, 2, 0).numpy(), rng, 0.003 if turn is not None
+                                          else 0.0, stain_check.STRONG_DAB)
+            path = f"CrossValidation/Cropped/{slide}/{k}.png"
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(stain_check.to_uint8(hed, turn or 0.0).permute(1, 2, 0).numpy()).save(tmp_path / path)
+            samples.append(helicodata.Sample(path, slide[:-2], "supplemental", -1, k))
+    norm = MacenkoNormalizer().fit(stain_check.sparse_references(seed=0, coverage=0.005))
+    survey = model.dab_hue_survey(tmp_path, samples, norm)
+    assert survey["far"] == ["B22-2_0"] and survey["angles"]["B22-3_0"] is None
+    assert survey["angles"]["B22-1_0"] < model.DAB_HUE_WARN_DEG < survey["angles"]["B22-2_0"]
+
+
+def test_reference_patch_takes_files_and_folders_and_names_a_bad_entry(demo_root, tmp_path):
+    folder = "CrossValidation/Annotated/B22-47_0"
+    files = helicodata.reference_files(demo_root, [helicodata.DEFAULT_REFERENCE, folder])
+    assert files[0] == demo_root / helicodata.DEFAULT_REFERENCE and len(files) > 2
+    assert all(f.parent == demo_root / folder for f in files)
+    assert helicodata.reference_patients([folder, "/elsewhere/B22-111_1/7.png", "refs/"]) == ["B22-111", "B22-47",
+                                                                                            "refs"]
+    assert helicodata.reference_list("a.png") == ["a.png"] and helicodata.reference_list(None) == []
+    (tmp_path / "empty").mkdir()
+    for bad, words in (([folder, "missing.png"], "missing.png: file not found"),
+                       ([str(tmp_path / "empty")], "empty: folder holds no .png"),
+                       ([folder] * 40, "at most 64")):
+        with pytest.raises(common.DataError, match=words):
+            model.fit_stain_reference(demo_root, bad)
+    pooled = model.fit_stain_reference(demo_root, [helicodata.DEFAULT_REFERENCE, folder])
+    single = model.fit_stain_reference(demo_root, helicodata.DEFAULT_REFERENCE)
+    assert not torch.equal(pooled.stain_matrix, single.stain_matrix)
+    # a cache of one reference keeps its folder name and record whether it is given as a string or a list
+    assert packed_cache.cache_folder(tmp_path, 64, True, helicodata.DEFAULT_REFERENCE) == \
+        packed_cache.cache_folder(tmp_path, 64, True, [helicodata.DEFAULT_REFERENCE]) != \
+        packed_cache.cache_folder(tmp_path, 64, True, [helicodata.DEFAULT_REFERENCE, folder])
+    record = packed_cache.stain_reference(demo_root, [helicodata.DEFAULT_REFERENCE], "cpu")[1]
+    assert record["reference"] == helicodata.DEFAULT_REFERENCE
+    assert record["sha256"] == hashlib.sha256((demo_root / helicodata.DEFAULT_REFERENCE).read_bytes()).hexdigest()

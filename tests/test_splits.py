@@ -124,6 +124,11 @@ def test_split_problems_catch_leaks_and_unknown_patients(data, groups):
     assert "lacks patient(s) of the split: B22-111, B22-999" in text
     assert "byte-identical images are split across ['train', 'val']: B22-200, B22-201" in text
     assert "stain reference patient B22-47 is in val" in text
+    several = [helicodata.DEFAULT_REFERENCE, "CrossValidation/Cropped/B22-201_0"]  # a file and a folder
+    text = "\n".join(splits.split_problems(bad, data, groups, reference=several))
+    assert "stain reference patient B22-47 is in val" in text and "stain reference patient B22-201 is in val" in text
+    made = splits.make_split(data, keep_in_train=helicodata.reference_patients(several), groups=groups)
+    assert {"B22-47", "B22-201"} <= set(made["train"])
 
 
 @pytest.mark.parametrize("content,message", [(None, "file not found"), ("{", "not valid JSON"),

@@ -205,18 +205,37 @@ def test_every_training_step_is_the_shared_optimisation_step(demo_root, tmp_path
     assert len(calls) == load(tmp_path / "shared" / "last.pt")["scheduler"]["last_epoch"] == 2  # 32 samples, batch 16
 
 
-def test_macenko_amp_channels_last_run_stores_the_fitted_stain_reference(demo_root, tmp_path):
+def test_macenko_amp_channels_last_hed_run_stores_the_pooled_stain_reference_and_its_hue_survey(demo_root, tmp_path,
+                                                                                                 capsys):
     import macenko_gpu
     from PIL import Image
-    reference = tmp_path / "reference.png"  # absolute --reference-patch: a two-stain tile of our own
+    reference = tmp_path / "reference.png"  # absolute --reference-patch: a two-stain tile of our own, and the demo's
     Image.fromarray(macenko_gpu.synthetic_ihc_tiles(1, 128)[0].permute(1, 2, 0).numpy()).save(reference)
-    assert run_train(demo_root, tmp_path, "stain", "--macenko", "--reference-patch", str(reference), "--amp",
-                     "--channels-last", epochs=1) == 0
+    assert run_train(demo_root, tmp_path, "stain", "--macenko", "--reference-patch", str(reference),
+                     helicodata.DEFAULT_REFERENCE, "--amp", "--channels-last", "--hed-jitter", "0.05,0.005",
+                     epochs=1) == 0
     ckpt = load(tmp_path / "stain" / "best.pt")
     assert ckpt["config"]["macenko"] and ckpt["config"]["amp"] and ckpt["config"]["channels_last"]
-    fitted = macenko_gpu.MacenkoNormalizer().fit(macenko_gpu.load_rgb(reference)).state_dict()
-    torch.testing.assert_close(ckpt["stain"]["stain_matrix"], fitted["stain_matrix"])
+    assert ckpt["config"]["hed_jitter"] == [0.05, 0.005] and "B22-47" in ckpt["split"]["kept_in_train"]
+    fitted = macenko_gpu.MacenkoNormalizer().fit([macenko_gpu.load_rgb(reference),
+                                                  macenko_gpu.load_rgb(demo_root / helicodata.DEFAULT_REFERENCE)])
+    torch.testing.assert_close(ckpt["stain"]["stain_matrix"], fitted.state_dict()["stain_matrix"])
     assert macenko_gpu.MacenkoNormalizer.from_state_dict(ckpt["stain"]).fitted
+    survey = json.loads((tmp_path / "stain" / "stain_survey.json").read_text())  # every CrossValidation slide
+    data = helicodata.load_data(demo_root)
+    assert set(survey["angles"]) == {s.path.rsplit("/", 2)[-2] for s in data.labelled + data.cropped}
+    assert sum(a is not None for a in survey["angles"].values()) >= 10
+    far = [k for k, a in survey["angles"].items() if a is not None and a > survey["threshold_deg"]]
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: stain:")]
+    assert survey["far"] == far and len(warning) == (1 if far else 0)
+    assert all(slide in warning[0] for slide in far[:10])
+
+
+def test_runs_from_before_hed_jitter_and_several_references_resume_as_they_were(tmp_path):
+    old = {"lr": 0.0003, "reference_patch": helicodata.DEFAULT_REFERENCE}  # a config.json of an older run
+    new = {"lr": 0.0003, "reference_patch": [helicodata.DEFAULT_REFERENCE], "hed_jitter": [0.0, 0.0]}
+    assert train.changed_flags(old, new) == []
+    assert train.changed_flags(old, {**new, "hed_jitter": [0.05, 0.0]}) == ["--hed-jitter [0.0, 0.0] -> [0.05, 0.0]"]
 
 
 # ----------------------------------------------------------------------------------------------- fault guards
@@ -347,6 +366,8 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     (["--macenko", "--reference-patch", "CrossValidation/Annotated/B22-47_0/missing.png"], "--reference-patch"),
     (["--jitter", "0.05,0.05"], "--jitter"),
     (["--jitter", "0.05,0.05,0.02,0.9"], "--jitter"),
+    (["--hed-jitter", "0.05"], "--hed-jitter"),
+    (["--macenko", "--reference-patch", "CrossValidation/Annotated/B22-47_0", "nothere/"], "nothere"),
     (["--pos-weight", "-3"], "--pos-weight"),
     (["--device", "tpu"], "--device"),
     (["--cache-normalized"], "--cache-normalized"),
