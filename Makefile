@@ -9,7 +9,7 @@ DEMO   := demo_data
 # all labelled patches (three seeds and how the numbers depend on the CPU: README).
 DEMO_TRAIN_FLAGS ?= --image-size 64 --batch-size 32 --weights none --epochs 15 --lr 1e-3
 
-.PHONY: demo test clean rsync slurm
+.PHONY: demo test clean rsync slurm gpu-check
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: $(VENV)/.runtime
 	$(PY) train.py --data-root $(DEMO) --run-id demo --device cpu $(DEMO_TRAIN_FLAGS)
 	$(PY) train_patient.py --checkpoint runs/demo/best.pt --device cpu
 	$(PY) evaluate.py --checkpoint runs/demo/best.pt --holdout
+
+# Every CUDA-only branch end to end on demo data, and the throughput targets, in one table (about 5 minutes on one
+# GPU; exits 2 at once without CUDA). Paste the table, with the card's name, where the README asks for it.
+gpu-check: $(VENV)/.runtime
+	test -d $(DEMO) || $(PY) make_demo_data.py $(DEMO) --seed 0
+	$(PY) gpu_check.py --data-root $(DEMO) --json runs/gpu_check.json
 
 # The launcher tests stage data with rsync (and test the cp fallback without it): install it where missing.
 rsync:

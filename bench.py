@@ -309,7 +309,7 @@ def train_cache(args, data, tmp: str) -> Path:
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True  # fixed input size, as in train.py
+    model.math_settings(device)  # as train.py: autotuned cuDNN and TF32 on CUDA
     data = helicodata.load_data(args.data_root)
     samples = bench_samples(data, args.limit_samples)
     if len(samples) < args.batch_size:

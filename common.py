@@ -113,7 +113,7 @@ def resolve_device(name=None, local_rank: int = 0, world: int = 1):
     """Every script's --device: None or auto (cuda when available, else cpu), cpu, cuda (cuda:LOCAL_RANK, the
     process's GPU under torchrun) or cuda:N; a torch.device passes through the same checks. A bad name is a
     DataError naming --device (exit 2), and so is cuda:N among `world` > 1 torchrun processes: it would put every
-    rank on GPU N, where NCCL fails."""
+    rank on GPU N, where NCCL fails. A CUDA device becomes the process's current device."""
     # torch is imported here, not at the top: the audit and the launcher's flag check (common, splits, no
     # tensors) would otherwise pay torch's import, ~4 s per process, at every job start.
     import torch
@@ -127,7 +127,12 @@ def resolve_device(name=None, local_rank: int = 0, world: int = 1):
     if world > 1 and name.startswith("cuda:"):
         raise DataError(f"--device {name}: under torchrun ({world} processes) every rank would use that one GPU; use "
                         f"--device cuda (each rank takes cuda:LOCAL_RANK)")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        # the current device too: whatever still uses it (an event, a stream, a kernel launched without a device)
+        # then uses the chosen GPU, not GPU 0 (evaluate.py --device cuda:1); under torchrun, this rank's GPU
+        torch.cuda.set_device(device)
+    return device
 
 
 # ----------------------------------------------------------------------------------------------- files

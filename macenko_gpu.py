@@ -46,6 +46,8 @@ output (12 bytes per pixel). No torch.quantile (2^24-element limit): any batch s
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from pathlib import Path
 
@@ -73,6 +75,29 @@ GOOD_REFERENCE = ("a good reference is a tissue-rich tile whose DAB-free nuclei 
 SETTINGS = ("mode", "io", "alpha", "beta", "dab_scale", "single_stain_angle", "stain_presence", "min_tissue_pixels")
 
 
+def ieee_fp32(method):
+    """Run `method` with CUDA float32 matmuls in full IEEE precision, whatever the caller allowed: train.py allows
+    TF32 for the network, and TF32 in Macenko's bmm moved ~1% of output values by one grey level, so train.py's
+    normalized patches differed from evaluate.py's and patch_cache.py's (a cache's bytes depended on which script
+    built it). PyTorch's newer fp32_precision API only: mixing it with allow_tf32 raises."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with ieee_matmul():
+            return method(*args, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def ieee_matmul():
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 class MacenkoNormalizer:
     """Stain normalizer fitted to one reference image, applied to whole uint8 batches on any device."""
 
@@ -94,6 +119,7 @@ class MacenkoNormalizer:
         return self.stain_matrix is not None
 
     @torch.no_grad()
+    @ieee_fp32
     def fit(self, reference) -> "MacenkoNormalizer":
         """Estimate the reference stain matrix and maxima from one uint8 (3, H, W) image, or from several (a list
         of them, sizes may differ, or a (N, 3, H, W) batch) whose pixels are pooled as one image: the DAB vector
@@ -115,6 +141,7 @@ class MacenkoNormalizer:
         return self
 
     @torch.no_grad()
+    @ieee_fp32
     def dab_angles(self, groups) -> list:
         """For each group of uint8 (3, H, W) images (e.g. a slide's patches), the angle in degrees between the DAB
         vector fit() would take from their pooled pixels and this normalizer's; None where they show too little DAB
@@ -123,7 +150,8 @@ class MacenkoNormalizer:
         changed (10 degrees: rods x0.83 to x1.26). Groups are padded with white, which is not tissue."""
         dab, out = self._reference()[0][:, 1].double(), []
         budget = self.chunk_pixels or (CPU_CHUNK_PIXELS if self.device.type == "cpu" else CUDA_CHUNK_PIXELS)
-        pooled = [_pooled(g, "slide images") for g in groups]
+        white = torch.full((1, 3, 1), 255, dtype=torch.uint8)  # an empty group: no tissue, so None
+        pooled = [_pooled(g, "slide images") if len(g) else white for g in groups]
         lo = 0
         while lo < len(pooled):  # chunks of groups: at least one, else up to the chunk's pixel budget
             hi = lo + 1
@@ -142,6 +170,7 @@ class MacenkoNormalizer:
         return out
 
     @torch.no_grad()
+    @ieee_fp32
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) on any device -> float32 (B, 3, H, W) in [0, 1] (level/255) on the same device."""
         b, _, h, w = _check_uint8(batch, ndim=4, what="batch").shape
@@ -151,6 +180,7 @@ class MacenkoNormalizer:
         return out.view(b, 3, h, w)
 
     @torch.no_grad()
+    @ieee_fp32
     def analyze(self, batch: torch.Tensor) -> dict:
         """Per-image diagnostics of normalize(): tissue_pixels, mode (0 fallback to the reference matrix, 1
         single-stain, 2 estimated), stain_matrix (B,3,2) and max_concentrations (B,2) as used; macenko/auto also

@@ -71,7 +71,7 @@ DEFAULT_JITTER = ",".join(map(str, augment.DEFAULT_JITTER))  # as --jitter spell
 # --cache-normalized give the same pixels: Macenko's output is 8-bit levels, stored without loss).
 RESUME_IGNORES = {"run_id", "runs_dir", "data_root", "hash_cache", "device", "workers", "pin_memory", "force",
                   "persistent_workers", "prefetch_factor", "amp", "channels_last", "environment", "cache",
-                  "cache_base", "cache_normalized", "resident_max_frac", "compile"}
+                  "cache_base", "cache_normalized", "resident_max_frac", "compile", "deterministic"}
 
 ADDED_FLAGS = {"hed_jitter": [0.0, 0.0]}  # flags newer than some run folders: their value in runs made before them
 
@@ -351,6 +351,18 @@ def stain_normalizer(args, data, train_ds, ckpt, device) -> tuple:
     return normalizer.to(device), normalizer.state_dict()
 
 
+def device_rng(device):
+    """The state of `device`'s own generator (CUDA: dropout and stochastic depth draw from it; torch.manual_seed at
+    start-up resets it, so a resume must restore it), None on the CPU, whose generator torch.get_rng_state holds."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_device_rng(device, state) -> None:
+    """Restore device_rng's state on `device` (checkpoints from before it was saved, or from a CPU run, have none)."""
+    if device.type == "cuda" and state is not None:
+        torch.cuda.set_rng_state(state, device)
+
+
 def network(args, precision: model.Precision, device, world: int, resumed: bool) -> tuple:
     """(the plain model: validation and checkpoints, the model the training step calls: DDP and compile)."""
     torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -411,18 +423,22 @@ class Trainer:
         random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
         if len(rng["augment"]) == self.world and rng["augment"][0].shape == self.gen.get_state().shape:
             self.gen.set_state(rng["augment"][self.rank])  # unless the world size or device type changed
+        device_states = rng.get("device") or []  # absent in checkpoints written before it was saved
+        set_device_rng(self.device, device_states[self.rank] if len(device_states) == self.world else None)
         # the log's lines of epochs after the checkpoint would be repeated: drop them
         self.records = [r for r in runlog.read(self.run_dir) if r["epoch"] <= self.epoch]
 
     def save(self, *names):
         """Write a checkpoint that rebuilds the model (evaluate.py) or continues training. Collective under DDP."""
-        states = [self.gen.get_state()] * self.world
+        mine = (self.gen.get_state(), device_rng(self.device))
+        states = [mine] * self.world
         if self.world > 1:
-            dist.all_gather_object(states, self.gen.get_state())
+            dist.all_gather_object(states, mine)
         if self.rank != 0:
             return
         np_rng, py_rng = np.random.get_state(), random.getstate()
-        rng = {"torch": torch.get_rng_state(), "augment": states, "python": [py_rng[0], list(py_rng[1]), py_rng[2]],
+        rng = {"torch": torch.get_rng_state(), "augment": [a for a, _ in states], "device": [d for _, d in states],
+               "python": [py_rng[0], list(py_rng[1]), py_rng[2]],
                "numpy": [np_rng[0], torch.from_numpy(np_rng[1].astype(np.int64)), *np_rng[2:]]}
         ckpt = model.checkpoint(
             model_state=self.raw.state_dict(), arch=self.args.arch, config=self.config, split=self.split,
@@ -505,16 +521,20 @@ class Trainer:
             for buffer in self.raw.buffers():  # BatchNorm statistics drift apart per rank: use rank 0's, as saved
                 dist.broadcast(buffer, 0)
         idx, labels, scores, loss = [], [], [], torch.zeros((), device=self.device)
-        for images, y, i in self.val_loader:
-            images, y, i, bad = helicodata.drop_bad(images, y, i)
-            self.note_skipped(self.val_paths[k] for k in bad)
+        for images, y, i in self.val_loader:  # no host sync per batch: results stay on the device until the end
             x = model.model_input(images.to(self.device, non_blocking=True), self.normalizer,
                                   channels_last=self.precision.channels_last)
             with self.precision.autocast():
                 logits = self.raw(x).squeeze(1).float()
-            y = y.to(self.device)
-            loss += F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=self.pos_weight, reduction="sum")
-            idx, labels, scores = idx + i.tolist(), labels + y.tolist(), scores + torch.sigmoid(logits).tolist()
+            y = y.to(self.device, non_blocking=True)
+            keep = y != helicodata.BAD  # undecodable rows (zeros) are scored like any patch, then dropped below
+            loss += (F.binary_cross_entropy_with_logits(logits, y.clamp(min=0).float(), pos_weight=self.pos_weight,
+                                                        reduction="none") * keep).sum()
+            idx.append(i), labels.append(y), scores.append(torch.sigmoid(logits))
+        i, y, s = (torch.cat(t).cpu() if t else torch.zeros(0) for t in (idx, labels, scores))  # one copy each
+        bad = y == helicodata.BAD
+        self.note_skipped(self.val_paths[k] for k in i[bad].long().tolist())
+        idx, labels, scores = i[~bad].long().tolist(), y[~bad].long().tolist(), s[~bad].tolist()
         parts = [(idx, labels, scores, float(loss))] * self.world
         if self.world > 1:
             dist.all_gather_object(parts, parts[0])
@@ -609,10 +629,7 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     device = common.resolve_device(args.device, local_rank, world)
     resolve_args(args, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     data = helicodata.load_data(args.data_root)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # under torchrun: this rank's GPU for every later allocation
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model.math_settings(device, args.deterministic)  # TF32 + autotuned cuDNN, or repeatable kernels
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
     args.run_id = args.run_id or os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")

@@ -12,7 +12,8 @@ are loaded once, by the same memmap gather, into ONE uint8 tensor on the device 
 the device's free memory (CUDA: mem_get_info plus PyTorch's cached-but-unused blocks; CPU: MemAvailable), and each
 batch is one index_select there: no workers, no host copy per step (the epoch's order goes to the device once per
 epoch). When it does not fit, StreamedBatches gathers each batch on a reading thread straight into pinned host
-buffers (no pickling, no shared memory) while the main thread trains on the previous one.
+buffers (no pickling, no shared memory) while the main thread trains on the previous one; on CUDA the next batch's
+copy runs on a stream of its own while the current step computes (SideStreamCopier).
 
 Same batches as DataLoader(dataset, sampler=sampler, batch_size, drop_last) over packed_cache.CachedPatchDataset:
 same order (whatever the sampler yields, epoch by epoch), same bytes, same labels (helicodata.BAD for undecodable
@@ -38,7 +39,7 @@ from helico import helicodata, packed_cache
 
 DEFAULT_MAX_FRAC = 0.5  # share of free device memory the patches may take: the rest is the model's (activations...)
 LOAD_ROWS = 256  # rows per host->device copy while loading (50 MB at 256 px)
-STREAM_DEPTH = 4  # pinned batches in flight on the host path: one being copied, the rest being gathered
+STREAM_DEPTH = 4  # pinned batches in flight on the host path: one handed over, one being copied, two being gathered
 
 
 def free_bytes(device: torch.device) -> int:
@@ -117,14 +118,38 @@ class ResidentBatches(Batches):
             yield self.images.index_select(0, self.position[i]), self.device_labels[i], i
 
 
+class SideStreamCopier:
+    """CUDA: pinned host batches copied to the device on a stream of their own, so batch k+1's copy runs while step
+    k computes (a copy queued on the compute stream waits for the step and the step for it). The compute stream
+    waits for a batch's copy only when the batch is handed over, and the caching allocator is told the batch is
+    used there (record_stream), so its memory is not reused while the step still reads it."""
+
+    def __init__(self, device):
+        self.device, self.stream = device, torch.cuda.Stream(device)
+
+    def start(self, tensors):
+        """Queue the copies; (device tensors, the event the reading thread waits on before refilling the slot)."""
+        with torch.cuda.stream(self.stream):
+            out = tuple(t.to(self.device, non_blocking=True) for t in tensors)
+            return out, copied_event(self.device)  # recorded on self.stream: current on this device here
+
+    def hand_over(self, tensors, copied):
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(copied)
+        for t in tensors:
+            t.record_stream(compute)
+
+
 class StreamedBatches(Batches):
     """Batches gathered from the memmap by a reading thread into pinned host buffers, copied to the device
     asynchronously: the host fallback when the patches do not fit on the device. Nothing is pickled; at most
     `depth` batches are in flight (host memory stays bounded however large the cache)."""
 
-    def __init__(self, dataset, sampler, batch_size, drop_last, device, depth: int = STREAM_DEPTH):
+    def __init__(self, dataset, sampler, batch_size, drop_last, device, depth: int = STREAM_DEPTH, copier=None):
         super().__init__(dataset, sampler, batch_size, drop_last, device)
-        self.rows, self.depth = torch.from_numpy(dataset.rows), depth
+        if depth < 2:  # one slot is the batch handed over, one the next batch being copied
+            raise ValueError(f"StreamedBatches needs depth >= 2, got {depth}")
+        self.rows, self.depth, self.copier = torch.from_numpy(dataset.rows), depth, copier  # copier: tests only
 
     def __iter__(self):
         order, cuda, n = self.order(), self.device.type == "cuda", self.batch_size
@@ -161,18 +186,28 @@ class StreamedBatches(Batches):
 
         reader = threading.Thread(target=read, name="cache-stream", daemon=True)
         reader.start()
+        copier = self.copier or (SideStreamCopier(self.device) if cuda else None)
+        pending = None  # the next batch: its copy already queued, so it runs while the consumer's step computes
         try:
-            while (item := ready.get()) is not None:
+            while True:
+                item = ready.get()
                 if isinstance(item, BaseException):
                     raise item
-                k, images, labels, ids, idx = item
-                self.check(idx)
-                copied = None
-                if cuda:
-                    images, labels, ids = (t.to(self.device, non_blocking=True) for t in (images, labels, ids))
-                    copied = copied_event(self.device)
-                yield images, labels, ids
-                free.put((k, copied))  # asked for the next batch: this one's slot may be refilled
+                queued = None
+                if item is not None:
+                    k, images, labels, ids, idx = item
+                    tensors, copied = copier.start((images, labels, ids)) if copier else ((images, labels, ids), None)
+                    queued = (k, tensors, copied, idx)
+                if pending is not None:
+                    k, tensors, copied, idx = pending
+                    self.check(idx)
+                    if copier:
+                        copier.hand_over(tensors, copied)
+                    yield tensors
+                    free.put((k, copied))  # asked for the next batch: this one's slot may be refilled
+                if queued is None:
+                    break
+                pending = queued
         finally:
             stop.set()
             for _ in range(self.depth):

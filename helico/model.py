@@ -18,6 +18,7 @@ evaluation and benchmarks cannot drift apart:
 from __future__ import annotations
 
 import copy
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,26 @@ def precision(device, amp: bool | None = None, channels_last: bool = False) -> P
     return Precision(device.type, bool(amp), torch.bfloat16 if bf16 else torch.float16, bool(channels_last))
 
 
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs for repeatable results; read when its first handle is made
+
+
+def math_settings(device, deterministic: bool = False) -> None:
+    """The process's kernel settings for training (train.py, bench.py), decided here once. Default: on CUDA, cuDNN
+    autotunes its kernels (fixed input size) and the network's float32 matmuls and convolutions may use TF32 (the
+    stain normalizer turns TF32 off for itself: macenko_gpu.ieee_fp32). That is fast, not repeatable: bitwise
+    equal weights (resume, cache, feeds) hold on the CPU only. deterministic: cuDNN deterministic and not
+    autotuned, torch.use_deterministic_algorithms (ops without a deterministic kernel warn, naming themselves) and
+    cuBLAS's workspace setting, so a GPU run repeats bitwise too. The newer fp32_precision API only: mixing it
+    with allow_tf32 raises."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # before the first cuBLAS call
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
 def scoring_precision(ckpt: dict, device, no_amp: bool = False) -> Precision:
     """Inference as training validated (evaluate.py's scores, bags.py's features), since the stored threshold was
     chosen on those scores: the run's autocast (on CUDA only, unless no_amp) and its memory layout."""
@@ -182,6 +203,14 @@ SURVEY_PATCHES = 8  # per slide: ~0.5 M pixels pooled, enough for a DAB directio
 DAB_HUE_WARN_DEG = 4.0
 
 
+def readable(path):
+    """The image, or None for an undecodable one: the survey leaves it out, training names it (or stops at it)."""
+    try:
+        return macenko_gpu.load_rgb(path)
+    except (ValueError, OSError):
+        return None
+
+
 def dab_hue_survey(root, samples, normalizer, per_slide: int = SURVEY_PATCHES) -> dict:
     """How far each slide's DAB hue lies from the reference's (macenko_gpu.MacenkoNormalizer.dab_angles), from up
     to per_slide patches per slide folder spread over its sorted paths (no labels read). The ihc mode keeps the
@@ -195,7 +224,8 @@ def dab_hue_survey(root, samples, normalizer, per_slide: int = SURVEY_PATCHES) -
     def picks(slide):  # per_slide paths spread evenly over the slide's sorted paths
         paths = sorted(set(by_slide[slide]))
         step = max(1.0, len(paths) / per_slide)
-        return [macenko_gpu.load_rgb(Path(root) / paths[int(k * step)]) for k in range(min(per_slide, len(paths)))]
+        return [image for k in range(min(per_slide, len(paths)))
+                if (image := readable(Path(root) / paths[int(k * step)])) is not None]
     for lo in range(0, len(slides), 16):  # 16 slides decoded at a time: memory stays ~25 MB at 256 px
         chunk = slides[lo:lo + 16]
         angles.update(zip(chunk, normalizer.dab_angles([picks(s) for s in chunk])))

@@ -31,6 +31,7 @@ ABBREVIATED = {
     "stain_check --mode": ("stain_check", [], ["--mode", "bogus"]),  # --modes (which would reject the value)
     "train_patient --epoch": ("train_patient", ["--checkpoint", "{tmp}/best.pt"], ["--epoch", "1"]),  # --epochs
     "bench_patient --train": ("bench_patient", ["--checkpoint", "{tmp}/best.pt"], ["--train", "1"]),  # --train-bags
+    "gpu_check --stage": ("gpu_check", ["--data-root", MISSING], ["--stage", "resume"]),  # --stages
 }
 
 
@@ -55,3 +56,15 @@ def test_train_val_abbreviation_is_refused_as_the_launcher_runs_it(tmp_path):
     assert r.returncode == common.EXIT_BAD_INPUT, r.stderr
     assert r.stderr.strip().splitlines()[-1].endswith("error: unrecognized arguments: --val 0.3"), r.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_gpu_check_without_cuda_exits_2_at_once_in_one_line(capsys, tmp_path, monkeypatch):
+    import torch
+    import gpu_check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine's case, wherever the suite runs
+    assert gpu_check.main(["--json", str(tmp_path / "out.json")]) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs CUDA and this machine has none" in err
+    assert not (tmp_path / "out.json").exists()
+    assert gpu_check.main(["--stages", "resume,warp"]) == common.EXIT_BAD_INPUT
+    assert "--stages resume,warp: unknown warp" in capsys.readouterr().err

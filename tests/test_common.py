@@ -301,11 +301,15 @@ def test_device_rule_names_the_flag_and_refuses_what_it_cannot_use():
 def test_explicit_gpu_index_under_torchrun_is_refused_and_cuda_takes_the_local_rank(monkeypatch):
     # cuda:N would put every rank on GPU N, where NCCL fails on the duplicate GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    current = []  # the chosen GPU becomes the current one (an Event or stream made later lands there, not on GPU 0)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
     with pytest.raises(common.DataError, match=r"--device cuda:1: under torchrun \(4 processes\).*use --device cuda"):
         common.resolve_device("cuda:1", local_rank=2, world=4)
     assert common.resolve_device("cuda", local_rank=2, world=4) == torch.device("cuda", 2)
     assert common.resolve_device("auto", local_rank=3, world=4) == torch.device("cuda", 3)
     assert common.resolve_device("cuda:1", local_rank=0, world=1) == torch.device("cuda", 1)  # one process: any GPU
+    assert current == [torch.device("cuda", 2), torch.device("cuda", 3), torch.device("cuda", 1)]
+    assert common.resolve_device("cpu") == torch.device("cpu") and len(current) == 3
 
 
 def test_a_failed_atomic_write_names_the_file_the_user_asked_for_not_its_temp_file(tmp_path, capsys):

@@ -260,7 +260,7 @@ def leaky_split(node, tmp_path) -> Path:
     """A split file whose validation part repeats a training patient."""
     from helico import splits
     data = helicodata.load_data(node.shared)
-    split = splits.make_split(data, seed=0, keep_in_train=[splits.reference_patient(helicodata.DEFAULT_REFERENCE)])
+    split = splits.make_split(data, seed=0, keep_in_train=helicodata.reference_patients(helicodata.DEFAULT_REFERENCE))
     split["val"].append(next(p for p in split["train"] if p != "B22-47"))
     path = tmp_path / "leaky_split.json"
     path.write_text(json.dumps(split))

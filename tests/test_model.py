@@ -55,3 +55,35 @@ def test_cpu_precision_is_bf16_without_asking_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: pytest.fail("asked CUDA on the CPU"))
     run = model.precision(torch.device("cpu"), amp=True)
     assert (run.amp, run.dtype, run.grad_scaling) == (True, torch.bfloat16, False)
+
+
+@pytest.fixture
+def kernel_settings():
+    """Restore the process-wide settings math_settings changes."""
+    import os
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+             torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved[2:4]
+    torch.use_deterministic_algorithms(saved[4])
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    if saved[5] is not None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[5]
+
+
+def test_kernel_settings_are_fast_by_default_and_repeatable_with_deterministic(kernel_settings, monkeypatch):
+    import os
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    gpu = torch.device("cuda", 0)  # the flags are plain process settings: a CPU build sets them too
+    model.math_settings(gpu)
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32" and not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    model.math_settings(gpu, deterministic=True)
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    torch.backends.cudnn.benchmark = False
+    model.math_settings(torch.device("cpu"))  # the CPU's settings are left alone
+    assert not torch.backends.cudnn.benchmark

@@ -144,3 +144,33 @@ def test_free_cuda_memory_counts_pytorchs_cached_but_unused_blocks(monkeypatch):
     gpu = torch.device("cuda", 1)
     assert feeds.free_bytes(gpu) == (10 + 30 - 4) << 30
     assert asked == [gpu] * 3
+
+
+def test_streamed_batches_queue_the_next_copy_before_handing_over_the_current_one(mini):
+    # SideStreamCopier's calls, imitated on the CPU: batch k+1's copy is queued (on its own CUDA stream) before
+    # batch k is handed to the step, so the copy overlaps the step; a slot is refilled only after its copy's event
+    log, synced = [], []
+
+    class Event:
+        def synchronize(self):
+            synced.append(1)
+
+    class Copier:
+        def start(self, tensors):
+            log.append(("copy", int(tensors[2][0])))
+            return tuple(t.clone() for t in tensors), Event()
+
+        def hand_over(self, tensors, copied):
+            log.append(("hand over", int(tensors[2][0])))
+
+    ds = dataset(mini, part=slice(0, 40))
+    got = []
+    for images, labels, ids in feeds.StreamedBatches(ds, list(range(40)), 8, False, "cpu", depth=2, copier=Copier()):
+        log.append(("step", int(ids[0])))
+        got.append((images, labels, ids))
+    assert_same_batches(got, loader_batches(ds, list(range(40)), 8, False))
+    first = [0, 8, 16, 24, 32]
+    assert log[:2] == [("copy", 0), ("copy", 8)] and log[-2:] == [("hand over", 32), ("step", 32)]
+    for k, b in enumerate(first[:-2]):
+        assert log[2 + 3 * k:5 + 3 * k] == [("hand over", b), ("step", b), ("copy", first[k + 2])]
+    assert len(synced) == len(first) - 2  # depth 2: every slot after the first two is refilled after its copy

@@ -550,3 +550,17 @@ def test_cache_base_builds_train_pys_own_folder_and_a_full_disk_trains_from_pngs
     assert f"warning: --cache-base {tmp_path / 'base'}: no space left while building {folder}" in err
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     assert config["cache"] is None and config["cache_normalized"] is False and config["cache_base"]
+
+
+def test_the_cuda_generator_is_saved_and_restored_on_the_runs_own_gpu(monkeypatch, tiny_run):
+    # dropout and stochastic depth draw from the GPU's generator; torch.manual_seed at start-up reset it on resume
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or
+                        torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", int(state[0]), device)))
+    gpu = torch.device("cuda", 1)
+    train.set_device_rng(gpu, train.device_rng(gpu))
+    assert calls == [("get", gpu), ("set", 7, gpu)]
+    train.set_device_rng(gpu, None)  # a checkpoint from before it was saved, or from a CPU run
+    assert train.device_rng(torch.device("cpu")) is None and len(calls) == 2
+    assert load(tiny_run / "last.pt")["rng"]["device"] == [None]  # a CPU run: one rank, no device generator
