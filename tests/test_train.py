@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import train
@@ -564,3 +565,29 @@ def test_the_cuda_generator_is_saved_and_restored_on_the_runs_own_gpu(monkeypatc
     train.set_device_rng(gpu, None)  # a checkpoint from before it was saved, or from a CPU run
     assert train.device_rng(torch.device("cpu")) is None and len(calls) == 2
     assert load(tiny_run / "last.pt")["rng"]["device"] == [None]  # a CPU run: one rank, no device generator
+
+
+def test_validation_copies_its_results_to_the_host_once_not_per_batch(monkeypatch):
+    # on a GPU every .tolist() (and a boolean-mask index) waits for the device: once per validation, not per batch
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1))
+    bad = helicodata.BAD
+    batches = [(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, bad, 1]),
+                torch.arange(4) + 4 * k) for k in range(5)]
+    skipped = []
+    fake = SimpleNamespace(raw=net, world=1, val_loader=batches, device=torch.device("cpu"), normalizer=None,
+                           precision=model.precision(torch.device("cpu"), amp=False), pos_weight=torch.tensor(2.0),
+                           val_paths=[f"p{k}" for k in range(20)], note_skipped=lambda ps: skipped.extend(ps))
+    calls, real = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or real(self))
+    y, s, loss = train.Trainer.validate(fake)
+    monkeypatch.setattr(torch.Tensor, "tolist", real)
+    assert len(calls) <= 4  # before: four per batch
+    assert skipped == ["p2", "p6", "p10", "p14", "p18"] and list(y) == [0, 1, 1] * 5
+    with torch.no_grad():  # the same numbers as scoring the decodable patches alone
+        x = torch.cat([b[0][b[1] != bad] for b in batches])
+        logits = net(model.model_input(x)).squeeze(1)
+    assert np.allclose(s, torch.sigmoid(logits).numpy(), atol=1e-6)
+    expected = F.binary_cross_entropy_with_logits(logits, torch.tensor([0.0, 1, 1] * 5), pos_weight=torch.tensor(2.0))
+    assert loss == pytest.approx(float(expected), rel=1e-5)
