@@ -86,6 +86,7 @@ SPECIAL_PATIENTS = {  # number -> (diagnosis, traps): present whatever --patient
     11: ("BAIXA", {"presence_0", "file_without_row"}), 111: ("ALTA", {"two_sections", "rgba_cropped"}),
     200: ("NEGATIVA", {"duplicate_source"}), 201: ("NEGATIVA", {"duplicate_copy"})}
 CSV_ONLY_PATIENTS = 2
+ID_POOL = 315  # patient numbers B22-1 ... B22-315
 
 
 class DemoError(Exception):
@@ -261,7 +262,7 @@ def plan_patients(seed: int, n_cv: int, n_holdout: int):
     """CV patients (specials + random others), HoldOut patients and CSV-only patients, disjoint IDs."""
     rng = np.random.default_rng([seed, 0])
     cv = [Patient(n, d, set(t), annotated="duplicate_copy" not in t) for n, (d, t) in SPECIAL_PATIENTS.items()]
-    pool = [n for n in range(1, 316) if n not in SPECIAL_PATIENTS]
+    pool = [n for n in range(1, ID_POOL + 1) if n not in SPECIAL_PATIENTS]
     numbers = [int(n) for n in rng.choice(pool, n_cv - len(cv) + n_holdout + CSV_ONLY_PATIENTS, replace=False)]
     for number, dx in zip(numbers, extra_diagnoses(rng, n_cv)):
         cv.append(Patient(number, dx, annotated=bool(rng.random() >= 0.15)))
@@ -497,7 +498,7 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     out = Path(args.out_dir).absolute()
     limits = {"--patients": (args.patients, len(SPECIAL_PATIENTS), 200),   # minimum: every trap patient
-              "--holdout-patients": (args.holdout_patients, 0, 100),
+              "--holdout-patients": (args.holdout_patients, 0, 150),  # with --patients, at most the ID pool:
               "--patch-size": (args.patch_size, 64, 1024),                      # bacteria vanish below 64 px
               "--seed": (args.seed, 0, 2 ** 63)}
     start = time.perf_counter()
@@ -505,6 +506,9 @@ def main(argv=None) -> int:
         for flag, (value, lo, hi) in limits.items():
             if not lo <= value <= hi:
                 raise DemoError(f"{flag} must be between {lo} and {hi}, got {value}")
+        if args.patients + args.holdout_patients + CSV_ONLY_PATIENTS > ID_POOL:  # B22-1 ... B22-315, disjoint
+            raise DemoError(f"--patients {args.patients} + --holdout-patients {args.holdout_patients} must be at most "
+                            f"{ID_POOL - CSV_ONLY_PATIENTS}")
         check_out_dir(out, args.force)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

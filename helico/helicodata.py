@@ -254,6 +254,9 @@ class HelicoData:
     duplicate_rows: list[Annotation] = field(default_factory=list)
     annotations_file: Path | None = None
     diagnosis_file: Path | None = None
+    # path -> (size, mtime_ns) of every patch PNG, from the one stat pass of the scan: the hash and decode caches and
+    # the packed cache's index key on it, so no later step stats a file again (a round trip on a shared file system)
+    file_stats: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def cv_patients(self) -> list[str]:
@@ -274,8 +277,9 @@ class HelicoData:
 TREES = {"annotated": "CrossValidation/Annotated", "cropped": "CrossValidation/Cropped", "holdout": "HoldOut"}
 
 
-def _scan_tree(root: Path, tree: str, stray: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Patient -> folder names, and folder -> PNG names, of one tree; other entries go to `stray`."""
+def _scan_tree(root: Path, tree: str, stray: list[str], stats: dict) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Patient -> folder names, and folder -> PNG names, of one tree; other entries go to `stray`, each PNG's
+    (size, mtime_ns) to `stats`."""
     base = root / TREES[tree]
     patients: dict[str, list[str]] = {}
     files: dict[str, list[str]] = {}
@@ -291,6 +295,8 @@ def _scan_tree(root: Path, tree: str, stray: list[str]) -> tuple[dict[str, list[
         for f in sorted(os.scandir(entry.path), key=lambda e: e.name):
             if f.is_file() and parse_patch_name(f.name):
                 names.append(f.name)
+                st = f.stat()  # the process's one stat of this file (the entry caches it)
+                stats[f"{rel}/{f.name}"] = (st.st_size, st.st_mtime_ns)
             else:
                 stray.append(f"{rel}/{f.name}")
         files[entry.name] = names
@@ -312,7 +318,7 @@ def load_data(root) -> HelicoData:
                       folders={}, annotations_file=ann_file, diagnosis_file=root / DIAGNOSIS_NAME)
     listing = {}
     for tree in TREES:
-        data.folders[tree], listing[tree] = _scan_tree(root, tree, data.stray)
+        data.folders[tree], listing[tree] = _scan_tree(root, tree, data.stray, data.file_stats)
     _join_annotated(data, listing["annotated"])
     # A Cropped patch that is an annotated window (same patient, section and number) is that window again: a labelled
     # one is already a sample, an uncertain (Presence 0) one must not come back as an easy negative.

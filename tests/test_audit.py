@@ -491,7 +491,23 @@ def test_the_banded_search_finds_every_pair_within_the_threshold():
     for i, flips in enumerate((0, 3, 6, 7)):  # near copies of base[i]: within NEAR bits or just beyond
         bits = rng.choice(64, flips, replace=False)
         hashes[f"Q{i}/y.png"] = base[i] ^ sum(1 << int(b) for b in bits)
-    found_pairs = {(a, b) for a, b, _ in audit_leakage.near_duplicate_pairs(hashes)}
+    pairs, total = audit_leakage.near_duplicate_pairs(hashes)
+    found_pairs = {(a, b) for a, b, _ in pairs}
     brute = {(a, b) for a in sorted(hashes) for b in sorted(hashes) if a < b
              and bin(hashes[a] ^ hashes[b]).count("1") <= audit_leakage.NEAR}
     assert found_pairs == brute and ("P2/x.png", "Q2/y.png") in brute and ("P3/x.png", "Q3/y.png") not in brute
+    assert total == len(pairs) and all(bin(hashes[a] ^ hashes[b]).count("1") == d for a, b, d in pairs)
+
+
+def test_the_near_duplicate_search_scales_to_the_real_dataset_and_keeps_only_near_pairs(monkeypatch):
+    # 220k random hashes put ~200 images in each band group: a dict of every candidate pair took 24 GB (killed);
+    # 60k here (~8.5 million candidates before) take a few seconds and keep only the planted near copies
+    rng = np.random.default_rng(1)
+    hashes = {f"P{i}/{i}.png": int(x) for i, x in enumerate(rng.integers(0, 2**63, 60_000, dtype=np.int64))}
+    for i in range(5):
+        hashes[f"Q{i}/c.png"] = hashes[f"P{i}/{i}.png"] ^ (1 << i) ^ (1 << 40)  # 2 bits off
+    pairs, total = audit_leakage.near_duplicate_pairs(hashes)
+    assert {(a, b) for a, b, _ in pairs} == {(f"P{i}/{i}.png", f"Q{i}/c.png") for i in range(5)} and total == 5
+    monkeypatch.setattr(audit_leakage, "MAX_NEAR_PAIRS", 2)  # the report's list is bounded; the count is not
+    pairs, total = audit_leakage.near_duplicate_pairs(hashes)
+    assert len(pairs) == 2 and total == 5

@@ -1,0 +1,205 @@
+"""What every job pays before it trains, at the real dataset's folder counts: the audit (first run and again),
+train.py's start-up and evaluate.py's, with their os.stat calls and peak memory.
+
+Usage:
+    python bench_startup.py --root /tmp/helico-full --make            # write the dataset (~2 min), then measure
+    python bench_startup.py --root /tmp/helico-full --json startup.json
+
+The dataset (--make): make_demo_data.py's layout and traps with the real patient counts (147 CrossValidation, 116
+HoldOut patients), every Cropped and HoldOut folder then filled with synthetic patches to the real totals (about
+127,841 Cropped and 88,794 HoldOut PNGs; Annotated as the demo writes them), all --patch-size px (default 64: real
+256 px PNGs take ~1.1 ms each to decode, these far less, so decoding's share is smaller here than on real data).
+Each measurement runs in a fresh process (`--measure NAME`), so memory peaks and caches are its own:
+    audit_first    audit_leakage.py with empty hash and decode caches
+    audit_again    the same command again: what every job start and requeue pays
+    train_startup  train.py --cache (built beforehand by patch_cache.py) from process start to its first step
+    eval_startup   evaluate.py --cache of a checkpoint, from process start to its first scored batch
+Printed: seconds, os.stat calls (os.stat and Path.stat; a directory scan's own entries are not counted), reads of
+each index file, peak RSS. Exit codes: 0 measured, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+START = time.perf_counter()
+REAL = {"cv_patients": 147, "holdout_patients": 116, "cropped": 127_841, "holdout": 88_794}
+MEASURES = ("audit_first", "audit_again", "train_startup", "eval_startup")
+
+
+class Reached(Exception):
+    """Raised where a start-up measurement ends (the first training step, the first scored batch)."""
+
+
+# ----------------------------------------------------------------------------------------------- the dataset
+def fill_folder(args) -> int:
+    """Add synthetic PNGs to one folder until it holds `target`: unique noise over a pale background, numbered
+    after the folder's highest window (Cropped/HoldOut names are not zero-padded)."""
+    import numpy as np
+    from PIL import Image
+    folder, target, size, seed = args
+    folder = Path(folder)
+    have = sorted(int(p.stem.split("_")[0]) for p in folder.glob("*.png"))
+    rng = np.random.default_rng(seed)
+    number = (have[-1] if have else 0) + 1
+    for _ in range(max(0, target - len(have))):
+        pixels = (220 - rng.integers(0, 90, (size, size, 3))).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{number}.png", compress_level=1)
+        number += 1
+    return max(0, target - len(have))
+
+
+def make_dataset(root: Path, size: int, workers: int) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+    subprocess.run([sys.executable, str(Path(__file__).with_name("make_demo_data.py")), str(root), "--seed", "0",
+                    "--patients", str(REAL["cv_patients"]), "--holdout-patients", str(REAL["holdout_patients"]),
+                    "--patch-size", str(size), "--force"], check=True)
+    jobs = []
+    for tree, total in (("CrossValidation/Cropped", REAL["cropped"]), ("HoldOut", REAL["holdout"])):
+        folders = sorted(p for p in (root / tree).iterdir() if p.is_dir())
+        per = -(-total // len(folders))
+        jobs += [(str(f), per, size, k) for k, f in enumerate(folders)]
+    with ProcessPoolExecutor(workers) as pool:
+        added = sum(pool.map(fill_folder, jobs, chunksize=4))
+    return {"added": added, **counts(root)}
+
+
+def counts(root: Path) -> dict:
+    return {tree: sum(1 for _ in (root / path).rglob("*.png")) for tree, path in
+            (("annotated", "CrossValidation/Annotated"), ("cropped", "CrossValidation/Cropped"), ("holdout", "HoldOut"))}
+
+
+# ----------------------------------------------------------------------------------------------- one measurement
+def counting_stats() -> dict:
+    """Count os.stat calls (Path.stat goes through it) and opens of index files from here on."""
+    import builtins
+    tally = {"stat": 0, "opens": {}}
+    real_stat, real_open = os.stat, builtins.open
+
+    def stat(*a, **kw):
+        tally["stat"] += 1
+        return real_stat(*a, **kw)
+
+    def opened(file, *a, **kw):
+        name = Path(str(file)).name if isinstance(file, (str, os.PathLike)) else None
+        if name and (name.endswith(".json") or name.endswith(".csv") or name.endswith(".tsv")):
+            tally["opens"][name] = tally["opens"].get(name, 0) + 1
+        return real_open(file, *a, **kw)
+    import io
+    os.stat, builtins.open, io.open = stat, opened, opened  # io.open: Path.read_text and Path.open
+    return tally
+
+
+def measure(name: str, root: str, work: str) -> dict:
+    tally = counting_stats()
+    work_dir = Path(work)
+    env_flags = ["--hash-cache", str(work_dir / "hashes.json")]
+    if name.startswith("audit"):
+        import audit_leakage
+        code = audit_leakage.main(["--data-root", root, "--no-progress", *env_flags, "--json",
+                                   str(work_dir / f"{name}.json")])
+    elif name == "train_startup":
+        import train
+
+        def reached(self):
+            raise Reached
+        train.Trainer.train_epoch = reached
+        try:
+            code = train.main(["--data-root", root, "--runs-dir", str(work_dir / "runs"), "--run-id", "startup",
+                               "--device", "cpu", "--image-size", "32", "--workers", "0", "--weights", "none",
+                               "--cache", str(work_dir / "cache"), "--force", *env_flags])
+        except Reached:
+            code = 0
+    else:
+        import evaluate
+        from helico import inference
+
+        def reached(*a, **kw):
+            raise Reached
+        inference.run = reached
+        try:
+            code = evaluate.main(["--checkpoint", str(work_dir / "ckpt" / "best.pt"), "--data-root", root,
+                                  "--device", "cpu", "--cache", str(work_dir / "cache"), "--gradcam", "0",
+                                  "--out", str(work_dir / "eval"), *env_flags])
+        except Reached:
+            code = 0
+    return {"measure": name, "exit": code, "seconds": round(time.perf_counter() - START, 2), "stat_calls": tally["stat"],
+            "index_opens": tally["opens"], "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def run_measure(name: str, root: Path, work: Path) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--root", str(root), "--work", str(work), "--measure", name],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prepare(root: Path, work: Path) -> None:
+    """A packed cache for the start-up runs and a checkpoint for evaluate.py (a 1-epoch run on 64 patches)."""
+    if not (work / "cache" / "meta.json").is_file():
+        subprocess.run([sys.executable, "patch_cache.py", "--data-root", str(root), "--out", str(work / "cache"),
+                        "--image-size", "32", "--quiet"], check=True, cwd=Path(__file__).resolve().parent)
+    if not (work / "ckpt" / "best.pt").is_file():
+        subprocess.run([sys.executable, "train.py", "--data-root", str(root), "--runs-dir", str(work), "--run-id",
+                        "ckpt", "--device", "cpu", "--image-size", "32", "--epochs", "1", "--limit-samples", "64",
+                        "--weights", "none", "--workers", "0", "--cache", str(work / "cache"), "--hash-cache",
+                        str(work / "hashes.json")], check=True, cwd=Path(__file__).resolve().parent,
+                       stdout=subprocess.DEVNULL)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Start-up costs at the real dataset's folder counts (a table; "
+                                "--make writes the dataset first).", allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="exit codes: 0 measured, 2 bad input")
+    p.add_argument("--root", required=True, help="the generated dataset's folder (written with --make)")
+    p.add_argument("--make", action="store_true", help="write the dataset at --root first (replaces it)")
+    p.add_argument("--patch-size", type=int, default=64, help="side of the generated patches in px (make_demo_data.py's minimum)")
+    p.add_argument("--work", help="caches, runs and reports of the measurements (default ROOT.work)")
+    p.add_argument("--measures", default=",".join(MEASURES), help=f"comma-separated subset of {','.join(MEASURES)}")
+    p.add_argument("--json", metavar="OUT", help="also write the results here")
+    p.add_argument("--measure", choices=MEASURES, help=argparse.SUPPRESS)  # one measurement, in its own process
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    root = Path(args.root).absolute()
+    work = Path(args.work).absolute() if args.work else root.with_name(root.name + ".work")
+    if args.measure:
+        print(json.dumps(measure(args.measure, str(root), str(work))))
+        return 0
+    if args.make:
+        print(json.dumps({"dataset": make_dataset(root, args.patch_size, os.cpu_count() or 1)}), flush=True)
+    if not (root / "CrossValidation").is_dir():
+        print(f"error: --root {root}: no dataset there (add --make)", file=sys.stderr)
+        return 2
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in [m for m in args.measures.split(",") if m]:
+        if name == "audit_first":
+            for stale in ("hashes.json", "hashes.decoded.tsv"):
+                (work / stale).unlink(missing_ok=True)
+        if name in ("train_startup", "eval_startup"):
+            prepare(root, work)
+        results.append(run_measure(name, root, work))
+        print(json.dumps(results[-1]), flush=True)
+    print("| measure | seconds | os.stat calls | index files opened | peak RSS (MB) |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['measure']} | {r['seconds']} | {r['stat_calls']:,} | "
+              f"{', '.join(f'{k} x{v}' for k, v in sorted(r['index_opens'].items()))} | {r['peak_rss_mb']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"dataset": counts(root), "cpus": len(os.sched_getaffinity(0)),
+                                               "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
