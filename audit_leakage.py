@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import struct
 import sys
@@ -309,31 +308,20 @@ def png_size(path: Path) -> tuple[int, int] | None:
     return struct.unpack(">II", head[16:24])
 
 
-# (device, inode, size, mtime) -> decode_check's answer: --folds K audits K splits of one listing, and a hard-linked
-# copy of a dataset has the same files. A file rewritten in place gets a new mtime.
-_DECODED: dict[tuple, tuple] = {}
-
-
-def decode_check(path: Path) -> tuple[tuple[int, int] | None, str | None]:
-    """(width, height) from the PNG header, and why the pixels do not decode (None when they do, or when there is
-    no header: unreadable_png_headers reports those). A truncated PNG keeps a valid header: only decoding finds it."""
+def decode_check(path: Path) -> tuple[tuple[int, int] | None, str | None, int | None]:
+    """(width, height) from the PNG header, why the pixels do not decode (None when they do, or when there is no
+    header: unreadable_png_headers reports those) and the image's dhash. A truncated PNG keeps a valid header: only
+    decoding finds it."""
     from PIL import Image
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None, None
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _DECODED:
-        size, error, fingerprint = png_size(path), None, None
-        if size is not None:
-            try:
-                with Image.open(path) as im:
-                    im.load()  # every pixel: what PatchDataset does before it trains on the file
-                    fingerprint = dhash(im)
-            except (OSError, SyntaxError, ValueError) as e:
-                error = str(e) or type(e).__name__
-        _DECODED[key] = size, error, fingerprint
-    return _DECODED[key]
+    size, error, fingerprint = png_size(path), None, None
+    if size is not None:
+        try:
+            with Image.open(path) as im:
+                im.load()  # every pixel: what PatchDataset does before it trains on the file
+                fingerprint = dhash(im)
+        except (OSError, SyntaxError, ValueError) as e:
+            error = str(e) or type(e).__name__
+    return size, error, fingerprint
 
 
 def dhash(im) -> int:
@@ -393,21 +381,66 @@ def near_duplicate_pairs(hashes: dict[str, int]) -> tuple[list[tuple[str, str, i
     return [(paths[i], paths[j], d) for (i, j), d in sorted(found.items())], total
 
 
-def decode_images(root: Path, paths, workers: int = 16, chunk: int = 256, progress: bool = True) -> dict:
-    """path -> decode_check, in a thread pool: PIL releases the GIL while it inflates and unfilters, so threads decode
-    in parallel. Cost: one decode per file, ~2 ms of CPU per 256x256 PNG (2.1 ms measured on the demo's 1,097), so
-    the ~220k real patches take ~8 CPU-minutes, ~30-60 s on a 16-core node (headers alone: ~0.1 ms per file);
-    chunks of paths per task keep pool overhead small."""
+DECODE_CACHE_HEADER = "helico decode cache v1\tpath\tsize\tmtime_ns\twidth\theight\tdhash\terror"
+
+
+def decode_cache_path(hash_cache: Path) -> Path:
+    """The decode cache beside the hash cache (--hash-cache names both): hashes-<root>.json -> .decoded.tsv."""
+    return hash_cache.with_name(hash_cache.stem + ".decoded.tsv")
+
+
+def read_decode_cache(path: Path, stats: dict) -> dict:
+    """path -> decode_check's answer, for the files of `stats` (path -> (size, mtime_ns)) whose size and mtime
+    still match; an unreadable or foreign file is an empty cache (everything is decoded again)."""
+    known = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.readline().rstrip("\n") != DECODE_CACHE_HEADER:
+                return {}
+            for line in f:
+                p, size, mtime, w, h, fingerprint, error = line.rstrip("\n").split("\t")
+                if stats.get(p) == (int(size), int(mtime)):
+                    known[p] = ((int(w), int(h)) if w else None, error or None, int(fingerprint) if fingerprint else None)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return known
+
+
+def write_decode_cache(path: Path, checked: dict, stats: dict) -> None:
+    clean = lambda text: " ".join(str(text).split())  # an error message on one line, no tabs
+    lines = [DECODE_CACHE_HEADER] + [
+        f"{p}\t{stats[p][0]}\t{stats[p][1]}\t{size[0] if size else ''}\t{size[1] if size else ''}\t"
+        f"{'' if fingerprint is None else fingerprint}\t{clean(error) if error else ''}"
+        for p, (size, error, fingerprint) in sorted(checked.items()) if p in stats]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        common.atomic_write_text(path, "\n".join(lines) + "\n")
+    except OSError as e:
+        raise DataError(f"--hash-cache {path}: cannot write the decode cache ({e.strerror}); pass a writable "
+                        f"--hash-cache") from None
+
+
+def decode_images(root: Path, paths, stats: dict, cache: Path | None = None, workers: int = 16, chunk: int = 256,
+                  progress: bool = True) -> dict:
+    """path -> decode_check, every image decoded once and the answers kept in `cache` (a TSV keyed by path, size
+    and mtime, beside the hash cache): an audit at every job start decodes only new or changed files. Decoding runs
+    in a thread pool (PIL releases the GIL while it inflates and unfilters), at most 4 x workers chunks of `chunk`
+    paths in flight, so memory does not grow with a Future per file. Cost: ~2 ms of CPU per 256x256 PNG (2.1 ms
+    measured on the demo's 1,097): the ~220k real patches take ~8 CPU-minutes the first time."""
     from tqdm import tqdm
     paths = sorted(paths)
-    chunks = [paths[k:k + chunk] for k in range(0, len(paths), chunk)]
-    checked = {}
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(paths), desc="decoding PNGs", unit="file",
-                                                   disable=not progress or not paths, mininterval=1) as bar:
-        for part in pool.map(lambda ps: [(p, decode_check(root / p)) for p in ps], chunks):
+    checked = read_decode_cache(cache, stats) if cache is not None else {}
+    todo = [p for p in paths if p not in checked]
+    chunks = (todo[k:k + chunk] for k in range(0, len(todo), chunk))
+    decode = lambda ps: [(p, decode_check(root / p) if p in stats else (None, None, None)) for p in ps]
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc="decoding PNGs", unit="file",
+                                                   disable=not progress or not todo, mininterval=1) as bar:
+        for part in common.bounded_map(pool, decode, chunks, 4 * workers):
             checked.update(part)
             bar.update(len(part))
-    return checked
+    if cache is not None and todo:
+        write_decode_cache(cache, checked, stats)
+    return checked  # the listing's files only: the cache was read for them, todo is the rest
 
 
 def off_size_images(sizes: dict, expected: int) -> list[Finding]:
@@ -553,7 +586,9 @@ def audit_all(args) -> tuple[list[Audit], list[Finding]]:
     data = helicodata.load_data(args.data_root)
     every_fold = bool(args.folds) and args.fold is None and not args.split
     folds = range(args.folds) if every_fold and args.folds >= 2 else [args.fold]
-    checked = decode_images(data.root, data.image_paths(), progress=not args.no_progress)  # once for every fold
+    cache = decode_cache_path(splits.hash_cache_path(args.hash_cache, data.root))
+    checked = decode_images(data.root, data.image_paths(), data.file_stats, cache,  # once for every fold
+                            progress=not args.no_progress)
     audits = [audit(argparse.Namespace(**{**vars(args), "fold": k}), data, checked) for k in folds]
     if not every_fold:
         return audits, []

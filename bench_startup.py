@@ -14,8 +14,8 @@ Each measurement runs in a fresh process (`--measure NAME`), so memory peaks and
     audit_again    the same command again: what every job start and requeue pays
     train_startup  train.py --cache (built beforehand by patch_cache.py) from process start to its first step
     eval_startup   evaluate.py --cache of a checkpoint, from process start to its first scored batch
-Printed: seconds, os.stat calls (os.stat and Path.stat; a directory scan's own entries are not counted), reads of
-each index file, peak RSS. Exit codes: 0 measured, 2 bad input.
+Printed: seconds, stat calls (os.stat, Path.stat and a directory entry's stat(); is_file() on an entry costs
+none), opens of each .json/.csv/.tsv index file, peak RSS. Exit codes: 0 measured, 2 bad input.
 """
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 START = time.perf_counter()
@@ -64,7 +66,7 @@ def make_dataset(root: Path, size: int, workers: int) -> dict:
     for tree, total in (("CrossValidation/Cropped", REAL["cropped"]), ("HoldOut", REAL["holdout"])):
         folders = sorted(p for p in (root / tree).iterdir() if p.is_dir())
         per = -(-total // len(folders))
-        jobs += [(str(f), per, size, k) for k, f in enumerate(folders)]
+        jobs += [(str(f), per, size, zlib.crc32(f"{tree}/{f.name}".encode())) for f in folders]  # unique pixels
     with ProcessPoolExecutor(workers) as pool:
         added = sum(pool.map(fill_folder, jobs, chunksize=4))
     return {"added": added, **counts(root)}
@@ -91,18 +93,44 @@ def counting_stats() -> dict:
         if name and (name.endswith(".json") or name.endswith(".csv") or name.endswith(".tsv")):
             tally["opens"][name] = tally["opens"].get(name, 0) + 1
         return real_open(file, *a, **kw)
+    class Entry:  # a directory entry whose stat() is counted too (the scan's one stat per file)
+        def __init__(self, entry):
+            self._entry = entry
+
+        def __getattr__(self, name):
+            return getattr(self._entry, name)
+
+        def stat(self, *a, **kw):
+            tally["stat"] += 1
+            return self._entry.stat(*a, **kw)
+
+    class Scan:
+        def __init__(self, it):
+            self._it = it
+
+        def __iter__(self):
+            return (Entry(e) for e in self._it)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._it.close()
+
     import io
+    real_scandir = os.scandir
     os.stat, builtins.open, io.open = stat, opened, opened  # io.open: Path.read_text and Path.open
+    os.scandir = lambda *a, **kw: Scan(real_scandir(*a, **kw))
     return tally
 
 
-def measure(name: str, root: str, work: str) -> dict:
+def measure(name: str, root: str, work: str, size: int) -> dict:
     tally = counting_stats()
     work_dir = Path(work)
-    env_flags = ["--hash-cache", str(work_dir / "hashes.json")]
+    env_flags = []  # every command's default hash (and decode) cache, under the work folder (XDG_CACHE_HOME)
     if name.startswith("audit"):
         import audit_leakage
-        code = audit_leakage.main(["--data-root", root, "--no-progress", *env_flags, "--json",
+        code = audit_leakage.main(["--data-root", root, "--no-progress", "--expected-size", str(size), *env_flags, "--json",
                                    str(work_dir / f"{name}.json")])
     elif name == "train_startup":
         import train
@@ -133,9 +161,13 @@ def measure(name: str, root: str, work: str) -> dict:
             "index_opens": tally["opens"], "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def run_measure(name: str, root: Path, work: Path) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--root", str(root), "--work", str(work), "--measure", name],
-                          capture_output=True, text=True)
+def environment(work: Path) -> dict:
+    return {**os.environ, "XDG_CACHE_HOME": str(work / "xdg")}
+
+
+def run_measure(name: str, root: Path, work: Path, size: int) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--root", str(root), "--work", str(work), "--measure", name,
+                           "--patch-size", str(size)], capture_output=True, text=True, env=environment(work))
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -149,9 +181,8 @@ def prepare(root: Path, work: Path) -> None:
     if not (work / "ckpt" / "best.pt").is_file():
         subprocess.run([sys.executable, "train.py", "--data-root", str(root), "--runs-dir", str(work), "--run-id",
                         "ckpt", "--device", "cpu", "--image-size", "32", "--epochs", "1", "--limit-samples", "64",
-                        "--weights", "none", "--workers", "0", "--cache", str(work / "cache"), "--hash-cache",
-                        str(work / "hashes.json")], check=True, cwd=Path(__file__).resolve().parent,
-                       stdout=subprocess.DEVNULL)
+                        "--weights", "none", "--workers", "0", "--cache", str(work / "cache")], check=True,
+                       cwd=Path(__file__).resolve().parent, stdout=subprocess.DEVNULL, env=environment(work))
 
 
 def get_args_parser():
@@ -174,7 +205,7 @@ def main(argv=None) -> int:
     root = Path(args.root).absolute()
     work = Path(args.work).absolute() if args.work else root.with_name(root.name + ".work")
     if args.measure:
-        print(json.dumps(measure(args.measure, str(root), str(work))))
+        print(json.dumps(measure(args.measure, str(root), str(work), args.patch_size)))
         return 0
     if args.make:
         print(json.dumps({"dataset": make_dataset(root, args.patch_size, os.cpu_count() or 1)}), flush=True)
@@ -184,12 +215,11 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for name in [m for m in args.measures.split(",") if m]:
-        if name == "audit_first":
-            for stale in ("hashes.json", "hashes.decoded.tsv"):
-                (work / stale).unlink(missing_ok=True)
+        if name == "audit_first":  # no hash or decode cache of this root yet
+            shutil.rmtree(work / "xdg", ignore_errors=True)
         if name in ("train_startup", "eval_startup"):
             prepare(root, work)
-        results.append(run_measure(name, root, work))
+        results.append(run_measure(name, root, work, args.patch_size))
         print(json.dumps(results[-1]), flush=True)
     print("| measure | seconds | os.stat calls | index files opened | peak RSS (MB) |\n|---|---|---|---|---|")
     for r in results:

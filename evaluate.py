@@ -211,7 +211,7 @@ def split_parts(ckpt: dict, data: helicodata.HelicoData, path) -> dict[str, list
 
 def score_samples(net, normalizer, root, samples, image_size: int, device, *, batch_size: int, workers: int,
                   skip_bad: bool = False, cache=None, precision: model.Precision | None = None,
-                  resident_max_frac: float = feeds.DEFAULT_MAX_FRAC) -> tuple[np.ndarray, list[int]]:
+                  resident_max_frac: float = feeds.DEFAULT_MAX_FRAC, stats=None) -> tuple[np.ndarray, list[int]]:
     """Sigmoid scores (NaN for skipped undecodable files) and the indices skipped (inference.run's batches)."""
     scores = np.full(len(samples), np.nan)
 
@@ -220,7 +220,7 @@ def score_samples(net, normalizer, root, samples, image_size: int, device, *, ba
             scores[idx] = torch.sigmoid(logits.reshape(-1)).numpy()
     bad = inference.run(net, normalizer, root, samples, image_size, device, keep, batch_size=batch_size,
                         workers=workers, skip_bad=skip_bad, cache=cache, precision=precision,
-                        resident_max_frac=resident_max_frac)
+                        resident_max_frac=resident_max_frac, stats=stats)
     return scores, bad
 
 
@@ -239,7 +239,7 @@ def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, ba
     scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=batch_size,
                                 workers=workers, skip_bad=skip_bad, cache=cache,
                                 precision=model.scoring_precision(ckpt, device, no_amp),
-                                resident_max_frac=resident_max_frac)
+                                resident_max_frac=resident_max_frac, stats=data.file_stats)
     keep = np.isfinite(scores)
     pred = analysis.Predictions([s for s, k in zip(samples, keep) if k], np.array([r.split for r in rows])[keep],
                                 np.array([r.patch_eval for r in rows], dtype=bool)[keep],
@@ -325,7 +325,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                             f"folder?)")
         splits.check_holdout_independent(data, shared)  # exit 1: a HoldOut that overlaps CV proves nothing
     rows, identical = analysis.count_identical_once(analysis.evaluation_rows(data, parts, holdout), data.root,
-                                                    hash_cache)
+                                                    hash_cache, data.file_stats)
     if not any(r.patch_eval for r in rows):
         raise DataError(f"validation patients of {path} have no labelled patches in {data.root}: empty split")
     cache = prepared_cache(args, ckpt, data, device)
@@ -521,7 +521,8 @@ def run_ensemble(args, device) -> int:
     holdout = data.holdout_patients
     if not holdout:
         raise DataError(f"--ensemble: {data.root} has no HoldOut patients")
-    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, {}, holdout), data.root, hash_cache)
+    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, {}, holdout), data.root, hash_cache,
+                                            data.file_stats)
     # thresholds from the out-of-fold predictions only
     oof_preds, oof_pats = crossval.pooled_rows(folds)
     oof = oof_predictions(oof_preds)
@@ -612,7 +613,8 @@ def run_compare(args, device) -> int:
     groups = splits.duplicate_groups(splits.shared_content(data, cache=hash_cache, progress=False))
     own_val = sorted({p for ps in parts for p in ps["val"]} - set(shared))  # where each model's rule is chosen
     scored = {"val": sorted(set(own_val) | set(shared))} if part == "val" else {"val": own_val, "test": shared}
-    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, scored), data.root, hash_cache)
+    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, scored), data.root, hash_cache,
+                                            data.file_stats)
     if not any(r.patch_eval and r.sample.patient in set(shared) for r in rows):
         raise DataError(f"--compare: the shared {part} patients have no labelled patches in {data.root}")
     draws = analysis.part_draws(shared, groups, args.bootstrap, args.seed)  # the same resamples for every model: paired

@@ -207,8 +207,8 @@ def samples_and_config(args, data, split, world, device):
     # easy negatives that would inflate accuracy and flatten the threshold; evaluate.py's headline is the same set
     val = [s for s in helicodata.select(data.labelled, split["val"]) if s.source == "annotated"]
     # a byte-identical window (a slide under two patient IDs) counts once, exactly as evaluate.py counts it
-    val = [s for s, keep in zip(val, splits.first_copies(data.root, [s.path for s in val],
-                                                        splits.hash_cache_path(args.hash_cache, data.root))) if keep]
+    val = [s for s, keep in zip(val, splits.first_copies(data.root, [s.path for s in val], splits.hash_cache_path(
+        args.hash_cache, data.root), data.file_stats)) if keep]
     positives = sum(s.label == 1 for s in train)
     if not train or not val or positives == 0:
         raise common.DataError(f"split: {len(train)} training samples ({positives} positive), {len(val)} validation "
@@ -384,7 +384,7 @@ class Trainer:
         self.train_paths, self.val_paths = [s.path for s in train], [s.path for s in val]
         # ============ data: the patches, their stain, the epoch order and the feeds ============
         train_ds, val_ds = (packed_cache.patch_dataset(data.root, part, args.image_size, args.skip_bad_images,
-                                                       args.cache) for part in (train, val))
+                                                       args.cache, data.file_stats) for part in (train, val))
         self.normalizer, self.stain = stain_normalizer(args, data, train_ds, ckpt, device)
         self.slides = (data.root, data.labelled + data.cropped if rank == 0 and self.stain is not None else [])
         self.sampler = sampling.EpochSampler([s.label for s in train], args.sampler == "balanced", args.seed, rank,

@@ -81,15 +81,15 @@ def evaluation_rows(data: helicodata.HelicoData, parts: dict[str, list[str]], ho
     return list(rows.values())
 
 
-def count_identical_once(rows: list[Row], root, cache) -> tuple[list[Row], list[str]]:
+def count_identical_once(rows: list[Row], root, cache, stats=None) -> tuple[list[Row], list[str]]:
     """Rows without repeats of byte-identical content: among the patch-level rows and, separately, among the
     patient-level rows, only the first file (by path) of each content counts (splits.first_copies, as train.py's
     validation), so a slide filed under two patient IDs (B22-200/B22-201) is not counted twice. Returns the rows
-    kept and the paths no longer counted anywhere."""
+    kept and the paths no longer counted anywhere. stats: HelicoData.file_stats (no stat per file)."""
     counts = {}
     for role in ("patch_eval", "patient_eval"):
         paths = [r.sample.path for r in rows if getattr(r, role)]
-        counts[role] = {p for p, keep in zip(paths, splits.first_copies(root, paths, cache)) if keep}
+        counts[role] = {p for p, keep in zip(paths, splits.first_copies(root, paths, cache, stats)) if keep}
     kept, dropped = [], []
     for r in rows:
         r = r._replace(patch_eval=r.sample.path in counts["patch_eval"],

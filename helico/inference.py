@@ -24,10 +24,10 @@ from common import DataError
 from helico import feeds, helicodata, loaders, model, packed_cache
 
 
-def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: bool):
+def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: bool, stats=None):
     """The samples read from the packed cache, and the normalizer still to apply to them: none when the cache holds
     patches already normalized to the checkpoint's own stain reference (refused when to another one)."""
-    ds = packed_cache.CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=skip_bad)
+    ds = packed_cache.CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=skip_bad, stats=stats)
     if not ds.normalized:
         return ds, normalizer
     if not packed_cache.same_stain(ds.stain, normalizer.state_dict() if normalizer else None):
@@ -39,15 +39,16 @@ def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: 
 
 def run(net, normalizer, root, samples, image_size: int, device, consume, *, batch_size: int, workers: int,
         skip_bad: bool = False, cache=None, precision: model.Precision | None = None,
-        resident_max_frac: float = feeds.DEFAULT_MAX_FRAC, desc: str = "scoring") -> list[int]:
+        resident_max_frac: float = feeds.DEFAULT_MAX_FRAC, desc: str = "scoring", stats=None) -> list[int]:
     """Run `net` over `samples` in order, calling consume(indices, outputs, dropped) per batch; returns the indices
-    of the files skipped as undecodable. Batched, under `precision`'s autocast and layout (default float32)."""
+    of the files skipped as undecodable. Batched, under `precision`'s autocast and layout (default float32).
+    stats: HelicoData.file_stats, so a cache's staleness check stats no file."""
     precision = precision or model.precision(device, amp=False)
     if cache is None:
         ds = helicodata.PatchDataset(root, samples, image_size=image_size, skip_bad=skip_bad)
         batches = loaders.make_loader(ds, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
     else:  # on the device when it fits, else streamed by a thread: no worker pickles a batch
-        ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, skip_bad)
+        ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, skip_bad, stats)
         batches, _ = feeds.scoring_batches(ds, batch_size, device, resident_max_frac)
     bad = []
     net = precision.place(net, device)

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from helico import helicodata, metrics
+import common
 from common import DataError, atomic_write_text
 from helico.helicodata import DEFAULT_REFERENCE, TREES, HelicoData, patient_id, reference_patients
 
@@ -37,39 +38,68 @@ def _digest(path: str) -> str:
         return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
 
 
+# The hash cache as last read or written by this process, with the file's mtime: train.py and evaluate.py hash
+# twice (the split's duplicate groups, then the validation windows' first copies), and at 220k files the JSON
+# (24 MB) took ~3 s to parse each time. One file, replaced whenever it changes on disk.
+_HASH_CACHE: dict[Path, tuple[int, dict]] = {}
+
+
+def read_hash_cache(cache: Path) -> dict:
+    """path -> [size, mtime_ns, digest] of the hash cache file (empty when missing or unreadable), parsed once per
+    process while the file is unchanged."""
+    try:
+        mtime = cache.stat().st_mtime_ns
+    except OSError:
+        return {}
+    if cache not in _HASH_CACHE or _HASH_CACHE[cache][0] != mtime:
+        known = {}
+        with contextlib.suppress(ValueError, OSError):
+            known = json.loads(cache.read_text())
+        _HASH_CACHE.clear()
+        _HASH_CACHE[cache] = (mtime, known)
+    return _HASH_CACHE[cache][1]
+
+
 def file_digests(root: Path, rel_paths, cache: Path | None = None, workers: int = 8, progress: bool = True,
-                 only_size_collisions: bool = True) -> dict[str, str]:
+                 only_size_collisions: bool = True, stats: dict | None = None) -> dict[str, str]:
     """Content hash of each file. Files whose size no other file shares cannot have a byte-identical twin and
-    are skipped when `only_size_collisions`; results are cached by (path, size, mtime)."""
+    are skipped when `only_size_collisions`; results are cached by (path, size, mtime). `stats` (path -> (size,
+    mtime_ns), HelicoData.file_stats) spares a stat per file; files it lacks are stat'ed."""
     from tqdm import tqdm
-    stats = {p: os.stat(root / p) for p in rel_paths}
+    given = stats or {}
+    stats = {}
+    for p in rel_paths:
+        if p not in given:
+            st = os.stat(root / p)
+        stats[p] = given[p] if p in given else (st.st_size, st.st_mtime_ns)
     # An empty file holds no image, so it is no copy of anything: grouping empty files would drop all but one of
     # them as "identical" before decoding, and --skip-bad-images would then name only that one.
-    stats = {p: st for p, st in stats.items() if st.st_size > 0}
+    stats = {p: st for p, st in stats.items() if st[0] > 0}
     if only_size_collisions:
         sizes: dict[int, int] = {}
         for st in stats.values():
-            sizes[st.st_size] = sizes.get(st.st_size, 0) + 1
-        stats = {p: st for p, st in stats.items() if sizes[st.st_size] > 1}
-    known = {}
-    if cache is not None and cache.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            known = json.loads(cache.read_text())
+            sizes[st[0]] = sizes.get(st[0], 0) + 1
+        stats = {p: st for p, st in stats.items() if sizes[st[0]] > 1}
+    known = read_hash_cache(cache) if cache is not None else {}
     out, todo = {}, []
     for p, st in stats.items():
         hit = known.get(p)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        if hit and hit[0] == st[0] and hit[1] == st[1]:
             out[p] = hit[2]
         else:
             todo.append(p)
     with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL: threads read and hash in parallel
-        for p, d in tqdm(zip(todo, pool.map(lambda q: _digest(str(root / q)), todo)), total=len(todo),
-                         desc="hashing", unit="file", disable=not progress or not todo, mininterval=1):
+        digests = common.bounded_map(pool, lambda q: _digest(str(root / q)), todo, 4 * workers)
+        for p, d in tqdm(zip(todo, digests), total=len(todo), desc="hashing", unit="file",
+                         disable=not progress or not todo, mininterval=1):
             out[p] = d
     if cache is not None and todo:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cache, json.dumps({p: [stats[p].st_size, stats[p].st_mtime_ns, d] for p, d in out.items()}))
+            record = {p: [stats[p][0], stats[p][1], d] for p, d in out.items()}
+            atomic_write_text(cache, json.dumps(record))
+            _HASH_CACHE.clear()
+            _HASH_CACHE[cache] = (cache.stat().st_mtime_ns, record)  # what the file now holds: no re-read
         except OSError as e:
             raise DataError(f"--hash-cache {cache}: cannot write ({e.strerror}); pass a writable path") from None
     return out
@@ -80,11 +110,11 @@ def hash_cache_path(hash_cache: str | None, root: Path) -> Path:
     return Path(hash_cache) if hash_cache else default_hash_cache(root)
 
 
-def first_copies(root: Path, paths: list[str], cache: Path | None = None) -> list[bool]:
+def first_copies(root: Path, paths: list[str], cache: Path | None = None, stats: dict | None = None) -> list[bool]:
     """For each path, whether it counts: the first (in path order) of the files among `paths` with its content, so
     a byte-identical patch (a slide filed under two patient IDs) is scored and counted once."""
     order = sorted(range(len(paths)), key=lambda i: paths[i])
-    digests = file_digests(root, paths, cache=cache, progress=False)
+    digests = file_digests(root, paths, cache=cache, progress=False, stats=stats)
     first = metrics.first_of_identical([digests.get(paths[i]) for i in order])
     keep = [True] * len(paths)
     for j, i in enumerate(order):
@@ -95,7 +125,8 @@ def first_copies(root: Path, paths: list[str], cache: Path | None = None) -> lis
 def shared_content(data: HelicoData, cache: Path | None = None, progress: bool = True) -> dict[str, list[str]]:
     """digest -> paths, for content that occurs in more than one patient's folders."""
     by_digest: dict[str, list[str]] = {}
-    for p, d in file_digests(data.root, data.image_paths(), cache=cache, progress=progress).items():
+    for p, d in file_digests(data.root, data.image_paths(), cache=cache, progress=progress,
+                             stats=data.file_stats).items():
         by_digest.setdefault(d, []).append(p)
     return {d: sorted(ps) for d, ps in by_digest.items()
             if len(ps) > 1 and len({patient_id(Path(p).parent.name) for p in ps}) > 1}

@@ -445,6 +445,23 @@ def test_a_truncated_png_with_an_intact_header_is_reported_as_undecodable(demo_r
     assert not [g for g in report["findings"] if g["check"] == "unreadable_png_headers"]
 
 
+def test_a_second_audit_decodes_only_what_changed_and_reports_the_same(demo_root, tmp_path, monkeypatch):
+    # the launcher audits at every job start and requeue: the decode answers live on disk, keyed by path, size and
+    # mtime, beside the hash cache (--hash-cache names both)
+    root, cache = copy_demo(demo_root, tmp_path), tmp_path / "hashes.json"
+    rc, first = run_audit(root, tmp_path, "--hash-cache", cache)
+    assert rc == common.EXIT_OK and audit_leakage.decode_cache_path(cache).is_file()
+    decoded, real = [], audit_leakage.decode_check
+    monkeypatch.setattr(audit_leakage, "decode_check", lambda path: decoded.append(path) or real(path))
+    assert run_audit(root, tmp_path, "--hash-cache", cache) == (rc, first) and decoded == []
+    victim = sorted((root / CROPPED / "B22-08_0").glob("*.png"))[0]
+    replace_file(victim, victim.read_bytes()[:len(victim.read_bytes()) // 2])  # rewritten: new size and mtime
+    rc, third = run_audit(root, tmp_path, "--hash-cache", cache)
+    assert decoded == [victim] and finding(third, "undecodable_images")["files"] == [victim.relative_to(root).as_posix()]
+    audit_leakage.decode_cache_path(cache).write_text("not a decode cache\n")  # foreign or damaged: decoded again
+    assert run_audit(root, tmp_path, "--hash-cache", cache)[1] == third and len(decoded) > 100
+
+
 def test_the_audit_and_the_split_flag_read_never_import_torch():
     # torch's import costs ~4 s of CPU per process here; the audit and run_h_pylori.sh's split-flag read need no
     # tensors, so a top-level `import torch` reaching them (through common -> devices once) is a regression.

@@ -273,3 +273,51 @@ def test_a_full_disk_under_an_explicit_cache_is_an_environment_fault(mini_root, 
     monkeypatch.setattr(packed_cache, "build_cache", no_space)
     with pytest.raises(common.EnvironmentFault, match=f"{tmp_path / 'c'}: no space left"):  # exit 5, not bad input
         packed_cache.prepare(tmp_path / "c", helicodata.load_data(mini_root), 64, 1, False)
+
+
+def test_one_stat_per_file_and_one_parse_of_each_index_per_process(mini_root, tmp_path, monkeypatch):
+    # at 233k PNGs train.py stat'ed each file 2.6 times and parsed index.csv five times and the hash JSON twice
+    from helico import splits
+    root = Path(shutil.copytree(mini_root, tmp_path / "root"))
+    data = helicodata.load_data(root)
+    paths = data.image_paths()
+    assert set(data.file_stats) == set(paths)  # the scan's one stat of each file
+    assert all(data.file_stats[p] == ((st := (root / p).stat()).st_size, st.st_mtime_ns) for p in paths)
+    build(root, tmp_path / "c")
+    stats, parses = [], []
+    real_stat, real_reader, real_loads = packed_cache.os.stat, packed_cache.csv.DictReader, splits.json.loads
+    monkeypatch.setattr(packed_cache.os, "stat", lambda p, *a, **k: stats.append(str(p)) or real_stat(p, *a, **k))
+    monkeypatch.setattr(packed_cache.csv, "DictReader", lambda *a, **k: parses.append("index") or real_reader(*a, **k))
+    monkeypatch.setattr(splits.json, "loads", lambda text, *a, **k: parses.append(
+        "hashes" if text.startswith('{"') and "Validation/" in text[:40] else "other") or real_loads(text, *a, **k))
+    cache = tmp_path / "hashes.json"
+    splits.shared_content(data, cache=cache, progress=False)  # the split's duplicate groups: hashed, cache written
+    splits.shared_content(data, cache=cache, progress=False)  # evaluate.py's own look: the cache as written
+    splits.first_copies(root, paths[:20], cache, data.file_stats)  # train.py's validation windows
+    packed_cache.prepare(tmp_path / "c", data, 64, 1)  # train.py's reuse check, then its two datasets
+    for part in (data.labelled[:10], data.labelled[10:]):
+        packed_cache.patch_dataset(root, part, 64, cache=tmp_path / "c", stats=data.file_stats)
+    assert not [p for p in stats if p.endswith(".png")]
+    assert parses.count("index") <= 1 and parses.count("hashes") == 0  # build() parsed the index; we wrote the hashes
+
+
+def test_the_build_keeps_a_few_chunks_in_flight_not_all_of_them(mini_root, tmp_path, monkeypatch):
+    # waiting on every queued chunk after each finished one was quadratic (~6 s at 220k rows)
+    monkeypatch.setattr(packed_cache, "CHUNK_ROWS", 4)
+    seen, real_wait = [], packed_cache.wait
+    monkeypatch.setattr(packed_cache, "wait", lambda fs, **k: seen.append(len(fs)) or real_wait(fs, **k))
+    report = packed_cache.build_cache(helicodata.load_data(mini_root), tmp_path / "c", 32, workers=2, progress=False)
+    assert report["action"] == "built" and report["chunks"] > 10 and max(seen) <= 4
+
+
+def test_the_index_is_written_as_csv_writes_it_quoted_or_not(mini_root):
+    import csv
+    import io
+    data = helicodata.load_data(mini_root)
+    rows = packed_cache.index_rows(data.root, packed_cache.unique_samples(data.all_samples()), data.file_stats)
+    for case in (rows, [{**rows[0], "path": 'odd,"name".png'}, *rows[1:]]):  # the fast join, then the quoting
+        out = io.StringIO()
+        writer = csv.DictWriter(out, packed_cache.INDEX_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(case)
+        assert packed_cache.index_bytes(case) == out.getvalue().encode()

@@ -320,3 +320,15 @@ def test_a_failed_atomic_write_names_the_file_the_user_asked_for_not_its_temp_fi
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {tmp_path / 'log.jsonl'}: ") and ".tmp" not in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]  # the temp file is gone
+
+
+def test_bounded_map_keeps_at_most_ahead_calls_in_flight_and_keeps_order():
+    from concurrent.futures import ThreadPoolExecutor
+    submitted, consumed = [], []
+    with ThreadPoolExecutor(2) as pool:
+        real_submit = pool.submit
+        pool.submit = lambda fn, x: submitted.append(x) or real_submit(fn, x)
+        for x in common.bounded_map(pool, lambda v: v * v, range(50), ahead=3):
+            consumed.append(x)
+            assert len(submitted) - len(consumed) <= 3  # Executor.map would have submitted all 50 at once
+    assert consumed == [v * v for v in range(50)]
