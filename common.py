@@ -209,6 +209,38 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def size_mtime(path) -> tuple[int, int]:
+    """(size, mtime_ns) of a file, what every cache of this project keys a file on; OSError if it cannot be stat'ed."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+# parse function -> (file identity, what it returned): one file per parse function held, so memory stays one copy
+_PARSED: dict = {}
+
+
+def _identity(path) -> tuple:
+    st = os.stat(path)
+    return str(Path(path).absolute()), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def parsed_once(path, parse):
+    """parse(path), once per process while the file keeps its inode, size and mtime (an atomic rewrite is a new
+    inode): indexes several steps read (the hash cache, a packed cache's index.csv) are parsed once, not per
+    reader. The value is shared: read it, never change it. OSError if the file cannot be stat'ed."""
+    identity = _identity(path)
+    held = _PARSED.get(parse)
+    if held is None or held[0] != identity:
+        _PARSED[parse] = None  # the old value goes before the new one is built
+        _PARSED[parse] = identity, parse(path)
+    return _PARSED[parse][1]
+
+
+def remember_parsed(path, parse, value) -> None:
+    """What parse(path) would return for the file just written, so the writer's own next read parses nothing."""
+    _PARSED[parse] = _identity(path), value
+
+
 def atomic_torch_save(obj, path) -> None:
     """torch.save, atomically. Serialized in memory first (costs one checkpoint of host RAM, ~130 MB for a resnet18
     with AdamW): straight to a file, a full disk surfaces as torch's RuntimeError 'unexpected pos ...' instead of

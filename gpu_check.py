@@ -227,12 +227,8 @@ def stage_bench(c: Check) -> list[dict]:
     if "compiled" in results:
         rate = results["compiled"]["stages"].get("model_step")
         rows.append(row("bench: --compile model step", rate >= TARGETS["compile_img_s"], rate,
-                        ratio(rate, ceiling), f">= {TARGETS['compile_img_s']:,} img/s"))
+                        bench.ratio(rate, ceiling), f">= {TARGETS['compile_img_s']:,} img/s"))
     return rows
-
-
-def ratio(a, b):
-    return a / b if a and b else None
 
 
 # ----------------------------------------------------------------------------------------------- table

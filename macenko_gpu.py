@@ -46,7 +46,6 @@ output (12 bytes per pixel). No torch.quantile (2^24-element limit): any batch s
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from pathlib import Path
@@ -82,20 +81,13 @@ def ieee_fp32(method):
     built it). PyTorch's newer fp32_precision API only: mixing it with allow_tf32 raises."""
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        with ieee_matmul():
+        matmul = torch.backends.cuda.matmul
+        before, matmul.fp32_precision = matmul.fp32_precision, "ieee"
+        try:
             return method(*args, **kwargs)
+        finally:
+            matmul.fp32_precision = before
     return wrapper
-
-
-@contextlib.contextmanager
-def ieee_matmul():
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
 
 
 class MacenkoNormalizer:

@@ -102,25 +102,20 @@ def fingerprint(rows) -> str:
     return h.hexdigest()
 
 
-# The index as last parsed by this process, keyed by its file's identity: the reuse check, the training and the
-# validation datasets each read it, and at 220k rows one parse took ~1.2 s (five per train.py start-up before).
-_INDEX: dict[tuple, tuple[list[dict], str]] = {}
+def _parse_index(path: Path) -> tuple[list[dict], str]:
+    data = path.read_bytes()
+    rows = list(csv.DictReader(io.StringIO(data.decode())))
+    for r in rows:
+        for k in ("row", "label", "size", "mtime_ns"):
+            r[k] = int(r[k])
+    return rows, hashlib.sha256(data).hexdigest()
 
 
 def read_index(cache_dir: Path) -> tuple[list[dict], str]:
-    """(rows, sha256 of the file) of a cache's index.csv, parsed once per process while the file is unchanged.
-    The rows are shared: read them, never change them."""
-    st = os.stat(cache_dir / INDEX)
-    key = (str(Path(cache_dir).absolute()), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _INDEX:
-        data = (cache_dir / INDEX).read_bytes()
-        rows = list(csv.DictReader(io.StringIO(data.decode())))
-        for r in rows:
-            for k in ("row", "label", "size", "mtime_ns"):
-                r[k] = int(r[k])
-        _INDEX.clear()  # one cache at a time: memory stays one index
-        _INDEX[key] = rows, hashlib.sha256(data).hexdigest()
-    return _INDEX[key]
+    """(rows, sha256 of the file) of a cache's index.csv, parsed once per process while the file is unchanged
+    (common.parsed_once): the reuse check, the training and the validation datasets each read it, and at 220k rows
+    one parse took ~1.2 s (five per train.py start-up before). The rows are shared: never change them."""
+    return common.parsed_once(cache_dir / INDEX, _parse_index)
 
 
 # ----------------------------------------------------------------------------------------------- meta
@@ -245,8 +240,7 @@ class CachedPatchDataset:
 
 def _stat_key(path: Path) -> tuple | None:
     with contextlib.suppress(OSError):
-        st = os.stat(path)
-        return st.st_size, st.st_mtime_ns
+        return common.size_mtime(path)
     return None
 
 
@@ -255,7 +249,7 @@ def stain_reference(root: Path, reference, device):
     """(normalizer on `device`, meta record) for --normalized; the record pins the reference files' bytes (one
     file: its sha256, as caches built before several files were allowed; several: a digest of theirs in order)."""
     normalizer = model.fit_stain_reference(root, reference)
-    digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in helicodata.reference_files(root, reference)]
+    digests = [common.file_sha256(f) for f in helicodata.reference_files(root, reference)]
     digest = digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
     state = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in normalizer.state_dict().items()}
     record = {"reference": " ".join(helicodata.reference_list(reference)), "sha256": digest, "state": state}

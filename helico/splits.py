@@ -38,26 +38,21 @@ def _digest(path: str) -> str:
         return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
 
 
-# The hash cache as last read or written by this process, with the file's mtime: train.py and evaluate.py hash
-# twice (the split's duplicate groups, then the validation windows' first copies), and at 220k files the JSON
-# (24 MB) took ~3 s to parse each time. One file, replaced whenever it changes on disk.
-_HASH_CACHE: dict[Path, tuple[int, dict]] = {}
+def _parse_hash_cache(cache: Path) -> dict:
+    with contextlib.suppress(ValueError, OSError):
+        return json.loads(cache.read_text())
+    return {}
 
 
 def read_hash_cache(cache: Path) -> dict:
     """path -> [size, mtime_ns, digest] of the hash cache file (empty when missing or unreadable), parsed once per
-    process while the file is unchanged."""
+    process while the file is unchanged (common.parsed_once): train.py and evaluate.py hash twice (the split's
+    duplicate groups, then the validation windows' first copies), and at 220k files the JSON (24 MB) took ~3 s to
+    parse each time."""
     try:
-        mtime = cache.stat().st_mtime_ns
+        return common.parsed_once(cache, _parse_hash_cache)
     except OSError:
         return {}
-    if cache not in _HASH_CACHE or _HASH_CACHE[cache][0] != mtime:
-        known = {}
-        with contextlib.suppress(ValueError, OSError):
-            known = json.loads(cache.read_text())
-        _HASH_CACHE.clear()
-        _HASH_CACHE[cache] = (mtime, known)
-    return _HASH_CACHE[cache][1]
 
 
 def file_digests(root: Path, rel_paths, cache: Path | None = None, workers: int = 8, progress: bool = True,
@@ -67,11 +62,7 @@ def file_digests(root: Path, rel_paths, cache: Path | None = None, workers: int 
     mtime_ns), HelicoData.file_stats) spares a stat per file; files it lacks are stat'ed."""
     from tqdm import tqdm
     given = stats or {}
-    stats = {}
-    for p in rel_paths:
-        if p not in given:
-            st = os.stat(root / p)
-        stats[p] = given[p] if p in given else (st.st_size, st.st_mtime_ns)
+    stats = {p: given.get(p) or common.size_mtime(root / p) for p in rel_paths}
     # An empty file holds no image, so it is no copy of anything: grouping empty files would drop all but one of
     # them as "identical" before decoding, and --skip-bad-images would then name only that one.
     stats = {p: st for p, st in stats.items() if st[0] > 0}
@@ -98,8 +89,7 @@ def file_digests(root: Path, rel_paths, cache: Path | None = None, workers: int 
             cache.parent.mkdir(parents=True, exist_ok=True)
             record = {p: [stats[p][0], stats[p][1], d] for p, d in out.items()}
             atomic_write_text(cache, json.dumps(record))
-            _HASH_CACHE.clear()
-            _HASH_CACHE[cache] = (cache.stat().st_mtime_ns, record)  # what the file now holds: no re-read
+            common.remember_parsed(cache, _parse_hash_cache, record)  # what the file now holds: no re-read
         except OSError as e:
             raise DataError(f"--hash-cache {cache}: cannot write ({e.strerror}); pass a writable path") from None
     return out
@@ -178,8 +168,6 @@ def split_args_parser():
     g.add_argument("--hash-cache", default=None, help="content-hash cache file (default ~/.cache/helico-hp/...); "
                    "re-runs only hash new or changed files")
     return p
-
-
 
 
 TEST_FRAC = 0.2     # default test share without --folds: 20% test, 20% val, 60% train per diagnosis
