@@ -15,7 +15,8 @@ Stages (img/s; warm-up batches excluded; CUDA timings bracketed by torch.cuda.sy
     model_step  train.py's own step (optimisation.train_step: forward, backward, AdamW, schedule) on synthetic
                 on-device batches: the ceiling
     loop        train.py's loop with --cache: feeds.cache_batches (patches held on the device when they fit in
-                --resident-max-frac of its free memory, else streamed) -> normalize -> step
+                --resident-max-frac of its free memory, else streamed) -> normalize, one batch
+                ahead on a CUDA stream of its own (feeds.Prefetched) -> step
     loop_loader the loop before issue 13: DataLoader over the cache (--loop-source png: PNGs) -> device -> normalize
                 -> step, for comparison
     train       train.py itself (in this process) on --limit-samples training patches with --cache for
@@ -225,10 +226,12 @@ def normalize_steps(batches, normalizer, args, device):
 def loop_steps(loader, normalizer, step, args, device):
     """Batches from a DataLoader (on the host) or resident.*Batches (already on the device) through the step."""
     gen = torch.Generator(device).manual_seed(1)
-    for images, labels, _ in cycle(loader):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.no_grad():
-            x = model.model_input(images, normalizer, JITTER, gen, args.channels_last)
+
+    def prepare(images, labels, _):  # as train.py's Trainer.prepare: the input made one batch ahead of the step
+        x = model.model_input(images.to(device, non_blocking=True), normalizer, JITTER, gen, args.channels_last)
+        return x, labels.to(device, non_blocking=True)
+
+    for x, labels in cycle(feeds.Prefetched(loader, prepare, gen, device)):
         step(x, labels)
         yield len(labels)
 

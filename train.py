@@ -402,6 +402,7 @@ class Trainer:
                                                                len(self.train_loader) * args.epochs, self.precision)
         self.pos_weight = torch.tensor(self.config["pos_weight"], device=device)
         self.gen = torch.Generator(device).manual_seed(args.seed * 1000 + 1 + rank)  # augmentation draws
+        self.batches = feeds.Prefetched(self.train_loader, self.prepare, self.gen, device)
         # ============ progress: a new run's, or the checkpoint's ============
         self.epoch, self.progress, self.best, self.records = 0, {"step": 0, "loss_sum": 0.0, "seen": 0}, None, []
         self.threshold, self.rule, self.val_metrics = 0.5, "default 0.5: not validated yet", {}
@@ -461,15 +462,7 @@ class Trainer:
         loss_sum, seen, pending, nan_step, stopped = 0.0, 0, None, None, False
         t0, images = time.perf_counter(), 0
         try:  # closed on every path: an error line must not land on a half-drawn bar
-            for x, labels, idx in self.train_loader:
-                # DataLoader batches are on the host still: no device sync. Cache batches may already be on the GPU:
-                # their undecodable rows were recorded at build time and named once when the run started
-                if labels.device.type == "cpu" and (labels == helicodata.BAD).any():
-                    self.note_skipped(self.train_paths[k] for k in idx[labels == helicodata.BAD].tolist())
-                x, labels = x.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-                with torch.no_grad():
-                    x = model.model_input(x, self.normalizer, args.jitter, self.gen, self.precision.channels_last,
-                                          args.hed_jitter)
+            for x, labels in self.batches:  # model input made one batch ahead (self.prepare)
                 loss, summed, kept = optimisation.train_step(self.model, x, labels, self.precision, self.opt,
                                                              self.sched, self.scaler, self.pos_weight)
                 loss_sum, seen = loss_sum + summed, seen + kept
@@ -490,10 +483,21 @@ class Trainer:
                 nan_step, stop_now = self.read_flags(*pending, bar)
                 stopped = stopped or stop_now
         finally:
+            self.batches.close()  # the augmentation generator as if the batch prepared ahead had not been drawn
             bar.close()
         p["loss_sum"], p["seen"] = p["loss_sum"] + float(loss_sum), p["seen"] + int(seen)
         self.img_s = images / max(time.perf_counter() - t0, 1e-9)
         return nan_step, stopped
+
+    def prepare(self, x, labels, idx):
+        """A training batch -> (model input, labels) on the device, one batch ahead of the step (feeds.Prefetched)."""
+        # DataLoader batches are on the host still: no device sync. Cache batches may already be on the GPU: their
+        # undecodable rows were recorded at build time and named once when the run started
+        if labels.device.type == "cpu" and (labels == helicodata.BAD).any():
+            self.note_skipped(self.train_paths[k] for k in idx[labels == helicodata.BAD].tolist())
+        x = model.model_input(x.to(self.device, non_blocking=True), self.normalizer, self.args.jitter, self.gen,
+                              self.precision.channels_last, self.args.hed_jitter)
+        return x, labels.to(self.device, non_blocking=True)
 
     def note_skipped(self, paths):
         """--skip-bad-images: name each undecodable file once on stderr and list it in runs/<id>/skipped_images.txt."""

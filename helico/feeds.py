@@ -15,6 +15,9 @@ epoch). When it does not fit, StreamedBatches gathers each batch on a reading th
 buffers (no pickling, no shared memory) while the main thread trains on the previous one; on CUDA the next batch's
 copy runs on a stream of its own while the current step computes (SideStreamCopier).
 
+Prefetched makes each training batch's model input one batch ahead of the step (on CUDA on a stream of its own),
+with the augmentation generator rewound on a stop as if that batch had not been drawn.
+
 Same batches as DataLoader(dataset, sampler=sampler, batch_size, drop_last) over packed_cache.CachedPatchDataset:
 same order (whatever the sampler yields, epoch by epoch), same bytes, same labels (helicodata.BAD for undecodable
 patches, or the same one-line DataError without --skip-bad-images), same sample indices; so training gives bitwise
@@ -27,6 +30,7 @@ holds only its own.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -213,6 +217,65 @@ class StreamedBatches(Batches):
             for _ in range(self.depth):
                 free.put((0, None))  # unblock a reader waiting for a slot
             reader.join()
+
+
+class Prefetched:
+    """Batches with their model input made one batch ahead: batch k+1's gather, Macenko, jitter, symmetry and ImageNet
+    normalization (`prepare`) are queued before step k, on a CUDA stream of their own, so they run while step k
+    computes; on the CPU the same calls happen in the same order, one after the other.
+
+    `prepare(images, labels, idx)` returns the tensors the step takes; they are yielded in the batches' order, so
+    every draw from `gen` (augmentation) happens in the order it would without prefetching. close() rewinds `gen` to
+    before the batch prepared but never handed out, so a checkpoint written after a stop saves the generator as an
+    unprefetched loop would have left it, and the resumed run draws that batch's augmentation again."""
+
+    def __init__(self, batches, prepare, gen: torch.Generator, device):
+        self.batches, self.prepare, self.gen, self.device = batches, prepare, gen, torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.ahead_state = None  # gen's state before the batch prepared ahead; None when none is pending
+
+    def __len__(self):
+        return len(self.batches)
+
+    def side(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def start(self, it):
+        """Batch k+1 taken and prepared on the side stream; (its tensors, the event they are ready at) or None."""
+        state = self.gen.get_state()
+        with self.side():
+            batch = next(it, None)
+            if batch is None:
+                return None
+            self.ahead_state = state
+            with torch.no_grad():
+                out = self.prepare(*batch)
+            return out, (copied_event(self.device) if self.stream is not None else None)
+
+    def __iter__(self):
+        if self.stream is not None:  # the epoch's first batch may read what the compute stream wrote before
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        it = iter(self.batches)
+        try:
+            ahead = self.start(it)
+            while ahead is not None:
+                out, ready = ahead
+                self.ahead_state = None
+                if ready is not None:  # the step waits for its input; its memory is not reused while the step reads
+                    compute = torch.cuda.current_stream(self.device)
+                    compute.wait_event(ready)
+                    for t in out:
+                        t.record_stream(compute)
+                ahead = self.start(it)  # queued before the consumer queues step k: runs while it computes
+                yield out
+        finally:
+            getattr(it, "close", lambda: None)()  # a streamed feed's reading thread ends here, not at garbage collection
+
+    def close(self):
+        """After a break: the generator as if the batch prepared ahead had not been drawn (no-op otherwise)."""
+        if self.ahead_state is not None:
+            self.gen.set_state(self.ahead_state)
+            self.ahead_state = None
 
 
 def load_rows(dataset, rows: np.ndarray, device: torch.device) -> torch.Tensor:

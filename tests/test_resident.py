@@ -1,4 +1,5 @@
 """feeds.py: batches from the packed cache without a DataLoader are the DataLoader's batches, byte for byte."""
+import contextlib
 import threading
 
 import pytest
@@ -110,6 +111,103 @@ def test_streaming_stopped_early_leaves_no_reading_thread(mini):
     next(batches)
     batches.close()
     assert threading.active_count() == before
+    for _ in feeds.Prefetched(streamed, lambda x, y, i: (x, y), torch.Generator(), "cpu"):
+        break  # train.py's stop: the streamed feed under the prefetcher ends its thread too
+    assert threading.active_count() == before
+
+
+def draw_batches(n=5):
+    """(batches, prepare): prepare draws from the generator it is given, as augmentation does."""
+    batches = [(torch.full((2, 1), float(k)), torch.tensor([k, k]), torch.tensor([2 * k, 2 * k + 1]))
+               for k in range(n)]
+
+    def prepare(gen):
+        return lambda x, y, i: (x + torch.rand(x.shape, generator=gen), y)
+    return batches, prepare
+
+
+def test_prefetched_input_is_the_serial_loops_and_a_break_leaves_the_generator_as_the_serial_loop_would():
+    batches, prepare = draw_batches()
+    serial_gen = torch.Generator().manual_seed(7)
+    serial = [prepare(serial_gen)(*b) for b in batches]
+    gen = torch.Generator().manual_seed(7)
+    fed = feeds.Prefetched(batches, prepare(gen), gen, "cpu")
+    assert len(fed) == 5
+    for got, want in zip(fed, serial):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    fed.close()  # nothing pending after a whole epoch: a no-op
+    assert torch.equal(gen.get_state(), serial_gen.get_state())
+    # a stop after 2 batches: the third was prepared (drawn) already; close() takes its draws back
+    gen, after_two = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for b in batches[:2]:
+        prepare(after_two)(*b)
+    fed = feeds.Prefetched(batches, prepare(gen), gen, "cpu")
+    for k, _ in enumerate(fed):
+        if k == 1:
+            assert not torch.equal(gen.get_state(), after_two.get_state())  # batch 3 drawn ahead
+            break
+    fed.close()
+    assert torch.equal(gen.get_state(), after_two.get_state())
+    again = [x for x, _ in feeds.Prefetched(batches[2:], prepare(gen), gen, "cpu")]  # the resumed epoch
+    assert all(torch.equal(a, b[0]) for a, b in zip(again, serial[2:]))
+
+
+def test_prefetched_on_cuda_prepares_the_next_batch_on_its_own_stream_before_the_step_and_hands_it_over(monkeypatch):
+    # imitates the CUDA branch: what is queued on which stream, in which order
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+        def wait_event(self, event):
+            log.append(f"{self.name} waits for {event}")
+
+    side, compute, current = Stream("side"), Stream("compute"), []
+
+    class Event:
+        def record(self, stream):
+            self.name = f"ready {len([e for e in log if e.startswith('prepare')]) - 1}"
+            log.append(f"{self.name} on {stream.name}")
+
+        def __repr__(self):
+            return self.name
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    class Out:
+        def __init__(self, k):
+            self.k = k
+
+        def record_stream(self, stream):
+            log.append(f"batch {self.k} used on {stream.name}")
+
+    def prepare(x, y, i):
+        log.append(f"prepare {int(x[0, 0])} on {current[-1].name if current else 'compute'}")
+        torch.rand(1, generator=gen)
+        return (Out(int(x[0, 0])),)
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: side)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1] if current else compute)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    gen = torch.Generator()
+    for (out,) in feeds.Prefetched(draw_batches(3)[0], prepare, gen, torch.device("cuda", 1)):
+        log.append(f"step {out.k} on compute")
+    assert log == ["side waits for compute",
+                   "prepare 0 on side", "ready 0 on side",
+                   "compute waits for ready 0", "batch 0 used on compute",
+                   "prepare 1 on side", "ready 1 on side", "step 0 on compute",  # batch 1 made while step 0 runs
+                   "compute waits for ready 1", "batch 1 used on compute",
+                   "prepare 2 on side", "ready 2 on side", "step 1 on compute",
+                   "compute waits for ready 2", "batch 2 used on compute", "step 2 on compute"]
 
 
 def test_free_memory_on_the_cpu_is_the_hosts_available_memory():
