@@ -9,10 +9,13 @@ The dataset (--make): make_demo_data.py's layout and traps with the real patient
 HoldOut patients), every Cropped and HoldOut folder then filled with synthetic patches to the real totals (about
 127,841 Cropped and 88,794 HoldOut PNGs; Annotated as the demo writes them), all --patch-size px (default 64: real
 256 px PNGs take ~1.1 ms each to decode, these far less, so decoding's share is smaller here than on real data).
-Each measurement runs in a fresh process (`--measure NAME`), so memory peaks and caches are its own:
+Each measurement runs in a fresh process (`--measure NAME`), so memory peaks and caches are its own, twice: once
+plain for the seconds and the peak memory, once counting (wrapping every os.stat and directory entry costs ~1 s at
+218k files, so counted runs are not timed):
     audit_first    audit_leakage.py with empty hash and decode caches
     audit_again    the same command again: what every job start and requeue pays
-    train_startup  train.py --cache (built beforehand by patch_cache.py) from process start to its first step
+    train_startup  train.py --cache (built beforehand by patch_cache.py) from process start to its first step, as a
+                   new run (its stain survey included; a resumed run skips it)
     eval_startup   evaluate.py --cache of a checkpoint, from process start to its first scored batch
 Printed: seconds, stat calls (os.stat, Path.stat and a directory entry's stat(); is_file() on an entry costs
 none), opens of each .json/.csv/.tsv index file, peak RSS. Exit codes: 0 measured, 2 bad input.
@@ -124,8 +127,8 @@ def counting_stats() -> dict:
     return tally
 
 
-def measure(name: str, root: str, work: str, size: int) -> dict:
-    tally = counting_stats()
+def measure(name: str, root: str, work: str, size: int, count: bool) -> dict:
+    tally = counting_stats() if count else None
     work_dir = Path(work)
     env_flags = []  # every command's default hash (and decode) cache, under the work folder (XDG_CACHE_HOME)
     if name.startswith("audit"):
@@ -157,8 +160,10 @@ def measure(name: str, root: str, work: str, size: int) -> dict:
                                   "--out", str(work_dir / "eval"), *env_flags])
         except Reached:
             code = 0
-    return {"measure": name, "exit": code, "seconds": round(time.perf_counter() - START, 2), "stat_calls": tally["stat"],
-            "index_opens": tally["opens"], "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if count:
+        return {"measure": name, "exit": code, "stat_calls": tally["stat"], "index_opens": tally["opens"]}
+    return {"measure": name, "exit": code, "seconds": round(time.perf_counter() - START, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def environment(work: Path) -> dict:
@@ -166,11 +171,20 @@ def environment(work: Path) -> dict:
 
 
 def run_measure(name: str, root: Path, work: Path, size: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--root", str(root), "--work", str(work), "--measure", name,
-                           "--patch-size", str(size)], capture_output=True, text=True, env=environment(work))
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """The plain run's seconds and peak memory, then the counting run's stat calls and index opens."""
+    result = {}
+    for count in (False, True):
+        if name == "audit_first":  # no hash or decode cache of this root yet, for either run
+            shutil.rmtree(work / "xdg", ignore_errors=True)
+        if name == "train_startup":  # a new run each time: its stain survey included
+            shutil.rmtree(work / "runs" / "startup", ignore_errors=True)
+        done = subprocess.run([sys.executable, __file__, "--root", str(root), "--work", str(work), "--measure", name,
+                               "--patch-size", str(size), *(["--count"] if count else [])], capture_output=True,
+                              text=True, env=environment(work))
+        if done.returncode != 0:
+            raise RuntimeError(f"{name} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        result.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return result
 
 
 def prepare(root: Path, work: Path) -> None:
@@ -197,6 +211,7 @@ def get_args_parser():
     p.add_argument("--measures", default=",".join(MEASURES), help=f"comma-separated subset of {','.join(MEASURES)}")
     p.add_argument("--json", metavar="OUT", help="also write the results here")
     p.add_argument("--measure", choices=MEASURES, help=argparse.SUPPRESS)  # one measurement, in its own process
+    p.add_argument("--count", action="store_true", help=argparse.SUPPRESS)  # ... counting stats, not timed
     return p
 
 
@@ -205,7 +220,7 @@ def main(argv=None) -> int:
     root = Path(args.root).absolute()
     work = Path(args.work).absolute() if args.work else root.with_name(root.name + ".work")
     if args.measure:
-        print(json.dumps(measure(args.measure, str(root), str(work), args.patch_size)))
+        print(json.dumps(measure(args.measure, str(root), str(work), args.patch_size, args.count)))
         return 0
     if args.make:
         print(json.dumps({"dataset": make_dataset(root, args.patch_size, os.cpu_count() or 1)}), flush=True)
@@ -215,8 +230,6 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for name in [m for m in args.measures.split(",") if m]:
-        if name == "audit_first":  # no hash or decode cache of this root yet
-            shutil.rmtree(work / "xdg", ignore_errors=True)
         if name in ("train_startup", "eval_startup"):
             prepare(root, work)
         results.append(run_measure(name, root, work, args.patch_size))

@@ -324,8 +324,8 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
             raise DataError(f"--holdout: {data.root} has no HoldOut patients (missing {helicodata.TREES['holdout']}/ "
                             f"folder?)")
         splits.check_holdout_independent(data, shared)  # exit 1: a HoldOut that overlaps CV proves nothing
-    rows, identical = analysis.count_identical_once(analysis.evaluation_rows(data, parts, holdout), data.root,
-                                                    hash_cache, data.file_stats)
+    rows, identical = analysis.count_identical_once(analysis.evaluation_rows(data, parts, holdout),
+                                                    splits.identical_files(data, hash_cache, progress=False))
     if not any(r.patch_eval for r in rows):
         raise DataError(f"validation patients of {path} have no labelled patches in {data.root}: empty split")
     cache = prepared_cache(args, ckpt, data, device)
@@ -521,8 +521,8 @@ def run_ensemble(args, device) -> int:
     holdout = data.holdout_patients
     if not holdout:
         raise DataError(f"--ensemble: {data.root} has no HoldOut patients")
-    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, {}, holdout), data.root, hash_cache,
-                                            data.file_stats)
+    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, {}, holdout),
+                                            splits.identical_files(data, hash_cache, progress=False))
     # thresholds from the out-of-fold predictions only
     oof_preds, oof_pats = crossval.pooled_rows(folds)
     oof = oof_predictions(oof_preds)
@@ -613,8 +613,8 @@ def run_compare(args, device) -> int:
     groups = splits.duplicate_groups(splits.shared_content(data, cache=hash_cache, progress=False))
     own_val = sorted({p for ps in parts for p in ps["val"]} - set(shared))  # where each model's rule is chosen
     scored = {"val": sorted(set(own_val) | set(shared))} if part == "val" else {"val": own_val, "test": shared}
-    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, scored), data.root, hash_cache,
-                                            data.file_stats)
+    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, scored),
+                                            splits.identical_files(data, hash_cache, progress=False))
     if not any(r.patch_eval and r.sample.patient in set(shared) for r in rows):
         raise DataError(f"--compare: the shared {part} patients have no labelled patches in {data.root}")
     draws = analysis.part_draws(shared, groups, args.bootstrap, args.seed)  # the same resamples for every model: paired

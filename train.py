@@ -207,8 +207,8 @@ def samples_and_config(args, data, split, world, device):
     # easy negatives that would inflate accuracy and flatten the threshold; evaluate.py's headline is the same set
     val = [s for s in helicodata.select(data.labelled, split["val"]) if s.source == "annotated"]
     # a byte-identical window (a slide under two patient IDs) counts once, exactly as evaluate.py counts it
-    val = [s for s, keep in zip(val, splits.first_copies(data.root, [s.path for s in val], splits.hash_cache_path(
-        args.hash_cache, data.root), data.file_stats)) if keep]
+    identical = splits.identical_files(data, splits.hash_cache_path(args.hash_cache, data.root))
+    val = [s for s, keep in zip(val, splits.first_copies([s.path for s in val], identical)) if keep]
     positives = sum(s.label == 1 for s in train)
     if not train or not val or positives == 0:
         raise common.DataError(f"split: {len(train)} training samples ({positives} positive), {len(val)} validation "

@@ -104,7 +104,13 @@ def fingerprint(rows) -> str:
 
 def _parse_index(path: Path) -> tuple[list[dict], str]:
     data = path.read_bytes()
-    rows = list(csv.DictReader(io.StringIO(data.decode())))
+    text = data.decode()
+    lines = text.split("\n")
+    if '"' not in text and lines[0] == ",".join(INDEX_COLUMNS) and lines[-1] == "":  # nothing quoted: split by hand
+        rows = [{"row": int(r), "path": p, "patient": pat, "label": int(y), "source": src, "size": int(n),
+                 "mtime_ns": int(t)} for r, p, pat, y, src, n, t in (line.split(",") for line in lines[1:-1])]
+        return rows, hashlib.sha256(data).hexdigest()  # (csv.DictReader and int() per field: ~3x slower)
+    rows = list(csv.DictReader(io.StringIO(text)))
     for r in rows:
         for k in ("row", "label", "size", "mtime_ns"):
             r[k] = int(r[k])
@@ -381,6 +387,9 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
     t0 = time.perf_counter()
     with _locked(cache_dir):
         old = read_meta(cache_dir)
+        with contextlib.suppress(OSError):  # an index.csv of exactly these rows: its readers take them, unparsed
+            if common.file_sha256(cache_dir / INDEX) == want["index_sha256"]:  # (a parse: ~0.5 s at 220k rows)
+                common.remember_parsed(cache_dir / INDEX, _parse_index, (rows, want["index_sha256"]))
         reason = rebuild_reason(cache_dir, old, want, rows)
         if reason is None and old.get("complete"):
             return {"cache": str(cache_dir), "action": "reused", "count": len(rows), "chunks_built": 0,

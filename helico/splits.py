@@ -8,6 +8,7 @@ its own because training and the audit must resolve the very same split; it impo
     from helico import splits
     data = helicodata.load_data(root)
     groups = splits.duplicate_groups(splits.shared_content(data))   # patients sharing byte-identical images
+    keep = splits.first_copies(paths, splits.identical_files(data))  # each content counted once
     split = splits.make_split(data, seed=0, keep_in_train=["B22-47"], groups=groups)
     problems = splits.split_problems(split, data, groups, reference=helicodata.DEFAULT_REFERENCE)
 """
@@ -86,13 +87,21 @@ def file_digests(root: Path, rel_paths, cache: Path | None = None, workers: int 
             out[p] = d
     if cache is not None and todo:
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            record = {p: [stats[p][0], stats[p][1], d] for p, d in out.items()}
-            atomic_write_text(cache, json.dumps(record))
-            common.remember_parsed(cache, _parse_hash_cache, record)  # what the file now holds: no re-read
+            write_hash_cache(cache, out, stats)
         except OSError as e:
             raise DataError(f"--hash-cache {cache}: cannot write ({e.strerror}); pass a writable path") from None
     return out
+
+
+def write_hash_cache(cache: Path, digests: dict[str, str], stats: dict) -> None:
+    """{path: [size, mtime_ns, digest]} as JSON, written in pieces: at 220k files a dict of lists and the whole
+    text at once held ~100 MB more at the audit's peak."""
+    with common.atomic_path(cache) as tmp, open(tmp, "w") as f:
+        items = list(digests.items())
+        for k in range(0, len(items), 8192):
+            f.write(("{" if k == 0 else ", ") + ", ".join(f"{json.dumps(p)}: [{stats[p][0]}, {stats[p][1]}, \"{d}\"]"
+                                                          for p, d in items[k:k + 8192]))
+        f.write("}" if items else "{}")
 
 
 def hash_cache_path(hash_cache: str | None, root: Path) -> Path:
@@ -100,12 +109,50 @@ def hash_cache_path(hash_cache: str | None, root: Path) -> Path:
     return Path(hash_cache) if hash_cache else default_hash_cache(root)
 
 
-def first_copies(root: Path, paths: list[str], cache: Path | None = None, stats: dict | None = None) -> list[bool]:
-    """For each path, whether it counts: the first (in path order) of the files among `paths` with its content, so
-    a byte-identical patch (a slide filed under two patient IDs) is scored and counted once."""
+def _identical_groups(data: HelicoData, cache: Path | None, progress: bool) -> dict[str, list[str]]:
+    by_digest: dict[str, list[str]] = {}
+    for p, d in file_digests(data.root, data.image_paths(), cache=cache, progress=progress,
+                             stats=data.file_stats).items():
+        by_digest.setdefault(d, []).append(p)
+    return {d: sorted(ps) for d, ps in by_digest.items() if len(ps) > 1}
+
+
+def identical_files(data: HelicoData, cache: Path | None = None, progress: bool = True) -> dict[str, list[str]]:
+    """digest -> sorted paths of every content that more than one of data's images holds (any patients).
+
+    Remembered beside the hash cache (`<cache stem>.identical.json`), keyed by every image's path, size and mtime as
+    the scan saw them (HelicoData.file_stats): while no file changes, a start-up reads that small file, not the hash
+    cache (24 MB of JSON at 220k files, ~1.5 s with its checks), and within a process it is worked out once per
+    scan. Any change of any file, or a missing or unreadable memo, recomputes it from file_digests."""
+    memo = data.derived.get(("identical_files", cache))
+    if memo is not None:
+        return memo
+    key, paths = hashlib.sha256(), data.image_paths()
+    for k in range(0, len(paths), 8192):  # in pieces: the whole text would be ~20 MB at 220k files
+        key.update("".join(f"{p}\t{data.file_stats.get(p)}\n" for p in paths[k:k + 8192]).encode())
+    key = key.hexdigest()
+    where = cache.with_name(cache.stem + ".identical.json") if cache is not None else None
+    known = None
+    if where is not None:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            stored = json.loads(where.read_text())
+            known = stored["groups"] if stored.get("key") == key else None
+    if known is None:
+        known = _identical_groups(data, cache, progress)
+        if where is not None:
+            with contextlib.suppress(OSError):  # only a speed-up: the hash cache itself was written (or refused)
+                atomic_write_text(where, json.dumps({"key": key, "groups": known}))
+    data.derived[("identical_files", cache)] = known
+    return known
+
+
+def first_copies(paths: list[str], identical: dict[str, list[str]]) -> list[bool]:
+    """For each path, whether it counts: the first (in path order) of the files among `paths` with its content
+    (`identical`: identical_files), so a byte-identical patch (a slide filed under two patient IDs) is scored and
+    counted once."""
+    content = {p: d for d, group in identical.items() for p in group}
     order = sorted(range(len(paths)), key=lambda i: paths[i])
-    digests = file_digests(root, paths, cache=cache, progress=False, stats=stats)
-    first = metrics.first_of_identical([digests.get(paths[i]) for i in order])
+    first = metrics.first_of_identical([content.get(paths[i]) for i in order])
     keep = [True] * len(paths)
     for j, i in enumerate(order):
         keep[i] = bool(first[j])
@@ -114,12 +161,8 @@ def first_copies(root: Path, paths: list[str], cache: Path | None = None, stats:
 
 def shared_content(data: HelicoData, cache: Path | None = None, progress: bool = True) -> dict[str, list[str]]:
     """digest -> paths, for content that occurs in more than one patient's folders."""
-    by_digest: dict[str, list[str]] = {}
-    for p, d in file_digests(data.root, data.image_paths(), cache=cache, progress=progress,
-                             stats=data.file_stats).items():
-        by_digest.setdefault(d, []).append(p)
-    return {d: sorted(ps) for d, ps in by_digest.items()
-            if len(ps) > 1 and len({patient_id(Path(p).parent.name) for p in ps}) > 1}
+    return {d: ps for d, ps in identical_files(data, cache, progress).items()
+            if len({patient_id(Path(p).parent.name) for p in ps}) > 1}
 
 
 def duplicate_groups(shared: dict[str, list[str]]) -> list[list[str]]:

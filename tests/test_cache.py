@@ -285,20 +285,45 @@ def test_one_stat_per_file_and_one_parse_of_each_index_per_process(mini_root, tm
     assert all(data.file_stats[p] == ((st := (root / p).stat()).st_size, st.st_mtime_ns) for p in paths)
     build(root, tmp_path / "c")
     stats, parses = [], []
-    real_stat, real_reader, real_loads = packed_cache.os.stat, packed_cache.csv.DictReader, splits.json.loads
+    real_stat, real_parse, real_loads = packed_cache.os.stat, packed_cache._parse_index, splits.json.loads
     monkeypatch.setattr(packed_cache.os, "stat", lambda p, *a, **k: stats.append(str(p)) or real_stat(p, *a, **k))
-    monkeypatch.setattr(packed_cache.csv, "DictReader", lambda *a, **k: parses.append("index") or real_reader(*a, **k))
+    monkeypatch.setattr(packed_cache, "_parse_index", lambda path: parses.append("index") or real_parse(path))
     monkeypatch.setattr(splits.json, "loads", lambda text, *a, **k: parses.append(
         "hashes" if text.startswith('{"') and "Validation/" in text[:40] else "other") or real_loads(text, *a, **k))
     cache = tmp_path / "hashes.json"
     splits.shared_content(data, cache=cache, progress=False)  # the split's duplicate groups: hashed, cache written
     splits.shared_content(data, cache=cache, progress=False)  # evaluate.py's own look: the cache as written
-    splits.first_copies(root, paths[:20], cache, data.file_stats)  # train.py's validation windows
+    splits.first_copies(paths[:20], splits.identical_files(data, cache, progress=False))  # train.py's validation
     packed_cache.prepare(tmp_path / "c", data, 64, 1)  # train.py's reuse check, then its two datasets
     for part in (data.labelled[:10], data.labelled[10:]):
         packed_cache.patch_dataset(root, part, 64, cache=tmp_path / "c", stats=data.file_stats)
     assert not [p for p in stats if p.endswith(".png")]
-    assert parses.count("index") <= 1 and parses.count("hashes") == 0  # build() parsed the index; we wrote the hashes
+    assert parses.count("index") == 0 and parses.count("hashes") == 0  # the reuse check knew the rows; we wrote the hashes
+
+
+def test_a_new_process_on_unchanged_files_reads_the_small_memo_of_identical_files_not_the_hash_cache(mini_root,
+                                                                                                      tmp_path,
+                                                                                                      monkeypatch):
+    from helico import splits
+    root = Path(shutil.copytree(mini_root, tmp_path / "root"))
+    cache = tmp_path / "hashes.json"
+    a, b, c, d = sorted(p for p in helicodata.load_data(root).image_paths() if "/Cropped/" in p)[:4]
+    (root / b).write_bytes((root / a).read_bytes())  # one pair of identical files
+    first = splits.identical_files(helicodata.load_data(root), cache, progress=False)  # the audit: hashes everything
+    assert list(first.values()) == [[a, b]]
+    assert first and (tmp_path / "hashes.identical.json").is_file()
+    common._PARSED.clear()  # as a new process
+    cache.write_text("not json")  # were it read, nothing would be known and every file hashed again
+    hashed, real_digest = [], splits._digest
+    monkeypatch.setattr(splits, "_digest", lambda path: hashed.append(path) or real_digest(path))
+    assert splits.identical_files(helicodata.load_data(root), cache, progress=False) == first and not hashed
+    # a file that changes (here: becomes a copy of another) changes the key: worked out again, and right
+    (root / d).write_bytes((root / c).read_bytes())
+    common._PARSED.clear()
+    again = splits.identical_files(helicodata.load_data(root), cache, progress=False)
+    assert hashed and sorted(again.values()) == [[a, b], [c, d]]
+    (tmp_path / "hashes.identical.json").write_text("{")  # a damaged memo is worked out again, not trusted
+    assert splits.identical_files(helicodata.load_data(root), cache, progress=False) == again
 
 
 def test_the_build_keeps_a_few_chunks_in_flight_not_all_of_them(mini_root, tmp_path, monkeypatch):
@@ -310,7 +335,7 @@ def test_the_build_keeps_a_few_chunks_in_flight_not_all_of_them(mini_root, tmp_p
     assert report["action"] == "built" and report["chunks"] > 10 and max(seen) <= 4
 
 
-def test_the_index_is_written_as_csv_writes_it_quoted_or_not(mini_root):
+def test_the_index_is_written_and_read_as_csv_does_quoted_or_not(mini_root, tmp_path):
     import csv
     import io
     data = helicodata.load_data(mini_root)
@@ -321,3 +346,6 @@ def test_the_index_is_written_as_csv_writes_it_quoted_or_not(mini_root):
         writer.writeheader()
         writer.writerows(case)
         assert packed_cache.index_bytes(case) == out.getvalue().encode()
+        (tmp_path / "index.csv").write_bytes(packed_cache.index_bytes(case))  # read back: the split, then csv's reader
+        read = packed_cache._parse_index(tmp_path / "index.csv")[0]
+        assert read == case and [list(r) for r in read] == [list(r) for r in case]

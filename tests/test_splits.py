@@ -174,6 +174,13 @@ def test_hash_cache_skips_unchanged_files_and_rehashes_changed_ones(data, root, 
     assert len(hashed) == 1 and again[paths[0]] != first[paths[0]]
 
 
+def test_the_hash_cache_written_in_pieces_is_what_json_dumps_writes(tmp_path):
+    for digests in ({}, {'odd "name".png': "ff", "b.png": "00"}, {f"p{i}.png": f"{i:032x}" for i in range(20000)}):
+        stats = {p: (i + 1, 10 ** 18 + i) for i, p in enumerate(digests)}
+        splits.write_hash_cache(tmp_path / "h.json", digests, stats)
+        assert (tmp_path / "h.json").read_text() == json.dumps({p: [*stats[p], d] for p, d in digests.items()})
+
+
 def test_files_with_a_unique_size_are_not_hashed(data, root):
     (root / data.cropped[0].path).write_bytes(b"x" * 12345)  # no other file has this size
     digests = splits.file_digests(root, [s.path for s in data.cropped], progress=False)

@@ -349,7 +349,8 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     # The gathered metrics equal a single-process pass of the saved model over the validation windows.
     data = helicodata.load_data(demo_root)
     val = [s for s in helicodata.select(data.labelled, ckpt["split"]["val"]) if s.source == "annotated"]
-    val = [s for s, keep in zip(val, splits.first_copies(demo_root, [s.path for s in val])) if keep]  # as training
+    val = [s for s, keep in zip(val, splits.first_copies([s.path for s in val], splits.identical_files(data)))
+           if keep]  # as training
     net = model.build_model("resnet18", "none")
     net.load_state_dict(ckpt["model"])
     net.eval()
