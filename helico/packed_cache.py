@@ -80,9 +80,8 @@ def index_rows(root: Path, samples, stats: dict | None = None) -> list[dict]:
 def index_bytes(rows: list[dict]) -> bytes:
     """index.csv's bytes, as csv.DictWriter writes them: joined by hand when no field needs quoting (every start-up
     checksums the index it wants: at 220k rows DictWriter took 1.4 s, the join ~0.2 s)."""
-    special = re.compile(r'[,"\r\n]')
-    if any(special.search(r["path"]) or special.search(str(r["patient"])) or special.search(str(r["source"]))
-           for r in rows):
+    text_fields = "\0".join(f"{r['path']}\0{r['patient']}\0{r['source']}" for r in rows)  # one search, not 3 per row
+    if re.search(r'[,"\r\n]', text_fields):
         out = io.StringIO()
         w = csv.DictWriter(out, INDEX_COLUMNS, lineterminator="\n")
         w.writeheader()
@@ -97,8 +96,8 @@ def fingerprint(rows) -> str:
     """What the pixels depend on: each source file's path, size and mtime (relative paths, so a staged rsync -a
     copy of the dataset keeps the same fingerprint)."""
     h = hashlib.sha256()
-    for r in rows:
-        h.update(f"{r['path']}\t{r['size']}\t{r['mtime_ns']}\n".encode())
+    for k in range(0, len(rows), 8192):  # the same bytes as one update per row, in far fewer calls
+        h.update("".join(f"{r['path']}\t{r['size']}\t{r['mtime_ns']}\n" for r in rows[k:k + 8192]).encode())
     return h.hexdigest()
 
 

@@ -120,16 +120,16 @@ def _identical_groups(data: HelicoData, cache: Path | None, progress: bool) -> d
 def identical_files(data: HelicoData, cache: Path | None = None, progress: bool = True) -> dict[str, list[str]]:
     """digest -> sorted paths of every content that more than one of data's images holds (any patients).
 
-    Remembered beside the hash cache (`<cache stem>.identical.json`), keyed by every image's path, size and mtime as
-    the scan saw them (HelicoData.file_stats): while no file changes, a start-up reads that small file, not the hash
+    Remembered beside the hash cache (`<cache stem>.identical.json`), keyed by every PNG's path, size and mtime as
+    the scan saw them (HelicoData.file_stats, a superset of the images): while no file changes, a start-up reads that small file, not the hash
     cache (24 MB of JSON at 220k files, ~1.5 s with its checks), and within a process it is worked out once per
     scan. Any change of any file, or a missing or unreadable memo, recomputes it from file_digests."""
     memo = data.derived.get(("identical_files", cache))
     if memo is not None:
         return memo
-    key, paths = hashlib.sha256(), data.image_paths()
-    for k in range(0, len(paths), 8192):  # in pieces: the whole text would be ~20 MB at 220k files
-        key.update("".join(f"{p}\t{data.file_stats.get(p)}\n" for p in paths[k:k + 8192]).encode())
+    key, stats = hashlib.sha256(), list(data.file_stats.items())  # every PNG scanned, in the scan's sorted order
+    for k in range(0, len(stats), 8192):  # in pieces: the whole text would be ~20 MB at 220k files
+        key.update("".join(f"{p}\t{size}\t{mtime}\n" for p, (size, mtime) in stats[k:k + 8192]).encode())
     key = key.hexdigest()
     where = cache.with_name(cache.stem + ".identical.json") if cache is not None else None
     known = None
