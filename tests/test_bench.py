@@ -113,3 +113,18 @@ def test_model_step_is_train_pys_optimisation_step(demo_root, tmp_path, monkeypa
     assert bench.main(["--data-root", str(demo_root), "--stages", "model_step", *TINY]) == 0
     assert len(nets) >= 2 and nets[0] is nets[-1]  # warm-up and timed batches: one model, stepped by train.py's step
     assert bench.JITTER == list(augment.DEFAULT_JITTER) and train.DEFAULT_JITTER == "0.05,0.05,0.02,0.01"
+
+
+def test_bench_startup_times_a_plain_run_and_counts_in_another(demo_root, tmp_path, capsys):
+    # the counting wrappers cost ~1 s at 218k files: the seconds must come from a run without them
+    import bench_startup
+    assert bench_startup.main(["--root", str(demo_root), "--work", str(tmp_path / "w"), "--measures",
+                               "audit_first,audit_again", "--json", str(tmp_path / "s.json")]) == 0
+    first, again = json.loads((tmp_path / "s.json").read_text())["results"]
+    pngs = len(helicodata.load_data(demo_root).file_stats)
+    for r in (first, again):
+        assert r["exit"] == 0 and r["seconds"] > 0 and r["peak_rss_mb"] > 0
+        assert pngs <= r["stat_calls"] < 2 * pngs  # the scan's one stat per PNG, counted
+    assert not any(k.endswith(".json") and k.startswith("hashes-") and not k.endswith(".identical.json")
+                   for k in again["index_opens"])  # unchanged files: the duplicate groups' memo, not the hash cache
+    assert "| audit_again |" in capsys.readouterr().out

@@ -32,6 +32,7 @@ ABBREVIATED = {
     "train_patient --epoch": ("train_patient", ["--checkpoint", "{tmp}/best.pt"], ["--epoch", "1"]),  # --epochs
     "bench_patient --train": ("bench_patient", ["--checkpoint", "{tmp}/best.pt"], ["--train", "1"]),  # --train-bags
     "gpu_check --stage": ("gpu_check", ["--data-root", MISSING], ["--stage", "resume"]),  # --stages
+    "bench_startup --meas": ("bench_startup", ["--root", MISSING], ["--meas", "audit_again"]),  # --measures
 }
 
 
