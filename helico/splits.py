@@ -209,7 +209,8 @@ def split_args_parser():
     helicodata.add_reference_argument(g, "their patients (a file's folder, a folder's own name) are kept in "
                                       "training so validation never shapes the normalizer")
     g.add_argument("--hash-cache", default=None, help="content-hash cache file (default ~/.cache/helico-hp/...); "
-                   "re-runs only hash new or changed files")
+                   "re-runs only hash new or changed files. Beside it: <name>.decoded.tsv (the audit's decode "
+                   "answers) and <name>.identical.json (the duplicate groups of the last file set)")
     return p
 
 
