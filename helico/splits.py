@@ -111,8 +111,8 @@ def hash_cache_path(hash_cache: str | None, root: Path) -> Path:
 
 def _identical_groups(data: HelicoData, cache: Path | None, progress: bool) -> dict[str, list[str]]:
     by_digest: dict[str, list[str]] = {}
-    for p, d in file_digests(data.root, data.image_paths(), cache=cache, progress=progress,
-                             stats=data.file_stats).items():
+    for p, d in file_digests(data.root, list(data.file_stats), cache=cache, progress=progress,
+                             stats=data.file_stats).items():  # every PNG scanned (image_paths() lists the same)
         by_digest.setdefault(d, []).append(p)
     return {d: sorted(ps) for d, ps in by_digest.items() if len(ps) > 1}
 
@@ -120,10 +120,10 @@ def _identical_groups(data: HelicoData, cache: Path | None, progress: bool) -> d
 def identical_files(data: HelicoData, cache: Path | None = None, progress: bool = True) -> dict[str, list[str]]:
     """digest -> sorted paths of every content that more than one of data's images holds (any patients).
 
-    Remembered beside the hash cache (`<cache stem>.identical.json`), keyed by every PNG's path, size and mtime as
-    the scan saw them (HelicoData.file_stats, a superset of the images): while no file changes, a start-up reads that small file, not the hash
-    cache (24 MB of JSON at 220k files, ~1.5 s with its checks), and within a process it is worked out once per
-    scan. Any change of any file, or a missing or unreadable memo, recomputes it from file_digests."""
+    Remembered beside the hash cache (`<cache stem>.identical.json`), keyed by every scanned PNG's path, size and
+    mtime (HelicoData.file_stats): while no file changes, a start-up reads that small file, not the hash cache (24 MB
+    of JSON at 220k files, ~1.5 s with its checks), and within a process it is worked out once per scan. Any change
+    of any file, or a missing, unreadable or malformed memo, recomputes it from file_digests."""
     memo = data.derived.get(("identical_files", cache))
     if memo is not None:
         return memo
@@ -136,7 +136,7 @@ def identical_files(data: HelicoData, cache: Path | None = None, progress: bool 
     if where is not None:
         with contextlib.suppress(OSError, ValueError, TypeError):
             stored = json.loads(where.read_text())
-            known = stored["groups"] if stored.get("key") == key else None
+            known = stored["groups"] if stored.get("key") == key and isinstance(stored.get("groups"), dict) else None
     if known is None:
         known = _identical_groups(data, cache, progress)
         if where is not None:
