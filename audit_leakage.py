@@ -413,8 +413,7 @@ def write_decode_cache(path: Path, checked: dict, stats: dict) -> None:
         f"{'' if fingerprint is None else fingerprint}\t{clean(error) if error else ''}"
         for p, (size, error, fingerprint) in sorted(checked.items()) if p in stats]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        common.atomic_write_text(path, "\n".join(lines) + "\n")
+        common.atomic_write_text(path, "\n".join(lines) + "\n")  # (atomic_path makes the folder)
     except OSError as e:
         raise DataError(f"--hash-cache {path}: cannot write the decode cache ({e.strerror}); pass a writable "
                         f"--hash-cache") from None

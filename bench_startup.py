@@ -130,10 +130,10 @@ def counting_stats() -> dict:
 def measure(name: str, root: str, work: str, size: int, count: bool) -> dict:
     tally = counting_stats() if count else None
     work_dir = Path(work)
-    env_flags = []  # every command's default hash (and decode) cache, under the work folder (XDG_CACHE_HOME)
+    # every command uses its default hash and decode caches, under the work folder (environment: XDG_CACHE_HOME)
     if name.startswith("audit"):
         import audit_leakage
-        code = audit_leakage.main(["--data-root", root, "--no-progress", "--expected-size", str(size), *env_flags, "--json",
+        code = audit_leakage.main(["--data-root", root, "--no-progress", "--expected-size", str(size), "--json",
                                    str(work_dir / f"{name}.json")])
     elif name == "train_startup":
         import train
@@ -144,7 +144,7 @@ def measure(name: str, root: str, work: str, size: int, count: bool) -> dict:
         try:
             code = train.main(["--data-root", root, "--runs-dir", str(work_dir / "runs"), "--run-id", "startup",
                                "--device", "cpu", "--image-size", "32", "--workers", "0", "--weights", "none",
-                               "--cache", str(work_dir / "cache"), "--force", *env_flags])
+                               "--cache", str(work_dir / "cache"), "--force"])
         except Reached:
             code = 0
     else:
@@ -157,7 +157,7 @@ def measure(name: str, root: str, work: str, size: int, count: bool) -> dict:
         try:
             code = evaluate.main(["--checkpoint", str(work_dir / "ckpt" / "best.pt"), "--data-root", root,
                                   "--device", "cpu", "--cache", str(work_dir / "cache"), "--gradcam", "0",
-                                  "--out", str(work_dir / "eval"), *env_flags])
+                                  "--out", str(work_dir / "eval")])
         except Reached:
             code = 0
     if count:

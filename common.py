@@ -215,6 +215,16 @@ def size_mtime(path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+def files_digest(files) -> str:
+    """The hex SHA-256 of "path\tsize\tmtime_ns\n" lines of (path, size, mtime_ns) triples: what a cache built from
+    those files depends on. Hashed 8192 lines at a time: one update per line cost ~0.2 s at 220k files, one string
+    of all of them ~20 MB."""
+    h, files = hashlib.sha256(), iter(files)
+    while chunk := list(itertools.islice(files, 8192)):
+        h.update("".join(f"{p}\t{size}\t{mtime}\n" for p, size, mtime in chunk).encode())
+    return h.hexdigest()
+
+
 # parse function -> (file identity, what it returned): one file per parse function held, so memory stays one copy
 _PARSED: dict = {}
 

@@ -39,21 +39,12 @@ def _digest(path: str) -> str:
         return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
 
 
-def _parse_hash_cache(cache: Path) -> dict:
+def read_hash_cache(cache: Path) -> dict:
+    """path -> [size, mtime_ns, digest] of the hash cache file (empty when missing or unreadable). Read once per
+    file set: identical_files keeps what it derives, so nothing holds these 220k entries past the hashing."""
     with contextlib.suppress(ValueError, OSError):
         return json.loads(cache.read_text())
     return {}
-
-
-def read_hash_cache(cache: Path) -> dict:
-    """path -> [size, mtime_ns, digest] of the hash cache file (empty when missing or unreadable), parsed once per
-    process while the file is unchanged (common.parsed_once): train.py and evaluate.py hash twice (the split's
-    duplicate groups, then the validation windows' first copies), and at 220k files the JSON (24 MB) took ~3 s to
-    parse each time."""
-    try:
-        return common.parsed_once(cache, _parse_hash_cache)
-    except OSError:
-        return {}
 
 
 def file_digests(root: Path, rel_paths, cache: Path | None = None, workers: int = 8, progress: bool = True,
@@ -127,10 +118,7 @@ def identical_files(data: HelicoData, cache: Path | None = None, progress: bool 
     memo = data.derived.get(("identical_files", cache))
     if memo is not None:
         return memo
-    key, stats = hashlib.sha256(), list(data.file_stats.items())  # every PNG scanned, in the scan's sorted order
-    for k in range(0, len(stats), 8192):  # in pieces: the whole text would be ~20 MB at 220k files
-        key.update("".join(f"{p}\t{size}\t{mtime}\n" for p, (size, mtime) in stats[k:k + 8192]).encode())
-    key = key.hexdigest()
+    key = common.files_digest((p, size, mtime) for p, (size, mtime) in data.file_stats.items())  # in scan order
     where = cache.with_name(cache.stem + ".identical.json") if cache is not None else None
     known = None
     if where is not None:

@@ -332,3 +332,11 @@ def test_bounded_map_keeps_at_most_ahead_calls_in_flight_and_keeps_order():
             consumed.append(x)
             assert len(submitted) - len(consumed) <= 3  # Executor.map would have submitted all 50 at once
     assert consumed == [v * v for v in range(50)]
+
+
+def test_files_digest_is_the_sha256_of_one_line_per_file_in_order():
+    import hashlib
+    files = [(f"CrossValidation/Cropped/B22-1_0/{k}.png", 1000 + k, 10 ** 18 + k) for k in range(20000)]
+    want = hashlib.sha256("".join(f"{p}\t{s}\t{m}\n" for p, s, m in files).encode()).hexdigest()
+    assert common.files_digest(iter(files)) == want  # across the 8192-line pieces
+    assert common.files_digest(files[::-1]) != want and common.files_digest([]) == hashlib.sha256().hexdigest()
