@@ -15,7 +15,9 @@ plain for the seconds and the peak memory, once counting (wrapping every os.stat
     audit_first    audit_leakage.py with empty hash and decode caches
     audit_again    the same command again: what every job start and requeue pays
     train_startup  train.py --cache (built beforehand by patch_cache.py) from process start to its first step, as a
-                   new run (its stain survey included; a resumed run skips it)
+                   new run: its stain survey read from the memo an earlier run on these files left (a resumed run
+                   skips the survey)
+    train_startup_first  the same with no survey memo: the first new run on a dataset (or after a surveyed patch changed)
     eval_startup   evaluate.py --cache of a checkpoint, from process start to its first scored batch
 Printed: seconds, stat calls (os.stat, Path.stat and a directory entry's stat(); is_file() on an entry costs
 none), opens of each .json/.csv/.tsv index file, peak RSS. Exit codes: 0 measured, 2 bad input.
@@ -35,7 +37,7 @@ from pathlib import Path
 
 START = time.perf_counter()
 REAL = {"cv_patients": 147, "holdout_patients": 116, "cropped": 127_841, "holdout": 88_794}
-MEASURES = ("audit_first", "audit_again", "train_startup", "eval_startup")
+MEASURES = ("audit_first", "audit_again", "train_startup", "train_startup_first", "eval_startup")
 
 
 class Reached(Exception):
@@ -135,7 +137,7 @@ def measure(name: str, root: str, work: str, size: int, count: bool) -> dict:
         import audit_leakage
         code = audit_leakage.main(["--data-root", root, "--no-progress", "--expected-size", str(size), "--json",
                                    str(work_dir / f"{name}.json")])
-    elif name == "train_startup":
+    elif name.startswith("train_startup"):
         import train
 
         def reached(self):
@@ -176,8 +178,11 @@ def run_measure(name: str, root: Path, work: Path, size: int) -> dict:
     for count in (False, True):
         if name == "audit_first":  # no hash or decode cache of this root yet, for either run
             shutil.rmtree(work / "xdg", ignore_errors=True)
-        if name == "train_startup":  # a new run each time: its stain survey included
+        if name.startswith("train_startup"):  # a new run each time
             shutil.rmtree(work / "runs" / "startup", ignore_errors=True)
+        if name == "train_startup_first":  # ... that surveys the slides' stain, as a first run on the data does
+            for memo in (work / "xdg").rglob("*.survey.json"):
+                memo.unlink()
         done = subprocess.run([sys.executable, __file__, "--root", str(root), "--work", str(work), "--measure", name,
                                "--patch-size", str(size), *(["--count"] if count else [])], capture_output=True,
                               text=True, env=environment(work))
@@ -230,7 +235,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for name in [m for m in args.measures.split(",") if m]:
-        if name in ("train_startup", "eval_startup"):
+        if name.startswith("train_startup") or name == "eval_startup":
             prepare(root, work)
         results.append(run_measure(name, root, work, args.patch_size))
         print(json.dumps(results[-1]), flush=True)

@@ -387,6 +387,8 @@ class Trainer:
                                                        args.cache, data.file_stats) for part in (train, val))
         self.normalizer, self.stain = stain_normalizer(args, data, train_ds, ckpt, device)
         self.slides = (data.root, data.labelled + data.cropped if rank == 0 and self.stain is not None else [])
+        hashes = splits.hash_cache_path(args.hash_cache, data.root)  # the survey is kept beside the file hashes
+        self.survey_memo = hashes.with_name(hashes.stem + ".survey.json")
         self.sampler = sampling.EpochSampler([s.label for s in train], args.sampler == "balanced", args.seed, rank,
                                              world)
         shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
@@ -553,7 +555,7 @@ class Trainer:
         if not self.slides[1] or where.is_file():
             return
         normalizer = macenko_gpu.MacenkoNormalizer.from_state_dict(self.stain).to(self.device)
-        survey = model.dab_hue_survey(*self.slides, normalizer)
+        survey = model.dab_hue_survey(*self.slides, normalizer, memo=self.survey_memo)
         common.atomic_write_text(where, json.dumps(survey, indent=1) + "\n")
         if survey["far"]:
             angles, unmeasured = survey["angles"], sum(a is None for a in survey["angles"].values())

@@ -296,14 +296,17 @@ def _scan_tree(root: Path, tree: str, stray: list[str], stats: dict) -> tuple[di
             stray.append(rel)  # Thumbs.db, .DS_Store, oddly named folders: skipped but reported
             continue
         patients.setdefault(patient_id(entry.name), []).append(entry.name)
-        names = []
-        for f in sorted(os.scandir(entry.path), key=lambda e: e.name):
-            if f.is_file() and parse_patch_name(f.name):
-                names.append(f.name)
-                st = f.stat()  # the process's one stat of this file (the entry caches it)
-                stats[f"{rel}/{f.name}"] = (st.st_size, st.st_mtime_ns)
-            else:
-                stray.append(f"{rel}/{f.name}")
+        fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)  # stats relative to it: no path walk per file
+        try:
+            with os.scandir(fd) as listing:
+                found = sorted((f.name, f.is_file()) for f in listing)
+            names = [name for name, is_file in found if is_file and parse_patch_name(name)]
+            stray += [f"{rel}/{name}" for name, is_file in found if not (is_file and parse_patch_name(name))]
+            for name in names:
+                st = os.stat(name, dir_fd=fd)  # the process's one stat of this file
+                stats[f"{rel}/{name}"] = (st.st_size, st.st_mtime_ns)
+        finally:
+            os.close(fd)
         files[entry.name] = names
     return patients, files
 
@@ -333,18 +336,17 @@ def load_data(root) -> HelicoData:
     uncertain_windows = {window_of(p) for p in data.uncertain_files}
     for tree, source in (("cropped", "supplemental"), ("holdout", "holdout")):
         for folder, names in listing[tree].items():
-            p = patient_id(folder)
+            p, section = patient_id(folder), folder_section(folder)
             dx = data.diagnosis.get(p)
-            for name in names:
-                window, aug = parse_patch_name(name)
-                label = 0 if (dx == "NEGATIVA" and tree == "cropped") else -1
-                s = Sample(f"{TREES[tree]}/{folder}/{name}", p, source, label, window, aug, dx)
-                (data.cropped if tree == "cropped" else data.holdout).append(s)
-                if label == 0:
-                    if (p, folder_section(folder), window) in uncertain_windows:
-                        data.uncertain_cropped.append(s.path)
-                    elif (p, folder_section(folder), window) not in annotated_windows:  # else already a hard negative
-                        data.labelled.append(s)
+            label = 0 if (dx == "NEGATIVA" and tree == "cropped") else -1
+            made = [Sample(f"{TREES[tree]}/{folder}/{name}", p, source, label, *parse_patch_name(name), dx)
+                    for name in names]  # (window, aug)
+            (data.cropped if tree == "cropped" else data.holdout).extend(made)
+            for s in made if label == 0 else ():
+                if (p, section, s.window) in uncertain_windows:
+                    data.uncertain_cropped.append(s.path)
+                elif (p, section, s.window) not in annotated_windows:  # else already a hard negative
+                    data.labelled.append(s)
     return data
 
 

@@ -32,7 +32,6 @@ import fcntl
 import hashlib
 import io
 import itertools
-import re
 import json
 import os
 import shutil
@@ -59,64 +58,82 @@ INDEX_COLUMNS = ("row", "path", "patient", "label", "source", "size", "mtime_ns"
 # ----------------------------------------------------------------------------------------------- index
 def unique_samples(samples) -> list:
     """One Sample per path (the first seen), sorted by path so the row order never depends on the workbook."""
-    first = {}
-    for s in samples:
-        first.setdefault(s.path, s)
+    first = {s.path: s for s in reversed(list(samples))}  # the first seen is assigned last
     return [first[p] for p in sorted(first)]
 
 
-def index_rows(root: Path, samples, stats: dict | None = None) -> list[dict]:
-    """The index of `samples`; `stats` (HelicoData.file_stats: path -> (size, mtime_ns)) spares a stat per file."""
-    rows, stats = [], stats or {}
-    for r, s in enumerate(samples):
-        size_mtime = stats.get(s.path) or _stat_key(root / s.path)
-        if size_mtime is None:
-            raise DataError(f"{root / s.path}: cannot stat (missing or unreadable)")
-        rows.append({"row": r, "path": s.path, "patient": s.patient, "label": s.label, "source": s.source,
-                     "size": size_mtime[0], "mtime_ns": size_mtime[1]})
-    return rows
+class Index:
+    """A cache's index.csv as its readers use it: each row's path in row order (`paths`), each path's (size,
+    mtime_ns) as indexed (`stats`), the file's sha256; `row_of` (path -> row) is made on first use. Patients,
+    labels and sources are in the file for people: labels always come from the caller's Samples."""
+
+    def __init__(self, paths: list[str], stats: dict[str, tuple[int, int]], sha256: str):
+        self.paths, self.stats, self.sha256, self._row_of = paths, stats, sha256, None
+
+    def __len__(self):
+        return len(self.paths)
+
+    @property
+    def row_of(self) -> dict[str, int]:
+        if self._row_of is None:
+            self._row_of = {p: r for r, p in enumerate(self.paths)}
+        return self._row_of
 
 
-def index_bytes(rows: list[dict]) -> bytes:
-    """index.csv's bytes, as csv.DictWriter writes them: joined by hand when no field needs quoting (every start-up
-    checksums the index it wants: at 220k rows DictWriter took 1.4 s, the join ~0.2 s)."""
-    text_fields = "\0".join(f"{r['path']}\0{r['patient']}\0{r['source']}" for r in rows)  # one search, not 3 per row
-    if re.search(r'[,"\r\n]', text_fields):
+def _needs_quotes(text: str, n_rows: int) -> bool:
+    """Whether csv would quote a field of these joined lines: a comma, quote or line break in one of them (counted,
+    not searched per field: every start-up makes the index it wants, ~220k rows)."""
+    return '"' in text or "\r" in text or text.count("\n") != n_rows + 1 or \
+        text.count(",") != (len(INDEX_COLUMNS) - 1) * (n_rows + 1)
+
+
+def index_of(root: Path, samples, stats: dict | None = None) -> tuple[Index, bytes]:
+    """(the Index of `samples` (unique_samples: one per path, in path order), index.csv's bytes, as csv.DictWriter
+    writes them). `stats` (HelicoData.file_stats: path -> (size, mtime_ns)) spares a stat per file. Joined by hand
+    unless a field needs quoting: at 220k rows DictWriter took 1.4 s, a dict per row and the join 0.75 s, this 0.2 s."""
+    try:  # the scan's own stats (HelicoData.file_stats) hold every sample's
+        own = {s.path: (stats or {})[s.path] for s in samples}
+    except KeyError:
+        own = {s.path: (stats or {}).get(s.path) or _stat_key(root / s.path) for s in samples}
+    unreadable = next((p for p, st in own.items() if st is None), None)
+    if unreadable is not None:
+        raise DataError(f"{root / unreadable}: cannot stat (missing or unreadable)")
+    lines = [",".join(INDEX_COLUMNS)] + [f"{r},{s.path},{s.patient},{s.label},{s.source},{size},{mtime}"
+                                         for r, (s, (size, mtime)) in enumerate(zip(samples, own.values()))]
+    text = "\n".join(lines) + "\n"
+    if _needs_quotes(text, len(samples)):
         out = io.StringIO()
-        w = csv.DictWriter(out, INDEX_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        return out.getvalue().encode()
-    lines = [",".join(INDEX_COLUMNS)] + [f"{r['row']},{r['path']},{r['patient']},{r['label']},{r['source']},"
-                                         f"{r['size']},{r['mtime_ns']}" for r in rows]
-    return ("\n".join(lines) + "\n").encode()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(INDEX_COLUMNS)
+        w.writerows((r, s.path, s.patient, s.label, s.source, *own[s.path]) for r, s in enumerate(samples))
+        text = out.getvalue()
+    data = text.encode()
+    return Index([s.path for s in samples], own, hashlib.sha256(data).hexdigest()), data
 
 
-def fingerprint(rows) -> str:
+def fingerprint(index: Index) -> str:
     """What the pixels depend on: each source file's path, size and mtime (relative paths, so a staged rsync -a
-    copy of the dataset keeps the same fingerprint)."""
-    return common.files_digest((r["path"], r["size"], r["mtime_ns"]) for r in rows)
+    copy of the dataset keeps the same fingerprint). A function of index.csv's bytes: the same index, the same one."""
+    return common.files_digest((p, *index.stats[p]) for p in index.paths)
 
 
-def _parse_index(path: Path) -> tuple[list[dict], str]:
+def _parse_index(path: Path) -> Index:
     data = path.read_bytes()
     text = data.decode()
     lines = text.split("\n")
     if '"' not in text and lines[0] == ",".join(INDEX_COLUMNS) and lines[-1] == "":  # nothing quoted: split by hand
-        rows = [{"row": int(r), "path": p, "patient": pat, "label": int(y), "source": src, "size": int(n),
-                 "mtime_ns": int(t)} for r, p, pat, y, src, n, t in (line.split(",") for line in lines[1:-1])]
-        return rows, hashlib.sha256(data).hexdigest()  # (csv.DictReader and int() per field: ~3x slower)
-    rows = list(csv.DictReader(io.StringIO(text)))
-    for r in rows:
-        for k in ("row", "label", "size", "mtime_ns"):
-            r[k] = int(r[k])
-    return rows, hashlib.sha256(data).hexdigest()
+        fields = [line.split(",") for line in lines[1:-1]]  # (csv.reader and int() per field: ~3x slower)
+    else:
+        fields = list(csv.reader(io.StringIO(text)))[1:]
+    if any(len(f) != len(INDEX_COLUMNS) for f in fields):  # (an edited row number: the checksum differs, see problems)
+        raise ValueError(f"{path}: a row without {len(INDEX_COLUMNS)} fields")
+    return Index([f[1] for f in fields], {f[1]: (int(f[5]), int(f[6])) for f in fields}, hashlib.sha256(data).hexdigest())
 
 
-def read_index(cache_dir: Path) -> tuple[list[dict], str]:
-    """(rows, sha256 of the file) of a cache's index.csv, parsed once per process while the file is unchanged
-    (common.parsed_once): the reuse check, the training and the validation datasets each read it, and at 220k rows
-    one parse took ~1.2 s (five per train.py start-up before). The rows are shared: never change them."""
+def read_index(cache_dir: Path) -> Index:
+    """A cache's index.csv, parsed once per process while the file is unchanged (common.parsed_once): the reuse
+    check, the training and the validation datasets each read it, and at 220k rows one parse took ~1.2 s (five per
+    train.py start-up before). The Index is shared: never change it."""
     return common.parsed_once(cache_dir / INDEX, _parse_index)
 
 
@@ -142,13 +159,13 @@ def problems(cache_dir: Path, meta: dict | None) -> list[str]:
         return ["incomplete (a build was interrupted or is running)"]
     out = []
     try:
-        rows, digest = read_index(cache_dir)
+        index = read_index(cache_dir)
     except (OSError, ValueError, KeyError) as e:
         return [f"unreadable {INDEX} ({type(e).__name__})"]
-    if digest != meta.get("index_sha256"):
+    if index.sha256 != meta.get("index_sha256"):
         out.append(f"{INDEX} checksum differs from {META} (edited or corrupted)")
-    if len(rows) != meta.get("count"):
-        out.append(f"{INDEX} has {len(rows)} rows, {META} says {meta.get('count')}")
+    if len(index) != meta.get("count"):
+        out.append(f"{INDEX} has {len(index)} rows, {META} says {meta.get('count')}")
     want = meta.get("count", -1) * 3 * meta.get("image_size", 0) ** 2
     have = (cache_dir / PATCHES).stat().st_size if (cache_dir / PATCHES).is_file() else None
     if have != want:
@@ -183,22 +200,20 @@ class CachedPatchDataset:
         if meta["image_size"] != image_size:
             raise DataError(f"--cache {self.cache_dir}: holds {meta['image_size']}px patches, not {image_size}px; "
                             f"use a cache built with --image-size {image_size}")
-        rows, _ = read_index(self.cache_dir)
-        by_path = {r["path"]: r for r in rows}
-        missing = [s.path for s in self.samples if s.path not in by_path]
+        index = read_index(self.cache_dir)
+        row_of = index.row_of
+        missing = [s.path for s in self.samples if s.path not in row_of]
         if missing:
             raise DataError(f"--cache {self.cache_dir}: lacks {len(missing)} sample(s), e.g. {missing[0]}; "
                             f"it was built from another data root or file set: rebuild it")
-        mine = [by_path[s.path] for s in self.samples]
         if root is not None:  # stats: HelicoData.file_stats, the scan's own (no stat per file here)
             now = lambda p: (stats or {}).get(p) or _stat_key(Path(root) / p)
-            changed = [r["path"] for r in mine if now(r["path"]) != (r["size"], r["mtime_ns"])]
+            changed = [s.path for s in self.samples if now(s.path) != index.stats[s.path]]
             if changed:
                 raise DataError(f"--cache {self.cache_dir}: stale: {len(changed)} source file(s) changed since it "
                                 f"was built, e.g. {changed[0]}; rebuild it (prepare does so automatically)")
-        self.rows = np.array([r["row"] for r in mine], dtype=np.int64)
-        bad_rows = set(meta.get("bad_rows", []))
-        self.bad = np.array([r["row"] in bad_rows for r in mine], dtype=bool)
+        self.rows = np.array([row_of[s.path] for s in self.samples], dtype=np.int64)
+        self.bad = np.isin(self.rows, np.array(meta.get("bad_rows", []), dtype=np.int64))
         self.count, self.meta = meta["count"], meta
         self.normalized = bool(meta.get("normalized"))
         self.stain = stain_from_meta(meta)
@@ -258,24 +273,27 @@ def stain_reference(root: Path, reference, device):
     return normalizer.to(device), record
 
 
-def wanted_meta(rows, image_size: int, stain: dict | None, root: Path) -> dict:
-    """The meta.json a finished cache of these rows must carry (with "complete" still false)."""
-    return {"version": VERSION, "image_size": image_size, "count": len(rows), "dtype": "uint8",
-            "shape": [len(rows), 3, image_size, image_size], "layout": "NCHW C-order, row = index row",
-            "normalized": stain is not None, "stain": stain, "index_sha256": hashlib.sha256(index_bytes(rows)).hexdigest(),
-            "fingerprint": fingerprint(rows), "chunk_rows": CHUNK_ROWS, "data_root": str(root.absolute()),
-            "complete": False}
+def wanted_meta(index: Index, image_size: int, stain: dict | None, root: Path, old: dict | None = None) -> dict:
+    """The meta.json a finished cache of this index must carry (with "complete" still false). `old` (the meta on
+    disk) lends its fingerprint when its index is this one: the fingerprint is a function of the index (~0.1 s at
+    220k rows saved on every reuse)."""
+    same_index = old is not None and old.get("version") == VERSION and old.get("index_sha256") == index.sha256
+    return {"version": VERSION, "image_size": image_size, "count": len(index), "dtype": "uint8",
+            "shape": [len(index), 3, image_size, image_size], "layout": "NCHW C-order, row = index row",
+            "normalized": stain is not None, "stain": stain, "index_sha256": index.sha256,
+            "fingerprint": old["fingerprint"] if same_index and "fingerprint" in old else fingerprint(index),
+            "chunk_rows": CHUNK_ROWS, "data_root": str(root.absolute()), "complete": False}
 
 
 SAME_BUILD = ("version", "image_size", "count", "normalized", "index_sha256", "fingerprint", "chunk_rows")
 
 
-def rebuild_reason(cache_dir: Path, old: dict | None, want: dict, rows: list[dict]) -> str | None:
+def rebuild_reason(cache_dir: Path, old: dict | None, want: dict, index: Index) -> str | None:
     """Why the cache on disk cannot be reused or resumed for `want` (None: it can)."""
     if old is None:
         return "no cache yet" if not (cache_dir / PATCHES).exists() else f"no readable {META}"
     if old.get("version") == VERSION and old.get("fingerprint") != want["fingerprint"]:
-        return "source files changed (" + _changes(cache_dir, rows) + ")"
+        return "source files changed (" + _changes(cache_dir, index) + ")"
     for key in SAME_BUILD:
         if old.get(key) != want[key]:
             return f"{key} differs (cache {old.get(key)!r}, wanted {want[key]!r})"
@@ -293,13 +311,12 @@ def _stain_key(stain: dict) -> list:
     return [stain["reference"], stain["sha256"], {k: v for k, v in stain["state"].items() if k not in fitted}]
 
 
-def _changes(cache_dir: Path, rows: list[dict]) -> str:
+def _changes(cache_dir: Path, index: Index) -> str:
     try:
-        old_rows, _ = read_index(cache_dir)
+        old = read_index(cache_dir).stats
     except (OSError, ValueError, KeyError):
         return "old index unreadable"
-    old = {r["path"]: (r["size"], r["mtime_ns"]) for r in old_rows}
-    new = {r["path"]: (r["size"], r["mtime_ns"]) for r in rows}
+    new = index.stats
     changed = sum(1 for p in new if p in old and old[p] != new[p])
     return f"{len(new.keys() - old.keys())} added, {len(old.keys() - new.keys())} removed, {changed} modified"
 
@@ -308,13 +325,13 @@ def _resumable(cache_dir: Path, meta: dict) -> bool:
     n_chunks = -(-meta["count"] // meta["chunk_rows"])
     try:
         sizes = (cache_dir / PATCHES).stat().st_size, (cache_dir / PROGRESS).stat().st_size
-        _, digest = read_index(cache_dir)
+        digest = read_index(cache_dir).sha256
     except (OSError, ValueError, KeyError):
         return False
     return sizes == (meta["count"] * 3 * meta["image_size"] ** 2, n_chunks) and digest == meta["index_sha256"]
 
 
-def start_fresh(cache_dir: Path, rows: list[dict], want: dict) -> None:
+def start_fresh(cache_dir: Path, index_csv: bytes, want: dict) -> None:
     """Lay out an empty cache; meta (complete=false) goes first so no reader trusts what follows."""
     need = want["count"] * 3 * want["image_size"] ** 2
     old = (cache_dir / PATCHES).stat().st_blocks * 512 if (cache_dir / PATCHES).exists() else 0
@@ -323,7 +340,7 @@ def start_fresh(cache_dir: Path, rows: list[dict], want: dict) -> None:
         raise DataError(f"--out {cache_dir}: the cache needs {need / 1e9:.1f} GB, only {(free + old) / 1e9:.1f} GB "
                         f"free there; choose a disk with room (node-local scratch) or a smaller --image-size")
     write_meta(cache_dir, want)
-    common.atomic_write_text(cache_dir / INDEX, index_bytes(rows).decode())
+    common.atomic_write_text(cache_dir / INDEX, index_csv.decode())
     common.atomic_write_text(cache_dir / BAD_ROWS, "")
     with open(cache_dir / PATCHES, "wb") as f:
         f.truncate(need)  # sparse: every chunk writes its own rows
@@ -372,53 +389,53 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
     except OSError as e:
         raise DataError(f"--out {cache_dir}: cannot create the cache folder ({e.strerror})") from None
     root = Path(data.root)
-    rows = index_rows(root, unique_samples(data.all_samples() if samples is None else samples), data.file_stats)
-    if not rows:
+    samples = unique_samples(data.all_samples() if samples is None else samples)
+    if not samples:
         raise DataError(f"--data-root {root}: no patches to cache")
+    index, index_csv = index_of(root, samples, data.file_stats)
     normalizer = stain = None
     if normalized:
         normalizer, stain = stain_reference(root, reference or helicodata.DEFAULT_REFERENCE,
                                             common.resolve_device(device))
-    want = wanted_meta(rows, image_size, stain, root)
     t0 = time.perf_counter()
     with _locked(cache_dir):
         old = read_meta(cache_dir)
-        with contextlib.suppress(OSError):  # an index.csv of exactly these rows: its readers take them, unparsed
-            if common.file_sha256(cache_dir / INDEX) == want["index_sha256"]:  # (a parse: ~0.5 s at 220k rows)
-                common.remember_parsed(cache_dir / INDEX, _parse_index, (rows, want["index_sha256"]))
-        reason = rebuild_reason(cache_dir, old, want, rows)
+        want = wanted_meta(index, image_size, stain, root, old)
+        with contextlib.suppress(OSError):  # an index.csv of exactly these rows: its readers take this Index
+            if common.file_sha256(cache_dir / INDEX) == index.sha256:  # (a parse: ~0.3 s at 220k rows)
+                common.remember_parsed(cache_dir / INDEX, _parse_index, index)
+        reason = rebuild_reason(cache_dir, old, want, index)
         if reason is None and old.get("complete"):
-            return {"cache": str(cache_dir), "action": "reused", "count": len(rows), "chunks_built": 0,
-                    "undecodable": [rows[r]["path"] for r in old.get("bad_rows", [])],
-                    "chunks": -(-len(rows) // CHUNK_ROWS), "seconds": time.perf_counter() - t0}
+            return {"cache": str(cache_dir), "action": "reused", "count": len(index), "chunks_built": 0,
+                    "undecodable": [index.paths[r] for r in old.get("bad_rows", [])],
+                    "chunks": -(-len(index) // CHUNK_ROWS), "seconds": time.perf_counter() - t0}
         if reason is not None and reason != "no cache yet" and not rebuild:
             raise DataError(f"--cache {cache_dir}: {reason}; not rebuilding a cache this command did not create "
                             f"(give an empty folder, or this cache's own settings)")
         if reason is not None:
             if reason != "no cache yet":
                 print(f"patch_cache: rebuilding {cache_dir}: {reason}", file=sys.stderr)
-            start_fresh(cache_dir, rows, want)
-        built = _fill(cache_dir, root, rows, image_size, workers, normalizer, progress, on_chunk)
-        undecodable = [rows[r]["path"] for r in _finish(cache_dir, want)]
+            start_fresh(cache_dir, index_csv, want)
+        built = _fill(cache_dir, root, samples, image_size, workers, normalizer, progress, on_chunk)
+        undecodable = [index.paths[r] for r in _finish(cache_dir, want)]
     for path in undecodable:  # once, when built: every decode happens here, so this is where they are found
         print(f"warning: undecodable {root / path}: stored as zeros; training stops at it unless --skip-bad-images",
               file=sys.stderr)
-    return {"cache": str(cache_dir), "action": "built" if reason else "resumed", "count": len(rows),
-            "chunks_built": built, "chunks": -(-len(rows) // CHUNK_ROWS), "seconds": time.perf_counter() - t0,
+    return {"cache": str(cache_dir), "action": "built" if reason else "resumed", "count": len(index),
+            "chunks_built": built, "chunks": -(-len(index) // CHUNK_ROWS), "seconds": time.perf_counter() - t0,
             "undecodable": undecodable}
 
 
-def _fill(cache_dir, root, rows, size, workers, normalizer, progress, on_chunk) -> int:
+def _fill(cache_dir, root, samples, size, workers, normalizer, progress, on_chunk) -> int:
     """Decode every unfinished chunk with `workers` threads (PIL releases the GIL while decoding and resizing);
-    this thread normalizes (if asked) and records each finished chunk. Returns the number of chunks built."""
-    samples = [helicodata.Sample(r["path"], r["patient"], r["source"], r["label"], 0) for r in rows]
+    this thread normalizes (if asked) and records each finished chunk; `samples` in row order. Returns the number of chunks built."""
     dataset = helicodata.PatchDataset(root, samples, size, skip_bad=True)
-    n_chunks, row_bytes = -(-len(rows) // CHUNK_ROWS), 3 * size * size
-    span = lambda c: (c * CHUNK_ROWS, min((c + 1) * CHUNK_ROWS, len(rows)))
+    n_chunks, row_bytes = -(-len(samples) // CHUNK_ROWS), 3 * size * size
+    span = lambda c: (c * CHUNK_ROWS, min((c + 1) * CHUNK_ROWS, len(samples)))
     fd, pfd = os.open(cache_dir / PATCHES, os.O_RDWR), os.open(cache_dir / PROGRESS, os.O_RDWR)
     done = os.pread(pfd, n_chunks, 0)
     todo = [c for c in range(n_chunks) if not done[c]]
-    bar = tqdm(total=len(rows), initial=len(rows) - sum(span(c)[1] - span(c)[0] for c in todo),
+    bar = tqdm(total=len(samples), initial=len(samples) - sum(span(c)[1] - span(c)[0] for c in todo),
                desc=f"caching {size}px", unit="patch", disable=not progress, smoothing=0.05,
                mininterval=1 if sys.stderr.isatty() else 30)  # a SLURM log gets a line every 30 s, not every second
     built = 0

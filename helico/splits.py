@@ -198,7 +198,8 @@ def split_args_parser():
                                       "training so validation never shapes the normalizer")
     g.add_argument("--hash-cache", default=None, help="content-hash cache file (default ~/.cache/helico-hp/...); "
                    "re-runs only hash new or changed files. Beside it: <name>.decoded.tsv (the audit's decode "
-                   "answers) and <name>.identical.json (the duplicate groups of the last file set)")
+                   "answers), <name>.identical.json (the duplicate groups of the last file set) and "
+                   "<name>.survey.json (train.py's last stain survey)")
     return p
 
 

@@ -76,8 +76,7 @@ def test_cached_items_equal_patch_dataset_items_bytewise(mini_root, tmp_path, si
 
 
 def test_cache_holds_each_path_once(cache64, mini_root):
-    rows, _ = packed_cache.read_index(cache64)
-    paths = [r["path"] for r in rows]
+    paths = packed_cache.read_index(cache64).paths
     assert len(paths) == len(set(paths)) == len({s.path for s in all_samples(mini_root)})
 
 
@@ -340,15 +339,24 @@ def test_the_build_keeps_a_few_chunks_in_flight_not_all_of_them(mini_root, tmp_p
 
 def test_the_index_is_written_and_read_as_csv_does_quoted_or_not(mini_root, tmp_path):
     import csv
+    import hashlib
     import io
     data = helicodata.load_data(mini_root)
-    rows = packed_cache.index_rows(data.root, packed_cache.unique_samples(data.all_samples()), data.file_stats)
-    for case in (rows, [{**rows[0], "path": 'odd,"name".png'}, *rows[1:]]):  # the fast join, then the quoting
+    samples = packed_cache.unique_samples(data.all_samples())
+    odd = [dataclasses.replace(samples[0], path=path) for path in ('odd,"name".png', "line\nbreak.png")]
+    for case in (samples, [odd[0], *samples[1:]], [odd[1], *samples[1:]]):  # the fast join, then the quoting
+        stats = {**data.file_stats, **{s.path: (12, 34) for s in odd}}
         out = io.StringIO()
-        writer = csv.DictWriter(out, packed_cache.INDEX_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(case)
-        assert packed_cache.index_bytes(case) == out.getvalue().encode()
-        (tmp_path / "index.csv").write_bytes(packed_cache.index_bytes(case))  # read back: the split, then csv's reader
-        read = packed_cache._parse_index(tmp_path / "index.csv")[0]
-        assert read == case and [list(r) for r in read] == [list(r) for r in case]
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(packed_cache.INDEX_COLUMNS)
+        writer.writerows((r, s.path, s.patient, s.label, s.source, *stats[s.path]) for r, s in enumerate(case))
+        index, written = packed_cache.index_of(data.root, case, stats)
+        assert written == out.getvalue().encode()
+        (tmp_path / "index.csv").write_bytes(written)  # read back: the split, then csv's reader
+        read = packed_cache._parse_index(tmp_path / "index.csv")
+        assert read.paths == index.paths == [s.path for s in case] and read.stats == index.stats
+        assert read.sha256 == index.sha256 == hashlib.sha256(written).hexdigest()
+        assert read.row_of == {s.path: r for r, s in enumerate(case)}
+    (tmp_path / "index.csv").write_bytes(written + b"9,x.png\n")  # a short row
+    with pytest.raises(ValueError):
+        packed_cache._parse_index(tmp_path / "index.csv")

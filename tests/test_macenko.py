@@ -486,7 +486,8 @@ def test_dab_angles_flag_a_slide_whose_dab_hue_is_turned_and_skip_one_without_da
     assert norm.dab_angles([list(blank), list(small)]) == [None, None]
 
 
-def test_dab_hue_survey_names_the_far_slide_of_a_data_root(tmp_path):
+def survey_root(tmp_path):
+    """Four slide folders: true DAB, DAB turned 10 degrees, no DAB, nothing readable; (samples, normalizer)."""
     rng = np.random.default_rng(5)
     quads = stain_check.quadrants(torch.from_numpy(stain_check.hematoxylin_only()).permute(2, 0, 1))
     samples = []
@@ -502,10 +503,39 @@ def test_dab_hue_survey_names_the_far_slide_of_a_data_root(tmp_path):
     (tmp_path / "CrossValidation/Cropped/B22-4_0").mkdir()
     (tmp_path / "CrossValidation/Cropped/B22-4_0/1.png").write_bytes(b"")  # a slide of nothing readable
     samples.append(helicodata.Sample("CrossValidation/Cropped/B22-4_0/1.png", "B22-4", "supplemental", -1, 1))
-    norm = MacenkoNormalizer().fit(stain_check.sparse_references(seed=0, coverage=0.005))
+    return samples, MacenkoNormalizer().fit(stain_check.sparse_references(seed=0, coverage=0.005))
+
+
+def test_dab_hue_survey_names_the_far_slide_of_a_data_root(tmp_path):
+    samples, norm = survey_root(tmp_path)
     survey = model.dab_hue_survey(tmp_path, samples, norm)
     assert survey["far"] == ["B22-2_0"] and survey["angles"]["B22-3_0"] is None is survey["angles"]["B22-4_0"]
     assert survey["angles"]["B22-1_0"] < model.DAB_HUE_WARN_DEG < survey["angles"]["B22-2_0"]
+
+
+def test_dab_hue_survey_memo_is_read_while_patches_and_stain_are_unchanged(tmp_path, monkeypatch):
+    samples, norm = survey_root(tmp_path)
+    memo = tmp_path / "hashes.survey.json"
+    first = model.dab_hue_survey(tmp_path, samples, norm, memo=memo)
+    assert first == model.dab_hue_survey(tmp_path, samples, norm) and memo.is_file()  # the memo changes nothing
+    surveyed, real = [], MacenkoNormalizer.dab_angles
+    monkeypatch.setattr(MacenkoNormalizer, "dab_angles", lambda self, groups: surveyed.append(1) or real(self, groups))
+    assert model.dab_hue_survey(tmp_path, samples, norm, memo=memo) == first and not surveyed  # read, not surveyed
+    other = MacenkoNormalizer().fit(stain_check.sparse_references(seed=1, coverage=0.005))  # another reference
+    model.dab_hue_survey(tmp_path, samples, other, memo=memo)
+    assert surveyed
+    surveyed.clear()
+    model.dab_hue_survey(tmp_path, samples, norm, memo=memo)  # back to the first: surveyed again (one memo kept)
+    assert surveyed
+    for change in ("picked file rewritten", "memo damaged"):
+        surveyed.clear()
+        if change == "picked file rewritten":  # a slide turned: its file differs, so does its angle
+            path = tmp_path / samples[12].path
+            path.write_bytes((tmp_path / samples[22].path).read_bytes())
+        else:
+            memo.write_text('{"key": 1}')
+        again = model.dab_hue_survey(tmp_path, samples, norm, memo=memo)
+        assert surveyed and again == model.dab_hue_survey(tmp_path, samples, norm)
 
 
 def test_reference_patch_takes_files_and_folders_and_names_a_bad_entry(demo_root, tmp_path):
