@@ -17,7 +17,8 @@ plain for the seconds and the peak memory, once counting (wrapping every os.stat
     train_startup  train.py --cache (built beforehand by patch_cache.py) from process start to its first step, as a
                    new run: its stain survey read from the memo an earlier run on these files left (a resumed run
                    skips the survey)
-    train_startup_first  the same with no survey memo: the first new run on a dataset (or after a surveyed patch changed)
+    train_startup_first  the same with no survey memo: the first new run on a dataset (or after a surveyed patch
+                   changed)
     eval_startup   evaluate.py --cache of a checkpoint, from process start to its first scored batch
 Printed: seconds, stat calls (os.stat, Path.stat and a directory entry's stat(); is_file() on an entry costs
 none), opens of each .json/.csv/.tsv index file, peak RSS. Exit codes: 0 measured, 2 bad input.

@@ -243,7 +243,8 @@ def dab_hue_survey(root, samples, normalizer, per_slide: int = SURVEY_PATCHES, m
         for lo in range(0, len(slides), 16):  # 16 slides decoded at a time: memory stays ~25 MB at 256 px
             chunk = slides[lo:lo + 16]
             images = [pool.map(readable, [Path(root) / p for p in picks[s]]) for s in chunk]
-            angles.update(zip(chunk, normalizer.dab_angles([[i for i in imgs if i is not None] for imgs in images])))
+            readable_ones = [[image for image in decoded if image is not None] for decoded in images]
+            angles.update(zip(chunk, normalizer.dab_angles(readable_ones)))
     survey = {"threshold_deg": DAB_HUE_WARN_DEG, "patches_per_slide": per_slide, "angles": angles,
               "far": [s for s, a in angles.items() if a is not None and a > DAB_HUE_WARN_DEG]}
     if memo is not None:
@@ -261,7 +262,8 @@ def _survey_key(root, picks: dict, normalizer, per_slide: int) -> str:
         return -1, -1
     files = files_digest((p, *identity(p)) for ps in picks.values() for p in ps)
     state = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in normalizer.state_dict().items()}
-    what = {"files": files, "slides": list(picks), "stain": state, "per_slide": per_slide, "threshold": DAB_HUE_WARN_DEG}
+    what = {"files": files, "slides": list(picks), "stain": state, "per_slide": per_slide,
+            "threshold": DAB_HUE_WARN_DEG}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
