@@ -360,3 +360,14 @@ def test_the_index_is_written_and_read_as_csv_does_quoted_or_not(mini_root, tmp_
     (tmp_path / "index.csv").write_bytes(written + b"9,x.png\n")  # a short row
     with pytest.raises(ValueError):
         packed_cache._parse_index(tmp_path / "index.csv")
+
+
+def test_the_index_stats_what_the_scan_did_not_and_names_a_file_it_cannot_stat(mini_root):
+    data = helicodata.load_data(mini_root)
+    samples = packed_cache.unique_samples(data.all_samples())
+    (stated, written), (scanned, same) = (packed_cache.index_of(data.root, samples, stats)
+                                          for stats in (None, data.file_stats))
+    assert written == same and stated.stats == scanned.stats and stated.paths == scanned.paths  # a stat per file
+    gone = dataclasses.replace(samples[0], path="CrossValidation/Cropped/B22-47_0/999999.png")
+    with pytest.raises(DataError, match=f"{mini_root / gone.path}: cannot stat"):
+        packed_cache.index_of(data.root, [gone, *samples[1:]], data.file_stats)
