@@ -386,7 +386,7 @@ DECODE_CACHE_HEADER = "helico decode cache v1\tpath\tsize\tmtime_ns\twidth\theig
 
 def decode_cache_path(hash_cache: Path) -> Path:
     """The decode cache beside the hash cache (--hash-cache names both): hashes-<root>.json -> .decoded.tsv."""
-    return hash_cache.with_name(hash_cache.stem + ".decoded.tsv")
+    return splits.beside_hash_cache(hash_cache, ".decoded.tsv")
 
 
 def read_decode_cache(path: Path, stats: dict) -> dict:

@@ -19,6 +19,7 @@ import errno
 import hashlib
 import io
 import itertools
+import json
 import os
 import re
 import signal
@@ -215,6 +216,13 @@ def size_mtime(path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+def size_mtime_or_none(path) -> tuple[int, int] | None:
+    """size_mtime, or None for a file that cannot be stat'ed (missing or unreadable)."""
+    with contextlib.suppress(OSError):
+        return size_mtime(path)
+    return None
+
+
 def files_digest(files) -> str:
     """The hex SHA-256 of "path\tsize\tmtime_ns\n" lines of (path, size, mtime_ns) triples: what a cache built from
     those files depends on. Hashed 8192 lines at a time: one update per line cost ~0.2 s at 220k files, one string
@@ -236,8 +244,8 @@ def _identity(path) -> tuple:
 
 def parsed_once(path, parse):
     """parse(path), once per process while the file keeps its inode, size and mtime (an atomic rewrite is a new
-    inode): indexes several steps read (the hash cache, a packed cache's index.csv) are parsed once, not per
-    reader. The value is shared: read it, never change it. OSError if the file cannot be stat'ed."""
+    inode): an index several steps read (a packed cache's index.csv: the reuse check and each dataset) is parsed
+    once, not per reader. The value is shared: read it, never change it. OSError if the file cannot be stat'ed."""
     identity = _identity(path)
     held = _PARSED.get(parse)
     if held is None or held[0] != identity:
@@ -249,6 +257,23 @@ def parsed_once(path, parse):
 def remember_parsed(path, parse, value) -> None:
     """What parse(path) would return for the file just written, so the writer's own next read parses nothing."""
     _PARSED[parse] = _identity(path), value
+
+
+def remembered(where, key: str, name: str, compute, valid):
+    """compute()'s JSON-able value, kept in the file `where` as {"key": key, name: value}: while the key is the same,
+    later calls (later processes too) read it instead of computing. A missing, unreadable or stale file, or a value
+    valid(value) refuses, is computed again and rewritten; where=None only computes. Keeping it is only a speed-up:
+    a failed write is ignored."""
+    if where is None:
+        return compute()
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
+        stored = json.loads(Path(where).read_text())
+        if stored["key"] == key and valid(stored[name]):
+            return stored[name]
+    value = compute()
+    with contextlib.suppress(OSError):
+        atomic_write_text(where, json.dumps({"key": key, name: value}))
+    return value
 
 
 def atomic_torch_save(obj, path) -> None:

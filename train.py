@@ -387,8 +387,7 @@ class Trainer:
                                                        args.cache, data.file_stats) for part in (train, val))
         self.normalizer, self.stain = stain_normalizer(args, data, train_ds, ckpt, device)
         self.slides = (data.root, data.labelled + data.cropped if rank == 0 and self.stain is not None else [])
-        hashes = splits.hash_cache_path(args.hash_cache, data.root)  # the survey is kept beside the file hashes
-        self.survey_memo = hashes.with_name(hashes.stem + ".survey.json")
+        self.survey_memo = splits.beside_hash_cache(splits.hash_cache_path(args.hash_cache, data.root), ".survey.json")
         self.sampler = sampling.EpochSampler([s.label for s in train], args.sampler == "balanced", args.seed, rank,
                                              world)
         shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates

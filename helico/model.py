@@ -17,7 +17,6 @@ evaluation and benchmarks cannot drift apart:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -32,7 +31,7 @@ import torch.nn as nn
 
 from helico import augment, helicodata
 import macenko_gpu
-from common import DataError, atomic_write_text, files_digest, size_mtime
+from common import DataError, files_digest, remembered, size_mtime_or_none
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -232,12 +231,13 @@ def dab_hue_survey(root, samples, normalizer, per_slide: int = SURVEY_PATCHES, m
         paths = sorted(set(by_slide[slide]))
         step = max(1.0, len(paths) / per_slide)
         picks[slide] = [paths[int(k * step)] for k in range(min(per_slide, len(paths)))]
-    if memo is not None:
-        key = _survey_key(root, picks, normalizer, per_slide)
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
-            stored = json.loads(Path(memo).read_text())
-            if stored["key"] == key and isinstance(stored["survey"]["angles"], dict):
-                return stored["survey"]
+    key = _survey_key(root, picks, normalizer, per_slide) if memo is not None else None
+    return remembered(memo, key, "survey", lambda: _surveyed(root, picks, normalizer, per_slide),
+                      lambda survey: isinstance(survey["angles"], dict))
+
+
+def _surveyed(root, picks: dict, normalizer, per_slide: int) -> dict:
+    """dab_hue_survey's survey of `picks` (slide -> paths), decoded here."""
     slides, angles = list(picks), {}
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes with the GIL released
         for lo in range(0, len(slides), 16):  # 16 slides decoded at a time: memory stays ~25 MB at 256 px
@@ -245,25 +245,16 @@ def dab_hue_survey(root, samples, normalizer, per_slide: int = SURVEY_PATCHES, m
             images = [pool.map(readable, [Path(root) / p for p in picks[s]]) for s in chunk]
             readable_ones = [[image for image in decoded if image is not None] for decoded in images]
             angles.update(zip(chunk, normalizer.dab_angles(readable_ones)))
-    survey = {"threshold_deg": DAB_HUE_WARN_DEG, "patches_per_slide": per_slide, "angles": angles,
-              "far": [s for s, a in angles.items() if a is not None and a > DAB_HUE_WARN_DEG]}
-    if memo is not None:
-        with contextlib.suppress(OSError):  # only a speed-up
-            atomic_write_text(memo, json.dumps({"key": key, "survey": survey}))
-    return survey
+    return {"threshold_deg": DAB_HUE_WARN_DEG, "patches_per_slide": per_slide, "angles": angles,
+            "far": [s for s, a in angles.items() if a is not None and a > DAB_HUE_WARN_DEG]}
 
 
 def _survey_key(root, picks: dict, normalizer, per_slide: int) -> str:
     """What a survey depends on: the patches it reads (an unreadable one as such), the normalizer's exact state,
     the sampling and the threshold."""
-    def identity(path):
-        with contextlib.suppress(OSError):
-            return size_mtime(Path(root) / path)
-        return -1, -1
-    files = files_digest((p, *identity(p)) for ps in picks.values() for p in ps)
+    files = files_digest((p, *(size_mtime_or_none(Path(root) / p) or (-1, -1))) for ps in picks.values() for p in ps)
     state = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in normalizer.state_dict().items()}
-    what = {"files": files, "slides": list(picks), "stain": state, "per_slide": per_slide,
-            "threshold": DAB_HUE_WARN_DEG}
+    what = {"files": files, "stain": state, "per_slide": per_slide, "threshold": DAB_HUE_WARN_DEG}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 

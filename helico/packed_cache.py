@@ -95,7 +95,7 @@ def index_of(root: Path, samples, stats: dict | None = None) -> tuple[Index, byt
     try:  # the scan's own stats (HelicoData.file_stats) hold every sample's
         own = {s.path: stats[s.path] for s in samples}
     except KeyError:
-        own = {s.path: stats.get(s.path) or _stat_key(root / s.path) for s in samples}
+        own = {s.path: stats.get(s.path) or common.size_mtime_or_none(root / s.path) for s in samples}
     unreadable = next((p for p, st in own.items() if st is None), None)
     if unreadable is not None:
         raise DataError(f"{root / unreadable}: cannot stat (missing or unreadable)")
@@ -209,7 +209,7 @@ class CachedPatchDataset:
             raise DataError(f"--cache {self.cache_dir}: lacks {len(missing)} sample(s), e.g. {missing[0]}; "
                             f"it was built from another data root or file set: rebuild it")
         if root is not None:  # stats: HelicoData.file_stats, the scan's own (no stat per file here)
-            now = lambda p: (stats or {}).get(p) or _stat_key(Path(root) / p)
+            now = lambda p: (stats or {}).get(p) or common.size_mtime_or_none(Path(root) / p)
             changed = [s.path for s in self.samples if now(s.path) != index.stats[s.path]]
             if changed:
                 raise DataError(f"--cache {self.cache_dir}: stale: {len(changed)} source file(s) changed since it "
@@ -255,12 +255,6 @@ class CachedPatchDataset:
         if not self.skip_bad:
             raise DataError(f"{self.samples[first].path}: unreadable image (recorded when the cache "
                             f"{self.cache_dir} was built); pass --skip-bad-images to skip and list it")
-
-
-def _stat_key(path: Path) -> tuple | None:
-    with contextlib.suppress(OSError):
-        return common.size_mtime(path)
-    return None
 
 
 # ----------------------------------------------------------------------------------------------- build

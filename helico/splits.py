@@ -24,7 +24,7 @@ from pathlib import Path
 
 from helico import helicodata, metrics
 import common
-from common import DataError, atomic_write_text
+from common import DataError
 from helico.helicodata import DEFAULT_REFERENCE, TREES, HelicoData, patient_id, reference_patients
 
 
@@ -100,6 +100,11 @@ def hash_cache_path(hash_cache: str | None, root: Path) -> Path:
     return Path(hash_cache) if hash_cache else default_hash_cache(root)
 
 
+def beside_hash_cache(cache: Path, suffix: str) -> Path:
+    """A file kept beside the hash cache (--hash-cache): hashes-<root>.json -> hashes-<root><suffix>."""
+    return cache.with_name(cache.stem + suffix)
+
+
 def _identical_groups(data: HelicoData, cache: Path | None, progress: bool) -> dict[str, list[str]]:
     by_digest: dict[str, list[str]] = {}
     for p, d in file_digests(data.root, list(data.file_stats), cache=cache, progress=progress,
@@ -119,17 +124,9 @@ def identical_files(data: HelicoData, cache: Path | None = None, progress: bool 
     if memo is not None:
         return memo
     key = common.files_digest((p, size, mtime) for p, (size, mtime) in data.file_stats.items())  # in scan order
-    where = cache.with_name(cache.stem + ".identical.json") if cache is not None else None
-    known = None
-    if where is not None:
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            stored = json.loads(where.read_text())
-            known = stored["groups"] if stored.get("key") == key and isinstance(stored.get("groups"), dict) else None
-    if known is None:
-        known = _identical_groups(data, cache, progress)
-        if where is not None:
-            with contextlib.suppress(OSError):  # only a speed-up: the hash cache itself was written (or refused)
-                atomic_write_text(where, json.dumps({"key": key, "groups": known}))
+    known = common.remembered(beside_hash_cache(cache, ".identical.json") if cache is not None else None, key,
+                              "groups", lambda: _identical_groups(data, cache, progress),
+                              lambda groups: isinstance(groups, dict))
     data.derived[("identical_files", cache)] = known
     return known
 

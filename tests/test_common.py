@@ -340,3 +340,16 @@ def test_files_digest_is_the_sha256_of_one_line_per_file_in_order():
     want = hashlib.sha256("".join(f"{p}\t{s}\t{m}\n" for p, s, m in files).encode()).hexdigest()
     assert common.files_digest(iter(files)) == want  # across the 8192-line pieces
     assert common.files_digest(files[::-1]) != want and common.files_digest([]) == hashlib.sha256().hexdigest()
+
+
+def test_remembered_computes_once_per_key_and_again_for_a_bad_file(tmp_path):
+    where, calls = tmp_path / "memo.json", []
+    compute = lambda: calls.append(1) or {"n": len(calls)}
+    valid = lambda value: isinstance(value["n"], int)
+    assert common.remembered(where, "k", "value", compute, valid) == {"n": 1}
+    assert common.remembered(where, "k", "value", compute, valid) == {"n": 1} and len(calls) == 1  # read
+    assert common.remembered(where, "other", "value", compute, valid) == {"n": 2}  # another key: computed, kept
+    for bad in ("[1]", "{", '{"key": "other", "value": {"n": "x"}}', '{"key": "other"}'):
+        where.write_text(bad)  # not an object, not JSON, a value valid() refuses, no value: computed again
+        assert common.remembered(where, "other", "value", compute, valid) == {"n": len(calls)}
+    assert len(calls) == 6 and common.remembered(None, "other", "value", compute, valid) == {"n": 7}
