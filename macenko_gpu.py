@@ -55,9 +55,8 @@ import torch
 from PIL import Image
 
 import common
-from helico import stain_math as sm
 
-MAX_CONC_PERCENTILE = sm.MAX_CONC_PERCENTILE
+MAX_CONC_PERCENTILE = 99  # HEnorm/torchstain: a stain's maximum concentration is its 99th percentile
 CPU_CHUNK_PIXELS = 2 ** 20  # ~20 tiles of 224x224: OD (12 MB) stays below glibc's mmap threshold, few parallel regions
 CUDA_CHUNK_PIXELS = 2 ** 24  # large enough to fill a GPU, small enough to cap working memory near 1 GB
 FALLBACK, SINGLE_STAIN, TWO_STAINS = 0, 1, 2  # per-image mode reported by analyze()
@@ -124,9 +123,9 @@ class MacenkoNormalizer:
         share = float(share)
         if self.mode == "ihc":  # canonical hematoxylin, DAB from the reference's DAB pixels alone
             two = torch.stack((two[:, :, 0], dab[None]), -1)
-        pinv, invertible = sm.pinv(two)
+        pinv, invertible = pseudo_inverse(two)
         _check_reference(int(count[0]), self.min_tissue_pixels, bool(invertible[0]), two[0], share)
-        max_conc = sm.max_concentrations(torch.bmm(pinv.float(), od))[0]
+        max_conc = max_concentrations(torch.bmm(pinv.float(), od))[0]
         if not (max_conc > 0).all():
             raise ValueError(f"reference image is unusable: a stain has no positive concentration; {GOOD_REFERENCE}")
         self.stain_matrix, self.max_concentrations, self._cache = two[0].float(), max_conc.float(), {}
@@ -168,7 +167,7 @@ class MacenkoNormalizer:
         b, _, h, w = _check_uint8(batch, ndim=4, what="batch").shape
         out = torch.empty((b, 3, h * w), dtype=torch.float32, device=batch.device)
         for (lo, hi), est in self._estimates(batch):
-            sm.reconstruct(est["od"], est["od_to_output"], self.io, out[lo:hi])
+            reconstruct(est["od"], est["od_to_output"], self.io, out[lo:hi])
         return out.view(b, 3, h, w)
 
     @torch.no_grad()
@@ -220,12 +219,12 @@ class MacenkoNormalizer:
         from pageable memory would make CUDA wait for the queued work (a hidden host sync)."""
         key = str(device)
         if key not in self._cache:
-            lut, level = sm.od_table(self.io, self.beta)
+            lut, level = od_table(self.io, self.beta)
             const = {"lut": lut.to(device), "tissue_level": level}
             if self.fitted:
                 ref = self.stain_matrix.to(device, torch.float64)
                 ref_max = self.max_concentrations.to(device, torch.float64)
-                const.update(ref=ref, ref_max=ref_max, ref_pinv=sm.pinv(ref[None])[0],
+                const.update(ref=ref, ref_max=ref_max, ref_pinv=pseudo_inverse(ref[None])[0],
                              presence=(self.stain_presence * ref_max).float()[None, :, None])
             self._cache[key] = const
         return self._cache[key]
@@ -261,8 +260,8 @@ class MacenkoNormalizer:
         mean = torch.bmm(od, tissue.to(od.dtype)[:, :, None]).squeeze(-1).double() / count.clamp(min=1)[:, None]
         h, valid = _hematoxylin_vectors(od, tissue, count, mean, ref[:, 1], self.alpha)
         matrix = torch.stack((h, ref[:, 1].expand_as(h)), -1)
-        pinv, invertible = sm.pinv(matrix)
-        max_h = sm.max_concentrations(torch.bmm(pinv[:, :1].float(), od))[:, 0].double()
+        pinv, invertible = pseudo_inverse(matrix)
+        max_h = max_concentrations(torch.bmm(pinv[:, :1].float(), od))[:, 0].double()
         usable = (count >= self.min_tissue_pixels) & valid & invertible & (max_h > 1e-6 * ref_max[0])  # NaN: false
         pinv = torch.where(usable[:, None, None], pinv, const["ref_pinv"])
         matrix = torch.where(usable[:, None, None], matrix, ref)
@@ -278,17 +277,17 @@ class MacenkoNormalizer:
         given the reference stain matrix, which reference stains are present (b, 2)."""
         const = self._constants(x.device)
         od, tissue, count = self._optical_density(x)
-        mean, cov = sm.tissue_mean_and_cov(od, tissue, count)
-        u = sm.angle_basis(mean, cov)  # (b, 2, 3): in-plane unit vectors, u[:, 0] along the mean tissue OD
+        mean, cov = tissue_mean_and_cov(od, tissue, count)
+        u = angle_basis(mean, cov)  # (b, 2, 3): in-plane unit vectors, u[:, 0] along the mean tissue OD
         maps = u if ref is None else torch.cat((u, const["ref_pinv"].expand(len(u), 2, 3)), 1)
         proj = torch.bmm(maps.float(), od)  # plane coordinates, then concentrations on the reference stains
-        phi_lo, phi_hi = sm.tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), tissue, count, self.alpha)
-        v_lo, v_hi = sm.unit_in_plane(u, phi_lo), sm.unit_in_plane(u, phi_hi)
+        phi_lo, phi_hi = tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), tissue, count, self.alpha)
+        v_lo, v_hi = unit_in_plane(u, phi_lo), unit_in_plane(u, phi_hi)
         two = torch.where((v_lo[:, 0] > v_hi[:, 0])[:, None, None], torch.stack((v_lo, v_hi), -1),
                           torch.stack((v_hi, v_lo), -1))
         present = None
         if ref is not None:  # 99th percentile >= presence * reference maximum, counted instead of selected
-            at_or_above_p99 = x.shape[-1] - int(sm.nearest_rank(MAX_CONC_PERCENTILE, x.shape[-1])) + 1
+            at_or_above_p99 = x.shape[-1] - int(nearest_rank(MAX_CONC_PERCENTILE, x.shape[-1])) + 1
             present = (proj[:, 2:] >= const["presence"]).sum(-1) >= at_or_above_p99
         return od, count, mean, two, torch.rad2deg(phi_hi - phi_lo), present
 
@@ -299,8 +298,8 @@ class MacenkoNormalizer:
         od, count, mean, two, spread, present = self._two_stain_estimate(x, ref)
         single = self._is_single_stain(two, spread, ref, present)
         matrix, slot = _stain_matrices(two, single, mean, ref)
-        pinv, invertible = sm.pinv(matrix)
-        max_conc = sm.max_concentrations(torch.bmm(pinv.float(), od)).double()
+        pinv, invertible = pseudo_inverse(matrix)
+        max_conc = max_concentrations(torch.bmm(pinv.float(), od)).double()
         rescaled = torch.stack((~single | (slot == 0), ~single | (slot == 1)), -1)  # single: one stain only
         finite_scale = max_conc > 1e-6 * const["ref_max"]  # also false for NaN
         usable = (count >= self.min_tissue_pixels) & invertible & torch.where(rescaled, finite_scale, True).all(-1)
@@ -322,6 +321,127 @@ class MacenkoNormalizer:
         return ~present.all(-1) | (spread < self.single_stain_angle) | (nearest[:, 0] == nearest[:, 1])
 
 
+# ---------------------------------------------------------------------------------------------- batched statistics
+# Every function takes a chunk of b images at once and never synchronizes with the host (no .item(), no
+# data-dependent shapes), on CPU or CUDA.
+def od_table(io, beta):
+    """OD of each 8-bit level, and the highest level whose OD is still >= beta (tissue)."""
+    lut = -torch.log((torch.arange(256, dtype=torch.float32) + 1) / io)  # torchstain's float32 expression
+    tissue_level = int((lut >= beta).sum()) - 1  # lut decreases: levels 0..tissue_level have OD >= beta
+    return lut, tissue_level
+
+
+def tissue_mean_and_cov(od, tissue, count):
+    """Mean tissue OD (b, 3) and covariance (b, 3, 3) with divisor n-1 like torchstain, in float64."""
+    weight = tissue.to(od.dtype)
+    n = count.clamp(min=2).to(torch.float64)
+    mean = torch.bmm(od, weight[:, :, None]).squeeze(-1).double() / n[:, None]
+    centered = (od - mean.float()[:, :, None]) * weight[:, None, :]  # centre first: float32 sums stay accurate
+    cov = torch.bmm(centered, centered.transpose(1, 2)).double() / (n - 1)[:, None, None]
+    return mean, cov
+
+
+def smallest_eigenvector(cov):
+    """Unit eigenvector of the smallest eigenvalue of symmetric 3x3 matrices (closed form: trigonometric
+    eigenvalues, then the longest cross product of two rows of cov - lambda_min * I). Zero vector if cov = c*I."""
+    eye = torch.eye(3, dtype=cov.dtype, device=cov.device)
+    q = cov.diagonal(dim1=1, dim2=2).mean(-1)
+    off = cov[:, 0, 1] ** 2 + cov[:, 0, 2] ** 2 + cov[:, 1, 2] ** 2
+    p = torch.sqrt(((cov.diagonal(dim1=1, dim2=2) - q[:, None]) ** 2).sum(-1) / 6 + off / 3)
+    shifted = (cov - q[:, None, None] * eye) / torch.where(p > 0, p, 1.0)[:, None, None]
+    det = (shifted[:, 0] * torch.linalg.cross(shifted[:, 1], shifted[:, 2])).sum(-1)
+    angle = torch.acos((det / 2).clamp(-1, 1)) / 3
+    lam_min = q + 2 * p * torch.cos(angle + 2 * math.pi / 3)
+    rows = cov - lam_min[:, None, None] * eye
+    cand = torch.stack((torch.linalg.cross(rows[:, 0], rows[:, 1]), torch.linalg.cross(rows[:, 0], rows[:, 2]),
+                        torch.linalg.cross(rows[:, 1], rows[:, 2])), 1)
+    norms = cand.norm(dim=-1)
+    best = torch.take_along_dim(cand, norms.argmax(-1)[:, None, None], dim=1).squeeze(1)
+    return best / norms.amax(-1).clamp(min=1e-300)[:, None]
+
+
+def angle_basis(mean, cov):
+    """(b, 2, 3) orthonormal basis of the top-2 eigenvector plane with u0 along the mean OD projected into it,
+    so tissue angles cluster around 0 and the +-pi cut of atan2 lies opposite the tissue."""
+    normal = smallest_eigenvector(cov)
+    u0 = mean - (mean * normal).sum(-1, keepdim=True) * normal
+    u0 = u0 / u0.norm(dim=-1, keepdim=True).clamp(min=1e-300)
+    u1 = torch.linalg.cross(normal, u0)
+    return torch.stack((u0, u1), 1)
+
+
+def nearest_rank(q, n):
+    """torchstain's percentile: the k-th smallest (1-based), k = 1 + round(q/100 * (n-1)) rounded half to even,
+    for a tensor, an int or a numpy array of counts n."""
+    if isinstance(n, torch.Tensor):
+        return 1 + torch.round(0.01 * float(q) * (n.to(torch.float64) - 1)).long()
+    return 1 + np.round(0.01 * float(q) * (np.asarray(n, dtype=np.float64) - 1)).astype(np.int64)
+
+
+def kth_smallest(rows, k):
+    """k-th smallest (1-based, same k for every row) of each row of a 2-D tensor. On CPU numpy's introselect is
+    ~4x faster than torch.kthvalue/topk, which track indices; elsewhere torch.kthvalue, which never syncs."""
+    if rows.device.type == "cpu":
+        return torch.from_numpy(np.partition(rows.numpy(), k - 1, axis=-1)[:, k - 1])
+    return rows.kthvalue(k, dim=-1).values
+
+
+def tissue_percentiles(phi, tissue, count, alpha, high=True):
+    """torchstain's alpha and 100-alpha percentiles of each image's tissue angles, with a single selection for
+    the whole chunk. Row i wants its k_i-th smallest tissue angle: non-tissue angles become +inf and K - k_i
+    padding entries of -inf are appended, so the K-th smallest of every padded row is the answer for a common K.
+    The high percentile is the j_i-th smallest of -phi, j_i = n_i - k_hi + 1, padded the same way. high=False:
+    the alpha percentile alone (half the rows)."""
+    b, pixels = phi.shape
+    k_lo, j_hi = nearest_rank(alpha, count), count - nearest_rank(100 - alpha, count) + 1
+    k_max = max(int(nearest_rank(alpha, pixels)), max_high_rank(pixels, alpha) if high else 1)  # host ints: no sync
+    rows = torch.empty(((1 + high) * b, pixels + k_max), dtype=phi.dtype, device=phi.device)
+    inf = torch.full((), math.inf, dtype=phi.dtype, device=phi.device)  # a fill, not a host-to-device copy
+    torch.where(tissue, phi, inf, out=rows[:b, :pixels])
+    if high:
+        torch.where(tissue, -phi, inf, out=rows[b:, :pixels])
+    want = (torch.cat((k_lo, j_hi)) if high else k_lo).clamp(1, k_max)
+    pad = torch.arange(k_max, device=phi.device)[None, :] < (k_max - want)[:, None]
+    rows[:, pixels:] = torch.where(pad, -math.inf, math.inf)
+    picked = kth_smallest(rows, k_max).to(phi.device, torch.float64)
+    return (picked[:b], -picked[b:]) if high else picked
+
+
+@functools.lru_cache(maxsize=64)
+def max_high_rank(pixels, alpha):
+    """Largest j = n - k_hi(n) + 1 over every possible tissue count n <= pixels (the high side's padding size)."""
+    n = np.arange(1, pixels + 1)
+    return int((n - nearest_rank(100 - alpha, n) + 1).max())
+
+
+def unit_in_plane(u, phi):
+    return torch.cos(phi)[:, None] * u[:, 0] + torch.sin(phi)[:, None] * u[:, 1]
+
+
+def pseudo_inverse(matrix):
+    """Least-squares inverse (b, 2, 3) of (b, 3, 2) stain matrices, as torch.linalg.lstsq solves it."""
+    gram = matrix.transpose(1, 2) @ matrix
+    det = gram[:, 0, 0] * gram[:, 1, 1] - gram[:, 0, 1] * gram[:, 1, 0]
+    invertible = det > 1e-9 * gram[:, 0, 0] * gram[:, 1, 1]  # vectors more than ~0.002 deg apart
+    safe = torch.where(invertible, det, 1.0)
+    adj = torch.stack((torch.stack((gram[:, 1, 1], -gram[:, 0, 1]), -1),
+                       torch.stack((-gram[:, 1, 0], gram[:, 0, 0]), -1)), 1)
+    return (adj / safe[:, None, None]) @ matrix.transpose(1, 2), invertible
+
+
+def reconstruct(od, od_to_output, io, out):
+    """out = floor(min(Io * exp(-M @ OD), 255)) / 255: torchstain's clip and int truncation, as level/255."""
+    torch.bmm(-od_to_output, od, out=out)
+    out.add_(math.log(io)).exp_().clamp_(max=255.0).floor_().div_(255.0)
+
+
+def max_concentrations(conc):
+    """torchstain's 99th nearest-rank percentile of each stain over all pixels: (b, 2, N) -> (b, 2)."""
+    b, stains, pixels = conc.shape
+    k = int(nearest_rank(MAX_CONC_PERCENTILE, pixels))
+    return kth_smallest(conc.reshape(b * stains, pixels), k).to(conc.device).view(b, stains)
+
+
 # ---------------------------------------------------------------------------------------------- stain estimates
 def _hematoxylin_vectors(od, tissue, count, mean, dab, alpha):
     """Per-image hematoxylin unit vector (b, 3) given the DAB vector (3,): in the plane of DAB and the tissue's
@@ -336,10 +456,10 @@ def _hematoxylin_vectors(od, tissue, count, mean, dab, alpha):
     u = torch.stack((e / norm.clamp(min=1e-300)[:, None], dab.expand_as(e)), 1)  # (b, 2, 3): DAB-free axis, DAB
     proj = torch.bmm(u.float(), od)
     darkness = od.sum(dim=1)
-    cut = sm.tissue_percentiles(darkness, tissue, count, PALE_PERCENTILE, high=False)  # no sync
+    cut = tissue_percentiles(darkness, tissue, count, PALE_PERCENTILE, high=False)  # no sync
     dark = tissue & (darkness >= cut.float()[:, None])
-    phi = sm.tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), dark, dark.sum(dim=1), alpha, high=False)
-    h = sm.unit_in_plane(u, phi)
+    phi = tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), dark, dark.sum(dim=1), alpha, high=False)
+    h = unit_in_plane(u, phi)
     return h, (norm > 1e-3 * mean.norm(dim=-1)) & ((h @ dab) < math.cos(math.radians(MIN_HEMATOXYLIN_ANGLE)))
 
 
@@ -364,8 +484,8 @@ def _dab_vectors(od, tissue, hematoxylin, alpha):
     axis = (offset * dab_pixels[:, None]).sum(-1).double()
     u = torch.stack((hematoxylin.double(), axis / axis.norm(dim=-1, keepdim=True).clamp(min=1e-300)), 1)  # (b, 2, 3)
     proj = torch.bmm(u.float(), od)
-    _, phi = sm.tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), dab_pixels, n.clamp(min=1), alpha)
-    return sm.unit_in_plane(u, phi), n, n.double() / tissue.sum(dim=1).clamp(min=1).double()
+    _, phi = tissue_percentiles(torch.atan2(proj[:, 1], proj[:, 0]), dab_pixels, n.clamp(min=1), alpha)
+    return unit_in_plane(u, phi), n, n.double() / tissue.sum(dim=1).clamp(min=1).double()
 
 
 def _check_reference(tissue_pixels, min_tissue_pixels, invertible, two, dab_share):

@@ -21,7 +21,6 @@
     eval_report   evaluate.py's files: the eval folder swap, CSV/JSON, report.md
     figures       every chart
     gradcam       Grad-CAM maps and grids
-    stain_math    macenko_gpu's batched per-image statistics
 
 The two shared modules the design card places at the top level stay there: common.py (errors, exit codes,
 --device, atomic writes) and macenko_gpu.py (batched stain normalization). The package imports them; they import

@@ -22,7 +22,7 @@ import common
 import macenko_gpu
 import stain
 import stain_check
-from helico import helicodata, model, packed_cache, stain_math
+from helico import helicodata, model, packed_cache
 from macenko_gpu import FALLBACK, SINGLE_STAIN, TWO_STAINS, MacenkoNormalizer, load_rgb, synthetic_ihc_tiles
 
 TILE = 128
@@ -330,7 +330,7 @@ def test_cuda_selection_path_gives_the_same_output_on_cpu(ihc, reference, monkey
     tiles = torch.cat([tiles_of(ihc)[:5], torch.stack(odd_tiles(ihc))])
     norm = MacenkoNormalizer().fit(reference)
     expected = norm.normalize(tiles)
-    monkeypatch.setattr(stain_math, "kth_smallest", lambda rows, k: rows.kthvalue(k, dim=-1).values)
+    monkeypatch.setattr(macenko_gpu, "kth_smallest", lambda rows, k: rows.kthvalue(k, dim=-1).values)
     assert torch.equal(norm.normalize(tiles), expected)
 
 
@@ -569,8 +569,8 @@ def test_the_normalizer_runs_its_matmuls_in_ieee_fp32_whatever_the_caller_allowe
     # patches differed between train.py and evaluate.py / patch_cache.py
     seen = []
     for name in ("reconstruct", "tissue_mean_and_cov"):  # normalize's and fit's
-        real = getattr(stain_math, name)
-        monkeypatch.setattr(stain_math, name, lambda *a, real=real, name=name: (
+        real = getattr(macenko_gpu, name)
+        monkeypatch.setattr(macenko_gpu, name, lambda *a, real=real, name=name: (
             seen.append((name, torch.backends.cuda.matmul.fp32_precision)), real(*a))[1])
     before = torch.backends.cuda.matmul.fp32_precision
     torch.backends.cuda.matmul.fp32_precision = "tf32"  # as train.py sets it on a GPU
