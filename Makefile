@@ -33,7 +33,7 @@ demo: $(VENV)/.runtime
 # GPU; exits 2 at once without CUDA). Paste the table, with the card's name, where the README asks for it.
 gpu-check: $(VENV)/.runtime
 	test -d $(DEMO) || $(PY) make_demo_data.py $(DEMO) --seed 0
-	$(PY) gpu_check.py --data-root $(DEMO) --json runs/gpu_check.json
+	$(PY) tools/gpu_check.py --data-root $(DEMO) --json runs/gpu_check.json
 
 # The launcher tests stage data with rsync (and test the cp fallback without it): install it where missing.
 rsync:

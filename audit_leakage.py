@@ -29,7 +29,7 @@ with one line `error: ...` on stderr. `--json OUT` is written atomically:
   {"ok": bool, "findings": [{"kind", "check", "patients", "detail", "files"}], "composition": {...}, "split": {...}}
 
 Speed on the real dataset (~220k PNGs: minutes, not hours):
-- one directory scan (helicodata.load_data); every check then works on that listing in memory;
+- one directory scan (common.load_data); every check then works on that listing in memory;
 - content hashes only for files whose byte size another file shares (a file of unique size cannot have a
   byte-identical twin), hashed in a thread pool and cached by (path, size, mtime) in --hash-cache: a re-run
   hashes only new or changed files;
@@ -51,9 +51,9 @@ from pathlib import Path
 import numpy as np
 
 import common
-from helico import helicodata, splits, train_flags
+from helico import splits, staining, train_flags
 from common import DataError
-from helico.helicodata import TREES, patient_id
+from common import TREES, patient_id
 
 PARTS = splits.SPLIT_PARTS          # train, val, test
 HOLDOUT = "holdout"                 # the HoldOut tree: the independent test set, a part of its own
@@ -86,7 +86,7 @@ def path_patient(path: str) -> str | None:
     for tree in TREES.values():
         if path.startswith(tree + "/"):
             folder = path[len(tree) + 1:].split("/")[0]
-            return patient_id(folder) if helicodata.folder_section(folder) is not None else None
+            return patient_id(folder) if common.folder_section(folder) is not None else None
     return None
 
 
@@ -158,12 +158,12 @@ def identical_images_across_parts(shared: dict[str, list[str]], parts: Parts) ->
                  f"(the default split does)", [f for fs in owners_files.values() for f in fs])
 
 
-def windows_across_parts(samples: list[helicodata.Sample], parts: Parts) -> list[Finding]:
+def windows_across_parts(samples: list[common.Sample], parts: Parts) -> list[Finding]:
     """One slide window (patient + window number) whose files land in different parts: its `_AugK` re-crops
     (aug_copy_across_parts) or its Annotated and Cropped copies (window_across_parts). Works on the joined
     samples, the part decided by each file's folder, so a split by folder or a row whose Pat_ID differs from its
     file's folder makes it fire."""
-    groups: dict[tuple, list[helicodata.Sample]] = defaultdict(list)
+    groups: dict[tuple, list[common.Sample]] = defaultdict(list)
     for s in samples:
         if s.source != "holdout":
             groups[(s.patient, s.window)].append(s)
@@ -179,20 +179,20 @@ def windows_across_parts(samples: list[helicodata.Sample], parts: Parts) -> list
         [f for *_, fs in items for f in fs])]
 
 
-def holdout_in_crossvalidation(data: helicodata.HelicoData) -> list[Finding]:
+def holdout_in_crossvalidation(data: common.HelicoData) -> list[Finding]:
     both = sorted(set(data.holdout_patients) & set(data.cv_patients))
     return found("leak", "holdout_in_crossvalidation", both, both, f"{len(both)} HoldOut patient(s) also in "
                  f"CrossValidation: {examples(both)}; the HoldOut is no longer an independent test")
 
 
 def reference_not_in_train(reference, parts: Parts) -> list[Finding]:
-    outside = [(p, parts.of_patient(p)) for p in helicodata.reference_patients(reference)
+    outside = [(p, parts.of_patient(p)) for p in staining.reference_patients(reference)
                if parts.of_patient(p) in ("val", "test")]
     return found("leak", "reference_not_in_train", outside, [p for p, _ in outside],
-                 f"stain reference {' '.join(helicodata.reference_list(reference))} comes from "
+                 f"stain reference {' '.join(staining.reference_list(reference))} comes from "
                  f"{', '.join(f'{p} (a {part} patient)' for p, part in outside)}: the normalizer would be fitted on "
                  f"held-out data; keep them in train (the default split does) or pick another --reference-patch",
-                 helicodata.reference_list(reference))
+                 staining.reference_list(reference))
 
 
 def split_refused(problems: list[str], findings: list[Finding]) -> list[Finding]:
@@ -203,7 +203,7 @@ def split_refused(problems: list[str], findings: list[Finding]) -> list[Finding]
 
 
 # ----------------------------------------------------------------------------------------------- warning checks
-def multi_section_patients(data: helicodata.HelicoData) -> list[Finding]:
+def multi_section_patients(data: common.HelicoData) -> list[Finding]:
     folders: dict[str, set] = defaultdict(set)
     for tree in ("annotated", "cropped"):
         for p, names in data.folders[tree].items():
@@ -214,7 +214,7 @@ def multi_section_patients(data: helicodata.HelicoData) -> list[Finding]:
                  f"so one part")
 
 
-def label_conflicts(data: helicodata.HelicoData) -> list[Finding]:
+def label_conflicts(data: common.HelicoData) -> list[Finding]:
     rows = [a for a in data.annotations if a.presence == 1 and data.diagnosis.get(a.patient) == "NEGATIVA"]
     windows: dict[str, set] = defaultdict(set)
     for a in rows:
@@ -225,7 +225,7 @@ def label_conflicts(data: helicodata.HelicoData) -> list[Finding]:
                  f"as annotated")
 
 
-def presence_zero_rows(data: helicodata.HelicoData) -> list[Finding]:
+def presence_zero_rows(data: common.HelicoData) -> list[Finding]:
     rows = [a for a in data.annotations if a.presence == 0]
     per = Counter(a.patient for a in rows)
     copies = data.uncertain_cropped
@@ -236,26 +236,26 @@ def presence_zero_rows(data: helicodata.HelicoData) -> list[Finding]:
                  f"rows {examples(a.row for a in rows)}{also}", data.uncertain_files + copies)
 
 
-def rows_without_files(data: helicodata.HelicoData) -> list[Finding]:
+def rows_without_files(data: common.HelicoData) -> list[Finding]:
     rows = data.rows_without_file
     names = (f"row {a.row} {a.patient} window {a.window}" + (f"_Aug{a.aug}" if a.aug else "") for a in rows)
     return found("warning", "rows_without_files", rows, [a.patient for a in rows],
                  f"{len(rows)} workbook row(s) without an image, ignored: {examples(names)}")
 
 
-def files_without_rows(data: helicodata.HelicoData) -> list[Finding]:
+def files_without_rows(data: common.HelicoData) -> list[Finding]:
     files = data.files_without_row
     return found("warning", "files_without_rows", files, map(path_patient, files),
                  f"{len(files)} Annotated image(s) without a workbook row, unused: {examples(files)}", files)
 
 
-def stray_entries(data: helicodata.HelicoData) -> list[Finding]:
+def stray_entries(data: common.HelicoData) -> list[Finding]:
     return found("warning", "stray_entries", data.stray, [], f"{len(data.stray)} entries that are neither patient "
                  f"folders nor patch PNGs, skipped: {examples(data.stray)}", data.stray)
 
 
-def duplicate_rows(data: helicodata.HelicoData) -> list[Finding]:
-    keys: dict[tuple, list[helicodata.Annotation]] = defaultdict(list)
+def duplicate_rows(data: common.HelicoData) -> list[Finding]:
+    keys: dict[tuple, list[common.Annotation]] = defaultdict(list)
     for a in data.annotations:
         keys[(a.patient, a.window, a.aug)].append(a)
     dups = sorted((rows for rows in keys.values() if len(rows) > 1), key=lambda rows: rows[0].row)
@@ -273,7 +273,7 @@ def duplicate_rows(data: helicodata.HelicoData) -> list[Finding]:
 def metadata_cells(path: Path):
     """(cell, patient of that row or None, text) for every non-empty cell of an xlsx (all sheets) or a CSV."""
     from openpyxl.utils import get_column_letter
-    for sheet, rows in helicodata.read_sheets(path, first_only=False):
+    for sheet, rows in common.read_sheets(path, first_only=False):
         where = f"{path.name}!{sheet}!" if sheet else f"{path.name}!"
         header = [str(h if h is not None else "").strip().lower() for h in (rows[0] if rows else [])]
         col = next((header.index(c) for c in ("pat_id", "codi") if c in header), None)
@@ -284,7 +284,7 @@ def metadata_cells(path: Path):
                     yield f"{where}{get_column_letter(c)}{r}", patient, str(v)
 
 
-def control_or_external_mentions(data: helicodata.HelicoData, paths) -> list[Finding]:
+def control_or_external_mentions(data: common.HelicoData, paths) -> list[Finding]:
     """The original pipeline's control-section trace: 'control' / 'external' in any path, workbook or CSV cell."""
     hit_paths = sorted(p for p in paths if MENTION.search(p))
     hit_cells = [(where, patient, text) for f in (data.annotations_file, data.diagnosis_file) if f
@@ -496,30 +496,30 @@ def duplicate_content_groups(groups: list[list[str]], parts: Parts, holdout_pati
 
 
 def reference_patch_missing(root: Path, reference) -> list[Finding]:
-    entries = helicodata.reference_list(reference)
+    entries = staining.reference_list(reference)
     missing = [e for e in entries if not (Path(e) if Path(e).is_absolute() else root / e).exists()]
-    return found("warning", "reference_patch_missing", missing, helicodata.reference_patients(missing),
+    return found("warning", "reference_patch_missing", missing, staining.reference_patients(missing),
                  f"stain reference {' '.join(missing)} not found under {root}: Macenko normalization cannot use it; "
                  f"pass --reference-patch")
 
 
-def patients_outside_split(split: dict, data: helicodata.HelicoData) -> list[Finding]:
+def patients_outside_split(split: dict, data: common.HelicoData) -> list[Finding]:
     outside = sorted(set(data.cv_patients) - {p for ps in split_patients(split).values() for p in ps})
     return found("warning", "patients_outside_split", outside, outside, f"{len(outside)} CrossValidation "
                  f"patient(s) in no part of the split, unused: {examples(outside)}")
 
 
-def patients_without_diagnosis(data: helicodata.HelicoData) -> list[Finding]:
+def patients_without_diagnosis(data: common.HelicoData) -> list[Finding]:
     missing = sorted((set(data.cv_patients) | set(data.holdout_patients)) - set(data.diagnosis))
     return found("warning", "patients_without_diagnosis", missing, missing, f"{len(missing)} patient(s) with images "
-                 f"but no {helicodata.DIAGNOSIS_NAME} row, so their Cropped patches get no label: {examples(missing)}")
+                 f"but no {common.DIAGNOSIS_NAME} row, so their Cropped patches get no label: {examples(missing)}")
 
 
 # ----------------------------------------------------------------------------------------------- composition
-def part_composition(samples: list[helicodata.Sample], patients: list[str], data: helicodata.HelicoData,
+def part_composition(samples: list[common.Sample], patients: list[str], data: common.HelicoData,
                      uncertain: int) -> dict:
     """Counts of one part as validation would see it (each window once) plus the Aug copies training adds."""
-    once = helicodata.one_per_window(samples)
+    once = common.one_per_window(samples)
     positives = sum(s.label == 1 for s in once)
     hard = sum(s.label == 0 and s.source == "annotated" for s in once)
     easy = sum(s.label == 0 and s.source == "supplemental" for s in once)
@@ -530,7 +530,7 @@ def part_composition(samples: list[helicodata.Sample], patients: list[str], data
             "dummy_accuracy": (hard + easy) / n if n else None}
 
 
-def composition(data: helicodata.HelicoData, split: dict, parts: Parts) -> dict:
+def composition(data: common.HelicoData, split: dict, parts: Parts) -> dict:
     by_part: dict[str, list] = defaultdict(list)
     for s in data.labelled:
         by_part[parts.of_path(s.path)].append(s)
@@ -545,7 +545,7 @@ def composition(data: helicodata.HelicoData, split: dict, parts: Parts) -> dict:
 # ----------------------------------------------------------------------------------------------- the audit
 @dataclass
 class Audit:
-    data: helicodata.HelicoData
+    data: common.HelicoData
     split: dict
     findings: list[Finding]
     composition: dict
@@ -582,7 +582,7 @@ def audit_all(args) -> tuple[list[Audit], list[Finding]]:
     folds' test parts are disjoint and cover the patients (fold_test_parts)."""
     if not args.data_root:
         raise DataError("--data-root: not given (pass the HelicoDataSet folder or set $HELICO_DATA)")
-    data = helicodata.load_data(args.data_root)
+    data = common.load_data(args.data_root)
     every_fold = bool(args.folds) and args.fold is None and not args.split
     folds = range(args.folds) if every_fold and args.folds >= 2 else [args.fold]
     cache = decode_cache_path(splits.hash_cache_path(args.hash_cache, data.root))
@@ -595,7 +595,7 @@ def audit_all(args) -> tuple[list[Audit], list[Finding]]:
     return audits, found("leak", "fold_test_parts", problems, [], "; ".join(problems))
 
 
-def audit(args, data: helicodata.HelicoData, checked: dict) -> Audit:
+def audit(args, data: common.HelicoData, checked: dict) -> Audit:
     progress = not args.no_progress
     try:
         split, groups, shared = splits.resolve_split(data, **splits.split_options(args), progress=progress)
@@ -624,7 +624,7 @@ def composition_table(comp: dict) -> list[str]:
             f"{'easy neg':>10}{'Presence 0':>12}{'all-negative acc':>18}")
     lines = [head]
     for part, c in comp.items():
-        dx = "/".join(str(c["diagnosis"].get(d, 0)) for d in helicodata.DIAGNOSES)
+        dx = "/".join(str(c["diagnosis"].get(d, 0)) for d in common.DIAGNOSES)
         if part == HOLDOUT:
             lines.append(f"  {part:<8}{c['patients']:>9}{dx:>16}   {c['patches']:,} patches, patient diagnosis only")
             continue

@@ -76,8 +76,7 @@ import common
 import macenko_gpu
 from common import DataError
 from helico import (
-    analysis, bags, crossval, eval_report, feeds, figures, gradcam, helicodata, inference, ledger, loaders, metrics,
-    mil, model, packed_cache, runlog, splits
+    analysis, bags, crossval, eval_report, feeds, figures, gradcam, inference, ledger, loaders, metrics, mil, model, packed_cache, runlog, splits,
 )
 
 
@@ -193,7 +192,7 @@ def data_root_of(ckpt: dict, override: str | None, path) -> str:
     return root
 
 
-def split_parts(ckpt: dict, data: helicodata.HelicoData, path) -> dict[str, list[str]]:
+def split_parts(ckpt: dict, data: common.HelicoData, path) -> dict[str, list[str]]:
     """{"val": patients, "test": patients} of the checkpoint's split, checked against the data root. The test part
     is empty for a two-part split (or one written before splits had three parts): no untouched set."""
     split = ckpt["split"] if isinstance(ckpt["split"], dict) else {}
@@ -311,9 +310,9 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     path = checkpoint_file(args.checkpoint, "--checkpoint")
     out = Path(args.out) if args.out else path.parent / default_out(args.holdout)
     eval_report.check_out_folder(out)
-    ckpt = model.load_checkpoint(path)
+    ckpt = common.load_checkpoint(path)
     net, normalizer = model.from_checkpoint(ckpt, path, args.arch, device)
-    data = helicodata.load_data(data_root_of(ckpt, args.data_root, path))
+    data = common.load_data(data_root_of(ckpt, args.data_root, path))
     parts = split_parts(ckpt, data, path)
     hash_cache = splits.hash_cache_path(None, data.root)
     shared = splits.shared_content(data, cache=hash_cache, progress=False)
@@ -321,7 +320,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     holdout = data.holdout_patients if args.holdout else []
     if args.holdout:
         if not holdout:
-            raise DataError(f"--holdout: {data.root} has no HoldOut patients (missing {helicodata.TREES['holdout']}/ "
+            raise DataError(f"--holdout: {data.root} has no HoldOut patients (missing {common.TREES['holdout']}/ "
                             f"folder?)")
         splits.check_holdout_independent(data, shared)  # exit 1: a HoldOut that overlaps CV proves nothing
     rows, identical = analysis.count_identical_once(analysis.evaluation_rows(data, parts, holdout),
@@ -462,7 +461,7 @@ def run_cv(args, device) -> int:
                             device)
     folds = sorted((crossval.read_fold(r) for r in runs), key=lambda f: (f.split.get("fold") is None,
                                                                          f.split.get("fold")))
-    data = helicodata.load_data(folds[0].metrics["meta"]["data_root"])
+    data = common.load_data(folds[0].metrics["meta"]["data_root"])
     crossval.check_folds(folds, data.cv_patients)
     result, preds, pats = crossval.summarize(folds, args.bootstrap, args.seed)
     shas = [common.file_sha256(r / "best.pt") for r in runs]
@@ -488,7 +487,7 @@ def oof_predictions(rows: list[dict]) -> analysis.Predictions:
     """The pooled out-of-fold test rows of the fold runs' predictions.csv (crossval.pooled_rows), as Predictions:
     what the ensemble's thresholds are chosen on (each patient scored by the one model that never saw it, no
     HoldOut label read)."""
-    samples = [helicodata.Sample(r["path"], r["patient"], r["source"], int(r["label"]), 0) for r in rows]
+    samples = [common.Sample(r["path"], r["patient"], r["source"], int(r["label"]), 0) for r in rows]
     flag = lambda k: np.array([r[k] == "1" for r in rows], dtype=bool)
     return analysis.Predictions(samples, np.array(["test"] * len(rows)), flag("patch_eval"), flag("patient_eval"),
                                 np.array([float(r["score"]) for r in rows]))
@@ -510,9 +509,9 @@ def run_ensemble(args, device) -> int:
     folds = sorted((crossval.read_fold(r) for r in runs), key=lambda f: (f.split.get("fold") is None,
                                                                          f.split.get("fold")))
     paths = [f.run / "best.pt" for f in folds]
-    ckpts = [model.load_checkpoint(p) for p in paths]
+    ckpts = [common.load_checkpoint(p) for p in paths]
     shas = [common.file_sha256(p) for p in paths]
-    data = helicodata.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
+    data = common.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
     crossval.check_folds(folds, data.cv_patients)
     hash_cache = splits.hash_cache_path(None, data.root)
     shared = splits.shared_content(data, cache=hash_cache, progress=False)
@@ -596,8 +595,8 @@ def run_compare(args, device) -> int:
     paths = [checkpoint_file(p, "--compare") for p in args.compare]
     out = Path(args.out) if args.out else paths[0].parent / "compare"
     eval_report.check_out_folder(out)
-    ckpts = [model.load_checkpoint(p) for p in paths]
-    data = helicodata.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
+    ckpts = [common.load_checkpoint(p) for p in paths]
+    data = common.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
     parts = [split_parts(c, data, p) for c, p in zip(ckpts, paths)]
     part = args.compare_on
     lacking = [str(p) for p, ps in zip(paths, parts) if not ps[part]]

@@ -3,7 +3,7 @@
 In code (what training and evaluation do):
     norm = MacenkoNormalizer().fit(load_rgb("ref.png")).to("cuda")
     x = norm.normalize(batch)      # uint8 (B,3,H,W) -> float32 (B,3,H,W) in [0,1] on batch's device
-    ckpt["stain"] = norm.state_dict()      # plain tensors and scalars: weights_only-safe (model.checkpoint)
+    ckpt["stain"] = norm.state_dict()      # plain tensors and scalars: weights_only-safe (common.checkpoint)
     norm = MacenkoNormalizer.from_state_dict(torch.load(path, weights_only=True)["stain"])
 
 Modes (mode=..., stored in the state; every mode is one batched pass, no per-image Python loop, no host sync):
@@ -22,7 +22,7 @@ Modes (mode=..., stored in the state; every mode is one batched pass, no per-ima
   * "auto": the previous default (single-stain tiles keep one stain), kept only so checkpoints trained with it
     normalize as they were trained; it turns sparse rods blue (projected onto hematoxylin). Not for new runs.
 States written before the modes existed (single_stain="auto"/"off") load as "auto"/"macenko".
-The command line (a folder, --preview mosaics, the torchstain benchmark) is stain.py; python stain_check.py prints
+The command line (a folder, --preview mosaics, the torchstain benchmark) is stain.py; python tools/stain_check.py prints
 bacteria AUROC / brown-nuclei numbers of every mode on synthetic IHC patches.
 
 The reference must define DAB: fit() raises a one-line ValueError for one with under 100 tissue pixels, under

@@ -19,7 +19,7 @@ import sys
 
 import common
 from common import DataError
-from helico import helicodata, packed_cache
+from helico import packed_cache, staining
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: all CPU cores of this job)")
     p.add_argument("--normalized", action="store_true", help="store patches already Macenko-normalized, so "
                    "training skips the normalizer (it is recorded in meta.json; a GPU makes this fast)")
-    helicodata.add_reference_argument(p, "for --normalized; use the same one train.py uses")
+    staining.add_reference_argument(p, "for --normalized; use the same one train.py uses")
     p.add_argument("--device", default=None, help="device for --normalized (default cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         return common.EXIT_BAD_INPUT
     workers = args.workers or len(os.sched_getaffinity(0))
     try:
-        report = packed_cache.build_cache(helicodata.load_data(args.data_root), args.out, args.image_size, workers,
+        report = packed_cache.build_cache(common.load_data(args.data_root), args.out, args.image_size, workers,
                                           args.normalized, args.reference_patch, args.device, progress=not args.quiet)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,8 +24,9 @@ colour jitter with independent random factors per sample -> one of the 8 symmetr
 ImageNet normalization -> model under autocast (bf16 on Ampere+ GPUs, else fp16 with a GradScaler; off on CPU
 unless --amp). The operating threshold is the one that maximises F1 on the validation patients.
 This file owns the training loop and the run folder; the sample order is sampling.py's, the optimisation step
-optimisation.py's (bench.py times that same step), log.jsonl's format runlog.py's; what the model sees, its precision
-and the checkpoint schema are model.py's (evaluate.py and bench.py call the same functions), the metrics metrics.py's.
+optimisation.py's (tools/bench.py times that same step), log.jsonl's format runlog.py's; what the model sees and its
+precision are model.py's, the network and the checkpoint schema common.py's (evaluate.py and tools/bench.py call the
+same functions), the metrics metrics.py's.
 
 Exit codes: 0 done (or already complete), 1 the HoldOut is not independent (a HoldOut patient shares an ID or a
 byte-identical image with CrossValidation; nothing trained), 2 bad input (one-line `error:`), 3 non-finite loss
@@ -60,8 +61,7 @@ from tqdm import tqdm
 import common
 import macenko_gpu
 from helico import (
-    augment, feeds, figures, helicodata, loaders, metrics, model, optimisation, packed_cache, runlog, sampling,
-    splits, train_flags
+    augment, feeds, figures, loaders, metrics, model, optimisation, packed_cache, runlog, sampling, splits, staining, train_flags,
 )
 
 SKIPPED = "skipped_images.txt"  # --skip-bad-images: the undecodable files left out, one path per line
@@ -201,11 +201,11 @@ def environment(device) -> dict:
 
 def samples_and_config(args, data, split, world, device):
     """Training/validation samples of the split and the run's config dict (resolved flags + environment)."""
-    train = helicodata.select(data.labelled, split["train"], include_aug=True)
+    train = common.select(data.labelled, split["train"], include_aug=True)
     train = sampling.stratified_subset(train, args.limit_samples, args.seed)
     # validation (epoch and threshold) on the annotated windows only: the Cropped patches of NEGATIVA patients are
     # easy negatives that would inflate accuracy and flatten the threshold; evaluate.py's headline is the same set
-    val = [s for s in helicodata.select(data.labelled, split["val"]) if s.source == "annotated"]
+    val = [s for s in common.select(data.labelled, split["val"]) if s.source == "annotated"]
     # a byte-identical window (a slide under two patient IDs) counts once, exactly as evaluate.py counts it
     identical = splits.identical_files(data, splits.hash_cache_path(args.hash_cache, data.root))
     val = [s for s, keep in zip(val, splits.first_copies([s.path for s in val], identical)) if keep]
@@ -224,7 +224,7 @@ def as_stored(config: dict) -> dict:
     """A config as today's config.json spells it: runs written before a flag existed, or before --reference-patch
     took several entries, resume as what they trained with."""
     config = {**ADDED_FLAGS, **json.loads(json.dumps(config))}
-    config["reference_patch"] = helicodata.reference_list(config.get("reference_patch"))
+    config["reference_patch"] = staining.reference_list(config.get("reference_patch"))
     return config
 
 
@@ -316,7 +316,7 @@ def plan_run(args, data, world, device) -> dict:
 
 def last_checkpoint(run_dir: Path, run_id: str) -> dict:
     """The run folder's last.pt with the state that resumes training."""
-    return model.load_checkpoint(run_dir / "last.pt", training=True, named=f"--run-id {run_id}: resuming from")
+    return common.load_checkpoint(run_dir / "last.pt", training=True, named=f"--run-id {run_id}: resuming from")
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -347,7 +347,7 @@ def stain_normalizer(args, data, train_ds, ckpt, device) -> tuple:
         return None, None
     if ckpt and ckpt["stain"] is not None:
         return macenko_gpu.MacenkoNormalizer.from_state_dict(ckpt["stain"]).to(device), ckpt["stain"]
-    normalizer = model.fit_stain_reference(data.root, args.reference_patch)
+    normalizer = staining.fit_stain_reference(data.root, args.reference_patch)
     return normalizer.to(device), normalizer.state_dict()
 
 
@@ -366,7 +366,7 @@ def set_device_rng(device, state) -> None:
 def network(args, precision: model.Precision, device, world: int, resumed: bool) -> tuple:
     """(the plain model: validation and checkpoints, the model the training step calls: DDP and compile)."""
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    raw = precision.place(model.build_model(args.arch, "none" if resumed else args.weights), device)
+    raw = precision.place(common.build_model(args.arch, "none" if resumed else args.weights), device)
     net = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
         raw, device_ids=[device.index] if device.type == "cuda" else None)
     return raw, torch.compile(net) if args.compile else net  # compiled for training steps only
@@ -442,7 +442,7 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "augment": [a for a, _ in states], "device": [d for _, d in states],
                "python": [py_rng[0], list(py_rng[1]), py_rng[2]],
                "numpy": [np_rng[0], torch.from_numpy(np_rng[1].astype(np.int64)), *np_rng[2:]]}
-        ckpt = model.checkpoint(
+        ckpt = common.checkpoint(
             model_state=self.raw.state_dict(), arch=self.args.arch, config=self.config, split=self.split,
             stain=self.stain, threshold=self.threshold, threshold_rule=self.rule, image_size=self.args.image_size,
             epoch=self.epoch, val_metrics=self.val_metrics,
@@ -494,8 +494,8 @@ class Trainer:
         """A training batch -> (model input, labels) on the device, one batch ahead of the step (feeds.Prefetched)."""
         # DataLoader batches are on the host still: no device sync. Cache batches may already be on the GPU: their
         # undecodable rows were recorded at build time and named once when the run started
-        if labels.device.type == "cpu" and (labels == helicodata.BAD).any():
-            self.note_skipped(self.train_paths[k] for k in idx[labels == helicodata.BAD].tolist())
+        if labels.device.type == "cpu" and (labels == common.BAD).any():
+            self.note_skipped(self.train_paths[k] for k in idx[labels == common.BAD].tolist())
         x = model.model_input(x.to(self.device, non_blocking=True), self.normalizer, self.args.jitter, self.gen,
                               self.precision.channels_last, self.args.hed_jitter)
         return x, labels.to(self.device, non_blocking=True)
@@ -532,12 +532,12 @@ class Trainer:
             with self.precision.autocast():
                 logits = self.raw(x).squeeze(1).float()
             y = y.to(self.device, non_blocking=True)
-            keep = y != helicodata.BAD  # undecodable rows (zeros) are scored like any patch, then dropped below
+            keep = y != common.BAD  # undecodable rows (zeros) are scored like any patch, then dropped below
             loss += (F.binary_cross_entropy_with_logits(logits, y.clamp(min=0).float(), pos_weight=self.pos_weight,
                                                         reduction="none") * keep).sum()
             idx.append(i), labels.append(y), scores.append(torch.sigmoid(logits))
         i, y, s = (torch.cat(t).cpu() if t else torch.zeros(0) for t in (idx, labels, scores))  # one copy each
-        bad = y == helicodata.BAD
+        bad = y == common.BAD
         self.note_skipped(self.val_paths[k] for k in i[bad].long().tolist())
         idx, labels, scores = i[~bad].long().tolist(), y[~bad].long().tolist(), s[~bad].tolist()
         parts = [(idx, labels, scores, float(loss))] * self.world
@@ -549,12 +549,12 @@ class Trainer:
 
     def survey_stain(self) -> None:
         """Once per run (rank 0, with a stain reference): stain_survey.json and one warning line naming the slides
-        whose DAB hue lies far from the reference's (model.dab_hue_survey; no labels read, no HoldOut pixels)."""
+        whose DAB hue lies far from the reference's (staining.dab_hue_survey; no labels read, no HoldOut pixels)."""
         where = self.run_dir / "stain_survey.json"
         if not self.slides[1] or where.is_file():
             return
         normalizer = macenko_gpu.MacenkoNormalizer.from_state_dict(self.stain).to(self.device)
-        survey = model.dab_hue_survey(*self.slides, normalizer, memo=self.survey_memo)
+        survey = staining.dab_hue_survey(*self.slides, normalizer, memo=self.survey_memo)
         common.atomic_write_text(where, json.dumps(survey, indent=1) + "\n")
         if survey["far"]:
             angles, unmeasured = survey["angles"], sum(a is None for a in survey["angles"].values())
@@ -633,7 +633,7 @@ class Trainer:
 def run(args, rank: int, world: int, local_rank: int) -> int:
     device = common.resolve_device(args.device, local_rank, world)
     resolve_args(args, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    data = helicodata.load_data(args.data_root)
+    data = common.load_data(args.data_root)
     model.math_settings(device, args.deterministic)  # TF32 + autotuned cuDNN, or repeatable kernels
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))

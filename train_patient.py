@@ -40,7 +40,7 @@ import torch
 
 import common
 from common import DataError
-from helico import bags, feeds, figures, helicodata, loaders, mil, model, packed_cache, runlog
+from helico import bags, feeds, figures, loaders, mil, model, packed_cache, runlog
 
 INFECTED = ("BAIXA", "ALTA")
 
@@ -140,11 +140,11 @@ def part_bags(folder, key, patients) -> tuple[list[str], list[torch.Tensor]]:
 
 def run(args) -> int:
     device = common.resolve_device(args.device)
-    ckpt = model.load_checkpoint(args.checkpoint)
+    ckpt = common.load_checkpoint(args.checkpoint)
     root = args.data_root or (ckpt.get("config") or {}).get("data_root")
     if not root:
         raise DataError(f"--checkpoint {args.checkpoint}: no data_root in its config; pass --data-root")
-    data = helicodata.load_data(root)
+    data = common.load_data(root)
     out = common.writable_folder(bags.patient_dir(args.checkpoint), "--checkpoint")
     key, folder, stats = extract_bags(args, ckpt, data, device)
     split = ckpt["split"]

@@ -1,6 +1,5 @@
 """The library behind the top-level commands (train.py, evaluate.py, audit_leakage.py, ...): nothing here is run.
 
-    helicodata    the HelicoDataSet as the code sees it: patients, workbook rows, samples, PatchDataset
     splits        content hashes, duplicate-patient groups, patient-level splits and their checks, the split flags
     train_flags   train.py's whole command line, torch-free: train.py parses it, audit_leakage.py accepts it
     packed_cache  the packed uint8 patch cache and where patches are read from (PNGs or the cache)
@@ -8,7 +7,7 @@
     loaders       DataLoader workers: how they start, how their errors reach the user, how they stop
     augment       training augmentation as pure tensor functions, the default jitter
     sampling      the --limit-samples subset and the resumable epoch sampler
-    optimisation  one optimisation step (train.py and bench.py call the same one) and what it steps
+    optimisation  one optimisation step (train.py and tools/bench.py call the same one) and what it steps
     runlog        log.jsonl: the epoch records train.py writes and everyone reads back
     model         the network and its contract: build_model, precision, model_input, checkpoint schema
     metrics       AP, ROC-AUC, thresholds, exact and bootstrap intervals (plain numpy)

@@ -27,7 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from helico import helicodata, metrics, splits
+import common
+from helico import metrics, splits
 
 PATCH_METRICS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
 THRESHOLD_METRICS = ("recall", "precision", "f1", "accuracy")
@@ -62,22 +63,22 @@ class Predictions:
 
 class Row(NamedTuple):
     """A patch to score and what it counts towards."""
-    sample: helicodata.Sample
+    sample: common.Sample
     split: str            # val | test | holdout
     patch_eval: bool      # a labelled window of a val or test patient, once
     patient_eval: bool    # a Cropped (or HoldOut) patch, aggregated into its patient's score
 
 
-def evaluation_rows(data: helicodata.HelicoData, parts: dict[str, list[str]], holdout: list[str] = ()) -> list[Row]:
+def evaluation_rows(data: common.HelicoData, parts: dict[str, list[str]], holdout: list[str] = ()) -> list[Row]:
     """Each file once: a supplemental negative is both a labelled window and a Cropped patch of its patient.
     `parts`: split part -> patients, e.g. {"val": [...], "test": [...]}."""
     rows: dict[str, Row] = {}
     for part, patients in parts.items():
-        for s in helicodata.select(data.labelled, patients):
+        for s in common.select(data.labelled, patients):
             rows[s.path] = Row(s, part, True, False)
-        for s in helicodata.select(data.cropped, patients):
+        for s in common.select(data.cropped, patients):
             rows[s.path] = rows.get(s.path, Row(s, part, False, False))._replace(patient_eval=True)
-    for s in helicodata.select(data.holdout, holdout):
+    for s in common.select(data.holdout, holdout):
         rows[s.path] = Row(s, "holdout", False, True)
     return list(rows.values())
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import common
-from helico import feeds, helicodata, inference, model
+from helico import feeds, inference, model
 
 BAG_ROLES = ("cropped", "holdout")  # what the patient model reads; "annotated" windows only measure its attention
 
@@ -48,12 +48,12 @@ def bag_key(network: str, source: str, stain: dict | None, image_size: int) -> s
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def patient_samples(data: helicodata.HelicoData, patients) -> dict[str, list[tuple[helicodata.Sample, str]]]:
+def patient_samples(data: common.HelicoData, patients) -> dict[str, list[tuple[common.Sample, str]]]:
     """patient -> [(sample, role)]: its Cropped (or HoldOut) patches, then its original Annotated windows."""
     out: dict[str, list] = {p: [] for p in patients}
-    for s in helicodata.one_per_window([s for s in data.cropped + data.holdout if s.patient in out]):
+    for s in common.one_per_window([s for s in data.cropped + data.holdout if s.patient in out]):
         out[s.patient].append((s, "holdout" if s.source == "holdout" else "cropped"))
-    for s in helicodata.select(data.labelled, out):
+    for s in common.select(data.labelled, out):
         if s.source == "annotated":
             out[s.patient].append((s, "annotated"))
     return out
@@ -158,7 +158,7 @@ def feature_network(ckpt: dict, net, source: str, checkpoint_sha256: str):
     checkpoint's own `net` by default, or `source` imagenet: its architecture with torchvision's ImageNet weights,
     frozen (to read whether the patch model's training helped the patient model)."""
     if source == "imagenet":
-        return model.penultimate(model.build_model(ckpt["arch"], "imagenet"))[0].eval(), f"imagenet:{ckpt['arch']}"
+        return model.penultimate(common.build_model(ckpt["arch"], "imagenet"))[0].eval(), f"imagenet:{ckpt['arch']}"
     return model.penultimate(net)[0].eval(), checkpoint_sha256
 
 

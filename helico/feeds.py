@@ -19,7 +19,7 @@ Prefetched makes each training batch's model input one batch ahead of the step (
 with the augmentation generator rewound on a stop as if that batch had not been drawn.
 
 Same batches as DataLoader(dataset, sampler=sampler, batch_size, drop_last) over packed_cache.CachedPatchDataset:
-same order (whatever the sampler yields, epoch by epoch), same bytes, same labels (helicodata.BAD for undecodable
+same order (whatever the sampler yields, epoch by epoch), same bytes, same labels (common.BAD for undecodable
 patches, or the same one-line DataError without --skip-bad-images), same sample indices; so training gives bitwise
 the same weights as the DataLoader path on the same seed.
 
@@ -39,7 +39,8 @@ import threading
 import numpy as np
 import torch
 
-from helico import helicodata, packed_cache
+import common
+from helico import packed_cache
 
 DEFAULT_MAX_FRAC = 0.5  # share of free device memory the patches may take: the rest is the model's (activations...)
 LOAD_ROWS = 256  # rows per host->device copy while loading (50 MB at 256 px)
@@ -86,7 +87,7 @@ class Batches:
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
         self.device = torch.device(device)
         labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.long)
-        self.labels = torch.where(torch.from_numpy(dataset.bad), helicodata.BAD, labels)  # as CachedPatchDataset says
+        self.labels = torch.where(torch.from_numpy(dataset.bad), common.BAD, labels)  # as CachedPatchDataset says
 
     def __len__(self):
         n = len(self.sampler)

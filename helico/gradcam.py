@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import common
 from common import DataError
-from helico import figures, helicodata, model
+from helico import figures, model
 
 GRADCAM_GROUPS = {"false_positives": "highest-scoring negatives", "false_negatives": "lowest-scoring positives",
                   "true_positives": "highest-scoring positives"}
@@ -106,7 +106,7 @@ def write_gradcam(folder: Path, net, normalizer, root, picks: dict, image_size: 
     for name, items in picks.items():
         if not items:
             continue
-        ds = helicodata.PatchDataset(root, [s for s, _ in items], image_size=image_size)
+        ds = common.PatchDataset(root, [s for s, _ in items], image_size=image_size)
         images = torch.stack([ds[i][0] for i in range(len(ds))])
         x = model.model_input(images.to(device), normalizer)
         layer, layer_name, size, note = gradcam_layer(net, x[:1])

@@ -20,8 +20,9 @@ import sys
 import torch
 from tqdm import tqdm
 
+import common
 from common import DataError
-from helico import feeds, helicodata, loaders, model, packed_cache
+from helico import feeds, loaders, model, packed_cache, staining
 
 
 def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: bool, stats=None):
@@ -30,7 +31,7 @@ def cached_patches(cache, root, samples, image_size: int, normalizer, skip_bad: 
     ds = packed_cache.CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=skip_bad, stats=stats)
     if not ds.normalized:
         return ds, normalizer
-    if not packed_cache.same_stain(ds.stain, normalizer.state_dict() if normalizer else None):
+    if not staining.same_stain(ds.stain, normalizer.state_dict() if normalizer else None):
         raise DataError(f"--cache {cache}: holds patches Macenko-normalized to {ds.reference}, but the checkpoint was "
                         f"trained {'with another stain reference' if normalizer else 'without Macenko'}; give "
                         f"--cache a folder of plain patches")
@@ -45,7 +46,7 @@ def run(net, normalizer, root, samples, image_size: int, device, consume, *, bat
     stats: HelicoData.file_stats, so a cache's staleness check stats no file."""
     precision = precision or model.precision(device, amp=False)
     if cache is None:
-        ds = helicodata.PatchDataset(root, samples, image_size=image_size, skip_bad=skip_bad)
+        ds = common.PatchDataset(root, samples, image_size=image_size, skip_bad=skip_bad)
         batches = loaders.make_loader(ds, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
     else:  # on the device when it fits, else streamed by a thread: no worker pickles a batch
         ds, normalizer = cached_patches(cache, root, samples, image_size, normalizer, skip_bad, stats)
@@ -56,7 +57,7 @@ def run(net, normalizer, root, samples, image_size: int, device, consume, *, bat
     bar = tqdm(batches, desc=desc, unit="batch", mininterval=2 if interactive else 30, leave=not interactive)
     with torch.inference_mode(), contextlib.closing(bar):
         for images, labels, idx in bar:
-            images, labels, idx, dropped = helicodata.drop_bad(images, labels, idx)
+            images, labels, idx, dropped = common.drop_bad(images, labels, idx)
             bad += dropped
             if len(idx):
                 x = model.model_input(images.to(device, non_blocking=True), normalizer,

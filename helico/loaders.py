@@ -85,7 +85,7 @@ class Loader(torch.utils.data.DataLoader):
 def make_loader(dataset, *, batch_size: int, workers: int, sampler=None, shuffle: bool = False,
                 drop_last: bool = False, pin_memory: bool = False, persistent: bool = False,
                 prefetch_factor: int | None = None, seed: int | None = None) -> Loader:
-    """The one way the scripts build a DataLoader (uint8 images, label, index items of helicodata.PatchDataset or
+    """The one way the scripts build a DataLoader (uint8 images, label, index items of common.PatchDataset or
     packed_cache.CachedPatchDataset). `seed` gives the loader its own RNG, so the global one stays resumable."""
     return Loader(_Carrying(dataset), batch_size=batch_size, sampler=sampler, shuffle=shuffle, num_workers=workers,
                   collate_fn=_collate, pin_memory=pin_memory, drop_last=drop_last,

@@ -1,6 +1,6 @@
 """One optimisation step and what it steps: AdamW, its warmup-cosine schedule and the GradScaler.
 
-train.py's loop and bench.py's model_step, loop and loop_loader stages call the same train_step on what the same
+train.py's loop and tools/bench.py's model_step, loop and loop_loader stages call the same train_step on what the same
 build returns, so the benchmark times exactly the step training runs. The precision rule is model.precision's, the
 input model.model_input's.
 
@@ -13,8 +13,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+import common
 
-from helico import helicodata
 
 WARMUP_SHARE = 20  # linear warmup over the first 1/20 (5%) of the steps, then cosine decay to 0
 
@@ -30,12 +30,12 @@ def build(net, lr: float, weight_decay: float, total_steps: int, precision):
 
 def train_step(net, x, labels, precision, opt, sched, scaler, pos_weight=None):
     """One step on a prepared batch: (mean loss, summed loss, kept samples), all on the device (no host sync).
-    Labels helicodata.BAD (undecodable patches, --skip-bad-images) weigh nothing."""
+    Labels common.BAD (undecodable patches, --skip-bad-images) weigh nothing."""
     # forward under the precision rule
     with precision.autocast():
         logits = net(x).squeeze(1)
     # loss in float32, the positive class weighted against the imbalance
-    keep = (labels != helicodata.BAD).float()
+    keep = (labels != common.BAD).float()
     losses = keep * F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0).float(),
                                                        pos_weight=pos_weight, reduction="none")
     loss = losses.sum() / keep.sum().clamp(min=1)

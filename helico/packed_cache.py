@@ -45,8 +45,7 @@ import torch
 from tqdm import tqdm
 
 import common
-import macenko_gpu
-from helico import helicodata, model
+from helico import staining
 from common import DataError
 
 VERSION = 1
@@ -175,16 +174,6 @@ def problems(cache_dir: Path, meta: dict | None) -> list[str]:
     return out
 
 
-def stain_from_meta(meta: dict):
-    """The stored MacenkoNormalizer state with tensors again (weights_only-safe for a checkpoint), or None."""
-    if not meta.get("normalized"):
-        return None
-    state = dict(meta["stain"]["state"])
-    for k in ("stain_matrix", "max_concentrations"):
-        state[k] = torch.tensor(state[k], dtype=torch.float32)
-    return state
-
-
 # ----------------------------------------------------------------------------------------------- dataset
 class CachedPatchDataset:
     """PatchDataset's items `(uint8 (3, H, W) tensor, label, idx)` read from a packed cache; label from `samples`.
@@ -218,7 +207,7 @@ class CachedPatchDataset:
         self.bad = np.isin(self.rows, np.array(meta.get("bad_rows", []), dtype=np.int64))
         self.count, self.meta = meta["count"], meta
         self.normalized = bool(meta.get("normalized"))
-        self.stain = stain_from_meta(meta)
+        self.stain = staining.stain_from_meta(meta)
         self.reference = meta["stain"]["reference"] if self.normalized else None
         self._mm, self._pid = None, None
 
@@ -246,7 +235,7 @@ class CachedPatchDataset:
         images = torch.from_numpy(self._patches()[self.rows[indices]])  # fancy indexing copies: no mmap views escape
         out = []
         for k, i in enumerate(indices):
-            label = helicodata.BAD if self.bad[i] else self.samples[i].label
+            label = common.BAD if self.bad[i] else self.samples[i].label
             out.append((images[k], label, i))
         return out
 
@@ -258,17 +247,6 @@ class CachedPatchDataset:
 
 
 # ----------------------------------------------------------------------------------------------- build
-def stain_reference(root: Path, reference, device):
-    """(normalizer on `device`, meta record) for --normalized; the record pins the reference files' bytes (one
-    file: its sha256, as caches built before several files were allowed; several: a digest of theirs in order)."""
-    normalizer = model.fit_stain_reference(root, reference)
-    digests = [common.file_sha256(f) for f in helicodata.reference_files(root, reference)]
-    digest = digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
-    state = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in normalizer.state_dict().items()}
-    record = {"reference": " ".join(helicodata.reference_list(reference)), "sha256": digest, "state": state}
-    return normalizer.to(device), record
-
-
 def wanted_meta(index: Index, image_size: int, stain: dict | None, root: Path, old: dict | None = None) -> dict:
     """The meta.json a finished cache of this index must carry (with "complete" still false). `old` (the meta on
     disk) lends its fingerprint when its index is this one: the fingerprint is a function of the index (~0.1 s at
@@ -293,18 +271,12 @@ def rebuild_reason(cache_dir: Path, old: dict | None, want: dict, index: Index) 
     for key in SAME_BUILD:
         if old.get(key) != want[key]:
             return f"{key} differs (cache {old.get(key)!r}, wanted {want[key]!r})"
-    if want["normalized"] and _stain_key(old["stain"]) != _stain_key(want["stain"]):
+    if want["normalized"] and staining.stain_key(old["stain"]) != staining.stain_key(want["stain"]):
         return f"built with another stain reference or normalizer settings ({old['stain']['reference']})"
     if old.get("complete"):
         bad = problems(cache_dir, old)
         return f"verification failed: {bad[0]}" if bad else None
     return None if _resumable(cache_dir, old) else "interrupted build cannot be resumed (files missing or resized)"
-
-
-def _stain_key(stain: dict) -> list:
-    """Reference file and normalizer settings; not the fitted tensors, whose last bits differ across devices."""
-    fitted = ("stain_matrix", "max_concentrations")
-    return [stain["reference"], stain["sha256"], {k: v for k, v in stain["state"].items() if k not in fitted}]
 
 
 def _changes(cache_dir: Path, index: Index) -> str:
@@ -351,7 +323,7 @@ def decode_chunk(dataset, lo: int, hi: int, fd: int, row_bytes: int) -> list[int
     for k, r in enumerate(range(lo, hi)):
         image, label, _ = dataset[r]
         block[k] = image.numpy().reshape(-1)
-        if label == helicodata.BAD:
+        if label == common.BAD:
             bad.append(r)
     os.pwrite(fd, block.data, lo * row_bytes)
     return bad
@@ -376,7 +348,7 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
     """Build, resume or reuse the cache of `samples` (default data.all_samples()); returns a report dict.
 
     rebuild=False refuses (DataError) a folder holding a cache that would have to be rebuilt (another size, kind,
-    sample set or stale PNGs): for callers that did not create it (bench.py). An empty folder is still built and an
+    sample set or stale PNGs): for callers that did not create it (tools/bench.py). An empty folder is still built and an
     interrupted build still resumes. on_chunk(chunk, built, todo) runs after each chunk is recorded (tests interrupt
     a build by raising in it)."""
     cache_dir = Path(cache_dir)
@@ -391,8 +363,8 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
     index, index_csv = index_of(root, samples, data.file_stats)
     normalizer = stain = None
     if normalized:
-        normalizer, stain = stain_reference(root, reference or helicodata.DEFAULT_REFERENCE,
-                                            common.resolve_device(device))
+        normalizer, stain = staining.fitted_record(root, reference or staining.DEFAULT_REFERENCE,
+                                                  common.resolve_device(device))
     t0 = time.perf_counter()
     with _locked(cache_dir):
         old = read_meta(cache_dir)
@@ -425,7 +397,7 @@ def build_cache(data, cache_dir, image_size: int = 256, workers: int = 4, normal
 def _fill(cache_dir, root, samples, size, workers, normalizer, progress, on_chunk) -> int:
     """Decode every unfinished chunk with `workers` threads (PIL releases the GIL while decoding and resizing);
     this thread normalizes (if asked) and records each finished chunk; `samples` in row order. Returns the number of chunks built."""
-    dataset = helicodata.PatchDataset(root, samples, size, skip_bad=True)
+    dataset = common.PatchDataset(root, samples, size, skip_bad=True)
     n_chunks, row_bytes = -(-len(samples) // CHUNK_ROWS), 3 * size * size
     span = lambda c: (c * CHUNK_ROWS, min((c + 1) * CHUNK_ROWS, len(samples)))
     fd, pfd = os.open(cache_dir / PATCHES, os.O_RDWR), os.open(cache_dir / PROGRESS, os.O_RDWR)
@@ -509,7 +481,7 @@ def prepare(cache_dir, data, image_size: int, workers: int, normalized: bool | N
         reference = meta["stain"]["reference"] if normalized else None
     kind = lambda size, norm, ref: f"{size}px " + (f"patches Macenko-normalized to {ref}" if norm else "plain patches")
     have = kind(meta.get("image_size"), meta.get("normalized"), (meta.get("stain") or {}).get("reference"))
-    given = " ".join(helicodata.reference_list(reference or helicodata.DEFAULT_REFERENCE))  # as meta.json spells it
+    given = " ".join(staining.reference_list(reference or staining.DEFAULT_REFERENCE))  # as meta.json spells it
     if done and have != kind(image_size, normalized, given):
         raise DataError(f"--cache {where}: holds {have}, but this run needs {kind(image_size, normalized, given)}; "
                         f"give another folder (or delete this one to rebuild it)")
@@ -529,7 +501,7 @@ def cache_folder(base, image_size: int, normalized: bool, reference) -> Path:
     kind)."""
     name = f"cache{image_size}"
     if normalized:
-        given = " ".join(helicodata.reference_list(reference or helicodata.DEFAULT_REFERENCE))
+        given = " ".join(staining.reference_list(reference or staining.DEFAULT_REFERENCE))
         name += f"-macenko-{hashlib.sha1(given.encode()).hexdigest()[:10]}"
     return Path(base).absolute() / name
 
@@ -576,27 +548,8 @@ def patch_dataset(root, samples, image_size: int, skip_bad: bool = False, cache=
     """(uint8 image, label, index) items of `samples`: decoded PNGs, or with a prepared cache the same bytes from it
     (stats: HelicoData.file_stats, to check it is not stale without a stat per file)."""
     if cache is None:
-        return helicodata.PatchDataset(root, samples, image_size, skip_bad)
+        return common.PatchDataset(root, samples, image_size, skip_bad)
     return CachedPatchDataset(cache, samples, image_size, root=root, skip_bad=skip_bad, stats=stats)
-
-
-def same_stain(a: dict | None, b: dict | None) -> bool:
-    """Whether two MacenkoNormalizer states normalize alike: equal settings, and reference stain vectors and maxima
-    equal up to float noise (a reference fitted on another device differs in the last bits)."""
-    if a is None or b is None:
-        return a is None and b is None
-    try:  # states saved before the stain modes existed, in today's form (they normalize as they did)
-        a, b = (macenko_gpu.MacenkoNormalizer.from_state_dict(s).state_dict() for s in (a, b))
-    except ValueError:
-        return False
-    for k in a:
-        if torch.is_tensor(a[k]) or torch.is_tensor(b[k]):
-            x, y = (torch.as_tensor(v, dtype=torch.float64) for v in (a[k], b[k]))
-            if x.shape != y.shape or not torch.allclose(x, y, rtol=1e-4, atol=1e-6):
-                return False
-        elif a[k] != b[k]:
-            return False
-    return True
 
 
 def cache_bytes(cache_dir) -> int:

@@ -1,5 +1,5 @@
 """The run log, runs/<id>/log.jsonl: one JSON line per finished epoch, written by train.py and read back by train.py
-(on resume), evaluate.py (the epochs the best one was chosen among) and bench.py (train.py's logged img/s).
+(on resume), evaluate.py (the epochs the best one was chosen among) and tools/bench.py (train.py's logged img/s).
 
     runlog.write(run_dir, records)     # every epoch: the whole log, replaced atomically
     records = runlog.read(run_dir)     # [] without a log

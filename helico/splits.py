@@ -6,11 +6,11 @@ its own because training and the audit must resolve the very same split; it impo
 
     import common
     from helico import splits
-    data = helicodata.load_data(root)
+    data = common.load_data(root)
     groups = splits.duplicate_groups(splits.shared_content(data))   # patients sharing byte-identical images
     keep = splits.first_copies(paths, splits.identical_files(data))  # each content counted once
     split = splits.make_split(data, seed=0, keep_in_train=["B22-47"], groups=groups)
-    problems = splits.split_problems(split, data, groups, reference=helicodata.DEFAULT_REFERENCE)
+    problems = splits.split_problems(split, data, groups, reference=staining.DEFAULT_REFERENCE)
 """
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from helico import helicodata, metrics
+from helico import metrics, staining
 import common
 from common import DataError
-from helico.helicodata import DEFAULT_REFERENCE, TREES, HelicoData, patient_id, reference_patients
+from common import TREES, HelicoData, patient_id
+from helico.staining import DEFAULT_REFERENCE, reference_patients
 
 
 # ----------------------------------------------------------------------------------------------- content hashes
@@ -191,7 +192,7 @@ def split_args_parser():
                    "one run per fold, then evaluate.py --cv runs/ID-f*)")
     g.add_argument("--fold", type=int, default=None, help="which fold (0..K-1) is the test part; val is carved from "
                    "the other folds' patients (--val-frac of each diagnosis)")
-    helicodata.add_reference_argument(g, "their patients (a file's folder, a folder's own name) are kept in "
+    staining.add_reference_argument(g, "their patients (a file's folder, a folder's own name) are kept in "
                                       "training so validation never shapes the normalizer")
     g.add_argument("--hash-cache", default=None, help="content-hash cache file (default ~/.cache/helico-hp/...); "
                    "re-runs only hash new or changed files. Beside it: <name>.decoded.tsv (the audit's decode "

@@ -47,12 +47,12 @@ def train_args_parser(shown: bool = True) -> argparse.ArgumentParser:
                    "Ampere+ GPUs (compute capability 8.0+), else fp16 with a GradScaler. Default: on for CUDA, "
                    "off on CPU. Try --no-amp if the loss turns NaN")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                   help="NHWC memory layout: usually faster with --amp on tensor-core GPUs (measure with bench.py)")
+                   help="NHWC memory layout: usually faster with --amp on tensor-core GPUs (measure with tools/bench.py)")
     g.add_argument("--deterministic", action="store_true", help="repeatable GPU kernels (cuDNN deterministic, no "
                    "autotuning, torch's deterministic algorithms, CUBLAS_WORKSPACE_CONFIG): a resumed or repeated GPU "
                    "run gives bitwise the same weights, at some speed. The CPU is repeatable without it")
     g.add_argument("--compile", action="store_true", help="torch.compile the model: faster steps once compiled "
-                   "(a minute or more first, per process); off until measured to pay off end to end (bench.py "
+                   "(a minute or more first, per process); off until measured to pay off end to end (tools/bench.py "
                    "--compile). Validation and checkpoints use the plain model")
     g = add_argument_group("stain and augmentation (run batched on the device)")
     g.add_argument("--macenko", action=argparse.BooleanOptionalAction, default=True, help="Macenko stain "

@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tools"))  # the developer tools import as modules too
 os.environ.setdefault("XDG_CACHE_HOME", str(ROOT / ".pytest_cache" / "xdg"))  # hash caches stay out of ~
 META = ROOT.parent / "shared" / "helico-metadata"  # the real workbook and PatientDiagnosis.csv, beside the clone
 # CI has META; a bare clone does not: its tests then skip, saying which folder is missing (never fail obscurely).

@@ -17,10 +17,10 @@ from PIL import Image
 
 import audit_leakage
 import common
-from helico import helicodata, splits
+from helico import splits, staining
 from conftest import META
 
-CROPPED, ANNOTATED, HOLDOUT = (Path(helicodata.TREES[t]) for t in ("cropped", "annotated", "holdout"))
+CROPPED, ANNOTATED, HOLDOUT = (Path(common.TREES[t]) for t in ("cropped", "annotated", "holdout"))
 WORKBOOK = "HP_WSI-CoordAllAnnotatedPatches.xlsx"
 
 
@@ -71,7 +71,7 @@ def demo_audit(demo_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_data(demo_root):
-    return helicodata.load_data(demo_root)
+    return common.load_data(demo_root)
 
 
 def default_split(data):
@@ -143,8 +143,8 @@ def test_json_is_written_atomically_without_leftovers(demo_root, tmp_path):
 def test_composition_matches_an_independent_count(demo_audit, demo_data):
     comp, parts = demo_audit[1]["composition"], demo_audit[1]["split"]["patients"]
     for part in ("train", "val"):
-        once = helicodata.select(demo_data.labelled, parts[part])            # each window once
-        with_aug = helicodata.select(demo_data.labelled, parts[part], include_aug=True)
+        once = common.select(demo_data.labelled, parts[part])            # each window once
+        with_aug = common.select(demo_data.labelled, parts[part], include_aug=True)
         c = comp[part]
         assert c["patients"] == len(parts[part]) == sum(c["diagnosis"].values())
         assert c["positives"] == sum(s.label == 1 for s in once)
@@ -217,7 +217,7 @@ def test_one_copied_image_between_parts_is_a_leak(demo_data, demo_root, tmp_path
     root = copy_demo(demo_root, tmp_path)
     s = default_split(demo_data)
     src = sorted((root / CROPPED / f"{s['train'][0]}_0").glob("*.png"))[0]
-    val_folder = next(f for f in (root / CROPPED).iterdir() if helicodata.patient_id(f.name) == s["val"][0])
+    val_folder = next(f for f in (root / CROPPED).iterdir() if common.patient_id(f.name) == s["val"][0])
     shutil.copyfile(src, val_folder / "99999.png")
     split = write_split(tmp_path / "split.json", train=s["train"], val=s["val"])  # made before the copy
     rc, report = run_audit(root, tmp_path, "--split", split)  # (a split made now would group the two)
@@ -236,11 +236,11 @@ def test_holdout_image_identical_to_a_crossvalidation_image_is_a_leak(demo_root,
 
 def test_aug_copy_in_another_part_than_its_original_is_a_leak(demo_root, tmp_path):
     root = copy_demo(demo_root, tmp_path)
-    data = helicodata.load_data(root)
+    data = common.load_data(root)
     aug = next(s for s in sorted(data.labelled, key=lambda s: s.path)
                if s.aug is not None and len(data.folders["annotated"][s.patient]) == 1)
     folder = Path(aug.path).parent.name
-    other = f"{aug.patient}_{1 - helicodata.folder_section(folder)}"     # a second section folder of that patient
+    other = f"{aug.patient}_{1 - common.folder_section(folder)}"     # a second section folder of that patient
     (root / ANNOTATED / other).mkdir()
     os.rename(root / aug.path, root / ANNOTATED / other / Path(aug.path).name)
     rest = [p for p in data.cv_patients if p != aug.patient]
@@ -251,16 +251,16 @@ def test_aug_copy_in_another_part_than_its_original_is_a_leak(demo_root, tmp_pat
 
 def test_aug_copy_whose_row_names_another_patient_than_its_folder_fires():
     # A row's Pat_ID (sample.patient) can disagree with the folder the file sits in; the part is the folder's.
-    original = helicodata.Sample("CrossValidation/Annotated/B22-5_0/00012.png", "B22-5", "annotated", 1, 12)
-    copy = helicodata.Sample("CrossValidation/Annotated/B22-6_0/00012_Aug1.png", "B22-5", "annotated", 1, 12, 1)
+    original = common.Sample("CrossValidation/Annotated/B22-5_0/00012.png", "B22-5", "annotated", 1, 12)
+    copy = common.Sample("CrossValidation/Annotated/B22-6_0/00012_Aug1.png", "B22-5", "annotated", 1, 12, 1)
     parts = audit_leakage.Parts({"train": ["B22-5"], "val": ["B22-6"]})
     [f] = audit_leakage.windows_across_parts([original, copy], parts)
     assert f.check == "aug_copy_across_parts" and f.patients == ["B22-5"] and f.kind == "leak"
 
 
 def test_annotated_and_cropped_copies_of_a_window_in_different_parts_fire():
-    annotated = helicodata.Sample("CrossValidation/Annotated/B22-5_0/00012.png", "B22-5", "annotated", 0, 12)
-    cropped = helicodata.Sample("CrossValidation/Cropped/B22-5_1/12.png", "B22-5", "supplemental", 0, 12)
+    annotated = common.Sample("CrossValidation/Annotated/B22-5_0/00012.png", "B22-5", "annotated", 0, 12)
+    cropped = common.Sample("CrossValidation/Cropped/B22-5_1/12.png", "B22-5", "supplemental", 0, 12)
     parts = audit_leakage.Parts({"train": ["B22-5_0"], "val": ["B22-5_1"]})
     assert [f.check for f in audit_leakage.windows_across_parts([annotated, cropped], parts)] == ["window_across_parts"]
 
@@ -278,8 +278,8 @@ def test_stain_reference_patient_in_validation_is_a_leak(demo_data, demo_root, t
                         val=s["val"] + ["B22-47"])
     other = s["val"][0]  # a second reference entry, a folder of another validation patient
     tree = "annotated" if other in demo_data.folders["annotated"] else "cropped"
-    folder = f"{helicodata.TREES[tree]}/{demo_data.folders[tree][other][0]}"
-    rc, report = run_audit(demo_root, tmp_path, "--split", split, "--reference-patch", helicodata.DEFAULT_REFERENCE,
+    folder = f"{common.TREES[tree]}/{demo_data.folders[tree][other][0]}"
+    rc, report = run_audit(demo_root, tmp_path, "--split", split, "--reference-patch", staining.DEFAULT_REFERENCE,
                            folder)
     assert rc == common.EXIT_LEAK and finding(report, "reference_not_in_train")["patients"] == sorted(["B22-47", other])
 
@@ -356,7 +356,7 @@ def test_patients_left_out_of_a_split_file_are_a_warning(demo_data, demo_root, t
 
 def test_patient_without_diagnosis_row_is_a_warning(demo_root, tmp_path):
     root = copy_demo(demo_root, tmp_path)
-    csv_path = root / helicodata.DIAGNOSIS_NAME
+    csv_path = root / common.DIAGNOSIS_NAME
     lines = csv_path.read_text().splitlines()
     replace_file(csv_path, ("\n".join(line for line in lines if not line.startswith("B22-08,")) + "\n").encode())
     rc, report = run_audit(root, tmp_path)
@@ -370,7 +370,7 @@ def real_metadata_root(demo_root, tmp_path_factory):
     if not META.is_dir():
         pytest.skip(f"needs the real metadata folder {META} (missing here)")
     root = copy_demo(demo_root, tmp_path_factory.mktemp("real"))
-    for name in (WORKBOOK, helicodata.DIAGNOSIS_NAME):
+    for name in (WORKBOOK, common.DIAGNOSIS_NAME):
         (root / name).unlink()
         shutil.copyfile(META / name, root / name)
     return root
@@ -479,7 +479,7 @@ def test_a_re_encoded_copy_under_another_patient_is_a_near_duplicate_the_content
     root = copy_demo(small_demo_root, tmp_path)
     rc, clean = run_audit(root, tmp_path)
     assert rc == 0 and finding(clean, "near_duplicate_images") is None  # distinct demo patches: >= 10 bits apart
-    data = helicodata.load_data(root)
+    data = common.load_data(root)
     source = next(s.path for s in data.cropped if s.source == "supplemental")  # a CrossValidation patch
     holdout_folder = next((root / HOLDOUT).iterdir())
     with Image.open(root / source) as im:  # rescanned: 3 grey levels brighter, JPEG-compressed, saved as PNG again
@@ -496,7 +496,7 @@ def test_a_re_encoded_copy_under_another_patient_is_a_near_duplicate_the_content
     assert hit is not None and hit["kind"] == "warning"
     assert {str(copy.relative_to(root)), source} <= set(hit["files"])
     owner = next(s.patient for s in data.cropped if s.path == source)
-    assert {helicodata.patient_id(holdout_folder.name), owner} <= set(hit["patients"])
+    assert {common.patient_id(holdout_folder.name), owner} <= set(hit["patients"])
     assert "HoldOut" in hit["detail"] and "<= 6 bits" in hit["detail"]
     assert finding(report, "identical_images_across_parts") is None  # not byte-identical: only this check sees it
 

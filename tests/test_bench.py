@@ -1,4 +1,4 @@
-"""bench.py: one CPU run on tiny sizes times every stage and writes the JSON report (no timing assertions)."""
+"""tools/bench.py: one CPU run on tiny sizes times every stage and writes the JSON report (no timing assertions)."""
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +10,7 @@ from PIL import Image
 import bench
 import common
 import train
-from helico import augment, helicodata
+from helico import augment
 
 TINY = ["--device", "cpu", "--image-size", "32", "--batch-size", "4", "--batches", "1", "--warmup", "1",
         "--limit-samples", "16", "--workers", "1", "--min-seconds", "0", "--threads", "1"]
@@ -79,7 +79,7 @@ def test_a_cache_of_another_size_is_refused_in_one_line_never_rebuilt(demo_root,
         n for n in names if Path(folder).name in ("Annotated", "Cropped", "HoldOut") and n not in keep]))
     from helico import packed_cache
     cache = tmp_path / "cache"
-    packed_cache.build_cache(helicodata.load_data(root), cache, 48, workers=1, progress=False)  # a "training run's"
+    packed_cache.build_cache(common.load_data(root), cache, 48, workers=1, progress=False)  # a "training run's"
     before = {f.name: f.read_bytes() for f in cache.iterdir() if f.is_file()}
     argv = ["--data-root", str(root), "--cache", str(cache), "--stages", "load_cache", *TINY]  # 32 px
     assert bench.main(argv) == common.EXIT_BAD_INPUT
@@ -92,7 +92,7 @@ def test_a_cache_of_another_size_is_refused_in_one_line_never_rebuilt(demo_root,
 def test_train_stage_reports_train_pys_own_steady_state_beside_the_ceiling(demo_root, tmp_path, capsys):
     from helico import packed_cache
     cache = tmp_path / "cache"  # a training run's cache of every patch, as on a cluster node (plain: --no-macenko)
-    packed_cache.build_cache(helicodata.load_data(demo_root), cache, 32, workers=2, progress=False)
+    packed_cache.build_cache(common.load_data(demo_root), cache, 32, workers=2, progress=False)
     out = tmp_path / "b.json"
     argv = ["--data-root", str(demo_root), "--cache", str(cache), "--stages", "model_step,train", "--no-macenko",
             "--train-epochs", "2", "--json", str(out), *TINY]
@@ -121,7 +121,7 @@ def test_bench_startup_times_a_plain_run_and_counts_in_another(demo_root, tmp_pa
     assert bench_startup.main(["--root", str(demo_root), "--work", str(tmp_path / "w"), "--measures",
                                "audit_first,audit_again", "--json", str(tmp_path / "s.json")]) == 0
     first, again = json.loads((tmp_path / "s.json").read_text())["results"]
-    pngs = len(helicodata.load_data(demo_root).file_stats)
+    pngs = len(common.load_data(demo_root).file_stats)
     for r in (first, again):
         assert r["exit"] == 0 and r["seconds"] > 0 and r["peak_rss_mb"] > 0
         assert pngs <= r["stat_calls"] < 2 * pngs  # the scan's one stat per PNG, counted

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import common
-from helico import helicodata, packed_cache
+from helico import packed_cache, staining
 from common import DataError
 import patch_cache
 
@@ -37,16 +37,16 @@ def mini_root(demo_root, tmp_path_factory):
 def cache64(mini_root, tmp_path_factory):
     """One finished 64px cache of mini_root, shared read-only (tests that break it copy it first)."""
     out = tmp_path_factory.mktemp("cache") / "c64"
-    packed_cache.build_cache(helicodata.load_data(mini_root), out, 64, workers=2, progress=False)
+    packed_cache.build_cache(common.load_data(mini_root), out, 64, workers=2, progress=False)
     return out
 
 
 def build(root, out, size=64, **kw):
-    return packed_cache.build_cache(helicodata.load_data(root), out, size, workers=2, progress=False, **kw)
+    return packed_cache.build_cache(common.load_data(root), out, size, workers=2, progress=False, **kw)
 
 
 def all_samples(root):
-    return helicodata.load_data(root).all_samples()
+    return common.load_data(root).all_samples()
 
 
 def assert_same_items(cached, reference):
@@ -72,7 +72,7 @@ def test_cached_items_equal_patch_dataset_items_bytewise(mini_root, tmp_path, si
     build(mini_root, tmp_path / "c", size)
     samples = all_samples(mini_root)  # labelled + cropped + holdout: paths repeat across lists, on purpose
     assert_same_items(packed_cache.CachedPatchDataset(tmp_path / "c", samples, size, root=mini_root),
-                      helicodata.PatchDataset(mini_root, samples, size))
+                      common.PatchDataset(mini_root, samples, size))
 
 
 def test_cache_holds_each_path_once(cache64, mini_root):
@@ -90,7 +90,7 @@ def test_dataloader_workers_read_the_same_batches(cache64, mini_root):
     cached = packed_cache.CachedPatchDataset(cache64, samples, 64)
     cached[0]  # the parent maps the file first: forked workers must map their own
     batches = list(torch.utils.data.DataLoader(cached, batch_size=16, num_workers=2))
-    want = list(torch.utils.data.DataLoader(helicodata.PatchDataset(mini_root, samples, 64), batch_size=16))
+    want = list(torch.utils.data.DataLoader(common.PatchDataset(mini_root, samples, 64), batch_size=16))
     for (x, y, i), (wx, wy, wi) in zip(batches, want, strict=True):
         assert torch.equal(x, wx) and torch.equal(y, wy) and torch.equal(i, wi)
 
@@ -101,7 +101,7 @@ def test_second_build_reuses_without_decoding(cache64, mini_root):
     report = build(mini_root, cache64)
     assert report["action"] == "reused" and report["chunks_built"] == 0
     assert (cache64 / packed_cache.PATCHES).stat().st_mtime_ns == before
-    assert packed_cache.prepare(cache64, helicodata.load_data(mini_root), 64, workers=2) == cache64
+    assert packed_cache.prepare(cache64, common.load_data(mini_root), 64, workers=2) == cache64
 
 
 def test_interrupted_build_is_never_trusted_and_resumes(mini_root, tmp_path, monkeypatch):
@@ -118,7 +118,7 @@ def test_interrupted_build_is_never_trusted_and_resumes(mini_root, tmp_path, mon
     report = build(mini_root, tmp_path / "c")
     assert report["action"] == "resumed" and report["chunks_built"] == report["chunks"] - 3
     assert_same_items(packed_cache.CachedPatchDataset(tmp_path / "c", all_samples(mini_root), 64),
-                      helicodata.PatchDataset(mini_root, all_samples(mini_root), 64))
+                      common.PatchDataset(mini_root, all_samples(mini_root), 64))
 
 
 def test_cache_without_complete_flag_is_refused_then_finished(cache64, tmp_path, mini_root):
@@ -142,7 +142,7 @@ def test_changed_source_file_makes_cache_stale_and_triggers_rebuild(mini_root, t
     assert build(root, tmp_path / "c")["action"] == "built"
     assert "source files changed (0 added, 0 removed, 1 modified)" in capsys.readouterr().err
     cached = packed_cache.CachedPatchDataset(tmp_path / "c", samples, 64, root=root)
-    assert torch.equal(cached[3][0], helicodata.PatchDataset(root, samples, 64)[3][0])
+    assert torch.equal(cached[3][0], common.PatchDataset(root, samples, 64)[3][0])
 
 
 def test_cache_of_another_image_size_is_rejected(cache64, mini_root):
@@ -152,7 +152,7 @@ def test_cache_of_another_image_size_is_rejected(cache64, mini_root):
 
 
 def test_sample_missing_from_the_cache_is_rejected(cache64, mini_root, demo_root):
-    stranger = [s for s in helicodata.load_data(demo_root).cropped if s.patient == "B22-47"][:1]
+    stranger = [s for s in common.load_data(demo_root).cropped if s.patient == "B22-47"][:1]
     with pytest.raises(DataError, match=f"{cache64}: lacks 1 sample"):
         packed_cache.CachedPatchDataset(cache64, stranger, 64)
 
@@ -178,7 +178,7 @@ def test_truncated_patch_file_fails_verification(cache64, mini_root, tmp_path):
 
 def test_patch_dataset_items_are_pils_rgb_pixels_channels_first(mini_root):
     samples = all_samples(mini_root)  # RGB, RGBA, grey and off-size patches: each through the one-copy decode
-    ds = helicodata.PatchDataset(mini_root, samples, 64)
+    ds = common.PatchDataset(mini_root, samples, 64)
     for i, s in enumerate(samples):
         with Image.open(mini_root / s.path) as im:
             want = np.array(im.convert("RGB").resize((64, 64), Image.BILINEAR) if im.size != (64, 64) else
@@ -195,8 +195,8 @@ def test_unreadable_png_is_recorded_and_behaves_like_patch_dataset(mini_root, tm
     with pytest.raises(DataError, match=samples[2].path):
         packed_cache.CachedPatchDataset(tmp_path / "c", samples, 64)[2]
     skipping = packed_cache.CachedPatchDataset(tmp_path / "c", samples, 64, skip_bad=True)
-    assert_same_items(skipping, helicodata.PatchDataset(root, samples, 64, skip_bad=True))
-    assert skipping[2][1] == helicodata.BAD
+    assert_same_items(skipping, common.PatchDataset(root, samples, 64, skip_bad=True))
+    assert skipping[2][1] == common.BAD
 
 
 def test_normalized_cache_stores_quantized_macenko_output(mini_root, tmp_path, cache64):
@@ -207,7 +207,7 @@ def test_normalized_cache_stores_quantized_macenko_output(mini_root, tmp_path, c
     samples = all_samples(mini_root)
     cached = packed_cache.CachedPatchDataset(tmp_path / "c", samples, 64)
     normalizer = macenko_gpu.MacenkoNormalizer().fit(macenko_gpu.load_rgb(reference))
-    raw = torch.stack([helicodata.PatchDataset(mini_root, samples, 64)[i][0] for i in range(len(samples))])
+    raw = torch.stack([common.PatchDataset(mini_root, samples, 64)[i][0] for i in range(len(samples))])
     want = normalizer.normalize(raw).mul(255).round().to(torch.uint8)
     got = torch.stack([cached[i][0] for i in range(len(samples))])
     assert torch.equal(got, want) and not torch.equal(got, raw)
@@ -250,7 +250,7 @@ def test_cache_folder_names_size_kind_and_reference_under_the_base(tmp_path):
     assert folder(tmp_path, 64, False, None) == tmp_path / "cache64"
     normalized = folder(tmp_path, 64, True, None)
     assert normalized.parent == tmp_path and normalized.name.startswith("cache64-macenko-")
-    assert normalized == folder(tmp_path, 64, True, helicodata.DEFAULT_REFERENCE)  # None: the default reference
+    assert normalized == folder(tmp_path, 64, True, staining.DEFAULT_REFERENCE)  # None: the default reference
     kinds = {normalized, folder(tmp_path, 128, True, None), folder(tmp_path, 64, True, "B22-1_0/x.png"),
              folder(tmp_path, 64, False, None)}
     assert len(kinds) == 4  # a job of another size, stain reference or kind never shares a folder
@@ -263,7 +263,7 @@ def no_space(*args, **kwargs):
 
 def test_a_full_disk_under_cache_base_falls_back_to_pngs_in_one_line(mini_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(packed_cache, "build_cache", no_space)
-    assert packed_cache.prepare_in(tmp_path, helicodata.load_data(mini_root), 64, 1, False, None) is None
+    assert packed_cache.prepare_in(tmp_path, common.load_data(mini_root), 64, 1, False, None) is None
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"warning: --cache-base {tmp_path}: no space left") and "decoding PNGs" in line
 
@@ -271,14 +271,14 @@ def test_a_full_disk_under_cache_base_falls_back_to_pngs_in_one_line(mini_root, 
 def test_a_full_disk_under_an_explicit_cache_is_an_environment_fault(mini_root, tmp_path, monkeypatch):
     monkeypatch.setattr(packed_cache, "build_cache", no_space)
     with pytest.raises(common.EnvironmentFault, match=f"{tmp_path / 'c'}: no space left"):  # exit 5, not bad input
-        packed_cache.prepare(tmp_path / "c", helicodata.load_data(mini_root), 64, 1, False)
+        packed_cache.prepare(tmp_path / "c", common.load_data(mini_root), 64, 1, False)
 
 
 def test_one_stat_per_file_and_one_parse_of_each_index_per_process(mini_root, tmp_path, monkeypatch):
     # at 233k PNGs train.py stat'ed each file 2.6 times and parsed index.csv five times and the hash JSON twice
     from helico import splits
     root = Path(shutil.copytree(mini_root, tmp_path / "root"))
-    data = helicodata.load_data(root)
+    data = common.load_data(root)
     paths = data.image_paths()
     assert set(data.file_stats) == set(paths)  # the scan's one stat of each file
     assert all(data.file_stats[p] == ((st := (root / p).stat()).st_size, st.st_mtime_ns) for p in paths)
@@ -306,24 +306,24 @@ def test_a_new_process_on_unchanged_files_reads_the_small_memo_of_identical_file
     from helico import splits
     root = Path(shutil.copytree(mini_root, tmp_path / "root"))
     cache = tmp_path / "hashes.json"
-    a, b, c, d = sorted(p for p in helicodata.load_data(root).image_paths() if "/Cropped/" in p)[:4]
+    a, b, c, d = sorted(p for p in common.load_data(root).image_paths() if "/Cropped/" in p)[:4]
     (root / b).write_bytes((root / a).read_bytes())  # one pair of identical files
-    first = splits.identical_files(helicodata.load_data(root), cache, progress=False)  # the audit: hashes everything
+    first = splits.identical_files(common.load_data(root), cache, progress=False)  # the audit: hashes everything
     assert list(first.values()) == [[a, b]]
     assert first and (tmp_path / "hashes.identical.json").is_file()
     cache.write_text("not json")  # were it read, nothing would be known and every file hashed again
     hashed, real_digest = [], splits._digest
     monkeypatch.setattr(splits, "_digest", lambda path: hashed.append(path) or real_digest(path))
-    assert splits.identical_files(helicodata.load_data(root), cache, progress=False) == first and not hashed
+    assert splits.identical_files(common.load_data(root), cache, progress=False) == first and not hashed
     # a file that changes (here: becomes a copy of another) changes the key: worked out again, and right
     (root / d).write_bytes((root / c).read_bytes())
-    again = splits.identical_files(helicodata.load_data(root), cache, progress=False)
+    again = splits.identical_files(common.load_data(root), cache, progress=False)
     assert hashed and sorted(again.values()) == [[a, b], [c, d]]
     memo = tmp_path / "hashes.identical.json"
     stored = json.loads(memo.read_text())
     for damaged in ("{", json.dumps({**stored, "groups": [["x"]]})):  # worked out again, not trusted
         memo.write_text(damaged)
-        assert splits.identical_files(helicodata.load_data(root), cache, progress=False) == again
+        assert splits.identical_files(common.load_data(root), cache, progress=False) == again
 
 
 def test_the_build_keeps_a_few_chunks_in_flight_not_all_of_them(mini_root, tmp_path, monkeypatch):
@@ -331,7 +331,7 @@ def test_the_build_keeps_a_few_chunks_in_flight_not_all_of_them(mini_root, tmp_p
     monkeypatch.setattr(packed_cache, "CHUNK_ROWS", 4)
     seen, real_wait = [], packed_cache.wait
     monkeypatch.setattr(packed_cache, "wait", lambda fs, **k: seen.append(len(fs)) or real_wait(fs, **k))
-    report = packed_cache.build_cache(helicodata.load_data(mini_root), tmp_path / "c", 32, workers=2, progress=False)
+    report = packed_cache.build_cache(common.load_data(mini_root), tmp_path / "c", 32, workers=2, progress=False)
     assert report["action"] == "built" and report["chunks"] > 10 and max(seen) <= 4
 
 
@@ -339,7 +339,7 @@ def test_the_index_is_written_and_read_as_csv_does_quoted_or_not(mini_root, tmp_
     import csv
     import hashlib
     import io
-    data = helicodata.load_data(mini_root)
+    data = common.load_data(mini_root)
     samples = packed_cache.unique_samples(data.all_samples())
     odd = [dataclasses.replace(samples[0], path=path) for path in ('odd,"name".png', "line\nbreak.png")]
     for case in (samples, [odd[0], *samples[1:]], [odd[1], *samples[1:]]):  # the fast join, then the quoting
@@ -361,7 +361,7 @@ def test_the_index_is_written_and_read_as_csv_does_quoted_or_not(mini_root, tmp_
 
 
 def test_the_index_stats_what_the_scan_did_not_and_names_a_file_it_cannot_stat(mini_root):
-    data = helicodata.load_data(mini_root)
+    data = common.load_data(mini_root)
     samples = packed_cache.unique_samples(data.all_samples())
     (stated, written), (scanned, same) = (packed_cache.index_of(data.root, samples, stats)
                                           for stats in (None, data.file_stats))

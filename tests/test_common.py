@@ -10,7 +10,6 @@ from PIL import Image
 
 import common
 from conftest import META, needs_meta
-from helico import helicodata
 
 HEADER = ["Pat_ID", "Section_ID", "Window_ID", "i", "j", "h", "w", "Presence"]
 
@@ -55,24 +54,24 @@ def make_root(tmp_path, rows, annotated, cropped, diagnosis, holdout=()):
                                             ("B22-10_1", "B22-10"), ("B22-100_0", "B22-100"), ("B22-01_0", "B22-01"),
                                             ("/data/Cropped/B22-47_0", "B22-47"), ("B22-47", "B22-47")])
 def test_patient_id_strips_only_the_section_suffix(folder, patient):
-    assert helicodata.patient_id(folder) == patient
+    assert common.patient_id(folder) == patient
 
 
 def test_patient_id_never_prefix_matches():
     folders = ["B22-10_0", "B22-100_0", "B22-101_1", "B22-10_1"]
-    assert [f for f in folders if helicodata.patient_id(f) == "B22-10"] == ["B22-10_0", "B22-10_1"]
+    assert [f for f in folders if common.patient_id(f) == "B22-10"] == ["B22-10_0", "B22-10_1"]
 
 
 @pytest.mark.parametrize("name,parsed", [("00902.png", (902, None)), ("00902_Aug3.png", (902, 3)), ("388.png", (388, None)),
                                          ("1163.PNG", (1163, None)), ("Thumbs.db", None), ("x_Aug1.png", None)])
 def test_parse_patch_name(name, parsed):
-    assert helicodata.parse_patch_name(name) == parsed
+    assert common.parse_patch_name(name) == parsed
 
 
 # ------------------------------------------------------------------------------------------ real metadata
 @needs_meta
 def test_real_workbook_loads_exactly():
-    rows = helicodata.read_annotations(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx")
+    rows = common.read_annotations(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx")
     assert len(rows) == 2695
     assert sum(r.aug is not None for r in rows) == 1312
     assert [sum(r.presence == v for r in rows) for v in (1, -1, 0)] == [1475, 1216, 4]
@@ -84,7 +83,7 @@ def test_real_workbook_loads_exactly():
 
 @needs_meta
 def test_real_workbook_has_one_aug_group_without_original():
-    rows = helicodata.read_annotations(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx")
+    rows = common.read_annotations(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx")
     originals = {(r.patient, r.window) for r in rows if r.aug is None}
     orphans = {(r.patient, r.window) for r in rows if r.aug is not None} - originals
     assert len(orphans) == 1
@@ -92,21 +91,21 @@ def test_real_workbook_has_one_aug_group_without_original():
 
 @needs_meta
 def test_real_diagnosis_loads():
-    dx = helicodata.read_diagnosis(META / "PatientDiagnosis.csv")
+    dx = common.read_diagnosis(META / "PatientDiagnosis.csv")
     assert len(dx) == 309
-    assert [sum(v == d for v in dx.values()) for d in helicodata.DIAGNOSES] == [151, 72, 86]
+    assert [sum(v == d for v in dx.values()) for d in common.DIAGNOSES] == [151, 72, 86]
     assert dx["B22-01"] == "BAIXA"
 
 
 @needs_meta
 def test_workbook_csv_export_and_other_names_load_the_same(tmp_path):
-    xlsx = helicodata.read_annotations(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx")
+    xlsx = common.read_annotations(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx")
     wb = openpyxl.load_workbook(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx", read_only=True)
     with open(tmp_path / "HP_WSI-CoordAnnotatedPatches.csv", "w", newline="") as f:
         csv.writer(f, delimiter=";").writerows(wb["Sheet1"].iter_rows(values_only=True))
-    assert helicodata.read_annotations(tmp_path) == xlsx  # a folder is searched under every known name
+    assert common.read_annotations(tmp_path) == xlsx  # a folder is searched under every known name
     shutil.copy(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx", tmp_path / "HP_WSI-CoordAnnotatedAllPatches.xlsx")
-    assert helicodata.read_annotations(tmp_path / "HP_WSI-CoordAnnotatedAllPatches.xlsx") == xlsx
+    assert common.read_annotations(tmp_path / "HP_WSI-CoordAnnotatedAllPatches.xlsx") == xlsx
 
 
 @pytest.mark.parametrize("header,row,message", [
@@ -120,14 +119,14 @@ def test_bad_workbook_is_a_clear_error_naming_file_row_and_value(tmp_path, heade
     path = tmp_path / "HP_WSI-CoordAllAnnotatedPatches.xlsx"
     write_xlsx(path, [row], header)
     with pytest.raises(common.DataError, match=message) as e:
-        helicodata.read_annotations(path)
+        common.read_annotations(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_unknown_diagnosis_is_a_clear_error(tmp_path):
     (tmp_path / "PatientDiagnosis.csv").write_text("CODI,DENSITAT\nB22-01,BAIXA\nB22-02,MEDIA\n")
     with pytest.raises(common.DataError, match=r"PatientDiagnosis.csv: row 3: unknown DENSITAT 'MEDIA'"):
-        helicodata.read_diagnosis(tmp_path / "PatientDiagnosis.csv")
+        common.read_diagnosis(tmp_path / "PatientDiagnosis.csv")
 
 
 # ------------------------------------------------------------------------------------------ data root
@@ -147,7 +146,7 @@ def small_root(tmp_path):
 
 
 def test_join_is_on_patient_window_aug_not_section(small_root):
-    data = helicodata.load_data(small_root)
+    data = common.load_data(small_root)
     by_path = {s.path: s for s in data.labelled}
     assert by_path["CrossValidation/Annotated/B22-5_0/00002.png"].label == 0
     assert by_path["CrossValidation/Annotated/B22-5_0/00001_Aug2.png"].aug == 2
@@ -156,7 +155,7 @@ def test_join_is_on_patient_window_aug_not_section(small_root):
 
 
 def test_problems_are_reported_never_dropped_silently(small_root):
-    data = helicodata.load_data(small_root)
+    data = common.load_data(small_root)
     assert [(a.patient, a.window) for a in data.rows_without_file] == [("B22-5", 4)]
     assert data.files_without_row == ["CrossValidation/Annotated/B22-5_0/00009.png"]
     assert [(a.window, a.presence) for a in data.uncertain] == [(3, 0)]
@@ -164,7 +163,7 @@ def test_problems_are_reported_never_dropped_silently(small_root):
 
 
 def test_sample_set_of_the_original_workflow(small_root):
-    data = helicodata.load_data(small_root)
+    data = common.load_data(small_root)
     kinds = sorted((s.source, s.label, s.patient) for s in data.labelled)
     assert kinds.count(("annotated", 1, "B22-5")) == 3        # window 1 and its 2 Aug copies
     assert ("supplemental", 0, "B22-5") not in kinds           # Cropped of an infected patient is not a negative
@@ -178,11 +177,11 @@ def test_sample_set_of_the_original_workflow(small_root):
 
 
 def test_select_counts_each_window_once_unless_training(small_root):
-    data = helicodata.load_data(small_root)
-    assert len([s for s in helicodata.select(data.labelled, ["B22-5"]) if s.label == 1]) == 1
-    assert len([s for s in helicodata.select(data.labelled, ["B22-5"], include_aug=True) if s.label == 1]) == 3
+    data = common.load_data(small_root)
+    assert len([s for s in common.select(data.labelled, ["B22-5"]) if s.label == 1]) == 1
+    assert len([s for s in common.select(data.labelled, ["B22-5"], include_aug=True) if s.label == 1]) == 3
     orphan = [s for s in data.labelled if s.aug is not None]  # an Aug group with no original keeps one copy
-    assert [s.aug for s in helicodata.one_per_window(orphan)] == [1]
+    assert [s.aug for s in common.one_per_window(orphan)] == [1]
 
 
 def test_cropped_copy_of_a_presence_zero_window_is_not_an_easy_negative(tmp_path):
@@ -190,7 +189,7 @@ def test_cropped_copy_of_a_presence_zero_window_is_not_an_easy_negative(tmp_path
     rows = [("B22-60", 0, 12, 0), ("B22-60", 0, 13, -1)]
     root = make_root(tmp_path, rows, ["B22-60_0/00012.png", "B22-60_0/00013.png"],
                      ["B22-60_0/12.png", "B22-60_0/13.png", "B22-60_0/14.png", "B22-60_1/12.png"], {"B22-60": "NEGATIVA"})
-    data = helicodata.load_data(root)
+    data = common.load_data(root)
     assert data.uncertain_cropped == ["CrossValidation/Cropped/B22-60_0/12.png"]
     assert sorted(s.path for s in data.labelled if s.source == "supplemental") == [
         "CrossValidation/Cropped/B22-60_0/14.png", "CrossValidation/Cropped/B22-60_1/12.png"]  # _1/12: another window
@@ -200,20 +199,20 @@ def test_two_sections_reusing_a_window_number_keep_both_files(tmp_path):
     rows = [("B22-70", 0, 5, -1), ("B22-70", 1, 5, 1), *[("B22-70", 1, f"5_Aug{k}", 1) for k in (1, 2)]]
     annotated = ["B22-70_0/00005.png", "B22-70_1/00005.png", "B22-70_1/00005_Aug1.png", "B22-70_1/00005_Aug2.png"]
     root = make_root(tmp_path, rows, annotated, ["B22-70_0/1.png", "B22-70_1/1.png"], {"B22-70": "ALTA"})
-    data = helicodata.load_data(root)
+    data = common.load_data(root)
     by_path = {s.path: s.label for s in data.labelled}
     assert by_path["CrossValidation/Annotated/B22-70_0/00005.png"] == 0
     assert by_path["CrossValidation/Annotated/B22-70_1/00005.png"] == 1
     assert data.files_without_row == [] and data.rows_without_file == [] and data.duplicate_rows == []
-    once = helicodata.select(data.labelled, ["B22-70"])
+    once = common.select(data.labelled, ["B22-70"])
     assert sorted((s.section, s.window, s.aug) for s in once) == [(0, 5, None), (1, 5, None)]
-    assert len(helicodata.select(data.cropped, ["B22-70"])) == 2
+    assert len(common.select(data.cropped, ["B22-70"])) == 2
 
 
 def test_a_reused_window_number_whose_row_names_no_section_is_listed_not_dropped(tmp_path):
     rows = [("B22-71", 3, 5, -1)]  # Section_ID 3: neither B22-71_0 nor B22-71_1
     root = make_root(tmp_path, rows, ["B22-71_0/00005.png", "B22-71_1/00005.png"], [], {"B22-71": "ALTA"})
-    data = helicodata.load_data(root)
+    data = common.load_data(root)
     assert [a.row for a in data.rows_without_file] == [2]
     assert data.files_without_row == ["CrossValidation/Annotated/B22-71_0/00005.png",
                                       "CrossValidation/Annotated/B22-71_1/00005.png"]
@@ -222,7 +221,7 @@ def test_a_reused_window_number_whose_row_names_no_section_is_listed_not_dropped
 def test_conflicting_rows_of_one_window_make_it_uncertain(tmp_path):
     rows = [("B22-151", 0, 93, -1), ("B22-151", 0, 93, 0), ("B22-151", 0, 94, -1), ("B22-151", 0, 94, -1)]
     root = make_root(tmp_path, rows, ["B22-151_0/00093.png", "B22-151_0/00094.png"], [], {"B22-151": "BAIXA"})
-    data = helicodata.load_data(root)
+    data = common.load_data(root)
     assert [(a.window, a.presence) for a in data.uncertain] == [(93, 0)]       # -1 and 0 for one window: excluded
     assert [(s.window, s.label) for s in data.labelled] == [(94, 0)]           # agreeing duplicates: kept once
     assert [a.row for a in data.duplicate_rows] == [3, 5]
@@ -230,7 +229,7 @@ def test_conflicting_rows_of_one_window_make_it_uncertain(tmp_path):
 
 @needs_meta
 def test_real_workbook_conflicts_are_the_four_b22_151_windows():
-    rows = helicodata.read_annotations(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx")
+    rows = common.read_annotations(META / "HP_WSI-CoordAllAnnotatedPatches.xlsx")
     keys = {}
     for a in rows:
         keys.setdefault((a.patient, a.window, a.aug), set()).add(a.presence)
@@ -240,9 +239,9 @@ def test_real_workbook_conflicts_are_the_four_b22_151_windows():
 def test_missing_layout_pieces_are_clear_errors(small_root):
     (small_root / "PatientDiagnosis.csv").unlink()
     with pytest.raises(common.DataError, match="missing PatientDiagnosis.csv"):
-        helicodata.load_data(small_root)
+        common.load_data(small_root)
     with pytest.raises(common.DataError, match="missing folder CrossValidation/Annotated"):
-        helicodata.load_data(small_root / "nowhere")
+        common.load_data(small_root / "nowhere")
 
 
 # ------------------------------------------------------------------------------------------ dataset
@@ -250,8 +249,8 @@ def test_dataset_converts_rgba_grey_and_resizes_off_size(tmp_path):
     samples = []
     for name, mode, size in (("a.png", "RGBA", (16, 16)), ("b.png", "L", (16, 16)), ("c.png", "RGB", (16, 13))):
         png(tmp_path / name, size=size, mode=mode)
-        samples.append(helicodata.Sample(name, "B22-1", "annotated", 1, 1))
-    ds = helicodata.PatchDataset(tmp_path, samples, image_size=16)
+        samples.append(common.Sample(name, "B22-1", "annotated", 1, 1))
+    ds = common.PatchDataset(tmp_path, samples, image_size=16)
     for k in range(3):
         x, label, idx = ds[k]
         assert x.dtype == torch.uint8 and x.shape == (3, 16, 16) and (label, idx) == (1, k)
@@ -261,12 +260,12 @@ def test_truncated_png_is_an_error_naming_the_file_or_skipped_on_request(tmp_pat
     png(tmp_path / "ok.png", size=(64, 64))
     data = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    samples = [helicodata.Sample("cut.png", "B22-1", "annotated", 0, 1)]
+    samples = [common.Sample("cut.png", "B22-1", "annotated", 0, 1)]
     with pytest.raises(common.DataError, match="cut.png: unreadable image"):
-        helicodata.PatchDataset(tmp_path, samples, image_size=64)[0]
-    x, label, idx = helicodata.PatchDataset(tmp_path, samples, image_size=64, skip_bad=True)[0]
-    assert label == helicodata.BAD
-    images, labels, indices, bad = helicodata.drop_bad(x[None], torch.tensor([label]), torch.tensor([idx]))
+        common.PatchDataset(tmp_path, samples, image_size=64)[0]
+    x, label, idx = common.PatchDataset(tmp_path, samples, image_size=64, skip_bad=True)[0]
+    assert label == common.BAD
+    images, labels, indices, bad = common.drop_bad(x[None], torch.tensor([label]), torch.tensor([idx]))
     assert len(images) == 0 and bad == [0]
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import common
-from helico import crossval, helicodata, metrics
+from helico import crossval, metrics
 import evaluate
 import train
 import train_patient
@@ -55,7 +55,7 @@ def test_pooled_predictions_equal_each_folds_own_test_predictions(cv_runs):
 
 
 def test_every_patient_is_tested_by_the_one_model_that_never_saw_it(cv_runs, demo_root):
-    data = helicodata.load_data(demo_root)
+    data = common.load_data(demo_root)
     pooled = read_csv(cv_runs / "27-cv" / "patients.csv")
     assert sorted(r["patient"] for r in pooled) == [p for p in data.cv_patients if p != "B22-47"]
     for r in pooled:
@@ -81,7 +81,7 @@ def test_pooled_metrics_recompute_from_the_pooled_rows_with_exact_patient_interv
 
 
 def test_folds_whose_test_parts_overlap_or_miss_patients_are_refused(cv_runs, demo_root):
-    data = helicodata.load_data(demo_root)
+    data = common.load_data(demo_root)
     folds = [crossval.read_fold(cv_runs / f"27-f{i}") for i in range(K)]
     crossval.check_folds(folds, data.cv_patients)  # the real ones are fine
     folds[1].split["test"] = folds[1].split["test"] + folds[0].split["test"][:1]
@@ -130,7 +130,7 @@ def test_the_ensemble_is_one_holdout_model_whose_thresholds_never_read_the_holdo
     flags = ["--holdout", "--device", "cpu", "--workers", "0", "--bootstrap", "0", "--gradcam", "0"]
     assert evaluate.main(["--ensemble", *runs, "--out", str(tmp_path / "ens"), *flags]) == 0
     m = json.loads((tmp_path / "ens" / "metrics.json").read_text(), parse_constant=float)
-    holdout = helicodata.load_data(demo_root).holdout_patients
+    holdout = common.load_data(demo_root).holdout_patients
     assert m["k"] == K and len(m["folds"]) == K and m["holdout_patients"] == holdout
     assert m["thresholds"]["chosen_on"] == "the folds' pooled out-of-fold test predictions"
     assert "patient_mil" in m["ensemble"] and all("patient_mil" in f for f in m["folds"])

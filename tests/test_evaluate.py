@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 
 import common
 import evaluate
-from helico import analysis, eval_report, gradcam, helicodata, metrics, model, packed_cache
+from helico import analysis, eval_report, gradcam, metrics, model, packed_cache, staining
 
 FAST = ["--device", "cpu", "--workers", "0", "--bootstrap", "200", "--seed", "0"]
 LEVELS = ("patch", "patch_at_0.5", "by_source.annotated", "by_source.supplemental", "patient", "selection.patient",
@@ -115,15 +115,15 @@ def test_report_shows_the_stain_strip_of_validation_positives_and_hard_negatives
 
 
 def test_predictions_cover_the_val_test_and_holdout_patches_once_byte_identical_copies_once(evaluation, demo_root):
-    data = helicodata.load_data(demo_root)
+    data = common.load_data(demo_root)
     meta = evaluation["metrics"]["meta"]
     patients = meta["val_patients"] + meta["test_patients"]
     assert meta["test_patients"] and not set(meta["val_patients"]) & set(meta["test_patients"])
     rows = evaluation["predictions"]
     assert len({r["path"] for r in rows}) == len(rows)
-    for scored, expected in (({r["path"] for r in patch_rows(evaluation)}, helicodata.select(data.labelled, patients)),
+    for scored, expected in (({r["path"] for r in patch_rows(evaluation)}, common.select(data.labelled, patients)),
                              ({r["path"] for r in rows if r["patient_eval"] == "1"},
-                              helicodata.select(data.cropped, patients) + data.holdout)):
+                              common.select(data.cropped, patients) + data.holdout)):
         assert scored <= {s.path for s in expected}
         counted = {sha256(demo_root / p) for p in scored}
         assert len(counted) == len(scored)  # no content counted twice ...
@@ -165,7 +165,7 @@ def test_patch_metrics_reproduce_the_validation_metrics_logged_by_training(evalu
 
 def test_scores_follow_trainings_eval_preprocessing_with_the_stored_stain_reference(tiny_run, demo_root):
     import macenko_gpu
-    data = helicodata.load_data(demo_root)
+    data = common.load_data(demo_root)
     ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
     reference = macenko_gpu.synthetic_ihc_tiles(1, 256, seed=3)[0]  # a tile with both stains, as the real one has
     ckpt["stain"] = macenko_gpu.MacenkoNormalizer().fit(reference).state_dict()
@@ -173,7 +173,7 @@ def test_scores_follow_trainings_eval_preprocessing_with_the_stored_stain_refere
     samples, size = data.labelled[:6], ckpt["image_size"]
     scores, bad = evaluate.score_samples(net, normalizer, demo_root, samples, size, torch.device("cpu"), batch_size=4,
                                          workers=0)
-    images = torch.stack([helicodata.PatchDataset(demo_root, samples, size)[i][0] for i in range(len(samples))])
+    images = torch.stack([common.PatchDataset(demo_root, samples, size)[i][0] for i in range(len(samples))])
     with torch.no_grad():
         expected = torch.sigmoid(net(model.model_input(images, normalizer)).reshape(-1)).numpy()
         unstained = torch.sigmoid(net(model.model_input(images, None)).reshape(-1)).numpy()
@@ -298,11 +298,11 @@ def synthetic_predictions(n_patients=30, seed=0):
         infected = i % 2 == 1 or i == 0
         for k in range(6):
             label = int(infected and k < 2)
-            samples.append(helicodata.Sample(f"A/P{i}_0/{k}.png", f"P{i}", "annotated", label, k))
+            samples.append(common.Sample(f"A/P{i}_0/{k}.png", f"P{i}", "annotated", label, k))
             patch.append(True)
             score.append(float(np.clip(rng.normal(0.3 + 0.4 * label, 0.2), 0, 1)))
         for k in range(5):
-            samples.append(helicodata.Sample(f"C/P{i}_0/{k}.png", f"P{i}", "supplemental", -1, 100 + k))
+            samples.append(common.Sample(f"C/P{i}_0/{k}.png", f"P{i}", "supplemental", -1, 100 + k))
             patch.append(False)
             score.append(float(np.clip(rng.normal(0.3 + 0.3 * infected, 0.2), 0, 1)))
     patch = np.array(patch)
@@ -355,7 +355,7 @@ def test_gradcam_heatmaps_have_the_patch_size_and_are_not_constant(evaluation):
 
 def test_gradcam_finds_the_last_spatial_layer_of_a_model_without_layer4():
     torch.manual_seed(0)
-    net = model.build_model("mobilenet_v3_small").eval()
+    net = common.build_model("mobilenet_v3_small").eval()
     x = torch.randn(2, 3, 64, 64)
     layer, name, size, note = gradcam.gradcam_layer(net, x[:1])
     assert min(size) >= gradcam.MIN_MAP and "2x2" in note  # the deepest map (576, 2, 2) is too coarse at 64 px
@@ -366,7 +366,7 @@ def test_gradcam_finds_the_last_spatial_layer_of_a_model_without_layer4():
 
 
 def test_gradcam_keeps_layer4_where_its_map_is_at_least_7x7():
-    net = model.build_model("resnet18").eval()
+    net = common.build_model("resnet18").eval()
     layer, name, size, note = gradcam.gradcam_layer(net, torch.randn(1, 3, 224, 224))
     assert (layer, name, size, note) == (net.layer4, "layer4", (7, 7), "")
     layer, name, size, note = gradcam.gradcam_layer(net, torch.randn(1, 3, 64, 64))
@@ -525,14 +525,14 @@ def test_cache_gives_the_same_scores_as_decoding_pngs(evaluation, cached_evaluat
     assert max(abs(cached[p] - png[p]) for p in png) <= 1e-6
     meta = json.loads((cached_evaluation["cache"] / "meta.json").read_text())
     assert meta["complete"] is True and meta["normalized"] is False  # plain: the checkpoint's stain is applied
-    every_patch = {s.path for s in helicodata.load_data(evaluation["metrics"]["meta"]["data_root"]).all_samples()}
+    every_patch = {s.path for s in common.load_data(evaluation["metrics"]["meta"]["data_root"]).all_samples()}
     assert meta["count"] == len(every_patch) > len(png)  # the whole dataset, once: training reuses the same cache
 
 
 def test_a_second_cached_evaluation_decodes_no_png(cached_evaluation, monkeypatch, tmp_path):
     def no_png(self, i):
         raise AssertionError(f"decoded {self.samples[i].path}")
-    monkeypatch.setattr(helicodata.PatchDataset, "__getitem__", no_png)
+    monkeypatch.setattr(common.PatchDataset, "__getitem__", no_png)
     out = tmp_path / "eval"
     argv = [*cached_evaluation["args"], "--out", str(out), "--cache", str(cached_evaluation["cache"])]
     assert evaluate.main(argv) == 0
@@ -573,17 +573,17 @@ def normalized_cache(demo_root, tiny_ckpt, tmp_path_factory):
     """A cache normalized to the demo's default stain reference, as train.py --cache-normalized writes it."""
     from helico import packed_cache
     out = tmp_path_factory.mktemp("normalized") / "cache"
-    packed_cache.build_cache(helicodata.load_data(demo_root), out, int(tiny_ckpt["image_size"]), workers=2,
-                            normalized=True, reference=helicodata.DEFAULT_REFERENCE, device="cpu", progress=False)
+    packed_cache.build_cache(common.load_data(demo_root), out, int(tiny_ckpt["image_size"]), workers=2,
+                            normalized=True, reference=staining.DEFAULT_REFERENCE, device="cpu", progress=False)
     return out
 
 
 def test_cache_normalized_to_the_checkpoints_stain_is_used_without_normalizing_again(
         normalized_cache, tiny_ckpt, demo_root, monkeypatch):
     import macenko_gpu
-    ckpt = {**tiny_ckpt, "stain": fitted_stain(demo_root / helicodata.DEFAULT_REFERENCE)}
+    ckpt = {**tiny_ckpt, "stain": fitted_stain(demo_root / staining.DEFAULT_REFERENCE)}
     net, normalizer = model.from_checkpoint(ckpt, "best.pt", None, torch.device("cpu"))
-    samples, size = helicodata.load_data(demo_root).labelled[:8], int(ckpt["image_size"])
+    samples, size = common.load_data(demo_root).labelled[:8], int(ckpt["image_size"])
     png, _ = evaluate.score_samples(net, normalizer, demo_root, samples, size, torch.device("cpu"), batch_size=4,
                                     workers=0)
 

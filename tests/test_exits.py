@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helico import analysis, helicodata
+from helico import analysis
 import common
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def broken_copy(demo_root, where: Path, break_file) -> tuple[Path, list[str]]:
     new inodes: the shared demo data stays intact."""
     root = where / "HelicoDataSet"
     shutil.copytree(demo_root, root, copy_function=os.link)
-    broken = [s.path for s in helicodata.load_data(root).labelled if s.label == 1]
+    broken = [s.path for s in common.load_data(root).labelled if s.label == 1]
     for rel in broken:
         path = root / rel
         data = path.read_bytes()
@@ -206,9 +206,9 @@ def test_skip_bad_images_names_every_skipped_file_on_stderr_and_in_the_run_folde
                           "--workers", "2", "--epochs", "1", "--skip-bad-images")
     assert code == 0, err[-2000:]
     run_dir = tmp_path / "skip"
-    split, data = json.loads((run_dir / "split.json").read_text()), helicodata.load_data(root)
-    trained = sampling.stratified_subset(helicodata.select(data.labelled, split["train"], include_aug=True), 48, 0)
-    seen = {s.path for s in trained} | {s.path for s in helicodata.select(data.labelled, split["val"])}
+    split, data = json.loads((run_dir / "split.json").read_text()), common.load_data(root)
+    trained = sampling.stratified_subset(common.select(data.labelled, split["train"], include_aug=True), 48, 0)
+    seen = {s.path for s in trained} | {s.path for s in common.select(data.labelled, split["val"])}
     expected = seen & set(broken)
     assert expected, "the test data must put a broken file in this run"
     assert warned(err) == expected
@@ -225,7 +225,7 @@ def test_evaluate_skip_bad_images_names_every_skipped_file_and_lists_them(tiny_r
     assert code == 0, err[-2000:]
     split = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)["split"]
     parts = {part: split[part] for part in ("val", "test") if split.get(part)}  # what evaluate.py scores
-    expected = {r.sample.path for r in analysis.evaluation_rows(helicodata.load_data(root), parts)} & set(broken)
+    expected = {r.sample.path for r in analysis.evaluation_rows(common.load_data(root), parts)} & set(broken)
     assert expected and warned(err) == expected
     assert set((out / "skipped_images.txt").read_text().splitlines()) == expected
 
@@ -386,7 +386,7 @@ def test_an_uncaught_os_or_import_error_is_one_line_and_its_documented_code_neve
         raise error
     target = module if "." not in entry else getattr(module, entry.split(".")[0])
     monkeypatch.setattr(target, entry.split(".")[-1], crash)
-    monkeypatch.setattr(helicodata, "load_data", lambda root: None)
+    monkeypatch.setattr(common, "load_data", lambda root: None)
     argv = {"audit_leakage": ["--data-root", str(tmp_path)],
             "train": ["--data-root", str(tmp_path), "--device", "cpu", "--runs-dir", str(tmp_path)],
             "evaluate": ["--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu"],

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY_TRAIN_FLAGS
-from helico import helicodata
+import common
+from helico import staining
 
 SCRIPT = ROOT / "run_h_pylori.sh"
 TRAIN_FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "1", "--limit-samples", "64"]
@@ -259,8 +260,8 @@ def test_an_abbreviated_flag_is_refused_in_one_line_before_staging(node, demo_ro
 def leaky_split(node, tmp_path) -> Path:
     """A split file whose validation part repeats a training patient."""
     from helico import splits
-    data = helicodata.load_data(node.shared)
-    split = splits.make_split(data, seed=0, keep_in_train=helicodata.reference_patients(helicodata.DEFAULT_REFERENCE))
+    data = common.load_data(node.shared)
+    split = splits.make_split(data, seed=0, keep_in_train=staining.reference_patients(staining.DEFAULT_REFERENCE))
     split["val"].append(next(p for p in split["train"] if p != "B22-47"))
     path = tmp_path / "leaky_split.json"
     path.write_text(json.dumps(split))

@@ -22,7 +22,7 @@ import common
 import macenko_gpu
 import stain
 import stain_check
-from helico import helicodata, model, packed_cache
+from helico import packed_cache, staining
 from macenko_gpu import FALLBACK, SINGLE_STAIN, TWO_STAINS, MacenkoNormalizer, load_rgb, synthetic_ihc_tiles
 
 TILE = 128
@@ -197,8 +197,8 @@ print(grown_mb, float((out[1:8] - out[505:512]).abs().max()))
 
 
 # ------------------------------------------------------------------------------------ IHC: bacteria and nuclei
-# Synthetic cases of stain_check.py (skimage's IHC sample, DAB removed, rods added in HED space); the table for
-# every mode: python stain_check.py
+# Synthetic cases of tools/stain_check.py (skimage's IHC sample, DAB removed, rods added in HED space); the table for
+# every mode: python tools/stain_check.py
 REFERENCES = ("rods 5.0%", "rods 0.5%")  # high and moderate DAB content on hematoxylin-only tissue
 
 
@@ -283,7 +283,7 @@ def test_reference_without_enough_dab_is_refused(reference, dab_free_ihc, ihc_re
 
 
 def test_demo_stain_reference_is_accepted(demo_root):
-    MacenkoNormalizer().fit(load_rgb(demo_root / helicodata.DEFAULT_REFERENCE))
+    MacenkoNormalizer().fit(load_rgb(demo_root / staining.DEFAULT_REFERENCE))
 
 
 def test_checkpoint_state_of_the_previous_version_normalizes_as_it_was_trained(ihc, reference):
@@ -294,9 +294,9 @@ def test_checkpoint_state_of_the_previous_version_normalizes_as_it_was_trained(i
         restored = MacenkoNormalizer.from_state_dict({**old, "single_stain": old_name})
         assert restored.mode == mode and torch.equal(restored.normalize(tiles), norm.normalize(tiles))
         # a cache normalized by the previous version still matches its checkpoint's stain in evaluate.py
-        assert packed_cache.same_stain({**old, "single_stain": old_name}, restored.state_dict())
+        assert staining.same_stain({**old, "single_stain": old_name}, restored.state_dict())
         today = MacenkoNormalizer().fit(reference).state_dict()
-        assert not packed_cache.same_stain({**old, "single_stain": old_name}, today)
+        assert not staining.same_stain({**old, "single_stain": old_name}, today)
 
 
 # ------------------------------------------------------------------------------------ interface
@@ -464,7 +464,7 @@ def test_module_imports_only_runtime_dependencies():
 
 # ------------------------------------------------------------------------------------ references of several patches
 def test_a_reference_pooled_from_several_patches_bounds_the_worst_single_patch_dab_vector():
-    # one sparse patch's DAB vector strays up to 4.3 degrees (python stain_check.py); eight pooled stay near 1
+    # one sparse patch's DAB vector strays up to 4.3 degrees (python tools/stain_check.py); eight pooled stay near 1
     refs = stain_check.sparse_references(seed=0, coverage=0.002)
     singles = [stain_check.dab_error(MacenkoNormalizer().fit(r)) for r in refs]
     pooled = MacenkoNormalizer().fit(refs)
@@ -478,7 +478,7 @@ def test_dab_angles_flag_a_slide_whose_dab_hue_is_turned_and_skip_one_without_da
     hue = stain_check.hue_check(seed=0)  # 8-patch slides, DAB turned by 0, +-5, +-10 degrees
     assert hue[0.0]["angle"] < 2.0
     for turn in (5.0, -5.0, 10.0, -10.0):
-        assert hue[turn]["angle"] > model.DAB_HUE_WARN_DEG, turn
+        assert hue[turn]["angle"] > staining.DAB_HUE_WARN_DEG, turn
     assert hue[-10.0]["rod_dab_ratio"] < 0.85  # what the warning is for: the signal changes
     norm = MacenkoNormalizer().fit(stain_check.sparse_references(seed=0, coverage=0.005)[:2])
     blank = stain_check.hematoxylin_cases()[:3]
@@ -498,34 +498,34 @@ def survey_root(tmp_path):
             path = f"CrossValidation/Cropped/{slide}/{k}.png"
             (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(stain_check.to_uint8(hed, turn or 0.0).permute(1, 2, 0).numpy()).save(tmp_path / path)
-            samples.append(helicodata.Sample(path, slide[:-2], "supplemental", -1, k))
+            samples.append(common.Sample(path, slide[:-2], "supplemental", -1, k))
     (tmp_path / samples[0].path).write_bytes(b"not a png")  # left out of the survey (training names it)
     (tmp_path / "CrossValidation/Cropped/B22-4_0").mkdir()
     (tmp_path / "CrossValidation/Cropped/B22-4_0/1.png").write_bytes(b"")  # a slide of nothing readable
-    samples.append(helicodata.Sample("CrossValidation/Cropped/B22-4_0/1.png", "B22-4", "supplemental", -1, 1))
+    samples.append(common.Sample("CrossValidation/Cropped/B22-4_0/1.png", "B22-4", "supplemental", -1, 1))
     return samples, MacenkoNormalizer().fit(stain_check.sparse_references(seed=0, coverage=0.005))
 
 
 def test_dab_hue_survey_names_the_far_slide_of_a_data_root(tmp_path):
     samples, norm = survey_root(tmp_path)
-    survey = model.dab_hue_survey(tmp_path, samples, norm)
+    survey = staining.dab_hue_survey(tmp_path, samples, norm)
     assert survey["far"] == ["B22-2_0"] and survey["angles"]["B22-3_0"] is None is survey["angles"]["B22-4_0"]
-    assert survey["angles"]["B22-1_0"] < model.DAB_HUE_WARN_DEG < survey["angles"]["B22-2_0"]
+    assert survey["angles"]["B22-1_0"] < staining.DAB_HUE_WARN_DEG < survey["angles"]["B22-2_0"]
 
 
 def test_dab_hue_survey_memo_is_read_while_patches_and_stain_are_unchanged(tmp_path, monkeypatch):
     samples, norm = survey_root(tmp_path)
     memo = tmp_path / "hashes.survey.json"
-    first = model.dab_hue_survey(tmp_path, samples, norm, memo=memo)
-    assert first == model.dab_hue_survey(tmp_path, samples, norm) and memo.is_file()  # the memo changes nothing
+    first = staining.dab_hue_survey(tmp_path, samples, norm, memo=memo)
+    assert first == staining.dab_hue_survey(tmp_path, samples, norm) and memo.is_file()  # the memo changes nothing
     surveyed, real = [], MacenkoNormalizer.dab_angles
     monkeypatch.setattr(MacenkoNormalizer, "dab_angles", lambda self, groups: surveyed.append(1) or real(self, groups))
-    assert model.dab_hue_survey(tmp_path, samples, norm, memo=memo) == first and not surveyed  # read, not surveyed
+    assert staining.dab_hue_survey(tmp_path, samples, norm, memo=memo) == first and not surveyed  # read, not surveyed
     other = MacenkoNormalizer().fit(stain_check.sparse_references(seed=1, coverage=0.005))  # another reference
-    model.dab_hue_survey(tmp_path, samples, other, memo=memo)
+    staining.dab_hue_survey(tmp_path, samples, other, memo=memo)
     assert surveyed
     surveyed.clear()
-    model.dab_hue_survey(tmp_path, samples, norm, memo=memo)  # back to the first: surveyed again (one memo kept)
+    staining.dab_hue_survey(tmp_path, samples, norm, memo=memo)  # back to the first: surveyed again (one memo kept)
     assert surveyed
     for change in ("picked file rewritten", "memo damaged"):
         surveyed.clear()
@@ -534,34 +534,34 @@ def test_dab_hue_survey_memo_is_read_while_patches_and_stain_are_unchanged(tmp_p
             path.write_bytes((tmp_path / samples[22].path).read_bytes())
         else:
             memo.write_text('{"key": 1}')
-        again = model.dab_hue_survey(tmp_path, samples, norm, memo=memo)
-        assert surveyed and again == model.dab_hue_survey(tmp_path, samples, norm)
+        again = staining.dab_hue_survey(tmp_path, samples, norm, memo=memo)
+        assert surveyed and again == staining.dab_hue_survey(tmp_path, samples, norm)
 
 
 def test_reference_patch_takes_files_and_folders_and_names_a_bad_entry(demo_root, tmp_path):
     folder = "CrossValidation/Annotated/B22-47_0"
-    files = helicodata.reference_files(demo_root, [helicodata.DEFAULT_REFERENCE, folder])
-    assert files[0] == demo_root / helicodata.DEFAULT_REFERENCE and len(files) > 2
+    files = staining.reference_files(demo_root, [staining.DEFAULT_REFERENCE, folder])
+    assert files[0] == demo_root / staining.DEFAULT_REFERENCE and len(files) > 2
     assert all(f.parent == demo_root / folder for f in files)
-    assert helicodata.reference_patients([folder, "/elsewhere/B22-111_1/7.png", "refs/"]) == ["B22-111", "B22-47",
+    assert staining.reference_patients([folder, "/elsewhere/B22-111_1/7.png", "refs/"]) == ["B22-111", "B22-47",
                                                                                             "refs"]
-    assert helicodata.reference_list("a.png") == ["a.png"] and helicodata.reference_list(None) == []
+    assert staining.reference_list("a.png") == ["a.png"] and staining.reference_list(None) == []
     (tmp_path / "empty").mkdir()
     for bad, words in (([folder, "missing.png"], "missing.png: file not found"),
                        ([str(tmp_path / "empty")], "empty: folder holds no .png"),
                        ([folder] * 40, "at most 64")):
         with pytest.raises(common.DataError, match=words):
-            model.fit_stain_reference(demo_root, bad)
-    pooled = model.fit_stain_reference(demo_root, [helicodata.DEFAULT_REFERENCE, folder])
-    single = model.fit_stain_reference(demo_root, helicodata.DEFAULT_REFERENCE)
+            staining.fit_stain_reference(demo_root, bad)
+    pooled = staining.fit_stain_reference(demo_root, [staining.DEFAULT_REFERENCE, folder])
+    single = staining.fit_stain_reference(demo_root, staining.DEFAULT_REFERENCE)
     assert not torch.equal(pooled.stain_matrix, single.stain_matrix)
     # a cache of one reference keeps its folder name and record whether it is given as a string or a list
-    assert packed_cache.cache_folder(tmp_path, 64, True, helicodata.DEFAULT_REFERENCE) == \
-        packed_cache.cache_folder(tmp_path, 64, True, [helicodata.DEFAULT_REFERENCE]) != \
-        packed_cache.cache_folder(tmp_path, 64, True, [helicodata.DEFAULT_REFERENCE, folder])
-    record = packed_cache.stain_reference(demo_root, [helicodata.DEFAULT_REFERENCE], "cpu")[1]
-    assert record["reference"] == helicodata.DEFAULT_REFERENCE
-    assert record["sha256"] == hashlib.sha256((demo_root / helicodata.DEFAULT_REFERENCE).read_bytes()).hexdigest()
+    assert packed_cache.cache_folder(tmp_path, 64, True, staining.DEFAULT_REFERENCE) == \
+        packed_cache.cache_folder(tmp_path, 64, True, [staining.DEFAULT_REFERENCE]) != \
+        packed_cache.cache_folder(tmp_path, 64, True, [staining.DEFAULT_REFERENCE, folder])
+    record = staining.fitted_record(demo_root, [staining.DEFAULT_REFERENCE], "cpu")[1]
+    assert record["reference"] == staining.DEFAULT_REFERENCE
+    assert record["sha256"] == hashlib.sha256((demo_root / staining.DEFAULT_REFERENCE).read_bytes()).hexdigest()
 
 
 def test_the_normalizer_runs_its_matmuls_in_ieee_fp32_whatever_the_caller_allowed(monkeypatch):

@@ -8,34 +8,34 @@ from helico import model
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
 def test_build_model_has_one_logit_head(arch):
-    net = model.build_model(arch, "none")
+    net = common.build_model(arch, "none")
     assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 1)
 
 
 def test_build_model_loads_a_weights_file_and_rejects_bad_names(tmp_path):
-    src = model.build_model("resnet18", "none")
+    src = common.build_model("resnet18", "none")
     torch.save({"model": src.state_dict()}, tmp_path / "w.pt")
-    loaded = model.build_model("resnet18", str(tmp_path / "w.pt"))
+    loaded = common.build_model("resnet18", str(tmp_path / "w.pt"))
     assert torch.equal(loaded.conv1.weight, src.conv1.weight)
     with pytest.raises(common.DataError, match="--arch resnet19"):
-        model.build_model("resnet19", "none")
+        common.build_model("resnet19", "none")
     with pytest.raises(common.DataError, match="--weights .*missing.pt: file not found"):
-        model.build_model("resnet18", str(tmp_path / "missing.pt"))
+        common.build_model("resnet18", str(tmp_path / "missing.pt"))
 
 
 def test_load_checkpoint_errors_are_one_line_and_name_the_file(tmp_path):
     with pytest.raises(common.DataError, match="missing.pt: file not found"):
-        model.load_checkpoint(tmp_path / "missing.pt")
+        common.load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(common.DataError, match=r"junk.pt: unreadable checkpoint \(UnpicklingError") as e:
-        model.load_checkpoint(tmp_path / "junk.pt")
+        common.load_checkpoint(tmp_path / "junk.pt")
     assert "\n" not in str(e.value)
     torch.save({"version": torch.__version__}, tmp_path / "foreign.pt")  # a TorchVersion object, not plain data
     with pytest.raises(common.DataError, match="Unsupported global"):
-        model.load_checkpoint(tmp_path / "foreign.pt")
+        common.load_checkpoint(tmp_path / "foreign.pt")
     torch.save({"model": {}}, tmp_path / "partial.pt")
     with pytest.raises(common.DataError, match="not a train.py checkpoint .missing arch, config, split, stain, threshold, image_size"):
-        model.load_checkpoint(tmp_path / "partial.pt")
+        common.load_checkpoint(tmp_path / "partial.pt")
 
 
 @pytest.mark.parametrize("capability, dtype, scaled", [((7, 0), torch.float16, True), ((7, 5), torch.float16, True),

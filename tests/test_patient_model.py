@@ -17,7 +17,8 @@ from scipy import stats
 import evaluate
 import train
 import train_patient
-from helico import analysis, bags, helicodata, metrics, mil, model
+import common
+from helico import analysis, bags, metrics, mil, model
 from conftest import flipped_diagnoses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,17 +131,17 @@ def bag_folder(patient_run) -> "os.PathLike":
 
 def test_bag_features_are_the_patch_models_penultimate_outputs_for_the_same_pixels(patch_run, patient_run,
                                                                                    small_demo_root):
-    ckpt = model.load_checkpoint(patch_run / "best.pt")
+    ckpt = common.load_checkpoint(patch_run / "best.pt")
     net, normalizer = model.from_checkpoint(ckpt, "best.pt", None, torch.device("cpu"))
     assert normalizer is not None  # the run's Macenko is applied before the features
     key = mil.load_checkpoint(patient_run / "best.pt")["bag_key"]
-    data = helicodata.load_data(small_demo_root)
+    data = common.load_data(small_demo_root)
     patient = ckpt["split"]["test"][0]
     bag = bags.load(bag_folder(patient_run), patient, key)
     wanted = bags.patient_samples(data, [patient])[patient]
     assert bag.paths == [s.path for s, _ in wanted] and {"cropped", "annotated"} <= set(bag.roles)
     assert "annotated" not in {r for r, keep in zip(bag.roles, bag.rows()) if keep}  # windows: never in the bag
-    images = torch.stack([helicodata.PatchDataset(small_demo_root, [s for s, _ in wanted], 32)[i][0]
+    images = torch.stack([common.PatchDataset(small_demo_root, [s for s, _ in wanted], 32)[i][0]
                           for i in range(len(wanted))])
     body, head = model.penultimate(net)
     with torch.no_grad():
@@ -155,8 +156,8 @@ def test_bag_features_are_the_patch_models_penultimate_outputs_for_the_same_pixe
 def test_flipping_test_and_holdout_diagnoses_leaves_the_patient_model_bitwise_unchanged(patch_run, patient_run,
                                                                                         small_demo_root, tmp_path):
     before = (patient_run / "best.pt").read_bytes()
-    ckpt = model.load_checkpoint(patch_run / "best.pt")
-    data = helicodata.load_data(small_demo_root)
+    ckpt = common.load_checkpoint(patch_run / "best.pt")
+    data = common.load_data(small_demo_root)
     hidden = set(ckpt["split"]["test"]) | set(data.holdout_patients)
     flipped = flipped_diagnoses(small_demo_root, hidden, tmp_path / "flipped")
     assert sum(a != b for a, b in zip((flipped / "PatientDiagnosis.csv").read_text().splitlines(),

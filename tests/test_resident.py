@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import common
-from helico import feeds, helicodata, packed_cache
+from helico import feeds, packed_cache
 from helico.sampling import EpochSampler
 from test_cache import copy_mini_root
 
@@ -17,10 +17,10 @@ SIZE = 32
 def mini(demo_root, tmp_path_factory):
     """(root, cache dir, samples) of a few demo patients, one PNG broken (recorded as a bad row)."""
     root = copy_mini_root(demo_root, tmp_path_factory.mktemp("mini") / "HelicoDataSet")
-    samples = packed_cache.unique_samples(helicodata.load_data(root).all_samples())
+    samples = packed_cache.unique_samples(common.load_data(root).all_samples())
     (root / samples[5].path).write_bytes(b"not a png")
     cache = tmp_path_factory.mktemp("cache") / "c"
-    packed_cache.build_cache(helicodata.load_data(root), cache, SIZE, workers=2, progress=False)
+    packed_cache.build_cache(common.load_data(root), cache, SIZE, workers=2, progress=False)
     return root, cache, samples
 
 
@@ -95,7 +95,7 @@ def test_undecodable_patch_is_bad_label_when_skipping_else_the_loaders_error(min
     train, val = dataset(mini, part=slice(0, 16)), dataset(mini, part=slice(16, None))
     for path in both_paths(train, val, list(range(16)), [0]):
         labels = torch.cat([y for _, y, _ in path[0]])
-        assert labels[5] == helicodata.BAD and (torch.cat([labels[:5], labels[6:]]) != helicodata.BAD).all()
+        assert labels[5] == common.BAD and (torch.cat([labels[:5], labels[6:]]) != common.BAD).all()
     strict = dataset(mini, skip_bad=False, part=slice(0, 16))
     for path in both_paths(strict, val, list(range(16)), [0]):
         batches = iter(path[0])

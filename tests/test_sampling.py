@@ -1,7 +1,8 @@
 """sampling.py: the epoch order replays from (seed, epoch) alone, per rank; --limit-samples keeps the class ratio."""
 import numpy as np
 
-from helico import helicodata, sampling
+import common
+from helico import sampling
 
 
 def test_epoch_sampler_shards_cover_every_sample_and_replay_per_epoch():
@@ -23,7 +24,7 @@ def test_epoch_sampler_shards_cover_every_sample_and_replay_per_epoch():
 
 
 def test_limit_samples_keeps_the_class_ratio():
-    samples = [helicodata.Sample(f"p/{k}.png", "B22-01", "annotated", int(k < 20), k) for k in range(200)]
+    samples = [common.Sample(f"p/{k}.png", "B22-01", "annotated", int(k < 20), k) for k in range(200)]
     subset = sampling.stratified_subset(samples, 50, seed=0)
     assert len(subset) == 50 and sum(s.label for s in subset) == 5
     assert subset == sampling.stratified_subset(samples, 50, seed=0)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 import common
-from helico import helicodata, splits
+from helico import splits, staining
 from test_common import make_root
 
 DX = {**{f"B22-{n}": "NEGATIVA" for n in range(1, 13)}, **{f"B22-{n}": "BAIXA" for n in range(13, 22)},
@@ -27,7 +27,7 @@ def root(tmp_path):
 
 @pytest.fixture
 def data(root):
-    return helicodata.load_data(root)
+    return common.load_data(root)
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_three_part_split_never_shares_a_patient_or_duplicate_group_across_parts
     for g in groups:
         assert len({part_of(s, p) for p in g}) == 1
     assert "B22-47" in s["train"]
-    assert splits.split_problems(s, data, groups, reference=helicodata.DEFAULT_REFERENCE) == []
+    assert splits.split_problems(s, data, groups, reference=staining.DEFAULT_REFERENCE) == []
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -83,7 +83,7 @@ def test_k_fold_test_parts_partition_the_patients_and_val_comes_from_the_other_f
         assert not set(s["val"]) & set(s["test"]) and s["val"] and "B22-47" in s["train"]
         for g in groups:
             assert len({part_of(s, p) for p in g}) == 1
-        assert splits.split_problems(s, data, groups, reference=helicodata.DEFAULT_REFERENCE) == []
+        assert splits.split_problems(s, data, groups, reference=staining.DEFAULT_REFERENCE) == []
 
 
 def test_fold_problems_catch_overlapping_or_missing_test_parts(data, groups):
@@ -118,16 +118,16 @@ def test_bad_split_flags_are_clear_errors(data, kwargs, message):
 
 def test_split_problems_catch_leaks_and_unknown_patients(data, groups):
     bad = {"train": ["B22-1", "B22-200", "B22-111_0"], "val": ["B22-1", "B22-201", "B22-47", "B22-999"]}
-    text = "\n".join(splits.split_problems(bad, data, groups, reference=helicodata.DEFAULT_REFERENCE))
+    text = "\n".join(splits.split_problems(bad, data, groups, reference=staining.DEFAULT_REFERENCE))
     assert "patient B22-1 is in both train and val" in text
     assert "folder name 'B22-111_0'" in text
     assert "lacks patient(s) of the split: B22-111, B22-999" in text
     assert "byte-identical images are split across ['train', 'val']: B22-200, B22-201" in text
     assert "stain reference patient B22-47 is in val" in text
-    several = [helicodata.DEFAULT_REFERENCE, "CrossValidation/Cropped/B22-201_0"]  # a file and a folder
+    several = [staining.DEFAULT_REFERENCE, "CrossValidation/Cropped/B22-201_0"]  # a file and a folder
     text = "\n".join(splits.split_problems(bad, data, groups, reference=several))
     assert "stain reference patient B22-47 is in val" in text and "stain reference patient B22-201 is in val" in text
-    made = splits.make_split(data, keep_in_train=helicodata.reference_patients(several), groups=groups)
+    made = splits.make_split(data, keep_in_train=staining.reference_patients(several), groups=groups)
     assert {"B22-47", "B22-201"} <= set(made["train"])
 
 
@@ -198,6 +198,6 @@ def test_a_presence_zero_image_shared_by_two_patients_groups_them(tmp_path):
     root = make_root(tmp_path, rows, ["B22-60_0/00005.png", "B22-61_0/00006.png"], [],
                      {"B22-60": "ALTA", "B22-61": "NEGATIVA"})
     shutil.copy(root / "CrossValidation/Annotated/B22-60_0/00005.png", root / "CrossValidation/Annotated/B22-61_0/00006.png")
-    data = helicodata.load_data(root)
+    data = common.load_data(root)
     assert data.uncertain_files == ["CrossValidation/Annotated/B22-60_0/00005.png"]
     assert splits.duplicate_groups(splits.shared_content(data, progress=False)) == [["B22-60", "B22-61"]]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import common
 import train
 from conftest import TINY_TRAIN_FLAGS
-from helico import helicodata, metrics, model, packed_cache, splits
+from helico import metrics, model, packed_cache, splits, staining
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough that a run is a few seconds on 2 cores: 48 training samples (3 steps), 32 px, no Macenko.
@@ -38,8 +38,8 @@ def validation_windows(run_dir) -> int:
     """The split's annotated validation windows (what chooses the epoch and threshold; Cropped negatives are not
     among them), each once, byte-identical files once (B22-200/201: counted by content)."""
     split = json.loads((run_dir / "split.json").read_text())
-    data = helicodata.load_data(json.loads((run_dir / "config.json").read_text())["data_root"])
-    paths = [s.path for s in helicodata.select(data.labelled, split["val"]) if s.source == "annotated"]
+    data = common.load_data(json.loads((run_dir / "config.json").read_text())["data_root"])
+    paths = [s.path for s in common.select(data.labelled, split["val"]) if s.source == "annotated"]
     return len({hashlib.sha256((data.root / p).read_bytes()).hexdigest() for p in paths})
 
 
@@ -86,8 +86,8 @@ def test_checkpoints_load_with_weights_only_and_carry_the_api_keys(tiny_run):
     for name in ("best.pt", "last.pt"):
         ckpt = load(tiny_run / name)
         assert API_KEYS <= set(ckpt), API_KEYS - set(ckpt)
-        assert model.load_checkpoint(tiny_run / name)["arch"] == "resnet18"
-        net = model.build_model(ckpt["arch"], "none")
+        assert common.load_checkpoint(tiny_run / name)["arch"] == "resnet18"
+        net = common.build_model(ckpt["arch"], "none")
         net.load_state_dict(ckpt["model"])  # rebuilds unaided: no DDP "module." prefix
         assert 0.0 <= ckpt["threshold"] <= 1.0 and "F1" in ckpt["threshold_rule"]
         assert ckpt["split"] == json.loads((tiny_run / "split.json").read_text())
@@ -108,7 +108,7 @@ def plain_cache(demo_root, tmp_path_factory):
     """The packed cache FAST runs read with --cache (32 px, plain: FAST has no Macenko)."""
     from helico import packed_cache
     out = tmp_path_factory.mktemp("plain") / "cache32"
-    packed_cache.build_cache(helicodata.load_data(demo_root), out, 32, workers=2, progress=False)
+    packed_cache.build_cache(common.load_data(demo_root), out, 32, workers=2, progress=False)
     return out
 
 
@@ -189,8 +189,8 @@ def test_rerunning_a_complete_run_says_so_in_one_line_and_trains_nothing(demo_ro
 def test_resume_reads_last_pt_and_builds_samples_and_config_once(demo_root, tmp_path, straight_run, monkeypatch):
     shutil.copytree(straight_run, tmp_path / "straight")
     loads, builds = [], []
-    real_load, real_samples = model.load_checkpoint, train.samples_and_config
-    monkeypatch.setattr(model, "load_checkpoint", lambda path, *a, **k: loads.append(Path(path).name) or
+    real_load, real_samples = common.load_checkpoint, train.samples_and_config
+    monkeypatch.setattr(common, "load_checkpoint", lambda path, *a, **k: loads.append(Path(path).name) or
                         real_load(path, *a, **k))
     monkeypatch.setattr(train, "samples_and_config", lambda *a, **k: builds.append(1) or real_samples(*a, **k))
     assert run_train(demo_root, tmp_path, "straight", "--force", epochs=3) == 0  # one more epoch
@@ -213,17 +213,17 @@ def test_macenko_amp_channels_last_hed_run_stores_the_pooled_stain_reference_and
     reference = tmp_path / "reference.png"  # absolute --reference-patch: a two-stain tile of our own, and the demo's
     Image.fromarray(macenko_gpu.synthetic_ihc_tiles(1, 128)[0].permute(1, 2, 0).numpy()).save(reference)
     assert run_train(demo_root, tmp_path, "stain", "--macenko", "--reference-patch", str(reference),
-                     helicodata.DEFAULT_REFERENCE, "--amp", "--channels-last", "--hed-jitter", "0.05,0.005",
+                     staining.DEFAULT_REFERENCE, "--amp", "--channels-last", "--hed-jitter", "0.05,0.005",
                      epochs=1) == 0
     ckpt = load(tmp_path / "stain" / "best.pt")
     assert ckpt["config"]["macenko"] and ckpt["config"]["amp"] and ckpt["config"]["channels_last"]
     assert ckpt["config"]["hed_jitter"] == [0.05, 0.005] and "B22-47" in ckpt["split"]["kept_in_train"]
     fitted = macenko_gpu.MacenkoNormalizer().fit([macenko_gpu.load_rgb(reference),
-                                                  macenko_gpu.load_rgb(demo_root / helicodata.DEFAULT_REFERENCE)])
+                                                  macenko_gpu.load_rgb(demo_root / staining.DEFAULT_REFERENCE)])
     torch.testing.assert_close(ckpt["stain"]["stain_matrix"], fitted.state_dict()["stain_matrix"])
     assert macenko_gpu.MacenkoNormalizer.from_state_dict(ckpt["stain"]).fitted
     survey = json.loads((tmp_path / "stain" / "stain_survey.json").read_text())  # every CrossValidation slide
-    data = helicodata.load_data(demo_root)
+    data = common.load_data(demo_root)
     assert set(survey["angles"]) == {s.path.rsplit("/", 2)[-2] for s in data.labelled + data.cropped}
     assert sum(a is not None for a in survey["angles"].values()) >= 10
     far = [k for k, a in survey["angles"].items() if a is not None and a > survey["threshold_deg"]]
@@ -233,8 +233,8 @@ def test_macenko_amp_channels_last_hed_run_stores_the_pooled_stain_reference_and
 
 
 def test_runs_from_before_hed_jitter_and_several_references_resume_as_they_were(tmp_path):
-    old = {"lr": 0.0003, "reference_patch": helicodata.DEFAULT_REFERENCE}  # a config.json of an older run
-    new = {"lr": 0.0003, "reference_patch": [helicodata.DEFAULT_REFERENCE], "hed_jitter": [0.0, 0.0]}
+    old = {"lr": 0.0003, "reference_patch": staining.DEFAULT_REFERENCE}  # a config.json of an older run
+    new = {"lr": 0.0003, "reference_patch": [staining.DEFAULT_REFERENCE], "hed_jitter": [0.0, 0.0]}
     assert train.changed_flags(old, new) == []
     assert train.changed_flags(old, {**new, "hed_jitter": [0.05, 0.0]}) == ["--hed-jitter [0.0, 0.0] -> [0.05, 0.0]"]
 
@@ -347,14 +347,14 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     assert ckpt["config"]["world_size"] == 2 and len(ckpt["rng"]["augment"]) == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])
     # The gathered metrics equal a single-process pass of the saved model over the validation windows.
-    data = helicodata.load_data(demo_root)
-    val = [s for s in helicodata.select(data.labelled, ckpt["split"]["val"]) if s.source == "annotated"]
+    data = common.load_data(demo_root)
+    val = [s for s in common.select(data.labelled, ckpt["split"]["val"]) if s.source == "annotated"]
     val = [s for s, keep in zip(val, splits.first_copies([s.path for s in val], splits.identical_files(data)))
            if keep]  # as training
-    net = model.build_model("resnet18", "none")
+    net = common.build_model("resnet18", "none")
     net.load_state_dict(ckpt["model"])
     net.eval()
-    ds = helicodata.PatchDataset(demo_root, val, 32)
+    ds = common.PatchDataset(demo_root, val, 32)
     with torch.no_grad():
         x = torch.stack([ds[k][0] for k in range(len(ds))])
         scores = torch.sigmoid(net(model.model_input(x)).squeeze(1)).numpy()
@@ -428,8 +428,8 @@ def normalized_cache(demo_root, tmp_path_factory):
     """What --cache-normalized builds for the default stain reference (built here, so tests can time the reuse)."""
     from helico import packed_cache
     out = tmp_path_factory.mktemp("normalized") / "cache"
-    packed_cache.build_cache(helicodata.load_data(demo_root), out, 64, workers=2, normalized=True,
-                            reference=helicodata.DEFAULT_REFERENCE, device="cpu", progress=False)
+    packed_cache.build_cache(common.load_data(demo_root), out, 64, workers=2, normalized=True,
+                            reference=staining.DEFAULT_REFERENCE, device="cpu", progress=False)
     return out
 
 
@@ -507,8 +507,8 @@ def test_cache_on_the_device_or_streamed_trains_the_dataloaders_weights_bitwise(
 def test_resident_path_skips_bad_images_or_stops_in_one_line(demo_root, tmp_path, straight_run, capsys):
     from helico import packed_cache
     root = Path(shutil.copytree(demo_root, tmp_path / "root"))
-    data = helicodata.load_data(root)
-    broken = helicodata.select(data.labelled, json.loads((straight_run / "split.json").read_text())["val"])[0].path
+    data = common.load_data(root)
+    broken = common.select(data.labelled, json.loads((straight_run / "split.json").read_text())["val"])[0].path
     (root / broken).write_bytes(b"not a png")
     packed_cache.build_cache(data, tmp_path / "cache", 32, workers=2, progress=False)
     argv = ["--cache", str(tmp_path / "cache")]
@@ -548,7 +548,7 @@ def test_cache_base_builds_train_pys_own_folder_and_a_full_disk_trains_from_pngs
     monkeypatch.setattr(packed_cache, "build_cache", no_space)
     assert run_cached(demo_root, tmp_path, "full", "--cache-base", str(tmp_path / "base")) == 0
     err = capsys.readouterr().err
-    folder = packed_cache.cache_folder(tmp_path / "base", 64, True, helicodata.DEFAULT_REFERENCE)
+    folder = packed_cache.cache_folder(tmp_path / "base", 64, True, staining.DEFAULT_REFERENCE)
     assert f"warning: --cache-base {tmp_path / 'base'}: no space left while building {folder}" in err
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     assert config["cache"] is None and config["cache_normalized"] is False and config["cache_base"]
@@ -573,7 +573,7 @@ def test_validation_copies_its_results_to_the_host_once_not_per_batch(monkeypatc
     from types import SimpleNamespace
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1))
-    bad = helicodata.BAD
+    bad = common.BAD
     batches = [(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, bad, 1]),
                 torch.arange(4) + 4 * k) for k in range(5)]
     skipped = []

@@ -2,8 +2,8 @@
 train.py's start-up and evaluate.py's, with their os.stat calls and peak memory.
 
 Usage:
-    python bench_startup.py --root /tmp/helico-full --make            # write the dataset (~2 min), then measure
-    python bench_startup.py --root /tmp/helico-full --json startup.json
+    python tools/bench_startup.py --root /tmp/helico-full --make            # write the dataset (~2 min), then measure
+    python tools/bench_startup.py --root /tmp/helico-full --json startup.json
 
 The dataset (--make): make_demo_data.py's layout and traps with the real patient counts (147 CrossValidation, 116
 HoldOut patients), every Cropped and HoldOut folder then filled with synthetic patches to the real totals (about
@@ -36,6 +36,9 @@ import time
 import zlib
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]  # the workflow's commands and modules, one folder up
+sys.path.insert(0, str(REPO))
+
 START = time.perf_counter()
 REAL = {"cv_patients": 147, "holdout_patients": 116, "cropped": 127_841, "holdout": 88_794}
 MEASURES = ("audit_first", "audit_again", "train_startup", "train_startup_first", "eval_startup")
@@ -65,7 +68,7 @@ def fill_folder(args) -> int:
 
 def make_dataset(root: Path, size: int, workers: int) -> dict:
     from concurrent.futures import ProcessPoolExecutor
-    subprocess.run([sys.executable, str(Path(__file__).with_name("make_demo_data.py")), str(root), "--seed", "0",
+    subprocess.run([sys.executable, str(REPO / "make_demo_data.py"), str(root), "--seed", "0",
                     "--patients", str(REAL["cv_patients"]), "--holdout-patients", str(REAL["holdout_patients"]),
                     "--patch-size", str(size), "--force"], check=True)
     jobs = []
@@ -197,12 +200,12 @@ def prepare(root: Path, work: Path) -> None:
     """A packed cache for the start-up runs and a checkpoint for evaluate.py (a 1-epoch run on 64 patches)."""
     if not (work / "cache" / "meta.json").is_file():
         subprocess.run([sys.executable, "patch_cache.py", "--data-root", str(root), "--out", str(work / "cache"),
-                        "--image-size", "32", "--quiet"], check=True, cwd=Path(__file__).resolve().parent)
+                        "--image-size", "32", "--quiet"], check=True, cwd=REPO)
     if not (work / "ckpt" / "best.pt").is_file():
         subprocess.run([sys.executable, "train.py", "--data-root", str(root), "--runs-dir", str(work), "--run-id",
                         "ckpt", "--device", "cpu", "--image-size", "32", "--epochs", "1", "--limit-samples", "64",
                         "--weights", "none", "--workers", "0", "--cache", str(work / "cache")], check=True,
-                       cwd=Path(__file__).resolve().parent, stdout=subprocess.DEVNULL, env=environment(work))
+                       cwd=REPO, stdout=subprocess.DEVNULL, env=environment(work))
 
 
 def get_args_parser():

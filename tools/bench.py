@@ -1,12 +1,12 @@
 """Throughput of every training stage, alone and together, on the same patches: which one bounds the loop?
 
 Usage:
-    python bench.py --data-root demo_data --device cpu                     # small sizes, well under a minute
-    python bench.py --data-root $HELICO_DATA --device cuda --cache /local/cache224 --json bench.json
-    python bench.py --data-root $HELICO_DATA --device cuda --no-channels-last --no-amp   # compare settings
+    python tools/bench.py --data-root demo_data --device cpu                     # small sizes, well under a minute
+    python tools/bench.py --data-root $HELICO_DATA --device cuda --cache /local/cache224 --json bench.json
+    python tools/bench.py --data-root $HELICO_DATA --device cuda --no-channels-last --no-amp   # compare settings
 
 Stages (img/s; warm-up batches excluded; CUDA timings bracketed by torch.cuda.synchronize):
-    load_png    DataLoader over helicodata.PatchDataset (PNG decode + resize) with --workers processes
+    load_png    DataLoader over common.PatchDataset (PNG decode + resize) with --workers processes
     load_cache  DataLoader over packed_cache.CachedPatchDataset (one memmap gather per batch), same workers
     stream      feeds.StreamedBatches: a reading thread gathers batches from the memmap into pinned buffers,
                 copied to the device (train.py's fallback when the patches do not fit on the device)
@@ -46,9 +46,12 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]  # the workflow's commands and modules, one folder up
+sys.path.insert(0, str(REPO))
+
 import common
 import train
-from helico import augment, feeds, helicodata, loaders, model, optimisation, packed_cache, runlog
+from helico import augment, feeds, loaders, model, optimisation, packed_cache, runlog, staining
 
 PREFETCH = 2  # batches each worker decodes ahead; a loader stage warms up through this backlog too
 STAGES = ("load_png", "load_cache", "stream", "normalize", "model_step", "loop", "loop_loader", "train")
@@ -102,7 +105,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="NHWC layout for model and input; default on for CUDA, off on CPU")
     p.add_argument("--macenko", action=argparse.BooleanOptionalAction, default=True,
                    help="include Macenko in the normalize and loop stages (skipped anyway for a normalized cache)")
-    helicodata.add_reference_argument(p, "the one train.py uses")
+    staining.add_reference_argument(p, "the one train.py uses")
     return p
 
 
@@ -191,7 +194,7 @@ class Step:
 
     def __init__(self, arch: str, precision: model.Precision, device, compile: bool = False):
         self.precision = precision
-        net = precision.place(model.build_model(arch, "none"), device)
+        net = precision.place(common.build_model(arch, "none"), device)
         self.opt, self.sched, self.scaler = optimisation.build(net, self.LR, self.WEIGHT_DECAY, self.TOTAL_STEPS,
                                                                 precision)
         self.model = torch.compile(net) if compile else net  # as train.py --compile: the step, not the optimizer
@@ -313,7 +316,7 @@ def train_cache(args, data, tmp: str) -> Path:
 def run(args) -> dict:
     device = torch.device(args.device)
     model.math_settings(device)  # as train.py: autotuned cuDNN and TF32 on CUDA
-    data = helicodata.load_data(args.data_root)
+    data = common.load_data(args.data_root)
     samples = bench_samples(data, args.limit_samples)
     if len(samples) < args.batch_size:
         raise common.DataError(f"--batch-size {args.batch_size}: only {len(samples)} patches; lower it")
@@ -322,8 +325,8 @@ def run(args) -> dict:
         cached, cache_dir, build = open_cache(args, data, samples, tmp)
         normalizer = None
         if args.macenko and not cached.normalized and {"normalize", "loop", "loop_loader"} & set(args.stages):
-            normalizer = model.fit_stain_reference(data.root, args.reference_patch).to(device)
-        png = helicodata.PatchDataset(data.root, samples, args.image_size)
+            normalizer = staining.fit_stain_reference(data.root, args.reference_patch).to(device)
+        png = common.PatchDataset(data.root, samples, args.image_size)
         t = lambda steps, extra=0: timed(steps, device, args.warmup + extra, args.batches, args.min_seconds)
         backlog = args.workers * PREFETCH  # batches ready before timing starts would inflate a loader's rate
         precision = model.precision(device, args.amp, args.channels_last)

@@ -2,8 +2,8 @@
 macenko_gpu mode, built from scikit-image's real IHC sample (needs requirements-dev.txt: scikit-image, sklearn).
 
 Usage:
-    python stain_check.py                       # the table for every mode and reference
-    python stain_check.py --modes ihc --seed 1  # one mode, other rods
+    python tools/stain_check.py                       # the table for every mode and reference
+    python tools/stain_check.py --modes ihc --seed 1  # one mode, other rods
 
 Cases (all 256 px; rgb2hed/hed2rgb define hematoxylin and DAB, as in tests/test_macenko.py):
   * hematoxylin-only patches: skimage.data.immunohistochemistry() with its DAB channel zeroed, hematoxylin x2-4;
@@ -24,11 +24,15 @@ Exit codes: 0 printed, 2 bad flag or missing dev dependency.
 """
 from __future__ import annotations
 
+from pathlib import Path
 import argparse
 import sys
 
 import numpy as np
 import torch
+
+REPO = Path(__file__).resolve().parents[1]  # the workflow's commands and modules, one folder up
+sys.path.insert(0, str(REPO))
 
 import common
 import macenko_gpu

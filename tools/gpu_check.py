@@ -3,8 +3,8 @@ throughput targets measured: one command for whoever has a GPU for ten minutes.
 
 Usage:
     make gpu-check                                   # demo data, the first GPU, JSON in runs/gpu_check.json
-    python gpu_check.py --data-root demo_data --json gpu_check.json [--device cuda:0] [--stages resume,macenko]
-    python gpu_check.py --data-root demo_data --device cpu --stages resume,streamed   # the script's own plumbing
+    python tools/gpu_check.py --data-root demo_data --json gpu_check.json [--device cuda:0] [--stages resume,macenko]
+    python tools/gpu_check.py --data-root demo_data --device cpu --stages resume,streamed   # the script's own plumbing
 
 Stages (each a row of the closing table; a stage that crashes is a failed row, the others still run):
   resume     train.py --deterministic on the device-resident cache, 2 epochs straight; the same run stopped by a
@@ -40,6 +40,9 @@ import time
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]  # the workflow's commands and modules, one folder up
+sys.path.insert(0, str(REPO))
 
 import common
 
@@ -176,7 +179,7 @@ def stage_torchrun(c: Check) -> list[dict]:
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
             *c.train_argv("ddp", "--epochs", "1")]
     argv[argv.index("--device") + 1] = "cuda" if c.cuda else "cpu"  # torchrun: each rank takes cuda:LOCAL_RANK
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
     tail = (done.stderr.strip().splitlines() or [""])[-1][:120]
     return [row(f"torchrun, 1 process ({'NCCL' if c.cuda else 'gloo'})", done.returncode == 0, target="exit 0",
                 note=f"exit {done.returncode}: {tail}")]
@@ -184,9 +187,9 @@ def stage_torchrun(c: Check) -> list[dict]:
 
 def stage_macenko(c: Check) -> list[dict]:
     import macenko_gpu
-    from helico import helicodata, model
+    from helico import staining
     import stain
-    normalizer = model.fit_stain_reference(Path(c.args.data_root), helicodata.DEFAULT_REFERENCE)
+    normalizer = staining.fit_stain_reference(Path(c.args.data_root), staining.DEFAULT_REFERENCE)
     tiles = macenko_gpu.synthetic_ihc_tiles(64, 224, seed=1)
     on_cpu = normalizer.normalize(tiles).mul(255).round()
     on_device = normalizer.to(c.device).normalize(tiles.to(c.device)).mul(255).round().cpu()

@@ -1,9 +1,9 @@
 """Benchmarks of the patient model (train_patient.py): training the MIL model at the real dataset's size, and the
 feature extraction's img/s.
 
-    python bench_patient.py                                      # MIL on synthetic bags of one real-sized fold
-    python bench_patient.py --checkpoint runs/demo/best.pt --device cpu --workers 2   # + extraction on its data
-    python bench_patient.py --checkpoint runs/26/best.pt --data-root $STAGED --device cuda --workers 15 \\
+    python tools/bench_patient.py                                      # MIL on synthetic bags of one real-sized fold
+    python tools/bench_patient.py --checkpoint runs/demo/best.pt --device cpu --workers 2   # + extraction on its data
+    python tools/bench_patient.py --checkpoint runs/26/best.pt --data-root $STAGED --device cuda --workers 15 \\
         --batch-size 512 --patches 20000                        # the extraction rate on a GPU
 
 mil: mil.fit (train_patient.py's training, the same defaults) on --train-bags training and --val-bags validation
@@ -20,6 +20,7 @@ I/O error writing --json, 130 Ctrl-C, 143 SIGTERM.
 """
 from __future__ import annotations
 
+from pathlib import Path
 import argparse
 import json
 import os
@@ -31,9 +32,12 @@ import time
 import numpy as np
 import torch
 
+REPO = Path(__file__).resolve().parents[1]  # the workflow's commands and modules, one folder up
+sys.path.insert(0, str(REPO))
+
 import common
 from common import DataError
-from helico import bags, helicodata, loaders, mil, model
+from helico import bags, loaders, mil, model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,12 +89,12 @@ def bench_mil(args) -> dict:
 
 
 def bench_extract(args, device) -> dict:
-    ckpt = model.load_checkpoint(args.checkpoint)
+    ckpt = common.load_checkpoint(args.checkpoint)
     root = args.data_root or ckpt["config"].get("data_root")
-    data = helicodata.load_data(root)
+    data = common.load_data(root)
     net, normalizer = model.from_checkpoint(ckpt, args.checkpoint, None, torch.device("cpu"))
     body, network = bags.feature_network(ckpt, net, "checkpoint", "bench")
-    samples = helicodata.one_per_window(data.cropped)[: args.patches]
+    samples = common.one_per_window(data.cropped)[: args.patches]
     wanted: dict[str, list] = {}
     for s in samples:
         wanted.setdefault(s.patient, []).append((s, "cropped"))
