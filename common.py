@@ -127,7 +127,7 @@ def resolve_device(name=None, local_rank: int = 0, world: int = 1):
     DataError naming --device (exit 2), and so is cuda:N among `world` > 1 torchrun processes: it would put every
     rank on GPU N, where NCCL fails. A CUDA device becomes the process's current device."""
     # torch is imported here, not at the top: the audit and the launcher's flag check (common, splits, no
-    # tensors) would otherwise pay torch's import, ~4 s per process, at every job start.
+    # tensors) would otherwise pay torch's import at every job start.
     import torch
     name = "auto" if name is None else str(name)
     if name == "auto":
@@ -235,8 +235,8 @@ def size_mtime_or_none(path) -> tuple[int, int] | None:
 
 def files_digest(files) -> str:
     """The hex SHA-256 of "path\tsize\tmtime_ns\n" lines of (path, size, mtime_ns) triples: what a cache built from
-    those files depends on. Hashed 8192 lines at a time: one update per line cost ~0.2 s at 220k files, one string
-    of all of them ~20 MB."""
+    those files depends on. Hashed 8192 lines at a time: neither an update per line nor one string of all lines
+    (both slow or large at the real dataset's ~220k files)."""
     h, files = hashlib.sha256(), iter(files)
     while chunk := list(itertools.islice(files, 8192)):
         h.update("".join(f"{p}\t{size}\t{mtime}\n" for p, size, mtime in chunk).encode())
@@ -299,7 +299,8 @@ def atomic_torch_save(obj, path) -> None:
 
 def bounded_map(pool, fn, items, ahead: int):
     """pool.map(fn, items) in order, with at most `ahead` calls submitted and not yet consumed: Executor.map
-    submits every item at once, a Future each (at 220k files, hundreds of MB before the first result)."""
+    submits every item at once, a Future each, which at the real dataset's size holds a lot of memory before the
+    first result."""
     items, pending = iter(items), []
     pending += [pool.submit(fn, x) for x in itertools.islice(items, ahead)]
     while pending:
@@ -328,7 +329,7 @@ def patient_id(folder_name: str) -> str:
     return m.group("patient") if m else name
 
 
-@functools.lru_cache(maxsize=4096)  # a few hundred folders, asked once per sample (~220k): 1 s at start-up before
+@functools.lru_cache(maxsize=4096)  # a few hundred folders, asked once per sample: a regex match each otherwise
 def folder_section(folder_name: str) -> int | None:
     m = _FOLDER.match(Path(folder_name).name)
     return int(m.group("section")) if m else None
@@ -456,7 +457,7 @@ def read_diagnosis(path) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- discovery
-@dataclass(frozen=True, slots=True)  # slots: ~220k of them are held at once (no per-instance dict: ~40 MB less)
+@dataclass(frozen=True, slots=True)  # slots: one per patch is held at once, so no per-instance dict
 class Sample:
     path: str            # relative to the data root, POSIX separators
     patient: str

@@ -379,8 +379,8 @@ def nearest_rank(q, n):
 
 
 def kth_smallest(rows, k):
-    """k-th smallest (1-based, same k for every row) of each row of a 2-D tensor. On CPU numpy's introselect is
-    ~4x faster than torch.kthvalue/topk, which track indices; elsewhere torch.kthvalue, which never syncs."""
+    """k-th smallest (1-based, same k for every row) of each row of a 2-D tensor. On CPU numpy's introselect,
+    faster than torch.kthvalue/topk, which track indices; elsewhere torch.kthvalue, which never syncs."""
     if rows.device.type == "cpu":
         return torch.from_numpy(np.partition(rows.numpy(), k - 1, axis=-1)[:, k - 1])
     return rows.kthvalue(k, dim=-1).values
@@ -465,7 +465,7 @@ def _hematoxylin_vectors(od, tissue, count, mean, dab, alpha):
 
 def _lengths(v):
     """Euclidean length of each pixel's (b, 3, N) vector: (b, N). Written out because torch's CPU norm(dim=1) over
-    a size-3 axis strided by N runs ~50x slower (1.6 of the stain survey's 1.9 s at 148 slides); the two differ in
+    a size-3 axis strided by N is far slower (most of the stain survey's time); the two differ in
     the last bit on some pixels, which moves a pixel across a threshold only when it lies on it."""
     return (v[:, 0] * v[:, 0] + v[:, 1] * v[:, 1] + v[:, 2] * v[:, 2]).sqrt()
 

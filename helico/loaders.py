@@ -13,7 +13,7 @@ Why this is one module:
   terminal's Ctrl-C reaches the whole foreground group; a worker killed by either would crash the main process
   before it writes last.pt. The main process alone decides when workers stop.
 - The flip side: only SIGKILL ends such a worker, and Python's exit joins every child process. An error that
-  left workers alive (their iterator kept by a traceback or a persistent loader) used to hang for ever.
+  left workers alive (their iterator kept by a traceback or a persistent loader) would hang for ever.
   stop_workers() closes every worker this process started, the way DataLoader does it when an iterator is
   deleted, then SIGKILLs what is left.
 - An exception raised in a worker crosses to the main process as a formatted traceback (text). A DataError is

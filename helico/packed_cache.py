@@ -89,7 +89,7 @@ def _needs_quotes(text: str, n_rows: int) -> bool:
 def index_of(root: Path, samples, stats: dict | None = None) -> tuple[Index, bytes]:
     """(the Index of `samples` (unique_samples: one per path, in path order), index.csv's bytes, as csv.DictWriter
     writes them). `stats` (HelicoData.file_stats: path -> (size, mtime_ns)) spares a stat per file. Joined by hand
-    unless a field needs quoting: at 220k rows DictWriter took 1.4 s, a dict per row and the join 0.75 s, this 0.2 s."""
+    (every start-up makes it), csv.writer only when a field needs quoting, so the bytes are always csv's."""
     stats = stats or {}
     try:  # the scan's own stats (HelicoData.file_stats) hold every sample's
         own = {s.path: stats[s.path] for s in samples}
@@ -122,7 +122,7 @@ def _parse_index(path: Path) -> Index:
     text = data.decode()
     lines = text.split("\n")
     if '"' not in text and lines[0] == ",".join(INDEX_COLUMNS) and lines[-1] == "":  # nothing quoted: split by hand
-        fields = [line.split(",") for line in lines[1:-1]]  # (csv.reader and int() per field: ~3x slower)
+        fields = [line.split(",") for line in lines[1:-1]]  # what csv.reader would give, without its cost per field
     else:
         fields = list(csv.reader(io.StringIO(text)))[1:]
     if any(len(f) != len(INDEX_COLUMNS) for f in fields):  # (an edited row number: the checksum differs, see problems)
@@ -133,8 +133,7 @@ def _parse_index(path: Path) -> Index:
 
 def read_index(cache_dir: Path) -> Index:
     """A cache's index.csv, parsed once per process while the file is unchanged (common.parsed_once): the reuse
-    check, the training and the validation datasets each read it, and at 220k rows one parse took ~1.2 s (five per
-    train.py start-up before). The Index is shared: never change it."""
+    check, the training and the validation datasets each read it. The Index is shared: never change it."""
     return common.parsed_once(cache_dir / INDEX, _parse_index)
 
 
@@ -249,8 +248,7 @@ class CachedPatchDataset:
 # ----------------------------------------------------------------------------------------------- build
 def wanted_meta(index: Index, image_size: int, stain: dict | None, root: Path, old: dict | None = None) -> dict:
     """The meta.json a finished cache of this index must carry (with "complete" still false). `old` (the meta on
-    disk) lends its fingerprint when its index is this one: the fingerprint is a function of the index (~0.1 s at
-    220k rows saved on every reuse)."""
+    disk) lends its fingerprint when its index is this one: the fingerprint is a function of the index."""
     same_index = old is not None and old.get("version") == VERSION and old.get("index_sha256") == index.sha256
     return {"version": VERSION, "image_size": image_size, "count": len(index), "dtype": "uint8",
             "shape": [len(index), 3, image_size, image_size], "layout": "NCHW C-order, row = index row",
@@ -409,8 +407,7 @@ def _fill(cache_dir, root, samples, size, workers, normalizer, progress, on_chun
     built = 0
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool, open(cache_dir / BAD_ROWS, "a") as bad_file:
-            # at most 2 x workers chunks in flight: waiting on every queued chunk at each finish was quadratic
-            # (~6 s of waiting at 220k rows)
+            # at most 2 x workers chunks in flight: waiting on every queued chunk at each finish is quadratic
             queue_ = iter(todo)
             submit = lambda n: {pool.submit(decode_chunk, dataset, *span(c), fd, row_bytes): c
                                 for c in itertools.islice(queue_, n)}
