@@ -41,24 +41,19 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import struct
 import sys
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 import common
-from helico import helicodata, splits, train_flags
+from helico import helicodata, identity, splits, train_flags
 from common import DataError
 from helico.helicodata import TREES, patient_id
 
 PARTS = splits.SPLIT_PARTS          # train, val, test
 HOLDOUT = "holdout"                 # the HoldOut tree: the independent test set, a part of its own
 MENTION = re.compile(r"control|extern", re.IGNORECASE)  # the original control-section trace (also externo/extern)
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SHOW = 6                            # examples per finding in the printed report (the JSON has all files)
 
 
@@ -145,7 +140,7 @@ def split_lists_folder_names(split: dict) -> list[Finding]:
 
 
 def identical_images_across_parts(shared: dict[str, list[str]], parts: Parts) -> list[Finding]:
-    """Byte-identical files (splits.shared_content) whose copies sit in different parts (HoldOut is one)."""
+    """Byte-identical files (identity.shared_content) whose copies sit in different parts (HoldOut is one)."""
     owners_files: dict[tuple, list[str]] = defaultdict(list)
     for paths in shared.values():
         owners = {(path_patient(p), parts.of_path(p)) for p in paths}
@@ -296,152 +291,6 @@ def control_or_external_mentions(data: helicodata.HelicoData, paths) -> list[Fin
                  f"patients", hit_paths)
 
 
-def png_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from the PNG signature and IHDR chunk (first 24 bytes); None if not a PNG."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(24)
-    except OSError:
-        return None
-    if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
-        return None
-    return struct.unpack(">II", head[16:24])
-
-
-def decode_check(path: Path) -> tuple[tuple[int, int] | None, str | None, int | None]:
-    """(width, height) from the PNG header, why the pixels do not decode (None when they do, or when there is no
-    header: unreadable_png_headers reports those) and the image's dhash. A truncated PNG keeps a valid header: only
-    decoding finds it."""
-    from PIL import Image
-    size, error, fingerprint = png_size(path), None, None
-    if size is not None:
-        try:
-            with Image.open(path) as im:
-                im.load()  # every pixel: what PatchDataset does before it trains on the file
-                fingerprint = dhash(im)
-        except (OSError, SyntaxError, ValueError) as e:
-            error = str(e) or type(e).__name__
-    return size, error, fingerprint
-
-
-def dhash(im) -> int:
-    """A 64-bit perceptual difference hash: the image in grey, shrunk to 9x8, one bit per horizontal neighbour pair
-    (left brighter than right). A re-encoded, recompressed or slightly re-coloured copy keeps nearly every bit; two
-    different tissue patches differ in about half of them."""
-    from PIL import Image
-    g = np.asarray(im.convert("L").resize((9, 8), Image.BILINEAR), dtype=np.int16)
-    bits = (g[:, :-1] > g[:, 1:]).ravel()
-    return int(np.packbits(bits).view(">u8")[0])
-
-
-NEAR = 6  # bits of 64: at most this many differ for a near-duplicate (re-encoded copies: 0-3 in tests/test_audit.py)
-BANDS = NEAR + 1  # pigeonhole: two hashes within NEAR bits agree exactly on at least one of NEAR + 1 bands
-
-
-MAX_NEAR_PAIRS = 100_000  # pairs kept for the report: memory stays bounded however alike a dataset's patches are
-BLOCK = 1024  # rows of a band's group compared at once: a BLOCK x group matrix of XORs
-
-
-def near_duplicate_pairs(hashes: dict[str, int]) -> tuple[list[tuple[str, str, int]], int]:
-    """((path, path, differing bits) of images whose hashes differ in at most NEAR bits, how many such pairs there
-    are); the list stops at MAX_NEAR_PAIRS. Candidates agree exactly on one of BANDS bit bands (pigeonhole: no near
-    pair is missed); each band's groups are compared in numpy, BLOCK rows at a time. At 220k random hashes a
-    band's ~1,000 groups hold ~200 images each, ~10^8 candidate pairs in all: a dict of every candidate pair (the
-    first version) took 24 GB; here only near pairs are kept."""
-    paths = sorted(hashes)
-    h = np.fromiter((hashes[p] for p in paths), dtype=np.uint64, count=len(paths))
-    edges = [round(64 * b / BANDS) for b in range(BANDS + 1)]  # 9-10 bits each: a 4-bit band would hold ~1/16
-    masks = [np.uint64((1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]  # of all images in each group
-    band = lambda v, e: (v >> np.uint64(edges[e])) & masks[e]
-    found: dict[tuple[int, int], int] = {}
-    total = 0
-    for b in range(BANDS):
-        key = band(h, b)
-        order = np.argsort(key, kind="stable")
-        k = key[order]
-        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if len(k) else np.zeros(0, dtype=np.int64)
-        for lo, hi in zip(starts, np.r_[starts[1:], len(k)]):
-            if hi - lo < 2:
-                continue
-            members = np.sort(order[lo:hi])
-            for a in range(0, len(members) - 1, BLOCK):  # each row against the members after it
-                rows = members[a:a + BLOCK]
-                xor = h[rows][:, None] ^ h[members][None, :]
-                later = np.arange(len(members))[None, :] > np.arange(a, a + len(rows))[:, None]
-                i, j = np.nonzero((np.bitwise_count(xor) <= NEAR) & later)
-                x = xor[i, j]
-                first = np.ones(len(x), dtype=bool)  # a pair agreeing on several bands counts in the first only
-                for e in range(b):
-                    first &= band(x, e) != 0
-                i, j, x = i[first], j[first], x[first]
-                total += len(x)
-                for u, v, d in zip(rows[i].tolist(), members[j].tolist(), np.bitwise_count(x).tolist()):
-                    if len(found) < MAX_NEAR_PAIRS:
-                        found[(u, v)] = d
-    return [(paths[i], paths[j], d) for (i, j), d in sorted(found.items())], total
-
-
-DECODE_CACHE_HEADER = "helico decode cache v1\tpath\tsize\tmtime_ns\twidth\theight\tdhash\terror"
-
-
-def decode_cache_path(hash_cache: Path) -> Path:
-    """The decode cache beside the hash cache (--hash-cache names both): hashes-<root>.json -> .decoded.tsv."""
-    return splits.beside_hash_cache(hash_cache, ".decoded.tsv")
-
-
-def read_decode_cache(path: Path, stats: dict) -> dict:
-    """path -> decode_check's answer, for the files of `stats` (path -> (size, mtime_ns)) whose size and mtime
-    still match; an unreadable or foreign file is an empty cache (everything is decoded again)."""
-    known = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            if f.readline().rstrip("\n") != DECODE_CACHE_HEADER:
-                return {}
-            for line in f:
-                p, size, mtime, w, h, fingerprint, error = line.rstrip("\n").split("\t")
-                if stats.get(p) == (int(size), int(mtime)):
-                    known[p] = ((int(w), int(h)) if w else None, error or None, int(fingerprint) if fingerprint else None)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}
-    return known
-
-
-def write_decode_cache(path: Path, checked: dict, stats: dict) -> None:
-    clean = lambda text: " ".join(str(text).split())  # an error message on one line, no tabs
-    lines = [DECODE_CACHE_HEADER] + [
-        f"{p}\t{stats[p][0]}\t{stats[p][1]}\t{size[0] if size else ''}\t{size[1] if size else ''}\t"
-        f"{'' if fingerprint is None else fingerprint}\t{clean(error) if error else ''}"
-        for p, (size, error, fingerprint) in sorted(checked.items()) if p in stats]
-    try:
-        common.atomic_write_text(path, "\n".join(lines) + "\n")  # (atomic_path makes the folder)
-    except OSError as e:
-        raise DataError(f"--hash-cache {path}: cannot write the decode cache ({e.strerror}); pass a writable "
-                        f"--hash-cache") from None
-
-
-def decode_images(root: Path, paths, stats: dict, cache: Path | None = None, workers: int = 16, chunk: int = 256,
-                  progress: bool = True) -> dict:
-    """path -> decode_check, every image decoded once and the answers kept in `cache` (a TSV keyed by path, size
-    and mtime, beside the hash cache): an audit at every job start decodes only new or changed files. Decoding runs
-    in a thread pool (PIL releases the GIL while it inflates and unfilters), at most 4 x workers chunks of `chunk`
-    paths in flight, so memory does not grow with a Future per file. Cost: ~2 ms of CPU per 256x256 PNG (2.1 ms
-    measured on the demo's 1,097): the ~220k real patches take ~8 CPU-minutes the first time."""
-    from tqdm import tqdm
-    paths = sorted(paths)
-    checked = read_decode_cache(cache, stats) if cache is not None else {}
-    todo = [p for p in paths if p not in checked]
-    chunks = (todo[k:k + chunk] for k in range(0, len(todo), chunk))
-    decode = lambda ps: [(p, decode_check(root / p) if p in stats else (None, None, None)) for p in ps]
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc="decoding PNGs", unit="file",
-                                                   disable=not progress or not todo, mininterval=1) as bar:
-        for part in common.bounded_map(pool, decode, chunks, 4 * workers):
-            checked.update(part)
-            bar.update(len(part))
-    if cache is not None and todo:
-        write_decode_cache(cache, checked, stats)
-    return checked  # the listing's files only: the cache was read for them, todo is the rest
-
-
 def off_size_images(sizes: dict, expected: int) -> list[Finding]:
     off = {p: s for p, s in sizes.items() if s is not None and tuple(s) != (expected, expected)}
     bad = sorted(p for p, s in sizes.items() if s is None)
@@ -470,7 +319,7 @@ def near_duplicate_images(hashes: dict[str, int], shared: dict[str, list[str]], 
     group_of = {p: i for i, g in enumerate(groups) for p in g}
     where = lambda p: parts.of_patient(p) or (HOLDOUT if p in set(holdout_patients) else "no part")
     lines, patients, files = [], [], []
-    pairs, total = near_duplicate_pairs(hashes)
+    pairs, total = identity.near_duplicate_pairs(hashes)
     for a, b, bits in pairs:
         pa, pb = path_patient(a), path_patient(b)
         if pa == pb or pa is None or pb is None or (a in identical and b in identical) or \
@@ -481,7 +330,7 @@ def near_duplicate_images(hashes: dict[str, int], shared: dict[str, list[str]], 
         files += [a, b]
     more = f" (of the first {len(pairs):,} of {total:,} near pairs, any patients)" if total > len(pairs) else ""
     return found("warning", "near_duplicate_images", lines, sorted(set(patients)), f"{len(lines)} pair(s){more} of images of "
-                 f"different patients whose 64-bit perceptual hashes differ in <= {NEAR} bits (not byte-identical: "
+                 f"different patients whose 64-bit perceptual hashes differ in <= {identity.NEAR} bits (not byte-identical: "
                  f"re-encoded or re-coloured copies?): {examples(lines)}; if a pair is one slide under two IDs, its "
                  f"patients must stay in one part (and out of the HoldOut): give train.py a --split that does so",
                  files)
@@ -585,8 +434,8 @@ def audit_all(args) -> tuple[list[Audit], list[Finding]]:
     data = helicodata.load_data(args.data_root)
     every_fold = bool(args.folds) and args.fold is None and not args.split
     folds = range(args.folds) if every_fold and args.folds >= 2 else [args.fold]
-    cache = decode_cache_path(splits.hash_cache_path(args.hash_cache, data.root))
-    checked = decode_images(data.root, data.image_paths(), data.file_stats, cache,  # once for every fold
+    cache = identity.decode_cache_path(identity.hash_cache_path(args.hash_cache, data.root))
+    checked = identity.decode_images(data.root, data.image_paths(), data.file_stats, cache,  # once for every fold
                             progress=not args.no_progress)
     audits = [audit(argparse.Namespace(**{**vars(args), "fold": k}), data, checked) for k in folds]
     if not every_fold:
