@@ -3,12 +3,15 @@ train.py's start-up and evaluate.py's, with their os.stat calls and peak memory.
 
 Usage:
     python bench_startup.py --root /tmp/helico-full --make            # write the dataset (~2 min), then measure
+    python bench_startup.py --root /tmp/helico-alike --make --look-alike --measures audit_first,audit_again
     python bench_startup.py --root /tmp/helico-full --json startup.json
 
 The dataset (--make): make_demo_data.py's layout and traps with the real patient counts (147 CrossValidation, 116
 HoldOut patients), every Cropped and HoldOut folder then filled with synthetic patches to the real totals (about
 127,841 Cropped and 88,794 HoldOut PNGs; Annotated as the demo writes them), all --patch-size px (default 64: real
 256 px PNGs take ~1.1 ms each to decode, these far less, so decoding's share is smaller here than on real data).
+--look-alike fills them with flat colours instead (blank and background tiles: every perceptual hash the same);
+--scale writes a fraction of the totals at the same folder counts.
 Each measurement runs in a fresh process (`--measure NAME`), so memory peaks and caches are its own, twice: once
 plain for the seconds and the peak memory, once counting (wrapping every os.stat and directory entry costs ~1 s at
 218k files, so counted runs are not timed):
@@ -47,35 +50,42 @@ class Reached(Exception):
 
 # ----------------------------------------------------------------------------------------------- the dataset
 def fill_folder(args) -> int:
-    """Add synthetic PNGs to one folder until it holds `target`: unique noise over a pale background, numbered
-    after the folder's highest window (Cropped/HoldOut names are not zero-padded)."""
+    """Add synthetic PNGs to one folder until it holds `target`, numbered after the folder's highest window
+    (Cropped/HoldOut names are not zero-padded): unique noise over a pale background, or with `look_alike` one flat
+    colour each, unique in the dataset (`first` numbers them), as blank and background tiles look alike."""
     import numpy as np
     from PIL import Image
-    folder, target, size, seed = args
+    folder, target, size, seed, look_alike, first = args
     folder = Path(folder)
     have = sorted(int(p.stem.split("_")[0]) for p in folder.glob("*.png"))
     rng = np.random.default_rng(seed)
     number = (have[-1] if have else 0) + 1
-    for _ in range(max(0, target - len(have))):
-        pixels = (220 - rng.integers(0, 90, (size, size, 3))).astype(np.uint8)
+    for k in range(max(0, target - len(have))):
+        if look_alike:  # the colour's 24 bits spell the patch's number in the dataset: never two files alike
+            colour = np.frombuffer((first + k).to_bytes(4, "big")[1:], dtype=np.uint8)
+            pixels = np.broadcast_to(colour, (size, size, 3)).copy()
+        else:
+            pixels = (220 - rng.integers(0, 90, (size, size, 3))).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{number}.png", compress_level=1)
         number += 1
     return max(0, target - len(have))
 
 
-def make_dataset(root: Path, size: int, workers: int) -> dict:
+def make_dataset(root: Path, size: int, workers: int, look_alike: bool = False, scale: float = 1.0) -> dict:
     from concurrent.futures import ProcessPoolExecutor
     subprocess.run([sys.executable, str(Path(__file__).with_name("make_demo_data.py")), str(root), "--seed", "0",
                     "--patients", str(REAL["cv_patients"]), "--holdout-patients", str(REAL["holdout_patients"]),
                     "--patch-size", str(size), "--force"], check=True)
-    jobs = []
+    jobs, first = [], 1  # first: the number of a folder's first flat colour, so that no two files share one
     for tree, total in (("CrossValidation/Cropped", REAL["cropped"]), ("HoldOut", REAL["holdout"])):
         folders = sorted(p for p in (root / tree).iterdir() if p.is_dir())
-        per = -(-total // len(folders))
-        jobs += [(str(f), per, size, zlib.crc32(f"{tree}/{f.name}".encode())) for f in folders]  # unique pixels
+        per = -(-round(total * scale) // len(folders))
+        for f in folders:  # unique pixels
+            jobs.append((str(f), per, size, zlib.crc32(f"{tree}/{f.name}".encode()), look_alike, first))
+            first += per
     with ProcessPoolExecutor(workers) as pool:
         added = sum(pool.map(fill_folder, jobs, chunksize=4))
-    return {"added": added, **counts(root)}
+    return {"added": added, "look_alike": look_alike, **counts(root)}
 
 
 def counts(root: Path) -> dict:
@@ -212,6 +222,11 @@ def get_args_parser():
                                 epilog="exit codes: 0 measured, 2 bad input")
     p.add_argument("--root", required=True, help="the generated dataset's folder (written with --make)")
     p.add_argument("--make", action="store_true", help="write the dataset at --root first (replaces it)")
+    p.add_argument("--look-alike", action="store_true", help="with --make: fill the Cropped and HoldOut folders with "
+                   "flat-colour patches (one colour each, never two files alike), whose perceptual hashes are all "
+                   "equal: the audit's near-duplicate search at its worst (default: distinct noise patches)")
+    p.add_argument("--scale", type=float, default=1.0, help="with --make: this fraction of the real Cropped and "
+                   "HoldOut totals, at the real folder counts (default 1.0: about 233k PNGs in all)")
     p.add_argument("--patch-size", type=int, default=64, help="side of the generated patches in px (make_demo_data.py's minimum)")
     p.add_argument("--work", help="caches, runs and reports of the measurements (default ROOT.work)")
     p.add_argument("--measures", default=",".join(MEASURES), help=f"comma-separated subset of {','.join(MEASURES)}")
@@ -229,7 +244,8 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.measure, str(root), str(work), args.patch_size, args.count)))
         return 0
     if args.make:
-        print(json.dumps({"dataset": make_dataset(root, args.patch_size, os.cpu_count() or 1)}), flush=True)
+        print(json.dumps({"dataset": make_dataset(root, args.patch_size, os.cpu_count() or 1, args.look_alike,
+                                                  args.scale)}), flush=True)
     if not (root / "CrossValidation").is_dir():
         print(f"error: --root {root}: no dataset there (add --make)", file=sys.stderr)
         return 2
