@@ -20,7 +20,8 @@ under a stable check name:
   stray_entries, duplicate_rows, control_or_external_mentions (paths and every workbook/CSV cell),
   off_size_images, unreadable_png_headers, undecodable_images (a valid header, pixels that do not decode: a
   truncated PNG), duplicate_content_groups (even when kept together), near_duplicate_images (a 64-bit perceptual
-  hash within 6 bits across two patients: a re-encoded copy under another ID, which the content hash misses),
+  hash within 6 bits across two patients: a re-encoded copy under another ID, which the content hash misses; pairs
+  of HoldOut against CrossValidation and across split parts listed first, pairs within one part counted),
   reference_patch_missing, patients_outside_split, patients_without_diagnosis.
 
 Exit codes: 0 no leak (warnings may be printed); 1 at least one leak; 2 bad input (missing or malformed data
@@ -28,13 +29,19 @@ root, workbook or CSV, bad --split JSON, a split patient the data root lacks, ba
 with one line `error: ...` on stderr. `--json OUT` is written atomically:
   {"ok": bool, "findings": [{"kind", "check", "patients", "detail", "files"}], "composition": {...}, "split": {...}}
 
-Speed on the real dataset (~220k PNGs: minutes, not hours):
+The composition also counts each part's near-uniform images (blank or background patches): their perceptual
+hash is noise or constant, so the near-duplicate search leaves them out.
+
+How it stays fast at the real dataset's size (file identity and its caches: helico/identity.py):
 - one directory scan (helicodata.load_data); every check then works on that listing in memory;
 - content hashes only for files whose byte size another file shares (a file of unique size cannot have a
   byte-identical twin), hashed in a thread pool and cached by (path, size, mtime) in --hash-cache: a re-run
   hashes only new or changed files;
-- image sizes from the 24-byte PNG header (signature + IHDR); every image is then decoded once, in a thread pool,
-  to find truncated files (~2 ms of CPU per 256x256 patch: ~30-60 s for the real dataset on 16 cores).
+- image sizes from the 24-byte PNG header; every image is decoded once, in a thread pool, to find truncated files
+  and take its perceptual hash, and the answers are kept beside the hash cache: a re-run decodes only new or
+  changed files;
+- the near-duplicate search compares distinct hashes only and counts the pairs of a hash many images share without
+  listing them, so a dataset of look-alike patches costs no more than one of distinct patches.
 """
 from __future__ import annotations
 
@@ -309,31 +316,47 @@ def undecodable_images(errors: dict[str, str]) -> list[Finding]:
                  f"stop at the first one (exit 2): replace them, or pass --skip-bad-images to leave them out", bad)
 
 
-def near_duplicate_images(hashes: dict[str, int], shared: dict[str, list[str]], groups, parts: Parts,
-                          holdout_patients) -> list[Finding]:
-    """Images of two different patients (not one duplicate group) whose perceptual hashes differ in at most NEAR of
-    64 bits, byte-identical files excepted (identical_images_across_parts and duplicate_content_groups report those):
-    a re-encoded or re-coloured copy of a slide under another ID escapes the content hash, the split, the bootstrap
-    clusters and the HoldOut check. A warning, not a leak: a hash match is evidence, not proof; look at the pairs."""
-    identical = {p for ps in shared.values() for p in ps}
+ACT_ON = ("holdout_vs_crossvalidation", "across_parts")  # near pairs a user must act on, listed in this order
+
+
+def near_concern(a: str | None, b: str | None) -> str:
+    """What a near pair of images in places a and b (a split part, HOLDOUT, None: no part) asks of the user."""
+    if a != b and HOLDOUT in (a, b):
+        return "holdout_vs_crossvalidation"
+    return "across_parts" if a != b and a in PARTS and b in PARTS else "within_part"
+
+
+def near_duplicate_images(hashes: dict[str, int], near_uniform: int, groups, parts: Parts) -> list[Finding]:
+    """Images of two different patients (not one duplicate group, so never a byte-identical copy:
+    identical_images_across_parts and duplicate_content_groups report those) whose perceptual hashes differ in at
+    most NEAR of 64 bits: a re-encoded or re-coloured copy of a slide under another ID escapes the content hash, the
+    split, the bootstrap clusters and the HoldOut check. Pairs of HoldOut and CrossValidation images, then pairs
+    across split parts, are listed; pairs within one part (or with a patient no part uses) are counted. `hashes`
+    holds the informative images only (near-uniform ones match each other by chance). A warning, not a leak: a hash
+    match is evidence, not proof; look at the pairs."""
     group_of = {p: i for i, g in enumerate(groups) for p in g}
-    where = lambda p: parts.of_patient(p) or (HOLDOUT if p in set(holdout_patients) else "no part")
-    lines, patients, files = [], [], []
-    pairs, total = identity.near_duplicate_pairs(hashes)
-    for a, b, bits in pairs:
-        pa, pb = path_patient(a), path_patient(b)
-        if pa == pb or pa is None or pb is None or (a in identical and b in identical) or \
-                group_of.get(pa, pa) == group_of.get(pb, pb):
-            continue
-        lines.append(f"{a} ({pa}, {where(pa)}) ~ {b} ({pb}, {where(pb)}), {bits} bit(s)")
-        patients += [pa, pb]
-        files += [a, b]
-    more = f" (of the first {len(pairs):,} of {total:,} near pairs, any patients)" if total > len(pairs) else ""
-    return found("warning", "near_duplicate_images", lines, sorted(set(patients)), f"{len(lines)} pair(s){more} of images of "
-                 f"different patients whose 64-bit perceptual hashes differ in <= {identity.NEAR} bits (not byte-identical: "
-                 f"re-encoded or re-coloured copies?): {examples(lines)}; if a pair is one slide under two IDs, its "
-                 f"patients must stay in one part (and out of the HoldOut): give train.py a --split that does so",
-                 files)
+
+    def where(path):
+        patient = path_patient(path)
+        return None if patient is None else (parts.of_path(path), patient)
+    near = identity.near_duplicates(hashes, where, lambda patient: group_of.get(patient, patient), near_concern, ACT_ON)
+    lines = [f"{a} ({path_patient(a)}, {parts.of_path(a) or 'no part'}) ~ {b} ({path_patient(b)}, "
+             f"{parts.of_path(b) or 'no part'}), {bits} bit(s)" for _, a, b, bits in near.listed]
+    act, within = sum(near.pairs.get(c, 0) for c in ACT_ON), near.pairs.get("within_part", 0)
+    shown = f" (the first {len(lines):,} listed)" if act > len(lines) else ""
+    head = (f"{act:,} pair(s) to act on{shown}, {near.pairs.get(ACT_ON[0], 0):,} of HoldOut against CrossValidation "
+            f"and {near.pairs.get(ACT_ON[1], 0):,} across split parts: {examples(lines)}; if a pair is one slide under "
+            f"two IDs, its patients must stay in one part (and out of the HoldOut): give train.py a --split that does "
+            f"so" if act else "no pair to act on (none across parts or against the HoldOut)")
+    notes = [f"{within:,} pair(s) within one part of the split (or with a patient no part uses), counted, not listed"
+             if within else "", f"{near.shared_hashes:,} hash(es) shared by several images (the largest by "
+             f"{near.largest_share:,}): their pairs counted, not listed" if near.shared_hashes else "",
+             f"{near_uniform:,} near-uniform image(s) (blank or background) left out of the search" if near_uniform
+             else ""]
+    return found("warning", "near_duplicate_images", act + within, sorted(near.patients), f"images of different "
+                 f"patients whose 64-bit perceptual hashes differ in <= {identity.NEAR} bits (not byte-identical: "
+                 f"re-encoded or re-coloured copies?): {head}" + "".join(f"; {n}" for n in notes if n),
+                 [f for _, a, b, _ in near.listed for f in (a, b)])
 
 
 def duplicate_content_groups(groups: list[list[str]], parts: Parts, holdout_patients) -> list[Finding]:
@@ -379,7 +402,9 @@ def part_composition(samples: list[helicodata.Sample], patients: list[str], data
             "dummy_accuracy": (hard + easy) / n if n else None}
 
 
-def composition(data: helicodata.HelicoData, split: dict, parts: Parts) -> dict:
+def composition(data: helicodata.HelicoData, split: dict, parts: Parts, near_uniform: Counter) -> dict:
+    """Each part's composition (part_composition; the HoldOut's patients and patches) and its near-uniform images
+    (`near_uniform`: part -> count), which the near-duplicate search leaves out."""
     by_part: dict[str, list] = defaultdict(list)
     for s in data.labelled:
         by_part[parts.of_path(s.path)].append(s)
@@ -388,6 +413,8 @@ def composition(data: helicodata.HelicoData, split: dict, parts: Parts) -> dict:
            for part, ps in split_patients(split).items()}
     out[HOLDOUT] = {"patients": len(data.holdout_patients), "patches": len(data.holdout),
                     "diagnosis": dict(Counter(data.diagnosis.get(p, "unknown") for p in data.holdout_patients))}
+    for part, c in out.items():
+        c["near_uniform_images"] = near_uniform.get(part, 0)
     return out
 
 
@@ -405,11 +432,15 @@ class Audit:
         return [f for f in self.findings if f.kind == "leak"]
 
 
-def run_checks(data, split, groups, shared, sizes, errors, reference_patch,
-               expected_size: int, hashes: dict | None = None) -> list[Finding]:
-    """Leaks first (in the order of the module docstring), then warnings."""
+def run_checks(data, split, groups, shared, checked: dict[str, identity.Decoded], reference_patch,
+               expected_size: int) -> list[Finding]:
+    """Leaks first (in the order of the module docstring), then warnings. `checked`: identity.decode_images."""
     parts = Parts(split)
     folders = {f"{TREES[tree]}/{f}" for tree, pats in data.folders.items() for fs in pats.values() for f in fs}
+    sizes = {p: d.size for p, d in checked.items()}
+    errors = {p: d.error for p, d in checked.items() if d.error}
+    hashes = {p: d.dhash for p, d in checked.items() if d.informative}
+    near_uniform = sum(d.dhash is not None and not d.informative for d in checked.values())
     findings = [*patient_in_several_parts(split), *split_lists_folder_names(split),
                 *identical_images_across_parts(shared, parts),
                 *windows_across_parts(data.labelled + data.cropped, parts),
@@ -421,7 +452,7 @@ def run_checks(data, split, groups, shared, sizes, errors, reference_patch,
         *control_or_external_mentions(data, set(sizes) | set(data.stray) | folders),
         *off_size_images(sizes, expected_size), *undecodable_images(errors),
         *duplicate_content_groups(groups, parts, data.holdout_patients),
-        *near_duplicate_images(hashes or {}, shared, groups, parts, data.holdout_patients),
+        *near_duplicate_images(hashes, near_uniform, groups, parts),
         *reference_patch_missing(data.root, reference_patch), *patients_outside_split(split, data),
         *patients_without_diagnosis(data)]
 
@@ -436,7 +467,7 @@ def audit_all(args) -> tuple[list[Audit], list[Finding]]:
     folds = range(args.folds) if every_fold and args.folds >= 2 else [args.fold]
     cache = identity.decode_cache_path(identity.hash_cache_path(args.hash_cache, data.root))
     checked = identity.decode_images(data.root, data.image_paths(), data.file_stats, cache,  # once for every fold
-                            progress=not args.no_progress)
+                                     progress=not args.no_progress)
     audits = [audit(argparse.Namespace(**{**vars(args), "fold": k}), data, checked) for k in folds]
     if not every_fold:
         return audits, []
@@ -444,7 +475,7 @@ def audit_all(args) -> tuple[list[Audit], list[Finding]]:
     return audits, found("leak", "fold_test_parts", problems, [], "; ".join(problems))
 
 
-def audit(args, data: helicodata.HelicoData, checked: dict) -> Audit:
+def audit(args, data: helicodata.HelicoData, checked: dict[str, identity.Decoded]) -> Audit:
     progress = not args.no_progress
     try:
         split, groups, shared = splits.resolve_split(data, **splits.split_options(args), progress=progress)
@@ -454,12 +485,11 @@ def audit(args, data: helicodata.HelicoData, checked: dict) -> Audit:
     if missing:  # split_problems reports it too; here it is bad input, as it is for train.py
         raise DataError(f"--split {args.split}: data root {data.root} lacks patient(s) of the split: "
                         f"{examples(missing)}")
-    sizes = {p: size for p, (size, _, _) in checked.items()}
-    errors = {p: error for p, (_, error, _) in checked.items() if error}
-    hashes = {p: h for p, (_, _, h) in checked.items() if h is not None}
-    return Audit(data, split, run_checks(data, split, groups, shared, sizes, errors, args.reference_patch,
-                                         args.expected_size, hashes),
-                 composition(data, split, Parts(split)),
+    parts = Parts(split)
+    near_uniform = Counter(parts.of_path(p) for p, d in checked.items() if d.dhash is not None and not d.informative)
+    return Audit(data, split, run_checks(data, split, groups, shared, checked, args.reference_patch,
+                                         args.expected_size),
+                 composition(data, split, parts, near_uniform),
                  split_source=f"from {args.split}" if args.split else "made from the flags, as train.py makes it")
 
 
@@ -480,6 +510,10 @@ def composition_table(comp: dict) -> list[str]:
         lines.append(f"  {part:<8}{c['patients']:>9}{dx:>16}{c['positives']:>11,}{c['aug_copies']:>6,}"
                      f"{c['hard_negatives']:>10,}{c['easy_negatives']:>10,}{c['presence0_excluded']:>12,}"
                      f"{percent(c['dummy_accuracy']):>18}")
+    blank = {part: c.get("near_uniform_images", 0) for part, c in comp.items()}
+    if any(blank.values()):
+        lines.append("  near-uniform images (blank or background; left out of the near-duplicate search): "
+                     + ", ".join(f"{part} {n:,}" for part, n in blank.items()))
     return lines
 
 

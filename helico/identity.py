@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -192,33 +194,50 @@ def png_size(path: Path) -> tuple[int, int] | None:
     return struct.unpack(">II", head[16:24])
 
 
-def decode_check(path: Path) -> tuple[tuple[int, int] | None, str | None, int | None]:
-    """(width, height) from the PNG header, why the pixels do not decode (None when they do, or when there is no
-    header: unreadable_png_headers reports those) and the image's dhash. A truncated PNG keeps a valid header: only
-    decoding finds it."""
+class Decoded(NamedTuple):
+    """What decoding one file tells: its header size, whether its pixels decode, how it looks."""
+    size: tuple[int, int] | None    # (width, height) from the PNG header; None: no PNG header
+    error: str | None               # why the pixels do not decode; None when they do (or there is no header)
+    dhash: int | None               # the 64-bit perceptual hash of a decoded image
+    stable_bits: int | None         # how many of its bits the image decides (see dhash)
+
+    @property
+    def informative(self) -> bool:
+        """Whether the perceptual hash says anything of the image: a near-uniform one (blank glass, background) has
+        a hash of noise or of all zeros, alike across unrelated images, and is left out of perceptual matching."""
+        return self.dhash is not None and self.stable_bits >= MIN_STABLE_BITS
+
+
+FLAT = 2              # grey levels: thumbnail neighbours this close are ordered by noise (re-encoding moves them)
+MIN_STABLE_BITS = 16  # of 64: fewer decided by the image itself (under a quarter), and its hash is noise or constant
+
+
+def decode_check(path: Path) -> Decoded:
+    """The Decoded answer of one file. A truncated PNG keeps a valid header: only decoding finds it."""
     from PIL import Image
-    size, error, fingerprint = png_size(path), None, None
+    size, error, fingerprint, stable = png_size(path), None, None, None
     if size is not None:
         try:
             with Image.open(path) as im:
                 im.load()  # every pixel: what PatchDataset does before it trains on the file
-                fingerprint = dhash(im)
+                fingerprint, stable = dhash(im)
         except (OSError, SyntaxError, ValueError) as e:
             error = str(e) or type(e).__name__
-    return size, error, fingerprint
+    return Decoded(size, error, fingerprint, stable)
 
 
-def dhash(im) -> int:
-    """A 64-bit perceptual difference hash: the image in grey, shrunk to 9x8, one bit per horizontal neighbour pair
-    (left brighter than right). A re-encoded, recompressed or slightly re-coloured copy keeps nearly every bit; two
-    different tissue patches differ in about half of them."""
+def dhash(im) -> tuple[int, int]:
+    """(a 64-bit perceptual difference hash, how many of its bits are stable): the image in grey, shrunk to 9x8, one
+    bit per horizontal neighbour pair (left brighter than right). A re-encoded, recompressed or slightly re-coloured
+    copy keeps nearly every bit; two different tissue patches differ in about half of them. A bit is stable when its
+    neighbours differ by more than FLAT grey levels: in a near-uniform image most are not, and its hash is noise."""
     from PIL import Image
     g = np.asarray(im.convert("L").resize((9, 8), Image.BILINEAR), dtype=np.int16)
-    bits = (g[:, :-1] > g[:, 1:]).ravel()
-    return int(np.packbits(bits).view(">u8")[0])
+    step = g[:, :-1] - g[:, 1:]
+    return int(np.packbits((step > 0).ravel()).view(">u8")[0]), int((np.abs(step) > FLAT).sum())
 
 
-DECODE_CACHE_HEADER = "helico decode cache v1\tpath\tsize\tmtime_ns\twidth\theight\tdhash\terror"
+DECODE_CACHE_HEADER = "helico decode cache v2\tpath\tsize\tmtime_ns\twidth\theight\tdhash\tstable_bits\terror"
 
 
 def decode_cache_path(hash_cache: Path) -> Path:
@@ -226,29 +245,33 @@ def decode_cache_path(hash_cache: Path) -> Path:
     return beside_hash_cache(hash_cache, ".decoded.tsv")
 
 
-def read_decode_cache(path: Path, stats: dict) -> dict:
+def read_decode_cache(path: Path, stats: dict) -> dict[str, Decoded]:
     """path -> decode_check's answer, for the files of `stats` (path -> (size, mtime_ns)) whose size and mtime
-    still match; an unreadable or foreign file is an empty cache (everything is decoded again)."""
+    still match; an unreadable or foreign file, or one of an earlier version, is an empty cache (everything is
+    decoded again)."""
     known = {}
+    number = lambda text: int(text) if text else None
     try:
         with open(path, encoding="utf-8") as f:
             if f.readline().rstrip("\n") != DECODE_CACHE_HEADER:
                 return {}
             for line in f:
-                p, size, mtime, w, h, fingerprint, error = line.rstrip("\n").split("\t")
+                p, size, mtime, w, h, fingerprint, stable, error = line.rstrip("\n").split("\t")
                 if stats.get(p) == (int(size), int(mtime)):
-                    known[p] = ((int(w), int(h)) if w else None, error or None, int(fingerprint) if fingerprint else None)
+                    known[p] = Decoded((int(w), int(h)) if w else None, error or None, number(fingerprint),
+                                       number(stable))
     except (OSError, ValueError, UnicodeDecodeError):
         return {}
     return known
 
 
-def write_decode_cache(path: Path, checked: dict, stats: dict) -> None:
+def write_decode_cache(path: Path, checked: dict[str, Decoded], stats: dict) -> None:
     clean = lambda text: " ".join(str(text).split())  # an error message on one line, no tabs
+    text = lambda value: "" if value is None else str(value)
     lines = [DECODE_CACHE_HEADER] + [
-        f"{p}\t{stats[p][0]}\t{stats[p][1]}\t{size[0] if size else ''}\t{size[1] if size else ''}\t"
-        f"{'' if fingerprint is None else fingerprint}\t{clean(error) if error else ''}"
-        for p, (size, error, fingerprint) in sorted(checked.items()) if p in stats]
+        f"{p}\t{stats[p][0]}\t{stats[p][1]}\t{d.size[0] if d.size else ''}\t{d.size[1] if d.size else ''}\t"
+        f"{text(d.dhash)}\t{text(d.stable_bits)}\t{clean(d.error) if d.error else ''}"
+        for p, d in sorted(checked.items()) if p in stats]
     try:
         common.atomic_write_text(path, "\n".join(lines) + "\n")  # (atomic_path makes the folder)
     except OSError as e:
@@ -257,17 +280,19 @@ def write_decode_cache(path: Path, checked: dict, stats: dict) -> None:
 
 
 def decode_images(root: Path, paths, stats: dict, cache: Path | None = None, workers: int = 16, chunk: int = 256,
-                  progress: bool = True) -> dict:
-    """path -> decode_check, every image decoded once and the answers kept in `cache` (a TSV keyed by path, size
-    and mtime, beside the hash cache): an audit at every job start decodes only new or changed files. Decoding runs
-    in a thread pool (PIL releases the GIL while it inflates and unfilters), at most 4 x workers chunks of `chunk`
-    paths in flight, so memory does not grow with a Future per file. Decoding is most of a first audit's time."""
+                  progress: bool = True) -> dict[str, Decoded]:
+    """path -> decode_check's answer, every image decoded once and the answers kept in `cache` (a TSV keyed by path,
+    size and mtime, beside the hash cache): an audit at every job start decodes only new or changed files. Decoding
+    runs in a thread pool (PIL releases the GIL while it inflates and unfilters), at most 4 x workers chunks of
+    `chunk` paths in flight, so memory does not grow with a Future per file. Decoding is most of a first audit's
+    time."""
     from tqdm import tqdm
     paths = sorted(paths)
     checked = read_decode_cache(cache, stats) if cache is not None else {}
     todo = [p for p in paths if p not in checked]
     chunks = (todo[k:k + chunk] for k in range(0, len(todo), chunk))
-    decode = lambda ps: [(p, decode_check(root / p) if p in stats else (None, None, None)) for p in ps]
+    nothing = Decoded(None, None, None, None)  # a path the scan did not stat: not read
+    decode = lambda ps: [(p, decode_check(root / p) if p in stats else nothing) for p in ps]
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc="decoding PNGs", unit="file",
                                                    disable=not progress or not todo, mininterval=1) as bar:
         for part in common.bounded_map(pool, decode, chunks, 4 * workers):
@@ -281,24 +306,20 @@ def decode_images(root: Path, paths, stats: dict, cache: Path | None = None, wor
 # ----------------------------------------------------------------------------------------------- near-duplicates
 NEAR = 6  # bits of 64: at most this many differ for a near-duplicate (a re-encoded copy keeps all but a few)
 BANDS = NEAR + 1  # pigeonhole: two hashes within NEAR bits agree exactly on at least one of NEAR + 1 bands
-
-
-MAX_NEAR_PAIRS = 100_000  # pairs kept for the report: memory stays bounded however alike a dataset's patches are
 BLOCK = 1024  # rows of a band's group compared at once: a BLOCK x group matrix of XORs
+MAX_LISTED = 1000  # pairs listed per concern: memory stays bounded however alike a dataset's images are
 
 
-def near_duplicate_pairs(hashes: dict[str, int]) -> tuple[list[tuple[str, str, int]], int]:
-    """((path, path, differing bits) of images whose hashes differ in at most NEAR bits, how many such pairs there
-    are); the list stops at MAX_NEAR_PAIRS. Candidates agree exactly on one of BANDS bit bands (pigeonhole: no near
-    pair is missed); each band's groups are compared in numpy, BLOCK rows at a time, and only near pairs are kept
-    (random hashes put hundreds of images in every band group: a record of each candidate pair would not fit)."""
-    paths = sorted(hashes)
-    h = np.fromiter((hashes[p] for p in paths), dtype=np.uint64, count=len(paths))
+def near_hash_pairs(values: np.ndarray):
+    """(i, j, differing bits) arrays, one batch at a time, of every pair i < j of the distinct uint64 `values` that
+    differ in at most NEAR bits, each pair once. Candidates agree exactly on one of BANDS bit bands (pigeonhole: no
+    near pair is missed); each band's groups are compared in numpy, BLOCK rows at a time, and only near pairs are
+    kept (random hashes put hundreds of values in every band group: a record of each candidate pair would not fit).
+    Distinct values only: a hash that many images share is one value here, so a look-alike group costs nothing."""
+    h = np.asarray(values, dtype=np.uint64)
     edges = [round(64 * b / BANDS) for b in range(BANDS + 1)]  # 9-10 bits each: a 4-bit band would hold ~1/16
     masks = [np.uint64((1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]  # of all images in each group
     band = lambda v, e: (v >> np.uint64(edges[e])) & masks[e]
-    found: dict[tuple[int, int], int] = {}
-    total = 0
     for b in range(BANDS):
         key = band(h, b)
         order = np.argsort(key, kind="stable")
@@ -317,9 +338,69 @@ def near_duplicate_pairs(hashes: dict[str, int]) -> tuple[list[tuple[str, str, i
                 first = np.ones(len(x), dtype=bool)  # a pair agreeing on several bands counts in the first only
                 for e in range(b):
                     first &= band(x, e) != 0
-                i, j, x = i[first], j[first], x[first]
-                total += len(x)
-                for u, v, d in zip(rows[i].tolist(), members[j].tolist(), np.bitwise_count(x).tolist()):
-                    if len(found) < MAX_NEAR_PAIRS:
-                        found[(u, v)] = d
-    return [(paths[i], paths[j], d) for (i, j), d in sorted(found.items())], total
+                if first.any():
+                    yield rows[i[first]], members[j[first]], np.bitwise_count(x[first])
+
+
+class NearDuplicates(NamedTuple):
+    """What near_duplicates found among images of different owners (patients or duplicate-patient groups)."""
+    pairs: dict[str, int]                   # concern -> pairs of images of different owners, counted, never listed all
+    listed: list[tuple[str, str, str, int]]  # (concern, path, path, differing bits): at most MAX_LISTED per concern
+    patients: set                           # patients of the pairs of the listed concerns
+    shared_hashes: int                      # hashes that several images share exactly
+    largest_share: int                      # images of the most shared hash
+
+
+def near_duplicates(hashes: dict[str, int], where, owner, concern, listed=(),
+                    limit: int = MAX_LISTED) -> NearDuplicates:
+    """Pairs of images whose hashes differ in at most NEAR bits, counted by concern, without listing every pair.
+
+    where(path) -> (place, patient), or None for an image of no patient (left out); owner(patient) -> what must
+    differ for a pair to count (the patient, or its duplicate-patient group); concern(place, place) -> the name a
+    pair of places is counted under. Pairs of the `listed` concerns are listed, `limit` of each, in that order.
+    Images are grouped by hash and, within a hash, by (place, patient): a hash that n images share adds its pairs
+    as products of those groups' sizes, so time and memory grow with the images and the distinct near hashes, not
+    with the square of a look-alike group."""
+    paths = sorted(hashes)
+    h = np.fromiter((hashes[p] for p in paths), dtype=np.uint64, count=len(paths))
+    order = np.argsort(h, kind="stable")
+    values, starts, sizes = np.unique(h[order], return_index=True, return_counts=True)
+    counted: dict[str, int] = {}
+    kept: dict[str, list] = {c: [] for c in listed}
+    patients: set = set()
+    groups: dict[int, list] = {}
+
+    def placed(u: int) -> list:
+        """[(place, patient, owner, [path, ...])] of the images of distinct hash u (built once, only when asked)."""
+        if u not in groups:
+            by: dict[tuple, list[str]] = {}
+            for k in order[starts[u]:starts[u] + sizes[u]].tolist():
+                at = where(paths[k])
+                if at is not None:
+                    by.setdefault(at, []).append(paths[k])
+            groups[u] = [(place, patient, owner(patient), ps) for (place, patient), ps in sorted(by.items(), key=str)]
+        return groups[u]
+
+    def count(u: int, v: int, bits: int) -> None:
+        a_side, b_side = placed(u), placed(v)
+        for x, (pa, ta, oa, fa) in enumerate(a_side):
+            for y, (pb, tb, ob, fb) in enumerate(b_side):
+                if (u == v and y <= x) or oa == ob:  # one hash: each pair of groups once; one owner: not a pair
+                    continue
+                c = concern(pa, pb)
+                counted[c] = counted.get(c, 0) + len(fa) * len(fb)
+                if c in kept:
+                    patients.update((ta, tb))
+                    room = limit - len(kept[c])
+                    if room > 0:
+                        kept[c] += [(c, *sorted((f, g)), bits) for f, g in
+                                    itertools.islice(itertools.product(fa, fb), room)]
+
+    shared = np.flatnonzero(sizes > 1)
+    for u in shared.tolist():
+        count(u, u, 0)
+    for i, j, bits in near_hash_pairs(values):
+        for u, v, d in zip(i.tolist(), j.tolist(), bits.tolist()):
+            count(u, v, d)
+    rows = [row for c in listed for row in sorted(kept[c])]
+    return NearDuplicates(counted, rows, patients, len(shared), int(sizes.max()) if len(sizes) else 0)

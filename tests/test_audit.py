@@ -499,3 +499,21 @@ def test_a_re_encoded_copy_under_another_patient_is_a_near_duplicate_the_content
     assert {helicodata.patient_id(holdout_folder.name), owner} <= set(hit["patients"])
     assert "HoldOut" in hit["detail"] and "<= 6 bits" in hit["detail"]
     assert finding(report, "identical_images_across_parts") is None  # not byte-identical: only this check sees it
+
+
+def test_blank_tiles_are_counted_in_the_composition_and_left_out_of_the_near_duplicate_search(small_demo_root,
+                                                                                               tmp_path):
+    # flat tiles of different colours: not byte-identical, but every one hashes to 0; they once made every pair of
+    # them a "near duplicate", across the HoldOut too
+    root = copy_demo(small_demo_root, tmp_path)
+    data = helicodata.load_data(root)
+    split = default_split(data)
+    cv = next(s for s in data.cropped if s.patient in split["train"] and s.source == "supplemental")
+    folders = [(root / cv.path).parent, next((root / HOLDOUT).iterdir())]
+    for k, folder in enumerate(folders * 3):
+        Image.new("RGB", (256, 256), (200 + k, 190, 180)).save(folder / f"{90000 + k}.png")
+    rc, report = run_audit(root, tmp_path)
+    assert rc == common.EXIT_OK and finding(report, "near_duplicate_images") is None
+    assert report["composition"]["train"]["near_uniform_images"] == 3
+    assert report["composition"]["holdout"]["near_uniform_images"] == 3
+    assert report["composition"]["val"]["near_uniform_images"] == 0
