@@ -343,20 +343,21 @@ def near_duplicate_images(hashes: dict[str, int], near_uniform: int, groups, par
     lines = [f"{a} ({path_patient(a)}, {parts.of_path(a) or 'no part'}) ~ {b} ({path_patient(b)}, "
              f"{parts.of_path(b) or 'no part'}), {bits} bit(s)" for _, a, b, bits in near.listed]
     act, within = sum(near.pairs.get(c, 0) for c in ACT_ON), near.pairs.get("within_part", 0)
-    shown = f" (the first {len(lines):,} listed)" if act > len(lines) else ""
-    head = (f"{act:,} pair(s) to act on{shown}, {near.pairs.get(ACT_ON[0], 0):,} of HoldOut against CrossValidation "
-            f"and {near.pairs.get(ACT_ON[1], 0):,} across split parts: {examples(lines)}; if a pair is one slide under "
-            f"two IDs, its patients must stay in one part (and out of the HoldOut): give train.py a --split that does "
-            f"so" if act else "no pair to act on (none across parts or against the HoldOut)")
+    shown = f"; {len(lines):,} listed, one per pair of patients and of hashes" if act > len(lines) else ""
+    similar = (f"images of different patients whose 64-bit perceptual hashes differ in <= {identity.NEAR} bits (not "
+               f"byte-identical: re-encoded or re-coloured copies?)")
+    head = (f"{act:,} pair(s) to act on ({near.pairs.get(ACT_ON[0], 0):,} of HoldOut against CrossValidation, "
+            f"{near.pairs.get(ACT_ON[1], 0):,} across split parts{shown}) of {similar}: {examples(lines)}; if a pair "
+            f"is one slide under two IDs, its patients must stay in one part (and out of the HoldOut): give train.py "
+            f"a --split that does so" if act else
+            f"no pair to act on (HoldOut against CrossValidation or across split parts) of {similar}")
     notes = [f"{within:,} pair(s) within one part of the split (or with a patient no part uses), counted, not listed"
              if within else "", f"{near.shared_hashes:,} hash(es) shared by several images (the largest by "
              f"{near.largest_share:,}): their pairs counted, not listed" if near.shared_hashes else "",
              f"{near_uniform:,} near-uniform image(s) (blank or background) left out of the search" if near_uniform
              else ""]
-    return found("warning", "near_duplicate_images", act + within, sorted(near.patients), f"images of different "
-                 f"patients whose 64-bit perceptual hashes differ in <= {identity.NEAR} bits (not byte-identical: "
-                 f"re-encoded or re-coloured copies?): {head}" + "".join(f"; {n}" for n in notes if n),
-                 [f for _, a, b, _ in near.listed for f in (a, b)])
+    return found("warning", "near_duplicate_images", act + within, sorted(near.patients),
+                 head + "".join(f"; {n}" for n in notes if n), [f for _, a, b, _ in near.listed for f in (a, b)])
 
 
 def duplicate_content_groups(groups: list[list[str]], parts: Parts, holdout_patients) -> list[Finding]:

@@ -1,7 +1,9 @@
 """The library behind the top-level commands (train.py, evaluate.py, audit_leakage.py, ...): nothing here is run.
 
     helicodata    the HelicoDataSet as the code sees it: patients, workbook rows, samples, PatchDataset
-    splits        content hashes, duplicate-patient groups, patient-level splits and their checks, the split flags
+    identity      file identity and its caches: content hashes, identical files, duplicate-patient groups, the
+                  decode check and cache, perceptual hashes, the near-duplicate search
+    splits        patient-level splits and their checks, the split flags
     train_flags   train.py's whole command line, torch-free: train.py parses it, audit_leakage.py accepts it
     packed_cache  the packed uint8 patch cache and where patches are read from (PNGs or the cache)
     feeds         batches from the packed cache without a DataLoader: device-resident or streamed by a thread

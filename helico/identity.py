@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import os
 import struct
@@ -307,7 +306,7 @@ def decode_images(root: Path, paths, stats: dict, cache: Path | None = None, wor
 NEAR = 6  # bits of 64: at most this many differ for a near-duplicate (a re-encoded copy keeps all but a few)
 BANDS = NEAR + 1  # pigeonhole: two hashes within NEAR bits agree exactly on at least one of NEAR + 1 bands
 BLOCK = 1024  # rows of a band's group compared at once: a BLOCK x group matrix of XORs
-MAX_LISTED = 1000  # pairs listed per concern: memory stays bounded however alike a dataset's images are
+MAX_LISTED = 1000  # pairs listed per concern: the report stays readable however alike a dataset's images are
 
 
 def near_hash_pairs(values: np.ndarray):
@@ -345,7 +344,8 @@ def near_hash_pairs(values: np.ndarray):
 class NearDuplicates(NamedTuple):
     """What near_duplicates found among images of different owners (patients or duplicate-patient groups)."""
     pairs: dict[str, int]                   # concern -> pairs of images of different owners, counted, never listed all
-    listed: list[tuple[str, str, str, int]]  # (concern, path, path, differing bits): at most MAX_LISTED per concern
+    listed: list[tuple[str, str, str, int]]  # (concern, path, path, differing bits): one per pair of patients and
+    #                                          hashes, at most MAX_LISTED per concern
     patients: set                           # patients of the pairs of the listed concerns
     shared_hashes: int                      # hashes that several images share exactly
     largest_share: int                      # images of the most shared hash
@@ -357,7 +357,8 @@ def near_duplicates(hashes: dict[str, int], where, owner, concern, listed=(),
 
     where(path) -> (place, patient), or None for an image of no patient (left out); owner(patient) -> what must
     differ for a pair to count (the patient, or its duplicate-patient group); concern(place, place) -> the name a
-    pair of places is counted under. Pairs of the `listed` concerns are listed, `limit` of each, in that order.
+    pair of places is counted under. Pairs of the `listed` concerns are listed, in that order: one pair of images
+    for each pair of patients and of hashes, `limit` of each concern.
     Images are grouped by hash and, within a hash, by (place, patient): a hash that n images share adds its pairs
     as products of those groups' sizes, so time and memory grow with the images and the distinct near hashes, not
     with the square of a look-alike group."""
@@ -391,10 +392,8 @@ def near_duplicates(hashes: dict[str, int], where, owner, concern, listed=(),
                 counted[c] = counted.get(c, 0) + len(fa) * len(fb)
                 if c in kept:
                     patients.update((ta, tb))
-                    room = limit - len(kept[c])
-                    if room > 0:
-                        kept[c] += [(c, *sorted((f, g)), bits) for f, g in
-                                    itertools.islice(itertools.product(fa, fb), room)]
+                    if len(kept[c]) < limit:  # one example per pair of patients and hashes: the list shows them all
+                        kept[c].append((c, *sorted((fa[0], fb[0])), bits))
 
     shared = np.flatnonzero(sizes > 1)
     for u in shared.tolist():

@@ -154,6 +154,8 @@ def test_near_pairs_are_counted_by_concern_as_brute_force_counts_them_and_the_on
     assert [c for c, *_ in near.listed] == ["holdout_vs_crossvalidation"] * 5 + ["across_parts"] * 5
     for c, a, b, bits in near.listed:
         assert concern(where[a][0], where[b][0]) == c and bin(hashes[a] ^ hashes[b]).count("1") == bits <= 6
+    examples = {(frozenset((where[a], where[b])), frozenset((hashes[a], hashes[b]))) for _, a, b, _ in near.listed}
+    assert len(examples) == len(near.listed)  # one per pair of patients and of hashes
     assert near.shared_hashes > 0 and near.largest_share > 1
 
 
@@ -176,7 +178,12 @@ def test_a_look_alike_group_of_thousands_is_counted_without_listing_its_pairs():
                 c = concern(pa, pb)
                 want[c] = want.get(c, 0) + len(per[(pa, oa)]) * len(per[(pb, ob)])
     assert near.pairs == want and sum(want.values()) > 10_000_000
-    assert len(near.listed) == 2 * identity.MAX_LISTED and near.shared_hashes == 1 and near.largest_share == n
+    listed = ("holdout_vs_crossvalidation", "across_parts")
+    groups = sorted({at for path, at in where.items() if path != "P1/near.png"}, key=str)  # (place, patient)
+    shared = [(pa, pb) for x, (pa, ta) in enumerate(groups) for pb, tb in groups[x + 1:] if owner(ta) != owner(tb)]
+    with_near = [(pa, "val") for pa, ta in groups if owner(ta) != "P1"]  # near.png against the shared hash's groups
+    assert len(near.listed) == sum(concern(a, b) in listed for a, b in shared + with_near)  # one per pair of them
+    assert near.shared_hashes == 1 and near.largest_share == n
 
 
 def test_the_near_duplicate_search_scales_to_the_real_dataset_and_keeps_only_near_pairs():
