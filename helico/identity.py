@@ -15,7 +15,9 @@ the packed cache use them too. Imports only common, metrics and helicodata; no t
     groups = identity.duplicate_groups(shared)                  # the patients that must stay in one part
     keep = identity.first_copies(paths, identity.identical_files(data, cache))  # each content counted once
     checked = identity.decode_images(data.root, data.image_paths(), data.file_stats,
-                                     identity.decode_cache_path(cache))  # path -> (size, error, dhash)
+                                     identity.decode_cache_path(cache))  # path -> Decoded
+    hashes = {p: d.dhash for p, d in checked.items() if d.informative}    # near-uniform images left out
+    near = identity.near_duplicates(hashes, where, owner, concern, listed=("holdout_vs_crossvalidation",))
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def _digest(path: str) -> str:
 
 def read_hash_cache(cache: Path) -> dict:
     """path -> [size, mtime_ns, digest] of the hash cache file (empty when missing or unreadable). Read once per
-    file set: identical_files keeps what it derives, so nothing holds these 220k entries past the hashing."""
+    file set: identical_files keeps what it derives, so nothing holds one entry per file past the hashing."""
     with contextlib.suppress(ValueError, OSError):
         return json.loads(cache.read_text())
     return {}
