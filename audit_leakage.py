@@ -20,7 +20,8 @@ under a stable check name:
   stray_entries, duplicate_rows, control_or_external_mentions (paths and every workbook/CSV cell),
   off_size_images, unreadable_png_headers, undecodable_images (a valid header, pixels that do not decode: a
   truncated PNG), duplicate_content_groups (even when kept together), near_duplicate_images (a 64-bit perceptual
-  hash within 6 bits across two patients: a re-encoded copy under another ID, which the content hash misses),
+  hash within 6 bits across two patients: a re-encoded copy under another ID, which the content hash misses; pairs
+  of HoldOut against CrossValidation and across split parts listed first, pairs within one part counted),
   reference_patch_missing, patients_outside_split, patients_without_diagnosis.
 
 Exit codes: 0 no leak (warnings may be printed); 1 at least one leak; 2 bad input (missing or malformed data
@@ -28,37 +29,37 @@ root, workbook or CSV, bad --split JSON, a split patient the data root lacks, ba
 with one line `error: ...` on stderr. `--json OUT` is written atomically:
   {"ok": bool, "findings": [{"kind", "check", "patients", "detail", "files"}], "composition": {...}, "split": {...}}
 
-Speed on the real dataset (~220k PNGs: minutes, not hours):
+The composition also counts each part's near-uniform images (blank or background patches): their perceptual
+hash is noise or constant, so the near-duplicate search leaves them out.
+
+How it stays fast at the real dataset's size (file identity and its caches: helico/identity.py):
 - one directory scan (common.load_data); every check then works on that listing in memory;
 - content hashes only for files whose byte size another file shares (a file of unique size cannot have a
   byte-identical twin), hashed in a thread pool and cached by (path, size, mtime) in --hash-cache: a re-run
   hashes only new or changed files;
-- image sizes from the 24-byte PNG header (signature + IHDR); every image is then decoded once, in a thread pool,
-  to find truncated files (~2 ms of CPU per 256x256 patch: ~30-60 s for the real dataset on 16 cores).
+- image sizes from the 24-byte PNG header; every image is decoded once, in a thread pool, to find truncated files
+  and take its perceptual hash, and the answers are kept beside the hash cache: a re-run decodes only new or
+  changed files;
+- the near-duplicate search compares distinct hashes only and counts the pairs of a hash many images share without
+  listing them, so a dataset of look-alike patches costs no more than one of distinct patches.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import struct
 import sys
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 import common
-from helico import splits, staining, train_flags
-from common import DataError
-from common import TREES, patient_id
+from helico import identity, splits, staining, train_flags
+from common import TREES, DataError, patient_id
 
 PARTS = splits.SPLIT_PARTS          # train, val, test
 HOLDOUT = "holdout"                 # the HoldOut tree: the independent test set, a part of its own
 MENTION = re.compile(r"control|extern", re.IGNORECASE)  # the original control-section trace (also externo/extern)
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SHOW = 6                            # examples per finding in the printed report (the JSON has all files)
 
 
@@ -145,7 +146,7 @@ def split_lists_folder_names(split: dict) -> list[Finding]:
 
 
 def identical_images_across_parts(shared: dict[str, list[str]], parts: Parts) -> list[Finding]:
-    """Byte-identical files (splits.shared_content) whose copies sit in different parts (HoldOut is one)."""
+    """Byte-identical files (identity.shared_content) whose copies sit in different parts (HoldOut is one)."""
     owners_files: dict[tuple, list[str]] = defaultdict(list)
     for paths in shared.values():
         owners = {(path_patient(p), parts.of_path(p)) for p in paths}
@@ -296,152 +297,6 @@ def control_or_external_mentions(data: common.HelicoData, paths) -> list[Finding
                  f"patients", hit_paths)
 
 
-def png_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from the PNG signature and IHDR chunk (first 24 bytes); None if not a PNG."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(24)
-    except OSError:
-        return None
-    if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
-        return None
-    return struct.unpack(">II", head[16:24])
-
-
-def decode_check(path: Path) -> tuple[tuple[int, int] | None, str | None, int | None]:
-    """(width, height) from the PNG header, why the pixels do not decode (None when they do, or when there is no
-    header: unreadable_png_headers reports those) and the image's dhash. A truncated PNG keeps a valid header: only
-    decoding finds it."""
-    from PIL import Image
-    size, error, fingerprint = png_size(path), None, None
-    if size is not None:
-        try:
-            with Image.open(path) as im:
-                im.load()  # every pixel: what PatchDataset does before it trains on the file
-                fingerprint = dhash(im)
-        except (OSError, SyntaxError, ValueError) as e:
-            error = str(e) or type(e).__name__
-    return size, error, fingerprint
-
-
-def dhash(im) -> int:
-    """A 64-bit perceptual difference hash: the image in grey, shrunk to 9x8, one bit per horizontal neighbour pair
-    (left brighter than right). A re-encoded, recompressed or slightly re-coloured copy keeps nearly every bit; two
-    different tissue patches differ in about half of them."""
-    from PIL import Image
-    g = np.asarray(im.convert("L").resize((9, 8), Image.BILINEAR), dtype=np.int16)
-    bits = (g[:, :-1] > g[:, 1:]).ravel()
-    return int(np.packbits(bits).view(">u8")[0])
-
-
-NEAR = 6  # bits of 64: at most this many differ for a near-duplicate (re-encoded copies: 0-3 in tests/test_audit.py)
-BANDS = NEAR + 1  # pigeonhole: two hashes within NEAR bits agree exactly on at least one of NEAR + 1 bands
-
-
-MAX_NEAR_PAIRS = 100_000  # pairs kept for the report: memory stays bounded however alike a dataset's patches are
-BLOCK = 1024  # rows of a band's group compared at once: a BLOCK x group matrix of XORs
-
-
-def near_duplicate_pairs(hashes: dict[str, int]) -> tuple[list[tuple[str, str, int]], int]:
-    """((path, path, differing bits) of images whose hashes differ in at most NEAR bits, how many such pairs there
-    are); the list stops at MAX_NEAR_PAIRS. Candidates agree exactly on one of BANDS bit bands (pigeonhole: no near
-    pair is missed); each band's groups are compared in numpy, BLOCK rows at a time. At 220k random hashes a
-    band's ~1,000 groups hold ~200 images each, ~10^8 candidate pairs in all: a dict of every candidate pair (the
-    first version) took 24 GB; here only near pairs are kept."""
-    paths = sorted(hashes)
-    h = np.fromiter((hashes[p] for p in paths), dtype=np.uint64, count=len(paths))
-    edges = [round(64 * b / BANDS) for b in range(BANDS + 1)]  # 9-10 bits each: a 4-bit band would hold ~1/16
-    masks = [np.uint64((1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]  # of all images in each group
-    band = lambda v, e: (v >> np.uint64(edges[e])) & masks[e]
-    found: dict[tuple[int, int], int] = {}
-    total = 0
-    for b in range(BANDS):
-        key = band(h, b)
-        order = np.argsort(key, kind="stable")
-        k = key[order]
-        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if len(k) else np.zeros(0, dtype=np.int64)
-        for lo, hi in zip(starts, np.r_[starts[1:], len(k)]):
-            if hi - lo < 2:
-                continue
-            members = np.sort(order[lo:hi])
-            for a in range(0, len(members) - 1, BLOCK):  # each row against the members after it
-                rows = members[a:a + BLOCK]
-                xor = h[rows][:, None] ^ h[members][None, :]
-                later = np.arange(len(members))[None, :] > np.arange(a, a + len(rows))[:, None]
-                i, j = np.nonzero((np.bitwise_count(xor) <= NEAR) & later)
-                x = xor[i, j]
-                first = np.ones(len(x), dtype=bool)  # a pair agreeing on several bands counts in the first only
-                for e in range(b):
-                    first &= band(x, e) != 0
-                i, j, x = i[first], j[first], x[first]
-                total += len(x)
-                for u, v, d in zip(rows[i].tolist(), members[j].tolist(), np.bitwise_count(x).tolist()):
-                    if len(found) < MAX_NEAR_PAIRS:
-                        found[(u, v)] = d
-    return [(paths[i], paths[j], d) for (i, j), d in sorted(found.items())], total
-
-
-DECODE_CACHE_HEADER = "helico decode cache v1\tpath\tsize\tmtime_ns\twidth\theight\tdhash\terror"
-
-
-def decode_cache_path(hash_cache: Path) -> Path:
-    """The decode cache beside the hash cache (--hash-cache names both): hashes-<root>.json -> .decoded.tsv."""
-    return splits.beside_hash_cache(hash_cache, ".decoded.tsv")
-
-
-def read_decode_cache(path: Path, stats: dict) -> dict:
-    """path -> decode_check's answer, for the files of `stats` (path -> (size, mtime_ns)) whose size and mtime
-    still match; an unreadable or foreign file is an empty cache (everything is decoded again)."""
-    known = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            if f.readline().rstrip("\n") != DECODE_CACHE_HEADER:
-                return {}
-            for line in f:
-                p, size, mtime, w, h, fingerprint, error = line.rstrip("\n").split("\t")
-                if stats.get(p) == (int(size), int(mtime)):
-                    known[p] = ((int(w), int(h)) if w else None, error or None, int(fingerprint) if fingerprint else None)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}
-    return known
-
-
-def write_decode_cache(path: Path, checked: dict, stats: dict) -> None:
-    clean = lambda text: " ".join(str(text).split())  # an error message on one line, no tabs
-    lines = [DECODE_CACHE_HEADER] + [
-        f"{p}\t{stats[p][0]}\t{stats[p][1]}\t{size[0] if size else ''}\t{size[1] if size else ''}\t"
-        f"{'' if fingerprint is None else fingerprint}\t{clean(error) if error else ''}"
-        for p, (size, error, fingerprint) in sorted(checked.items()) if p in stats]
-    try:
-        common.atomic_write_text(path, "\n".join(lines) + "\n")  # (atomic_path makes the folder)
-    except OSError as e:
-        raise DataError(f"--hash-cache {path}: cannot write the decode cache ({e.strerror}); pass a writable "
-                        f"--hash-cache") from None
-
-
-def decode_images(root: Path, paths, stats: dict, cache: Path | None = None, workers: int = 16, chunk: int = 256,
-                  progress: bool = True) -> dict:
-    """path -> decode_check, every image decoded once and the answers kept in `cache` (a TSV keyed by path, size
-    and mtime, beside the hash cache): an audit at every job start decodes only new or changed files. Decoding runs
-    in a thread pool (PIL releases the GIL while it inflates and unfilters), at most 4 x workers chunks of `chunk`
-    paths in flight, so memory does not grow with a Future per file. Cost: ~2 ms of CPU per 256x256 PNG (2.1 ms
-    measured on the demo's 1,097): the ~220k real patches take ~8 CPU-minutes the first time."""
-    from tqdm import tqdm
-    paths = sorted(paths)
-    checked = read_decode_cache(cache, stats) if cache is not None else {}
-    todo = [p for p in paths if p not in checked]
-    chunks = (todo[k:k + chunk] for k in range(0, len(todo), chunk))
-    decode = lambda ps: [(p, decode_check(root / p) if p in stats else (None, None, None)) for p in ps]
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc="decoding PNGs", unit="file",
-                                                   disable=not progress or not todo, mininterval=1) as bar:
-        for part in common.bounded_map(pool, decode, chunks, 4 * workers):
-            checked.update(part)
-            bar.update(len(part))
-    if cache is not None and todo:
-        write_decode_cache(cache, checked, stats)
-    return checked  # the listing's files only: the cache was read for them, todo is the rest
-
-
 def off_size_images(sizes: dict, expected: int) -> list[Finding]:
     off = {p: s for p, s in sizes.items() if s is not None and tuple(s) != (expected, expected)}
     bad = sorted(p for p, s in sizes.items() if s is None)
@@ -460,31 +315,48 @@ def undecodable_images(errors: dict[str, str]) -> list[Finding]:
                  f"stop at the first one (exit 2): replace them, or pass --skip-bad-images to leave them out", bad)
 
 
-def near_duplicate_images(hashes: dict[str, int], shared: dict[str, list[str]], groups, parts: Parts,
-                          holdout_patients) -> list[Finding]:
-    """Images of two different patients (not one duplicate group) whose perceptual hashes differ in at most NEAR of
-    64 bits, byte-identical files excepted (identical_images_across_parts and duplicate_content_groups report those):
-    a re-encoded or re-coloured copy of a slide under another ID escapes the content hash, the split, the bootstrap
-    clusters and the HoldOut check. A warning, not a leak: a hash match is evidence, not proof; look at the pairs."""
-    identical = {p for ps in shared.values() for p in ps}
+ACT_ON = ("holdout_vs_crossvalidation", "across_parts")  # near pairs a user must act on, listed in this order
+
+
+def near_concern(a: str | None, b: str | None) -> str:
+    """What a near pair of images in places a and b (a split part, HOLDOUT, None: no part) asks of the user."""
+    if a != b and HOLDOUT in (a, b):
+        return "holdout_vs_crossvalidation"
+    return "across_parts" if a != b and a in PARTS and b in PARTS else "within_part"
+
+
+def near_duplicate_images(hashes: dict[str, int], near_uniform: int, groups, parts: Parts) -> list[Finding]:
+    """Images of two different patients (not one duplicate group, so never a byte-identical copy:
+    identical_images_across_parts and duplicate_content_groups report those) whose perceptual hashes differ in at
+    most NEAR of 64 bits: a re-encoded or re-coloured copy of a slide under another ID escapes the content hash, the
+    split, the bootstrap clusters and the HoldOut check. Pairs of HoldOut and CrossValidation images, then pairs
+    across split parts, are listed; pairs within one part (or with a patient no part uses) are counted. `hashes`
+    holds the informative images only (near-uniform ones match each other by chance). A warning, not a leak: a hash
+    match is evidence, not proof; look at the pairs."""
     group_of = {p: i for i, g in enumerate(groups) for p in g}
-    where = lambda p: parts.of_patient(p) or (HOLDOUT if p in set(holdout_patients) else "no part")
-    lines, patients, files = [], [], []
-    pairs, total = near_duplicate_pairs(hashes)
-    for a, b, bits in pairs:
-        pa, pb = path_patient(a), path_patient(b)
-        if pa == pb or pa is None or pb is None or (a in identical and b in identical) or \
-                group_of.get(pa, pa) == group_of.get(pb, pb):
-            continue
-        lines.append(f"{a} ({pa}, {where(pa)}) ~ {b} ({pb}, {where(pb)}), {bits} bit(s)")
-        patients += [pa, pb]
-        files += [a, b]
-    more = f" (of the first {len(pairs):,} of {total:,} near pairs, any patients)" if total > len(pairs) else ""
-    return found("warning", "near_duplicate_images", lines, sorted(set(patients)), f"{len(lines)} pair(s){more} of images of "
-                 f"different patients whose 64-bit perceptual hashes differ in <= {NEAR} bits (not byte-identical: "
-                 f"re-encoded or re-coloured copies?): {examples(lines)}; if a pair is one slide under two IDs, its "
-                 f"patients must stay in one part (and out of the HoldOut): give train.py a --split that does so",
-                 files)
+
+    def where(path):
+        patient = path_patient(path)
+        return None if patient is None else (parts.of_path(path), patient)
+    near = identity.near_duplicates(hashes, where, lambda patient: group_of.get(patient, patient), near_concern, ACT_ON)
+    lines = [f"{a} ({path_patient(a)}, {parts.of_path(a) or 'no part'}) ~ {b} ({path_patient(b)}, "
+             f"{parts.of_path(b) or 'no part'}), {bits} bit(s)" for _, a, b, bits in near.listed]
+    act, within = sum(near.pairs.get(c, 0) for c in ACT_ON), near.pairs.get("within_part", 0)
+    shown = f"; {len(lines):,} listed, one per pair of patients and of hashes" if act > len(lines) else ""
+    similar = (f"images of different patients whose 64-bit perceptual hashes differ in <= {identity.NEAR} bits (not "
+               f"byte-identical: re-encoded or re-coloured copies?)")
+    head = (f"{act:,} pair(s) to act on ({near.pairs.get(ACT_ON[0], 0):,} of HoldOut against CrossValidation, "
+            f"{near.pairs.get(ACT_ON[1], 0):,} across split parts{shown}) of {similar}: {examples(lines)}; if a pair "
+            f"is one slide under two IDs, its patients must stay in one part (and out of the HoldOut): give train.py "
+            f"a --split that does so" if act else
+            f"no pair to act on (HoldOut against CrossValidation or across split parts) of {similar}")
+    notes = [f"{within:,} pair(s) within one part of the split (or with a patient no part uses), counted, not listed"
+             if within else "", f"{near.shared_hashes:,} hash(es) shared by several images (the largest by "
+             f"{near.largest_share:,}): their pairs counted, not listed" if near.shared_hashes else "",
+             f"{near_uniform:,} near-uniform image(s) (blank or background) left out of the search" if near_uniform
+             else ""]
+    return found("warning", "near_duplicate_images", act + within, sorted(near.patients),
+                 head + "".join(f"; {n}" for n in notes if n), [f for _, a, b, _ in near.listed for f in (a, b)])
 
 
 def duplicate_content_groups(groups: list[list[str]], parts: Parts, holdout_patients) -> list[Finding]:
@@ -530,7 +402,9 @@ def part_composition(samples: list[common.Sample], patients: list[str], data: co
             "dummy_accuracy": (hard + easy) / n if n else None}
 
 
-def composition(data: common.HelicoData, split: dict, parts: Parts) -> dict:
+def composition(data: common.HelicoData, split: dict, parts: Parts, near_uniform: Counter) -> dict:
+    """Each part's composition (part_composition; the HoldOut's patients and patches) and its near-uniform images
+    (`near_uniform`: part -> count), which the near-duplicate search leaves out."""
     by_part: dict[str, list] = defaultdict(list)
     for s in data.labelled:
         by_part[parts.of_path(s.path)].append(s)
@@ -539,6 +413,8 @@ def composition(data: common.HelicoData, split: dict, parts: Parts) -> dict:
            for part, ps in split_patients(split).items()}
     out[HOLDOUT] = {"patients": len(data.holdout_patients), "patches": len(data.holdout),
                     "diagnosis": dict(Counter(data.diagnosis.get(p, "unknown") for p in data.holdout_patients))}
+    for part, c in out.items():
+        c["near_uniform_images"] = near_uniform.get(part, 0)
     return out
 
 
@@ -556,11 +432,15 @@ class Audit:
         return [f for f in self.findings if f.kind == "leak"]
 
 
-def run_checks(data, split, groups, shared, sizes, errors, reference_patch,
-               expected_size: int, hashes: dict | None = None) -> list[Finding]:
-    """Leaks first (in the order of the module docstring), then warnings."""
+def run_checks(data, split, groups, shared, checked: dict[str, identity.Decoded], reference_patch,
+               expected_size: int) -> list[Finding]:
+    """Leaks first (in the order of the module docstring), then warnings. `checked`: identity.decode_images."""
     parts = Parts(split)
     folders = {f"{TREES[tree]}/{f}" for tree, pats in data.folders.items() for fs in pats.values() for f in fs}
+    sizes = {p: d.size for p, d in checked.items()}
+    errors = {p: d.error for p, d in checked.items() if d.error}
+    hashes = {p: d.dhash for p, d in checked.items() if d.informative}
+    near_uniform = sum(d.dhash is not None and not d.informative for d in checked.values())
     findings = [*patient_in_several_parts(split), *split_lists_folder_names(split),
                 *identical_images_across_parts(shared, parts),
                 *windows_across_parts(data.labelled + data.cropped, parts),
@@ -572,7 +452,7 @@ def run_checks(data, split, groups, shared, sizes, errors, reference_patch,
         *control_or_external_mentions(data, set(sizes) | set(data.stray) | folders),
         *off_size_images(sizes, expected_size), *undecodable_images(errors),
         *duplicate_content_groups(groups, parts, data.holdout_patients),
-        *near_duplicate_images(hashes or {}, shared, groups, parts, data.holdout_patients),
+        *near_duplicate_images(hashes, near_uniform, groups, parts),
         *reference_patch_missing(data.root, reference_patch), *patients_outside_split(split, data),
         *patients_without_diagnosis(data)]
 
@@ -585,9 +465,9 @@ def audit_all(args) -> tuple[list[Audit], list[Finding]]:
     data = common.load_data(args.data_root)
     every_fold = bool(args.folds) and args.fold is None and not args.split
     folds = range(args.folds) if every_fold and args.folds >= 2 else [args.fold]
-    cache = decode_cache_path(splits.hash_cache_path(args.hash_cache, data.root))
-    checked = decode_images(data.root, data.image_paths(), data.file_stats, cache,  # once for every fold
-                            progress=not args.no_progress)
+    cache = identity.decode_cache_path(identity.hash_cache_path(args.hash_cache, data.root))
+    checked = identity.decode_images(data.root, data.image_paths(), data.file_stats, cache,  # once for every fold
+                                     progress=not args.no_progress)
     audits = [audit(argparse.Namespace(**{**vars(args), "fold": k}), data, checked) for k in folds]
     if not every_fold:
         return audits, []
@@ -595,7 +475,7 @@ def audit_all(args) -> tuple[list[Audit], list[Finding]]:
     return audits, found("leak", "fold_test_parts", problems, [], "; ".join(problems))
 
 
-def audit(args, data: common.HelicoData, checked: dict) -> Audit:
+def audit(args, data: common.HelicoData, checked: dict[str, identity.Decoded]) -> Audit:
     progress = not args.no_progress
     try:
         split, groups, shared = splits.resolve_split(data, **splits.split_options(args), progress=progress)
@@ -605,12 +485,11 @@ def audit(args, data: common.HelicoData, checked: dict) -> Audit:
     if missing:  # split_problems reports it too; here it is bad input, as it is for train.py
         raise DataError(f"--split {args.split}: data root {data.root} lacks patient(s) of the split: "
                         f"{examples(missing)}")
-    sizes = {p: size for p, (size, _, _) in checked.items()}
-    errors = {p: error for p, (_, error, _) in checked.items() if error}
-    hashes = {p: h for p, (_, _, h) in checked.items() if h is not None}
-    return Audit(data, split, run_checks(data, split, groups, shared, sizes, errors, args.reference_patch,
-                                         args.expected_size, hashes),
-                 composition(data, split, Parts(split)),
+    parts = Parts(split)
+    near_uniform = Counter(parts.of_path(p) for p, d in checked.items() if d.dhash is not None and not d.informative)
+    return Audit(data, split, run_checks(data, split, groups, shared, checked, args.reference_patch,
+                                         args.expected_size),
+                 composition(data, split, parts, near_uniform),
                  split_source=f"from {args.split}" if args.split else "made from the flags, as train.py makes it")
 
 
@@ -631,6 +510,10 @@ def composition_table(comp: dict) -> list[str]:
         lines.append(f"  {part:<8}{c['patients']:>9}{dx:>16}{c['positives']:>11,}{c['aug_copies']:>6,}"
                      f"{c['hard_negatives']:>10,}{c['easy_negatives']:>10,}{c['presence0_excluded']:>12,}"
                      f"{percent(c['dummy_accuracy']):>18}")
+    blank = {part: c.get("near_uniform_images", 0) for part, c in comp.items()}
+    if any(blank.values()):
+        lines.append("  near-uniform images (blank or background; left out of the near-duplicate search): "
+                     + ", ".join(f"{part} {n:,}" for part, n in blank.items()))
     return lines
 
 

@@ -494,7 +494,7 @@ class HelicoData:
     # path -> (size, mtime_ns) of every patch PNG, from the one stat pass of the scan: the hash and decode caches and
     # the packed cache's index key on it, so no later step stats a file again (a round trip on a shared file system)
     file_stats: dict[str, tuple[int, int]] = field(default_factory=dict)
-    # what later steps work out from this scan once per process (splits.identical_files), by their own keys
+    # what later steps work out from this scan once per process (identity.identical_files), by their own keys
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

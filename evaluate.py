@@ -76,7 +76,8 @@ import common
 import macenko_gpu
 from common import DataError
 from helico import (
-    analysis, bags, crossval, eval_report, feeds, figures, gradcam, inference, ledger, loaders, metrics, mil, model, packed_cache, runlog, splits,
+    analysis, bags, crossval, eval_report, feeds, figures, gradcam, identity, inference, ledger, loaders, metrics,
+    mil, model, packed_cache, runlog, splits
 )
 
 
@@ -314,9 +315,9 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     net, normalizer = model.from_checkpoint(ckpt, path, args.arch, device)
     data = common.load_data(data_root_of(ckpt, args.data_root, path))
     parts = split_parts(ckpt, data, path)
-    hash_cache = splits.hash_cache_path(None, data.root)
-    shared = splits.shared_content(data, cache=hash_cache, progress=False)
-    groups = splits.duplicate_groups(shared)  # patients sharing byte-identical images: one resampling cluster
+    hash_cache = identity.hash_cache_path(None, data.root)
+    shared = identity.shared_content(data, cache=hash_cache, progress=False)
+    groups = identity.duplicate_groups(shared)  # patients sharing byte-identical images: one resampling cluster
     holdout = data.holdout_patients if args.holdout else []
     if args.holdout:
         if not holdout:
@@ -324,7 +325,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                             f"folder?)")
         splits.check_holdout_independent(data, shared)  # exit 1: a HoldOut that overlaps CV proves nothing
     rows, identical = analysis.count_identical_once(analysis.evaluation_rows(data, parts, holdout),
-                                                    splits.identical_files(data, hash_cache, progress=False))
+                                                    identity.identical_files(data, hash_cache, progress=False))
     if not any(r.patch_eval for r in rows):
         raise DataError(f"validation patients of {path} have no labelled patches in {data.root}: empty split")
     cache = prepared_cache(args, ckpt, data, device)
@@ -513,15 +514,15 @@ def run_ensemble(args, device) -> int:
     shas = [common.file_sha256(p) for p in paths]
     data = common.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
     crossval.check_folds(folds, data.cv_patients)
-    hash_cache = splits.hash_cache_path(None, data.root)
-    shared = splits.shared_content(data, cache=hash_cache, progress=False)
+    hash_cache = identity.hash_cache_path(None, data.root)
+    shared = identity.shared_content(data, cache=hash_cache, progress=False)
     splits.check_holdout_independent(data, shared)
-    groups = splits.duplicate_groups(shared)
+    groups = identity.duplicate_groups(shared)
     holdout = data.holdout_patients
     if not holdout:
         raise DataError(f"--ensemble: {data.root} has no HoldOut patients")
     rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, {}, holdout),
-                                            splits.identical_files(data, hash_cache, progress=False))
+                                            identity.identical_files(data, hash_cache, progress=False))
     # thresholds from the out-of-fold predictions only
     oof_preds, oof_pats = crossval.pooled_rows(folds)
     oof = oof_predictions(oof_preds)
@@ -608,12 +609,12 @@ def run_compare(args, device) -> int:
         raise DataError(f"--compare: the checkpoints share {len(shared)} {part} patient(s) "
                         f"({', '.join(shared) or 'none'}); a paired comparison needs at least {MIN_SHARED_PATIENTS}: "
                         f"train the runs on one split (train.py --split runs/<id>/split.json)")
-    hash_cache = splits.hash_cache_path(None, data.root)
-    groups = splits.duplicate_groups(splits.shared_content(data, cache=hash_cache, progress=False))
+    hash_cache = identity.hash_cache_path(None, data.root)
+    groups = identity.duplicate_groups(identity.shared_content(data, cache=hash_cache, progress=False))
     own_val = sorted({p for ps in parts for p in ps["val"]} - set(shared))  # where each model's rule is chosen
     scored = {"val": sorted(set(own_val) | set(shared))} if part == "val" else {"val": own_val, "test": shared}
     rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, scored),
-                                            splits.identical_files(data, hash_cache, progress=False))
+                                            identity.identical_files(data, hash_cache, progress=False))
     if not any(r.patch_eval and r.sample.patient in set(shared) for r in rows):
         raise DataError(f"--compare: the shared {part} patients have no labelled patches in {data.root}")
     draws = analysis.part_draws(shared, groups, args.bootstrap, args.seed)  # the same resamples for every model: paired

@@ -61,7 +61,8 @@ from tqdm import tqdm
 import common
 import macenko_gpu
 from helico import (
-    augment, feeds, figures, loaders, metrics, model, optimisation, packed_cache, runlog, sampling, splits, staining, train_flags,
+    augment, feeds, figures, identity, loaders, metrics, model, optimisation, packed_cache, runlog, sampling,
+    splits, staining, train_flags
 )
 
 SKIPPED = "skipped_images.txt"  # --skip-bad-images: the undecodable files left out, one path per line
@@ -207,8 +208,8 @@ def samples_and_config(args, data, split, world, device):
     # easy negatives that would inflate accuracy and flatten the threshold; evaluate.py's headline is the same set
     val = [s for s in common.select(data.labelled, split["val"]) if s.source == "annotated"]
     # a byte-identical window (a slide under two patient IDs) counts once, exactly as evaluate.py counts it
-    identical = splits.identical_files(data, splits.hash_cache_path(args.hash_cache, data.root))
-    val = [s for s, keep in zip(val, splits.first_copies([s.path for s in val], identical)) if keep]
+    identical = identity.identical_files(data, identity.hash_cache_path(args.hash_cache, data.root))
+    val = [s for s, keep in zip(val, identity.first_copies([s.path for s in val], identical)) if keep]
     positives = sum(s.label == 1 for s in train)
     if not train or not val or positives == 0:
         raise common.DataError(f"split: {len(train)} training samples ({positives} positive), {len(val)} validation "
@@ -387,7 +388,7 @@ class Trainer:
                                                        args.cache, data.file_stats) for part in (train, val))
         self.normalizer, self.stain = stain_normalizer(args, data, train_ds, ckpt, device)
         self.slides = (data.root, data.labelled + data.cropped if rank == 0 and self.stain is not None else [])
-        self.survey_memo = splits.beside_hash_cache(splits.hash_cache_path(args.hash_cache, data.root), ".survey.json")
+        self.survey_memo = identity.beside_hash_cache(identity.hash_cache_path(args.hash_cache, data.root), ".survey.json")
         self.sampler = sampling.EpochSampler([s.label for s in train], args.sampler == "balanced", args.seed, rank,
                                              world)
         shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates

@@ -1,6 +1,8 @@
 """The library behind the top-level commands (train.py, evaluate.py, audit_leakage.py, ...): nothing here is run.
 
-    splits        content hashes, duplicate-patient groups, patient-level splits and their checks, the split flags
+    identity      file identity and its caches: content hashes, identical files, duplicate-patient groups, the
+                  decode check and cache, perceptual hashes, the near-duplicate search
+    splits        patient-level splits and their checks, the split flags
     train_flags   train.py's whole command line, torch-free: train.py parses it, audit_leakage.py accepts it
     packed_cache  the packed uint8 patch cache and where patches are read from (PNGs or the cache)
     feeds         batches from the packed cache without a DataLoader: device-resident or streamed by a thread
@@ -9,7 +11,8 @@
     sampling      the --limit-samples subset and the resumable epoch sampler
     optimisation  one optimisation step (train.py and tools/bench.py call the same one) and what it steps
     runlog        log.jsonl: the epoch records train.py writes and everyone reads back
-    model         the network and its contract: build_model, precision, model_input, checkpoint schema
+    staining      the stain reference: --reference-patch, fitting, its fingerprint, the DAB-hue survey
+    model         how the network runs: precision, model_input, a network and normalizer from a checkpoint
     metrics       AP, ROC-AUC, thresholds, exact and bootstrap intervals (plain numpy)
     analysis      what evaluation measures from scores: patch and patient metrics, the patient rule
     crossval      evaluate.py --cv: pooling K fold runs
@@ -21,7 +24,7 @@
     figures       every chart
     gradcam       Grad-CAM maps and grids
 
-The two shared modules the design card places at the top level stay there: common.py (errors, exit codes,
---device, atomic writes) and macenko_gpu.py (batched stain normalization). The package imports them; they import
-nothing of the package except macenko_gpu's stain_math.
+The two shared modules the design card places at the top level: common.py (the conventions: errors, exit codes,
+--device, atomic writes; patient IDs and the dataset; building the model and the checkpoint schema) and
+macenko_gpu.py (batched stain normalization). The package imports them; they import nothing of the package.
 """

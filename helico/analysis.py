@@ -2,7 +2,7 @@
 its rule, patch- and patient-level metrics with their intervals, and --compare's paired deltas.
 
     rows, identical = analysis.count_identical_once(analysis.evaluation_rows(data, {"val": val}),
-                                                    splits.identical_files(data))
+                                                    identity.identical_files(data))
     # ... evaluate.py scores the rows into an analysis.Predictions ...
     result, patient_rows, boot = analysis.analyse(pred, val, data.diagnosis, threshold, top_k, groups, draws)
 
@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 import common
-from helico import metrics, splits
+from helico import identity, metrics
 
 PATCH_METRICS = ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")
 THRESHOLD_METRICS = ("recall", "precision", "f1", "accuracy")
@@ -84,14 +84,14 @@ def evaluation_rows(data: common.HelicoData, parts: dict[str, list[str]], holdou
 
 
 def count_identical_once(rows: list[Row], identical: dict[str, list[str]]) -> tuple[list[Row], list[str]]:
-    """Rows without repeats of byte-identical content (`identical`: splits.identical_files): among the patch-level
+    """Rows without repeats of byte-identical content (`identical`: identity.identical_files): among the patch-level
     rows and, separately, among the patient-level rows, only the first file (by path) of each content counts
-    (splits.first_copies, as train.py's validation), so a slide filed under two patient IDs (B22-200/B22-201) is not
+    (identity.first_copies, as train.py's validation), so a slide filed under two patient IDs (B22-200/B22-201) is not
     counted twice. Returns the rows kept and the paths no longer counted anywhere."""
     counts = {}
     for role in ("patch_eval", "patient_eval"):
         paths = [r.sample.path for r in rows if getattr(r, role)]
-        counts[role] = {p for p, keep in zip(paths, splits.first_copies(paths, identical)) if keep}
+        counts[role] = {p for p, keep in zip(paths, identity.first_copies(paths, identical)) if keep}
     kept, dropped = [], []
     for r in rows:
         r = r._replace(patch_eval=r.sample.path in counts["patch_eval"],

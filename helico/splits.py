@@ -1,174 +1,28 @@
-"""Patient-level splits and the content hashes that keep them honest (shared by train.py and audit_leakage.py).
+"""Patient-level splits and their checks (shared by train.py and audit_leakage.py).
 
-Owns which patient goes where: the split flags, the deterministic stratified split, duplicate-content groups, and the
-checks a split must pass wherever it is loaded. It is the "splits" part of the design card's common.py, a module of
-its own because training and the audit must resolve the very same split; it imports only common and metrics.
+Owns which patient goes where: the split flags, the deterministic stratified split (duplicate-patient groups move
+as one), and the checks a split must pass wherever it is loaded: no patient in two parts, groups kept together, the
+stain reference in train, K folds that are one cross-validation, a HoldOut independent of the CrossValidation data.
+Which files are identical, and the caches that say so, are helico/identity.py's; resolve_split asks it. A module of
+its own because training and the audit must resolve the very same split.
 
     import common
-    from helico import splits
+    from helico import identity, splits, staining
     data = common.load_data(root)
-    groups = splits.duplicate_groups(splits.shared_content(data))   # patients sharing byte-identical images
-    keep = splits.first_copies(paths, splits.identical_files(data))  # each content counted once
+    groups = identity.duplicate_groups(identity.shared_content(data))   # patients sharing byte-identical images
     split = splits.make_split(data, seed=0, keep_in_train=["B22-47"], groups=groups)
     problems = splits.split_problems(split, data, groups, reference=staining.DEFAULT_REFERENCE)
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import random
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from helico import metrics, staining
-import common
-from common import DataError
-from common import TREES, HelicoData, patient_id
+from helico import identity, staining
+from common import TREES, DataError, HelicoData, patient_id
 from helico.staining import DEFAULT_REFERENCE, reference_patients
-
-
-# ----------------------------------------------------------------------------------------------- content hashes
-def default_hash_cache(root: Path) -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "helico-hp"
-    return base / f"hashes-{hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:16]}.json"
-
-
-def _digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
-
-
-def read_hash_cache(cache: Path) -> dict:
-    """path -> [size, mtime_ns, digest] of the hash cache file (empty when missing or unreadable). Read once per
-    file set: identical_files keeps what it derives, so nothing holds these 220k entries past the hashing."""
-    with contextlib.suppress(ValueError, OSError):
-        return json.loads(cache.read_text())
-    return {}
-
-
-def file_digests(root: Path, rel_paths, cache: Path | None = None, workers: int = 8, progress: bool = True,
-                 only_size_collisions: bool = True, stats: dict | None = None) -> dict[str, str]:
-    """Content hash of each file. Files whose size no other file shares cannot have a byte-identical twin and
-    are skipped when `only_size_collisions`; results are cached by (path, size, mtime). `stats` (path -> (size,
-    mtime_ns), HelicoData.file_stats) spares a stat per file; files it lacks are stat'ed."""
-    from tqdm import tqdm
-    given = stats or {}
-    stats = {p: given.get(p) or common.size_mtime(root / p) for p in rel_paths}
-    # An empty file holds no image, so it is no copy of anything: grouping empty files would drop all but one of
-    # them as "identical" before decoding, and --skip-bad-images would then name only that one.
-    stats = {p: st for p, st in stats.items() if st[0] > 0}
-    if only_size_collisions:
-        sizes: dict[int, int] = {}
-        for st in stats.values():
-            sizes[st[0]] = sizes.get(st[0], 0) + 1
-        stats = {p: st for p, st in stats.items() if sizes[st[0]] > 1}
-    known = read_hash_cache(cache) if cache is not None else {}
-    out, todo = {}, []
-    for p, st in stats.items():
-        hit = known.get(p)
-        if hit and hit[0] == st[0] and hit[1] == st[1]:
-            out[p] = hit[2]
-        else:
-            todo.append(p)
-    with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL: threads read and hash in parallel
-        digests = common.bounded_map(pool, lambda q: _digest(str(root / q)), todo, 4 * workers)
-        for p, d in tqdm(zip(todo, digests), total=len(todo), desc="hashing", unit="file",
-                         disable=not progress or not todo, mininterval=1):
-            out[p] = d
-    if cache is not None and todo:
-        try:
-            write_hash_cache(cache, out, stats)
-        except OSError as e:
-            raise DataError(f"--hash-cache {cache}: cannot write ({e.strerror}); pass a writable path") from None
-    return out
-
-
-def write_hash_cache(cache: Path, digests: dict[str, str], stats: dict) -> None:
-    """{path: [size, mtime_ns, digest]} as JSON, written in pieces: at 220k files a dict of lists and the whole
-    text at once held ~100 MB more at the audit's peak."""
-    with common.atomic_path(cache) as tmp, open(tmp, "w") as f:
-        items = list(digests.items())
-        for k in range(0, len(items), 8192):
-            f.write(("{" if k == 0 else ", ") + ", ".join(f"{json.dumps(p)}: [{stats[p][0]}, {stats[p][1]}, \"{d}\"]"
-                                                          for p, d in items[k:k + 8192]))
-        f.write("}" if items else "{}")
-
-
-def hash_cache_path(hash_cache: str | None, root: Path) -> Path:
-    """--hash-cache, else the default cache file of this data root."""
-    return Path(hash_cache) if hash_cache else default_hash_cache(root)
-
-
-def beside_hash_cache(cache: Path, suffix: str) -> Path:
-    """A file kept beside the hash cache (--hash-cache): hashes-<root>.json -> hashes-<root><suffix>."""
-    return cache.with_name(cache.stem + suffix)
-
-
-def _identical_groups(data: HelicoData, cache: Path | None, progress: bool) -> dict[str, list[str]]:
-    by_digest: dict[str, list[str]] = {}
-    for p, d in file_digests(data.root, list(data.file_stats), cache=cache, progress=progress,
-                             stats=data.file_stats).items():  # every PNG scanned (image_paths() lists the same)
-        by_digest.setdefault(d, []).append(p)
-    return {d: sorted(ps) for d, ps in by_digest.items() if len(ps) > 1}
-
-
-def identical_files(data: HelicoData, cache: Path | None = None, progress: bool = True) -> dict[str, list[str]]:
-    """digest -> sorted paths of every content that more than one of data's images holds (any patients).
-
-    Remembered beside the hash cache (`<cache stem>.identical.json`), keyed by every scanned PNG's path, size and
-    mtime (HelicoData.file_stats): while no file changes, a start-up reads that small file, not the hash cache (24 MB
-    of JSON at 220k files, ~1.5 s with its checks), and within a process it is worked out once per scan. Any change
-    of any file, or a missing, unreadable or malformed memo, recomputes it from file_digests."""
-    memo = data.derived.get(("identical_files", cache))
-    if memo is not None:
-        return memo
-    key = common.files_digest((p, size, mtime) for p, (size, mtime) in data.file_stats.items())  # in scan order
-    known = common.remembered(beside_hash_cache(cache, ".identical.json") if cache is not None else None, key,
-                              "groups", lambda: _identical_groups(data, cache, progress),
-                              lambda groups: isinstance(groups, dict))
-    data.derived[("identical_files", cache)] = known
-    return known
-
-
-def first_copies(paths: list[str], identical: dict[str, list[str]]) -> list[bool]:
-    """For each path, whether it counts: the first (in path order) of the files among `paths` with its content
-    (`identical`: identical_files), so a byte-identical patch (a slide filed under two patient IDs) is scored and
-    counted once."""
-    content = {p: d for d, group in identical.items() for p in group}
-    order = sorted(range(len(paths)), key=lambda i: paths[i])
-    first = metrics.first_of_identical([content.get(paths[i]) for i in order])
-    keep = [True] * len(paths)
-    for j, i in enumerate(order):
-        keep[i] = bool(first[j])
-    return keep
-
-
-def shared_content(data: HelicoData, cache: Path | None = None, progress: bool = True) -> dict[str, list[str]]:
-    """digest -> paths, for content that occurs in more than one patient's folders."""
-    return {d: ps for d, ps in identical_files(data, cache, progress).items()
-            if len({patient_id(Path(p).parent.name) for p in ps}) > 1}
-
-
-def duplicate_groups(shared: dict[str, list[str]]) -> list[list[str]]:
-    """Patients linked by any byte-identical file, as connected components (union-find)."""
-    parent: dict[str, str] = {}
-
-    def find(x):
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-    for paths in shared.values():
-        pats = [patient_id(Path(p).parent.name) for p in paths]
-        for p in pats[1:]:
-            parent[find(p)] = find(pats[0])
-    groups: dict[str, list[str]] = {}
-    for p in parent:
-        groups.setdefault(find(p), []).append(p)
-    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
 
 
 def split_args_parser():
@@ -343,7 +197,7 @@ class IndependenceError(DataError):
 
 
 def holdout_overlap(data: HelicoData, shared: dict[str, list[str]]) -> dict[str, str]:
-    """HoldOut patients that share an ID or a byte-identical image (`shared`, from shared_content) with the
+    """HoldOut patients that share an ID or a byte-identical image (`shared`, from identity.shared_content) with the
     CrossValidation data: patient -> why, in words."""
     why = {p: "also a CrossValidation patient ID" for p in sorted(set(data.holdout_patients) & set(data.cv_patients))}
     holdout_tree = TREES["holdout"] + "/"
@@ -393,10 +247,10 @@ def resolve_split(data: HelicoData, split_file=None, seed: int = 0, val_frac: fl
                   test_frac: float | None = None, folds: int | None = None, fold: int | None = None,
                   reference_patch=DEFAULT_REFERENCE, hash_cache=None, progress: bool = True) -> tuple[dict, list[list[str]], dict[str, list[str]]]:
     """The split asked for: split_file reloaded, else made from the rest; the one path train.py and the audit take.
-    Returns (split, duplicate groups, shared content as from shared_content)."""
-    cache = hash_cache_path(hash_cache, data.root)
-    shared = shared_content(data, cache=cache, progress=progress)
-    groups = duplicate_groups(shared)
+    Returns (split, duplicate groups, shared content as from identity.shared_content)."""
+    cache = identity.hash_cache_path(hash_cache, data.root)
+    shared = identity.shared_content(data, cache=cache, progress=progress)
+    groups = identity.duplicate_groups(shared)
     if split_file:
         split = load_split(split_file)
     else:

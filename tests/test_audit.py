@@ -17,7 +17,7 @@ from PIL import Image
 
 import audit_leakage
 import common
-from helico import splits, staining
+from helico import identity, splits, staining
 from conftest import META
 
 CROPPED, ANNOTATED, HOLDOUT = (Path(common.TREES[t]) for t in ("cropped", "annotated", "holdout"))
@@ -76,7 +76,7 @@ def demo_data(demo_root):
 
 def default_split(data):
     return splits.make_split(data, keep_in_train=["B22-47"],
-                             groups=splits.duplicate_groups(splits.shared_content(data, progress=False)))
+                             groups=identity.duplicate_groups(identity.shared_content(data, progress=False)))
 
 
 # ----------------------------------------------------------------------------------------------- clean demo
@@ -164,7 +164,7 @@ def test_accuracy_trap_is_printed_with_the_validation_dummy_accuracy(demo_root, 
 
 def test_audit_checks_the_split_train_would_make_from_the_same_flags(demo_root, demo_data, tmp_path):
     rc, report = run_audit(demo_root, tmp_path, "--folds", 3, "--fold", 1, "--split-seed", 7)
-    groups = splits.duplicate_groups(splits.shared_content(demo_data, progress=False))
+    groups = identity.duplicate_groups(identity.shared_content(demo_data, progress=False))
     expected = splits.make_split(demo_data, 7, folds=3, fold=1, keep_in_train=["B22-47"], groups=groups)
     assert report["split"]["patients"] == {part: expected[part] for part in ("train", "val", "test")}
     assert rc == common.EXIT_OK
@@ -336,7 +336,7 @@ def test_workbook_cell_mentioning_external_is_reported_with_its_patient(demo_roo
 def test_png_header_size_equals_pil_size(demo_root):
     for path in sorted((demo_root / ANNOTATED / "B22-100_0").glob("*.png")):
         with Image.open(path) as im:
-            assert audit_leakage.png_size(path) == im.size
+            assert identity.png_size(path) == im.size
 
 
 def test_file_named_png_without_a_png_header_is_reported(demo_root, tmp_path):
@@ -450,22 +450,22 @@ def test_a_second_audit_decodes_only_what_changed_and_reports_the_same(demo_root
     # mtime, beside the hash cache (--hash-cache names both)
     root, cache = copy_demo(demo_root, tmp_path), tmp_path / "hashes.json"
     rc, first = run_audit(root, tmp_path, "--hash-cache", cache)
-    assert rc == common.EXIT_OK and audit_leakage.decode_cache_path(cache).is_file()
-    decoded, real = [], audit_leakage.decode_check
-    monkeypatch.setattr(audit_leakage, "decode_check", lambda path: decoded.append(path) or real(path))
+    assert rc == common.EXIT_OK and identity.decode_cache_path(cache).is_file()
+    decoded, real = [], identity.decode_check
+    monkeypatch.setattr(identity, "decode_check", lambda path: decoded.append(path) or real(path))
     assert run_audit(root, tmp_path, "--hash-cache", cache) == (rc, first) and decoded == []
     victim = sorted((root / CROPPED / "B22-08_0").glob("*.png"))[0]
     replace_file(victim, victim.read_bytes()[:len(victim.read_bytes()) // 2])  # rewritten: new size and mtime
     rc, third = run_audit(root, tmp_path, "--hash-cache", cache)
     assert decoded == [victim] and finding(third, "undecodable_images")["files"] == [victim.relative_to(root).as_posix()]
-    audit_leakage.decode_cache_path(cache).write_text("not a decode cache\n")  # foreign or damaged: decoded again
+    identity.decode_cache_path(cache).write_text("not a decode cache\n")  # foreign or damaged: decoded again
     assert run_audit(root, tmp_path, "--hash-cache", cache)[1] == third and len(decoded) > 100
 
 
 def test_the_audit_and_the_split_flag_read_never_import_torch():
     # torch's import costs ~4 s of CPU per process here; the audit and run_h_pylori.sh's split-flag read need no
     # tensors, so a top-level `import torch` reaching them (through common -> devices once) is a regression.
-    code = ("import sys, audit_leakage, common; from helico import splits, metrics, helicodata; "
+    code = ("import sys, audit_leakage, common; from helico import splits, metrics, identity; "
             "print(sorted(m for m in sys.modules if m == 'torch'))")
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(audit_leakage.__file__).parent, capture_output=True,
                        text=True, timeout=120)
@@ -501,30 +501,19 @@ def test_a_re_encoded_copy_under_another_patient_is_a_near_duplicate_the_content
     assert finding(report, "identical_images_across_parts") is None  # not byte-identical: only this check sees it
 
 
-def test_the_banded_search_finds_every_pair_within_the_threshold():
-    rng = np.random.default_rng(0)
-    base = [int(x) for x in rng.integers(0, 2**63, 200, dtype=np.int64)]
-    hashes = {f"P{i}/x.png": h for i, h in enumerate(base)}
-    for i, flips in enumerate((0, 3, 6, 7)):  # near copies of base[i]: within NEAR bits or just beyond
-        bits = rng.choice(64, flips, replace=False)
-        hashes[f"Q{i}/y.png"] = base[i] ^ sum(1 << int(b) for b in bits)
-    pairs, total = audit_leakage.near_duplicate_pairs(hashes)
-    found_pairs = {(a, b) for a, b, _ in pairs}
-    brute = {(a, b) for a in sorted(hashes) for b in sorted(hashes) if a < b
-             and bin(hashes[a] ^ hashes[b]).count("1") <= audit_leakage.NEAR}
-    assert found_pairs == brute and ("P2/x.png", "Q2/y.png") in brute and ("P3/x.png", "Q3/y.png") not in brute
-    assert total == len(pairs) and all(bin(hashes[a] ^ hashes[b]).count("1") == d for a, b, d in pairs)
-
-
-def test_the_near_duplicate_search_scales_to_the_real_dataset_and_keeps_only_near_pairs(monkeypatch):
-    # 220k random hashes put ~200 images in each band group: a dict of every candidate pair took 24 GB (killed);
-    # 60k here (~8.5 million candidates before) take a few seconds and keep only the planted near copies
-    rng = np.random.default_rng(1)
-    hashes = {f"P{i}/{i}.png": int(x) for i, x in enumerate(rng.integers(0, 2**63, 60_000, dtype=np.int64))}
-    for i in range(5):
-        hashes[f"Q{i}/c.png"] = hashes[f"P{i}/{i}.png"] ^ (1 << i) ^ (1 << 40)  # 2 bits off
-    pairs, total = audit_leakage.near_duplicate_pairs(hashes)
-    assert {(a, b) for a, b, _ in pairs} == {(f"P{i}/{i}.png", f"Q{i}/c.png") for i in range(5)} and total == 5
-    monkeypatch.setattr(audit_leakage, "MAX_NEAR_PAIRS", 2)  # the report's list is bounded; the count is not
-    pairs, total = audit_leakage.near_duplicate_pairs(hashes)
-    assert len(pairs) == 2 and total == 5
+def test_blank_tiles_are_counted_in_the_composition_and_left_out_of_the_near_duplicate_search(small_demo_root,
+                                                                                               tmp_path):
+    # flat tiles of different colours: not byte-identical, but every one hashes to 0; they once made every pair of
+    # them a "near duplicate", across the HoldOut too
+    root = copy_demo(small_demo_root, tmp_path)
+    data = common.load_data(root)
+    split = default_split(data)
+    cv = next(s for s in data.cropped if s.patient in split["train"] and s.source == "supplemental")
+    folders = [(root / cv.path).parent, next((root / HOLDOUT).iterdir())]
+    for k, folder in enumerate(folders * 3):
+        Image.new("RGB", (256, 256), (200 + k, 190, 180)).save(folder / f"{90000 + k}.png")
+    rc, report = run_audit(root, tmp_path)
+    assert rc == common.EXIT_OK and finding(report, "near_duplicate_images") is None
+    assert report["composition"]["train"]["near_uniform_images"] == 3
+    assert report["composition"]["holdout"]["near_uniform_images"] == 3
+    assert report["composition"]["val"]["near_uniform_images"] == 0

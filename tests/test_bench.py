@@ -115,6 +115,19 @@ def test_model_step_is_train_pys_optimisation_step(demo_root, tmp_path, monkeypa
     assert bench.JITTER == list(augment.DEFAULT_JITTER) and train.DEFAULT_JITTER == "0.05,0.05,0.02,0.01"
 
 
+def test_bench_startup_look_alike_patches_are_never_identical_half_blank_half_one_hash(tmp_path):
+    import hashlib
+    import bench_startup
+    from helico import identity
+    assert bench_startup.fill_folder((str(tmp_path), 20, 64, 1, True, 1000)) == 20
+    files = sorted(tmp_path.glob("*.png"))
+    decoded = [identity.decode_check(f) for f in files]
+    assert len({hashlib.sha256(f.read_bytes()).digest() for f in files}) == 20  # no content hash groups them
+    blank = [d for d in decoded if not d.informative]
+    alike = {d.dhash for d in decoded if d.informative}
+    assert len(blank) == 10 and len(alike) == 1  # near-uniform tiles, and one pattern hash for all the others
+
+
 def test_bench_startup_times_a_plain_run_and_counts_in_another(demo_root, tmp_path, capsys):
     # the counting wrappers cost ~1 s at 218k files: the seconds must come from a run without them
     import bench_startup

@@ -276,7 +276,7 @@ def test_a_full_disk_under_an_explicit_cache_is_an_environment_fault(mini_root, 
 
 def test_one_stat_per_file_and_one_parse_of_each_index_per_process(mini_root, tmp_path, monkeypatch):
     # at 233k PNGs train.py stat'ed each file 2.6 times and parsed index.csv five times and the hash JSON twice
-    from helico import splits
+    from helico import identity
     root = Path(shutil.copytree(mini_root, tmp_path / "root"))
     data = common.load_data(root)
     paths = data.image_paths()
@@ -284,15 +284,15 @@ def test_one_stat_per_file_and_one_parse_of_each_index_per_process(mini_root, tm
     assert all(data.file_stats[p] == ((st := (root / p).stat()).st_size, st.st_mtime_ns) for p in paths)
     build(root, tmp_path / "c")
     stats, parses = [], []
-    real_stat, real_parse, real_loads = packed_cache.os.stat, packed_cache._parse_index, splits.json.loads
+    real_stat, real_parse, real_loads = packed_cache.os.stat, packed_cache._parse_index, identity.json.loads
     monkeypatch.setattr(packed_cache.os, "stat", lambda p, *a, **k: stats.append(str(p)) or real_stat(p, *a, **k))
     monkeypatch.setattr(packed_cache, "_parse_index", lambda path: parses.append("index") or real_parse(path))
-    monkeypatch.setattr(splits.json, "loads", lambda text, *a, **k: parses.append(
+    monkeypatch.setattr(identity.json, "loads", lambda text, *a, **k: parses.append(
         "hashes" if text.startswith('{"') and "Validation/" in text[:40] else "other") or real_loads(text, *a, **k))
     cache = tmp_path / "hashes.json"
-    splits.shared_content(data, cache=cache, progress=False)  # the split's duplicate groups: hashed, cache written
-    splits.shared_content(data, cache=cache, progress=False)  # evaluate.py's own look: the cache as written
-    splits.first_copies(paths[:20], splits.identical_files(data, cache, progress=False))  # train.py's validation
+    identity.shared_content(data, cache=cache, progress=False)  # the split's duplicate groups: hashed, cache written
+    identity.shared_content(data, cache=cache, progress=False)  # evaluate.py's own look: the cache as written
+    identity.first_copies(paths[:20], identity.identical_files(data, cache, progress=False))  # train.py's validation
     packed_cache.prepare(tmp_path / "c", data, 64, 1)  # train.py's reuse check, then its two datasets
     for part in (data.labelled[:10], data.labelled[10:]):
         packed_cache.patch_dataset(root, part, 64, cache=tmp_path / "c", stats=data.file_stats)
@@ -303,27 +303,27 @@ def test_one_stat_per_file_and_one_parse_of_each_index_per_process(mini_root, tm
 def test_a_new_process_on_unchanged_files_reads_the_small_memo_of_identical_files_not_the_hash_cache(mini_root,
                                                                                                       tmp_path,
                                                                                                       monkeypatch):
-    from helico import splits
+    from helico import identity
     root = Path(shutil.copytree(mini_root, tmp_path / "root"))
     cache = tmp_path / "hashes.json"
     a, b, c, d = sorted(p for p in common.load_data(root).image_paths() if "/Cropped/" in p)[:4]
     (root / b).write_bytes((root / a).read_bytes())  # one pair of identical files
-    first = splits.identical_files(common.load_data(root), cache, progress=False)  # the audit: hashes everything
+    first = identity.identical_files(common.load_data(root), cache, progress=False)  # the audit: hashes everything
     assert list(first.values()) == [[a, b]]
     assert first and (tmp_path / "hashes.identical.json").is_file()
     cache.write_text("not json")  # were it read, nothing would be known and every file hashed again
-    hashed, real_digest = [], splits._digest
-    monkeypatch.setattr(splits, "_digest", lambda path: hashed.append(path) or real_digest(path))
-    assert splits.identical_files(common.load_data(root), cache, progress=False) == first and not hashed
+    hashed, real_digest = [], identity._digest
+    monkeypatch.setattr(identity, "_digest", lambda path: hashed.append(path) or real_digest(path))
+    assert identity.identical_files(common.load_data(root), cache, progress=False) == first and not hashed
     # a file that changes (here: becomes a copy of another) changes the key: worked out again, and right
     (root / d).write_bytes((root / c).read_bytes())
-    again = splits.identical_files(common.load_data(root), cache, progress=False)
+    again = identity.identical_files(common.load_data(root), cache, progress=False)
     assert hashed and sorted(again.values()) == [[a, b], [c, d]]
     memo = tmp_path / "hashes.identical.json"
     stored = json.loads(memo.read_text())
     for damaged in ("{", json.dumps({**stored, "groups": [["x"]]})):  # worked out again, not trusted
         memo.write_text(damaged)
-        assert splits.identical_files(common.load_data(root), cache, progress=False) == again
+        assert identity.identical_files(common.load_data(root), cache, progress=False) == again
 
 
 def test_the_build_keeps_a_few_chunks_in_flight_not_all_of_them(mini_root, tmp_path, monkeypatch):

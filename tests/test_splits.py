@@ -1,4 +1,4 @@
-"""splits.py: content hashes, duplicate-patient groups, deterministic stratified patient-level splits."""
+"""splits.py: deterministic stratified patient-level splits (duplicate-patient groups kept together) and their checks."""
 import argparse
 import json
 import shutil
@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 import common
-from helico import splits, staining
+from helico import identity, splits, staining
 from test_common import make_root
 
 DX = {**{f"B22-{n}": "NEGATIVA" for n in range(1, 13)}, **{f"B22-{n}": "BAIXA" for n in range(13, 22)},
@@ -32,7 +32,7 @@ def data(root):
 
 @pytest.fixture
 def groups(data, tmp_path):
-    return splits.duplicate_groups(splits.shared_content(data, cache=tmp_path / "h.json", progress=False))
+    return identity.duplicate_groups(identity.shared_content(data, cache=tmp_path / "h.json", progress=False))
 
 
 def test_duplicate_content_patients_are_grouped(groups):
@@ -158,46 +158,3 @@ def test_a_version_1_split_file_loads_as_two_parts_without_an_untouched_set(tmp_
     (tmp_path / "split.json").write_text(json.dumps({"train": ["B22-1"], "val": ["B22-2"], "version": 1}))
     s = splits.load_split(tmp_path / "split.json")
     assert s["test"] == [] and not splits.has_untouched_test(s)
-
-
-def test_hash_cache_skips_unchanged_files_and_rehashes_changed_ones(data, root, tmp_path, monkeypatch):
-    cache = tmp_path / "cache.json"
-    paths = [s.path for s in data.cropped]
-    first = splits.file_digests(root, paths, cache=cache, progress=False, only_size_collisions=False)
-    hashed = []
-    real = splits._digest
-    monkeypatch.setattr(splits, "_digest", lambda p: hashed.append(p) or real(p))
-    assert splits.file_digests(root, paths, cache=cache, progress=False, only_size_collisions=False) == first
-    assert hashed == []
-    (root / paths[0]).write_bytes(b"changed content")
-    again = splits.file_digests(root, paths, cache=cache, progress=False, only_size_collisions=False)
-    assert len(hashed) == 1 and again[paths[0]] != first[paths[0]]
-
-
-def test_the_hash_cache_written_in_pieces_is_what_json_dumps_writes(tmp_path):
-    for digests in ({}, {'odd "name".png': "ff", "b.png": "00"}, {f"p{i}.png": f"{i:032x}" for i in range(20000)}):
-        stats = {p: (i + 1, 10 ** 18 + i) for i, p in enumerate(digests)}
-        splits.write_hash_cache(tmp_path / "h.json", digests, stats)
-        assert (tmp_path / "h.json").read_text() == json.dumps({p: [*stats[p], d] for p, d in digests.items()})
-
-
-def test_files_with_a_unique_size_are_not_hashed(data, root):
-    (root / data.cropped[0].path).write_bytes(b"x" * 12345)  # no other file has this size
-    digests = splits.file_digests(root, [s.path for s in data.cropped], progress=False)
-    assert data.cropped[0].path not in digests and len(digests) > 0
-
-
-def test_unwritable_hash_cache_is_a_clear_error(data, root, tmp_path):
-    (tmp_path / "file").write_text("")
-    with pytest.raises(common.DataError, match="--hash-cache .*cannot write"):
-        splits.file_digests(root, [s.path for s in data.cropped], cache=tmp_path / "file" / "h.json", progress=False)
-
-
-def test_a_presence_zero_image_shared_by_two_patients_groups_them(tmp_path):
-    rows = [("B22-60", 0, 5, 0), ("B22-61", 0, 6, -1)]
-    root = make_root(tmp_path, rows, ["B22-60_0/00005.png", "B22-61_0/00006.png"], [],
-                     {"B22-60": "ALTA", "B22-61": "NEGATIVA"})
-    shutil.copy(root / "CrossValidation/Annotated/B22-60_0/00005.png", root / "CrossValidation/Annotated/B22-61_0/00006.png")
-    data = common.load_data(root)
-    assert data.uncertain_files == ["CrossValidation/Annotated/B22-60_0/00005.png"]
-    assert splits.duplicate_groups(splits.shared_content(data, progress=False)) == [["B22-60", "B22-61"]]

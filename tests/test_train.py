@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import common
 import train
 from conftest import TINY_TRAIN_FLAGS
-from helico import metrics, model, packed_cache, splits, staining
+from helico import identity, metrics, model, packed_cache, staining
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough that a run is a few seconds on 2 cores: 48 training samples (3 steps), 32 px, no Macenko.
@@ -349,7 +349,7 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     # The gathered metrics equal a single-process pass of the saved model over the validation windows.
     data = common.load_data(demo_root)
     val = [s for s in common.select(data.labelled, ckpt["split"]["val"]) if s.source == "annotated"]
-    val = [s for s, keep in zip(val, splits.first_copies([s.path for s in val], splits.identical_files(data)))
+    val = [s for s, keep in zip(val, identity.first_copies([s.path for s in val], identity.identical_files(data)))
            if keep]  # as training
     net = common.build_model("resnet18", "none")
     net.load_state_dict(ckpt["model"])

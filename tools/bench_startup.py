@@ -3,12 +3,16 @@ train.py's start-up and evaluate.py's, with their os.stat calls and peak memory.
 
 Usage:
     python tools/bench_startup.py --root /tmp/helico-full --make            # write the dataset (~2 min), then measure
+    python tools/bench_startup.py --root /tmp/helico-alike --make --look-alike --measures audit_first,audit_again
     python tools/bench_startup.py --root /tmp/helico-full --json startup.json
 
 The dataset (--make): make_demo_data.py's layout and traps with the real patient counts (147 CrossValidation, 116
 HoldOut patients), every Cropped and HoldOut folder then filled with synthetic patches to the real totals (about
 127,841 Cropped and 88,794 HoldOut PNGs; Annotated as the demo writes them), all --patch-size px (default 64: real
 256 px PNGs take ~1.1 ms each to decode, these far less, so decoding's share is smaller here than on real data).
+--look-alike fills them with look-alike patches instead: half flat colours (blank and background tiles), half one
+pattern over a colour offset (one perceptual hash for all, not a blank tile);
+--scale writes a fraction of the totals at the same folder counts.
 Each measurement runs in a fresh process (`--measure NAME`), so memory peaks and caches are its own, twice: once
 plain for the seconds and the peak memory, once counting (wrapping every os.stat and directory entry costs ~1 s at
 218k files, so counted runs are not timed):
@@ -50,35 +54,48 @@ class Reached(Exception):
 
 # ----------------------------------------------------------------------------------------------- the dataset
 def fill_folder(args) -> int:
-    """Add synthetic PNGs to one folder until it holds `target`: unique noise over a pale background, numbered
-    after the folder's highest window (Cropped/HoldOut names are not zero-padded)."""
+    """Add synthetic PNGs to one folder until it holds `target`, numbered after the folder's highest window
+    (Cropped/HoldOut names are not zero-padded): unique noise over a pale background, or with `look_alike` patches
+    that look alike but are never byte-identical (`first` numbers them in the dataset): every other one a flat colour
+    (a blank or background tile), the rest one block pattern over a colour offset (one perceptual hash for all)."""
     import numpy as np
     from PIL import Image
-    folder, target, size, seed = args
+    folder, target, size, seed, look_alike, first = args
     folder = Path(folder)
     have = sorted(int(p.stem.split("_")[0]) for p in folder.glob("*.png"))
     rng = np.random.default_rng(seed)
     number = (have[-1] if have else 0) + 1
-    for _ in range(max(0, target - len(have))):
-        pixels = (220 - rng.integers(0, 90, (size, size, 3))).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{number}.png", compress_level=1)
+    blocks = np.random.default_rng(0).integers(40, 141, (8, 9, 1), dtype=np.uint8)
+    pattern = np.asarray(Image.fromarray(np.repeat(blocks, 3, axis=2)).resize((size, size), Image.NEAREST))
+    for k in range(max(0, target - len(have))):
+        unique = first + k  # spelt in the colour, so no two files of the dataset are alike byte for byte
+        if look_alike and unique % 2:
+            offset = np.array([unique // 2 // 116 ** c % 116 for c in range(3)], dtype=np.uint8)
+            pixels = pattern + offset
+        elif look_alike:
+            pixels = np.broadcast_to(np.frombuffer(unique.to_bytes(4, "big")[1:], dtype=np.uint8), (size, size, 3))
+        else:
+            pixels = (220 - rng.integers(0, 90, (size, size, 3))).astype(np.uint8)
+        Image.fromarray(np.ascontiguousarray(pixels)).save(folder / f"{number}.png", compress_level=1)
         number += 1
     return max(0, target - len(have))
 
 
-def make_dataset(root: Path, size: int, workers: int) -> dict:
+def make_dataset(root: Path, size: int, workers: int, look_alike: bool = False, scale: float = 1.0) -> dict:
     from concurrent.futures import ProcessPoolExecutor
     subprocess.run([sys.executable, str(REPO / "make_demo_data.py"), str(root), "--seed", "0",
                     "--patients", str(REAL["cv_patients"]), "--holdout-patients", str(REAL["holdout_patients"]),
                     "--patch-size", str(size), "--force"], check=True)
-    jobs = []
+    jobs, first = [], 1  # first: the number of a folder's first flat colour, so that no two files share one
     for tree, total in (("CrossValidation/Cropped", REAL["cropped"]), ("HoldOut", REAL["holdout"])):
         folders = sorted(p for p in (root / tree).iterdir() if p.is_dir())
-        per = -(-total // len(folders))
-        jobs += [(str(f), per, size, zlib.crc32(f"{tree}/{f.name}".encode())) for f in folders]  # unique pixels
+        per = -(-round(total * scale) // len(folders))
+        for f in folders:  # unique pixels
+            jobs.append((str(f), per, size, zlib.crc32(f"{tree}/{f.name}".encode()), look_alike, first))
+            first += per
     with ProcessPoolExecutor(workers) as pool:
         added = sum(pool.map(fill_folder, jobs, chunksize=4))
-    return {"added": added, **counts(root)}
+    return {"added": added, "look_alike": look_alike, **counts(root)}
 
 
 def counts(root: Path) -> dict:
@@ -176,10 +193,11 @@ def environment(work: Path) -> dict:
     return {**os.environ, "XDG_CACHE_HOME": str(work / "xdg")}
 
 
-def run_measure(name: str, root: Path, work: Path, size: int) -> dict:
-    """The plain run's seconds and peak memory, then the counting run's stat calls and index opens."""
+def run_measure(name: str, root: Path, work: Path, size: int, counted: bool = True, code: str | None = None) -> dict:
+    """The plain run's seconds and peak memory, then (`counted`) the counting run's stat calls and index opens;
+    `code`: the checkout whose commands are measured (default this one)."""
     result = {}
-    for count in (False, True):
+    for count in (False, True) if counted else (False,):
         if name == "audit_first":  # no hash or decode cache of this root yet, for either run
             shutil.rmtree(work / "xdg", ignore_errors=True)
         if name.startswith("train_startup"):  # a new run each time
@@ -188,7 +206,8 @@ def run_measure(name: str, root: Path, work: Path, size: int) -> dict:
             for memo in (work / "xdg").rglob("*.survey.json"):
                 memo.unlink()
         done = subprocess.run([sys.executable, __file__, "--root", str(root), "--work", str(work), "--measure", name,
-                               "--patch-size", str(size), *(["--count"] if count else [])], capture_output=True,
+                               "--patch-size", str(size), *(["--count"] if count else []),
+                               *(["--code", code] if code else [])], capture_output=True,
                               text=True, env=environment(work))
         if done.returncode != 0:
             raise RuntimeError(f"{name} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
@@ -215,10 +234,21 @@ def get_args_parser():
                                 epilog="exit codes: 0 measured, 2 bad input")
     p.add_argument("--root", required=True, help="the generated dataset's folder (written with --make)")
     p.add_argument("--make", action="store_true", help="write the dataset at --root first (replaces it)")
+    p.add_argument("--look-alike", action="store_true", help="with --make: fill the Cropped and HoldOut folders with "
+                   "patches that look alike, never two byte-identical: half flat colours (blank tiles), half one "
+                   "pattern over a colour offset (one perceptual hash for all): the audit's near-duplicate search at "
+                   "its worst (default: distinct noise patches)")
+    p.add_argument("--scale", type=float, default=1.0, help="with --make: this fraction of the real Cropped and "
+                   "HoldOut totals, at the real folder counts (default 1.0: about 233k PNGs in all)")
     p.add_argument("--patch-size", type=int, default=64, help="side of the generated patches in px (make_demo_data.py's minimum)")
     p.add_argument("--work", help="caches, runs and reports of the measurements (default ROOT.work)")
     p.add_argument("--measures", default=",".join(MEASURES), help=f"comma-separated subset of {','.join(MEASURES)}")
     p.add_argument("--json", metavar="OUT", help="also write the results here")
+    p.add_argument("--no-count", action="store_true", help="seconds and peak memory only: skip each measurement's "
+                   "second, counting run (stat calls, index opens), which doubles the time")
+    p.add_argument("--code", metavar="DIR", help="measure the commands of another checkout of the project (say a "
+                   "`git worktree` of an earlier commit) with this script: before and after from one tool; it must "
+                   "accept the same command lines (default: this checkout)")
     p.add_argument("--measure", choices=MEASURES, help=argparse.SUPPRESS)  # one measurement, in its own process
     p.add_argument("--count", action="store_true", help=argparse.SUPPRESS)  # ... counting stats, not timed
     return p
@@ -229,10 +259,13 @@ def main(argv=None) -> int:
     root = Path(args.root).absolute()
     work = Path(args.work).absolute() if args.work else root.with_name(root.name + ".work")
     if args.measure:
+        if args.code:  # its modules before this checkout's
+            sys.path.insert(0, str(Path(args.code).absolute()))
         print(json.dumps(measure(args.measure, str(root), str(work), args.patch_size, args.count)))
         return 0
     if args.make:
-        print(json.dumps({"dataset": make_dataset(root, args.patch_size, os.cpu_count() or 1)}), flush=True)
+        print(json.dumps({"dataset": make_dataset(root, args.patch_size, os.cpu_count() or 1, args.look_alike,
+                                                  args.scale)}), flush=True)
     if not (root / "CrossValidation").is_dir():
         print(f"error: --root {root}: no dataset there (add --make)", file=sys.stderr)
         return 2
@@ -241,12 +274,13 @@ def main(argv=None) -> int:
     for name in [m for m in args.measures.split(",") if m]:
         if name.startswith("train_startup") or name == "eval_startup":
             prepare(root, work)
-        results.append(run_measure(name, root, work, args.patch_size))
+        results.append(run_measure(name, root, work, args.patch_size, not args.no_count, args.code))
         print(json.dumps(results[-1]), flush=True)
     print("| measure | seconds | os.stat calls | index files opened | peak RSS (MB) |\n|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['measure']} | {r['seconds']} | {r['stat_calls']:,} | "
-              f"{', '.join(f'{k} x{v}' for k, v in sorted(r['index_opens'].items()))} | {r['peak_rss_mb']} |")
+        opens = ", ".join(f"{k} x{v}" for k, v in sorted(r.get("index_opens", {}).items()))
+        stats = f"{r['stat_calls']:,}" if "stat_calls" in r else "-"
+        print(f"| {r['measure']} | {r['seconds']} | {stats} | {opens or '-'} | {r['peak_rss_mb']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"dataset": counts(root), "cpus": len(os.sched_getaffinity(0)),
                                                "results": results}, indent=1) + "\n")

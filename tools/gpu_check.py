@@ -17,7 +17,7 @@ Stages (each a row of the closing table; a stage that crashes is a failed row, t
   torchrun   torchrun --nproc_per_node 1 train.py (NCCL on CUDA): exit 0
   macenko    IHC Macenko on the GPU against the CPU on the same 64 synthetic tiles (at most 1 grey level apart),
              and its img/s at batch 256, 224 px (target >= 40,000)
-  bench      bench.py at 224 px, batch 256, bf16, channels_last: loop / model-only ceiling (target >= 0.90),
+  bench      tools/bench.py at 224 px, batch 256, bf16, channels_last: loop / model-only ceiling (target >= 0.90),
              train.py's steady state / ceiling (>= 0.85), a 54,000-patch epoch (<= 5 s); then --compile's
              model_step (>= 15,000 img/s on an H200-class GPU)
 It ends with one table (stage, img/s, x ceiling, target, result) and the card's name; --json writes it with every
@@ -215,7 +215,7 @@ def stage_bench(c: Check) -> list[dict]:
         out = c.scratch / f"bench-{name}.json"
         with quiet():
             if bench.main([*base, *extra, "--json", str(out)]) != 0:
-                raise RuntimeError(f"bench.py {name} failed")
+                raise RuntimeError(f"tools/bench.py {name} failed")
         results[name] = json.loads(out.read_text())
     r, gpu = results["plain"], c.cuda
     ceiling = r["stages"].get("model_step")
