@@ -328,7 +328,7 @@ def near_concern(a: str | None, b: str | None) -> str:
 def near_duplicate_images(hashes: dict[str, int], near_uniform: int, groups, parts: Parts) -> list[Finding]:
     """Images of two different patients (not one duplicate group, so never a byte-identical copy:
     identical_images_across_parts and duplicate_content_groups report those) whose perceptual hashes differ in at
-    most NEAR of 64 bits: a re-encoded or re-coloured copy of a slide under another ID escapes the content hash, the
+    most NEAR of 64 bits: a re-encoded or re-colored copy of a slide under another ID escapes the content hash, the
     split, the bootstrap clusters and the HoldOut check. Pairs of HoldOut and CrossValidation images, then pairs
     across split parts, are listed; pairs within one part (or with a patient no part uses) are counted. `hashes`
     holds the informative images only (near-uniform ones match each other by chance). A warning, not a leak: a hash
@@ -344,7 +344,7 @@ def near_duplicate_images(hashes: dict[str, int], near_uniform: int, groups, par
     act, within = sum(near.pairs.get(c, 0) for c in ACT_ON), near.pairs.get("within_part", 0)
     shown = f"; {len(lines):,} listed, one per pair of patients and of hashes" if act > len(lines) else ""
     similar = (f"images of different patients whose 64-bit perceptual hashes differ in <= {identity.NEAR} bits (not "
-               f"byte-identical: re-encoded or re-coloured copies?)")
+               f"byte-identical: re-encoded or re-colored copies?)")
     head = (f"{act:,} pair(s) to act on ({near.pairs.get(ACT_ON[0], 0):,} of HoldOut against CrossValidation, "
             f"{near.pairs.get(ACT_ON[1], 0):,} across split parts{shown}) of {similar}: {examples(lines)}; if a pair "
             f"is one slide under two IDs, its patients must stay in one part (and out of the HoldOut): give train.py "

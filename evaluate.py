@@ -307,7 +307,7 @@ def default_out(holdout: bool) -> str:
 
 
 def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
-    """Score and analyse one checkpoint, write its eval folder; returns (metrics dict, folder)."""
+    """Score and analyze one checkpoint, write its eval folder; returns (metrics dict, folder)."""
     path = checkpoint_file(args.checkpoint, "--checkpoint")
     out = Path(args.out) if args.out else path.parent / default_out(args.holdout)
     eval_report.check_out_folder(out)
@@ -343,7 +343,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
         draws = analysis.part_draws(patients, groups, args.bootstrap, args.seed, stream)
         chosen = {} if part == "val" else {"rule": by_part["val"]["patient"],
                                            "mil_rule": by_part["val"].get("patient_mil")}
-        by_part[part], rows_of_part, _ = analysis.analyse(
+        by_part[part], rows_of_part, _ = analysis.measure_part(
             pred.subset(pred.split == part), patients, data.diagnosis, threshold, args.top_k, groups, draws,
             mil_probability=patient_model_out and patient_model_out["probability"], top_share=args.top_share, **chosen)
         patient_rows += [{**r, "split": part} for r in rows_of_part]
@@ -544,7 +544,7 @@ def run_ensemble(args, device) -> int:
         mil_out = patient_model(args, p, sha, c, net, normalizer, data, holdout, device, cache)[0] \
             if with_model else None
         own = f.metrics["selection"]
-        m, _, _ = analysis.analyse(pred, holdout, data.diagnosis, float(c["threshold"]), args.top_k, groups, draws,
+        m, _, _ = analysis.measure_part(pred, holdout, data.diagnosis, float(c["threshold"]), args.top_k, groups, draws,
                                    rule=own["patient"], mil_probability=mil_out and mil_out["probability"],
                                    mil_rule=own.get("patient_mil"), top_share=args.top_share)
         each.append({"run": str(f.run), "fold": f.split.get("fold"), **{k: m[k] for k in ("patient", "patient_mil")
@@ -555,7 +555,7 @@ def run_ensemble(args, device) -> int:
     mean = analysis.Predictions(pred.samples, pred.split, pred.patch_eval, pred.patient_eval,
                                 np.mean(np.stack(scores), axis=0))
     mean_mil = {p: float(np.mean([d[p] for d in probs])) for p in holdout} if with_model else None
-    result, patient_rows, _ = analysis.analyse(mean, holdout, data.diagnosis, patch_threshold, args.top_k, groups,
+    result, patient_rows, _ = analysis.measure_part(mean, holdout, data.diagnosis, patch_threshold, args.top_k, groups,
                                                draws, rule=rule, mil_probability=mean_mil, mil_rule=mil_rule,
                                                top_share=args.top_share)
     where = ledger.path_for(paths[0])
@@ -625,9 +625,9 @@ def run_compare(args, device) -> int:
         pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args, cache))
         threshold = float(c["threshold"])
         of = lambda patients: pred.subset(np.isin(pred.patient, list(patients)))
-        rule = analysis.analyse(of(ps["val"]), ps["val"], data.diagnosis, threshold, args.top_k,
+        rule = analysis.measure_part(of(ps["val"]), ps["val"], data.diagnosis, threshold, args.top_k,
                                 top_share=args.top_share)[0]["patient"]
-        result, _, boot = analysis.analyse(of(shared), shared, data.diagnosis, threshold, args.top_k, groups, draws,
+        result, _, boot = analysis.measure_part(of(shared), shared, data.diagnosis, threshold, args.top_k, groups, draws,
                                            rule=rule, top_share=args.top_share)
         results.append({"checkpoint": str(p), "metrics": result, "boot": boot})
         del net

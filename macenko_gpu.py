@@ -7,7 +7,7 @@ In code (what training and evaluation do):
     norm = MacenkoNormalizer.from_state_dict(torch.load(path, weights_only=True)["stain"])
 
 Modes (mode=..., stored in the state; every mode is one batched pass, no per-image Python loop, no host sync):
-  * "ihc" (default): what an IHC patch can determine. DAB's colour is fixed by its chemistry, so the DAB vector
+  * "ihc" (default): what an IHC patch can determine. DAB's color is fixed by its chemistry, so the DAB vector
     is the reference's (fit: from the reference's own DAB pixels, those >= 0.15 OD off its hematoxylin axis);
     the hematoxylin vector is estimated per patch (in the plane of DAB and the patch's mean OD, Macenko's
     alpha-percentile angle away from DAB over all but the palest 25% of tissue); concentrations by least squares
@@ -36,7 +36,7 @@ closed-form 3x3 eigenvectors and 2x2 inverses (no LAPACK, no CUDA sync); output 
 3x3 M per image, truncated to 8-bit levels like torchstain (so it equals an offline-normalized PNG). A tile with
 < min_tissue_pixels tissue pixels (100, as in the original pipeline) or a degenerate estimate is rebuilt with the
 reference stain matrix, unscaled (torchstain raises "kthvalue(): Expected reduction dim 0 to have non-zero
-size"); no tile changes its neighbours' statistics. Macenko's angles are measured from the tile's mean OD
+size"); no tile changes its neighbors' statistics. Macenko's angles are measured from the tile's mean OD
 direction, not an eigenvector of arbitrary sign (torchstain's wrap around +-pi gives garbage there).
 
 Memory: chunks of chunk_pixels pixels (2^20 on CPU: cache-sized, few parallel regions; 2^24 on CUDA), ~60 bytes
@@ -336,7 +336,7 @@ def tissue_mean_and_cov(od, tissue, count):
     weight = tissue.to(od.dtype)
     n = count.clamp(min=2).to(torch.float64)
     mean = torch.bmm(od, weight[:, :, None]).squeeze(-1).double() / n[:, None]
-    centered = (od - mean.float()[:, :, None]) * weight[:, None, :]  # centre first: float32 sums stay accurate
+    centered = (od - mean.float()[:, :, None]) * weight[:, None, :]  # center first: float32 sums stay accurate
     cov = torch.bmm(centered, centered.transpose(1, 2)).double() / (n - 1)[:, None, None]
     return mean, cov
 

@@ -32,7 +32,7 @@ What this demo exercises (each is a trap of the real dataset):
 
 Pixels: pale background (~235,232,228) under Beer-Lambert optical density of hematoxylin (stroma texture, gland
 lumens, darker nuclei), with a per-patient stain (H and DAB vectors tilted, intensity scaled 0.75-1.3) so stain
-normalisation matters. Positives: 1-6 brown DAB rods (10-18 x 3-4 px at 256 px, slightly curved, ~30% of patches
+normalization matters. Positives: 1-6 brown DAB rods (10-18 x 3-4 px at 256 px, slightly curved, ~30% of patches
 faint) in pale mucus, still visible at 96 px. Negatives carry no rods; against an "any brown pixel" shortcut,
 ~15% of hard negatives and ~3% of other negatives carry one round, diffuse brown artefact as dark as a faint rod.
 Deterministic: a seed gives the same bytes (seeded numpy Generators, own fixed PNG encoder, fixed workbook
@@ -67,7 +67,7 @@ import common
 
 WORKBOOK = "HP_WSI-CoordAllAnnotatedPatches.xlsx"
 DIAGNOSIS_CSV = "PatientDiagnosis.csv"
-CREATOR = "make_demo_data.py"         # workbook author: how --force recognises a folder it may replace
+CREATOR = "make_demo_data.py"         # workbook author: how --force recognizes a folder it may replace
 FIXED_TIME = datetime.datetime(2023, 1, 1)  # workbook timestamps, so equal seeds give equal bytes
 
 BACKGROUND = np.array([235.0, 232.0, 228.0])    # glass + mounting medium, pale and slightly warm
@@ -159,7 +159,7 @@ def hematoxylin_map(rng, size: int, scale: float, tissue_bias: float) -> np.ndar
 
 
 def rods(rng, hema: np.ndarray, n: int, lo: float, hi: float, scale: float, faint: bool) -> np.ndarray:
-    """DAB concentration of n slightly curved rods (10-18 px long, 3-4 px wide at 256 px), centres in [lo, hi).
+    """DAB concentration of n slightly curved rods (10-18 px long, 3-4 px wide at 256 px), centers in [lo, hi).
     H. pylori lives in the mucus over the epithelium: each rod sits on one of the palest of 48 random points."""
     candidates = rng.uniform(lo, hi, (48, 2))
     pale = np.argsort(hema[candidates[:, 1].astype(int), candidates[:, 0].astype(int)], kind="stable")[:12]
@@ -191,7 +191,7 @@ def artefact(rng, size: int, scale: float) -> np.ndarray:
 
 def render(rng, stain: Stain, size: int, scale: float, *, n_rods: int = 0, faint: bool = False,
            with_artefact: bool = False, tissue_bias: float | None = None, safe_margin: float = 0) -> np.ndarray:
-    """One RGB patch (size x size, uint8). Rod centres stay `safe_margin` px inside every border."""
+    """One RGB patch (size x size, uint8). Rod centers stay `safe_margin` px inside every border."""
     if tissue_bias is None:
         tissue_bias = rng.uniform(-0.4, 1.2)
     hema = hematoxylin_map(rng, size, scale, tissue_bias)

@@ -130,7 +130,7 @@ def get_args_parser():
                                 allow_abbrev=False)
     p.add_argument("in_dir", nargs="?", help="folder of PNG tiles, searched recursively (folder mode)")
     p.add_argument("out_dir", nargs="?", help="where the normalized PNGs go, same relative paths; not inside IN_DIR")
-    p.add_argument("--reference", help="PNG defining the target colours: a tissue-rich tile with blue DAB-free nuclei "
+    p.add_argument("--reference", help="PNG defining the target colors: a tissue-rich tile with blue DAB-free nuclei "
                    "and clear brown DAB (a few bacteria are enough); keep the same one for training and evaluation")
     p.add_argument("--preview", action="store_true", help="write a mosaic PNG (OUT_DIR is then the PNG's path) of "
                    "--count patches of IN_DIR: original | default | canonical Macenko, to judge the stain by eye")

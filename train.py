@@ -20,11 +20,11 @@ Checkpoints are plain dicts of tensors and Python values: torch.load(path, weigh
 Pipeline: DataLoader workers only decode PNGs to uint8; with --cache there is no DataLoader: the packed uint8 patches
 sit on the device (or stream from the host when they do not fit, see feeds.py), Macenko already applied by default
 (--cache-normalized). On the device, batched: Macenko (unless the cache holds normalized patches) ->
-colour jitter with independent random factors per sample -> one of the 8 symmetries of the square per sample ->
+color jitter with independent random factors per sample -> one of the 8 symmetries of the square per sample ->
 ImageNet normalization -> model under autocast (bf16 on Ampere+ GPUs, else fp16 with a GradScaler; off on CPU
-unless --amp). The operating threshold is the one that maximises F1 on the validation patients.
-This file owns the training loop and the run folder; the sample order is sampling.py's, the optimisation step
-optimisation.py's (tools/bench.py times that same step), log.jsonl's format runlog.py's; what the model sees and its
+unless --amp). The operating threshold is the one that maximizes F1 on the validation patients.
+This file owns the training loop and the run folder; the sample order is sampling.py's, the optimization step
+optimization.py's (tools/bench.py times that same step), log.jsonl's format runlog.py's; what the model sees and its
 precision are model.py's, the network and the checkpoint schema common.py's (evaluate.py and tools/bench.py call the
 same functions), the metrics metrics.py's.
 
@@ -61,7 +61,7 @@ from tqdm import tqdm
 import common
 import macenko_gpu
 from helico import (
-    augment, feeds, figures, identity, loaders, metrics, model, optimisation, packed_cache, runlog, sampling,
+    augment, feeds, figures, identity, loaders, metrics, model, optimization, packed_cache, runlog, sampling,
     splits, staining, train_flags
 )
 
@@ -397,10 +397,10 @@ class Trainer:
         self.skipped = previously_skipped(self.run_dir)
         recorded = train_ds.bad if args.cache and args.skip_bad_images else []  # undecodable when the cache was built
         self.recorded_bad = [path for path, bad in zip(self.train_paths, recorded) if bad]
-        # ============ model and optimisation ============
+        # ============ model and optimization ============
         self.precision = model.precision(device, args.amp, args.channels_last)
         self.raw, self.model = network(args, self.precision, device, world, resumed=ckpt is not None)
-        self.opt, self.sched, self.scaler = optimisation.build(self.raw, args.lr, args.weight_decay,
+        self.opt, self.sched, self.scaler = optimization.build(self.raw, args.lr, args.weight_decay,
                                                                len(self.train_loader) * args.epochs, self.precision)
         self.pos_weight = torch.tensor(self.config["pos_weight"], device=device)
         self.gen = torch.Generator(device).manual_seed(args.seed * 1000 + 1 + rank)  # augmentation draws
@@ -465,7 +465,7 @@ class Trainer:
         t0, images = time.perf_counter(), 0
         try:  # closed on every path: an error line must not land on a half-drawn bar
             for x, labels in self.batches:  # model input made one batch ahead (self.prepare)
-                loss, summed, kept = optimisation.train_step(self.model, x, labels, self.precision, self.opt,
+                loss, summed, kept = optimization.train_step(self.model, x, labels, self.precision, self.opt,
                                                              self.sched, self.scaler, self.pos_weight)
                 loss_sum, seen = loss_sum + summed, seen + kept
                 flags = torch.stack([(~torch.isfinite(loss)).float(), loss,

@@ -9,7 +9,7 @@
     loaders       DataLoader workers: how they start, how their errors reach the user, how they stop
     augment       training augmentation as pure tensor functions, the default jitter
     sampling      the --limit-samples subset and the resumable epoch sampler
-    optimisation  one optimisation step (train.py and tools/bench.py call the same one) and what it steps
+    optimization  one optimization step (train.py and tools/bench.py call the same one) and what it steps
     runlog        log.jsonl: the epoch records train.py writes and everyone reads back
     staining      the stain reference: --reference-patch, fitting, its fingerprint, the DAB-hue survey
     model         how the network runs: precision, model_input, a network and normalizer from a checkpoint

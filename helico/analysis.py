@@ -4,7 +4,7 @@ its rule, patch- and patient-level metrics with their intervals, and --compare's
     rows, identical = analysis.count_identical_once(analysis.evaluation_rows(data, {"val": val}),
                                                     identity.identical_files(data))
     # ... evaluate.py scores the rows into an analysis.Predictions ...
-    result, patient_rows, boot = analysis.analyse(pred, val, data.diagnosis, threshold, top_k, groups, draws)
+    result, patient_rows, boot = analysis.measure_part(pred, val, data.diagnosis, threshold, top_k, groups, draws)
 
 - patches: the headline is the part's annotated windows (pathologist-reviewed positives and hard negatives, what
   train.py's validation chose the epoch and threshold on), each file once (Aug copies are not evaluated;
@@ -369,7 +369,7 @@ def attention_evidence(scores, presence) -> dict:
             "undefined": {} if np.isfinite(auc) else {"roc_auc": "the windows hold one class only (or none)"}}
 
 
-def analyse(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
+def measure_part(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,
             groups=(), draws=None, rule: dict | None = None, mil_probability: dict | None = None,
             mil_rule: dict | None = None, top_share: float = TOP_SHARE) -> tuple[dict, list[dict], dict]:
     """Metrics dict, patient rows and raw bootstrap values ({"patch.pr_auc": array, ...}) of one set of patients.

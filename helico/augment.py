@@ -1,4 +1,4 @@
-"""Training augmentation as pure tensor functions: per-sample colour jitter, HED stain jitter and the 8 symmetries
+"""Training augmentation as pure tensor functions: per-sample color jitter, HED stain jitter and the 8 symmetries
 of the square.
 
 Owns what "augmented" means; model.model_input calls augment() between Macenko and ImageNet normalization. Every
@@ -89,7 +89,7 @@ def random_symmetry(x, gen):
 
 
 def augment(x, jitter, gen, hed=(0.0, 0.0)):
-    """Colour jitter (B, C, S, H amplitudes; all 0 skips it), HED jitter (alpha, beta amplitudes; (0, 0) skips it
+    """Color jitter (B, C, S, H amplitudes; all 0 skips it), HED jitter (alpha, beta amplitudes; (0, 0) skips it
     and draws nothing, so runs without it repeat older runs' draws) then a random symmetry, per sample."""
     factors = jitter_factors(x.shape[0], jitter, gen, x.device)  # drawn even when 0: same draws either way
     x = color_jitter(x, factors) if any(jitter) else x

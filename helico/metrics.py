@@ -267,7 +267,7 @@ def best_f1_threshold(y, scores) -> tuple[float, str]:
 
 
 def youden_threshold(y, s) -> tuple[float, float]:
-    """Threshold maximising sensitivity + specificity - 1, among midpoints between distinct scores (ties: the
+    """Threshold maximizing sensitivity + specificity - 1, among midpoints between distinct scores (ties: the
     lowest, i.e. the most sensitive: a missed infection costs more than a second look)."""
     u = np.unique(s)
     candidates = np.r_[u[0], (u[1:] + u[:-1]) / 2]

@@ -124,7 +124,7 @@ def imagenet_normalize(x):
 
 
 def model_input(images, normalizer=None, jitter=None, gen=None, channels_last=False, hed=(0.0, 0.0)):
-    """uint8 batch on the device -> normalized float input; with a generator (training) also colour jitter, HED
+    """uint8 batch on the device -> normalized float input; with a generator (training) also color jitter, HED
     jitter and symmetry. The one preparation of model input: training, validation, evaluation, Grad-CAM and
     tools/bench.py all call it."""
     x = to_unit(images, normalizer)

@@ -2,7 +2,7 @@
 
 The launcher (run_h_pylori.sh) hands one argument list to the audit and to train.py, so the audit checks exactly the
 split train.py trains and a mistyped flag is refused by both (before anything is staged: the launcher asks the audit
-first, which loads no torch). The defaults that belong to a torch module (the colour jitter, the resident share) are
+first, which loads no torch). The defaults that belong to a torch module (the color jitter, the resident share) are
 set by train.py with `set_defaults`, so they are written once, where they are used.
 
     parser = argparse.ArgumentParser(parents=[train_flags.train_args_parser()], allow_abbrev=False)
@@ -29,7 +29,7 @@ def train_args_parser(shown: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="model init, sample order and augmentation draws")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N; under torchrun "
                    "each process takes cuda:$LOCAL_RANK")
-    g = add_argument_group("model and optimisation")
+    g = add_argument_group("model and optimization")
     g.add_argument("--arch", default="resnet18", help="any torchvision classifier; its head becomes one logit")
     g.add_argument("--weights", default="imagenet", help="imagenet (torchvision cache; fetch it once on a login node "
                    "if compute nodes are offline), none (random init: demo only), or a .pt state dict/checkpoint")
@@ -56,8 +56,8 @@ def train_args_parser(shown: bool = True) -> argparse.ArgumentParser:
                    "--compile). Validation and checkpoints use the plain model")
     g = add_argument_group("stain and augmentation (run batched on the device)")
     g.add_argument("--macenko", action=argparse.BooleanOptionalAction, default=True, help="Macenko stain "
-                   "normalization to --reference-patch (the original pipeline's); --no-macenko trains on raw colours")
-    g.add_argument("--jitter", default=None, help="colour jitter B,C,S,H: brightness, contrast, saturation "
+                   "normalization to --reference-patch (the original pipeline's); --no-macenko trains on raw colors")
+    g.add_argument("--jitter", default=None, help="color jitter B,C,S,H: brightness, contrast, saturation "
                    "factors in [1-x, 1+x] and hue shift in [-h, h] turns, drawn per sample; 0 disables")
     g.add_argument("--hed-jitter", default="0", metavar="A,B", help="HED stain augmentation (Tellez et al. 2018) "
                    "after Macenko: each stain's concentration s (scikit-image's rgb2hed) -> alpha * s + beta, alpha in "

@@ -503,7 +503,7 @@ def test_a_re_encoded_copy_under_another_patient_is_a_near_duplicate_the_content
 
 def test_blank_tiles_are_counted_in_the_composition_and_left_out_of_the_near_duplicate_search(small_demo_root,
                                                                                                tmp_path):
-    # flat tiles of different colours: not byte-identical, but every one hashes to 0; they once made every pair of
+    # flat tiles of different colors: not byte-identical, but every one hashes to 0; they once made every pair of
     # them a "near duplicate", across the HoldOut too
     root = copy_demo(small_demo_root, tmp_path)
     data = common.load_data(root)

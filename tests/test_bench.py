@@ -107,9 +107,9 @@ def test_train_stage_reports_train_pys_own_steady_state_beside_the_ceiling(demo_
 
 
 def test_model_step_is_train_pys_optimisation_step(demo_root, tmp_path, monkeypatch):
-    from helico import optimisation
-    real_step, nets = optimisation.train_step, []
-    monkeypatch.setattr(optimisation, "train_step", lambda net, *a, **k: nets.append(net) or real_step(net, *a, **k))
+    from helico import optimization
+    real_step, nets = optimization.train_step, []
+    monkeypatch.setattr(optimization, "train_step", lambda net, *a, **k: nets.append(net) or real_step(net, *a, **k))
     assert bench.main(["--data-root", str(demo_root), "--stages", "model_step", *TINY]) == 0
     assert len(nets) >= 2 and nets[0] is nets[-1]  # warm-up and timed batches: one model, stepped by train.py's step
     assert bench.JITTER == list(augment.DEFAULT_JITTER) and train.DEFAULT_JITTER == "0.05,0.05,0.02,0.01"

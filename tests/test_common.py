@@ -25,9 +25,9 @@ def write_xlsx(path, rows, header=HEADER):
     wb.save(path)
 
 
-def png(path, size=(8, 8), mode="RGB", colour=(200, 180, 190)):
+def png(path, size=(8, 8), mode="RGB", color=(200, 180, 190)):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fill = colour if mode == "RGB" else (*colour, 255) if mode == "RGBA" else colour[0]
+    fill = color if mode == "RGB" else (*color, 255) if mode == "RGBA" else color[0]
     Image.new(mode, size, fill).save(path)
 
 
@@ -39,7 +39,7 @@ def make_root(tmp_path, rows, annotated, cropped, diagnosis, holdout=()):
         (root / tree).mkdir(parents=True, exist_ok=True)
         for k, name in enumerate(names):
             if name.endswith(".png"):
-                png(root / tree / name, colour=(k % 250, k // 250, 40 * t))  # distinct bytes
+                png(root / tree / name, color=(k % 250, k // 250, 40 * t))  # distinct bytes
             else:
                 (root / tree / name).parent.mkdir(parents=True, exist_ok=True)
                 (root / tree / name).write_bytes(b"stray")

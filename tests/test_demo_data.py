@@ -2,7 +2,7 @@
 learnable pixels (brown rods on positives only), is deterministic, and never leaves a half-written folder.
 
 Format checks read the files themselves (openpyxl, PIL, csv), never make_demo_data's internals. They use the
-session-wide default demo (`demo_root`, seed 0); behaviour checks generate tiny datasets in tmp_path."""
+session-wide default demo (`demo_root`, seed 0); behavior checks generate tiny datasets in tmp_path."""
 import csv
 import functools
 import os
@@ -295,7 +295,7 @@ def test_share_of_brown_cropped_patches_follows_diagnosis(demo_root, diagnosis):
     assert share["NEGATIVA"] < 0.06 < share["BAIXA"] < 0.2 < share["ALTA"] < 0.4, share
 
 
-# ----------------------------------------------------------------------------------------------- behaviour
+# ----------------------------------------------------------------------------------------------- behavior
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(tiny):
     a, b, c = (tree_bytes(tiny[n]) for n in "abc")
     assert a == b

@@ -314,7 +314,7 @@ def synthetic_predictions(n_patients=30, seed=0):
 def test_cluster_bootstrap_cis_are_reproducible_with_the_seed_and_treat_a_duplicated_pair_as_one_cluster():
     pred, patients, diagnosis = synthetic_predictions()
     groups = [["P0", "P1"]]
-    run = lambda seed: analysis.analyse(pred, patients, diagnosis, 0.5, 3, groups,
+    run = lambda seed: analysis.measure_part(pred, patients, diagnosis, 0.5, 3, groups,
                                         analysis.part_draws(patients, groups, 200, seed))
     (a, _, boot), (again, _, _) = run(0), run(0)
     for name in ("patch", "patch_at_0.5", "by_source.annotated", "patient"):

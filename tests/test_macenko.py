@@ -138,20 +138,20 @@ def test_tissue_counts_are_per_image_inside_a_batch(ihc, reference):
 
 
 def odd_tiles(ihc):
-    """White, black, one colour, and almost empty (169 tissue pixels: the 99th percentile lands on background)."""
+    """White, black, one color, and almost empty (169 tissue pixels: the 99th percentile lands on background)."""
     white = torch.full((3, TILE, TILE), 255, dtype=torch.uint8)
     black = torch.zeros((3, TILE, TILE), dtype=torch.uint8)
-    colour = torch.tensor([150, 90, 160], dtype=torch.uint8)[:, None, None].expand(3, TILE, TILE).clone()
+    color = torch.tensor([150, 90, 160], dtype=torch.uint8)[:, None, None].expand(3, TILE, TILE).clone()
     almost_empty = torch.full((3, TILE, TILE), 250, dtype=torch.uint8)
     almost_empty[:, :13, :13] = ihc[:, :13, :13]
-    return [white, black, colour, almost_empty]
+    return [white, black, color, almost_empty]
 
 
 @pytest.mark.parametrize("single_stain", ["macenko", "auto", "ihc"])
 def test_white_black_single_colour_and_empty_tiles_leave_neighbours_unchanged(ihc, reference, single_stain):
     good = tiles_of(ihc)[[0, 5, 10]]
-    white, black, colour, almost_empty = odd_tiles(ihc)
-    batch = torch.stack([good[0], white, good[1], black, colour, almost_empty, good[2]])
+    white, black, color, almost_empty = odd_tiles(ihc)
+    batch = torch.stack([good[0], white, good[1], black, color, almost_empty, good[2]])
     norm = MacenkoNormalizer(mode=single_stain).fit(reference)
     together = norm.normalize(batch)
     assert_same_up_to_rounding(together[[0, 2, 6]], norm.normalize(good))

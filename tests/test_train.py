@@ -199,9 +199,9 @@ def test_resume_reads_last_pt_and_builds_samples_and_config_once(demo_root, tmp_
 
 
 def test_every_training_step_is_the_shared_optimisation_step(demo_root, tmp_path, monkeypatch):
-    from helico import optimisation
-    real_step, calls = optimisation.train_step, []
-    monkeypatch.setattr(optimisation, "train_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    from helico import optimization
+    real_step, calls = optimization.train_step, []
+    monkeypatch.setattr(optimization, "train_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
     assert run_train(demo_root, tmp_path, "shared", "--limit-samples", "32", epochs=1) == 0
     assert len(calls) == load(tmp_path / "shared" / "last.pt")["scheduler"]["last_epoch"] == 2  # 32 samples, batch 16
 

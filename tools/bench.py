@@ -10,9 +10,9 @@ Stages (img/s; warm-up batches excluded; CUDA timings bracketed by torch.cuda.sy
     load_cache  DataLoader over packed_cache.CachedPatchDataset (one memmap gather per batch), same workers
     stream      feeds.StreamedBatches: a reading thread gathers batches from the memmap into pinned buffers,
                 copied to the device (train.py's fallback when the patches do not fit on the device)
-    normalize   on the device: Macenko + per-sample colour jitter + symmetry + ImageNet normalization
+    normalize   on the device: Macenko + per-sample color jitter + symmetry + ImageNet normalization
                 (model.model_input, exactly what train.py runs)
-    model_step  train.py's own step (optimisation.train_step: forward, backward, AdamW, schedule) on synthetic
+    model_step  train.py's own step (optimization.train_step: forward, backward, AdamW, schedule) on synthetic
                 on-device batches: the ceiling
     loop        train.py's loop with --cache: feeds.cache_batches (patches held on the device when they fit in
                 --resident-max-frac of its free memory, else streamed) -> normalize, one batch
@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 import common
 import train
-from helico import augment, feeds, loaders, model, optimisation, packed_cache, runlog, staining
+from helico import augment, feeds, loaders, model, optimization, packed_cache, runlog, staining
 
 PREFETCH = 2  # batches each worker decodes ahead; a loader stage warms up through this backlog too
 STAGES = ("load_png", "load_cache", "stream", "normalize", "model_step", "loop", "loop_loader", "train")
@@ -188,19 +188,19 @@ def per_core_rate(dataset, args, min_seconds: float) -> float:
 
 # ----------------------------------------------------------------------------------------------- stages
 class Step:
-    """train.py's optimisation step itself (optimisation.train_step), on a model, optimizer and schedule built as
-    train.py builds them (optimisation.build, with train.py's default lr and weight decay; pos_weight 1)."""
+    """train.py's optimization step itself (optimization.train_step), on a model, optimizer and schedule built as
+    train.py builds them (optimization.build, with train.py's default lr and weight decay; pos_weight 1)."""
     LR, WEIGHT_DECAY, TOTAL_STEPS = 3e-4, 0.01, 1_000_000  # a schedule no benchmark reaches the end of
 
     def __init__(self, arch: str, precision: model.Precision, device, compile: bool = False):
         self.precision = precision
         net = precision.place(common.build_model(arch, "none"), device)
-        self.opt, self.sched, self.scaler = optimisation.build(net, self.LR, self.WEIGHT_DECAY, self.TOTAL_STEPS,
+        self.opt, self.sched, self.scaler = optimization.build(net, self.LR, self.WEIGHT_DECAY, self.TOTAL_STEPS,
                                                                 precision)
         self.model = torch.compile(net) if compile else net  # as train.py --compile: the step, not the optimizer
 
     def __call__(self, x, labels):
-        optimisation.train_step(self.model, x, labels, self.precision, self.opt, self.sched, self.scaler)
+        optimization.train_step(self.model, x, labels, self.precision, self.opt, self.sched, self.scaler)
 
 
 def model_steps(step, args, device):

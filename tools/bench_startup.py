@@ -10,8 +10,8 @@ The dataset (--make): make_demo_data.py's layout and traps with the real patient
 HoldOut patients), every Cropped and HoldOut folder then filled with synthetic patches to the real totals (about
 127,841 Cropped and 88,794 HoldOut PNGs; Annotated as the demo writes them), all --patch-size px (default 64: real
 256 px PNGs take ~1.1 ms each to decode, these far less, so decoding's share is smaller here than on real data).
---look-alike fills them with look-alike patches instead: half flat colours (blank and background tiles), half one
-pattern over a colour offset (one perceptual hash for all, not a blank tile);
+--look-alike fills them with look-alike patches instead: half flat colors (blank and background tiles), half one
+pattern over a color offset (one perceptual hash for all, not a blank tile);
 --scale writes a fraction of the totals at the same folder counts.
 Each measurement runs in a fresh process (`--measure NAME`), so memory peaks and caches are its own, twice: once
 plain for the seconds and the peak memory, once counting (wrapping every os.stat and directory entry costs ~1 s at
@@ -56,8 +56,8 @@ class Reached(Exception):
 def fill_folder(args) -> int:
     """Add synthetic PNGs to one folder until it holds `target`, numbered after the folder's highest window
     (Cropped/HoldOut names are not zero-padded): unique noise over a pale background, or with `look_alike` patches
-    that look alike but are never byte-identical (`first` numbers them in the dataset): every other one a flat colour
-    (a blank or background tile), the rest one block pattern over a colour offset (one perceptual hash for all)."""
+    that look alike but are never byte-identical (`first` numbers them in the dataset): every other one a flat color
+    (a blank or background tile), the rest one block pattern over a color offset (one perceptual hash for all)."""
     import numpy as np
     from PIL import Image
     folder, target, size, seed, look_alike, first = args
@@ -68,7 +68,7 @@ def fill_folder(args) -> int:
     blocks = np.random.default_rng(0).integers(40, 141, (8, 9, 1), dtype=np.uint8)
     pattern = np.asarray(Image.fromarray(np.repeat(blocks, 3, axis=2)).resize((size, size), Image.NEAREST))
     for k in range(max(0, target - len(have))):
-        unique = first + k  # spelt in the colour, so no two files of the dataset are alike byte for byte
+        unique = first + k  # spelt in the color, so no two files of the dataset are alike byte for byte
         if look_alike and unique % 2:
             offset = np.array([unique // 2 // 116 ** c % 116 for c in range(3)], dtype=np.uint8)
             pixels = pattern + offset
@@ -86,7 +86,7 @@ def make_dataset(root: Path, size: int, workers: int, look_alike: bool = False, 
     subprocess.run([sys.executable, str(REPO / "make_demo_data.py"), str(root), "--seed", "0",
                     "--patients", str(REAL["cv_patients"]), "--holdout-patients", str(REAL["holdout_patients"]),
                     "--patch-size", str(size), "--force"], check=True)
-    jobs, first = [], 1  # first: the number of a folder's first flat colour, so that no two files share one
+    jobs, first = [], 1  # first: the number of a folder's first flat color, so that no two files share one
     for tree, total in (("CrossValidation/Cropped", REAL["cropped"]), ("HoldOut", REAL["holdout"])):
         folders = sorted(p for p in (root / tree).iterdir() if p.is_dir())
         per = -(-round(total * scale) // len(folders))
@@ -235,8 +235,8 @@ def get_args_parser():
     p.add_argument("--root", required=True, help="the generated dataset's folder (written with --make)")
     p.add_argument("--make", action="store_true", help="write the dataset at --root first (replaces it)")
     p.add_argument("--look-alike", action="store_true", help="with --make: fill the Cropped and HoldOut folders with "
-                   "patches that look alike, never two byte-identical: half flat colours (blank tiles), half one "
-                   "pattern over a colour offset (one perceptual hash for all): the audit's near-duplicate search at "
+                   "patches that look alike, never two byte-identical: half flat colors (blank tiles), half one "
+                   "pattern over a color offset (one perceptual hash for all): the audit's near-duplicate search at "
                    "its worst (default: distinct noise patches)")
     p.add_argument("--scale", type=float, default=1.0, help="with --make: this fraction of the real Cropped and "
                    "HoldOut totals, at the real folder counts (default 1.0: about 233k PNGs in all)")

@@ -1,11 +1,11 @@
-"""One optimisation step and what it steps: AdamW, its warmup-cosine schedule and the GradScaler.
+"""One optimization step and what it steps: AdamW, its warmup-cosine schedule and the GradScaler.
 
 train.py's loop and tools/bench.py's model_step, loop and loop_loader stages call the same train_step on what the same
 build returns, so the benchmark times exactly the step training runs. The precision rule is model.precision's, the
 input model.model_input's.
 
-    opt, sched, scaler = optimisation.build(net, 3e-4, 0.01, total_steps=1000, precision=p)
-    loss, loss_sum, kept = optimisation.train_step(net, x, labels, p, opt, sched, scaler, pos_weight)
+    opt, sched, scaler = optimization.build(net, 3e-4, 0.01, total_steps=1000, precision=p)
+    loss, loss_sum, kept = optimization.train_step(net, x, labels, p, opt, sched, scaler, pos_weight)
 """
 from __future__ import annotations
 
