@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smallest patch run with a stain reference: 32 px, Macenko on, 48 samples, one epoch.
 PATCH_FLAGS = ["--device", "cpu", "--image-size", "32", "--batch-size", "16", "--weights", "none", "--workers", "0",
                "--seed", "0", "--limit-samples", "48", "--epochs", "1"]
-PATIENT_FLAGS = ["--device", "cpu", "--workers", "0", "--epochs", "8"]
+PATIENT_FLAGS = ["--device", "cpu", "--workers", "0", "--mil-seeds", "2", "--epochs", "8"]
 
 
 # ----------------------------------------------------------------------------------------------- the model alone
@@ -61,14 +61,14 @@ def test_fit_learns_a_planted_signal_attends_to_it_and_is_deterministic_by_seed(
     tb, ty, _ = synthetic_bags(30, 0)
     vb, vy, _ = synthetic_bags(12, 1)
     sb, sy, planted = synthetic_bags(20, 2)
-    fits = [mil.fit(tb, ty, vb, vy, seed=s, epochs=10) for s in (0, 0, 1)]
+    fits = [mil.fit(tb, ty, vb, vy, seed=s, seeds=1, epochs=10) for s in (0, 0, 1)]
     same, again, other = fits
-    assert all(torch.equal(same["state"][k], again["state"][k]) for k in same["state"])
+    assert all(torch.equal(same["states"][0][k], again["states"][0][k]) for k in same["states"][0])
     assert same["records"] == again["records"]
-    assert not all(torch.equal(same["state"][k], other["state"][k]) for k in same["state"])
+    assert not all(torch.equal(same["states"][0][k], other["states"][0][k]) for k in same["states"][0])
     best = min(same["records"], key=lambda r: (r["val_loss"], r["epoch"]))
     assert same["epoch"] == best["epoch"]  # the lowest validation cross-entropy, the earlier epoch on a tie
-    ckpt = mil.checkpoint(state=same["state"], config=same["config"], patch_checkpoint={}, split={}, features={},
+    ckpt = mil.checkpoint(state=same["states"], config=same["config"], patch_checkpoint={}, split={}, features={},
                           bag_key="k", epoch=same["epoch"], val_loss=best["val_loss"])
     net = mil.from_checkpoint(ckpt)
     probs, hot_rank = [], []
@@ -239,7 +239,7 @@ def test_the_benchmark_times_mil_training_and_extraction_and_names_the_machine(p
     import bench_patient
     out = tmp_path / "bench.json"
     assert bench_patient.main(["--train-bags", "6", "--val-bags", "4", "--bag-size", "20", "--features", "16",
-                               "--epochs", "2", "--checkpoint", str(patch_run / "best.pt"), "--device", "cpu",
+                               "--epochs", "2", "--mil-seeds", "1", "--checkpoint", str(patch_run / "best.pt"), "--device", "cpu",
                                "--workers", "0", "--patches", "40", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("machine: ") and "mil      6 training + 4 validation bags" in text and "img/s" in text
