@@ -134,6 +134,8 @@ def check_args(args) -> None:
         encoders.need_timm(args.features)
         if not args.encoder_weights:
             raise DataError(f"--features {args.features} needs --encoder-weights FILE (nothing is downloaded)")
+        if not os.path.isfile(args.encoder_weights):
+            raise DataError(f"--encoder-weights {args.encoder_weights}: no such file")
     elif args.encoder_weights:
         raise DataError(f"--encoder-weights: only with a foundation encoder or timm:ARCH, not --features "
                         f"{args.features}")
@@ -287,7 +289,8 @@ def train(args, ckpt, data, device, out, seen: set) -> int:
     seconds = time.perf_counter() - start
     features = {"source": args.features, "network": stats["network"], "image_size": int(ckpt["image_size"]),
                 "stain": "macenko" if ckpt["stain"] is not None else None, "dtype": "float16",
-                "bags": f"bags/{key[:16]}", "encoder_weights": args.encoder_weights,
+                "bags": f"bags/{key[:16]}",
+                "encoder_weights": os.path.abspath(args.encoder_weights) if args.encoder_weights else None,
                 "training_bag_patches": sum(map(len, train_paths)), "seen_in_training": seen_count}
     ckpt_out = mil.checkpoint(
         state=result["states"], config=result["config"],

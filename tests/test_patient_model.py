@@ -222,12 +222,14 @@ def test_evaluate_reports_the_patient_model_beside_the_rule_on_the_same_patients
     assert (out / "attention_gallery.png").stat().st_size > 1000
 
 
-def test_a_patient_model_of_another_checkpoint_is_not_shown_and_the_report_says_why(patch_run, patient_run):
+def test_a_patient_model_of_another_checkpoint_is_not_shown_and_the_report_says_why(patch_run, patient_run,
+                                                                                      tmp_path):
+    shutil.copytree(patient_run, tmp_path / "patient")
     ckpt = torch.load(patch_run / "best.pt", weights_only=True)
-    ckpt["model"]["fc.bias"] += 1  # another model in the same run folder: its features are not the bags' features
-    torch.save(ckpt, patch_run / "other.pt")
-    out = patch_run / "eval-other"
-    assert evaluate.main(["--checkpoint", str(patch_run / "other.pt"), "--device", "cpu", "--workers", "0",
+    ckpt["model"]["fc.bias"] += 1  # best.pt trained further: its features are not the bags' features any more
+    torch.save(ckpt, tmp_path / "best.pt")
+    out = tmp_path / "eval-other"
+    assert evaluate.main(["--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu", "--workers", "0",
                           "--bootstrap", "0", "--gradcam", "0", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text(), parse_constant=float)
     assert "patient_mil" not in m and "mil_probability" in (out / "patients.csv").read_text()
