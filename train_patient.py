@@ -77,23 +77,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="the patch run's checkpoint (runs/26/best.pt); "
-                   "the patient model goes to patient/ beside it")
+                   "the patient model goes to patient/ beside it (patient-<name>/ for another file name than best.pt)")
     p.add_argument("--data-root", help="HelicoDataSet folder; default: the one stored in the checkpoint. Point it at "
                    "the staged copy on a cluster node")
     p.add_argument("--device", help="where features are extracted: cuda, cuda:1, cpu (default: cuda when available); "
                    "the patient model itself always trains on the CPU (small, and deterministic there)")
     p.add_argument("--seed", type=int, default=0, help="the patient model's initial weights, bag order and dropout")
     p.add_argument("--epochs", type=int, default=mil.DEFAULTS["epochs"], help="passes over the training patients' "
-                   "bags (one bag a step); the epoch kept is the one with the lowest validation cross-entropy")
+                   "bags (one bag a step); the epoch kept is where the mean of the --mil-seeds models' probabilities "
+                   "has the lowest class-balanced validation cross-entropy (default: %(default)s)")
     p.add_argument("--mil-seeds", type=int, default=mil.DEFAULTS["seeds"], help="models trained (seeds --seed, "
                    "--seed+1, ...), their probabilities averaged, one epoch chosen for all on the mean: steadier "
-                   "than one model on a few validation patients; each takes seconds")
+                   "than one model on a few validation patients; each takes seconds on the demo, about 40 s at a real "
+                   "fold's size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=mil.DEFAULTS["lr"], help="AdamW learning rate of the patient model")
     p.add_argument("--features", type=features_flag, default="checkpoint", metavar="SOURCE", help="checkpoint: the "
                    "patch model's penultimate layer, training bags from the patches it never trained on; imagenet: "
                    "the same architecture with torchvision's ImageNet weights, frozen (needs them in torchvision's "
                    f"cache on an offline node); {', '.join(encoders.NAMES)}: that pathology foundation encoder, or "
-                   "timm:ARCH any timm model, with --encoder-weights (needs timm: pip install timm)")
+                   "timm:ARCH any timm model, with --encoder-weights (needs timm: pip install timm). Default: %(default)s")
     p.add_argument("--encoder-weights", metavar="FILE", help="the foundation encoder's weights (.bin/.pt or "
                    ".safetensors, as published), read from disk: nothing is downloaded")
     p.add_argument("--allow-seen-patches", action="store_true", help="with --features checkpoint of a patch run "
