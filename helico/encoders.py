@@ -9,8 +9,8 @@ normalization, at the checkpoint's image size), turns it back to [0, 1] RGB, res
 and normalizes it with the encoder's own mean and std. timm is optional: without it, one line naming
 `pip install timm`. Weights that do not fit: one line naming the file and the first missing or unexpected key.
 
-Where users get the weights (each gated on Hugging Face: accept the licence, then download the file once on a
-machine with network access) and under what licence:
+Where users get the weights (Hugging Face; most are gated: accept the terms there, then download the file once on a
+machine with network access) and their licences as published (each model page has the current terms):
     uni          MahmoodLab/UNI      pytorch_model.bin   CC-BY-NC-ND 4.0
     uni2-h       MahmoodLab/UNI2-h   pytorch_model.bin   CC-BY-NC-ND 4.0
     virchow2     paige-ai/Virchow2   pytorch_model.bin   CC-BY-NC-ND 4.0
@@ -60,7 +60,8 @@ SPECS = {
                                                           "global_pool": "token", "dynamic_img_size": False},
                         (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)),
     "phikon": Spec("vit_base_patch16_224", {"img_size": 224, "num_classes": 0, "norm_layer": "LayerNorm1e-12"},
-                   *IMAGENET, keys="hf-vit", ignored=("pooler.dense.weight", "pooler.dense.bias")),
+                   *IMAGENET, keys="hf-vit", ignored=("pooler.dense.weight", "pooler.dense.bias",
+                                                      "embeddings.mask_token")),
 }
 NAMES = tuple(SPECS)
 
