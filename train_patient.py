@@ -307,9 +307,8 @@ def train(args, ckpt, data, device, out, seen: set) -> int:
     runlog.write(out, result["records"])
     figures.plot_learning_curves(result["records"], out / "learning_curves.png", chosen=result["epoch"])
     best = result["records"][result["epoch"] - 1]
-    print(f"patient model: epoch {result['epoch']} kept (lowest class-balanced validation cross-entropy of the mean "
-          f"of {args.mil_seeds} models {best['val_loss']:.4f}, val roc_auc {best['roc_auc']:.3f}); trained in "
-          f"{seconds:.1f} s")
+    print(f"patient model: epoch {result['epoch']} kept ({result['config']['selection']} {best['val_loss']:.4f}, "
+          f"val roc_auc {best['roc_auc']:.3f}); trained in {seconds:.1f} s")
     shift = report["patient_model_negatives"]
     print(f"features.json: {features['seen_in_training']} of {features['training_bag_patches']} training-bag "
           f"patches were training examples of the encoder; the patient model's mean probability for NEGATIVA "

@@ -144,7 +144,8 @@ def fit(train_bags: list[torch.Tensor], train_labels, val_bags: list[torch.Tenso
     config = {"in_dim": int(train_bags[0].shape[1]), "hidden": hidden, "attention": attention, "dropout": dropout,
               "lr": lr, "weight_decay": weight_decay, "epochs": epochs, "seed": seed, "seeds": seeds,
               "pos_weight": pos_weight,
-              "selection": f"lowest class-balanced validation cross-entropy of the mean of {seeds} models"}
+              "selection": "lowest class-balanced validation cross-entropy" +
+                           (f" of the mean of {seeds} models" if seeds > 1 else "")}
     return {"states": [r[0][best] for r in runs], "epoch": best + 1, "records": records, "config": config}
 
 
