@@ -250,6 +250,14 @@ def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, ba
     return pred, skipped
 
 
+def read_features_json(path: Path) -> dict | None:
+    """train_patient.py's features.json beside the patient model (None when absent or unreadable)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def patient_model(args, path: Path, sha: str, ckpt: dict, net, normalizer, data, patients: list[str], device, cache):
     """The patient model train_patient.py wrote beside this checkpoint (patient/best.pt), run on every patient of
     `patients`: {"probability": {patient: p}, "attention": {patient: [(path, weight)] most attended first},
@@ -266,14 +274,15 @@ def patient_model(args, path: Path, sha: str, ckpt: dict, net, normalizer, data,
     done = bags.ensure(path, sha, ckpt, net, normalizer, mil_ckpt["features"]["source"], data, patients, device,
                        batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad_images, cache=cache,
                        no_amp=args.no_amp, resident_max_frac=args.resident_max_frac,
-                       expected_key=mil_ckpt["bag_key"])
+                       expected_key=mil_ckpt["bag_key"], encoder_weights=mil_ckpt["features"].get("encoder_weights"))
     if done is None:  # the hash matched, so only another feature code could make other bags
         return None, f"{mil_path}: its bags were made differently from this checkpoint's (bag key): not shown"
     key, folder = done["key"], done["folder"]
     net_mil = mil.from_checkpoint(mil_ckpt)
     out = {"probability": {}, "attention": {}, "annotated": {},
            "meta": {"checkpoint": str(mil_path), "epoch": mil_ckpt["epoch"], "features": mil_ckpt["features"],
-                    "selection": mil_ckpt["config"].get("selection"), "seed": mil_ckpt["config"].get("seed")}}
+                    "selection": mil_ckpt["config"].get("selection"), "seed": mil_ckpt["config"].get("seed"),
+                    "features_json": read_features_json(mil_path.parent / "features.json")}}
     for p in patients:
         bag = bags.load(folder, p, key)
         rows, windows = bag.rows(), bag.rows(("annotated",))
@@ -348,9 +357,11 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
             mil_probability=patient_model_out and patient_model_out["probability"], top_share=args.top_share, **chosen)
         patient_rows += [{**r, "split": part} for r in rows_of_part]
     if patient_model_out:  # where the model looks, on windows it never read: the headline part's Annotated ones
-        looked = [patient_model_out["annotated"][p] for p in parts[headline] if p in patient_model_out["annotated"]]
+        shown = [p for p in parts[headline] if p in patient_model_out["annotated"]]
+        looked = [patient_model_out["annotated"][p] for p in shown]
         by_part[headline]["patient_mil"]["attention"] = analysis.attention_evidence(
-            np.concatenate([s for s, _ in looked]) if looked else [], [y for _, ys in looked for y in ys])
+            np.concatenate([s for s, _ in looked]) if looked else [], [y for _, ys in looked for y in ys],
+            [p for p, (_, ys) in zip(shown, looked) for _ in ys])
     result = dict(by_part[headline])
     if headline == "test":
         result["selection"] = by_part["val"]

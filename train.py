@@ -62,7 +62,7 @@ import common
 import macenko_gpu
 from helico import (
     augment, feeds, figures, identity, loaders, metrics, model, optimization, packed_cache, runlog, sampling,
-    splits, staining, train_flags
+    splits, staining, train_flags, unseen
 )
 
 SKIPPED = "skipped_images.txt"  # --skip-bad-images: the undecodable files left out, one path per line
@@ -74,7 +74,7 @@ RESUME_IGNORES = {"run_id", "runs_dir", "data_root", "hash_cache", "device", "wo
                   "persistent_workers", "prefetch_factor", "amp", "channels_last", "environment", "cache",
                   "cache_base", "cache_normalized", "resident_max_frac", "compile", "deterministic"}
 
-ADDED_FLAGS = {"hed_jitter": [0.0, 0.0]}  # flags newer than some run folders: their value in runs made before them
+ADDED_FLAGS = {"hed_jitter": [0.0, 0.0], "easy_negatives": "all"}  # flags newer than some run folders: their value in runs made before them
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -202,8 +202,7 @@ def environment(device) -> dict:
 
 def samples_and_config(args, data, split, world, device):
     """Training/validation samples of the split and the run's config dict (resolved flags + environment)."""
-    train = common.select(data.labelled, split["train"], include_aug=True)
-    train = sampling.stratified_subset(train, args.limit_samples, args.seed)
+    train = unseen.encoder_training_samples(data, split["train"], args.easy_negatives, args.limit_samples, args.seed)
     # validation (epoch and threshold) on the annotated windows only: the Cropped patches of NEGATIVA patients are
     # easy negatives that would inflate accuracy and flatten the threshold; evaluate.py's headline is the same set
     val = [s for s in common.select(data.labelled, split["val"]) if s.source == "annotated"]

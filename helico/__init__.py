@@ -18,6 +18,8 @@
     crossval      evaluate.py --cv: pooling K fold runs
     ledger        runs/holdout_ledger.jsonl: every look at test or HoldOut labels, and what a report discloses
     inference     patches through a network for inference: the batches and model input evaluate.py and bags.py share
+    unseen        which patches the patch model trains on and which a training bag may hold (none it trained on)
+    encoders      pathology foundation encoders (timm) from a local weights file: architecture, input, output
     bags          the patient model's feature bags: extraction, storage keyed by what the features depend on
     mil           the patient model: gated-attention MIL, its training and checkpoint schema
     eval_report   evaluate.py's files: the eval folder swap, CSV/JSON, report.md

@@ -330,7 +330,8 @@ def mil_level(rows: list[dict], probability: dict[str, float], patients: list[st
     rule = rule or choose_mil_threshold(rows)
     known = [r for r in rows if r["label"] >= 0 and r["n_patches"] > 0 and np.isfinite(r["mil_probability"])]
     m, b = decide(rows, "mil_probability", "mil_prediction", rule, patients, groups, draws, known)
-    m["calibration"] = metrics.calibration([r["label"] for r in known], [r["mil_probability"] for r in known], 5)
+    m["calibration"] = {**metrics.calibration([r["label"] for r in known], [r["mil_probability"] for r in known], 5),
+                        "n": len(known)}
     m = {**m, **{k: rule[k] for k in ("rule", "candidates", "reason")}, "top_k": top_k, "top_share": None,
          "excluded": left_out(rows, {r["patient"] for r in known}), "patch_counts": patch_counts(known)}
     return m, {f"patient_mil.{k}": v for k, v in b.items()}
@@ -358,15 +359,23 @@ def paired_comparison(rows: list[dict], boot: dict) -> dict:
     return out
 
 
-def attention_evidence(scores, presence) -> dict:
+def attention_evidence(scores, presence, patients=None) -> dict:
     """Does the patient model attend where the bacteria are? ROC-AUC of the raw attention score of Annotated windows
-    (which the model never reads) against their Presence label (1 vs -1), pooled over the part's patients."""
+    (which the model never reads) against their Presence label (1 vs -1), pooled over the part's patients, and
+    within patients (`patients`: each window's; metrics.stratified_roc_auc): pooled, a patient whose windows all
+    score high counts as attention on bacteria; within, only windows of one patient are compared."""
     y, s = np.asarray(presence, dtype=np.int64), np.asarray(scores, dtype=np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         auc = metrics.roc_auc(y, s) if y.size else float("nan")
-    return {"roc_auc": auc, "windows": int(y.size), "positives": int(y.sum()),
-            "undefined": {} if np.isfinite(auc) else {"roc_auc": "the windows hold one class only (or none)"}}
+    within = metrics.stratified_roc_auc(y, s, patients) if patients is not None and y.size else float("nan")
+    mixed = len({p for p, yy in zip(patients, y) if yy == 1} & {p for p, yy in zip(patients, y) if yy == 0}) \
+        if patients is not None else 0
+    undefined = {} if np.isfinite(auc) else {"roc_auc": "the windows hold one class only (or none)"}
+    if not np.isfinite(within):
+        undefined["within_patient_roc_auc"] = "no patient has windows with and without bacteria"
+    return {"roc_auc": auc, "within_patient_roc_auc": within, "patients_with_both": mixed, "windows": int(y.size),
+            "positives": int(y.sum()), "undefined": undefined}
 
 
 def measure_part(pred: Predictions, patients: list[str], diagnosis: dict, patch_threshold: float, top_k: int,

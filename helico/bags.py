@@ -11,9 +11,10 @@ model never reads: evaluate.py asks whether the attention falls on the windows w
 Annotated windows stay out of the bag for the reason they stay out of the patient rule: pathologists picked them
 knowing the diagnosis (positive windows exist only for infected patients) and HoldOut patients have none.
 
-The key is a hash of what the features depend on: the network (the patch checkpoint's file hash, or the ImageNet
-backbone's name), the stain normalization applied first and the image size. A file whose key or list of paths
-differs from the wanted one is extracted again. Each file is written whole (atomically) as soon as its patient's
+The key is a hash of what the features depend on: the network (the patch checkpoint's file hash, the ImageNet
+backbone's name, or a foundation encoder's name and its weights file's hash), the stain normalization applied first
+and the image size. A file whose key differs, or whose files (path, size and mtime of each) are not the wanted ones,
+is extracted again: a rewritten PNG makes its patient's bag stale. Each file is written whole (atomically) as soon as its patient's
 last patch is through, so an interrupted extraction resumes at the first patient not yet stored.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 import common
-from helico import feeds, inference, model
+from helico import encoders, feeds, inference, model
 
 BAG_ROLES = ("cropped", "holdout")  # what the patient model reads; "annotated" windows only measure its attention
 
@@ -79,9 +80,26 @@ def bag_file(folder: Path, patient: str) -> Path:
     return Path(folder) / f"{patient}.pt"
 
 
-def load(folder, patient: str, key: str, paths: list[str] | None = None) -> Bag | None:
-    """The stored bag of `patient`, or None when missing, unreadable, of another key or (given `paths`) of other
-    files: what extract() then redoes."""
+def file_identity(root, paths, stats: dict | None = None) -> list[list]:
+    """[path, size, mtime_ns] of each file: a bag is valid only for these very files (the scan's stats when given,
+    else one stat each)."""
+    out = []
+    for p in paths:
+        if stats is not None and p in stats:
+            size, mtime = stats[p]
+        else:
+            try:
+                st = (Path(root) / p).stat()
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime = -1, -1
+        out.append([p, int(size), int(mtime)])
+    return out
+
+
+def load(folder, patient: str, key: str, files: list[list] | None = None) -> Bag | None:
+    """The stored bag of `patient`, or None when missing, unreadable, of another key or (given `files`, from
+    file_identity) of other files, or of the same files since rewritten: what extract() then redoes."""
     path = bag_file(folder, patient)
     if not path.is_file():
         return None
@@ -89,19 +107,20 @@ def load(folder, patient: str, key: str, paths: list[str] | None = None) -> Bag 
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a truncated file from a disk fault: extracted again
         return None
-    if not isinstance(d, dict) or d.get("key") != key or (paths is not None and d.get("wanted") != paths):
+    if not isinstance(d, dict) or d.get("key") != key or (files is not None and d.get("files") != files):
         return None
     return Bag(patient, d["features"], d["paths"], d["roles"], d["labels"])
 
 
 def extract(body, normalizer, root, wanted: dict[str, list], folder, key: str, image_size: int, device, *,
             batch_size: int, workers: int, skip_bad: bool = False, cache=None, precision=None,
-            resident_max_frac: float = feeds.DEFAULT_MAX_FRAC) -> dict:
+            resident_max_frac: float = feeds.DEFAULT_MAX_FRAC, stats: dict | None = None) -> dict:
     """Store the bag of every patient of `wanted` (patient_samples()) in `folder`, skipping those already stored
     under `key`: one inference.run pass over the patches still missing, in patient order, each patient's file
     written as soon as its last patch is through. Returns counts and the extraction rate."""
     folder = Path(folder)
-    todo = {p: items for p, items in wanted.items() if load(folder, p, key, [s.path for s, _ in items]) is None}
+    files = {p: file_identity(root, [s.path for s, _ in items], stats) for p, items in wanted.items()}
+    todo = {p: items for p, items in wanted.items() if load(folder, p, key, files[p]) is None}
     samples = [s for items in todo.values() for s, _ in items]
     patients = list(todo)
     counts = np.array([len(items) for items in todo.values()], dtype=np.int64)
@@ -117,7 +136,7 @@ def extract(body, normalizer, root, wanted: dict[str, list], folder, key: str, i
         keep = sorted(got)
         feats = torch.stack([got[j] for j in keep]).half() if keep else torch.zeros(0, 0, dtype=torch.float16)
         chosen = [items[j - first[i]] for j in keep]
-        common.atomic_torch_save({"key": key, "wanted": [s.path for s, _ in items], "features": feats,
+        common.atomic_torch_save({"key": key, "files": files[patients[i]], "features": feats,
                                   "paths": [s.path for s, _ in chosen], "roles": [r for _, r in chosen],
                                   "labels": [int(s.label) if r == "annotated" else -1 for s, r in chosen]},
                                  bag_file(folder, patients[i]))
@@ -134,7 +153,7 @@ def extract(body, normalizer, root, wanted: dict[str, list], folder, key: str, i
     start = time.perf_counter()
     bad = inference.run(body, normalizer, root, samples, image_size, device, consume, batch_size=batch_size,
                         workers=workers, skip_bad=skip_bad, cache=cache, precision=precision, desc="features",
-                        resident_max_frac=resident_max_frac) if samples else []
+                        resident_max_frac=resident_max_frac, stats=stats) if samples else []
     for i in range(len(patients)):  # a patient without any patch still gets its (empty) file
         if i not in written:
             write(i)
@@ -145,37 +164,53 @@ def extract(body, normalizer, root, wanted: dict[str, list], folder, key: str, i
 
 
 # ----------------------------------------------------------------------------------------------- where and from what
-SOURCES = ("checkpoint", "imagenet")
+SOURCES = ("checkpoint", "imagenet", *encoders.NAMES)  # and timm:ARCH
+
+
+def label_free(source: str) -> bool:
+    """Whether the features come from a network that never saw this dataset's labels."""
+    return source != "checkpoint"
 
 
 def patient_dir(checkpoint_path) -> Path:
-    """runs/26/best.pt -> runs/26/patient/: the patient model of that patch run."""
-    return Path(checkpoint_path).parent / "patient"
+    """runs/26/best.pt -> runs/26/patient/, runs/26/last.pt -> runs/26/patient-last/: one patient model per patch
+    checkpoint, so training one never replaces another's."""
+    path = Path(checkpoint_path)
+    return path.parent / ("patient" if path.stem == "best" else f"patient-{path.stem}")
 
 
-def feature_network(ckpt: dict, net, source: str, checkpoint_sha256: str):
-    """(the network whose penultimate layer gives the features, on the CPU; its identity for the key): the patch
-    checkpoint's own `net` by default, or `source` imagenet: its architecture with torchvision's ImageNet weights,
-    frozen (to read whether the patch model's training helped the patient model)."""
+def feature_network(ckpt: dict, net, source: str, checkpoint_sha256: str, encoder_weights=None):
+    """(the network whose output gives the features, on the CPU; its identity for the key): the patch checkpoint's
+    penultimate layer by default; `source` imagenet: its architecture with torchvision's ImageNet weights, frozen;
+    a foundation encoder (encoders.py) or timm:ARCH: that network with the weights of the local file
+    `encoder_weights` (its sha256 in the key)."""
     if source == "imagenet":
         return model.penultimate(common.build_model(ckpt["arch"], "imagenet"))[0].eval(), f"imagenet:{ckpt['arch']}"
+    if encoders.is_encoder(source):
+        enc = encoders.build(source, encoder_weights)
+        return enc, f"{source}:{common.file_sha256(encoder_weights)}"
     return model.penultimate(net)[0].eval(), checkpoint_sha256
 
 
 def ensure(checkpoint_path, sha: str, ckpt: dict, net, normalizer, source: str, data, patients, device, *,
            batch_size: int, workers: int, skip_bad: bool = False, cache=None, no_amp: bool = False,
-           resident_max_frac: float = feeds.DEFAULT_MAX_FRAC, expected_key: str | None = None) -> dict | None:
-    """The bags of `patients` for this checkpoint and feature source, extracted where missing (train_patient.py
-    for the whole split, evaluate.py for what its data root adds): {"key", "folder", "network", **extract()'s
-    counts}. Features under the run's own precision (model.scoring_precision), as evaluate.py scores. None, with
-    nothing extracted, when the key is not `expected_key` (a patient model trained on other bags)."""
-    body, network = feature_network(ckpt, net, source, sha)
+           resident_max_frac: float = feeds.DEFAULT_MAX_FRAC, expected_key: str | None = None,
+           encoder_weights=None) -> dict | None:
+    """The bags of `patients` for this checkpoint and feature source, extracted where missing or made from other
+    files (train_patient.py for the whole split, evaluate.py for what its data root adds): {"key", "folder",
+    "network", **extract()'s counts}. Features under the run's own precision (model.scoring_precision), as
+    evaluate.py scores; a foundation encoder's under autocast on CUDA (bf16 from Ampere on). None, with nothing extracted, when the key is not `expected_key` (a patient model trained
+    on other bags)."""
+    body, network = feature_network(ckpt, net, source, sha, encoder_weights)
     key = bag_key(network, source, ckpt["stain"], int(ckpt["image_size"]))
     if expected_key is not None and key != expected_key:
         return None
     folder = patient_dir(checkpoint_path) / "bags" / key[:16]
+    # a foundation encoder runs in bf16 on a GPU whatever the patch run did: its features feed no stored threshold
+    precision = model.precision(device, amp=device.type == "cuda" and not no_amp) if encoders.is_encoder(source) \
+        else model.scoring_precision(ckpt, device, no_amp)
     stats = extract(body, normalizer, data.root, patient_samples(data, patients), folder, key,
                     int(ckpt["image_size"]), device, batch_size=batch_size, workers=workers, skip_bad=skip_bad,
-                    cache=cache, precision=model.scoring_precision(ckpt, device, no_amp),
-                    resident_max_frac=resident_max_frac)
+                    cache=cache, precision=precision,
+                    resident_max_frac=resident_max_frac, stats=data.file_stats)
     return {"key": key, "folder": folder, "network": network, **stats}

@@ -110,6 +110,9 @@ NAMES = {"pr_auc": "PR-AUC (average precision)", "roc_auc": "ROC-AUC", "recall":
          "specificity": "specificity (NEGATIVA cleared)"}
 
 
+ECE_MIN_PATIENTS = 30  # the patient model's ECE below this many patients: a few per bin, noise
+
+
 def fmt(v, digits: int = 3) -> str:
     if v is None:
         return "-"
@@ -380,6 +383,7 @@ def _patient_model_section(metrics: dict, rule_cols: dict) -> list[str]:
              f"{feats['stain'] or 'none'}) of the same Cropped (HoldOut) patches the rule aggregates; trained on the "
              f"training patients, epoch {model['epoch']} chosen by {model['selection']} on the validation patients. "
              "Its threshold is chosen on the validation patients by Youden's J, as the rule's, and applied unchanged."]
+    lines += _features_lines(model.get("features_json"), feats)
     if not q["rule"]:
         return lines + ["", f"No threshold for the patient model: {q['reason']}."]
     lines += ["", f"Threshold: **probability >= {fmt(q['threshold'], 4)}**.", ""]
@@ -398,9 +402,10 @@ def _patient_model_section(metrics: dict, rule_cols: dict) -> list[str]:
     lines += _below_chance({k: v for k, v in sides.items() if k.endswith("model")})
     cal = q.get("calibration")
     if cal:
-        lines += ["", f"The model's probabilities on these patients: Brier {fmt(cal['brier'])}, ECE {fmt(cal['ece'])} "
-                      f"({cal['n_bins']} bins; trained with positives weighted, so not calibrated either). The rule's "
-                      "score is a share of patches or a mean of patch scores: not a probability at all."]
+        lines += ["", f"The model's probabilities on these patients: Brier {fmt(cal['brier'])}, "
+                      f"{ece_text(cal, cal.get('n', q.get('n')))}; trained with "
+                      "positives weighted, so not calibrated either. The rule's score is a share of patches or a "
+                      "mean of patch scores: not a probability at all."]
     for where, cmp in ((meta.get("headline", "val"), metrics.get("patient_vs_mil")),
                        ("HoldOut", metrics.get("holdout", {}).get("patient_vs_mil"))):
         if not cmp:
@@ -416,8 +421,42 @@ def _patient_model_section(metrics: dict, rule_cols: dict) -> list[str]:
     if att:
         lines += ["", f"Attention as evidence: on the {att['windows']} Annotated windows of these patients "
                       f"({att['positives']} with bacteria), windows the model never reads, the ROC-AUC of its raw "
-                      f"attention score against Presence is {fmt(att['roc_auc'])} (0.5: it looks anywhere; 1: it "
-                      "looks where the bacteria are). The most attended patches: `attention_gallery.png`."]
+                      f"attention score against Presence is {fmt(att['roc_auc'])} pooled, "
+                      f"{fmt(att.get('within_patient_roc_auc'))} within patients (windows of one patient compared "
+                      f"only with each other; {att.get('patients_with_both', '-')} patients have windows of both "
+                      "kinds) (0.5: it looks anywhere; 1: it looks where the bacteria are). The most attended "
+                      "patches: `attention_gallery.png`."]
+    return lines
+
+
+def ece_text(cal: dict, n) -> str:
+    """The patient model's ECE with its n, or why it is not shown (fewer than ECE_MIN_PATIENTS patients)."""
+    if n is not None and n >= ECE_MIN_PATIENTS:
+        return f"ECE {fmt(cal['ece'])} ({cal['n_bins']} bins, n = {n} patients)"
+    return (f"ECE not shown (n = {n} patients, below {ECE_MIN_PATIENTS}: its {cal['n_bins']} bins would hold a few "
+            "patients each)")
+
+
+def _features_lines(info: dict | None, feats: dict) -> list[str]:
+    """features.json beside the patient model: what its training bags held, and the shift it measured."""
+    seen = (info or feats).get("seen_in_training")
+    total = (info or feats).get("training_bag_patches")
+    if seen is None:
+        return ["", "Training bags: not recorded (a patient model from before features.json); retrain it with "
+                    "train_patient.py to know whether they held patches the encoder trained on."]
+    lines = ["", f"Training bags (`features.json`): {total} patches, **{seen} of them training examples of the "
+                 "encoder**" + (" (--allow-seen-patches): the patient model could tell training NEGATIVA patients by "
+                                "the encoder's memory of their patches, which no validation, test or HoldOut patient "
+                                "offers; read its numbers as optimistic." if seen else ".")]
+    shift = (info or {}).get("patient_model_negatives")
+    if shift:
+        lines[-1] += (f" Mean patient-model probability of NEGATIVA patients: training "
+                      f"{fmt(shift['train']['mean_probability'])} ({shift['train']['patients']}), validation "
+                      f"{fmt(shift['val']['mean_probability'])} ({shift['val']['patients']}).")
+    loss = (info or {}).get("patch_model_negatives_loss")
+    if loss:
+        lines[-1] += (f" The patch model's loss on NEGATIVA bag patches: training {fmt(loss['train']['loss'])}, "
+                      f"validation {fmt(loss['val']['loss'])}.")
     return lines
 
 

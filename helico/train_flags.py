@@ -65,6 +65,10 @@ def train_args_parser(shown: bool = True) -> argparse.ArgumentParser:
                    "pixel, white ones too, and DAB's amount is the signal: start small (0.05,0.005). 0 disables")
     g.add_argument("--image-size", type=int, default=256, help="patches are resized to this square side; 256 is "
                    "native. 64-128 makes CPU demos fast")
+    g.add_argument("--easy-negatives", choices=("half", "all"), default="half", help="which Cropped patches of "
+                   "the training NEGATIVA patients the model trains on as easy negatives: half keeps the other half "
+                   "(chosen by a hash of each window, not by label) for train_patient.py's bags, so the patient model "
+                   "never learns from patches this model has already fitted; all trains on every one of them")
     g.add_argument("--limit-samples", type=int, default=None, help="train on a stratified random subset of this "
                    "many training samples (CPU demo, smoke tests); validation is never subsampled")
     g = add_argument_group("data loading")

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smallest patch run with a stain reference: 32 px, Macenko on, 48 samples, one epoch.
 PATCH_FLAGS = ["--device", "cpu", "--image-size", "32", "--batch-size", "16", "--weights", "none", "--workers", "0",
                "--seed", "0", "--limit-samples", "48", "--epochs", "1"]
-PATIENT_FLAGS = ["--device", "cpu", "--workers", "0", "--epochs", "8"]
+PATIENT_FLAGS = ["--device", "cpu", "--workers", "0", "--mil-seeds", "2", "--epochs", "8"]
 
 
 # ----------------------------------------------------------------------------------------------- the model alone
@@ -62,14 +62,14 @@ def test_fit_learns_a_planted_signal_attends_to_it_and_is_deterministic_by_seed(
     tb, ty, _ = synthetic_bags(30, 0)
     vb, vy, _ = synthetic_bags(12, 1)
     sb, sy, planted = synthetic_bags(20, 2)
-    fits = [mil.fit(tb, ty, vb, vy, seed=s, epochs=10) for s in (0, 0, 1)]
+    fits = [mil.fit(tb, ty, vb, vy, seed=s, seeds=1, epochs=10) for s in (0, 0, 1)]
     same, again, other = fits
-    assert all(torch.equal(same["state"][k], again["state"][k]) for k in same["state"])
+    assert all(torch.equal(same["states"][0][k], again["states"][0][k]) for k in same["states"][0])
     assert same["records"] == again["records"]
-    assert not all(torch.equal(same["state"][k], other["state"][k]) for k in same["state"])
+    assert not all(torch.equal(same["states"][0][k], other["states"][0][k]) for k in same["states"][0])
     best = min(same["records"], key=lambda r: (r["val_loss"], r["epoch"]))
     assert same["epoch"] == best["epoch"]  # the lowest validation cross-entropy, the earlier epoch on a tie
-    ckpt = mil.checkpoint(state=same["state"], config=same["config"], patch_checkpoint={}, split={}, features={},
+    ckpt = mil.checkpoint(state=same["states"], config=same["config"], patch_checkpoint={}, split={}, features={},
                           bag_key="k", epoch=same["epoch"], val_loss=best["val_loss"])
     net = mil.from_checkpoint(ckpt)
     probs, hot_rank = [], []
@@ -223,12 +223,14 @@ def test_evaluate_reports_the_patient_model_beside_the_rule_on_the_same_patients
     assert (out / "attention_gallery.png").stat().st_size > 1000
 
 
-def test_a_patient_model_of_another_checkpoint_is_not_shown_and_the_report_says_why(patch_run, patient_run):
+def test_a_patient_model_of_another_checkpoint_is_not_shown_and_the_report_says_why(patch_run, patient_run,
+                                                                                      tmp_path):
+    shutil.copytree(patient_run, tmp_path / "patient")
     ckpt = torch.load(patch_run / "best.pt", weights_only=True)
-    ckpt["model"]["fc.bias"] += 1  # another model in the same run folder: its features are not the bags' features
-    torch.save(ckpt, patch_run / "other.pt")
-    out = patch_run / "eval-other"
-    assert evaluate.main(["--checkpoint", str(patch_run / "other.pt"), "--device", "cpu", "--workers", "0",
+    ckpt["model"]["fc.bias"] += 1  # best.pt trained further: its features are not the bags' features any more
+    torch.save(ckpt, tmp_path / "best.pt")
+    out = tmp_path / "eval-other"
+    assert evaluate.main(["--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu", "--workers", "0",
                           "--bootstrap", "0", "--gradcam", "0", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text(), parse_constant=float)
     assert "patient_mil" not in m and "mil_probability" in (out / "patients.csv").read_text()
@@ -240,7 +242,7 @@ def test_the_benchmark_times_mil_training_and_extraction_and_names_the_machine(p
     import bench_patient
     out = tmp_path / "bench.json"
     assert bench_patient.main(["--train-bags", "6", "--val-bags", "4", "--bag-size", "20", "--features", "16",
-                               "--epochs", "2", "--checkpoint", str(patch_run / "best.pt"), "--device", "cpu",
+                               "--epochs", "2", "--mil-seeds", "1", "--checkpoint", str(patch_run / "best.pt"), "--device", "cpu",
                                "--workers", "0", "--patches", "40", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("machine: ") and "mil      6 training + 4 validation bags" in text and "img/s" in text

@@ -20,6 +20,8 @@ Stages (each a row of the closing table; a stage that crashes is a failed row, t
   bench      tools/bench.py at 224 px, batch 256, bf16, channels_last: loop / model-only ceiling (target >= 0.90),
              train.py's steady state / ceiling (>= 0.85), a 54,000-patch epoch (<= 5 s); then --compile's
              model_step (>= 15,000 img/s on an H200-class GPU)
+  encoder    a ViT-L/16 foundation encoder (UNI's architecture, timm's random weights) on 256 px patches resized to
+             224, bf16, batch 256: train_patient.py's extraction step (target >= 2,000 img/s; needs timm)
 It ends with one table (stage, img/s, x ceiling, target, result) and the card's name; --json writes it with every
 number. --device cpu runs the same code at tiny sizes: a check of this script, not a measurement (targets n/a).
 
@@ -46,9 +48,10 @@ sys.path.insert(0, str(REPO))
 
 import common
 
-STAGES = ("resume", "streamed", "evaluate", "compile", "torchrun", "macenko", "bench")
+STAGES = ("resume", "streamed", "evaluate", "compile", "torchrun", "macenko", "bench", "encoder")
 # issue 13's targets (an H200-class GPU): loop and train.py as shares of the model-only ceiling, absolute rates
-TARGETS = {"loop": 0.90, "train": 0.85, "compile_img_s": 15_000, "epoch_s": 5.0, "macenko_img_s": 40_000}
+TARGETS = {"loop": 0.90, "train": 0.85, "compile_img_s": 15_000, "epoch_s": 5.0, "macenko_img_s": 40_000,
+           "encoder_img_s": 2_000}  # a ViT-L/16 foundation encoder at 224 px in bf16 (an H100-class GPU)
 SIZES = {"cuda": {"image_size": 64, "batch_size": 64}, "cpu": {"image_size": 32, "batch_size": 16}}  # train stages
 
 
@@ -232,6 +235,23 @@ def stage_bench(c: Check) -> list[dict]:
         rows.append(row("bench: --compile model step", rate >= TARGETS["compile_img_s"], rate,
                         bench.ratio(rate, ceiling), f">= {TARGETS['compile_img_s']:,} img/s"))
     return rows
+
+
+def stage_encoder(c: Check) -> list[dict]:
+    import stain
+    from helico import encoders
+    name = f"encoder: ViT-L/16 at 224 px, {'bf16' if c.cuda else 'float32'}"
+    try:
+        enc = encoders.untrained("uni", c.device)
+    except common.DataError as e:
+        return [row(name, None, target=f">= {TARGETS['encoder_img_s']:,} img/s", note=str(e))]
+    batch = torch.rand(256 if c.cuda else 2, 3, 256, 256, device=c.device)
+    with torch.inference_mode(), torch.autocast(c.device.type, dtype=torch.bfloat16, enabled=c.cuda):
+        enc(batch[:2])  # warm-up
+        seconds = sorted(stain._timed(lambda: enc(batch), c.device)[0] for _ in range(5))[2]
+    rate = len(batch) / seconds
+    return [row(f"{name}, batch {len(batch)}", rate >= TARGETS["encoder_img_s"] if c.cuda else None, rate,
+                target=f">= {TARGETS['encoder_img_s']:,} img/s")]
 
 
 # ----------------------------------------------------------------------------------------------- table
