@@ -25,7 +25,9 @@ def train_args_parser(shown: bool = True) -> argparse.ArgumentParser:
                    "(a requeued job keeps its ID, so it resumes itself), else the start time YYYYmmdd-HHMMSS")
     g.add_argument("--runs-dir", default="runs", help="where run folders live; put it on shared storage on a cluster")
     g.add_argument("--force", action="store_true", help="resume even though the run folder's config.json holds "
-                   "different flags (e.g. more --epochs); the new flags win but the split stays the checkpoint's")
+                   "different flags (e.g. more --epochs): the new flags win but the split stays the checkpoint's; or, "
+                   "in a folder holding an earlier model and no last.pt, replace it: its best.pt, config.json and log "
+                   "are removed and its evaluation folders (eval/, patient/, ...) renamed <name>.stale")
     g.add_argument("--seed", type=int, default=0, help="model init, sample order and augmentation draws")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N; under torchrun "
                    "each process takes cuda:$LOCAL_RANK")
