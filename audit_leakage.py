@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 import common
-from helico import helicodata, splits, train_flags
+from helico import helicodata, run_folder, splits, train_flags
 from common import DataError
 from helico.helicodata import TREES, patient_id
 
@@ -693,14 +693,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-size", type=int, default=256, help="patch side in pixels the dataset should have "
                    "(256 for the real data; the demo's --patch-size if you changed it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs of batch jobs)")
-    p.add_argument("--check-flags", action="store_true", help="only parse the command line and exit (0, or 2 with "
-                   "one line): what run_h_pylori.sh runs before staging, so a mistyped flag costs no copy")
+    p.add_argument("--check-flags", action="store_true", help="only parse the command line and check that train.py "
+                   "may write its run folder (--runs-dir/--run-id: not one holding an earlier model without last.pt, "
+                   "unless --force), then exit (0, or 2 with one line): what run_h_pylori.sh runs before staging, so "
+                   "a mistyped flag or a finished run folder costs no copy")
     return p
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.check_flags:
+        try:
+            if args.run_id:
+                run_folder.refuse_earlier_run(Path(args.runs_dir) / args.run_id, args.force)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return common.EXIT_BAD_INPUT
         return common.EXIT_OK
     try:
         audits, cross = audit_all(args)

@@ -255,6 +255,23 @@ def test_an_abbreviated_flag_is_refused_in_one_line_before_staging(node, demo_ro
     assert not (node.local / "helico-stage").exists() and not node.runs.exists()
 
 
+def test_a_run_folder_holding_a_finished_model_without_last_pt_is_refused_in_one_line_before_staging(node):
+    run_dir = node.runs / "nopm"  # a finished run whose last.pt was deleted to save space, evaluated
+    (run_dir / "eval").mkdir(parents=True)
+    for name in ("best.pt", "config.json", "log.jsonl", "eval/metrics.json"):
+        (run_dir / name).write_text("kept\n")
+    before = {p: p.read_text() for p in run_dir.rglob("*") if p.is_file()}
+    r = node.run("--run-id", "nopm", "--epochs", "20")
+    assert r.returncode == 2, r.stderr[-3000:]
+    [line] = [line for line in r.stderr.splitlines() if "error" in line]
+    assert line == (f"error: {node.runs}/nopm holds a model of an earlier run (best.pt, "
+                    f"config.json, eval/, log.jsonl) and no last.pt to resume from: use another --run-id, or --force "
+                    f"to replace it (its evaluation folders are kept as <name>.stale)"), r.stderr
+    assert {p: p.read_text() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.json", "eval", "log.jsonl"]
+    assert not (node.local / "helico-stage").exists()
+
+
 # ----------------------------------------------------------------------------------------------- pipeline
 def leaky_split(node, tmp_path) -> Path:
     """A split file whose validation part repeats a training patient."""
