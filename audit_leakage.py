@@ -17,7 +17,9 @@ under a stable check name:
   patient in val/test), split_refused (anything else splits.split_problems reports: train.py would refuse it),
   fold_test_parts (--folds K without --fold: the folds' test parts overlap or miss a patient);
 - warnings: multi_section_patients, label_conflicts, presence_zero_rows, rows_without_files, files_without_rows,
-  stray_entries, duplicate_rows, control_or_external_mentions (paths and every workbook/CSV cell),
+  stray_entries, unread_images (a JPG, or a PNG not named <window>.png, in a patient folder: missing from that
+  patient), unparsed_folders (a folder not named <Pat_ID>_<section>: its images missing from that patient),
+  empty_patient_folders, duplicate_rows, control_or_external_mentions (paths and every workbook/CSV cell),
   off_size_images, unreadable_png_headers, undecodable_images (a valid header, pixels that do not decode: a
   truncated PNG), duplicate_content_groups (even when kept together), near_duplicate_images (a 64-bit perceptual
   hash within 6 bits across two patients: a re-encoded copy under another ID, which the content hash misses),
@@ -250,8 +252,34 @@ def files_without_rows(data: helicodata.HelicoData) -> list[Finding]:
 
 
 def stray_entries(data: helicodata.HelicoData) -> list[Finding]:
-    return found("warning", "stray_entries", data.stray, [], f"{len(data.stray)} entries that are neither patient "
-                 f"folders nor patch PNGs, skipped: {examples(data.stray)}", data.stray)
+    named = set(data.unread_images) | set(data.unparsed_folders)  # reported by the two checks below
+    stray = [p for p in data.stray if p not in named]
+    return found("warning", "stray_entries", stray, [], f"{len(stray)} entries that are neither patient "
+                 f"folders nor patch PNGs, skipped: {examples(stray)}", stray)
+
+
+def unread_images(data: helicodata.HelicoData) -> list[Finding]:
+    files = data.unread_images
+    missing = Counter(map(path_patient, files))
+    return found("warning", "unread_images", files, missing, f"{len(files)} image(s) in patient folders that are not "
+                 f"read (only PNG patches named <window>.png or <window>_Aug<K>.png are), so they are missing from "
+                 f"their patient: {examples(f'{p} ({n})' for p, n in sorted(missing.items()))}; convert them to PNG "
+                 f"under such a name: {examples(files)}", files)
+
+
+def unparsed_folders(data: helicodata.HelicoData) -> list[Finding]:
+    folders = data.unparsed_folders
+    what = [f"{f} ({n} image(s) missing from patient {patient_id(f)})" for f, n in sorted(folders.items())]
+    return found("warning", "unparsed_folders", folders, [patient_id(f) for f in folders if folders[f]],
+                 f"{len(folders)} folder(s) not named <Pat_ID>_<section> (e.g. B22-500_0), so none of their images "
+                 f"is read: {examples(what)}; rename each <Pat_ID>_<section>", list(folders))
+
+
+def empty_patient_folders(data: helicodata.HelicoData) -> list[Finding]:
+    empty = data.empty_folders
+    return found("warning", "empty_patient_folders", empty, map(patient_id, empty), f"{len(empty)} "
+                 f"patient folder(s) are empty (no patch PNG), so those sections have no data: {examples(empty)}; "
+                 f"copy their patches in, or remove the folder", empty)
 
 
 def duplicate_rows(data: helicodata.HelicoData) -> list[Finding]:
@@ -510,7 +538,9 @@ def patients_outside_split(split: dict, data: helicodata.HelicoData) -> list[Fin
 
 
 def patients_without_diagnosis(data: helicodata.HelicoData) -> list[Finding]:
-    missing = sorted((set(data.cv_patients) | set(data.holdout_patients)) - set(data.diagnosis))
+    with_images = {s.patient for s in data.all_samples()} | set(map(path_patient, data.files_without_row +
+                                                                      data.uncertain_files))
+    missing = sorted(with_images - set(data.diagnosis))  # an empty folder's patient: empty_patient_folders
     return found("warning", "patients_without_diagnosis", missing, missing, f"{len(missing)} patient(s) with images "
                  f"but no {helicodata.DIAGNOSIS_NAME} row, so their Cropped patches get no label: {examples(missing)}")
 
@@ -568,7 +598,8 @@ def run_checks(data, split, groups, shared, sizes, errors, reference_patch,
     findings += split_refused(splits.split_problems(split, data, groups, reference_patch), findings)
     return findings + [
         *multi_section_patients(data), *label_conflicts(data), *presence_zero_rows(data), *rows_without_files(data),
-        *files_without_rows(data), *stray_entries(data), *duplicate_rows(data),
+        *files_without_rows(data), *stray_entries(data), *unread_images(data), *unparsed_folders(data),
+        *empty_patient_folders(data), *duplicate_rows(data),
         *control_or_external_mentions(data, set(sizes) | set(data.stray) | folders),
         *off_size_images(sizes, expected_size), *undecodable_images(errors),
         *duplicate_content_groups(groups, parts, data.holdout_patients),

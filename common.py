@@ -56,9 +56,10 @@ def unexpected_fault(error: OSError | ImportError) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     where = error.filename2 or error.filename or "the disk"  # a failed os.replace(tmp, path) names path second
+    where = shown_path(where) if where != "the disk" else where  # the folder the user knows, not a temp file
     if error.errno in FAULTS:
-        print(f"error: {where}: {FAULTS[error.errno]}; free space there or check that disk, then run the same "
-              f"command again", file=sys.stderr)
+        remedy = REMEDIES.get(FAULTS[error.errno], "free space there or check that disk")
+        print(f"error: {where}: {FAULTS[error.errno]}; {remedy}, then run the same command again", file=sys.stderr)
         return EXIT_ENVIRONMENT
     print(f"error: {where}: {error.strerror or error}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -95,8 +96,9 @@ def guarded_main(run, *, kept: str, again: str, cleanup=None, leak=()) -> int:
     except OSError as e:  # a disk fault outside the writes that report their own folder (reading data, a checkpoint)
         if e.errno not in FAULTS:
             return unexpected_fault(e)
-        print(f"error: {e.filename or 'the disk'}: {FAULTS[e.errno]}; {kept}; check that disk, then {again}",
-              file=sys.stderr)
+        where = shown_path(e.filename) if e.filename else "the disk"
+        remedy = REMEDIES.get(FAULTS[e.errno], "check that disk")
+        print(f"error: {where}: {FAULTS[e.errno]}; {kept}; {remedy}, then {again}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except ImportError as e:
         return unexpected_fault(e)
@@ -139,7 +141,10 @@ def resolve_device(name=None, local_rank: int = 0, world: int = 1):
 
 # ----------------------------------------------------------------------------------------------- files
 FAULTS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EIO: "I/O error",
-          errno.EROFS: "read-only file system"}  # OSErrors that say the disk failed the run, not the user's input
+          errno.EROFS: "read-only file system",  # OSErrors that say the disk failed the run, not the user's input
+          errno.EFBIG: "file too large for that file system or the file-size limit (ulimit -f)"}
+REMEDIES = {FAULTS[errno.ENOSPC]: "free space there", FAULTS[errno.EDQUOT]: "free space there",
+            FAULTS[errno.EFBIG]: "write to a file system without that limit (or raise ulimit -f)"}
 
 
 def writable_folder(folder, flag: str) -> Path:
@@ -156,16 +161,35 @@ def writable_folder(folder, flag: str) -> Path:
 
 
 def disk_fault(folder, reason: str, writing: str) -> EnvironmentFault:
-    """The one wording of a full or failing disk: the folder, the FAULTS reason, what was being written, the remedy."""
-    remedy = "free space there" if reason in (FAULTS[errno.ENOSPC], FAULTS[errno.EDQUOT]) else "check that disk"
+    """The one wording of a failed write: the folder, the reason (FAULTS' wording, or the system's: permission
+    denied), what was being written, the remedy."""
+    remedy = REMEDIES.get(reason, "check that disk and that you may write there")
     return EnvironmentFault(f"{folder}: {reason} while writing {writing} (any previous one is kept); {remedy}, then "
                             f"run the same command again", reason)
 
 
+def write_failure(error: OSError, path: Path) -> bool:
+    """Whether `error` is the failure of writing `path` itself (its folder, the file, the temp file beside it, or a
+    write with no file name), not of another file read inside the writing block."""
+    name = error.filename
+    return name is None or shown_path(name) != Path(name) or Path(name) in (path, *path.parents)
+
+
+def shown_path(path) -> Path:
+    """`path` as a message shows it: the folder holding a temp file or folder of atomic_path or a replaced folder
+    (.<name>.<random>.tmp), which the user never made, instead of the temp name or anything inside it."""
+    path = Path(path)
+    for k, part in enumerate(path.parts):
+        if part.startswith(".") and part.endswith(".tmp"):
+            return Path(*path.parts[:k]) if k else Path(".")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds. A full or failing disk
-    raises EnvironmentFault naming the folder; the previous `path` is untouched either way."""
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds. A failed write (a full or
+    failing disk, a file-size limit, a folder one may not write) raises EnvironmentFault naming the folder, never the
+    temp file; the previous `path` is untouched either way."""
     path, tmp = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,10 +200,10 @@ def atomic_path(path):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give them the permissions open() would
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno not in FAULTS:
+    except OSError as e:  # a full disk, a size limit, a folder one may not write: exit 5 naming the folder
+        if e.errno not in FAULTS and not write_failure(e, path):
             raise
-        raise disk_fault(path.parent, FAULTS[e.errno], path.name) from None
+        raise disk_fault(path.parent, FAULTS.get(e.errno) or (e.strerror or str(e)).lower(), path.name) from None
     finally:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -177,13 +177,9 @@ def scoring_options(args, cache) -> dict:
 
 
 def checkpoint_file(given: str, flag: str) -> Path:
-    """The checkpoint a user named; a run folder (`--checkpoint runs/demo`) is refused naming the file it holds,
-    before its parent is taken for where eval/ goes."""
-    path = Path(given)
-    if path.is_dir():
-        raise DataError(f"{flag} {path}: a folder, not a checkpoint; pass {path / 'best.pt'} (the best validation "
-                        f"epoch) or {path / 'last.pt'}")
-    return path
+    """The checkpoint a user named (model.checkpoint_path: a run folder is refused naming the checkpoints inside
+    it), before its parent is taken for where eval/ goes."""
+    return model.checkpoint_path(given, flag)
 
 
 def data_root_of(ckpt: dict, override: str | None, path) -> str:

@@ -254,6 +254,11 @@ class HelicoData:
     uncertain_files: list[str] = field(default_factory=list)    # their images: not samples, but files to audit
     uncertain_cropped: list[str] = field(default_factory=list)  # Cropped copies of Presence 0 windows: excluded too
     stray: list[str] = field(default_factory=list)              # non-PNG / non-folder entries skipped
+    # of the stray entries, what a user must act on: images not read (a JPG, a PNG not named <window>.png) in patient
+    # folders, and folders not named <Pat_ID>_<section> -> the image files inside (missing from that patient)
+    unread_images: list[str] = field(default_factory=list)
+    unparsed_folders: dict[str, int] = field(default_factory=dict)
+    empty_folders: list[str] = field(default_factory=list)      # patient folders holding no patch PNG nor image
     duplicate_rows: list[Annotation] = field(default_factory=list)
     annotations_file: Path | None = None
     diagnosis_file: Path | None = None
@@ -282,9 +287,14 @@ class HelicoData:
 TREES = {"annotated": "CrossValidation/Annotated", "cropped": "CrossValidation/Cropped", "holdout": "HoldOut"}
 
 
-def _scan_tree(root: Path, tree: str, stray: list[str], stats: dict) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Patient -> folder names, and folder -> PNG names, of one tree; other entries go to `stray`, each PNG's
-    (size, mtime_ns) to `stats`."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")  # what a user may take for a patch
+
+
+def _scan_tree(root: Path, tree: str, data: HelicoData) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Patient -> folder names, and folder -> PNG names, of one tree; other entries go to data.stray (images not read,
+    folders not parsed and empty patient folders also to their own lists), each PNG's (size, mtime_ns) to
+    data.file_stats."""
+    stray, stats = data.stray, data.file_stats
     base = root / TREES[tree]
     patients: dict[str, list[str]] = {}
     files: dict[str, list[str]] = {}
@@ -294,6 +304,9 @@ def _scan_tree(root: Path, tree: str, stray: list[str], stats: dict) -> tuple[di
         rel = f"{TREES[tree]}/{entry.name}"
         if not entry.is_dir() or folder_section(entry.name) is None:
             stray.append(rel)  # Thumbs.db, .DS_Store, oddly named folders: skipped but reported
+            if entry.is_dir():
+                with os.scandir(entry.path) as listing:
+                    data.unparsed_folders[rel] = sum(Path(f.name).suffix.lower() in IMAGE_SUFFIXES for f in listing)
             continue
         patients.setdefault(patient_id(entry.name), []).append(entry.name)
         fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)  # stats relative to it: no path walk per file
@@ -302,6 +315,11 @@ def _scan_tree(root: Path, tree: str, stray: list[str], stats: dict) -> tuple[di
                 found = sorted((f.name, f.is_file()) for f in listing)
             names = [name for name, is_file in found if is_file and parse_patch_name(name)]
             stray += [f"{rel}/{name}" for name, is_file in found if not (is_file and parse_patch_name(name))]
+            unread = [f"{rel}/{name}" for name, is_file in found
+                      if is_file and not parse_patch_name(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+            data.unread_images += unread
+            if not names and not unread:
+                data.empty_folders.append(rel)
             for name in names:
                 st = os.stat(name, dir_fd=fd)  # the process's one stat of this file
                 stats[f"{rel}/{name}"] = (st.st_size, st.st_mtime_ns)
@@ -326,7 +344,7 @@ def load_data(root) -> HelicoData:
                       folders={}, annotations_file=ann_file, diagnosis_file=root / DIAGNOSIS_NAME)
     listing = {}
     for tree in TREES:
-        data.folders[tree], listing[tree] = _scan_tree(root, tree, data.stray, data.file_stats)
+        data.folders[tree], listing[tree] = _scan_tree(root, tree, data)
     _join_annotated(data, listing["annotated"])
     # A Cropped patch that is an annotated window (same patient, section and number) is that window again: a labelled
     # one is already a sample, an uncertain (Presence 0) one must not come back as an easy negative.

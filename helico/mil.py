@@ -22,6 +22,7 @@ Only training and validation labels are ever read here; test and HoldOut patient
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -136,6 +137,8 @@ def checkpoint(*, state: dict, config: dict, patch_checkpoint: dict, split: dict
 
 
 def load_checkpoint(path) -> dict:
+    if Path(path).is_dir():
+        raise DataError(f"{path}: a folder, not a patient model; pass {Path(path) / 'best.pt'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -60,7 +60,7 @@ def build_model(arch: str = "resnet18", weights: str = "none"):
                             ) from None
     _one_logit_head(model)
     if weights not in ("none", "imagenet", None):
-        path = Path(weights)
+        path = checkpoint_path(weights, "--weights") if Path(weights).is_dir() else Path(weights)
         if not path.is_file():
             raise DataError(f"--weights {weights}: file not found (use imagenet, none or a .pt path)")
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -275,13 +275,25 @@ def checkpoint(*, model_state, arch, config, split, stain, threshold, threshold_
             "val_metrics": val_metrics, **training, "version": CHECKPOINT_VERSION}
 
 
+def checkpoint_path(path, named: str = "--checkpoint") -> Path:
+    """`path` when it is a file; else a DataError naming the flag and, for a run folder (`--checkpoint runs/demo`),
+    the checkpoints inside it: every command that reads a checkpoint says the same."""
+    path = Path(path)
+    if path.is_dir():
+        inside = [path / n for n in ("best.pt", "last.pt") if (path / n).is_file()]
+        which = (f"pass {inside[0]}" + (f" (the best validation epoch) or {inside[1]} (the last)" if len(inside) > 1
+                 else "") if inside else "it holds neither best.pt nor last.pt: pass a checkpoint file")
+        raise DataError(f"{named} {path}: a folder, not a checkpoint; {which}")
+    if not path.is_file():
+        raise DataError(f"{named} {path}: file not found")
+    return path
+
+
 def load_checkpoint(path, training: bool = False, named: str = "--checkpoint") -> dict:
     """A checkpoint() dict, loaded with weights_only=True; one-line errors naming the file otherwise.
     training=True also requires the state that resumes training; `named` is what the user gave that led here, for
     the message (train.py: the run it resumes)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{named} {path}: file not found")
+    path = checkpoint_path(path, named)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, ...
