@@ -640,7 +640,7 @@ def audit(args, data: helicodata.HelicoData, checked: dict) -> Audit:
     errors = {p: error for p, (_, error, _) in checked.items() if error}
     hashes = {p: h for p, (_, _, h) in checked.items() if h is not None}
     return Audit(data, split, run_checks(data, split, groups, shared, sizes, errors, args.reference_patch,
-                                         args.expected_size, hashes),
+                                         args.patch_size, hashes),
                  composition(data, split, Parts(split)),
                  split_source=f"from {args.split}" if args.split else "made from the flags, as train.py makes it")
 
@@ -718,11 +718,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "training. Exit 0: no leak; 1: leak found; 2: bad input. Every train.py flag is "
                                 "accepted too (not listed here), so the audit takes train.py's whole command line and "
                                 "checks the split it trains.",
-                                parents=[train_flags.train_args_parser(shown=False)], allow_abbrev=False)
+                                parents=[train_flags.train_args_parser(shown=False)], allow_abbrev=False,
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--json", metavar="OUT", help="also write the findings and composition as JSON (for CI or "
                    "to archive next to a run); written atomically")
-    p.add_argument("--expected-size", type=int, default=256, help="patch side in pixels the dataset should have "
-                   "(256 for the real data; the demo's --patch-size if you changed it)")
+    p.add_argument("--patch-size", type=int, default=256, help="side in pixels the dataset's PNG files should have "
+                   "(256 for the real data; make_demo_data.py's --patch-size if you changed it); not --image-size, "
+                   "the model input train.py resizes them to")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs of batch jobs)")
     p.add_argument("--check-flags", action="store_true", help="only parse the command line and check that train.py "
                    "may write its run folder (--runs-dir/--run-id: not one holding an earlier model without last.pt, "

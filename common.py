@@ -14,6 +14,7 @@ itself (patients, workbook, samples) is helico/helicodata.py.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -63,6 +64,42 @@ def unexpected_fault(error: OSError | ImportError) -> int:
         return EXIT_ENVIRONMENT
     print(f"error: {where}: {error.strerror or error}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+# ----------------------------------------------------------------------------------------------- flags
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every command's --help: each default shown, the description as written. A flag whose default is None says in
+    its help what it then does, so "(default: None)", which says nothing, is left out."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def device_flag(text: str) -> str:
+    """--device's type in every command: auto, cpu, cuda or cuda:N, checked when parsed (exit 2 naming the flag);
+    resolve_device turns it into a device once torch is loaded."""
+    if text not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {DEVICE_CHOICES}")
+    return text
+
+
+def add_device_flag(parser, default: str = "auto", what: str = "", note: str = "") -> None:
+    """--device, spelled, typed and explained the same in every command; `what` says what runs there, `note` ends
+    the help."""
+    parser.add_argument("--device", type=device_flag, default=default, metavar="{auto,cpu,cuda,cuda:N}",
+                        help=f"{what + ': ' if what else ''}auto (cuda when available, else cpu), cpu, cuda or "
+                        f"cuda:N{'; ' + note if note else ''}")
+
+
+def add_amp_flag(parser, default_means: str, advice: str = "") -> None:
+    """--amp/--no-amp in every command: None (not given) is the command's automatic choice, `default_means`;
+    `advice` ends the help."""
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision "
+                        f"(autocast: bf16 on GPUs of compute capability 8.0+ and on the CPU, else fp16). Default: "
+                        f"{default_means}{'. ' + advice if advice else ''}")
 
 
 # ----------------------------------------------------------------------------------------------- devices
@@ -127,7 +164,7 @@ def resolve_device(name=None, local_rank: int = 0, world: int = 1):
     if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
         raise DataError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        raise DataError(f"--device {name}: CUDA is not available (no GPU visible to this process; use --device cpu)")
     if world > 1 and name.startswith("cuda:"):
         raise DataError(f"--device {name}: under torchrun ({world} processes) every rank would use that one GPU; use "
                         f"--device cuda (each rank takes cuda:LOCAL_RANK)")

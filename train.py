@@ -71,7 +71,7 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    # No prefixes: `--val 0.3` or `--epoch 1` would pass for --val-frac/--epochs (issue 19). The flags are
+    # No prefixes: `--val 0.3` or `--epoch 1` would pass for --val-frac/--epochs. The flags are
     # train_flags' (torch-free), so that audit_leakage.py parses this very command line.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter,
                                 parents=[train_flags.train_args_parser()], allow_abbrev=False)

@@ -163,7 +163,7 @@ def feature_network(ckpt: dict, net, source: str, checkpoint_sha256: str):
 
 
 def ensure(checkpoint_path, sha: str, ckpt: dict, net, normalizer, source: str, data, patients, device, *,
-           batch_size: int, workers: int, skip_bad: bool = False, cache=None, no_amp: bool = False,
+           batch_size: int, workers: int, skip_bad: bool = False, cache=None, amp: bool | None = None,
            resident_max_frac: float = feeds.DEFAULT_MAX_FRAC, expected_key: str | None = None) -> dict | None:
     """The bags of `patients` for this checkpoint and feature source, extracted where missing (train_patient.py
     for the whole split, evaluate.py for what its data root adds): {"key", "folder", "network", **extract()'s
@@ -176,6 +176,6 @@ def ensure(checkpoint_path, sha: str, ckpt: dict, net, normalizer, source: str, 
     folder = patient_dir(checkpoint_path) / "bags" / key[:16]
     stats = extract(body, normalizer, data.root, patient_samples(data, patients), folder, key,
                     int(ckpt["image_size"]), device, batch_size=batch_size, workers=workers, skip_bad=skip_bad,
-                    cache=cache, precision=model.scoring_precision(ckpt, device, no_amp),
+                    cache=cache, precision=model.scoring_precision(ckpt, device, amp),
                     resident_max_frac=resident_max_frac)
     return {"key": key, "folder": folder, "network": network, **stats}

@@ -1,5 +1,5 @@
 """Every way a run can stop, tried as users meet it: the real scripts in their own process, DataLoader workers on,
-a time limit, and then the exit code, the one line that says why, and what is left on disk (issue 9)."""
+a time limit, and then the exit code, the one line that says why, and what is left on disk."""
 import json
 import os
 import re

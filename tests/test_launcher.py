@@ -475,7 +475,7 @@ def test_gpu_count_is_what_the_job_was_given_never_a_default_of_one():
 
 def test_a_cpu_run_logs_zero_gpus_and_one_process(node, demo_root):
     if shutil.which("nvidia-smi"):
-        pytest.skip("this machine has nvidia-smi, so an unset CUDA_VISIBLE_DEVICES counts its GPUs")  # never on CI
+        pytest.skip("this node has nvidia-smi, so an unset CUDA_VISIBLE_DEVICES counts its GPUs")  # never on CI
     r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "gpus", *TRAIN_FLAGS, CACHE="off", STAGE_DIR="off")
     train_command(r)
     assert "GPUs: 0 (none allocated or visible: CPU run), processes: 1" in gpus_line(r)
