@@ -177,11 +177,13 @@ def resolve_device(name=None, local_rank: int = 0, world: int = 1):
 
 
 # ----------------------------------------------------------------------------------------------- files
+REFUSED = (errno.EACCES, errno.EPERM)  # a write the folder refuses: a failed write too (exit 5), naming the folder
 FAULTS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EIO: "I/O error",
           errno.EROFS: "read-only file system",  # OSErrors that say the disk failed the run, not the user's input
           errno.EFBIG: "file too large for that file system or the file-size limit (ulimit -f)"}
 REMEDIES = {FAULTS[errno.ENOSPC]: "free space there", FAULTS[errno.EDQUOT]: "free space there",
-            FAULTS[errno.EFBIG]: "write to a file system without that limit (or raise ulimit -f)"}
+            FAULTS[errno.EFBIG]: "write to a file system without that limit (or raise ulimit -f)",
+            **{os.strerror(e).lower(): "make that folder writable or write elsewhere" for e in REFUSED}}
 
 
 def writable_folder(folder, flag: str) -> Path:
@@ -200,7 +202,7 @@ def writable_folder(folder, flag: str) -> Path:
 def disk_fault(folder, reason: str, writing: str) -> EnvironmentFault:
     """The one wording of a failed write: the folder, the reason (FAULTS' wording, or the system's: permission
     denied), what was being written, the remedy."""
-    remedy = REMEDIES.get(reason, "check that disk and that you may write there")
+    remedy = REMEDIES.get(reason, "check that disk")
     return EnvironmentFault(f"{folder}: {reason} while writing {writing} (any previous one is kept); {remedy}, then "
                             f"run the same command again", reason)
 
@@ -238,8 +240,8 @@ def atomic_path(path):
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give them the permissions open() would
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a size limit, a folder one may not write: exit 5 naming the folder
-        if e.errno not in FAULTS and not write_failure(e, path):
-            raise
+        if e.errno not in FAULTS and not (e.errno in REFUSED and write_failure(e, path)):
+            raise  # another file's error inside the block, or a path that is a folder: the caller's to name
         raise disk_fault(path.parent, FAULTS.get(e.errno) or (e.strerror or str(e)).lower(), path.name) from None
     finally:
         if tmp is not None:

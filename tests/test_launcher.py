@@ -384,7 +384,8 @@ def test_the_patient_model_step_runs_after_training_unless_turned_off(node, smal
     # Stand-ins after the real audit: train.py "finishes" at once (best.pt is there), train_patient.py exits 2 and
     # evaluate.py 0, so the log shows whether the step ran and that its exit code is read like every step's.
     (node.runs / "pm").mkdir(parents=True)
-    (node.runs / "pm" / "best.pt").write_bytes(b"")
+    for name in ("best.pt", "last.pt"):  # a finished run, as the stand-in train.py leaves it
+        (node.runs / "pm" / name).write_bytes(b"")
     wrapper = node.tmp / "python-wrapper"
     wrapper.write_text('#!/bin/bash\ncase ${1:-} in\n  */train.py|*/evaluate.py) exit 0 ;;\n'
                        '  */train_patient.py) echo "train_patient.py: simulated $*" >&2; exit 2 ;;\nesac\n'
