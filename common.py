@@ -1,4 +1,5 @@
-"""The conventions every script shares: bad input and its exit codes, the --device rule, atomic file writes.
+"""The conventions every script shares: bad input and its exit codes, the flags every command spells the same
+(--device, --amp/--no-amp, the --help format), the --device rule, atomic file writes.
 
 A top-level module (the design card's): scripts and the helico package import it; it imports nothing of the
 project, and not torch at import time (the audit and the launcher's flag check stay fast).

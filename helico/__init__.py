@@ -3,6 +3,7 @@
     helicodata    the HelicoDataSet as the code sees it: patients, workbook rows, samples, PatchDataset
     splits        content hashes, duplicate-patient groups, patient-level splits and their checks, the split flags
     train_flags   train.py's whole command line, torch-free: train.py parses it, audit_leakage.py accepts it
+    run_folder    runs/<run-id>/: the lock, the refusal of an earlier model, the resume check, stop signals, requeue
     packed_cache  the packed uint8 patch cache and where patches are read from (PNGs or the cache)
     feeds         batches from the packed cache without a DataLoader: device-resident or streamed by a thread
     loaders       DataLoader workers: how they start, how their errors reach the user, how they stop
@@ -24,6 +25,6 @@
     stain_math    macenko_gpu's batched per-image statistics
 
 The two shared modules the design card places at the top level stay there: common.py (errors, exit codes,
---device, atomic writes) and macenko_gpu.py (batched stain normalization). The package imports them; they import
+the shared flags --device and --amp and the help format, atomic writes) and macenko_gpu.py (batched stain normalization). The package imports them; they import
 nothing of the package except macenko_gpu's stain_math.
 """

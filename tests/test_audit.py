@@ -495,7 +495,8 @@ def test_a_second_audit_decodes_only_what_changed_and_reports_the_same(demo_root
 def test_the_audit_and_the_split_flag_read_never_import_torch():
     # torch's import costs ~4 s of CPU per process here; the audit and run_h_pylori.sh's split-flag read need no
     # tensors, so a top-level `import torch` reaching them (through common -> devices once) is a regression.
-    code = ("import sys, audit_leakage, common; from helico import splits, metrics, helicodata; "
+    code = ("import sys, audit_leakage, common; from helico import splits, metrics, helicodata, run_folder; "
+            "assert audit_leakage.main(['--check-flags', '--runs-dir', 'runs', '--run-id', 'no-such-run']) == 0; "
             "print(sorted(m for m in sys.modules if m == 'torch'))")
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(audit_leakage.__file__).parent, capture_output=True,
                        text=True, timeout=120)

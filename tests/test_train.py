@@ -427,7 +427,6 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     (["--hed-jitter", "0.05"], "--hed-jitter"),
     (["--macenko", "--reference-patch", "CrossValidation/Annotated/B22-47_0", "nothere/"], "nothere"),
     (["--pos-weight", "-3"], "--pos-weight"),
-    (["--device", "tpu"], "--device"),
     (["--cache-normalized"], "--cache-normalized"),
 ])
 def test_bad_input_exits_2_with_a_one_line_error_naming_it(demo_root, tmp_path, capsys, flags, named):
