@@ -24,7 +24,7 @@
     gradcam       Grad-CAM maps and grids
     stain_math    macenko_gpu's batched per-image statistics
 
-The two shared modules the design card places at the top level stay there: common.py (errors, exit codes,
-the shared flags --device and --amp and the help format, atomic writes) and macenko_gpu.py (batched stain normalization). The package imports them; they import
-nothing of the package except macenko_gpu's stain_math.
+The two shared modules the design card places at the top level stay there: common.py (errors, exit codes, the
+shared flags --device and --amp and the help format, atomic writes) and macenko_gpu.py (batched stain
+normalization). The package imports them; they import nothing of the package except macenko_gpu's stain_math.
 """

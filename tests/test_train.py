@@ -236,7 +236,8 @@ def test_runs_from_before_hed_jitter_and_several_references_resume_as_they_were(
     old = {"lr": 0.0003, "reference_patch": helicodata.DEFAULT_REFERENCE}  # a config.json of an older run
     new = {"lr": 0.0003, "reference_patch": [helicodata.DEFAULT_REFERENCE], "hed_jitter": [0.0, 0.0]}
     assert run_folder.changed_flags(old, new) == []
-    assert run_folder.changed_flags(old, {**new, "hed_jitter": [0.05, 0.0]}) == ["--hed-jitter [0.0, 0.0] -> [0.05, 0.0]"]
+    assert run_folder.changed_flags(old, {**new, "hed_jitter": [0.05, 0.0]}) == [
+        "--hed-jitter [0.0, 0.0] -> [0.05, 0.0]"]
 
 
 # ----------------------------------------------------------------------------------------------- fault guards
