@@ -17,7 +17,9 @@ under a stable check name:
   patient in val/test), split_refused (anything else splits.split_problems reports: train.py would refuse it),
   fold_test_parts (--folds K without --fold: the folds' test parts overlap or miss a patient);
 - warnings: multi_section_patients, label_conflicts, presence_zero_rows, rows_without_files, files_without_rows,
-  stray_entries, duplicate_rows, control_or_external_mentions (paths and every workbook/CSV cell),
+  stray_entries, unread_images (a JPG, or a PNG not named <window>.png, in a patient folder: missing from that
+  patient), unparsed_folders (a folder not named <Pat_ID>_<section>: its images missing from that patient),
+  empty_patient_folders, duplicate_rows, control_or_external_mentions (paths and every workbook/CSV cell),
   off_size_images, unreadable_png_headers, undecodable_images (a valid header, pixels that do not decode: a
   truncated PNG), duplicate_content_groups (even when kept together), near_duplicate_images (a 64-bit perceptual
   hash within 6 bits across two patients: a re-encoded copy under another ID, which the content hash misses; pairs
@@ -54,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import common
-from helico import identity, splits, staining, train_flags
+from helico import identity, run_folder, splits, staining, train_flags
 from common import TREES, DataError, patient_id
 
 PARTS = splits.SPLIT_PARTS          # train, val, test
@@ -251,8 +253,34 @@ def files_without_rows(data: common.HelicoData) -> list[Finding]:
 
 
 def stray_entries(data: common.HelicoData) -> list[Finding]:
-    return found("warning", "stray_entries", data.stray, [], f"{len(data.stray)} entries that are neither patient "
-                 f"folders nor patch PNGs, skipped: {examples(data.stray)}", data.stray)
+    named = set(data.unread_images) | set(data.unparsed_folders)  # reported by the two checks below
+    stray = [p for p in data.stray if p not in named]
+    return found("warning", "stray_entries", stray, [], f"{len(stray)} entries that are neither patient "
+                 f"folders nor patch PNGs, skipped: {examples(stray)}", stray)
+
+
+def unread_images(data: common.HelicoData) -> list[Finding]:
+    files = data.unread_images
+    missing = Counter(map(path_patient, files))
+    return found("warning", "unread_images", files, missing, f"{len(files)} image(s) in patient folders that are not "
+                 f"read (only PNG patches named <window>.png or <window>_Aug<K>.png are), so they are missing from "
+                 f"their patient: {examples(f'{p} ({n})' for p, n in sorted(missing.items()))}; convert them to PNG "
+                 f"under such a name: {examples(files)}", files)
+
+
+def unparsed_folders(data: common.HelicoData) -> list[Finding]:
+    folders = data.unparsed_folders
+    what = [f"{f} ({n} image(s) missing from patient {patient_id(f)})" for f, n in sorted(folders.items())]
+    return found("warning", "unparsed_folders", folders, [patient_id(f) for f in folders if folders[f]],
+                 f"{len(folders)} folder(s) not named <Pat_ID>_<section> (e.g. B22-500_0), so none of their images "
+                 f"is read: {examples(what)}; rename each <Pat_ID>_<section>", list(folders))
+
+
+def empty_patient_folders(data: common.HelicoData) -> list[Finding]:
+    empty = data.empty_folders
+    return found("warning", "empty_patient_folders", empty, map(patient_id, empty), f"{len(empty)} "
+                 f"patient folder(s) are empty (no patch PNG), so those sections have no data: {examples(empty)}; "
+                 f"copy their patches in, or remove the folder", empty)
 
 
 def duplicate_rows(data: common.HelicoData) -> list[Finding]:
@@ -382,7 +410,9 @@ def patients_outside_split(split: dict, data: common.HelicoData) -> list[Finding
 
 
 def patients_without_diagnosis(data: common.HelicoData) -> list[Finding]:
-    missing = sorted((set(data.cv_patients) | set(data.holdout_patients)) - set(data.diagnosis))
+    with_images = {s.patient for s in data.all_samples()} | set(map(path_patient, data.files_without_row +
+                                                                      data.uncertain_files))
+    missing = sorted(with_images - set(data.diagnosis))  # an empty folder's patient: empty_patient_folders
     return found("warning", "patients_without_diagnosis", missing, missing, f"{len(missing)} patient(s) with images "
                  f"but no {common.DIAGNOSIS_NAME} row, so their Cropped patches get no label: {examples(missing)}")
 
@@ -433,7 +463,7 @@ class Audit:
 
 
 def run_checks(data, split, groups, shared, checked: dict[str, identity.Decoded], reference_patch,
-               expected_size: int) -> list[Finding]:
+               patch_size: int) -> list[Finding]:
     """Leaks first (in the order of the module docstring), then warnings. `checked`: identity.decode_images."""
     parts = Parts(split)
     folders = {f"{TREES[tree]}/{f}" for tree, pats in data.folders.items() for fs in pats.values() for f in fs}
@@ -448,9 +478,10 @@ def run_checks(data, split, groups, shared, checked: dict[str, identity.Decoded]
     findings += split_refused(splits.split_problems(split, data, groups, reference_patch), findings)
     return findings + [
         *multi_section_patients(data), *label_conflicts(data), *presence_zero_rows(data), *rows_without_files(data),
-        *files_without_rows(data), *stray_entries(data), *duplicate_rows(data),
+        *files_without_rows(data), *stray_entries(data), *unread_images(data), *unparsed_folders(data),
+        *empty_patient_folders(data), *duplicate_rows(data),
         *control_or_external_mentions(data, set(sizes) | set(data.stray) | folders),
-        *off_size_images(sizes, expected_size), *undecodable_images(errors),
+        *off_size_images(sizes, patch_size), *undecodable_images(errors),
         *duplicate_content_groups(groups, parts, data.holdout_patients),
         *near_duplicate_images(hashes, near_uniform, groups, parts),
         *reference_patch_missing(data.root, reference_patch), *patients_outside_split(split, data),
@@ -488,7 +519,7 @@ def audit(args, data: common.HelicoData, checked: dict[str, identity.Decoded]) -
     parts = Parts(split)
     near_uniform = Counter(parts.of_path(p) for p, d in checked.items() if d.dhash is not None and not d.informative)
     return Audit(data, split, run_checks(data, split, groups, shared, checked, args.reference_patch,
-                                         args.expected_size),
+                                         args.patch_size),
                  composition(data, split, parts, near_uniform),
                  split_source=f"from {args.split}" if args.split else "made from the flags, as train.py makes it")
 
@@ -570,20 +601,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "training. Exit 0: no leak; 1: leak found; 2: bad input. Every train.py flag is "
                                 "accepted too (not listed here), so the audit takes train.py's whole command line and "
                                 "checks the split it trains.",
-                                parents=[train_flags.train_args_parser(shown=False)], allow_abbrev=False)
+                                parents=[train_flags.train_args_parser(shown=False)], allow_abbrev=False,
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--json", metavar="OUT", help="also write the findings and composition as JSON (for CI or "
                    "to archive next to a run); written atomically")
-    p.add_argument("--expected-size", type=int, default=256, help="patch side in pixels the dataset should have "
-                   "(256 for the real data; the demo's --patch-size if you changed it)")
+    p.add_argument("--patch-size", type=int, default=256, help="side in pixels the dataset's PNG files should have "
+                   "(256 for the real data; make_demo_data.py's --patch-size if you changed it); not --image-size, "
+                   "the model input train.py resizes them to")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs of batch jobs)")
-    p.add_argument("--check-flags", action="store_true", help="only parse the command line and exit (0, or 2 with "
-                   "one line): what run_h_pylori.sh runs before staging, so a mistyped flag costs no copy")
+    p.add_argument("--check-flags", action="store_true", help="only parse the command line and check that train.py "
+                   "may write its run folder (--runs-dir/--run-id: not one holding an earlier model without last.pt, "
+                   "unless --force), then exit (0, or 2 with one line): what run_h_pylori.sh runs before staging, so "
+                   "a mistyped flag or a finished run folder costs no copy")
     return p
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.check_flags:
+        try:
+            if args.run_id:
+                run_folder.refuse_earlier_run(Path(args.runs_dir) / args.run_id, args.force)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return common.EXIT_BAD_INPUT
         return common.EXIT_OK
     try:
         audits, cross = audit_all(args)

@@ -1,6 +1,7 @@
-"""What every script shares (the design card's common.py): the conventions (bad input and its exit codes, the
---device rule, atomic file writes and file identity), the HelicoDataSet (patient IDs, the workbook and diagnosis
-readers, the samples of a data root, PatchDataset) and the model (building it, the checkpoint schema).
+"""What every script shares (the design card's common.py): the conventions (bad input and its exit codes, the flags
+every command spells the same: --device, --amp/--no-amp and the --help format; atomic file writes and file
+identity), the HelicoDataSet (patient IDs, the workbook and diagnosis readers, the samples of a data root,
+PatchDataset) and the model (building it, the checkpoint schema, reading a checkpoint).
 
 Scripts and the helico package import it; it imports nothing of the project, and torch only inside the
 functions that need it (the audit and the launcher's flag check stay fast).
@@ -19,6 +20,7 @@ and its exit code too (unexpected_fault), so the launcher reads every step from 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import errno
@@ -66,12 +68,49 @@ def unexpected_fault(error: OSError | ImportError) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     where = error.filename2 or error.filename or "the disk"  # a failed os.replace(tmp, path) names path second
+    where = shown_path(where) if where != "the disk" else where  # the folder the user knows, not a temp file
     if error.errno in FAULTS:
-        print(f"error: {where}: {FAULTS[error.errno]}; free space there or check that disk, then run the same "
-              f"command again", file=sys.stderr)
+        remedy = REMEDIES.get(FAULTS[error.errno], "free space there or check that disk")
+        print(f"error: {where}: {FAULTS[error.errno]}; {remedy}, then run the same command again", file=sys.stderr)
         return EXIT_ENVIRONMENT
     print(f"error: {where}: {error.strerror or error}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+# ----------------------------------------------------------------------------------------------- flags
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every command's --help: each default shown, the description as written. A flag whose default is None says in
+    its help what it then does, so "(default: None)", which says nothing, is left out."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def device_flag(text: str) -> str:
+    """--device's type in every command: auto, cpu, cuda or cuda:N, checked when parsed (exit 2 naming the flag);
+    resolve_device turns it into a device once torch is loaded."""
+    if text not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {DEVICE_CHOICES}")
+    return text
+
+
+def add_device_flag(parser, default: str = "auto", what: str = "", note: str = "") -> None:
+    """--device, spelled, typed and explained the same in every command; `what` says what runs there, `note` ends
+    the help."""
+    parser.add_argument("--device", type=device_flag, default=default, metavar="{auto,cpu,cuda,cuda:N}",
+                        help=f"{what + ': ' if what else ''}auto (cuda when available, else cpu), cpu, cuda or "
+                        f"cuda:N{'; ' + note if note else ''}")
+
+
+def add_amp_flag(parser, default_means: str, advice: str = "") -> None:
+    """--amp/--no-amp in every command: None (not given) is the command's automatic choice, `default_means`;
+    `advice` ends the help."""
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision "
+                        f"(autocast: bf16 on GPUs of compute capability 8.0+ and on the CPU, else fp16). Default: "
+                        f"{default_means}{'. ' + advice if advice else ''}")
 
 
 # ----------------------------------------------------------------------------------------------- devices
@@ -105,8 +144,9 @@ def guarded_main(run, *, kept: str, again: str, cleanup=None, leak=()) -> int:
     except OSError as e:  # a disk fault outside the writes that report their own folder (reading data, a checkpoint)
         if e.errno not in FAULTS:
             return unexpected_fault(e)
-        print(f"error: {e.filename or 'the disk'}: {FAULTS[e.errno]}; {kept}; check that disk, then {again}",
-              file=sys.stderr)
+        where = shown_path(e.filename) if e.filename else "the disk"
+        remedy = REMEDIES.get(FAULTS[e.errno], "check that disk")
+        print(f"error: {where}: {FAULTS[e.errno]}; {kept}; {remedy}, then {again}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except ImportError as e:
         return unexpected_fault(e)
@@ -135,7 +175,7 @@ def resolve_device(name=None, local_rank: int = 0, world: int = 1):
     if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
         raise DataError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        raise DataError(f"--device {name}: CUDA is not available (no GPU visible to this process; use --device cpu)")
     if world > 1 and name.startswith("cuda:"):
         raise DataError(f"--device {name}: under torchrun ({world} processes) every rank would use that one GPU; use "
                         f"--device cuda (each rank takes cuda:LOCAL_RANK)")
@@ -148,8 +188,13 @@ def resolve_device(name=None, local_rank: int = 0, world: int = 1):
 
 
 # ----------------------------------------------------------------------------------------------- files
+REFUSED = (errno.EACCES, errno.EPERM)  # a write the folder refuses: a failed write too (exit 5), naming the folder
 FAULTS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EIO: "I/O error",
-          errno.EROFS: "read-only file system"}  # OSErrors that say the disk failed the run, not the user's input
+          errno.EROFS: "read-only file system",  # OSErrors that say the disk failed the run, not the user's input
+          errno.EFBIG: "file too large for that file system or the file-size limit (ulimit -f)"}
+REMEDIES = {FAULTS[errno.ENOSPC]: "free space there", FAULTS[errno.EDQUOT]: "free space there",
+            FAULTS[errno.EFBIG]: "write to a file system without that limit (or raise ulimit -f)",
+            **{os.strerror(e).lower(): "make that folder writable or write elsewhere" for e in REFUSED}}
 
 
 def writable_folder(folder, flag: str) -> Path:
@@ -166,16 +211,35 @@ def writable_folder(folder, flag: str) -> Path:
 
 
 def disk_fault(folder, reason: str, writing: str) -> EnvironmentFault:
-    """The one wording of a full or failing disk: the folder, the FAULTS reason, what was being written, the remedy."""
-    remedy = "free space there" if reason in (FAULTS[errno.ENOSPC], FAULTS[errno.EDQUOT]) else "check that disk"
+    """The one wording of a failed write: the folder, the reason (FAULTS' wording, or the system's: permission
+    denied), what was being written, the remedy."""
+    remedy = REMEDIES.get(reason, "check that disk")
     return EnvironmentFault(f"{folder}: {reason} while writing {writing} (any previous one is kept); {remedy}, then "
                             f"run the same command again", reason)
 
 
+def write_failure(error: OSError, path: Path) -> bool:
+    """Whether `error` is the failure of writing `path` itself (its folder, the file, the temp file beside it, or a
+    write with no file name), not of another file read inside the writing block."""
+    name = error.filename
+    return name is None or shown_path(name) != Path(name) or Path(name) in (path, *path.parents)
+
+
+def shown_path(path) -> Path:
+    """`path` as a message shows it: the folder holding a temp file or folder of atomic_path or a replaced folder
+    (.<name>.<random>.tmp), which the user never made, instead of the temp name or anything inside it."""
+    path = Path(path)
+    for k, part in enumerate(path.parts):
+        if part.startswith(".") and part.endswith(".tmp"):
+            return Path(*path.parts[:k]) if k else Path(".")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds. A full or failing disk
-    raises EnvironmentFault naming the folder; the previous `path` is untouched either way."""
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds. A failed write (a full or
+    failing disk, a file-size limit, a folder one may not write) raises EnvironmentFault naming the folder, never the
+    temp file; the previous `path` is untouched either way."""
     path, tmp = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,10 +250,10 @@ def atomic_path(path):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give them the permissions open() would
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno not in FAULTS:
-            raise
-        raise disk_fault(path.parent, FAULTS[e.errno], path.name) from None
+    except OSError as e:  # a full disk, a size limit, a folder one may not write: exit 5 naming the folder
+        if e.errno not in FAULTS and not (e.errno in REFUSED and write_failure(e, path)):
+            raise  # another file's error inside the block, or a path that is a folder: the caller's to name
+        raise disk_fault(path.parent, FAULTS.get(e.errno) or (e.strerror or str(e)).lower(), path.name) from None
     finally:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -488,6 +552,11 @@ class HelicoData:
     uncertain_files: list[str] = field(default_factory=list)    # their images: not samples, but files to audit
     uncertain_cropped: list[str] = field(default_factory=list)  # Cropped copies of Presence 0 windows: excluded too
     stray: list[str] = field(default_factory=list)              # non-PNG / non-folder entries skipped
+    # of the stray entries, what a user must act on: images not read (a JPG, a PNG not named <window>.png) in patient
+    # folders, and folders not named <Pat_ID>_<section> -> the image files inside (missing from that patient)
+    unread_images: list[str] = field(default_factory=list)
+    unparsed_folders: dict[str, int] = field(default_factory=dict)
+    empty_folders: list[str] = field(default_factory=list)      # patient folders holding no patch PNG nor image
     duplicate_rows: list[Annotation] = field(default_factory=list)
     annotations_file: Path | None = None
     diagnosis_file: Path | None = None
@@ -516,9 +585,14 @@ class HelicoData:
 TREES = {"annotated": "CrossValidation/Annotated", "cropped": "CrossValidation/Cropped", "holdout": "HoldOut"}
 
 
-def _scan_tree(root: Path, tree: str, stray: list[str], stats: dict) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Patient -> folder names, and folder -> PNG names, of one tree; other entries go to `stray`, each PNG's
-    (size, mtime_ns) to `stats`."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")  # what a user may take for a patch
+
+
+def _scan_tree(root: Path, tree: str, data: HelicoData) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Patient -> folder names, and folder -> PNG names, of one tree; other entries go to data.stray (images not read,
+    folders not parsed and empty patient folders also to their own lists), each PNG's (size, mtime_ns) to
+    data.file_stats."""
+    stray, stats = data.stray, data.file_stats
     base = root / TREES[tree]
     patients: dict[str, list[str]] = {}
     files: dict[str, list[str]] = {}
@@ -528,6 +602,9 @@ def _scan_tree(root: Path, tree: str, stray: list[str], stats: dict) -> tuple[di
         rel = f"{TREES[tree]}/{entry.name}"
         if not entry.is_dir() or folder_section(entry.name) is None:
             stray.append(rel)  # Thumbs.db, .DS_Store, oddly named folders: skipped but reported
+            if entry.is_dir():
+                with os.scandir(entry.path) as listing:
+                    data.unparsed_folders[rel] = sum(Path(f.name).suffix.lower() in IMAGE_SUFFIXES for f in listing)
             continue
         patients.setdefault(patient_id(entry.name), []).append(entry.name)
         fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)  # stats relative to it: no path walk per file
@@ -536,6 +613,11 @@ def _scan_tree(root: Path, tree: str, stray: list[str], stats: dict) -> tuple[di
                 found = sorted((f.name, f.is_file()) for f in listing)
             names = [name for name, is_file in found if is_file and parse_patch_name(name)]
             stray += [f"{rel}/{name}" for name, is_file in found if not (is_file and parse_patch_name(name))]
+            unread = [f"{rel}/{name}" for name, is_file in found
+                      if is_file and not parse_patch_name(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+            data.unread_images += unread
+            if not names and not unread:
+                data.empty_folders.append(rel)
             for name in names:
                 st = os.stat(name, dir_fd=fd)  # the process's one stat of this file
                 stats[f"{rel}/{name}"] = (st.st_size, st.st_mtime_ns)
@@ -560,7 +642,7 @@ def load_data(root) -> HelicoData:
                       folders={}, annotations_file=ann_file, diagnosis_file=root / DIAGNOSIS_NAME)
     listing = {}
     for tree in TREES:
-        data.folders[tree], listing[tree] = _scan_tree(root, tree, data.stray, data.file_stats)
+        data.folders[tree], listing[tree] = _scan_tree(root, tree, data)
     _join_annotated(data, listing["annotated"])
     # A Cropped patch that is an annotated window (same patient, section and number) is that window again: a labelled
     # one is already a sample, an uncertain (Presence 0) one must not come back as an easy negative.
@@ -712,7 +794,7 @@ def build_model(arch: str = "resnet18", weights: str = "none"):
                             ) from None
     _one_logit_head(model)
     if weights not in ("none", "imagenet", None):
-        path = Path(weights)
+        path = checkpoint_path(weights, "--weights") if Path(weights).is_dir() else Path(weights)
         if not path.is_file():
             raise DataError(f"--weights {weights}: file not found (use imagenet, none or a .pt path)")
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -756,14 +838,26 @@ def checkpoint(*, model_state, arch, config, split, stain, threshold, threshold_
             "val_metrics": val_metrics, **training, "version": CHECKPOINT_VERSION}
 
 
+def checkpoint_path(path, named: str = "--checkpoint") -> Path:
+    """`path` when it is a file; else a DataError naming the flag and, for a run folder (`--checkpoint runs/demo`),
+    the checkpoints inside it: every command that reads a checkpoint says the same."""
+    path = Path(path)
+    if path.is_dir():
+        inside = [path / n for n in ("best.pt", "last.pt") if (path / n).is_file()]
+        which = (f"pass {inside[0]}" + (f" (the best validation epoch) or {inside[1]} (the last)" if len(inside) > 1
+                 else "") if inside else "it holds neither best.pt nor last.pt: pass a checkpoint file")
+        raise DataError(f"{named} {path}: a folder, not a checkpoint; {which}")
+    if not path.is_file():
+        raise DataError(f"{named} {path}: file not found")
+    return path
+
+
 def load_checkpoint(path, training: bool = False, named: str = "--checkpoint") -> dict:
     """A checkpoint() dict, loaded with weights_only=True; one-line errors naming the file otherwise.
     training=True also requires the state that resumes training; `named` is what the user gave that led here, for
     the message (train.py: the run it resumes)."""
     import torch
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{named} {path}: file not found")
+    path = checkpoint_path(path, named)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, ...

@@ -19,11 +19,12 @@ two-part split (no test part) is evaluated on val, and the report says first tha
   byte-identical files once: what train.py's validation chose the epoch and threshold on), at the stored threshold
   and at 0.5, next to the all-negative dummy's accuracy; the Cropped patches of NEGATIVA patients (easy negatives) as
   each NEGATIVA patient's false-positive rate; calibration (Brier, ECE, reliability diagram);
-- patients: ALL their Cropped patches are scored and aggregated (fraction of positive patches, and the mean of the
-  top-k scores); the rule and its threshold are chosen on the validation patients (Youden's J) and applied
-  unchanged to test and HoldOut. Annotated windows are NOT aggregated: pathologists picked them knowing the
-  diagnosis (positive windows exist only for infected patients) and HoldOut patients have none, so using them
-  would leak the label and make validation and HoldOut scores incomparable;
+- patients: ALL their Cropped patches are scored and aggregated; the rule (fraction of positive patches, or the
+  mean of the top share of scores, --top-share) and its threshold are chosen on the validation patients (Youden's J)
+  and applied unchanged to test and HoldOut. The top-k mean (--top-k) is written to patients.csv for reading, never
+  a rule: it grows with the patient's patch count. Annotated windows are NOT aggregated: pathologists picked them
+  knowing the diagnosis (positive windows exist only for infected patients) and HoldOut patients have none, so
+  using them would leak the label and make validation and HoldOut scores incomparable;
 - the patient model (when train_patient.py wrote runs/<id>/patient/best.pt for this very checkpoint) beside the
   rule, on the same patients: its probability per patient, its threshold chosen on validation (Youden's J) and
   applied unchanged; exact McNemar and the paired bootstrap ROC-AUC difference against the rule; where its
@@ -76,8 +77,7 @@ import common
 import macenko_gpu
 from common import DataError
 from helico import (
-    analysis, bags, crossval, eval_report, feeds, figures, gradcam, identity, inference, ledger, loaders, metrics,
-    mil, model, packed_cache, runlog, splits
+    analysis, bags, crossval, eval_report, feeds, figures, gradcam, identity, inference, ledger, loaders, metrics, mil, model, packed_cache, runlog, splits,
 )
 
 
@@ -93,7 +93,7 @@ def stain_survey(run_dir) -> dict | None:
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+                                formatter_class=common.HelpFormatter, allow_abbrev=False)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", metavar="CKPT", help="a train.py checkpoint (best.pt: the epoch with the best "
                       "validation PR-AUC); the report goes to eval/ beside it (eval-holdout/ with --holdout)")
@@ -144,9 +144,9 @@ def get_args_parser():
                    "--cache: score from one uint8 tensor of the patches on the device when it takes at most F of its "
                    "free memory (CPU: available RAM), else stream them from the host cache by a thread (no DataLoader "
                    "either way); 0: always stream")
-    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA (bf16 on Ampere+, as in "
-                   "training; slower, scores then match a float32 run)")
+    common.add_device_flag(p)
+    common.add_amp_flag(p, "the run's own (its autocast on CUDA, as training validated: the stored threshold was "
+                        "chosen on those scores)", "--no-amp is slower and its scores match a float32 run")
     p.add_argument("--skip-bad-images", action="store_true", help="skip undecodable PNGs (listed in the report) "
                    "instead of stopping with an error")
     return p
@@ -173,17 +173,13 @@ def check_args(args) -> None:
 def scoring_options(args, cache) -> dict:
     """The flags predict() needs, as its keyword arguments, with the cache prepared_cache() returned."""
     return {"batch_size": args.batch_size, "workers": args.workers, "skip_bad": args.skip_bad_images,
-            "no_amp": args.no_amp, "cache": cache, "resident_max_frac": args.resident_max_frac}
+            "amp": args.amp, "cache": cache, "resident_max_frac": args.resident_max_frac}
 
 
 def checkpoint_file(given: str, flag: str) -> Path:
-    """The checkpoint a user named; a run folder (`--checkpoint runs/demo`) is refused naming the file it holds,
-    before its parent is taken for where eval/ goes."""
-    path = Path(given)
-    if path.is_dir():
-        raise DataError(f"{flag} {path}: a folder, not a checkpoint; pass {path / 'best.pt'} (the best validation "
-                        f"epoch) or {path / 'last.pt'}")
-    return path
+    """The checkpoint a user named (common.checkpoint_path: a run folder is refused naming the checkpoints inside
+    it), before its parent is taken for where eval/ goes."""
+    return common.checkpoint_path(given, flag)
 
 
 def data_root_of(ckpt: dict, override: str | None, path) -> str:
@@ -231,14 +227,14 @@ def prepared_cache(args, ckpt, data, device) -> str | None:
 
 
 def predict(net, normalizer, ckpt, data, rows: list[analysis.Row], device, *, batch_size: int, workers: int,
-            skip_bad: bool, no_amp: bool, cache=None, resident_max_frac: float = feeds.DEFAULT_MAX_FRAC
+            skip_bad: bool, amp: bool | None, cache=None, resident_max_frac: float = feeds.DEFAULT_MAX_FRAC
             ) -> tuple[analysis.Predictions, list[str]]:
     """Scores of `rows` (from the packed cache `cache`, prepared_cache()'s, when given) and the paths of skipped
     undecodable files."""
     samples, size = [r.sample for r in rows], int(ckpt["image_size"])
     scores, bad = score_samples(net, normalizer, data.root, samples, size, device, batch_size=batch_size,
                                 workers=workers, skip_bad=skip_bad, cache=cache,
-                                precision=model.scoring_precision(ckpt, device, no_amp),
+                                precision=model.scoring_precision(ckpt, device, amp),
                                 resident_max_frac=resident_max_frac, stats=data.file_stats)
     keep = np.isfinite(scores)
     pred = analysis.Predictions([s for s, k in zip(samples, keep) if k], np.array([r.split for r in rows])[keep],
@@ -273,7 +269,7 @@ def patient_model(args, path: Path, sha: str, ckpt: dict, net, normalizer, data,
                       f"({mil_ckpt['patch_checkpoint']['path']}), not {path}: not shown")
     done = bags.ensure(path, sha, ckpt, net, normalizer, mil_ckpt["features"]["source"], data, patients, device,
                        batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad_images, cache=cache,
-                       no_amp=args.no_amp, resident_max_frac=args.resident_max_frac,
+                       amp=args.amp, resident_max_frac=args.resident_max_frac,
                        expected_key=mil_ckpt["bag_key"], encoder_weights=mil_ckpt["features"].get("encoder_weights"))
     if done is None:  # the hash matched, so only another feature code could make other bags
         return None, f"{mil_path}: its bags were made differently from this checkpoint's (bag key): not shown"
@@ -382,7 +378,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                       "training_val_metrics": ckpt.get("val_metrics"), "val_patients": parts["val"],
                       "test_patients": parts["test"], "holdout_patients": holdout, "duplicate_groups": groups,
                       "identical_not_counted": identical, "skipped_images": bad, "device": str(device),
-                      "cache": cache, "amp": model.scoring_precision(ckpt, device, args.no_amp).amp,
+                      "cache": cache, "amp": model.scoring_precision(ckpt, device, args.amp).amp,
                       "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "unit": "patient cluster",
                                     "min_clusters": metrics.MIN_CLUSTERS},
                       "patient_model": patient_model_out["meta"] if patient_model_out else None,

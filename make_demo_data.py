@@ -3,7 +3,7 @@
     python make_demo_data.py demo_data --seed 0     # 36 CV + 6 HoldOut patients, ~1,600 PNGs, ~140 MB, ~15-30 s
     python make_demo_data.py /tmp/tiny --patients 8 --holdout-patients 2 --patch-size 64 --force   # ~2 s
 
-Layout (the real one, see ../shared/helico-metadata/README.md); nothing else is written (no manifest):
+Layout (the real dataset's); nothing else is written (no manifest):
     OUT_DIR/CrossValidation/Annotated/<Pat_ID>_<0|1>/00902.png, 00902_Aug1.png ... 00902_Aug8.png
     OUT_DIR/CrossValidation/Cropped/<Pat_ID>_<0|1>/388.png, 1163.png ...   and   OUT_DIR/HoldOut/<Pat_ID>_<0|1>/
     OUT_DIR/HP_WSI-CoordAllAnnotatedPatches.xlsx (Sheet1) and OUT_DIR/PatientDiagnosis.csv (CODI,DENSITAT)
@@ -479,16 +479,16 @@ def summary(out: Path, tally: Counter, seconds: float) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter, allow_abbrev=False)
     ap.add_argument("out_dir", metavar="OUT_DIR", help="folder to create; must be missing or empty unless --force")
-    ap.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical dataset (default 0)")
+    ap.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical dataset")
     ap.add_argument("--patients", type=int, default=36,
-                    help=f"CrossValidation patients (default 36, minimum {len(SPECIAL_PATIENTS)}: the trap "
+                    help=f"CrossValidation patients (minimum {len(SPECIAL_PATIENTS)}: the trap "
                          "patients); use the minimum for fast tests")
-    ap.add_argument("--holdout-patients", type=int, default=6, help="HoldOut patients, disjoint from CV (default 6)")
+    ap.add_argument("--holdout-patients", type=int, default=6, help="HoldOut patients, disjoint from CV")
     ap.add_argument("--patch-size", type=int, default=256,
-                    help="patch side in px (default 256 as the real data; 64 makes tests ~15x faster, rods then 1-2 px wide)")
+                    help="side in px of the PNG files written (256 as the real data; 64 makes tests ~15x faster, "
+                         "rods then 1-2 px wide); not --image-size, the model input train.py resizes them to")
     ap.add_argument("--force", action="store_true",
                     help="replace OUT_DIR if it holds an earlier demo dataset (never any other folder)")
     return ap

@@ -23,7 +23,7 @@ from helico import packed_cache, staining
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter,
                                 epilog="Rerunning the same command resumes an interrupted build and only checks a "
                                        "finished one; it rebuilds by itself when the PNGs changed.",
                                 allow_abbrev=False)
@@ -38,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalized", action="store_true", help="store patches already Macenko-normalized, so "
                    "training skips the normalizer (it is recorded in meta.json; a GPU makes this fast)")
     staining.add_reference_argument(p, "for --normalized; use the same one train.py uses")
-    p.add_argument("--device", default=None, help="device for --normalized (default cuda if available, else cpu)")
+    common.add_device_flag(p, what="where --normalized runs Macenko")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

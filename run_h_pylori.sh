@@ -102,13 +102,15 @@ parse_args() {
   done
 }
 
-# A mistyped or abbreviated flag is refused before the copy, by the parser train.py uses: the audit's (it accepts
-# train.py's whole command line and loads no torch, so this costs a fraction of a second). It also proves PYTHON.
+# A mistyped or abbreviated flag, or a run folder holding an earlier model that train.py would refuse, is refused
+# before the copy, by the parser and run-folder check train.py uses: the audit's (it accepts train.py's whole command
+# line and loads no torch, so this costs a fraction of a second). It also proves PYTHON.
 check_flags() {
   local errs rc=0
   errs=$("$PY" "$CODE_DIR/audit_leakage.py" --check-flags ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} 2>&1 >/dev/null) || rc=$?
   (( rc != 0 )) || return 0
   if (( rc == 2 )) && [[ $errs == *"error: "* ]]; then
+    [[ $errs == *"error: argument "* || $errs == *"error: unrecognized arguments"* ]] || die 2 "${errs##*error: }"
     die 2 "${errs##*error: } (every argument goes to train.py: see python train.py --help; write flags in full)"
   fi
   printf '%s\n' "$errs" >&2

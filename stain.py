@@ -2,11 +2,11 @@
 
 Usage:
     # offline pre-normalization: every PNG under IN_DIR (recursively) -> same tree under OUT_DIR
-    python stain.py --reference ref.png IN_DIR OUT_DIR [--device cuda] [--batch-size 64] [--mode ihc|macenko|auto]
+    python stain.py --reference-patch ref.png IN_DIR OUT_DIR [--device cuda] [--batch-size 64] [--mode ihc|macenko|auto]
     # speed of macenko_gpu and of torchstain's per-image normalizer, same inputs and device
-    python stain.py --benchmark [--device cpu|cuda] [--batch-size 64] [--size 224] [--json OUT]
+    python stain.py --benchmark [--device cpu|cuda] [--batch-size 64] [--image-size 224] [--json OUT]
     # a mosaic to judge by eye: --count patches of IN_DIR as original | default (ihc) | canonical Macenko
-    python stain.py --preview --reference ref.png IN_DIR OUT.png [--count 8]
+    python stain.py --preview --reference-patch ref.png IN_DIR OUT.png [--count 8]
 
 The normalizer itself (modes, reference rules, memory) is macenko_gpu.py; training and evaluation use it directly.
 
@@ -127,20 +127,22 @@ def benchmark(device, batch_size=64, size=224, repeats=3) -> dict:
 def get_args_parser():
     p = argparse.ArgumentParser(description="Batched, IHC-safe Macenko stain normalization: normalize a folder of "
                                 "PNGs, or --benchmark against torchstain.", epilog="exit codes: 0 ok, 2 bad input",
-                                allow_abbrev=False)
+                                formatter_class=common.HelpFormatter, allow_abbrev=False)
     p.add_argument("in_dir", nargs="?", help="folder of PNG tiles, searched recursively (folder mode)")
     p.add_argument("out_dir", nargs="?", help="where the normalized PNGs go, same relative paths; not inside IN_DIR")
-    p.add_argument("--reference", help="PNG defining the target colors: a tissue-rich tile with blue DAB-free nuclei "
+    p.add_argument("--reference-patch", metavar="PNG", help="the PNG defining the target colors (one file here; "
+                   "train.py's flag of the same name also pools several): a tissue-rich tile with blue DAB-free nuclei "
                    "and clear brown DAB (a few bacteria are enough); keep the same one for training and evaluation")
     p.add_argument("--preview", action="store_true", help="write a mosaic PNG (OUT_DIR is then the PNG's path) of "
                    "--count patches of IN_DIR: original | default | canonical Macenko, to judge the stain by eye")
     p.add_argument("--count", type=int, default=8, help="--preview: patches shown, spread evenly over IN_DIR")
     p.add_argument("--benchmark", action="store_true", help="print img/s of this implementation and of torchstain's "
                    "per-image normalizer on the same synthetic tiles and device (needs requirements-dev.txt)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
+    common.add_device_flag(p)
     p.add_argument("--batch-size", type=int, default=64, help="tiles per normalize() call; 256 or more pays off "
                    "on a GPU, 64 is plenty on a CPU")
-    p.add_argument("--size", type=int, default=224, help="benchmark tile side in pixels")
+    p.add_argument("--image-size", type=int, default=224, help="benchmark: side in pixels of the synthetic tiles, "
+                   "as train.py's --image-size (the model input) would make them")
     p.add_argument("--repeats", type=int, default=3, help="benchmark: timed runs of our batch (the median counts)")
     p.add_argument("--json", help="benchmark: also write the numbers to this JSON file")
     p.add_argument("--mode", choices=macenko_gpu.MODES, default="ihc", help="ihc (default): DAB vector from the "
@@ -154,13 +156,13 @@ def get_args_parser():
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        if args.batch_size < 1 or args.size < 8 or args.repeats < 1:
-            raise ValueError("--batch-size and --repeats must be >= 1 and --size >= 8")
+        if args.batch_size < 1 or args.image_size < 8 or args.repeats < 1:
+            raise ValueError("--batch-size and --repeats must be >= 1 and --image-size >= 8")
         device = common.resolve_device(args.device)
         if args.benchmark:
-            if args.reference or args.in_dir:
-                raise ValueError("--benchmark takes no --reference, IN_DIR or OUT_DIR")
-            r = benchmark(device, args.batch_size, args.size, args.repeats)
+            if args.reference_patch or args.in_dir:
+                raise ValueError("--benchmark takes no --reference-patch, IN_DIR or OUT_DIR")
+            r = benchmark(device, args.batch_size, args.image_size, args.repeats)
             print(f"{r['device']} ({r['card']}), batch {r['batch_size']} x 3x{r['size']}x{r['size']}, "
                   f"torch {r['torch']}")
             print(f"macenko_gpu, default ihc mode (batched) : {r['macenko_gpu_img_per_s']:10.1f} img/s")
@@ -172,15 +174,15 @@ def main(argv=None) -> int:
             if args.json:
                 common.atomic_write_text(args.json, json.dumps(r, indent=2))
             return common.EXIT_OK
-        if not (args.reference and args.in_dir and args.out_dir):
-            raise ValueError("folder mode needs --reference REF.png IN_DIR OUT_DIR (or use --benchmark)")
+        if not (args.reference_patch and args.in_dir and args.out_dir):
+            raise ValueError("folder mode needs --reference-patch REF.png IN_DIR OUT_DIR (or use --benchmark)")
         if args.preview:
             if args.count < 1 or not args.out_dir.lower().endswith(".png"):
                 raise ValueError("--preview needs --count >= 1 and an OUT.png path ending in .png")
-            shown = preview(args.reference, args.in_dir, args.out_dir, args.count, device)
+            shown = preview(args.reference_patch, args.in_dir, args.out_dir, args.count, device)
             print(f"wrote {args.out_dir}: {shown} patches, original | default (ihc) | canonical Macenko")
             return common.EXIT_OK
-        count = normalize_folder(args.reference, args.in_dir, args.out_dir, device, args.batch_size, args.mode)
+        count = normalize_folder(args.reference_patch, args.in_dir, args.out_dir, device, args.batch_size, args.mode)
         print(f"normalized {count} images into {args.out_dir}")
         return common.EXIT_OK
     except ValueError as err:

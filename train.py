@@ -7,9 +7,12 @@ Usage:
 
 Re-running the same --run-id resumes from runs/<run-id>/last.pt, mid-epoch included (what makes SLURM requeue
 safe); a run folder whose config.json holds different flags refuses to resume unless --force, and a finished run
-says so and trains nothing (exit 0). One train.py at a time per run folder: rank 0 holds a flock on
-runs/<run-id>/.train.lock (its pid and host inside) for the whole run, so a second one on the same --run-id exits 2
-naming the folder and that pid; the lock dies with its process, so a requeued or killed run still resumes.
+says so and trains nothing (exit 0). A run folder holding a model but no last.pt (best.pt, config.json, an eval/
+folder: an earlier run whose last.pt was deleted) is refused in one line naming what is there, exit 2, nothing
+changed; with --force the earlier model's files are removed and its evaluation folders renamed <name>.stale before
+training. One train.py at a time per run folder: rank 0 holds a flock on runs/<run-id>/.train.lock (its pid and
+host inside) for the whole run, so a second one on the same --run-id exits 2 naming the folder and that pid; the
+lock dies with its process, so a requeued or killed run still resumes.
 Flags are spelled out in full: a prefix (--epoch for --epochs, --val for --val-frac) is refused, exit 2.
 
 Run folder runs/<run-id>/: config.json (resolved flags, git commit, versions, device, SLURM job id), split.json,
@@ -23,10 +26,11 @@ sit on the device (or stream from the host when they do not fit, see feeds.py), 
 color jitter with independent random factors per sample -> one of the 8 symmetries of the square per sample ->
 ImageNet normalization -> model under autocast (bf16 on Ampere+ GPUs, else fp16 with a GradScaler; off on CPU
 unless --amp). The operating threshold is the one that maximizes F1 on the validation patients.
-This file owns the training loop and the run folder; the sample order is sampling.py's, the optimization step
-optimization.py's (tools/bench.py times that same step), log.jsonl's format runlog.py's; what the model sees and its
-precision are model.py's, the network and the checkpoint schema common.py's (evaluate.py and tools/bench.py call the
-same functions), the metrics metrics.py's.
+This file owns the training loop; the run folder (lock, refusal, resume check, stop signals, requeue) is
+run_folder.py's, the sample order is sampling.py's, the optimization step
+optimization.py's (tools/bench.py times that same step), log.jsonl's format runlog.py's; what the model sees, its precision
+are model.py's, the network and the checkpoint schema common.py's (evaluate.py and tools/bench.py call the same
+functions), the metrics metrics.py's.
 
 Exit codes: 0 done (or already complete), 1 the HoldOut is not independent (a HoldOut patient shares an ID or a
 byte-identical image with CrossValidation; nothing trained), 2 bad input (one-line `error:`), 3 non-finite loss
@@ -37,17 +41,12 @@ checkpoints stay). A second signal exits at once with 128 + signal number.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import platform
 import random
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -61,21 +60,11 @@ from tqdm import tqdm
 import common
 import macenko_gpu
 from helico import (
-    augment, feeds, figures, identity, loaders, metrics, model, optimization, packed_cache, runlog, sampling,
-    splits, staining, train_flags, unseen
+    augment, feeds, figures, identity, loaders, metrics, model, optimization, packed_cache, run_folder, runlog,
+    sampling, splits, staining, train_flags, unseen
 )
 
-SKIPPED = "skipped_images.txt"  # --skip-bad-images: the undecodable files left out, one path per line
-LOCK = ".train.lock"  # in the run folder: flock-ed by rank 0 for the whole run; holds its pid and host
 DEFAULT_JITTER = ",".join(map(str, augment.DEFAULT_JITTER))  # as --jitter spells it: "0.05,0.05,0.02,0.01"
-# Flags that may change between a run and its resumption without changing what is trained (--cache and
-# --cache-normalized give the same pixels: Macenko's output is 8-bit levels, stored without loss).
-RESUME_IGNORES = {"run_id", "runs_dir", "data_root", "hash_cache", "device", "workers", "pin_memory", "force",
-                  "persistent_workers", "prefetch_factor", "amp", "channels_last", "environment", "cache",
-                  "cache_base", "cache_normalized", "resident_max_frac", "compile", "deterministic"}
-
-ADDED_FLAGS = {"hed_jitter": [0.0, 0.0], "easy_negatives": "all"}  # flags newer than some run folders: their value in runs made before them
-
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # "(default: None)" says nothing: those helps describe their automatic value
@@ -83,7 +72,7 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    # No prefixes: `--val 0.3` or `--epoch 1` would pass for --val-frac/--epochs (issue 19). The flags are
+    # No prefixes: `--val 0.3` or `--epoch 1` would pass for --val-frac/--epochs. The flags are
     # train_flags' (torch-free), so that audit_leakage.py parses this very command line.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter,
                                 parents=[train_flags.train_args_parser()], allow_abbrev=False)
@@ -99,29 +88,6 @@ def loader(dataset, sampler, args, drop_last=False):
 
 
 # ----------------------------------------------------------------------------------------------- setup
-STOP = threading.Event()  # set by the signal handler, read between steps
-STOPPED_BY: list[str] = []  # the signal that set it, for the closing line
-
-
-def on_signal(signum, frame):
-    """First SIGUSR1/SIGTERM (SLURM's warning before preemption) or Ctrl-C: finish the step, save, exit 4.
-    Second: exit now with 128 + its number."""
-    if STOP.is_set():
-        os._exit(128 + signum)
-    STOPPED_BY.append(signal.Signals(signum).name)
-    STOP.set()  # no printing here: the handler may interrupt a write to stderr
-
-
-def requeue() -> str:
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return "not under SLURM: re-run the same command to resume"
-    if shutil.which("scontrol") is None:
-        return f"SLURM job {job}, but scontrol is not on PATH: not requeued"
-    r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    return f"requeued SLURM job {job}" if r.returncode == 0 else f"scontrol requeue {job} failed: {r.stderr.strip()}"
-
-
 JITTER_HELP = (f"expected 0 or four numbers B,C,S,H like {DEFAULT_JITTER}, with B, C, S in [0, 1) and H in "
                f"[0, 0.5]")
 
@@ -220,75 +186,6 @@ def samples_and_config(args, data, split, world, device):
     return train, val, config
 
 
-def as_stored(config: dict) -> dict:
-    """A config as today's config.json spells it: runs written before a flag existed, or before --reference-patch
-    took several entries, resume as what they trained with."""
-    config = {**ADDED_FLAGS, **json.loads(json.dumps(config))}
-    config["reference_patch"] = staining.reference_list(config.get("reference_patch"))
-    return config
-
-
-def changed_flags(old: dict, new: dict) -> list[str]:
-    old, new = as_stored(old), as_stored(new)  # compare as config.json stores them
-    keys = sorted((set(old) | set(new)) - RESUME_IGNORES)
-    return [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
-
-
-# ----------------------------------------------------------------------------------------------- run folder lock
-HELD: list[tuple[int, Path, bool]] = []  # this process's lock: (file descriptor, run folder, whether it created it)
-
-
-def lock_run_folder(run_dir: Path) -> None:
-    """Rank 0: hold the run folder until release_run_folder(), so that a second train.py on the same --run-id is
-    refused (exit 2) rather than both writing it. The kernel drops a flock with its process, so a requeued,
-    preempted or killed run never leaves a stale lock: the next run on the folder resumes."""
-    common.writable_folder(run_dir.parent, "--runs-dir")  # before any work: a read-only one is bad input (exit 2)
-    common.writable_folder(run_dir, "--run-id")  # a file of that name there
-    created = not run_dir.exists()
-    while True:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise common.disk_fault(run_dir, common.FAULTS.get(e.errno, e.strerror), LOCK) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid not yet recorded"
-            os.close(fd)
-            raise common.DataError(f"{run_dir} is in use by another train.py ({holder}): wait for it to end, or use "
-                                   f"another --run-id") from None
-        except OSError as e:  # a file system without flock (Lustre mounted without it): train, unguarded
-            print(f"warning: {run_dir}: cannot lock ({e.strerror}); a second train.py on this --run-id would not "
-                  f"be refused", file=sys.stderr)
-            os.close(fd)
-            return
-        try:  # the file locked must still be the folder's: a refused run may have just removed what it created
-            same = os.path.samestat(os.fstat(fd), os.stat(run_dir / LOCK))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)  # for the second one's message
-    HELD.append((fd, run_dir, created))
-
-
-def release_run_folder() -> None:
-    """Unlock; a folder the run created and left holding nothing but the lock (refused before training: bad input,
-    a leaky split) is removed, as if the run had never started."""
-    while HELD:
-        fd, run_dir, created = HELD.pop()
-        try:
-            if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
-                (run_dir / LOCK).unlink()
-                run_dir.rmdir()
-        except OSError:  # left as it is: the next run locks it all the same
-            pass
-        os.close(fd)
-
-
 def plan_run(args, data, world, device) -> dict:
     """Rank 0: the split (the checkpoint's when resuming), checked for leaks, and whether to resume; with them what
     rank 0 alone keeps (too big to broadcast): the checkpoint and (train, val, config), each read once."""
@@ -300,11 +197,7 @@ def plan_run(args, data, world, device) -> dict:
     if ckpt:
         split = ckpt["split"]
         samples = samples_and_config(args, data, split, world, device)
-        if (run_dir / "config.json").is_file():
-            changed = changed_flags(json.loads((run_dir / "config.json").read_text()), samples[2])
-            if changed and not args.force:
-                raise common.DataError(f"{run_dir} holds a run with other flags ({'; '.join(changed[:4])}): use "
-                                       f"another --run-id, or --force to resume with the new flags")
+        run_folder.check_resume(run_dir, samples[2], args.force)
     problems = splits.split_problems(split, data, groups, args.reference_patch if args.macenko else None)
     if problems:
         raise common.DataError(f"split{' ' + args.split if args.split else ''}: {problems[0]} ({len(problems)} "
@@ -320,12 +213,6 @@ def last_checkpoint(run_dir: Path, run_id: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- training
-def previously_skipped(run_dir: Path) -> set[str]:
-    """--skip-bad-images: the files an earlier part of this run left out (kept across resumes)."""
-    skipped = run_dir / SKIPPED
-    return set(skipped.read_text().splitlines()) if skipped.is_file() else set()
-
-
 def batch_feeds(args, train_ds, val_ds, sampler, shard: list[int], device) -> tuple:
     """(training batches, validation batches, one line saying where they come from)."""
     drop_last = sampler.per_rank >= args.batch_size
@@ -393,7 +280,7 @@ class Trainer:
         shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
         self.train_loader, self.val_loader, self.feed = batch_feeds(args, train_ds, val_ds, self.sampler, shard,
                                                                     device)
-        self.skipped = previously_skipped(self.run_dir)
+        self.skipped = run_folder.previously_skipped(self.run_dir)
         recorded = train_ds.bad if args.cache and args.skip_bad_images else []  # undecodable when the cache was built
         self.recorded_bad = [path for path, bad in zip(self.train_paths, recorded) if bad]
         # ============ model and optimization ============
@@ -468,7 +355,7 @@ class Trainer:
                                                              self.sched, self.scaler, self.pos_weight)
                 loss_sum, seen = loss_sum + summed, seen + kept
                 flags = torch.stack([(~torch.isfinite(loss)).float(), loss,
-                                     torch.full((), float(STOP.is_set()), device=dev)])
+                                     torch.full((), float(run_folder.STOP.is_set()), device=dev)])
                 if self.world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
                 p["step"] += 1
@@ -507,10 +394,11 @@ class Trainer:
             return
         self.skipped.update(new)
         for path in new:  # tqdm.write: on a line of its own, not onto the progress bar
-            tqdm.write(f"warning: skipped unreadable {path} (--skip-bad-images; listed in {self.run_dir / SKIPPED})",
-                       file=sys.stderr)
+            tqdm.write(f"warning: skipped unreadable {path} (--skip-bad-images; listed in "
+                       f"{self.run_dir / run_folder.SKIPPED})", file=sys.stderr)
         if self.rank == 0:
-            common.atomic_write_text(self.run_dir / SKIPPED, "".join(f"{p}\n" for p in sorted(self.skipped)))
+            common.atomic_write_text(self.run_dir / run_folder.SKIPPED,
+                                     "".join(f"{p}\n" for p in sorted(self.skipped)))
 
     @staticmethod
     def read_flags(step, flags, bar):
@@ -592,9 +480,8 @@ class Trainer:
             if stopped:
                 self.save("last.pt")
                 if self.rank == 0:
-                    print(f"stopped by signal {STOPPED_BY[0] if STOPPED_BY else ''} at epoch {self.epoch + 1} step "
-                          f"{self.progress['step']}: saved "
-                          f"{self.run_dir / 'last.pt'}; {requeue()}", file=sys.stderr)
+                    print(run_folder.stopped_line(self.run_dir, self.epoch + 1, self.progress["step"]),
+                          file=sys.stderr)
                 return common.EXIT_STOPPED
             self.end_epoch(start)
         best = max(self.records, key=lambda r: r["pr_auc"] if r["pr_auc"] == r["pr_auc"] else -1, default=None)
@@ -641,7 +528,7 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     plan, error = None, None
     if rank == 0:
         try:
-            lock_run_folder(Path(args.runs_dir) / args.run_id)  # held until main() returns
+            run_folder.claim(Path(args.runs_dir) / args.run_id, args.force)  # held until main() returns
             plan = plan_run(args, data, world, device)
         except common.DataError as e:  # IndependenceError included: its type decides the exit code
             error = e
@@ -663,6 +550,10 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     if rank != 0:  # what rank 0 read while planning, read once here
         plan["checkpoint"] = last_checkpoint(Path(args.runs_dir) / args.run_id, args.run_id) if plan["resume"] else None
         plan["samples"] = samples_and_config(args, data, plan["split"], world, device)
+    if rank == 0 and not plan["resume"]:  # --force on an earlier model: nothing of it left to mix with this run's
+        retired = run_folder.retire_earlier_run(Path(args.runs_dir) / args.run_id)
+        if retired:
+            print(retired, file=sys.stderr)
     if args.cache:  # after the resume check (a refused run builds nothing), before any DataLoader worker forks
         prepare_cache(args, data, plan, device)
     return Trainer(args, data, plan, device, rank, world).fit()
@@ -684,9 +575,7 @@ def prepare_cache(args, data, plan, device) -> None:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     rank, world, local_rank = (int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    STOP.clear()
-    STOPPED_BY.clear()
-    previous = {s: signal.signal(s, on_signal) for s in loaders.STOP_SIGNALS}  # Ctrl-C too: it checkpoints
+    previous = run_folder.catch_stop_signals()  # Ctrl-C too: it checkpoints
     try:
         code = run(args, rank, max(world, 1), local_rank)
         if world > 1:
@@ -703,9 +592,8 @@ def main(argv=None) -> int:
         return common.unexpected_fault(e)
     finally:
         loaders.stop_workers()  # workers ignore SIGTERM: left to Python's exit they would keep it waiting for ever
-        release_run_folder()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        run_folder.release()
+        run_folder.restore_signals(previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -75,13 +75,13 @@ def features_flag(text: str) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+                                formatter_class=common.HelpFormatter, allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="the patch run's checkpoint (runs/26/best.pt); "
                    "the patient model goes to patient/ beside it (patient-<name>/ for another file name than best.pt)")
     p.add_argument("--data-root", help="HelicoDataSet folder; default: the one stored in the checkpoint. Point it at "
                    "the staged copy on a cluster node")
-    p.add_argument("--device", help="where features are extracted: cuda, cuda:1, cpu (default: cuda when available); "
-                   "the patient model itself always trains on the CPU (small, and deterministic there)")
+    common.add_device_flag(p, what="where features are extracted", note="the patient model itself always trains on "
+                           "the CPU (small, and deterministic there)")
     p.add_argument("--seed", type=int, default=0, help="the patient model's initial weights, bag order and dropout")
     p.add_argument("--epochs", type=int, default=mil.DEFAULTS["epochs"], help="passes over the training patients' "
                    "bags (one bag a step); the epoch kept is where the mean of the --mil-seeds models' probabilities "
@@ -113,8 +113,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resident-max-frac", type=float, default=feeds.DEFAULT_MAX_FRAC, metavar="F", help="with a "
                    "cache: extract from one uint8 tensor on the device when it takes at most F of its free memory, "
                    "else stream from the host cache")
-    p.add_argument("--no-amp", action="store_true", help="extract without autocast on CUDA (default: the patch "
-                   "run's precision)")
+    common.add_amp_flag(p, "the patch run's own (its autocast on CUDA, as evaluate.py scores)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave undecodable PNGs out of the bags (named on "
                    "stderr) instead of stopping with an error")
     return p
@@ -165,7 +164,7 @@ def extract_bags(args, ckpt, net, normalizer, data, device) -> dict:
     cache = packed_cache.for_checkpoint(ckpt, data, device, max(1, args.workers), args.cache, args.cache_base)
     stats = bags.ensure(path, sha, ckpt, net, normalizer.to(device) if normalizer is not None else None,
                         args.features, data, patients, device, batch_size=args.batch_size, workers=args.workers,
-                        skip_bad=args.skip_bad_images, cache=cache, no_amp=args.no_amp,
+                        skip_bad=args.skip_bad_images, cache=cache, amp=args.amp,
                         resident_max_frac=args.resident_max_frac, encoder_weights=args.encoder_weights)
     for p in stats["skipped"]:
         print(f"warning: skipped unreadable {p} (--skip-bad-images)", file=sys.stderr)

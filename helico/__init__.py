@@ -4,6 +4,7 @@
                   decode check and cache, perceptual hashes, the near-duplicate search
     splits        patient-level splits and their checks, the split flags
     train_flags   train.py's whole command line, torch-free: train.py parses it, audit_leakage.py accepts it
+    run_folder    runs/<run-id>/: the lock, the refusal of an earlier model, the resume check, stop signals, requeue
     packed_cache  the packed uint8 patch cache and where patches are read from (PNGs or the cache)
     feeds         batches from the packed cache without a DataLoader: device-resident or streamed by a thread
     loaders       DataLoader workers: how they start, how their errors reach the user, how they stop
@@ -27,6 +28,7 @@
     gradcam       Grad-CAM maps and grids
 
 The two shared modules the design card places at the top level: common.py (the conventions: errors, exit codes,
---device, atomic writes; patient IDs and the dataset; building the model and the checkpoint schema) and
-macenko_gpu.py (batched stain normalization). The package imports them; they import nothing of the package.
+the flags every command spells the same, atomic writes; patient IDs and the dataset; building the model, the
+checkpoint schema and reading a checkpoint) and macenko_gpu.py (batched stain normalization). The package imports
+them; they import nothing of the package.
 """

@@ -193,22 +193,22 @@ def feature_network(ckpt: dict, net, source: str, checkpoint_sha256: str, encode
 
 
 def ensure(checkpoint_path, sha: str, ckpt: dict, net, normalizer, source: str, data, patients, device, *,
-           batch_size: int, workers: int, skip_bad: bool = False, cache=None, no_amp: bool = False,
+           batch_size: int, workers: int, skip_bad: bool = False, cache=None, amp: bool | None = None,
            resident_max_frac: float = feeds.DEFAULT_MAX_FRAC, expected_key: str | None = None,
            encoder_weights=None) -> dict | None:
     """The bags of `patients` for this checkpoint and feature source, extracted where missing or made from other
     files (train_patient.py for the whole split, evaluate.py for what its data root adds): {"key", "folder",
     "network", **extract()'s counts}. Features under the run's own precision (model.scoring_precision), as
-    evaluate.py scores; a foundation encoder's under autocast on CUDA (bf16 from Ampere on). None, with nothing extracted, when the key is not `expected_key` (a patient model trained
-    on other bags)."""
+    evaluate.py scores; a foundation encoder's under autocast on CUDA (bf16 from Ampere on). None, with nothing
+    extracted, when the key is not `expected_key` (a patient model trained on other bags)."""
     body, network = feature_network(ckpt, net, source, sha, encoder_weights)
     key = bag_key(network, source, ckpt["stain"], int(ckpt["image_size"]))
     if expected_key is not None and key != expected_key:
         return None
     folder = patient_dir(checkpoint_path) / "bags" / key[:16]
     # a foundation encoder runs in bf16 on a GPU whatever the patch run did: its features feed no stored threshold
-    precision = model.precision(device, amp=device.type == "cuda" and not no_amp) if encoders.is_encoder(source) \
-        else model.scoring_precision(ckpt, device, no_amp)
+    precision = model.precision(device, amp=device.type == "cuda" if amp is None else amp) \
+        if encoders.is_encoder(source) else model.scoring_precision(ckpt, device, amp)
     stats = extract(body, normalizer, data.root, patient_samples(data, patients), folder, key,
                     int(ckpt["image_size"]), device, batch_size=batch_size, workers=workers, skip_bad=skip_bad,
                     cache=cache, precision=precision,

@@ -50,10 +50,12 @@ def replaced_folder(out: Path):
             os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
-    except (OSError, common.EnvironmentFault) as e:
-        if isinstance(e, OSError) and e.errno not in common.FAULTS:
+    except (OSError, common.EnvironmentFault) as e:  # a failed write names out's folder, never the temp one
+        if isinstance(e, OSError) and e.errno not in common.FAULTS and not (e.errno in common.REFUSED and
+                                                                            common.write_failure(e, out)):
             raise
-        reason = e.reason if isinstance(e, common.EnvironmentFault) else common.FAULTS[e.errno]
+        reason = e.reason if isinstance(e, common.EnvironmentFault) else \
+            common.FAULTS.get(e.errno) or (e.strerror or str(e)).lower()
         raise common.disk_fault(out.parent, reason, f"{out.name}/") from None
     finally:
         if tmp is not None:

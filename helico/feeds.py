@@ -6,7 +6,7 @@
     for images, labels, idx in train_b: ...     # uint8 (B, 3, H, W), int64 labels and sample indices on `device`
 
 Why: a DataLoader copies every batch into shared memory, pickles it to the main process and copies it again (pinned
-memory, then the device); fifteen workers delivered less than one process gathering from the memmap (issue 13).
+memory, then the device); fifteen workers delivered less than one process gathering from the memmap.
 Here the patches the run needs (training set + this rank's validation shard, never the HoldOut or other patients)
 are loaded once, by the same memmap gather, into ONE uint8 tensor on the device when it takes at most `max_frac` of
 the device's free memory (CUDA: mem_get_info plus PyTorch's cached-but-unused blocks; CPU: MemAvailable), and each

@@ -26,6 +26,7 @@ never fitted.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -162,6 +163,8 @@ def checkpoint(*, state, config: dict, patch_checkpoint: dict, split: dict, feat
 
 
 def load_checkpoint(path) -> dict:
+    if Path(path).is_dir():
+        raise DataError(f"{path}: a folder, not a patient model; pass {Path(path) / 'best.pt'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -97,11 +97,12 @@ def math_settings(device, deterministic: bool = False) -> None:
         torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
-def scoring_precision(ckpt: dict, device, no_amp: bool = False) -> Precision:
+def scoring_precision(ckpt: dict, device, amp: bool | None = None) -> Precision:
     """Inference as training validated (evaluate.py's scores, bags.py's features), since the stored threshold was
-    chosen on those scores: the run's autocast (on CUDA only, unless no_amp) and its memory layout."""
+    chosen on those scores: the run's autocast (on CUDA only; amp True or False overrides it) and its memory
+    layout."""
     config = ckpt.get("config") or {}
-    amp = device.type == "cuda" and config.get("amp", True) and not no_amp
+    amp = (device.type == "cuda" and bool(config.get("amp", True))) if amp is None else amp
     return precision(device, amp=amp, channels_last=config.get("channels_last", False))
 
 

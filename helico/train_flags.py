@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+import common
 from helico import splits
 
 
@@ -25,10 +26,11 @@ def train_args_parser(shown: bool = True) -> argparse.ArgumentParser:
                    "(a requeued job keeps its ID, so it resumes itself), else the start time YYYYmmdd-HHMMSS")
     g.add_argument("--runs-dir", default="runs", help="where run folders live; put it on shared storage on a cluster")
     g.add_argument("--force", action="store_true", help="resume even though the run folder's config.json holds "
-                   "different flags (e.g. more --epochs); the new flags win but the split stays the checkpoint's")
+                   "different flags (e.g. more --epochs): the new flags win but the split stays the checkpoint's; or, "
+                   "in a folder holding an earlier model and no last.pt, replace it: its best.pt, config.json and log "
+                   "are removed and its evaluation folders (eval/, patient/, ...) renamed <name>.stale")
     g.add_argument("--seed", type=int, default=0, help="model init, sample order and augmentation draws")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N; under torchrun "
-                   "each process takes cuda:$LOCAL_RANK")
+    common.add_device_flag(g, note="under torchrun each process takes cuda:$LOCAL_RANK")
     g = add_argument_group("model and optimization")
     g.add_argument("--arch", default="resnet18", help="any torchvision classifier; its head becomes one logit")
     g.add_argument("--weights", default="imagenet", help="imagenet (torchvision cache; fetch it once on a login node "
@@ -43,9 +45,7 @@ def train_args_parser(shown: bool = True) -> argparse.ArgumentParser:
                    "~1:40 imbalance: auto = n_neg/n_pos of the training set (1 with --sampler balanced), or a number")
     g.add_argument("--sampler", choices=("shuffle", "balanced"), default="shuffle", help="balanced draws both "
                    "classes equally often (with replacement) instead of weighting the loss")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision: bf16 on "
-                   "Ampere+ GPUs (compute capability 8.0+), else fp16 with a GradScaler. Default: on for CUDA, "
-                   "off on CPU. Try --no-amp if the loss turns NaN")
+    common.add_amp_flag(g, "on for CUDA (fp16 with a GradScaler), off on CPU", "Try --no-amp if the loss turns NaN")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="NHWC memory layout: usually faster with --amp on tensor-core GPUs (measure with tools/bench.py)")
     g.add_argument("--deterministic", action="store_true", help="repeatable GPU kernels (cuDNN deterministic, no "

@@ -363,6 +363,36 @@ def test_patient_without_diagnosis_row_is_a_warning(demo_root, tmp_path):
     assert finding(report, "patients_without_diagnosis")["patients"] == ["B22-08"]
 
 
+def test_a_jpg_a_folder_without_its_section_and_an_empty_folder_are_named_as_such_with_what_to_do(small_demo_root,
+                                                                                                      tmp_path, capsys):
+    root = copy_demo(small_demo_root, tmp_path)
+    folder = next(p for p in sorted((root / CROPPED).iterdir()) if p.is_dir())  # a Cropped folder, <Pat_ID>_<section>
+    png = next(folder.glob("*.png"))
+    Image.open(png).convert("RGB").save(folder / "99999.jpg")  # saved as JPG: not read
+    unsectioned = root / CROPPED / "B22-900"  # a patient folder whose _<section> suffix was lost
+    unsectioned.mkdir()
+    for k in range(3):
+        os.link(png, unsectioned / f"{k:05d}.png")
+    (root / HOLDOUT / "B22-500_0").mkdir()  # an empty HoldOut folder
+    rc, report = run_audit(root, tmp_path)
+    out = capsys.readouterr().out
+    assert rc == common.EXIT_OK
+    jpg = finding(report, "unread_images")
+    patient = common.patient_id(folder.name)
+    assert jpg["files"] == [f"{CROPPED}/{folder.name}/99999.jpg"] and jpg["patients"] == [patient]
+    assert f"missing from their patient: {patient} (1); convert them to PNG" in jpg["detail"]
+    unparsed = finding(report, "unparsed_folders")
+    assert unparsed["files"] == [f"{CROPPED}/B22-900"] and unparsed["patients"] == ["B22-900"]
+    assert f"{CROPPED}/B22-900 (3 image(s) missing from patient B22-900); rename each <Pat_ID>_<section>" in \
+        unparsed["detail"]
+    empty = finding(report, "empty_patient_folders")
+    assert empty["files"] == [f"{HOLDOUT}/B22-500_0"] and "are empty (no patch PNG)" in empty["detail"]
+    assert "B22-500" not in (finding(report, "patients_without_diagnosis") or {"patients": []})["patients"]
+    stray = finding(report, "stray_entries")["files"]
+    assert not {f"{CROPPED}/B22-900", f"{CROPPED}/{folder.name}/99999.jpg"} & set(stray)
+    assert "[unread_images]" in out and "[unparsed_folders]" in out and "[empty_patient_folders]" in out
+
+
 # ----------------------------------------------------------------------------------------------- real metadata
 @pytest.fixture(scope="module")
 def real_metadata_root(demo_root, tmp_path_factory):
@@ -465,7 +495,8 @@ def test_a_second_audit_decodes_only_what_changed_and_reports_the_same(demo_root
 def test_the_audit_and_the_split_flag_read_never_import_torch():
     # torch's import costs ~4 s of CPU per process here; the audit and run_h_pylori.sh's split-flag read need no
     # tensors, so a top-level `import torch` reaching them (through common -> devices once) is a regression.
-    code = ("import sys, audit_leakage, common; from helico import splits, metrics, identity; "
+    code = ("import sys, audit_leakage, common; from helico import splits, metrics, identity, run_folder; "
+            "assert audit_leakage.main(['--check-flags', '--runs-dir', 'runs', '--run-id', 'no-such-run']) == 0; "
             "print(sorted(m for m in sys.modules if m == 'torch'))")
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(audit_leakage.__file__).parent, capture_output=True,
                        text=True, timeout=120)

@@ -1,10 +1,11 @@
-"""Every command's flags as a user types them: no prefix of a flag is taken for the flag (issue 19).
+"""Every command's flags as a user types them: no prefix of a flag is taken for the flag.
 
 With argparse's default allow_abbrev, `run_h_pylori.sh ... --val 0.3` audited the default split while train.py
 trained on --val-frac 0.3, and `--epoch 1` passed for `--epochs`. Each case below gives the command arguments that
 would fail fast *after* parsing (a missing data root, a missing checkpoint...), so that code which still accepted the
 prefix fails this test at once with another message rather than running.
 """
+import argparse
 import importlib
 import os
 import subprocess
@@ -27,7 +28,7 @@ ABBREVIATED = {
     "bench --min": ("bench", ["--data-root", MISSING], ["--min", "0"]),  # --min-seconds
     "make_demo_data --see": ("make_demo_data", ["{tmp}/file/demo"], ["--see", "1"]),  # --seed
     "patch_cache --norm": ("patch_cache", ["--data-root", MISSING, "--out", "{tmp}/cache"], ["--norm"]),  # --normalized
-    "stain --ref": ("stain", [MISSING, "{tmp}/out"], ["--ref", "{tmp}/x.png"]),  # --reference
+    "stain --ref": ("stain", [MISSING, "{tmp}/out"], ["--ref", "{tmp}/x.png"]),  # --reference-patch
     "stain_check --mode": ("stain_check", [], ["--mode", "bogus"]),  # --modes (which would reject the value)
     "train_patient --epoch": ("train_patient", ["--checkpoint", "{tmp}/best.pt"], ["--epoch", "1"]),  # --epochs
     "bench_patient --train": ("bench_patient", ["--checkpoint", "{tmp}/best.pt"], ["--train", "1"]),  # --train-bags
@@ -50,7 +51,7 @@ def test_an_abbreviated_flag_exits_2_naming_it(case, tmp_path, capsys):
 
 
 def test_train_val_abbreviation_is_refused_as_the_launcher_runs_it(tmp_path):
-    """The issue's own command line, in its own process: exit 2 before any data is read."""
+    """The mistyped command line, in its own process: exit 2 before any data is read."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-root", MISSING, "--runs-dir", str(tmp_path),
                         "--val", "0.3"], env=env, capture_output=True, text=True, timeout=120)
@@ -62,10 +63,44 @@ def test_train_val_abbreviation_is_refused_as_the_launcher_runs_it(tmp_path):
 def test_gpu_check_without_cuda_exits_2_at_once_in_one_line(capsys, tmp_path, monkeypatch):
     import torch
     import gpu_check
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine's case, wherever the suite runs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only node, wherever the suite runs
     assert gpu_check.main(["--json", str(tmp_path / "out.json")]) == common.EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "needs CUDA and this machine has none" in err
+    assert err.count("\n") == 1 and "needs CUDA and no GPU is visible to this process" in err
     assert not (tmp_path / "out.json").exists()
     assert gpu_check.main(["--stages", "resume,warp"]) == common.EXIT_BAD_INPUT
     assert "--stages resume,warp: unknown warp" in capsys.readouterr().err
+
+
+COMMANDS = ("train", "train_patient", "evaluate", "audit_leakage", "stain", "patch_cache", "make_demo_data", "bench",
+            "bench_patient", "bench_startup", "gpu_check", "stain_check")
+WITH_DEVICE = ("train", "train_patient", "evaluate", "stain", "patch_cache", "bench", "bench_patient", "gpu_check",
+               "audit_leakage")  # the audit accepts train.py's flags, unlisted
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_help_shows_every_default_and_one_device_and_amp_flag(command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10000")  # one line per flag: a default is never split by the wrapping
+    parser = importlib.import_module(command).get_args_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.option_strings and action.help != argparse.SUPPRESS and action.default not in (None, False,
+                                                                                                  argparse.SUPPRESS):
+            assert f"(default: {action.default})" in text, (command, action.option_strings)
+    flags = {s: a for a in parser._actions for s in a.option_strings}
+    assert ("--device" in flags) == (command in WITH_DEVICE)
+    if "--device" in flags:
+        assert flags["--device"].type is common.device_flag
+        assert "cuda:N" in flags["--device"].help or flags["--device"].help == argparse.SUPPRESS
+    if "--amp" in flags or "--no-amp" in flags:
+        assert flags["--amp"] is flags["--no-amp"] and isinstance(flags["--amp"], argparse.BooleanOptionalAction)
+    assert not {"--reference", "--size", "--expected-size"} & set(flags)
+
+
+@pytest.mark.parametrize("command", WITH_DEVICE)
+def test_a_device_no_command_knows_is_refused_when_parsed_naming_the_choices(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(command).main(["--device", "gpu"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == common.EXIT_BAD_INPUT
+    assert err.splitlines()[-1].endswith("error: argument --device: 'gpu': expected auto, cpu, cuda or cuda:N")

@@ -629,7 +629,7 @@ def test_a_file_as_cache_is_exit_2_one_line(tiny_run, tmp_path, capsys):
 
 
 def test_the_patient_rule_candidates_do_not_grow_with_the_patch_count():
-    # the reviewer's case: a NEGATIVA patient's scores, drawn from one distribution, in folders of 25 to 2,000 patches
+    # the case to guard: a NEGATIVA patient's scores, drawn from one distribution, in folders of 25 to 2,000 patches
     rng = np.random.default_rng(0)
     by_count = {}
     for n in (25, 100, 500, 2000):

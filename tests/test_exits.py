@@ -1,5 +1,5 @@
 """Every way a run can stop, tried as users meet it: the real scripts in their own process, DataLoader workers on,
-a time limit, and then the exit code, the one line that says why, and what is left on disk (issue 9)."""
+a time limit, and then the exit code, the one line that says why, and what is left on disk."""
 import json
 import os
 import re
@@ -396,3 +396,41 @@ def test_an_uncaught_os_or_import_error_is_one_line_and_its_documented_code_neve
     assert line.startswith("error: ") and named in line
     if fault == "missing module":
         assert "pip install -r requirements.txt" in line
+
+
+# ----------------------------------------------------------------------------------------------- messages
+@pytest.mark.parametrize("command, flag", [("train_patient", "--checkpoint"), ("evaluate", "--checkpoint"),
+                                           ("evaluate", "--compare")])
+def test_a_run_folder_given_as_checkpoint_names_the_checkpoints_inside_it(command, flag, tiny_run, capsys):
+    import importlib
+    argv = [flag, str(tiny_run)] + ([str(tiny_run / "best.pt")] if flag == "--compare" else []) + ["--device", "cpu"]
+    assert importlib.import_module(command).main(argv) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err == (f"error: {flag} {tiny_run}: a folder, not a checkpoint; pass {tiny_run / 'best.pt'} (the best "
+                   f"validation epoch) or {tiny_run / 'last.pt'} (the last)\n")
+
+
+def test_a_folder_the_user_may_not_write_exits_5_naming_it_never_a_temp_file(tmp_path, monkeypatch, capsys):
+    # what mkstemp raises in a read-only bag folder (root ignores chmod, so the system's answer is reproduced here)
+    def refused(prefix, suffix, dir):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}k3j9x{suffix}"))
+    monkeypatch.setattr(common.tempfile, "mkstemp", refused)
+    bags = tmp_path / "patient" / "bags" / "0123456789abcdef"
+    code = common.guarded_main(lambda: common.atomic_write_text(bags / "B22-03.pt", "x"), kept="the bags extracted "
+                               "so far are kept", again="run the same command again")
+    err = capsys.readouterr().err
+    assert code == common.EXIT_ENVIRONMENT and err.count("\n") == 1 and ".tmp" not in err
+    assert err.startswith(f"error: {bags}: permission denied while writing B22-03.pt (any previous one is kept);")
+
+
+def test_a_file_size_limit_while_saving_exits_5_naming_the_run_folder(demo_root, tmp_path):
+    import resource
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, resource.RLIM_INFINITY))  # ulimit -f 8192
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir",
+                           str(tmp_path), "--run-id", "big", *FAST, "--workers", "0", "--epochs", "1"],
+                          env=child_env(), preexec_fn=limit, capture_output=True, text=True, timeout=LIMIT)
+    assert proc.returncode == common.EXIT_ENVIRONMENT, proc.stderr[-2000:]
+    [line] = error_lines(proc.stderr)
+    assert line.startswith(f"error: {tmp_path / 'big'}: file too large for that file system or the file-size limit "
+                           f"(ulimit -f) while writing best.pt") and ".tmp" not in line, line
+    assert not list((tmp_path / "big").glob(".*.tmp"))

@@ -58,7 +58,7 @@ def test_percentile_interval_reports_the_share_of_undefined_resamples():
 
 
 def test_bca_covers_a_skewed_cluster_statistic_better_than_the_percentile_interval():
-    """The reviewer's finding: near the cluster floor the percentile interval under-covers. A patch-level rate over
+    """Near the cluster floor the percentile interval under-covers. A patch-level rate over
     20 patient clusters of 20-60 patches whose own rates vary (Beta, mean 0.08): the share of 400 simulated studies
     whose 95% interval holds the true rate. Seeded: the same numbers on every machine."""
     rng = np.random.default_rng(0)

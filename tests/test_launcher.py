@@ -256,6 +256,23 @@ def test_an_abbreviated_flag_is_refused_in_one_line_before_staging(node, demo_ro
     assert not (node.local / "helico-stage").exists() and not node.runs.exists()
 
 
+def test_a_run_folder_holding_a_finished_model_without_last_pt_is_refused_in_one_line_before_staging(node):
+    run_dir = node.runs / "nopm"  # a finished run whose last.pt was deleted to save space, evaluated
+    (run_dir / "eval").mkdir(parents=True)
+    for name in ("best.pt", "config.json", "log.jsonl", "eval/metrics.json"):
+        (run_dir / name).write_text("kept\n")
+    before = {p: p.read_text() for p in run_dir.rglob("*") if p.is_file()}
+    r = node.run("--run-id", "nopm", "--epochs", "20")
+    assert r.returncode == 2, r.stderr[-3000:]
+    [line] = [line for line in r.stderr.splitlines() if "error" in line]
+    assert line == (f"error: {node.runs}/nopm holds a model of an earlier run (best.pt, "
+                    f"config.json, eval/, log.jsonl) and no last.pt to resume from: use another --run-id, or --force "
+                    f"to replace it (its evaluation folders are kept as <name>.stale)"), r.stderr
+    assert {p: p.read_text() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.json", "eval", "log.jsonl"]
+    assert not (node.local / "helico-stage").exists()
+
+
 # ----------------------------------------------------------------------------------------------- pipeline
 def leaky_split(node, tmp_path) -> Path:
     """A split file whose validation part repeats a training patient."""
@@ -368,7 +385,8 @@ def test_the_patient_model_step_runs_after_training_unless_turned_off(node, smal
     # Stand-ins after the real audit: train.py "finishes" at once (best.pt is there), train_patient.py exits 2 and
     # evaluate.py 0, so the log shows whether the step ran and that its exit code is read like every step's.
     (node.runs / "pm").mkdir(parents=True)
-    (node.runs / "pm" / "best.pt").write_bytes(b"")
+    for name in ("best.pt", "last.pt"):  # a finished run, as the stand-in train.py leaves it
+        (node.runs / "pm" / name).write_bytes(b"")
     wrapper = node.tmp / "python-wrapper"
     wrapper.write_text('#!/bin/bash\ncase ${1:-} in\n  */train.py|*/evaluate.py) exit 0 ;;\n'
                        '  */train_patient.py) echo "train_patient.py: simulated $*" >&2; exit 2 ;;\nesac\n'
@@ -459,7 +477,7 @@ def test_gpu_count_is_what_the_job_was_given_never_a_default_of_one():
 
 def test_a_cpu_run_logs_zero_gpus_and_one_process(node, demo_root):
     if shutil.which("nvidia-smi"):
-        pytest.skip("this machine has nvidia-smi, so an unset CUDA_VISIBLE_DEVICES counts its GPUs")  # never on CI
+        pytest.skip("this node has nvidia-smi, so an unset CUDA_VISIBLE_DEVICES counts its GPUs")  # never on CI
     r = stopped_at_train(node.copy_demo(demo_root), "--run-id", "gpus", *TRAIN_FLAGS, CACHE="off", STAGE_DIR="off")
     train_command(r)
     assert "GPUs: 0 (none allocated or visible: CPU run), processes: 1" in gpus_line(r)

@@ -63,7 +63,7 @@ def reference(ihc):
 @pytest.fixture(scope="module")
 def dab_free_ihc():
     """The IHC sample with its DAB channel removed (rgb2hed -> DAB = 0 -> hed2rgb) and its hematoxylin tripled so
-    the tiles are tissue-rich: a hematoxylin-only tile, DAB ~0.0001 by rgb2hed, as in issue 3."""
+    the tiles are tissue-rich: a hematoxylin-only tile, DAB ~0.0001 by rgb2hed, as seen on the real data."""
     hed = rgb2hed(data.immunohistochemistry())
     hed[..., 0] *= 3
     hed[..., 2] = 0
@@ -78,7 +78,7 @@ def assert_same_up_to_rounding(a, b):
     """Outputs of one tile normalized in different batches: at most 1 grey level apart on at most 0.1% of the
     pixels, not bit for bit. Each tile's statistics are its own, but the float32 matrix products run in kernels
     that BLAS picks by batch shape and CPU, and the last-bit differences become 1 level where a value sits on a
-    level boundary (floor, as torchstain): issue 9 saw 3 such pixels on another CPU model."""
+    level boundary (floor, as torchstain): 3 such pixels were seen on another CPU model."""
     diff = (a.float() - b.float()).abs() * (255 if a.is_floating_point() else 1)
     assert diff.max() <= 1 + 1e-3 and (diff > 1e-3).float().mean() <= 0.001, (diff.max(), (diff > 1e-3).sum())
 
@@ -232,7 +232,7 @@ def test_hematoxylin_only_patches_gain_no_brown_pixels(ihc_references, ref_name)
 
 
 def test_canonical_macenko_fails_both_ways_on_the_same_cases(rods, ihc_references):
-    # the issue's two failure modes, reproduced: canonical Macenko invents DAB on hematoxylin-only patches and
+    # the two failure modes, reproduced: canonical Macenko invents DAB on hematoxylin-only patches and
     # loses sparse rods (per-patch DAB vectors from noise, DAB rescaled to the reference's maximum)
     canonical = MacenkoNormalizer(mode="macenko").fit(ihc_references["rods 5.0%"])
     assert stain_check.brown_share(canonical.normalize(stain_check.hematoxylin_cases())) > 0.5
@@ -259,7 +259,7 @@ def test_dab_free_tiles_gain_no_dab(reference, dab_free_ihc):
     assert (auto.analyze(tiles)["mode"] == SINGLE_STAIN).all()
     assert mean_dab(auto.normalize(tiles)).max() < 0.01
     canonical = MacenkoNormalizer(mode="macenko").fit(reference)
-    assert mean_dab(canonical.normalize(tiles)).min() > 0.01  # plain Macenko invents DAB: the issue's bug
+    assert mean_dab(canonical.normalize(tiles)).min() > 0.01  # plain Macenko invents DAB
 
 
 @pytest.mark.parametrize("mode", ["ihc", "auto"])
@@ -358,7 +358,7 @@ def test_cli_normalizes_a_folder_tree_with_rgba_and_grey_images(ihc, reference, 
     write_png(src / "B22-01_0" / "00002.png", rgba, "RGBA")
     write_png(src / "B22-02_1" / "7.png", tiles[2][..., 0], "L")
     (src / "B22-02_1" / "Thumbs.db").write_bytes(b"stray")
-    assert stain.main(["--reference", str(tmp_path / "ref.png"), str(src), str(tmp_path / "out"),
+    assert stain.main(["--reference-patch", str(tmp_path / "ref.png"), str(src), str(tmp_path / "out"),
                              "--device", "cpu", "--batch-size", "2"]) == 0
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*"))
     assert written == ["B22-01_0", "B22-01_0/00001.png", "B22-01_0/00002.png", "B22-02_1", "B22-02_1/7.png"]
@@ -394,7 +394,7 @@ def test_cli_bad_input_exits_2_with_a_one_line_error(case, message, reference, t
         (src / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     if case == "output_inside_input":
         out = src / "normalized"
-    code = stain.main(["--reference", str(ref), str(src), str(out), "--device", "cpu"])
+    code = stain.main(["--reference-patch", str(ref), str(src), str(out), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: ") and message in err and "\n" not in err
@@ -422,19 +422,19 @@ def test_cli_preview_writes_one_png_with_three_columns(ihc, reference, tmp_path,
     for i, tile in enumerate(tiles_of(ihc)[:5]):
         write_png(tmp_path / "in" / f"B22-0{i}_0" / "00001.png", tile.permute(1, 2, 0).numpy())
     out = tmp_path / "preview.png"
-    assert stain.main(["--preview", "--reference", str(tmp_path / "ref.png"), str(tmp_path / "in"), str(out),
+    assert stain.main(["--preview", "--reference-patch", str(tmp_path / "ref.png"), str(tmp_path / "in"), str(out),
                              "--count", "3", "--device", "cpu"]) == 0
     assert "3 patches" in capsys.readouterr().out
     width, height = Image.open(out).size
     assert width == 4 + 3 * (160 + 4) and height == 14 + 3 * (160 + 14 + 4) + 4
-    assert stain.main(["--preview", "--reference", str(tmp_path / "ref.png"), str(tmp_path / "ref.png"),
+    assert stain.main(["--preview", "--reference-patch", str(tmp_path / "ref.png"), str(tmp_path / "ref.png"),
                              str(tmp_path / "p2.png")]) == 2
     assert "no .png files" in capsys.readouterr().err
 
 
 def test_benchmark_prints_both_rates_and_their_ratio(tmp_path, capsys):
     report = tmp_path / "bench.json"
-    assert stain.main(["--benchmark", "--device", "cpu", "--batch-size", "3", "--size", "64",
+    assert stain.main(["--benchmark", "--device", "cpu", "--batch-size", "3", "--image-size", "64",
                              "--repeats", "1", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "macenko_gpu" in printed and "torchstain" in printed and "ratio" in printed
@@ -449,7 +449,7 @@ def test_benchmark_prints_both_rates_and_their_ratio(tmp_path, capsys):
 
 def test_benchmark_without_torchstain_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torchstain.torch.normalizers", None)  # makes the import fail
-    assert stain.main(["--benchmark", "--device", "cpu", "--batch-size", "1", "--size", "32"]) == 2
+    assert stain.main(["--benchmark", "--device", "cpu", "--batch-size", "1", "--image-size", "32"]) == 2
     assert "pip install -r requirements-dev.txt" in capsys.readouterr().err
 
 

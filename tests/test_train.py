@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import common
 import train
 from conftest import TINY_TRAIN_FLAGS
-from helico import identity, metrics, model, packed_cache, staining
+from helico import identity, metrics, model, packed_cache, run_folder, staining
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough that a run is a few seconds on 2 cores: 48 training samples (3 steps), 32 px, no Macenko.
@@ -147,7 +147,7 @@ def test_stop_signal_mid_epoch_then_resume_gives_bitwise_identical_weights(demo_
         if kwargs.get("gen", args[2] if len(args) > 2 else None) is not None:
             calls.append(1)
             if len(calls) == 1:
-                train.on_signal(signal.SIGUSR1, None)  # what SLURM's --signal does, minus the timing
+                run_folder.on_signal(signal.SIGUSR1, None)  # what SLURM's --signal does, minus the timing
         return real_model_input(images, *args, **kwargs)
 
     monkeypatch.setattr(model, "model_input", signal_during_first_training_step)
@@ -235,8 +235,9 @@ def test_macenko_amp_channels_last_hed_run_stores_the_pooled_stain_reference_and
 def test_runs_from_before_hed_jitter_and_several_references_resume_as_they_were(tmp_path):
     old = {"lr": 0.0003, "reference_patch": staining.DEFAULT_REFERENCE}  # a config.json of an older run
     new = {"lr": 0.0003, "reference_patch": [staining.DEFAULT_REFERENCE], "hed_jitter": [0.0, 0.0]}
-    assert train.changed_flags(old, new) == []
-    assert train.changed_flags(old, {**new, "hed_jitter": [0.05, 0.0]}) == ["--hed-jitter [0.0, 0.0] -> [0.05, 0.0]"]
+    assert run_folder.changed_flags(old, new) == []
+    assert run_folder.changed_flags(old, {**new, "hed_jitter": [0.05, 0.0]}) == [
+        "--hed-jitter [0.0, 0.0] -> [0.05, 0.0]"]
 
 
 # ----------------------------------------------------------------------------------------------- fault guards
@@ -292,19 +293,19 @@ def test_sigterm_to_the_whole_job_finishes_the_step_writes_last_pt_and_exits_4(d
 
 def test_second_signal_exits_at_once_with_128_plus_its_number(monkeypatch):
     exits = []
-    monkeypatch.setattr(train.os, "_exit", exits.append)
-    train.STOP.clear()
-    train.on_signal(signal.SIGUSR1, None)  # first: finish the step, save, exit 4 (tested above with a real signal)
-    assert train.STOP.is_set() and exits == []
-    train.on_signal(signal.SIGTERM, None)
+    monkeypatch.setattr(run_folder.os, "_exit", exits.append)
+    run_folder.STOP.clear()
+    run_folder.on_signal(signal.SIGUSR1, None)  # first: finish the step, save, exit 4 (tested above with a real signal)
+    assert run_folder.STOP.is_set() and exits == []
+    run_folder.on_signal(signal.SIGTERM, None)
     assert exits == [128 + signal.SIGTERM]
-    train.STOP.clear()
+    run_folder.STOP.clear()
 
 
 # ----------------------------------------------------------------------------------------------- run folder lock
 def test_a_second_train_on_a_run_id_in_use_is_refused_naming_the_folder_and_pid_then_resume_works(demo_root, tmp_path,
                                                                                                    capsys):
-    run_dir, lock = tmp_path / "busy", tmp_path / "busy" / train.LOCK
+    run_dir, lock = tmp_path / "busy", tmp_path / "busy" / run_folder.LOCK
     first = second = start_training(demo_root, tmp_path, "busy", "--epochs", "50")
     try:
         wait_until(lambda: (run_dir / "last.pt").is_file(), first, "the first run's first epoch")
@@ -326,6 +327,62 @@ def test_a_second_train_on_a_run_id_in_use_is_refused_naming_the_folder_and_pid_
     assert run_train(demo_root, tmp_path, "busy", "--force", epochs=epoch + 1) == common.EXIT_OK
     assert f"{run_dir}: resuming after epoch {epoch} step 0" in capsys.readouterr().err
     assert load(run_dir / "last.pt")["epoch"] == epoch + 1
+
+
+def snapshot(folder: Path) -> dict:
+    """Every entry under `folder` with its bytes and mtime: what "nothing changed" compares."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def finished_model_without_last_pt(straight_run, runs) -> Path:
+    """A finished run whose user deleted last.pt to save space, with its evaluation beside it."""
+    run_dir = runs / "nopm"
+    shutil.copytree(straight_run, run_dir)
+    (run_dir / "last.pt").unlink()
+    (run_dir / run_folder.LOCK).unlink(missing_ok=True)
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "metrics.json").write_text("{}\n")
+    return run_dir
+
+
+def test_a_finished_model_without_last_pt_is_refused_in_one_line_and_nothing_changes(demo_root, tmp_path,
+                                                                                     straight_run, capsys):
+    run_dir = finished_model_without_last_pt(straight_run, tmp_path)
+    before = snapshot(run_dir)
+    assert run_train(demo_root, tmp_path, "nopm", epochs=20) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {run_dir} holds a model of an earlier run (best.pt, "), err
+    assert "config.json" in err and "eval/" in err and "--force" in err and "last.pt" in err
+    assert snapshot(run_dir) == before
+
+
+def test_force_replaces_the_earlier_model_and_keeps_its_evaluation_as_stale(demo_root, tmp_path, straight_run, capsys):
+    run_dir = finished_model_without_last_pt(straight_run, tmp_path)
+    old_best = (run_dir / "best.pt").read_bytes()
+    assert run_train(demo_root, tmp_path, "nopm", "--force", "--seed", "1", epochs=1) == common.EXIT_OK
+    err = capsys.readouterr().err
+    assert f"{run_dir}: --force: replacing an earlier run: removed best.pt, config.json" in err
+    assert not (run_dir / "eval").exists() and (run_dir / "eval.stale" / "metrics.json").read_text() == "{}\n"
+    assert (run_dir / "best.pt").read_bytes() != old_best and load(run_dir / "best.pt")["config"]["seed"] == 1
+    assert (run_dir / "log.jsonl").read_text().count("\n") == 1  # this run's one epoch, none of the earlier two
+
+
+def test_only_a_requeued_slurm_jobs_own_start_or_a_last_pt_counts_as_nothing_to_lose(tmp_path, monkeypatch):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"environment": {"slurm_job_id": "77"}}))
+    (run_dir / "split.json").write_text("{}")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert run_folder.earlier_run(run_dir) == ["config.json", "split.json"]
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    assert run_folder.earlier_run(run_dir) == ["config.json", "split.json"]
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # killed before its first checkpoint, requeued: it starts again
+    assert run_folder.earlier_run(run_dir) == []
+    (run_dir / "best.pt").write_bytes(b"")
+    assert run_folder.earlier_run(run_dir) == ["best.pt", "config.json", "split.json"]
+    (run_dir / "last.pt").write_bytes(b"")  # an unfinished run: resumed as ever
+    assert run_folder.earlier_run(run_dir) == []
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -371,7 +428,6 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     (["--hed-jitter", "0.05"], "--hed-jitter"),
     (["--macenko", "--reference-patch", "CrossValidation/Annotated/B22-47_0", "nothere/"], "nothere"),
     (["--pos-weight", "-3"], "--pos-weight"),
-    (["--device", "tpu"], "--device"),
     (["--cache-normalized"], "--cache-normalized"),
 ])
 def test_bad_input_exits_2_with_a_one_line_error_naming_it(demo_root, tmp_path, capsys, flags, named):

@@ -17,8 +17,8 @@ Stages (img/s; warm-up batches excluded; CUDA timings bracketed by torch.cuda.sy
     loop        train.py's loop with --cache: feeds.cache_batches (patches held on the device when they fit in
                 --resident-max-frac of its free memory, else streamed) -> normalize, one batch
                 ahead on a CUDA stream of its own (feeds.Prefetched) -> step
-    loop_loader the loop before issue 13: DataLoader over the cache (--loop-source png: PNGs) -> device -> normalize
-                -> step, for comparison
+    loop_loader a DataLoader over the cache (--loop-source png: PNGs) -> device -> normalize -> step: the loop
+                without train.py's feeds, for comparison
     train       train.py itself (in this process) on --limit-samples training patches with --cache for
                 --train-epochs epochs: its last epoch's logged img/s (training only, validation excluded) is the
                 steady state; the first epoch's includes warm-up (and compilation with --compile). Needs a cache
@@ -56,7 +56,7 @@ from helico import augment, feeds, loaders, model, optimization, packed_cache, r
 PREFETCH = 2  # batches each worker decodes ahead; a loader stage warms up through this backlog too
 STAGES = ("load_png", "load_cache", "stream", "normalize", "model_step", "loop", "loop_loader", "train")
 JITTER = list(augment.DEFAULT_JITTER)  # train.py's default --jitter
-DEFAULTS = {  # CPU: small enough for a minute on a laptop; CUDA: the issue's real settings
+DEFAULTS = {  # CPU: small enough for a minute on a laptop; CUDA: the settings of a real GPU run
     "cpu": {"image_size": 64, "batch_size": 16, "batches": 3, "warmup": 1, "limit_samples": 256, "threads": 1,
             "train_epochs": 2},
     "cuda": {"image_size": 224, "batch_size": 256, "batches": 30, "warmup": 5, "limit_samples": 8192,
@@ -65,13 +65,12 @@ DEFAULTS = {  # CPU: small enough for a minute on a laptop; CUDA: the issue's re
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter, allow_abbrev=False)
     p.add_argument("--data-root", default=os.environ.get("HELICO_DATA"), help="HelicoDataSet folder (default "
                    "$HELICO_DATA); benchmark the copy training reads (node-local on a cluster)")
-    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default cuda if available, else cpu")
+    common.add_device_flag(p)
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
-    p.add_argument("--batch-size", type=int, help="default 16 on CPU, 256 on CUDA (the issue's target setting)")
+    p.add_argument("--batch-size", type=int, help="default 16 on CPU, 256 on CUDA (a real GPU run's)")
     p.add_argument("--image-size", type=int, help="default 64 on CPU, 224 on CUDA; the cache must match it")
     p.add_argument("--workers", type=int, help="DataLoader processes (default: CPUs this process may use, "
                    "minus one on CUDA, where the main process feeds the GPU)")
@@ -99,8 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-epochs", type=int, help="epochs of the train stage (default 2 CPU, 3 CUDA); the last "
                    "one is the steady state")
     p.add_argument("--arch", default="resnet18", help="torchvision classifier (one-logit head, random weights)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision as in "
-                   "train.py (bf16 on Ampere+, else fp16 + GradScaler); default on for CUDA, off on CPU")
+    common.add_amp_flag(p, "on for CUDA (fp16 with a GradScaler, as train.py), off on CPU", "Compare settings with "
+                        "--no-amp")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC layout for model and input; default on for CUDA, off on CPU")
     p.add_argument("--macenko", action=argparse.BooleanOptionalAction, default=True,
@@ -368,7 +367,7 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
-REAL_TRAINING_PATCHES = 54_000  # the real dataset's training part (issue 13): the epoch-time projection
+REAL_TRAINING_PATCHES = 54_000  # the real dataset's training part: the epoch-time projection
 
 
 def summarize(args, device, stages, per_core, n, cached, cache_size, build, macenko, feed) -> dict:
@@ -426,7 +425,7 @@ def table(r: dict) -> str:
              "stream": "reading thread -> pinned buffers -> device (the fallback)",
              "model_step": "ceiling" + (" (torch.compile)" if r["compile"] else ""),
              "loop": "train.py's --cache path: " + (r["feed"] or "-").split(":")[0],
-             "loop_loader": f"DataLoader over the {r['loop_source']} -> device (before issue 13)",
+             "loop_loader": f"DataLoader over the {r['loop_source']} -> device (no train.py feed)",
              "train": "train.py's last epoch (steady state, validation excluded)"}
     lines = [f"bench: {r['device']} ({r['device_name']}), {r['arch']}, {r['image_size']}px, batch {r['batch_size']}, "
              f"{r['workers']} workers, {r['samples']} patches, amp {'on' if r['amp'] else 'off'}, channels_last "

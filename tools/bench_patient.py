@@ -45,7 +45,7 @@ from helico import bags, encoders, loaders, mil, model
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+                                formatter_class=common.HelpFormatter, allow_abbrev=False)
     p.add_argument("--train-bags", type=int, default=150, help="training patients of one fold of the real data")
     p.add_argument("--val-bags", type=int, default=38, help="validation patients")
     p.add_argument("--bag-size", type=int, default=800, help="patches per bag (real Cropped folders: hundreds)")
@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads for the MIL stage (default: torch's own)")
     p.add_argument("--checkpoint", help="a patch checkpoint: also time the feature extraction on its data")
     p.add_argument("--data-root", help="default: the checkpoint's")
-    p.add_argument("--device", help="extraction device (default: cuda when available)")
+    common.add_device_flag(p, what="where features are extracted")
     p.add_argument("--batch-size", type=int, default=256, help="extraction batch")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="PNG-decoding processes")
     p.add_argument("--patches", type=int, default=2048, help="patches extracted (the first Cropped ones)")

@@ -42,6 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]  # the workflow's commands and modules, one folder up
 sys.path.insert(0, str(REPO))
+import common  # torch-free: what start-up costs is measured in the processes this one starts
 
 START = time.perf_counter()
 REAL = {"cv_patients": 147, "holdout_patients": 116, "cropped": 127_841, "holdout": 88_794}
@@ -156,7 +157,7 @@ def measure(name: str, root: str, work: str, size: int, count: bool) -> dict:
     # every command uses its default hash and decode caches, under the work folder (environment: XDG_CACHE_HOME)
     if name.startswith("audit"):
         import audit_leakage
-        code = audit_leakage.main(["--data-root", root, "--no-progress", "--expected-size", str(size), "--json",
+        code = audit_leakage.main(["--data-root", root, "--no-progress", "--patch-size", str(size), "--json",
                                    str(work_dir / f"{name}.json")])
     elif name.startswith("train_startup"):
         import train
@@ -230,7 +231,7 @@ def prepare(root: Path, work: Path) -> None:
 def get_args_parser():
     p = argparse.ArgumentParser(description="Start-up costs at the real dataset's folder counts (a table; "
                                 "--make writes the dataset first).", allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=common.HelpFormatter,
                                 epilog="exit codes: 0 measured, 2 bad input")
     p.add_argument("--root", required=True, help="the generated dataset's folder (written with --make)")
     p.add_argument("--make", action="store_true", help="write the dataset at --root first (replaces it)")

@@ -1,5 +1,5 @@
-"""Every CUDA-only branch run end to end on demo data, checked against what the code promises, and issue 13's
-throughput targets measured: one command for whoever has a GPU for ten minutes.
+"""Every CUDA-only branch run end to end on demo data, checked against what the code promises, and the throughput
+targets measured: one command for whoever has a GPU for ten minutes.
 
 Usage:
     make gpu-check                                   # demo data, the first GPU, JSON in runs/gpu_check.json
@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 import common
 
 STAGES = ("resume", "streamed", "evaluate", "compile", "torchrun", "macenko", "bench", "encoder")
-# issue 13's targets (an H200-class GPU): loop and train.py as shares of the model-only ceiling, absolute rates
+# the throughput targets (an H200-class GPU): loop and train.py as shares of the model-only ceiling, absolute rates
 TARGETS = {"loop": 0.90, "train": 0.85, "compile_img_s": 15_000, "epoch_s": 5.0, "macenko_img_s": 40_000,
            "encoder_img_s": 2_000}  # a ViT-L/16 foundation encoder at 224 px in bf16 (an H100-class GPU)
 SIZES = {"cuda": {"image_size": 64, "batch_size": 64}, "cpu": {"image_size": 32, "batch_size": 16}}  # train stages
@@ -272,10 +272,10 @@ def card_name(device: torch.device) -> str:
 def get_args_parser():
     p = argparse.ArgumentParser(description="Run every CUDA-only branch end to end on demo data and measure the "
                                 "throughput targets; one table (about 5 minutes on one GPU). Needs CUDA.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+                                formatter_class=common.HelpFormatter, allow_abbrev=False,
                                 epilog="exit codes: 0 all passed, 1 a check failed, 2 no CUDA or bad input")
     p.add_argument("--data-root", default="demo_data", help="a demo dataset (make_demo_data.py DIR --seed 0)")
-    p.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu only checks this script's plumbing")
+    common.add_device_flag(p, default="cuda", note="cpu only checks this script's plumbing")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--json", metavar="OUT", help="also write the table and every number here")
     p.add_argument("--keep", metavar="DIR", help="keep the runs, caches and evaluations here (default: deleted)")
@@ -291,8 +291,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return common.EXIT_BAD_INPUT
     if args.device != "cpu" and not torch.cuda.is_available():
-        print("error: gpu_check needs CUDA and this machine has none (--device cpu checks only the script)",
-              file=sys.stderr)
+        print("error: gpu_check needs CUDA and no GPU is visible to this process (--device cpu checks only the "
+              "script)", file=sys.stderr)
         return common.EXIT_BAD_INPUT
     if not (Path(args.data_root) / "CrossValidation").is_dir():
         print(f"error: --data-root {args.data_root}: no demo dataset (python make_demo_data.py {args.data_root} "

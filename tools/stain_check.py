@@ -15,7 +15,7 @@ Cases (all 256 px; rgb2hed/hed2rgb define hematoxylin and DAB, as in tests/test_
 Columns: worst per-patch AUROC of the output's DAB (rgb2hed) separating rod pixels from the rest, strong and faint
 rods; the smallest ratio of the rods' mean output DAB to their input DAB; the largest share of pixels above DAB
 0.03 on a hematoxylin-only patch (a brown nucleus); mean |difference| in grey levels to canonical Macenko
-(mode macenko) on the tissue-rich two-stain tiles. Targets (issue 11): AUROC >= 0.95, kept >= 0.5, brown < 0.1%.
+(mode macenko) on the tissue-rich two-stain tiles. Targets: AUROC >= 0.95, kept >= 0.5, brown < 0.1%.
 Then two small tables: the reference's DAB vector (degrees off the true one) fitted from each of 8 sparse-rod
 patches alone and from the 8 pooled (--reference-patch with several files); and MacenkoNormalizer.dab_angles of
 8-patch slides whose DAB is turned 0, +-5, +-10 degrees (train.py's stain survey), with what the ihc mode then
@@ -268,9 +268,9 @@ def format_table(rows) -> str:
 def get_args_parser():
     p = argparse.ArgumentParser(description="Synthetic IHC check of the stain normalizer modes: AUROC of bacteria, "
                                 "DAB kept, brown pixels invented on hematoxylin-only patches (a table, ~1 min).",
-                                allow_abbrev=False)
+                                formatter_class=common.HelpFormatter, allow_abbrev=False)
     p.add_argument("--modes", nargs="+", choices=macenko_gpu.MODES, default=list(macenko_gpu.MODES),
-                   help="modes to check (default all; ihc is the normalizer's default)")
+                   help="modes to check (ihc is the normalizer's default)")
     p.add_argument("--seed", type=int, default=0, help="rod placement seed")
     return p
 
