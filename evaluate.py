@@ -76,8 +76,8 @@ import common
 import macenko_gpu
 from common import DataError
 from helico import (
-    analysis, bags, crossval, eval_report, feeds, figures, gradcam, helicodata, inference, ledger, loaders, metrics,
-    mil, model, packed_cache, runlog, splits
+    analysis, bags, crossval, decision, eval_report, feeds, figures, gradcam, helicodata, html_report, inference,
+    ledger, loaders, metrics, mil, model, packed_cache, runlog, splits
 )
 
 
@@ -271,7 +271,7 @@ def patient_model(args, path: Path, sha: str, ckpt: dict, net, normalizer, data,
         return None, f"{mil_path}: its bags were made differently from this checkpoint's (bag key): not shown"
     key, folder = done["key"], done["folder"]
     net_mil = mil.from_checkpoint(mil_ckpt)
-    out = {"probability": {}, "attention": {}, "annotated": {},
+    out = {"probability": {}, "attention": {}, "annotated": {}, "decision": mil_ckpt.get("decision"),
            "meta": {"checkpoint": str(mil_path), "epoch": mil_ckpt["epoch"], "features": mil_ckpt["features"],
                     "selection": mil_ckpt["config"].get("selection"), "seed": mil_ckpt["config"].get("seed")}}
     for p in patients:
@@ -335,18 +335,28 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     sha = common.file_sha256(path)
     patient_model_out, mil_note = patient_model(args, path, sha, ckpt, net, normalizer, data,
                                                 parts["val"] + parts["test"] + holdout, device, cache)
+    stored = decision.load(ckpt, patient_model_out and {"decision": patient_model_out["decision"]})
+    top_share = stored.top_share if stored.stored else args.top_share
     by_part, patient_rows = {}, []
-    for stream, part in enumerate(("val", "test", "holdout")):  # val first: it chooses the rule the others apply
+    for stream, part in enumerate(("val", "test", "holdout")):  # the stored choice; else val chooses (old checkpoint)
         patients = holdout if part == "holdout" else parts[part]
         if not patients:
             continue
         draws = analysis.part_draws(patients, groups, args.bootstrap, args.seed, stream)
-        chosen = {} if part == "val" else {"rule": by_part["val"]["patient"],
-                                           "mil_rule": by_part["val"].get("patient_mil")}
+        chosen = {"rule": stored.rule if stored.stored else by_part["val"]["patient"] if part != "val" else None,
+                  "mil_rule": stored.model or (by_part["val"].get("patient_mil") if part != "val" else None)}
         by_part[part], rows_of_part, _ = analysis.analyse(
             pred.subset(pred.split == part), patients, data.diagnosis, threshold, args.top_k, groups, draws,
-            mil_probability=patient_model_out and patient_model_out["probability"], top_share=args.top_share, **chosen)
+            mil_probability=patient_model_out and patient_model_out["probability"], top_share=top_share, **chosen)
         patient_rows += [{**r, "split": part} for r in rows_of_part]
+    if not stored.stored:  # a checkpoint written before decisions were stored: validation's choice, said so
+        stored = decision.load(ckpt, patient_model_out and {"decision": patient_model_out["decision"]},
+                               fallback_rule=by_part["val"]["patient"])
+    if stored.model is None and "patient_mil" in by_part["val"]:
+        stored.model, stored.reason = by_part["val"]["patient_mil"], "the patient model stores no threshold: the " \
+            "rule calls; the model's threshold is chosen on validation at evaluation"
+    for r in patient_rows:
+        r.update(decision.call(stored, r["n_patches"], r["score"], r.get("mil_probability")).as_row())
     if patient_model_out:  # where the model looks, on windows it never read: the headline part's Annotated ones
         looked = [patient_model_out["annotated"][p] for p in parts[headline] if p in patient_model_out["annotated"]]
         by_part[headline]["patient_mil"]["attention"] = analysis.attention_evidence(
@@ -365,6 +375,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                       "stain": f"macenko ({ckpt['stain'].get('mode', 'macenko')} mode)" if normalizer else None,
                       "stain_survey": stain_survey(path.parent),
                       "patch_threshold": threshold, "threshold_rule": ckpt.get("threshold_rule"),
+                      "decision": stored.summary(),
                       "selection": {"epochs": len(log), "pr_auc_by_epoch": [r.get("pr_auc") for r in log],
                                     "patient_rule": by_part["val"]["patient"]["rule"],
                                     "patient_threshold": by_part["val"]["patient"]["threshold"]},
@@ -408,6 +419,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
             common.atomic_write_text(tmp / "skipped_images.txt", "".join(f"{p}\n" for p in bad))
         eval_report.write_json(tmp / "metrics.json", result)
         common.atomic_write_text(tmp / "report.md", eval_report.render_report(result, files, patient_rows))
+        common.atomic_write_text(tmp / "report.html", html_report.evaluation_page(result, patient_rows, tmp, files))
     return result, out
 
 

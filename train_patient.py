@@ -17,8 +17,10 @@
    but their diagnoses are never read: changing them in PatientDiagnosis.csv changes no weight. Of patients whose
    images are byte-identical copies of another's (the split's duplicate groups), only the first is used.
    The same split as the patch run, so fold runs (--folds K --fold i) get fold-matched patient models.
-evaluate.py --checkpoint runs/26/best.pt then reports the rule and this model side by side on the same patients,
-choosing the model's threshold on the validation patients as it chooses the rule's.
+3. Decision (decision.py): the model's threshold (Youden's J on the validation patients' probabilities) and which
+   of the patient rule stored in the patch checkpoint and this model gives the project's call (the model only when
+   its validation Youden's J is strictly higher), stored in patient/best.pt; evaluate.py and predict.py read it.
+evaluate.py --checkpoint runs/26/best.pt then reports the rule and this model side by side on the same patients.
 
 Writes runs/26/patient/: best.pt (self-describing: the patch checkpoint's path and sha256, split, feature source,
 bag key, config), log.jsonl (one line per epoch: train_loss, val_loss, roc_auc and accuracy on validation),
@@ -40,7 +42,7 @@ import torch
 
 import common
 from common import DataError
-from helico import bags, feeds, figures, helicodata, loaders, mil, model, packed_cache, runlog
+from helico import bags, decision, feeds, figures, helicodata, loaders, mil, model, packed_cache, runlog
 
 INFECTED = ("BAIXA", "ALTA")
 
@@ -176,6 +178,9 @@ def run(args) -> int:
                                "dtype": "float16", "bags": f"bags/{key[:16]}"},
         bag_key=key, epoch=result["epoch"], val_loss=min(r["val_loss"] for r in result["records"]))
     ckpt_out["patients"] = {"train": train_p, "val": val_p}
+    net_mil = mil.from_checkpoint(ckpt_out)  # the kept epoch: its validation probabilities choose the threshold
+    probs = {p: mil.predict(net_mil, b)[0] for p, b in zip(val_p, val_b)}
+    ckpt_out["decision"] = decision.choose_model(ckpt.get("decision"), probs, dict(zip(val_p, val_y)))
     common.atomic_torch_save(ckpt_out, out / "best.pt")
     runlog.write(out, result["records"])
     figures.plot_learning_curves(result["records"], out / "learning_curves.png", chosen=result["epoch"])

@@ -25,20 +25,21 @@ OUT_MARKERS = ("metrics.json", "compare.json")  # an existing --out holding one 
 
 
 # ----------------------------------------------------------------------------------------------- files
-def check_out_folder(out: Path) -> None:
-    """Refuse, before any work, an --out that is a file or a folder this script did not write."""
+def check_out_folder(out: Path, markers=OUT_MARKERS) -> None:
+    """Refuse, before any work, an --out that is a file or a folder this script did not write (one holding none of
+    `markers`)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in OUT_MARKERS):
-        raise DataError(f"--out {out}: a non-empty folder without {' or '.join(OUT_MARKERS)}; refusing to replace it")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in markers):
+        raise DataError(f"--out {out}: a non-empty folder without {' or '.join(markers)}; refusing to replace it")
 
 
 @contextlib.contextmanager
-def replaced_folder(out: Path):
+def replaced_folder(out: Path, markers=OUT_MARKERS):
     """A fresh temp folder beside `out`; on success it replaces `out` whole, so no stale file survives a re-run
     and a crash leaves the previous evaluation intact. A full or failing disk while it is filled (a figure, a CSV,
     the report) is one EnvironmentFault naming `out`, not the temp folder it removes."""
-    check_out_folder(out)
+    check_out_folder(out, markers)
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,8 +92,8 @@ def write_predictions(path, pred, threshold: float) -> None:
 
 
 PATIENT_COLUMNS = ["patient", "split", "diagnosis", "label", "n_patches", "fraction_positive", "topk_mean",
-                   "top_share_mean", "score", "prediction", "mil_probability", "mil_prediction"]
-# mil_*: empty without a patient model
+                   "top_share_mean", "score", "prediction", "mil_probability", "mil_prediction", "call", "agree"]
+# mil_*: empty without a patient model; call: the project's (decision.py): positive, negative or "no call: why"
 
 
 def cell(v):

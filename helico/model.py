@@ -6,7 +6,8 @@ evaluation and benchmarks cannot drift apart:
   [training only: augment.augment] -> ImageNet normalization -> memory layout;
 - precision and layout (precision): autocast on or off, bf16 on the CPU and Ampere+ GPUs else fp16 with a GradScaler,
   channels_last for model and input together;
-- the checkpoint schema (checkpoint / load_checkpoint): a plain dict that torch.load(weights_only=True) reads;
+- the checkpoint schema (checkpoint / slim / load_checkpoint): a plain dict that torch.load(weights_only=True) reads;
+  best.pt is slim (no training state) and carries the stored decision (decision.py);
 - the stain reference (fit_stain_reference): the Macenko normalizer of --reference-patch (pooled patches), and
   dab_hue_survey: the slides whose DAB hue lies far from it.
 
@@ -273,6 +274,16 @@ def checkpoint(*, model_state, arch, config, split, stain, threshold, threshold_
     return {"model": model_state, "arch": arch, "config": config, "split": split, "stain": stain,
             "threshold": threshold, "threshold_rule": threshold_rule, "image_size": image_size, "epoch": epoch,
             "val_metrics": val_metrics, **training, "version": CHECKPOINT_VERSION}
+
+
+def slim(ckpt: dict, decision: dict | None = None) -> dict:
+    """best.pt: what rebuilds and runs the model (weights, config, split, stain, thresholds) and the stored
+    decision (decision.py), without the optimizer, scheduler, scaler and RNG states only a resume needs (last.pt
+    keeps them): less than half of last.pt's size."""
+    out = {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
+    if decision is not None:
+        out["decision"] = decision
+    return out
 
 
 def load_checkpoint(path, training: bool = False, named: str = "--checkpoint") -> dict:
