@@ -13,7 +13,8 @@ checkpoint), and which of the rule and the patient model gives the call, all cho
 before any new patient was seen. `--ensemble`: each fold model calls at its own stored decision, the call is their
 majority (a tie is no call); the mean of their scores is written to rank patients, never thresholded.
 
-Writes --out (default predictions/<input name>/ beside the checkpoint), built in a temp folder and swapped in whole:
+Writes --out (default predictions/<input name>/ beside the checkpoint; runs/27-predictions/<input name>/ for
+--ensemble runs/27-f*), built in a temp folder and swapped in whole:
   patients.csv   patient, sections, n_patches, n_skipped, rule_score, rule_call, mil_probability, mil_call, call,
                  agree (call: positive, negative, or "no call: <reason>", e.g. too few readable patches)
   patches.csv    path, score (the patch model's probability), attention (the patient model's share of the bag)
@@ -49,7 +50,7 @@ import torch
 import common
 from common import DataError
 from helico import (
-    analysis, bags, decision, eval_report, figures, gradcam, helicodata, html_report, inference, loaders, mil, model
+    analysis, bags, crossval, decision, eval_report, figures, gradcam, helicodata, html_report, inference, loaders, mil, model
 )
 
 MARKERS = ("patients.csv",)  # an existing --out holding it was written here and may be replaced whole
@@ -66,14 +67,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, metavar="DIR", help="a folder of patient folders <PatID>_<section>/ "
                    "holding PNG patches, or one folder of PNGs (one patient)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: predictions/<input name>/ beside the "
-                   "checkpoint, or beside the first fold run); an existing one is replaced whole, but only if it "
-                   "holds a previous patients.csv")
+                   "checkpoint; runs/27-predictions/<input name>/ for --ensemble runs/27-f*); an existing one is "
+                   "replaced whole, but only if it holds a previous patients.csv")
     p.add_argument("--evidence", type=int, default=4, help="patches per patient shown by score and by attention in "
-                   "evidence/<patient>.png (with Grad-CAM); 0 skips the evidence images")
+                   "evidence/<patient>.png (with Grad-CAM); 0 skips the evidence images (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="inference batch; lower it if the GPU runs out of "
-                   "memory")
+                   "memory (default: %(default)s)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes decoding "
-                   "PNGs (0 = in the main process)")
+                   "PNGs; most CPU cores of the node (0 = in the main process; default: %(default)s)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA (default: the run's precision, "
                    "which the thresholds were chosen under)")
@@ -242,22 +243,13 @@ def patient_rows(m: Model, patients: dict[str, Patient], samples: list, scores, 
 
 # ----------------------------------------------------------------------------------------------- ensemble
 def ensemble_rows(fold_rows: list[list[dict]]) -> list[dict]:
-    """The fold models' rows joined: calls by majority vote (decision.vote), scores as the folds' mean (to rank)."""
-    out = []
-    for rows in zip(*fold_rows):
-        first = rows[0]
-        mean = lambda k: float(np.mean([r[k] for r in rows])) if all(r[k] != "" for r in rows) else ""
-        calls = {k: decision.vote([r[k] for r in rows]) for k in ("rule_call", "call")}
-        mil_call = decision.vote([r["mil_call"] for r in rows]) if all(r["mil_call"] for r in rows) else ""
-        agree = "" if not mil_call or any(c.startswith(decision.NO_CALL) for c in (calls["rule_call"], mil_call)) \
-            else "yes" if calls["rule_call"] == mil_call else "no"
-        attention = {}
+    """The fold models' rows joined (decision.joined: majority vote, mean scores), attention averaged."""
+    out = decision.joined(fold_rows)
+    for row, rows in zip(out, zip(*fold_rows)):
+        row["attention"] = {}
         for r in rows:
             for i, w in r["attention"].items():
-                attention[i] = attention.get(i, 0.0) + w / len(rows)
-        out.append({**first, "rule_score": mean("rule_score"), "mil_probability": mean("mil_probability"),
-                    "rule_call": calls["rule_call"], "mil_call": mil_call, "call": calls["call"], "agree": agree,
-                    "votes": "; ".join(r["call"] for r in rows), "attention": attention})
+                row["attention"][i] = row["attention"].get(i, 0.0) + w / len(rows)
     return out
 
 
@@ -348,7 +340,12 @@ def render(rows, models: list[Model], survey, qc: list[str], evidence: dict[str,
     return html_report.page("H. pylori calls for new patients", parts)
 
 
-def default_out(first: Path, input_dir: Path) -> Path:
+def default_out(args, first: Path, input_dir: Path) -> Path:
+    """runs/26/predictions/<input name>/; for an ensemble runs/27-predictions/<input name>/ (runs/27-ensemble/ is
+    evaluate.py's, replaced whole by it)."""
+    if args.ensemble:
+        return first.parent.parent / f"{crossval.default_out(args.ensemble).name[:-3]}-predictions" / \
+            input_dir.resolve().name
     return first.parent / "predictions" / input_dir.resolve().name
 
 
@@ -359,7 +356,7 @@ def run(args) -> int:
     for path in paths:  # before any work: a missing model is one line
         if not path.exists():
             raise DataError(f"{'--ensemble' if args.ensemble else '--checkpoint'} {path}: file not found")
-    out = Path(args.out) if args.out else default_out(paths[0], root)
+    out = Path(args.out) if args.out else default_out(args, paths[0], root)
     eval_report.check_out_folder(out, MARKERS)
     patients = scan_input(root)
     check_images(root, patients)

@@ -13,12 +13,14 @@
     model         the network and its contract: build_model, precision, model_input, checkpoint schema
     metrics       AP, ROC-AUC, thresholds, exact and bootstrap intervals (plain numpy)
     analysis      what evaluation measures from scores: patch and patient metrics, the patient rule
+    decision      the call: the choices stored with the model (rule, thresholds, who calls), calls and the vote
     crossval      evaluate.py --cv: pooling K fold runs
     ledger        runs/holdout_ledger.jsonl: every look at test or HoldOut labels, and what a report discloses
     inference     patches through a network for inference: the batches and model input evaluate.py and bags.py share
     bags          the patient model's feature bags: extraction, storage keyed by what the features depend on
     mil           the patient model: gated-attention MIL, its training and checkpoint schema
     eval_report   evaluate.py's files: the eval folder swap, CSV/JSON, report.md
+    html_report   report.html: the self-contained page of predict.py and evaluate.py
     figures       every chart
     gradcam       Grad-CAM maps and grids
     stain_math    macenko_gpu's batched per-image statistics

@@ -179,6 +179,23 @@ def vote(calls: list[str]) -> str:
     return POSITIVE if pos > neg else NEGATIVE
 
 
+def joined(fold_rows: list[list[dict]]) -> list[dict]:
+    """An ensemble's patients, from each fold model's rows of the same patients in the same order (rule_score,
+    mil_probability ("" without a patient model), rule_call, mil_call, call): the calls by majority vote, the scores
+    as the folds' mean (to rank, never thresholded), and each fold's call in `votes`."""
+    out = []
+    for rows in zip(*fold_rows):
+        mean = lambda k: float(np.mean([float(r[k]) for r in rows])) if all(r.get(k, "") != "" for r in rows) else ""
+        rule_call, call_ = vote([r["rule_call"] for r in rows]), vote([r["call"] for r in rows])
+        mil_call = vote([r["mil_call"] for r in rows]) if all(r.get("mil_call") for r in rows) else ""
+        both = mil_call and not any(c.startswith(NO_CALL) for c in (rule_call, mil_call))
+        out.append({**rows[0], "rule_score": mean("rule_score"), "mil_probability": mean("mil_probability"),
+                    "rule_call": rule_call, "mil_call": mil_call, "call": call_,
+                    "agree": ("yes" if rule_call == mil_call else "no") if both else "",
+                    "votes": "; ".join(r["call"] for r in rows)})
+    return out
+
+
 def flagged_share(calls: list[str]) -> dict:
     """The share of patients called positive (no label read), and how many got no call."""
     n = len(calls)

@@ -544,20 +544,16 @@ def render_compare(table: dict) -> str:
 
 
 def render_ensemble(table: dict) -> str:
-    """evaluate.py --ensemble's report: the averaged fold models on the HoldOut beside each fold model alone."""
-    t, ens = table["thresholds"], table["ensemble"]
+    """evaluate.py --ensemble's report: the fold models' vote on the HoldOut beside each fold model alone."""
+    ens, flagged = table["ensemble"], table["flagged"]
     lines = [f"# HoldOut: the ensemble of {table['k']} fold models", "",
-             f"Each HoldOut patch is scored by every fold model and the probabilities are averaged (the patient model's "
-             f"too, where every fold has one). Thresholds chosen on {t['chosen_on']}, never on the HoldOut: patch "
-             f"{fmt(t['patch'])} (max F1 on the annotated windows), patient rule **{t['patient_rule']} >= "
-             f"{fmt(t['patient_threshold'], 4)}**" + (f", patient model probability >= "
-                                                      f"{fmt(t['patient_model_threshold'], 4)}"
-                                                      if t.get("patient_model_threshold") is not None else "")
-             + " (Youden's J). The HoldOut labels reach the metrics only.", "",
+             f"The ensemble's call: the {table['decision']['how']}. A tie is no call. The mean of the fold models' "
+             "scores ranks the patients (ROC-AUC) only. Each fold model's thresholds were chosen on its own "
+             "validation part and stored with it, never on the HoldOut. The HoldOut labels reach the metrics only.", "",
              f"**Look {table['looks']['holdout']['look']} at the HoldOut's labels by this ensemble** (ledger "
              f"`{table['looks']['holdout']['ledger']}`). Declare this one HoldOut model before looking; each fold "
              "model's own HoldOut numbers below are for reading the spread, not for choosing.", ""]
-    cols = {"ensemble: rule": ens["patient"]}
+    cols = {"ensemble: call": ens["call"], "ensemble: rule": ens["patient"]}
     if "patient_mil" in ens:
         cols["ensemble: model"] = ens["patient_mil"]
     for f in table["folds"]:
@@ -569,5 +565,12 @@ def render_ensemble(table: dict) -> str:
                     [["patients (infected)", *[f"{c['n']} ({c['positives']})" for c in cols.values()]]])
     lines += _grade_and_prevalence({k: v for k, v in cols.items() if k.startswith("ensemble")})
     lines += _below_chance(cols)
+    share = lambda f: f"{f['positive']} of {f['patients']} ({fmt(f['flagged_share'])}), {f['no_call']} no call"
+    lines += ["", "## Flagged HoldOut patients (no label read)", "",
+              *_table(["model", "called positive", "call by", "patient rule", "model threshold"],
+                      [["ensemble", share(flagged["ensemble"]), table["decision"]["ensemble"], "", ""]] +
+                      [[f"fold {f['fold']}", share(f["flagged"]), f["decision"]["call_by"],
+                        f"{f['decision']['patient_rule']} >= {fmt(f['decision']['patient_threshold'], 4)}",
+                        fmt(f["decision"]["patient_model_threshold"], 4)] for f in table["folds"]])]
     lines += ["", "Fold runs: " + ", ".join(f"`{r}`" for r in table["runs"])]
     return "\n".join(lines) + "\n"
