@@ -329,9 +329,10 @@ def render(rows, models: list[Model], survey, qc: list[str], evidence: dict[str,
                   "the mean score only ranks."] if ensemble else [])),
              html_report.heading("Stain check"),
              html_report.paragraph("No stain normalization in this model." if survey is None else
-                                   f"{len(survey['far'])} of {len(survey['angles'])} slides have a DAB hue more than "
-                                   f"{survey['threshold_deg']:g} degrees from the checkpoint's reference"
-                                   + (": " + ", ".join(survey["far"]) if survey["far"] else "") + "."),
+                                   f"Slides whose DAB hue lies more than {survey['threshold_deg']:g} degrees from the "
+                                   f"checkpoint's stain reference: {len(survey['far'])} of {len(survey['angles'])}"
+                                   + (f" ({', '.join(survey['far'])}): their calls deserve a second look"
+                                      if survey["far"] else "") + "."),
              html_report.heading("Quality control"),
              html_report.items(qc) or html_report.paragraph("Every file was a readable PNG of the usual size."),
              html_report.heading("Evidence")]

@@ -73,7 +73,7 @@ def decision_lines(d: dict) -> list[str]:
     rule = d.get("patient_rule")
     out = [f"Patch threshold {esc(d.get('patch_threshold'))}: a patch is positive at or above it (maximum F1 on the "
            f"validation windows, train.py).",
-           f"Patient rule: {rule} at or above {esc(d.get('patient_threshold'))} (Youden's J on {d.get('chosen_on')})"
+           f"Patient rule: {rule} at or above {esc(d.get('patient_threshold'))} (Youden's J on {d.get('chosen_on')})."
            if rule else "Patient rule: none (the validation part held one class only).",
            f"Patient model threshold: {esc(d.get('patient_model_threshold'))} (Youden's J on the same patients)."
            if d.get("patient_model_threshold") is not None else "No patient model.",
