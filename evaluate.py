@@ -136,7 +136,8 @@ def get_args_parser():
     p.add_argument("--top-k", type=int, default=10, help="k of the top-k mean written to patients.csv (mean of a "
                    "patient's k highest patch scores); not a rule candidate: it grows with the patient's patch count")
     p.add_argument("--top-share", type=float, default=analysis.TOP_SHARE, help="the top_share_mean rule: mean of a "
-                   "patient's highest ceil(share x n) patch scores, the same statistic for 25 or 2,000 patches")
+                   "patient's highest ceil(share x n) patch scores, the same statistic for 25 or 2,000 patches; a checkpoint "
+                   "that stores its decision keeps the share its rule was chosen with")
     p.add_argument("--gradcam", type=int, default=8, help="patches per Grad-CAM grid (top false positives, false "
                    "negatives, true positives); 0 skips Grad-CAM")
     p.add_argument("--batch-size", type=int, default=256, help="inference batch; lower it if the GPU runs out "
@@ -364,8 +365,10 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     if stored.model is None and "patient_mil" in by_part["val"]:
         stored.model, stored.reason = by_part["val"]["patient_mil"], "the patient model stores no threshold: the " \
             "rule calls; the model's threshold is chosen on validation at evaluation"
-    for r in patient_rows:
-        r.update(decision.call(stored, r["n_patches"], r["score"], r.get("mil_probability")).as_row())
+    for r in patient_rows:  # a patient left with no patch here has none, or only copies counted for another
+        r.update(decision.call(stored, r["n_patches"], r["score"], r.get("mil_probability"), note="" if r["n_patches"]
+                               else "no patches of its own (none, or byte-identical copies of another patient's)"
+                               ).as_row())
     if patient_model_out:  # where the model looks, on windows it never read: the headline part's Annotated ones
         looked = [patient_model_out["annotated"][p] for p in parts[headline] if p in patient_model_out["annotated"]]
         by_part[headline]["patient_mil"]["attention"] = analysis.attention_evidence(
@@ -695,10 +698,12 @@ def run_compare(args, device) -> int:
         pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args, cache))
         threshold = float(c["threshold"])
         of = lambda patients: pred.subset(np.isin(pred.patient, list(patients)))
-        rule = analysis.analyse(of(ps["val"]), ps["val"], data.diagnosis, threshold, args.top_k,
-                                top_share=args.top_share)[0]["patient"]
+        stored = decision.load(c)  # the rule stored with the model; chosen here on its validation part if none
+        share = stored.top_share if stored.stored else args.top_share
+        rule = stored.rule if stored.stored else analysis.analyse(of(ps["val"]), ps["val"], data.diagnosis, threshold,
+                                                                  args.top_k, top_share=share)[0]["patient"]
         result, _, boot = analysis.analyse(of(shared), shared, data.diagnosis, threshold, args.top_k, groups, draws,
-                                           rule=rule, top_share=args.top_share)
+                                           rule=rule, top_share=share)
         results.append({"checkpoint": str(p), "metrics": result, "boot": boot})
         del net
     table = analysis.compare_table(results)

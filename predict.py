@@ -127,6 +127,10 @@ def scan_input(root: Path) -> dict[str, Patient]:
                 p.copies.append(rel)
             else:
                 p.patches.append(rel)
+    loose = [f.name for f in root.iterdir() if folders and f.is_file() and is_png(f.name)]
+    if loose:  # beside patient folders a PNG belongs to no patient: named, never guessed
+        print(f"warning: --input {root}: {len(loose)} PNG(s) outside any patient folder ignored ({', '.join(loose[:5])}"
+              f"{', ...' if len(loose) > 5 else ''})", file=sys.stderr)
     if not any(p.patches for p in patients.values()):
         raise DataError(f"--input {root}: no PNG patch found (expected <PatID>_<section>/*.png folders or a folder "
                         f"of PNGs)")

@@ -440,6 +440,14 @@ def _selection_section(metrics: dict) -> list[str]:
 def render_report(metrics: dict, files: list[str], patient_rows: list[dict]) -> str:
     lines = _header(metrics) + _patch_section(metrics) + _selection_section(metrics) + \
         _patient_section(metrics, patient_rows)
+    d = metrics["meta"].get("decision")
+    if d:  # the project's call (patients.csv `call`), as stored with the model
+        lines += ["", "## The call", "", f"patients.csv's `call` comes from the **"
+                  f"{'patient model' if d['call_by'] == 'patient_model' else 'patient rule'}** ({d['reason']}); a "
+                  f"patient with fewer than {d['min_patches']} readable patches gets no call. "
+                  + ("The rule, the thresholds and this choice were made on the validation part and stored with the "
+                     "model, before any test or HoldOut patient was seen." if d["stored_with_model"] else
+                     "This checkpoint stores no decision: the rule was chosen on the validation part here.")]
     undefined = _undefined({k: v for k, v in metrics.items() if k != "meta"})
     if undefined:
         lines += ["", "## Undefined metrics (NaN)", ""] + undefined

@@ -178,3 +178,17 @@ def test_the_votes_operating_point_holds_where_the_means_moves_under_planted_fol
     mean = point(s.mean(0) >= pooled)
     assert np.abs(vote - single).max() < 0.06
     assert single[1] - mean[1] > 0.1 and mean[0] - single[0] > 0.1
+
+
+def test_ctrl_c_while_writing_keeps_the_earlier_output_whole(run, new_slides, predicted, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(predicted, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def interrupted(*args, **kwargs):  # the signal lands after the CSVs and evidence are in the temp folder
+        raise KeyboardInterrupt("SIGINT")
+    monkeypatch.setattr(predict.html_report, "page", interrupted)
+    assert predict.main(["--checkpoint", str(run / "best.pt"), "--input", str(new_slides), "--out", str(out),
+                         "--evidence", "0", *RUN]) == 130
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left beside it
