@@ -695,9 +695,13 @@ def store_decision(args, data, device) -> None:
     def keep(idx, logits, dropped):
         if logits is not None:
             scores[idx] = torch.sigmoid(logits.reshape(-1)).numpy()
-    inference.run(net, normalizer, data.root, samples, int(ckpt["image_size"]), device, keep,
-                  batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad_images,
-                  precision=model.scoring_precision(ckpt, device), desc="patient rule", stats=data.file_stats)
+    # undecodable Cropped patches (never read by training) are left out and named, not a reason to lose the run
+    bad = inference.run(net, normalizer, data.root, samples, int(ckpt["image_size"]), device, keep,
+                        batch_size=args.batch_size, workers=args.workers, skip_bad=True,
+                        precision=model.scoring_precision(ckpt, device), desc="patient rule", stats=data.file_stats)
+    for i in bad:
+        print(f"warning: skipped unreadable {samples[i].path} (the patient rule is chosen without it)",
+              file=sys.stderr)
     ok = np.isfinite(scores)
     pred = analysis.Predictions([s for s, k in zip(samples, ok) if k], np.array(["val"] * int(ok.sum())),
                                 np.zeros(int(ok.sum()), bool), np.ones(int(ok.sum()), bool), scores[ok])

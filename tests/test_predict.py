@@ -192,3 +192,15 @@ def test_ctrl_c_while_writing_keeps_the_earlier_output_whole(run, new_slides, pr
                          "--evidence", "0", *RUN]) == 130
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left beside it
+
+
+def test_platt_calibration_agrees_with_scikit_learns_logistic_regression_on_the_logit():
+    from sklearn.linear_model import LogisticRegression
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 1.5, 2000)
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(int)
+    s = 1 / (1 + np.exp(-(z / 2 + 0.3)))  # a fold model whose scores are squeezed and shifted
+    a, b = decision.platt(s, y)
+    ref = LogisticRegression(C=1e6).fit(np.log(s / (1 - s))[:, None], y)
+    assert a == pytest.approx(ref.coef_[0, 0], abs=0.02) and b == pytest.approx(ref.intercept_[0], abs=0.02)
+    assert decision.calibrated(0.5, (a, b)) == pytest.approx(1 / (1 + np.exp(-b)))
