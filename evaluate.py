@@ -22,13 +22,15 @@ two-part split (no test part) is evaluated on val, and the report says first tha
 - patients: ALL their Cropped patches are scored and aggregated (fraction of positive patches, and the mean of the
   top-k scores); the rule and its threshold were chosen on the validation patients (Youden's J) by train.py and
   stored in best.pt (decision.py; a checkpoint without one: chosen here on validation), applied unchanged to test
-  and HoldOut; each patient's `call` (positive, negative, "no call: why") follows the stored decision. Annotated windows are NOT aggregated: pathologists picked them knowing the
-  diagnosis (positive windows exist only for infected patients) and HoldOut patients have none, so using them
-  would leak the label and make validation and HoldOut scores incomparable;
+  and HoldOut; each patient's `call` (positive, negative, "no call: why") follows the stored decision. Annotated
+  windows are NOT aggregated: pathologists picked them knowing the diagnosis (positive windows exist only for
+  infected patients) and HoldOut patients have none, so using them would leak the label and make validation and
+  HoldOut scores incomparable;
 - the patient model (when train_patient.py wrote runs/<id>/patient/best.pt for this very checkpoint) beside the
   rule, on the same patients: its probability per patient, its threshold (stored by train_patient.py, chosen on
-  validation by Youden's J, with which of rule and model gives the call) applied unchanged; exact McNemar and the paired bootstrap ROC-AUC difference against the rule; where its
-  attention falls on the Annotated windows (which it never reads) and a gallery of the most attended patches;
+  validation by Youden's J, with which of rule and model gives the call) applied unchanged; exact McNemar and the
+  paired bootstrap ROC-AUC difference against the rule; where its attention falls on the Annotated windows (which
+  it never reads) and a gallery of the most attended patches;
 - --holdout: the same rule and threshold applied to the HoldOut patients; refused (exit 1, naming them) when a
   HoldOut patient shares an ID or a byte-identical image with CrossValidation;
 - 95% CIs (metrics.py): exact binomial (Clopper-Pearson) for patient sensitivity, specificity and accuracy; a
@@ -37,9 +39,10 @@ two-part split (no test part) is evaluated on val, and the report says first tha
   undefined is printed beside it. NaN (with the reason) where a metric is undefined.
 
 Writes into runs/<id>/eval/ (eval-holdout/ with --holdout, so neither replaces the other; or --out), built in a
-temp folder beside it and swapped in whole: report.md, report.html (self-contained), metrics.json, predictions.csv, patients.csv, figures/*.png,
-learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images),
-stain_preview.png (validation positives and hard negatives: original | as trained | canonical Macenko).
+temp folder beside it and swapped in whole: report.md, report.html (self-contained), metrics.json, predictions.csv,
+patients.csv, figures/*.png, learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz,
+skipped_images.txt (--skip-bad-images), stain_preview.png (validation positives and hard negatives: original | as
+trained | canonical Macenko).
 --compare writes compare.md and compare.json (default <first run>/compare/), on the validation patients the
 checkpoints share (--compare-on test: the test patients), each with its own validation-chosen threshold and rule; one
 verdict, on patch PR-AUC. Every look at test or HoldOut labels (--checkpoint, --compare-on test, --cv) is appended to
@@ -136,8 +139,8 @@ def get_args_parser():
     p.add_argument("--top-k", type=int, default=10, help="k of the top-k mean written to patients.csv (mean of a "
                    "patient's k highest patch scores); not a rule candidate: it grows with the patient's patch count")
     p.add_argument("--top-share", type=float, default=analysis.TOP_SHARE, help="the top_share_mean rule: mean of a "
-                   "patient's highest ceil(share x n) patch scores, the same statistic for 25 or 2,000 patches; a checkpoint "
-                   "that stores its decision keeps the share its rule was chosen with")
+                   "patient's highest ceil(share x n) patch scores, the same statistic for 25 or 2,000 patches; a "
+                   "checkpoint that stores its decision keeps the share its rule was chosen with")
     p.add_argument("--gradcam", type=int, default=8, help="patches per Grad-CAM grid (top false positives, false "
                    "negatives, true positives); 0 skips Grad-CAM")
     p.add_argument("--batch-size", type=int, default=256, help="inference batch; lower it if the GPU runs out "

@@ -1,8 +1,8 @@
 """Diagnose new patients: folders of unlabelled patches -> a call per patient, its evidence, one self-contained page.
 
-    python predict.py --checkpoint runs/26/best.pt --input /data/new_slides          # -> runs/26/predictions/new_slides/
-    python predict.py --checkpoint runs/26/best.pt --input /data/B23-7_0 --out /tmp/b23-7   # one folder of PNGs
-    python predict.py --ensemble runs/27-f* --input /data/new_slides                 # the fold models' majority vote
+    python predict.py --checkpoint runs/26/best.pt --input /data/new_slides    # -> runs/26/predictions/new_slides/
+    python predict.py --checkpoint runs/26/best.pt --input /data/B23-7_0 --out /tmp/b23-7    # one folder of PNGs
+    python predict.py --ensemble runs/27-f* --input /data/new_slides           # the fold models' majority vote
 
 --input is a folder of patient folders `<PatID>_<section>/*.png` (the HoldOut layout: the sections of one patient
 are one patient) or one folder of PNGs (one patient). No label is read, even when a diagnosis file lies beside the
@@ -36,7 +36,6 @@ writing (the previous output is kept); 130 Ctrl-C, 143 SIGTERM: nothing written,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -50,7 +49,8 @@ import torch
 import common
 from common import DataError
 from helico import (
-    analysis, bags, crossval, decision, eval_report, figures, gradcam, helicodata, html_report, inference, loaders, mil, model
+    analysis, bags, crossval, decision, eval_report, figures, gradcam, helicodata, html_report, inference, loaders, mil,
+    model
 )
 
 MARKERS = ("patients.csv",)  # an existing --out holding it was written here and may be replaced whole
