@@ -512,7 +512,7 @@ def run_cv(args, device) -> int:
 
 
 ENSEMBLE_COLUMNS = ["patient", "split", "diagnosis", "label", "n_patches", "rule_score", "rule_call", "mil_probability",
-                    "mil_call", "call", "agree", "votes", "prediction", "mil_prediction"]
+                    "mil_call", "call", "agree", "votes", "prediction", "mil_prediction", "calibrated_mean"]
 
 
 def fold_decision(fold, ckpt: dict, mil_out) -> decision.Decision:
@@ -529,7 +529,8 @@ def calibrations(fold, d: decision.Decision) -> tuple[float, float] | None:
     """Platt scaling of the score that gives this fold's call, fitted on its own out-of-fold (test part) patients:
     what makes the fold models' scores comparable before they are averaged. None when the test part is one class."""
     key = "mil_probability" if d.call_by == "patient_model" else "score"
-    rows = [r for r in fold.patients if r["split"] == "test" and r["label"] in ("0", "1") and r.get(key)]
+    rows = [r for r in fold.patients if r["split"] == "test" and r["label"] in ("0", "1") and r.get(key)
+            and np.isfinite(float(r[key]))]  # a patient without patches has no score
     y = [int(r["label"]) for r in rows]
     return decision.platt([float(r[key]) for r in rows], y) if 0 < sum(y) < len(y) else None
 
@@ -622,8 +623,9 @@ def run_ensemble(args, device) -> int:
         for r, rs in zip(patient_rows, zip(*fold_rows)):
             mean = float(np.mean([x["calibrated"] for x in rs]))
             r["calibrated_mean"] = mean
-            r["call"] = r["call"] if r["call"].startswith(decision.NO_CALL) and "readable" in r["call"] else \
-                decision.POSITIVE if mean >= 0.5 else decision.NEGATIVE if np.isfinite(mean) else \
+            if all(x["call"].startswith(decision.NO_CALL) for x in rs):  # e.g. too few patches: no model calls
+                continue
+            r["call"] = decision.POSITIVE if mean >= 0.5 else decision.NEGATIVE if np.isfinite(mean) else \
                 f"{decision.NO_CALL}: no calibrated score"
     for r in patient_rows:
         r.update(prediction=decision.as_label(r["rule_call"]), split="holdout",
