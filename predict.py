@@ -29,9 +29,10 @@ Quality control: unreadable and non-PNG files are counted per patient (n_skipped
 off-size patches are scored after resizing (as in evaluation) and named; a patient with fewer readable patches than
 the stored minimum gets no call, never a guess.
 
-Exit codes: 0 ok (files skipped are named, not fatal); 2 bad input (missing or unreadable checkpoint, --input that
-is not a folder or holds no PNG at all, an --out this script did not write); 5 no space left or an I/O error while
-writing (the previous output is kept); 130 Ctrl-C, 143 SIGTERM: nothing written, the previous output kept whole.
+Exit codes: 0 ok (files skipped are named, not fatal); 2 bad input (missing or unreadable checkpoint, one without a
+stored patient rule, --input that is not a folder or holds no PNG at all, an --out this script did not write); 5 no
+space left or an I/O error while writing (the previous output is kept); 130 Ctrl-C, 143 SIGTERM: nothing written,
+the previous output kept whole.
 """
 from __future__ import annotations
 
@@ -193,6 +194,9 @@ def load_model(path: Path, device) -> Model:
         elif mil_ckpt["features"]["source"] != "checkpoint":
             mil_ckpt, note = None, f"{mil_path} reads ImageNet features, which predict.py does not extract: not used"
     d = decision.load(ckpt, mil_ckpt)
+    if not d.stored:  # never chosen here: a new patient must not meet a rule tuned after the fact
+        raise DataError(f"--checkpoint {path}: stores no patient rule (written before rules were stored); run its "
+                        f"train.py command again: the run is complete, so it trains nothing and stores the rule")
     return Model(path, ckpt, net, normalizer, d, mil.from_checkpoint(mil_ckpt) if mil_ckpt else None, note)
 
 
