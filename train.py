@@ -697,7 +697,7 @@ def store_decision(args, data, device) -> None:
             scores[idx] = torch.sigmoid(logits.reshape(-1)).numpy()
     # undecodable Cropped patches (never read by training) are left out and named, not a reason to lose the run
     bad = inference.run(net, normalizer, data.root, samples, int(ckpt["image_size"]), device, keep,
-                        batch_size=args.batch_size, workers=args.workers, skip_bad=True,
+                        batch_size=args.batch_size, workers=args.workers, skip_bad=True, cache=args.cache,
                         precision=model.scoring_precision(ckpt, device), desc="patient rule", stats=data.file_stats)
     for i in bad:
         print(f"warning: skipped unreadable {samples[i].path} (the patient rule is chosen without it)",

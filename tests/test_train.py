@@ -196,7 +196,7 @@ def test_resume_reads_last_pt_and_builds_samples_and_config_once(demo_root, tmp_
                         real_load(path, *a, **k))
     monkeypatch.setattr(train, "samples_and_config", lambda *a, **k: builds.append(1) or real_samples(*a, **k))
     assert run_train(demo_root, tmp_path, "straight", "--force", epochs=3) == 0  # one more epoch
-    assert loads == ["last.pt"] and builds == [1]
+    assert loads == ["last.pt", "best.pt"] and builds == [1]  # then best.pt, to store the patient rule
     assert load(tmp_path / "straight" / "last.pt")["epoch"] == 3
 
 
@@ -346,7 +346,7 @@ def test_ddp_on_two_gloo_processes_scores_every_validation_window_once(demo_root
     record = json.loads((run_dir / "log.jsonl").read_text())
     assert record["val_samples"] == validation_windows(run_dir)
     ckpt = load(run_dir / "best.pt")
-    assert ckpt["config"]["world_size"] == 2 and len(ckpt["rng"]["augment"]) == 2
+    assert ckpt["config"]["world_size"] == 2 and len(load(run_dir / "last.pt")["rng"]["augment"]) == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])
     # The gathered metrics equal a single-process pass of the saved model over the validation windows.
     data = helicodata.load_data(demo_root)
