@@ -204,3 +204,14 @@ def test_platt_calibration_agrees_with_scikit_learns_logistic_regression_on_the_
     ref = LogisticRegression(C=1e6).fit(np.log(s / (1 - s))[:, None], y)
     assert a == pytest.approx(ref.coef_[0, 0], abs=0.02) and b == pytest.approx(ref.intercept_[0], abs=0.02)
     assert decision.calibrated(0.5, (a, b)) == pytest.approx(1 / (1 + np.exp(-b)))
+
+
+def test_the_patient_model_gets_the_call_only_when_strictly_better_on_validation():
+    labels = {"a": 1, "b": 1, "c": 0, "d": 0}
+    rule = {"rule": "top_share_mean", "threshold": 0.5, "candidates": {}, "reason": ""}
+    stored = {"patient_rule": rule, "validation": {"a": {"score": 0.9}, "b": {"score": 0.4}, "c": {"score": 0.1},
+                                                   "d": {"score": 0.2}}}  # the rule misses b: J 0.5
+    better = decision.choose_model(stored, {"a": 0.8, "b": 0.7, "c": 0.3, "d": 0.2}, labels)  # J 1.0
+    assert better["call_by"] == "patient_model" and better["youden_j"]["rule"] == pytest.approx(0.5)
+    tied = decision.choose_model(stored, {"a": 0.8, "b": 0.3, "c": 0.4, "d": 0.2}, labels)  # J 0.5 at best
+    assert tied["call_by"] == "rule" and tied["youden_j"]["patient_model"] == pytest.approx(0.5)
