@@ -106,21 +106,23 @@ def is_png(name: str) -> bool:
     return name.lower().endswith(".png")
 
 
-def scan_input(root: Path) -> dict[str, Patient]:
-    """Patients of --input: its subfolders (sections of one patient, helicodata.patient_id, joined) or, without
-    subfolders, the folder itself as one patient. Files are sorted by name within each folder."""
+def scan_input(root: Path) -> tuple[Path, dict[str, Patient]]:
+    """(the folder patch paths are relative to, the patients of --input): its subfolders (sections of one patient,
+    helicodata.patient_id, joined) or, without subfolders, the folder itself as one patient (paths then keep its
+    name, the slide the stain survey groups by). Files are sorted by name within each folder."""
     if not root.is_dir():
         raise DataError(f"--input {root}: {'not found' if not root.exists() else 'not a folder'}")
     folders = sorted((e for e in root.iterdir() if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
+    base = root if folders else root.resolve().parent
     patients: dict[str, Patient] = {}
-    for folder in folders or [root]:
+    for folder in folders or [root.resolve()]:
         pid = helicodata.patient_id(folder.name)
         p = patients.setdefault(pid, Patient(pid))
         p.sections.append(folder.name)
         for f in sorted(folder.iterdir(), key=lambda e: e.name):
             if f.name.startswith(".") or f.is_dir():
                 continue
-            rel = f.relative_to(root).as_posix()
+            rel = f.relative_to(base).as_posix()
             parsed = helicodata.parse_patch_name(f.name)
             if not is_png(f.name):
                 p.not_png.append(rel)
@@ -135,7 +137,7 @@ def scan_input(root: Path) -> dict[str, Patient]:
     if not any(p.patches for p in patients.values()):
         raise DataError(f"--input {root}: no PNG patch found (expected <PatID>_<section>/*.png folders or a folder "
                         f"of PNGs)")
-    return patients
+    return base, patients
 
 
 def check_images(root: Path, patients: dict[str, Patient]) -> None:
@@ -367,7 +369,7 @@ def run(args) -> int:
             raise DataError(f"{'--ensemble' if args.ensemble else '--checkpoint'} {path}: file not found")
     out = Path(args.out) if args.out else default_out(args, paths[0], root)
     eval_report.check_out_folder(out, MARKERS)
-    patients = scan_input(root)
+    root, patients = scan_input(root)
     check_images(root, patients)
     samples = [helicodata.Sample(rel, p.patient, "new", -1, 0) for p in patients.values() for rel in p.patches]
     models = [load_model(p, device) for p in paths]

@@ -215,3 +215,13 @@ def test_the_patient_model_gets_the_call_only_when_strictly_better_on_validation
     assert better["call_by"] == "patient_model" and better["youden_j"]["rule"] == pytest.approx(0.5)
     tied = decision.choose_model(stored, {"a": 0.8, "b": 0.3, "c": 0.4, "d": 0.2}, labels)  # J 0.5 at best
     assert tied["call_by"] == "rule" and tied["youden_j"]["patient_model"] == pytest.approx(0.5)
+
+
+def test_one_folder_of_pngs_is_one_patient_scored_as_in_the_folder_of_folders(run, new_slides, predicted, tmp_path):
+    folder = sorted(new_slides.iterdir())[0]
+    assert predict.main(["--checkpoint", str(run / "best.pt"), "--input", str(folder), "--out", str(tmp_path / "one"),
+                         "--evidence", "0", *RUN]) == 0
+    [row] = read_csv(tmp_path / "one" / "patients.csv")
+    whole = {r["patient"]: r for r in read_csv(predicted / "patients.csv")}[helicodata.patient_id(folder.name)]
+    assert row["patient"] == whole["patient"] and row["call"] == whole["call"]
+    assert abs(float(row["rule_score"]) - float(whole["rule_score"])) <= 1e-6
