@@ -838,6 +838,16 @@ def checkpoint(*, model_state, arch, config, split, stain, threshold, threshold_
             "val_metrics": val_metrics, **training, "version": CHECKPOINT_VERSION}
 
 
+def slim(ckpt: dict, decision: dict | None = None) -> dict:
+    """best.pt: what rebuilds and runs the model (weights, config, split, stain, thresholds) and the stored
+    decision (helico/decision.py), without the optimizer, scheduler, scaler and RNG states only a resume needs
+    (last.pt keeps them)."""
+    out = {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
+    if decision is not None:
+        out["decision"] = decision
+    return out
+
+
 def checkpoint_path(path, named: str = "--checkpoint") -> Path:
     """`path` when it is a file; else a DataError naming the flag and, for a run folder (`--checkpoint runs/demo`),
     the checkpoints inside it: every command that reads a checkpoint says the same."""

@@ -5,7 +5,7 @@
     python evaluate.py --checkpoint runs/26/best.pt --data-root /scratch/$USER/HelicoDataSet --out /tmp/ev26
     python evaluate.py --compare runs/10/best.pt runs/14/best.pt          # deltas with paired cluster-bootstrap CIs
     python evaluate.py --cv runs/27-f*                                    # pooled out-of-fold test predictions
-    python evaluate.py --holdout --ensemble runs/27-f*                    # the CV's one HoldOut model
+    python evaluate.py --holdout --ensemble runs/27-f*                    # the CV's one HoldOut model: a majority vote
 
 Everything comes from the checkpoint (train.py writes it): architecture, weights, image size, the patient split,
 the Macenko stain reference and the patch threshold chosen on validation. Only --data-root may override the
@@ -19,16 +19,18 @@ two-part split (no test part) is evaluated on val, and the report says first tha
   byte-identical files once: what train.py's validation chose the epoch and threshold on), at the stored threshold
   and at 0.5, next to the all-negative dummy's accuracy; the Cropped patches of NEGATIVA patients (easy negatives) as
   each NEGATIVA patient's false-positive rate; calibration (Brier, ECE, reliability diagram);
-- patients: ALL their Cropped patches are scored and aggregated; the rule (fraction of positive patches, or the
-  mean of the top share of scores, --top-share) and its threshold are chosen on the validation patients (Youden's J)
-  and applied unchanged to test and HoldOut. The top-k mean (--top-k) is written to patients.csv for reading, never
-  a rule: it grows with the patient's patch count. Annotated windows are NOT aggregated: pathologists picked them
-  knowing the diagnosis (positive windows exist only for infected patients) and HoldOut patients have none, so
-  using them would leak the label and make validation and HoldOut scores incomparable;
+- patients: ALL their Cropped patches are scored and aggregated (fraction of positive patches, and the mean of the
+  top-k scores); the rule and its threshold were chosen on the validation patients (Youden's J) by train.py and
+  stored in best.pt (decision.py; a checkpoint without one: chosen here on validation), applied unchanged to test
+  and HoldOut; each patient's `call` (positive, negative, "no call: why") follows the stored decision. Annotated
+  windows are NOT aggregated: pathologists picked them knowing the diagnosis (positive windows exist only for
+  infected patients) and HoldOut patients have none, so using them would leak the label and make validation and
+  HoldOut scores incomparable;
 - the patient model (when train_patient.py wrote runs/<id>/patient/best.pt for this very checkpoint) beside the
-  rule, on the same patients: its probability per patient, its threshold chosen on validation (Youden's J) and
-  applied unchanged; exact McNemar and the paired bootstrap ROC-AUC difference against the rule; where its
-  attention falls on the Annotated windows (which it never reads) and a gallery of the most attended patches;
+  rule, on the same patients: its probability per patient, its threshold (stored by train_patient.py, chosen on
+  validation by Youden's J, with which of rule and model gives the call) applied unchanged; exact McNemar and the
+  paired bootstrap ROC-AUC difference against the rule; where its attention falls on the Annotated windows (which
+  it never reads) and a gallery of the most attended patches;
 - --holdout: the same rule and threshold applied to the HoldOut patients; refused (exit 1, naming them) when a
   HoldOut patient shares an ID or a byte-identical image with CrossValidation;
 - 95% CIs (metrics.py): exact binomial (Clopper-Pearson) for patient sensitivity, specificity and accuracy; a
@@ -37,9 +39,10 @@ two-part split (no test part) is evaluated on val, and the report says first tha
   undefined is printed beside it. NaN (with the reason) where a metric is undefined.
 
 Writes into runs/<id>/eval/ (eval-holdout/ with --holdout, so neither replaces the other; or --out), built in a
-temp folder beside it and swapped in whole: report.md, metrics.json, predictions.csv, patients.csv, figures/*.png,
-learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz, skipped_images.txt (--skip-bad-images),
-stain_preview.png (validation positives and hard negatives: original | as trained | canonical Macenko).
+temp folder beside it and swapped in whole: report.md, report.html (self-contained), metrics.json, predictions.csv,
+patients.csv, figures/*.png, learning_curves.png (from the run's log.jsonl), gradcam/*.png + heatmaps.npz,
+skipped_images.txt (--skip-bad-images), stain_preview.png (validation positives and hard negatives: original | as
+trained | canonical Macenko).
 --compare writes compare.md and compare.json (default <first run>/compare/), on the validation patients the
 checkpoints share (--compare-on test: the test patients), each with its own validation-chosen threshold and rule; one
 verdict, on patch PR-AUC. Every look at test or HoldOut labels (--checkpoint, --compare-on test, --cv) is appended to
@@ -77,11 +80,15 @@ import common
 import macenko_gpu
 from common import DataError
 from helico import (
-    analysis, bags, crossval, eval_report, feeds, figures, gradcam, identity, inference, ledger, loaders, metrics, mil, model, packed_cache, runlog, splits,
+    analysis, bags, crossval, decision, eval_report, feeds, figures, gradcam, html_report, identity, inference,
+    ledger, loaders, metrics, mil, model, packed_cache, runlog, splits
 )
 
 
 # ----------------------------------------------------------------------------------------------- flags
+ENSEMBLE_DECISIONS = ("vote", "calibrated-mean")
+
+
 def stain_survey(run_dir) -> dict | None:
     """train.py's stain_survey.json beside the checkpoint (slides whose DAB hue lies far from the reference's), or
     None for runs without Macenko or from before it existed."""
@@ -102,14 +109,19 @@ def get_args_parser():
                       "of --compare-on they share, each model with its own validation-chosen threshold and rule; "
                       "one verdict, on the primary metric (patch PR-AUC)")
     what.add_argument("--ensemble", nargs="+", metavar="RUN", help="with --holdout: the fold runs of one "
-                      "cross-validation (runs/27-f*, each evaluated) as ONE HoldOut model: the mean of the fold "
-                      "models' probabilities (patch model, and patient model where every fold has one), thresholds "
-                      "chosen on the pooled out-of-fold test predictions only; beside each fold model alone. Writes "
-                      "<runs>/27-ensemble/")
+                      "cross-validation (runs/27-f*, each evaluated) as ONE HoldOut model: the majority vote of the "
+                      "fold models, each calling at the decision stored with it (chosen on its own validation part); "
+                      "beside each fold model alone. Writes <runs>/27-ensemble/")
     what.add_argument("--cv", nargs="+", metavar="RUN", help="the run folders of one cross-validation (runs/27-f*): "
                       "each is evaluated (its eval/), then their out-of-fold test predictions are pooled into "
                       "<runs>/27-cv/ (or --out), after checking the folds' test parts are disjoint and cover the "
                       "patients")
+    p.add_argument("--ensemble-decision", choices=ENSEMBLE_DECISIONS, default="vote", help="how --ensemble calls a "
+                   "patient: vote (default): the majority of the fold models, each at the thresholds chosen on its "
+                   "own validation part, so each model decides on the scale its thresholds were chosen on; "
+                   "calibrated-mean: the mean of the fold models' scores after calibrating each on its own "
+                   "out-of-fold test patients (needs both classes in every fold's test part). The mean score ranks "
+                   "(ROC-AUC) either way")
     p.add_argument("--compare-on", choices=("val", "test"), default="val", help="--compare's patients: val (choose "
                    "among models there) or test, which spends the untouched part on the choice: the ledger "
                    "(runs/holdout_ledger.jsonl) records it and every compared model's later report says so")
@@ -127,7 +139,8 @@ def get_args_parser():
     p.add_argument("--top-k", type=int, default=10, help="k of the top-k mean written to patients.csv (mean of a "
                    "patient's k highest patch scores); not a rule candidate: it grows with the patient's patch count")
     p.add_argument("--top-share", type=float, default=analysis.TOP_SHARE, help="the top_share_mean rule: mean of a "
-                   "patient's highest ceil(share x n) patch scores, the same statistic for 25 or 2,000 patches")
+                   "patient's highest ceil(share x n) patch scores, the same statistic for 25 or 2,000 patches; a "
+                   "checkpoint that stores its decision keeps the share its rule was chosen with")
     p.add_argument("--gradcam", type=int, default=8, help="patches per Grad-CAM grid (top false positives, false "
                    "negatives, true positives); 0 skips Grad-CAM")
     p.add_argument("--batch-size", type=int, default=256, help="inference batch; lower it if the GPU runs out "
@@ -275,7 +288,7 @@ def patient_model(args, path: Path, sha: str, ckpt: dict, net, normalizer, data,
         return None, f"{mil_path}: its bags were made differently from this checkpoint's (bag key): not shown"
     key, folder = done["key"], done["folder"]
     net_mil = mil.from_checkpoint(mil_ckpt)
-    out = {"probability": {}, "attention": {}, "annotated": {},
+    out = {"probability": {}, "attention": {}, "annotated": {}, "decision": mil_ckpt.get("decision"),
            "meta": {"checkpoint": str(mil_path), "epoch": mil_ckpt["epoch"], "features": mil_ckpt["features"],
                     "selection": mil_ckpt["config"].get("selection"), "seed": mil_ckpt["config"].get("seed"),
                     "features_json": read_features_json(mil_path.parent / "features.json")}}
@@ -340,18 +353,30 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
     sha = common.file_sha256(path)
     patient_model_out, mil_note = patient_model(args, path, sha, ckpt, net, normalizer, data,
                                                 parts["val"] + parts["test"] + holdout, device, cache)
+    stored = decision.load(ckpt, patient_model_out and {"decision": patient_model_out["decision"]})
+    top_share = stored.top_share if stored.stored else args.top_share
     by_part, patient_rows = {}, []
-    for stream, part in enumerate(("val", "test", "holdout")):  # val first: it chooses the rule the others apply
+    for stream, part in enumerate(("val", "test", "holdout")):  # the stored choice; else val chooses (old checkpoint)
         patients = holdout if part == "holdout" else parts[part]
         if not patients:
             continue
         draws = analysis.part_draws(patients, groups, args.bootstrap, args.seed, stream)
-        chosen = {} if part == "val" else {"rule": by_part["val"]["patient"],
-                                           "mil_rule": by_part["val"].get("patient_mil")}
+        chosen = {"rule": stored.rule if stored.stored else by_part["val"]["patient"] if part != "val" else None,
+                  "mil_rule": stored.model or (by_part["val"].get("patient_mil") if part != "val" else None)}
         by_part[part], rows_of_part, _ = analysis.measure_part(
             pred.subset(pred.split == part), patients, data.diagnosis, threshold, args.top_k, groups, draws,
-            mil_probability=patient_model_out and patient_model_out["probability"], top_share=args.top_share, **chosen)
+            mil_probability=patient_model_out and patient_model_out["probability"], top_share=top_share, **chosen)
         patient_rows += [{**r, "split": part} for r in rows_of_part]
+    if not stored.stored:  # a checkpoint written before decisions were stored: validation's choice, said so
+        stored = decision.load(ckpt, patient_model_out and {"decision": patient_model_out["decision"]},
+                               fallback_rule=by_part["val"]["patient"])
+    if stored.model is None and "patient_mil" in by_part["val"]:
+        stored.model, stored.reason = by_part["val"]["patient_mil"], "the patient model stores no threshold: the " \
+            "rule calls; the model's threshold is chosen on validation at evaluation"
+    for r in patient_rows:  # a patient left with no patch here has none, or only copies counted for another
+        r.update(decision.call(stored, r["n_patches"], r["score"], r.get("mil_probability"), note="" if r["n_patches"]
+                               else "no patches of its own (none, or byte-identical copies of another patient's)"
+                               ).as_row())
     if patient_model_out:  # where the model looks, on windows it never read: the headline part's Annotated ones
         shown = [p for p in parts[headline] if p in patient_model_out["annotated"]]
         looked = [patient_model_out["annotated"][p] for p in shown]
@@ -372,6 +397,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                       "stain": f"macenko ({ckpt['stain'].get('mode', 'macenko')} mode)" if normalizer else None,
                       "stain_survey": stain_survey(path.parent),
                       "patch_threshold": threshold, "threshold_rule": ckpt.get("threshold_rule"),
+                      "decision": stored.summary(),
                       "selection": {"epochs": len(log), "pr_auc_by_epoch": [r.get("pr_auc") for r in log],
                                     "patient_rule": by_part["val"]["patient"]["rule"],
                                     "patient_threshold": by_part["val"]["patient"]["threshold"]},
@@ -415,6 +441,7 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
             common.atomic_write_text(tmp / "skipped_images.txt", "".join(f"{p}\n" for p in bad))
         eval_report.write_json(tmp / "metrics.json", result)
         common.atomic_write_text(tmp / "report.md", eval_report.render_report(result, files, patient_rows))
+        common.atomic_write_text(tmp / "report.html", html_report.evaluation_page(result, patient_rows, tmp, files))
     return result, out
 
 
@@ -491,22 +518,62 @@ def run_cv(args, device) -> int:
     return common.EXIT_OK
 
 
-def oof_predictions(rows: list[dict]) -> analysis.Predictions:
-    """The pooled out-of-fold test rows of the fold runs' predictions.csv (crossval.pooled_rows), as Predictions:
-    what the ensemble's thresholds are chosen on (each patient scored by the one model that never saw it, no
-    HoldOut label read)."""
-    samples = [common.Sample(r["path"], r["patient"], r["source"], int(r["label"]), 0) for r in rows]
-    flag = lambda k: np.array([r[k] == "1" for r in rows], dtype=bool)
-    return analysis.Predictions(samples, np.array(["test"] * len(rows)), flag("patch_eval"), flag("patient_eval"),
-                                np.array([float(r["score"]) for r in rows]))
+ENSEMBLE_COLUMNS = ["patient", "split", "diagnosis", "label", "n_patches", "rule_score", "rule_call", "mil_probability",
+                    "mil_call", "call", "agree", "votes", "prediction", "mil_prediction", "calibrated_mean"]
+
+
+def fold_decision(fold, ckpt: dict, mil_out) -> decision.Decision:
+    """A fold model's stored decision; for a fold checkpoint written before decisions were stored, the rule and the
+    model threshold its own evaluation chose on its validation part (eval/metrics.json's selection)."""
+    own = fold.metrics.get("selection") or {}
+    d = decision.load(ckpt, mil_out and {"decision": mil_out["decision"]}, fallback_rule=own.get("patient"))
+    if d.model is None and mil_out and own.get("patient_mil"):
+        d.model = own["patient_mil"]
+    return d
+
+
+def calibrations(fold, d: decision.Decision) -> tuple[float, float] | None:
+    """Platt scaling of the score that gives this fold's call, fitted on its own out-of-fold (test part) patients:
+    what makes the fold models' scores comparable before they are averaged. None when the test part is one class."""
+    key = "mil_probability" if d.call_by == "patient_model" else "score"
+    rows = [r for r in fold.patients if r["split"] == "test" and r["label"] in ("0", "1") and r.get(key)
+            and np.isfinite(float(r[key]))]  # a patient without patches has no score
+    y = [int(r["label"]) for r in rows]
+    return decision.platt([float(r[key]) for r in rows], y) if 0 < sum(y) < len(y) else None
+
+
+def vote_metrics(rows: list[dict], call_key: str, rank_key: str, patients, groups, draws) -> dict:
+    """Metrics of the calls in `call_key` (no-call patients left out, counted) with exact intervals; ROC-AUC and its
+    interval from the mean score `rank_key`, which only ranks."""
+    for r in rows:
+        r["_vote"] = float(decision.as_label(r[call_key]))
+    called = [r for r in rows if r["label"] >= 0 and r["_vote"] >= 0]
+    m, _ = analysis.decide(rows, "_vote", "_vote_prediction", {"rule": "majority vote", "threshold": 0.5,
+                                                               "reason": ""}, patients, groups, draws, called)
+    ranked = [r for r in rows if r["label"] >= 0 and r[rank_key] != ""]
+    for r in ranked:
+        r["_rank"] = float(r[rank_key])
+    rank, _ = analysis.decide(ranked, "_rank", "_rank_prediction", {"rule": "mean score", "threshold": 0.5,
+                                                                     "reason": ""}, patients, groups, draws, ranked)
+    m["roc_auc"] = rank["roc_auc"]
+    for k in ("ci95", "ci_method", "ci_note", "bootstrap_undefined_share"):
+        if k in rank and "roc_auc" in rank[k]:
+            m.setdefault(k, {})["roc_auc"] = rank[k]["roc_auc"]
+    m["roc_auc_of"] = f"the mean of the fold models' {rank_key.replace('_', ' ')}s (ranking only)"
+    m["no_call"] = sum(r["label"] >= 0 and r["_vote"] < 0 for r in rows)
+    for r in rows:
+        for k in ("_vote", "_vote_prediction", "_rank", "_rank_prediction"):
+            r.pop(k, None)
+    return m
 
 
 def run_ensemble(args, device) -> int:
-    """evaluate.py --holdout --ensemble runs/27-f*: the one declared HoldOut model of a cross-validation. Each patch
-    (and each patient bag) is scored by every fold model and the probabilities averaged; the patch threshold and the
-    patient rule (and the patient model's threshold) are chosen on the folds' pooled out-of-fold test predictions
-    only, never on the HoldOut, whose labels reach nothing but the metrics. Each fold model's own HoldOut numbers (its
-    own validation-chosen thresholds) are reported beside it."""
+    """evaluate.py --holdout --ensemble runs/27-f*: the one declared HoldOut model of a cross-validation. Each fold
+    model calls every HoldOut patient at its own decision, stored with it and chosen on its own validation part (the
+    patient rule and threshold, the patient model's threshold, which of them calls); the ensemble's call is their
+    majority vote (a tie is no call). The mean of the fold models' scores ranks the patients (ROC-AUC) and decides
+    only with --ensemble-decision calibrated-mean. The HoldOut's labels reach nothing but the metrics; the share of
+    patients each fold model and the ensemble flag is reported without them."""
     runs = [Path(r) for r in args.ensemble]
     if not args.holdout:
         raise DataError("--ensemble: the ensemble is the cross-validation's HoldOut model; add --holdout")
@@ -530,58 +597,69 @@ def run_ensemble(args, device) -> int:
         raise DataError(f"--ensemble: {data.root} has no HoldOut patients")
     rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, {}, holdout),
                                             identity.identical_files(data, hash_cache, progress=False))
-    # thresholds from the out-of-fold predictions only
-    oof_preds, oof_pats = crossval.pooled_rows(folds)
-    oof = oof_predictions(oof_preds)
-    ann = oof.patch_eval & (oof.source == "annotated")
-    patch_threshold, _ = metrics.best_f1_threshold(oof.label[ann], oof.score[ann])
-    oof_patients = sorted(set(oof.patient[oof.patient_eval].tolist()))
-    rule = analysis.choose_patient_rule(analysis.patient_scores(oof, oof_patients, data.diagnosis, patch_threshold,
-                                                                args.top_k, args.top_share))
-    with_model = crossval.with_model(folds, oof_pats)
-    mil_rule = analysis.choose_mil_threshold([{"label": int(r["label"]), "n_patches": int(r["n_patches"]),
-                                               "mil_probability": float(r["mil_probability"] or "nan")}
-                                              for r in oof_pats]) if with_model else None
     draws = analysis.part_draws(holdout, groups, args.bootstrap, args.seed)
-    scores, probs, each = [], [], []
+    each, fold_rows = [], []
     for f, c, p, sha in zip(folds, ckpts, paths, shas):
         net, normalizer = model.from_checkpoint(c, p, args.arch, device)
         cache = prepared_cache(args, c, data, device)
         pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args, cache))
-        mil_out = patient_model(args, p, sha, c, net, normalizer, data, holdout, device, cache)[0] \
-            if with_model else None
-        own = f.metrics["selection"]
-        m, _, _ = analysis.measure_part(pred, holdout, data.diagnosis, float(c["threshold"]), args.top_k, groups, draws,
-                                   rule=own["patient"], mil_probability=mil_out and mil_out["probability"],
-                                   mil_rule=own.get("patient_mil"), top_share=args.top_share)
-        each.append({"run": str(f.run), "fold": f.split.get("fold"), **{k: m[k] for k in ("patient", "patient_mil")
-                                                                        if k in m}})
-        scores.append(pred.score)
-        probs.append(mil_out["probability"] if mil_out else None)
+        mil_out = patient_model(args, p, sha, c, net, normalizer, data, holdout, device, cache)[0]
+        d = fold_decision(f, c, mil_out)
+        m, prows, _ = analysis.measure_part(pred, holdout, data.diagnosis, d.patch_threshold, args.top_k, groups, draws,
+                                       rule=d.rule, mil_probability=mil_out and mil_out["probability"],
+                                       mil_rule=d.model if mil_out else None, top_share=d.top_share)
+        ab = calibrations(f, d) if args.ensemble_decision == "calibrated-mean" else None
+        for r in prows:
+            r.update(decision.call(d, r["n_patches"], r["score"], r.get("mil_probability") if mil_out else None
+                                   ).as_row(), rule_score=r["score"])
+            r["mil_probability"] = r.get("mil_probability", "") if mil_out else ""
+            if ab is not None:
+                own = r["mil_probability"] if d.call_by == "patient_model" else r["score"]
+                r["calibrated"] = decision.calibrated(float(own), ab) if own != "" and np.isfinite(float(own)) \
+                    else float("nan")
+        each.append({"run": str(f.run), "fold": f.split.get("fold"), "decision": d.summary(),
+                     "flagged": decision.flagged_share([r["call"] for r in prows]),
+                     "calibration": ab, **{k: m[k] for k in ("patient", "patient_mil") if k in m}})
+        fold_rows.append(prows)
         del net
-    mean = analysis.Predictions(pred.samples, pred.split, pred.patch_eval, pred.patient_eval,
-                                np.mean(np.stack(scores), axis=0))
-    mean_mil = {p: float(np.mean([d[p] for d in probs])) for p in holdout} if with_model else None
-    result, patient_rows, _ = analysis.measure_part(mean, holdout, data.diagnosis, patch_threshold, args.top_k, groups,
-                                               draws, rule=rule, mil_probability=mean_mil, mil_rule=mil_rule,
-                                               top_share=args.top_share)
+    patient_rows = decision.joined(fold_rows)
+    if args.ensemble_decision == "calibrated-mean":
+        if any(e["calibration"] is None for e in each):
+            raise DataError("--ensemble-decision calibrated-mean: a fold's test part is one class, its scores cannot "
+                            "be calibrated; use the default vote")
+        for r, rs in zip(patient_rows, zip(*fold_rows)):
+            mean = float(np.mean([x["calibrated"] for x in rs]))
+            r["calibrated_mean"] = mean
+            if all(x["call"].startswith(decision.NO_CALL) for x in rs):  # e.g. too few patches: no model calls
+                continue
+            r["call"] = decision.POSITIVE if mean >= 0.5 else decision.NEGATIVE if np.isfinite(mean) else \
+                f"{decision.NO_CALL}: no calibrated score"
+    for r in patient_rows:
+        r.update(prediction=decision.as_label(r["rule_call"]), split="holdout",
+                 mil_prediction=decision.as_label(r["mil_call"]) if r["mil_call"] else "")
+    with_model = all(r["mil_call"] for r in patient_rows)
+    ensemble = {"call": vote_metrics(patient_rows, "call", "rule_score", holdout, groups, draws),
+                "patient": vote_metrics(patient_rows, "rule_call", "rule_score", holdout, groups, draws)}
+    if with_model:
+        ensemble["patient_mil"] = vote_metrics(patient_rows, "mil_call", "mil_probability", holdout, groups, draws)
     where = ledger.path_for(paths[0])
     look = ledger.group_look(ledger.read(where), "ensemble", shas)
-    table = {"ensemble": {k: result[k] for k in ("patient", "patient_mil", "patient_vs_mil") if k in result},
-             "folds": each, "k": len(folds), "holdout_patients": holdout,
-             "thresholds": {"patch": patch_threshold, "patient_rule": rule["rule"],
-                            "patient_threshold": rule["threshold"],
-                            "patient_model_threshold": mil_rule["threshold"] if mil_rule else None,
-                            "chosen_on": "the folds' pooled out-of-fold test predictions"},
+    how = ("majority vote of the fold models, each at its own decision chosen on its own validation part"
+           if args.ensemble_decision == "vote" else "mean of the fold models' scores, each first calibrated (Platt) "
+           "on its own out-of-fold test patients, positive at >= 0.5")
+    table = {"ensemble": ensemble, "folds": each, "k": len(folds), "holdout_patients": holdout,
+             "decision": {"ensemble": args.ensemble_decision, "how": how},
+             "flagged": {"ensemble": decision.flagged_share([r["call"] for r in patient_rows]),
+                         "folds": [e["flagged"] for e in each]},
              "looks": {"holdout": {"look": look, "ledger": str(where)}}, "runs": [str(f.run) for f in folds]}
     ledger.append(where, {"kind": "ensemble", "checkpoints": [str(p) for p in paths], "sha256s": shas,
-                          "parts": ["holdout"], "headline": {"holdout": {f"patient.{k}": result["patient"][k]
+                          "parts": ["holdout"], "headline": {"holdout": {f"patient.{k}": ensemble["call"][k]
                                                                          for k in analysis.PATIENT_METRICS}}})
     text = eval_report.render_ensemble(table)
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_json(tmp / "metrics.json", table)
-        eval_report.write_patients(tmp / "patients.csv", [{**r, "split": "holdout"} for r in patient_rows],
-                                   rule["rule"])
+        eval_report.write_csv(tmp / "patients.csv", ENSEMBLE_COLUMNS,
+                              ([eval_report.cell(r.get(c)) for c in ENSEMBLE_COLUMNS] for r in patient_rows))
         common.atomic_write_text(tmp / "report.md", text)
     print(text)
     print(f"wrote {out}/report.md")
@@ -632,10 +710,12 @@ def run_compare(args, device) -> int:
         pred, _ = predict(net, normalizer, c, data, rows, device, **scoring_options(args, cache))
         threshold = float(c["threshold"])
         of = lambda patients: pred.subset(np.isin(pred.patient, list(patients)))
-        rule = analysis.measure_part(of(ps["val"]), ps["val"], data.diagnosis, threshold, args.top_k,
-                                top_share=args.top_share)[0]["patient"]
+        stored = decision.load(c)  # the rule stored with the model; chosen here on its validation part if none
+        share = stored.top_share if stored.stored else args.top_share
+        rule = stored.rule if stored.stored else analysis.measure_part(of(ps["val"]), ps["val"], data.diagnosis, threshold,
+                                                                  args.top_k, top_share=share)[0]["patient"]
         result, _, boot = analysis.measure_part(of(shared), shared, data.diagnosis, threshold, args.top_k, groups, draws,
-                                           rule=rule, top_share=args.top_share)
+                                           rule=rule, top_share=share)
         results.append({"checkpoint": str(p), "metrics": result, "boot": boot})
         del net
     table = analysis.compare_table(results)

@@ -16,7 +16,9 @@ lock dies with its process, so a requeued or killed run still resumes.
 Flags are spelled out in full: a prefix (--epoch for --epochs, --val for --val-frac) is refused, exit 2.
 
 Run folder runs/<run-id>/: config.json (resolved flags, git commit, versions, device, SLURM job id), split.json,
-log.jsonl (one JSON line per epoch), best.pt (highest validation PR-AUC), last.pt, learning_curves.png, and with
+log.jsonl (one JSON line per epoch), best.pt (highest validation PR-AUC; slim: no optimizer state, and once training
+ends the patient rule and threshold chosen on the validation patients' Cropped patches, helico/decision.py), last.pt
+(what a resume needs), learning_curves.png, and with
 Macenko stain_survey.json (each slide's DAB hue against the reference's; a warning names the far ones).
 Checkpoints are plain dicts of tensors and Python values: torch.load(path, weights_only=True) reads them.
 
@@ -60,8 +62,8 @@ from tqdm import tqdm
 import common
 import macenko_gpu
 from helico import (
-    augment, feeds, figures, identity, loaders, metrics, model, optimization, packed_cache, run_folder, runlog,
-    sampling, splits, staining, train_flags, unseen
+    analysis, augment, decision, feeds, figures, identity, inference, loaders, metrics, model, optimization,
+    packed_cache, run_folder, runlog, sampling, splits, staining, train_flags, unseen
 )
 
 DEFAULT_JITTER = ",".join(map(str, augment.DEFAULT_JITTER))  # as --jitter spells it: "0.05,0.05,0.02,0.01"
@@ -335,8 +337,8 @@ class Trainer:
             epoch=self.epoch, val_metrics=self.val_metrics,
             training={"progress": dict(self.progress), "best_score": self.best, "optimizer": self.opt.state_dict(),
                       "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng})
-        for name in names:
-            common.atomic_torch_save(ckpt, self.run_dir / name)
+        for name in names:  # best.pt is slim: a resume reads last.pt
+            common.atomic_torch_save(common.slim(ckpt) if name == "best.pt" else ckpt, self.run_dir / name)
 
     # ------------------------------------------------------------------------------------------- loops
     def train_epoch(self):
@@ -546,6 +548,7 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
             best = f"; best validation PR-AUC {score:.3f}: {run_dir / 'best.pt'}" if (score or -1) >= 0 else ""
             print(f"{run_dir}: already complete ({ckpt['epoch']} of {args.epochs} epochs), nothing trained{best}",
                   file=sys.stderr)
+            store_decision(args, data, device)
         return common.EXIT_OK
     if rank != 0:  # what rank 0 read while planning, read once here
         plan["checkpoint"] = last_checkpoint(Path(args.runs_dir) / args.run_id, args.run_id) if plan["resume"] else None
@@ -556,7 +559,48 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
             print(retired, file=sys.stderr)
     if args.cache:  # after the resume check (a refused run builds nothing), before any DataLoader worker forks
         prepare_cache(args, data, plan, device)
-    return Trainer(args, data, plan, device, rank, world).fit()
+    code = Trainer(args, data, plan, device, rank, world).fit()
+    if code == common.EXIT_OK and rank == 0:
+        store_decision(args, data, device)
+    return code
+
+
+def store_decision(args, data, device) -> None:
+    """Rank 0, once training is done: choose the patient rule and its threshold on the validation patients' Cropped
+    patches scored by best.pt (decision.py), and store it in best.pt, so that evaluate.py and predict.py apply one
+    choice made before any test or new patient was seen. A run stopped before this step does it on its next start."""
+    path = Path(args.runs_dir) / args.run_id / "best.pt"
+    if not path.is_file():
+        return
+    ckpt = common.load_checkpoint(path)
+    if ckpt.get("decision"):
+        return
+    val = sorted(ckpt["split"].get("val") or [])
+    rows, _ = analysis.count_identical_once(
+        [r for r in analysis.evaluation_rows(data, {"val": val}) if r.patient_eval],
+        identity.identical_files(data, identity.hash_cache_path(args.hash_cache, data.root)))
+    rows = [r for r in rows if r.patient_eval]
+    net, normalizer = model.from_checkpoint(ckpt, path, None, device)
+    samples, scores = [r.sample for r in rows], np.full(len(rows), np.nan)
+
+    def keep(idx, logits, dropped):
+        if logits is not None:
+            scores[idx] = torch.sigmoid(logits.reshape(-1)).numpy()
+    # undecodable Cropped patches (never read by training) are left out and named, not a reason to lose the run
+    bad = inference.run(net, normalizer, data.root, samples, int(ckpt["image_size"]), device, keep,
+                        batch_size=args.batch_size, workers=args.workers, skip_bad=True, cache=args.cache,
+                        precision=model.scoring_precision(ckpt, device), desc="patient rule", stats=data.file_stats)
+    for i in bad:
+        print(f"warning: skipped unreadable {samples[i].path} (the patient rule is chosen without it)",
+              file=sys.stderr)
+    ok = np.isfinite(scores)
+    pred = analysis.Predictions([s for s, k in zip(samples, ok) if k], np.array(["val"] * int(ok.sum())),
+                                np.zeros(int(ok.sum()), bool), np.ones(int(ok.sum()), bool), scores[ok])
+    patients = analysis.patient_scores(pred, val, data.diagnosis, float(ckpt["threshold"]), 10)
+    rule = decision.choose_rule(patients)
+    common.atomic_torch_save(common.slim(ckpt, decision.stored_rule(rule, patients, analysis.TOP_SHARE)), path)
+    chosen = f"{rule['rule']} >= {rule['threshold']:.3f}" if rule["rule"] else f"none ({rule['reason']})"
+    print(f"patient rule chosen on {len(val)} validation patients: {chosen}; stored in {path}", file=sys.stderr)
 
 
 def prepare_cache(args, data, plan, device) -> None:

@@ -15,6 +15,7 @@
    patient (float16, with its path) in runs/26/patient/bags/<key>/, keyed by the network (the checkpoint's or the
    weights file's hash), the stain and the image size, and valid only for the same files (path, size and mtime):
    a rewritten PNG is extracted again, an interrupted extraction resumes at the first patient not yet stored.
+   --cache/--cache-base read the patches as evaluate.py does.
 2. Training bags: no patch a training bag holds was a training example of the encoder. With checkpoint features a
    training patient's bag is the half of its Cropped windows train.py kept out of the easy negatives
    (--easy-negatives half, its default; the half is chosen by a hash of the window, not by label, for infected and
@@ -28,8 +29,10 @@
    them in PatientDiagnosis.csv changes no weight. Of patients whose images are byte-identical copies of
    another's (the split's duplicate groups), only the first is used. The same split as the patch run, so fold runs
    (--folds K --fold i) get fold-matched patient models.
-evaluate.py --checkpoint runs/26/best.pt then reports the rule and this model side by side on the same patients,
-choosing the model's threshold on the validation patients as it chooses the rule's.
+4. Decision (decision.py): the model's threshold (Youden's J on the validation patients' probabilities) and which
+   of the patient rule stored in the patch checkpoint and this model gives the project's call (the model only when
+   its validation Youden's J is strictly higher), stored in patient/best.pt; evaluate.py and predict.py read it.
+evaluate.py --checkpoint runs/26/best.pt then reports the rule and this model side by side on the same patients.
 
 Writes runs/26/patient/ for best.pt (runs/26/patient-last/ for last.pt: one patient model per patch checkpoint):
 best.pt (self-describing: the patch checkpoint's path and sha256, split, feature source, bag key, config),
@@ -60,7 +63,7 @@ import torch.nn.functional as F
 
 import common
 from common import DataError
-from helico import bags, encoders, feeds, figures, loaders, mil, model, packed_cache, runlog, unseen
+from helico import bags, decision, encoders, feeds, figures, loaders, mil, model, packed_cache, runlog, unseen
 
 INFECTED = ("BAIXA", "ALTA")
 LOCK = ".train_patient.lock"  # in the patient folder: flock-ed for the whole run, holds its pid
@@ -300,6 +303,9 @@ def train(args, ckpt, data, device, out, seen: set) -> int:
         split=split, features=features, bag_key=key, epoch=result["epoch"],
         val_loss=result["records"][result["epoch"] - 1]["val_loss"])
     ckpt_out["patients"] = {"train": train_p, "val": val_p}
+    net_mil = mil.from_checkpoint(ckpt_out)  # the kept epoch: its validation probabilities choose the threshold
+    probs = {p: mil.predict(net_mil, b)[0] for p, b in zip(val_p, val_b)}
+    ckpt_out["decision"] = decision.choose_model(ckpt.get("decision"), probs, dict(zip(val_p, val_y)))
     common.atomic_torch_save(ckpt_out, out / "best.pt")
     report = features_report(args, features, net, result, train_b, train_y, val_b, val_y, ckpt_out)
     common.atomic_write_text(out / "features.json", json.dumps(report, indent=1) + "\n")

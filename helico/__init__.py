@@ -16,6 +16,7 @@
     model         how the network runs: precision, model_input, a network and normalizer from a checkpoint
     metrics       AP, ROC-AUC, thresholds, exact and bootstrap intervals (plain numpy)
     analysis      what evaluation measures from scores: patch and patient metrics, the patient rule
+    decision      the call: the choices stored with the model (rule, thresholds, who calls), calls and the vote
     crossval      evaluate.py --cv: pooling K fold runs
     ledger        runs/holdout_ledger.jsonl: every look at test or HoldOut labels, and what a report discloses
     inference     patches through a network for inference: the batches and model input evaluate.py and bags.py share
@@ -24,6 +25,7 @@
     bags          the patient model's feature bags: extraction, storage keyed by what the features depend on
     mil           the patient model: gated-attention MIL, its training and checkpoint schema
     eval_report   evaluate.py's files: the eval folder swap, CSV/JSON, report.md
+    html_report   report.html: the self-contained page of predict.py and evaluate.py
     figures       every chart
     gradcam       Grad-CAM maps and grids
 

@@ -25,20 +25,21 @@ OUT_MARKERS = ("metrics.json", "compare.json")  # an existing --out holding one 
 
 
 # ----------------------------------------------------------------------------------------------- files
-def check_out_folder(out: Path) -> None:
-    """Refuse, before any work, an --out that is a file or a folder this script did not write."""
+def check_out_folder(out: Path, markers=OUT_MARKERS) -> None:
+    """Refuse, before any work, an --out that is a file or a folder this script did not write (one holding none of
+    `markers`)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in OUT_MARKERS):
-        raise DataError(f"--out {out}: a non-empty folder without {' or '.join(OUT_MARKERS)}; refusing to replace it")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in markers):
+        raise DataError(f"--out {out}: a non-empty folder without {' or '.join(markers)}; refusing to replace it")
 
 
 @contextlib.contextmanager
-def replaced_folder(out: Path):
+def replaced_folder(out: Path, markers=OUT_MARKERS):
     """A fresh temp folder beside `out`; on success it replaces `out` whole, so no stale file survives a re-run
     and a crash leaves the previous evaluation intact. A full or failing disk while it is filled (a figure, a CSV,
     the report) is one EnvironmentFault naming `out`, not the temp folder it removes."""
-    check_out_folder(out)
+    check_out_folder(out, markers)
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,8 +94,8 @@ def write_predictions(path, pred, threshold: float) -> None:
 
 
 PATIENT_COLUMNS = ["patient", "split", "diagnosis", "label", "n_patches", "fraction_positive", "topk_mean",
-                   "top_share_mean", "score", "prediction", "mil_probability", "mil_prediction"]
-# mil_*: empty without a patient model
+                   "top_share_mean", "score", "prediction", "mil_probability", "mil_prediction", "call", "agree"]
+# mil_*: empty without a patient model; call: the project's (decision.py): positive, negative or "no call: why"
 
 
 def cell(v):
@@ -480,6 +481,14 @@ def _selection_section(metrics: dict) -> list[str]:
 def render_report(metrics: dict, files: list[str], patient_rows: list[dict]) -> str:
     lines = _header(metrics) + _patch_section(metrics) + _selection_section(metrics) + \
         _patient_section(metrics, patient_rows)
+    d = metrics["meta"].get("decision")
+    if d:  # the project's call (patients.csv `call`), as stored with the model
+        lines += ["", "## The call", "", f"patients.csv's `call` comes from the **"
+                  f"{'patient model' if d['call_by'] == 'patient_model' else 'patient rule'}** ({d['reason']}); a "
+                  f"patient with fewer than {d['min_patches']} readable patches gets no call. "
+                  + ("The rule, the thresholds and this choice were made on the validation part and stored with the "
+                     "model, before any test or HoldOut patient was seen." if d["stored_with_model"] else
+                     "This checkpoint stores no decision: the rule was chosen on the validation part here.")]
     undefined = _undefined({k: v for k, v in metrics.items() if k != "meta"})
     if undefined:
         lines += ["", "## Undefined metrics (NaN)", ""] + undefined
@@ -584,20 +593,16 @@ def render_compare(table: dict) -> str:
 
 
 def render_ensemble(table: dict) -> str:
-    """evaluate.py --ensemble's report: the averaged fold models on the HoldOut beside each fold model alone."""
-    t, ens = table["thresholds"], table["ensemble"]
+    """evaluate.py --ensemble's report: the fold models' vote on the HoldOut beside each fold model alone."""
+    ens, flagged = table["ensemble"], table["flagged"]
     lines = [f"# HoldOut: the ensemble of {table['k']} fold models", "",
-             f"Each HoldOut patch is scored by every fold model and the probabilities are averaged (the patient model's "
-             f"too, where every fold has one). Thresholds chosen on {t['chosen_on']}, never on the HoldOut: patch "
-             f"{fmt(t['patch'])} (max F1 on the annotated windows), patient rule **{t['patient_rule']} >= "
-             f"{fmt(t['patient_threshold'], 4)}**" + (f", patient model probability >= "
-                                                      f"{fmt(t['patient_model_threshold'], 4)}"
-                                                      if t.get("patient_model_threshold") is not None else "")
-             + " (Youden's J). The HoldOut labels reach the metrics only.", "",
+             f"The ensemble's call: the {table['decision']['how']}. A tie is no call. The mean of the fold models' "
+             "scores ranks the patients (ROC-AUC) only. Each fold model's thresholds were chosen on its own "
+             "validation part and stored with it, never on the HoldOut. The HoldOut labels reach the metrics only.", "",
              f"**Look {table['looks']['holdout']['look']} at the HoldOut's labels by this ensemble** (ledger "
              f"`{table['looks']['holdout']['ledger']}`). Declare this one HoldOut model before looking; each fold "
              "model's own HoldOut numbers below are for reading the spread, not for choosing.", ""]
-    cols = {"ensemble: rule": ens["patient"]}
+    cols = {"ensemble: call": ens["call"], "ensemble: rule": ens["patient"]}
     if "patient_mil" in ens:
         cols["ensemble: model"] = ens["patient_mil"]
     for f in table["folds"]:
@@ -609,5 +614,12 @@ def render_ensemble(table: dict) -> str:
                     [["patients (infected)", *[f"{c['n']} ({c['positives']})" for c in cols.values()]]])
     lines += _grade_and_prevalence({k: v for k, v in cols.items() if k.startswith("ensemble")})
     lines += _below_chance(cols)
+    share = lambda f: f"{f['positive']} of {f['patients']} ({fmt(f['flagged_share'])}), {f['no_call']} no call"
+    lines += ["", "## Flagged HoldOut patients (no label read)", "",
+              *_table(["model", "called positive", "call by", "patient rule", "model threshold"],
+                      [["ensemble", share(flagged["ensemble"]), table["decision"]["ensemble"], "", ""]] +
+                      [[f"fold {f['fold']}", share(f["flagged"]), f["decision"]["call_by"],
+                        f"{f['decision']['patient_rule']} >= {fmt(f['decision']['patient_threshold'], 4)}",
+                        fmt(f["decision"]["patient_model_threshold"], 4)] for f in table["folds"]])]
     lines += ["", "Fold runs: " + ", ".join(f"`{r}`" for r in table["runs"])]
     return "\n".join(lines) + "\n"

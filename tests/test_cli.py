@@ -34,6 +34,7 @@ ABBREVIATED = {
     "bench_patient --train": ("bench_patient", ["--checkpoint", "{tmp}/best.pt"], ["--train", "1"]),  # --train-bags
     "gpu_check --stage": ("gpu_check", ["--data-root", MISSING], ["--stage", "resume"]),  # --stages
     "bench_startup --meas": ("bench_startup", ["--root", MISSING], ["--meas", "audit_again"]),  # --measures
+    "predict --evid": ("predict", ["--checkpoint", "{tmp}/best.pt", "--input", MISSING], ["--evid", "1"]),  # --evidence
 }
 
 

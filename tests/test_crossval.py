@@ -1,6 +1,7 @@
 """evaluate.py --cv: K fold runs of one split, each evaluated, their out-of-fold test predictions pooled."""
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import pytest
 import common
 from helico import crossval, metrics
 import evaluate
+import predict
 import train
 import train_patient
 from conftest import flipped_diagnoses
@@ -125,26 +127,46 @@ def test_the_cv_headline_auc_compares_pairs_within_a_fold_and_left_out_patients_
         assert "Left out of the" in report and sorted(left)[0] in report
 
 
-def test_the_ensemble_is_one_holdout_model_whose_thresholds_never_read_the_holdout(cv_runs, demo_root, tmp_path):
+def test_the_ensemble_is_the_fold_models_vote_each_at_its_own_stored_decision(cv_runs, demo_root, tmp_path):
     runs = [str(cv_runs / f"27-f{i}") for i in range(K)]
     flags = ["--holdout", "--device", "cpu", "--workers", "0", "--bootstrap", "0", "--gradcam", "0"]
     assert evaluate.main(["--ensemble", *runs, "--out", str(tmp_path / "ens"), *flags]) == 0
     m = json.loads((tmp_path / "ens" / "metrics.json").read_text(), parse_constant=float)
     holdout = common.load_data(demo_root).holdout_patients
     assert m["k"] == K and len(m["folds"]) == K and m["holdout_patients"] == holdout
-    assert m["thresholds"]["chosen_on"] == "the folds' pooled out-of-fold test predictions"
+    assert m["decision"]["ensemble"] == "vote" and all(f["decision"]["stored_with_model"] for f in m["folds"])
     assert "patient_mil" in m["ensemble"] and all("patient_mil" in f for f in m["folds"])
+    rows = read_csv(tmp_path / "ens" / "patients.csv")
+    for r in rows:  # the call is the majority of the fold models' own calls (K = 3: never a tie)
+        votes = r["votes"].split("; ")
+        assert len(votes) == K and r["call"] == max(set(votes), key=votes.count)
+    # the share each fold model and the ensemble flag, from the calls alone
+    assert m["flagged"]["ensemble"]["positive"] == sum(r["call"] == "positive" for r in rows)
+    assert [f["positive"] for f in m["flagged"]["folds"]] == [sum(r["votes"].split("; ")[i] == "positive"
+                                                                  for r in rows) for i in range(K)]
     report = (tmp_path / "ens" / "report.md").read_text()
     assert "the ensemble of 3 fold models" in report and "Look 1 at the HoldOut's labels by this ensemble" in report
-    # the HoldOut's labels reach the metrics only: turned over, every score, probability and decision stays
+    assert "Flagged HoldOut patients (no label read)" in report
+    # the HoldOut's labels reach the metrics only: turned over, every score, probability and call stays
     flipped = flipped_diagnoses(demo_root, set(holdout), tmp_path / "flipped")
     assert evaluate.main(["--ensemble", *runs, "--out", str(tmp_path / "ens2"), "--data-root", str(flipped),
                           *flags]) == 0
     a, b = (read_csv(tmp_path / d / "patients.csv") for d in ("ens", "ens2"))
-    keep = ("patient", "n_patches", "fraction_positive", "top_share_mean", "score", "prediction", "mil_probability",
-            "mil_prediction")
+    keep = ("patient", "n_patches", "rule_score", "rule_call", "mil_probability", "mil_call", "call", "votes")
     assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in b]
     assert [r["label"] for r in a] != [r["label"] for r in b]
     m2 = json.loads((tmp_path / "ens2" / "metrics.json").read_text(), parse_constant=float)
-    assert m2["thresholds"] == m["thresholds"]
+    assert m2["flagged"] == m["flagged"]
     assert m2["looks"]["holdout"]["look"] == 2  # the same ensemble, looked at again
+    # predict.py --ensemble on the HoldOut folders copied without any label: the same scores and calls
+    slides = tmp_path / "slides"
+    shutil.copytree(demo_root / common.TREES["holdout"], slides)
+    assert predict.main(["--ensemble", *runs, "--input", str(slides), "--out", str(tmp_path / "pred"),
+                         "--evidence", "0", "--device", "cpu", "--workers", "0"]) == 0
+    new = {r["patient"]: r for r in read_csv(tmp_path / "pred" / "patients.csv")}
+    assert set(new) == {r["patient"] for r in a}
+    for r in a:
+        p = new[r["patient"]]
+        assert abs(float(p["rule_score"]) - float(r["rule_score"])) <= 1e-6
+        assert abs(float(p["mil_probability"]) - float(r["mil_probability"])) <= 1e-6
+        assert (p["call"], p["votes"]) == (r["call"], r["votes"])
