@@ -308,11 +308,18 @@ def _grade_and_prevalence(cols: dict) -> list[str]:
     prevs = next(iter(shown.values())).get("predictive_values") or {}
     if prevs:
         lines += ["", "PPV / NPV at stated prevalences of infection (Bayes, from each column's sensitivity and "
-                      "specificity; a split's own infected share is not the clinic's):", ""]
+                      "specificity; a split's own infected share is not the clinic's), [95% CI] from the exact "
+                      "bounds of sensitivity and specificity at 97.5% each (the pair holds 95% jointly):", ""]
         lines += _table(["prevalence", *shown], [[prev, *[
-            f"{fmt(c['predictive_values'][prev]['ppv'])} / {fmt(c['predictive_values'][prev]['npv'])}"
-            if prev in c.get("predictive_values", {}) else "-" for c in shown.values()]] for prev in prevs])
+            predictive_cell(c["predictive_values"][prev]) if prev in c.get("predictive_values", {}) else "-"
+            for c in shown.values()]] for prev in prevs])
     return lines
+
+
+def predictive_cell(v: dict) -> str:
+    """`PPV 0.500 [0.014, 1.000] / NPV 0.990 [0.950, 1.000]`: a predictive value is never shown bare."""
+    ci = lambda k: f" [{fmt(v[k + '_ci95'][0])}, {fmt(v[k + '_ci95'][1])}]" if k + "_ci95" in v else ""
+    return f"PPV {fmt(v['ppv'])}{ci('ppv')} / NPV {fmt(v['npv'])}{ci('npv')}"
 
 
 def _below_chance(cols: dict) -> list[str]:
