@@ -24,6 +24,7 @@ import numpy as np
 
 from common import DataError
 from helico import analysis, metrics, splits
+from helico import eval_report
 from helico.eval_report import fmt
 
 PATIENT_KEYS = ("accuracy", "sensitivity", "specificity")  # the proportions, with exact intervals
@@ -257,11 +258,12 @@ def render(result: dict) -> str:
     pf = result["per_fold"]
     sd = lambda name: f"{fmt(pf[name]['mean'])} +/- {fmt(pf[name]['sd'])}"
     p, q = result["patch"], result["patient"]
+    looked = eval_report.looks_lines(result.get("looks"), "these fold models")
     lines = [f"# Cross-validation over {result['k']} folds", "",
              f"Out-of-fold test predictions pooled: every patient scored by the one model that never saw it "
              f"({len(result['patients_tested'])} patients). Test parts checked disjoint and covering every patient "
              f"but the stain reference's. Decisions: each fold's own threshold and patient rule, chosen on its val.",
-             "", f"## Patients ({q['n']}, {q['positives']} infected), exact binomial 95% CIs", "",
+             *(["", " ".join(looked)] if looked else []), "", f"## Patients ({q['n']}, {q['positives']} infected), exact binomial 95% CIs", "",
              "| metric | pooled [95% CI] | per fold mean +/- sd |", "|---|---|---|"]
     lines += [f"| {k} | {ci(q, k)} | {sd('patient.' + k)} |" for k in PATIENT_KEYS]
     lines += [f"| roc_auc, fold-stratified (pairs within a fold; patient-cluster bootstrap BCa) | "
