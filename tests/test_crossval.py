@@ -1,12 +1,13 @@
 """evaluate.py --cv: K fold runs of one split, each evaluated, their out-of-fold test predictions pooled."""
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 import common
-from helico import crossval, helicodata, metrics
+from helico import crossval, helicodata, ledger, metrics
 import evaluate
 import train
 import train_patient
@@ -114,6 +115,9 @@ def test_the_cv_headline_auc_compares_pairs_within_a_fold_and_left_out_patients_
                                           [r["fold"] for r in rows])
     got = pooled["patch"]["roc_auc_fold_stratified"]
     assert got == pytest.approx(expected) or (np.isnan(got) and np.isnan(expected))
+    for level in ("patch", "patient"):  # the headline carries the pooled one's interval, or says why not
+        m = pooled[level]
+        assert "roc_auc_fold_stratified" in m.get("ci95", {}) or m.get("ci_note"), m
     patients = read_csv(cv_runs / "27-cv" / "patients.csv")
     left = {r["patient"] for r in patients if r["label"] == "-1" or r["prediction"] == "-1"}
     assert set(pooled["patient"]["excluded"]) == left
@@ -135,7 +139,9 @@ def test_the_ensemble_is_one_holdout_model_whose_thresholds_never_read_the_holdo
     assert m["thresholds"]["chosen_on"] == "the folds' pooled out-of-fold test predictions"
     assert "patient_mil" in m["ensemble"] and all("patient_mil" in f for f in m["folds"])
     report = (tmp_path / "ens" / "report.md").read_text()
-    assert "the ensemble of 3 fold models" in report and "Look 1 at the HoldOut's labels by this ensemble" in report
+    assert "the ensemble of 3 fold models" in report
+    look = m["looks"]["holdout"]["look"]
+    assert f"Look {look} at the HoldOut's labels by this ensemble's fold models" in report
     # the HoldOut's labels reach the metrics only: turned over, every score, probability and decision stays
     flipped = flipped_diagnoses(demo_root, set(holdout), tmp_path / "flipped")
     assert evaluate.main(["--ensemble", *runs, "--out", str(tmp_path / "ens2"), "--data-root", str(flipped),
@@ -147,4 +153,49 @@ def test_the_ensemble_is_one_holdout_model_whose_thresholds_never_read_the_holdo
     assert [r["label"] for r in a] != [r["label"] for r in b]
     m2 = json.loads((tmp_path / "ens2" / "metrics.json").read_text(), parse_constant=float)
     assert m2["thresholds"] == m["thresholds"]
-    assert m2["looks"]["holdout"]["look"] == 2  # the same ensemble, looked at again
+    assert m2["looks"]["holdout"]["look"] == look + 1  # other labels: new numbers, a new look
+
+
+def test_an_ensemble_counts_and_lists_its_members_earlier_holdout_looks(cv_runs, tmp_path):
+    runs = [cv_runs / f"27-f{i}" for i in range(K)]
+    flags = ["--holdout", "--device", "cpu", "--workers", "0", "--bootstrap", "0", "--gradcam", "0"]
+    for run in runs[:2]:  # two members looked at the HoldOut alone first
+        assert evaluate.main(["--checkpoint", str(run / "best.pt"), *flags]) == 0
+    where = cv_runs / ledger.NAME
+    n = len(ledger.read(where))
+    # --seed 1: not the evaluation an earlier test may have run (that one again would be a repeat of its look)
+    assert evaluate.main(["--ensemble", *map(str, runs), "--out", str(tmp_path / "ens"), *flags, "--seed", "1"]) == 0
+    m = json.loads((tmp_path / "ens" / "metrics.json").read_text(), parse_constant=float)
+    looks = m["looks"]["holdout"]
+    assert looks["look"] >= 3 and not looks["repeat_of"] and {str(r / "best.pt") for r in runs[:2]} <= {e.get("checkpoint")
+                                                                             for e in looks["earlier"]}
+    report = (tmp_path / "ens" / "report.md").read_text()
+    assert str(runs[0] / "best.pt") in report and str(runs[1] / "best.pt") in report
+    entries = ledger.read(where)
+    assert len(entries) == n + 1  # the folds' eval/ were reused: only the ensemble's own line
+    shas = [common.file_sha256(r / "best.pt") for r in runs]
+    assert entries[-1]["kind"] == "ensemble" and entries[-1]["uses"] == {"test": shas}
+    # a fold's later report discloses that its test part was read for the ensemble
+    assert ledger.looks(entries, shas[2], ["test"])["test"]["used_by"][-1]["kind"] == "ensemble"
+
+
+def test_a_fold_without_its_patient_model_is_named_in_the_terminal_and_the_report(cv_runs, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for i in range(K):  # the folds as they are, but fold 1 without its patient model
+        shutil.copytree(cv_runs / f"27-f{i}", runs / f"27-f{i}", ignore=shutil.ignore_patterns(
+            *(["patient", "eval", "eval-holdout"] if i == 1 else [])))
+    folders = [str(runs / f"27-f{i}") for i in range(K)]
+    assert evaluate.main(["--cv", *folders, "--device", "cpu", "--workers", "0", "--bootstrap", "0",
+                          "--gradcam", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"{runs / '27-f1'}: no eval/ of this best.pt with these flags; evaluating it now" in err
+    assert f"warning: {runs / '27-f1'}: no patient model" in err
+    report = (runs / "27-cv" / "report.md").read_text()
+    assert "**Patient model left out of the pooling**" in report and str(runs / "27-f1") in report
+
+
+def test_a_fold_without_folds_is_refused_without_none(demo_root, tmp_path, capsys):
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-id", "x", "--fold", "2",
+                       *FOLD_FLAGS]) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "error: --fold 2: give the number of folds too (--folds K)"
