@@ -42,8 +42,11 @@ stain_preview.png (validation positives and hard negatives: original | as traine
 --compare writes compare.md and compare.json (default <first run>/compare/), on the validation patients the
 checkpoints share (--compare-on test: the test patients), each with its own validation-chosen threshold and rule; one
 verdict, on patch PR-AUC. Every look at test or HoldOut labels (--checkpoint, --compare-on test, --cv) is appended to
-runs/holdout_ledger.jsonl (ledger.py) and the report states which look it is and the other models' looks.
---cv evaluates each fold run (its eval/), then writes runs/27-cv/ (report.md, metrics.json, predictions.csv,
+runs/holdout_ledger.jsonl (ledger.py) when its numbers are written, never on a refusal, and the report states which
+look it is and the other models' looks; the same checkpoint, number-changing flags and data again is recorded as a
+repeat of that look, not a new one. --cv and --ensemble first check the runs are the folds of one cross-validation,
+reuse each fold's eval/ written for its best.pt with the same flags and evaluate the others on the spot.
+--cv then writes runs/27-cv/ (report.md, metrics.json, predictions.csv,
 patients.csv: see crossval.py).
 This file owns the commands and the scoring (checkpoint -> model, split parts, patches -> scores under training's
 precision); analysis.py owns what is measured from the scores (which patches count, patient rule, intervals,
@@ -102,12 +105,12 @@ def get_args_parser():
                       "of --compare-on they share, each model with its own validation-chosen threshold and rule; "
                       "one verdict, on the primary metric (patch PR-AUC)")
     what.add_argument("--ensemble", nargs="+", metavar="RUN", help="with --holdout: the fold runs of one "
-                      "cross-validation (runs/27-f*, each evaluated) as ONE HoldOut model: the mean of the fold "
+                      "cross-validation (runs/27-f*; one not yet evaluated is evaluated first) as ONE HoldOut model: the mean of the fold "
                       "models' probabilities (patch model, and patient model where every fold has one), thresholds "
                       "chosen on the pooled out-of-fold test predictions only; beside each fold model alone. Writes "
                       "<runs>/27-ensemble/")
     what.add_argument("--cv", nargs="+", metavar="RUN", help="the run folders of one cross-validation (runs/27-f*): "
-                      "each is evaluated (its eval/), then their out-of-fold test predictions are pooled into "
+                      "each not yet evaluated is evaluated (its eval/), then their out-of-fold test predictions are pooled into "
                       "<runs>/27-cv/ (or --out), after checking the folds' test parts are disjoint and cover the "
                       "patients")
     p.add_argument("--compare-on", choices=("val", "test"), default="val", help="--compare's patients: val (choose "
@@ -186,20 +189,20 @@ def checkpoint_file(given: str, flag: str) -> Path:
     return path
 
 
-def data_root_of(ckpt: dict, override: str | None, path) -> str:
+def data_root_of(ckpt: dict, override: str | None, path, flag: str = "--checkpoint") -> str:
     root = override or (ckpt.get("config") or {}).get("data_root")
     if not root:
-        raise DataError(f"--checkpoint {path}: no data_root in its config; pass --data-root")
+        raise DataError(f"{flag} {path}: no data_root in its config; pass --data-root")
     return root
 
 
-def split_parts(ckpt: dict, data: helicodata.HelicoData, path) -> dict[str, list[str]]:
+def split_parts(ckpt: dict, data: helicodata.HelicoData, path, flag: str = "--checkpoint") -> dict[str, list[str]]:
     """{"val": patients, "test": patients} of the checkpoint's split, checked against the data root. The test part
     is empty for a two-part split (or one written before splits had three parts): no untouched set."""
     split = ckpt["split"] if isinstance(ckpt["split"], dict) else {}
     parts = {part: sorted(split.get(part) or []) for part in ("val", "test")}
     if not parts["val"]:
-        raise DataError(f"--checkpoint {path}: its split has no validation patients")
+        raise DataError(f"{flag} {path}: its split has no validation patients")
     if split.get("untouched_test") is False:
         parts["test"] = []
     missing = sorted(set(parts["val"] + parts["test"]) - set(data.cv_patients))
@@ -307,15 +310,16 @@ def default_out(holdout: bool) -> str:
     return "eval-holdout" if holdout else "eval"
 
 
-def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
-    """Score and analyse one checkpoint, write its eval folder; returns (metrics dict, folder)."""
-    path = checkpoint_file(args.checkpoint, "--checkpoint")
+def evaluate_checkpoint(args, device, flag: str = "--checkpoint") -> tuple[dict, Path]:
+    """Score and analyse one checkpoint, write its eval folder; returns (metrics dict, folder). `flag`: the one the
+    user typed (--cv and --ensemble evaluate their folds here), named in its messages."""
+    path = checkpoint_file(args.checkpoint, flag)
     out = Path(args.out) if args.out else path.parent / default_out(args.holdout)
     eval_report.check_out_folder(out)
     ckpt = model.load_checkpoint(path)
     net, normalizer = model.from_checkpoint(ckpt, path, args.arch, device)
-    data = helicodata.load_data(data_root_of(ckpt, args.data_root, path))
-    parts = split_parts(ckpt, data, path)
+    data = helicodata.load_data(data_root_of(ckpt, args.data_root, path, flag))
+    parts = split_parts(ckpt, data, path, flag)
     hash_cache = splits.hash_cache_path(None, data.root)
     shared = splits.shared_content(data, cache=hash_cache, progress=False)
     groups = splits.duplicate_groups(shared)  # patients sharing byte-identical images: one resampling cluster
@@ -477,7 +481,7 @@ def fold_data(runs: list[Path], args, flag: str):
         if not (run / "best.pt").is_file():
             raise DataError(f"{flag} {run}: no best.pt (give the train.py run folders of the folds, runs/27-f*)")
     first = runs[0] / "best.pt"
-    data = helicodata.load_data(data_root_of(model.load_checkpoint(first), args.data_root, first))
+    data = helicodata.load_data(data_root_of(model.load_checkpoint(first), args.data_root, first, flag))
     crossval.check_runs(runs, data.cv_patients, flag)
     return data
 
@@ -493,7 +497,7 @@ def evaluated_folds(runs: list[Path], args, device, flag: str) -> list[crossval.
             print(f"{flag} {run}: no eval/ of this best.pt with these flags; evaluating it now (python evaluate.py "
                   f"--checkpoint {run / 'best.pt'})", file=sys.stderr)
             evaluate_checkpoint(argparse.Namespace(**{**vars(args), "checkpoint": str(run / "best.pt"), "out": None,
-                                                      "holdout": False}), device)
+                                                      "holdout": False}), device, flag)
             folder = run / "eval"
         folds.append(crossval.read_fold(run, folder, flag))
     return sorted(folds, key=lambda f: f.split["fold"])

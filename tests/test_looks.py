@@ -121,6 +121,9 @@ def test_a_damaged_ledger_is_named_counted_and_never_stops_an_evaluation(two_run
     assert "damaged ledger line(s) 2, 4" in (runs / "c" / "eval" / "report.md").read_text()
     lines = where.read_bytes().split(b"\n")
     assert len(ledger.read(where)) == 5 and lines[-1] == b"" and json.loads(lines[-2])["sha256"] == look["sha256"]
+    assert evaluate.main(["--checkpoint", str(c), *FAST]) == 0  # the same command again: one look, one repeat
+    again = metrics_of(runs / "c" / "eval")["meta"]["looks"]["test"]
+    assert (again["look"], again["repeat_of"]) == (5, 5) and ledger.read(where)[-1]["repeat_of"] == {"test": 5}
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(runs))
