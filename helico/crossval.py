@@ -2,14 +2,16 @@
 
     python evaluate.py --cv runs/27-f0 runs/27-f1 runs/27-f2 runs/27-f3 runs/27-f4      # -> runs/27-cv/
 
-Each fold run is evaluated first (its own eval/ folder, its test part scored by the one model that never saw
-it); this module then checks that the folds are the folds 0..K-1 of one split whose test parts are disjoint and
-cover every patient (but the stain reference's, always in train), and pools the test rows of their
+Before anything is scored, the runs are checked to be the folds 0..K-1 of one split whose test parts are disjoint
+and cover every patient (but the stain reference's, always in train): check_runs. Each fold's own evaluation (its
+test part scored by the one model that never saw it) is reused when current_eval finds it written for this very
+best.pt with the same flags, else evaluate.py writes it; this module then pools the test rows of their
 predictions.csv and patients.csv. Pooled metrics: patch decisions at each fold's own threshold and patient
 decisions by each fold's own rule (both chosen on that fold's val), PR-AUC/ROC-AUC over the pooled scores (models
-differ in calibration: read the per-fold values too); intervals as in a single evaluation (exact binomial for
-patient proportions, patient-cluster bootstrap for patches, not estimable under 10 clusters a class). Beside them,
-each fold's own test metrics as mean +/- sd over the folds.
+differ in calibration: read the per-fold values too) and the fold-stratified ROC-AUC, the headline; intervals as in
+a single evaluation (exact binomial for patient proportions, patient-cluster bootstrap BCa for patches and for the
+fold-stratified ROC-AUC, not estimable under 10 clusters a class). Beside them, each fold's own test metrics as
+mean +/- sd over the folds.
 """
 from __future__ import annotations
 

@@ -199,3 +199,30 @@ def test_a_fold_without_folds_is_refused_without_none(demo_root, tmp_path, capsy
                        *FOLD_FLAGS]) == common.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == "error: --fold 2: give the number of folds too (--folds K)"
+
+
+def test_the_fold_stratified_auc_interval_is_the_pooled_ones_cluster_bootstrap_recomputed_with_sklearn():
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(0)
+    n = 40
+    y = np.tile([0, 1], n // 2)
+    fold = np.repeat([0, 1], n // 2)
+    s = y + rng.normal(size=n) + 2.0 * fold  # fold 1's model scores everything higher
+    patients = [f"P{i:02d}" for i in range(n)]  # cluster c is patient P{c:02d}
+    out = {"roc_auc_fold_stratified": metrics.stratified_roc_auc(y, s, fold), "ci95": {}}
+    crossval.stratified_interval(out, y, s, fold, patients, [], 200, seed=0)
+
+    def stratified(idx):  # pairs within a fold only, each fold weighted by its pairs
+        num = den = 0.0
+        for k in (0, 1):
+            sel = idx[fold[idx] == k]
+            pos, neg = y[sel].sum(), (1 - y[sel]).sum()
+            if pos and neg:
+                num, den = num + roc_auc_score(y[sel], s[sel]) * pos * neg, den + pos * neg
+        return num / den if den else np.nan
+    draws = metrics.cluster_draws(n, 200, 0, stream=1)
+    boot = np.array([stratified(d) for d in draws])
+    jack = np.array([stratified(np.delete(np.arange(n), i)) for i in range(n)])
+    expected = metrics.bca_interval(boot, stratified(np.arange(n)), jack)[:2]
+    assert out["ci95"]["roc_auc_fold_stratified"] == pytest.approx(list(expected))
+    assert out["roc_auc_fold_stratified"] == pytest.approx(stratified(np.arange(n)))
