@@ -38,6 +38,7 @@ from pathlib import Path
 
 NAME = "holdout_ledger.jsonl"
 UNKNOWN = "unknown"
+_WARNED: set = set()
 
 
 def path_for(checkpoint) -> Path:
@@ -60,8 +61,10 @@ def read(path) -> list[dict]:
         except ValueError:  # UnicodeDecodeError is a ValueError
             entry = None
         if not isinstance(entry, dict) or entry.get("kind") == UNKNOWN:
-            print(f"warning: {path} line {n}: damaged, not a ledger entry; counted as a look of unknown origin",
-                  file=sys.stderr)
+            if (str(path), n, raw) not in _WARNED:  # once a command (--cv reads the ledger once a fold)
+                _WARNED.add((str(path), n, raw))
+                print(f"warning: {path} line {n}: damaged, not a ledger entry; counted as a look of unknown origin",
+                      file=sys.stderr)
             entry = {"kind": UNKNOWN, "line": n}
         out.append(entry)
     return out
