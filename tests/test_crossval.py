@@ -192,6 +192,12 @@ def test_a_fold_without_its_patient_model_is_named_in_the_terminal_and_the_repor
     assert f"warning: {runs / '27-f1'}: no patient model" in err
     report = (runs / "27-cv" / "report.md").read_text()
     assert "**Patient model left out of the pooling**" in report and str(runs / "27-f1") in report
+    assert evaluate.main(["--ensemble", *folders, "--holdout", "--device", "cpu", "--workers", "0", "--bootstrap",
+                          "0", "--gradcam", "0"]) == 0
+    assert f"warning: {runs / '27-f1'}: no patient model" in capsys.readouterr().err
+    ensemble = json.loads((runs / "27-ensemble" / "metrics.json").read_text(), parse_constant=float)
+    assert ensemble["patient_model_missing"] == [str(runs / "27-f1")] and "patient_mil" not in ensemble["ensemble"]
+    assert "**No patient model in the ensemble**" in (runs / "27-ensemble" / "report.md").read_text()
 
 
 def test_a_fold_without_folds_is_refused_without_none(demo_root, tmp_path, capsys):
