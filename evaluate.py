@@ -105,12 +105,14 @@ def get_args_parser():
                       "of --compare-on they share, each model with its own validation-chosen threshold and rule; "
                       "one verdict, on the primary metric (patch PR-AUC)")
     what.add_argument("--ensemble", nargs="+", metavar="RUN", help="with --holdout: the fold runs of one "
-                      "cross-validation (runs/27-f*; one not yet evaluated is evaluated first) as ONE HoldOut model: the mean of the fold "
+                      "cross-validation (runs/27-f*; one not yet evaluated is evaluated first) as ONE HoldOut "
+                      "model: the mean of the fold "
                       "models' probabilities (patch model, and patient model where every fold has one), thresholds "
                       "chosen on the pooled out-of-fold test predictions only; beside each fold model alone. Writes "
                       "<runs>/27-ensemble/")
     what.add_argument("--cv", nargs="+", metavar="RUN", help="the run folders of one cross-validation (runs/27-f*): "
-                      "each not yet evaluated is evaluated (its eval/), then their out-of-fold test predictions are pooled into "
+                      "each not yet evaluated is evaluated (its eval/), then their out-of-fold test predictions "
+                      "are pooled into "
                       "<runs>/27-cv/ (or --out), after checking the folds' test parts are disjoint and cover the "
                       "patients")
     p.add_argument("--compare-on", choices=("val", "test"), default="val", help="--compare's patients: val (choose "

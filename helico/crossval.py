@@ -265,7 +265,8 @@ def render(result: dict) -> str:
              f"Out-of-fold test predictions pooled: every patient scored by the one model that never saw it "
              f"({len(result['patients_tested'])} patients). Test parts checked disjoint and covering every patient "
              f"but the stain reference's. Decisions: each fold's own threshold and patient rule, chosen on its val.",
-             *(["", " ".join(looked)] if looked else []), "", f"## Patients ({q['n']}, {q['positives']} infected), exact binomial 95% CIs", "",
+             *(["", " ".join(looked)] if looked else []), "",
+             f"## Patients ({q['n']}, {q['positives']} infected), exact binomial 95% CIs", "",
              "| metric | pooled [95% CI] | per fold mean +/- sd |", "|---|---|---|"]
     lines += [f"| {k} | {ci(q, k)} | {sd('patient.' + k)} |" for k in PATIENT_KEYS]
     lines += [f"| roc_auc, fold-stratified (pairs within a fold; patient-cluster bootstrap BCa) | "
