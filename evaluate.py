@@ -46,8 +46,11 @@ trained | canonical Macenko).
 --compare writes compare.md and compare.json (default <first run>/compare/), on the validation patients the
 checkpoints share (--compare-on test: the test patients), each with its own validation-chosen threshold and rule; one
 verdict, on patch PR-AUC. Every look at test or HoldOut labels (--checkpoint, --compare-on test, --cv) is appended to
-runs/holdout_ledger.jsonl (ledger.py) and the report states which look it is and the other models' looks.
---cv evaluates each fold run (its eval/), then writes runs/27-cv/ (report.md, metrics.json, predictions.csv,
+runs/holdout_ledger.jsonl (ledger.py) when its numbers are written, never on a refusal, and the report states which
+look it is and the other models' looks; the same checkpoint, number-changing flags and data again is recorded as a
+repeat of that look, not a new one. --cv and --ensemble first check the runs are the folds of one cross-validation,
+reuse each fold's eval/ written for its best.pt with the same flags and evaluate the others on the spot.
+--cv then writes runs/27-cv/ (report.md, metrics.json, predictions.csv,
 patients.csv: see crossval.py).
 This file owns the commands and the scoring (checkpoint -> model, split parts, patches -> scores under training's
 precision); analysis.py owns what is measured from the scores (which patches count, patient rule, intervals,
@@ -80,8 +83,7 @@ import common
 import macenko_gpu
 from common import DataError
 from helico import (
-    analysis, bags, crossval, decision, eval_report, feeds, figures, gradcam, html_report, identity, inference,
-    ledger, loaders, metrics, mil, model, packed_cache, runlog, splits
+    analysis, bags, crossval, decision, eval_report, feeds, figures, gradcam, html_report, identity, inference, ledger, loaders, metrics, mil, model, packed_cache, runlog, splits,
 )
 
 
@@ -109,11 +111,12 @@ def get_args_parser():
                       "of --compare-on they share, each model with its own validation-chosen threshold and rule; "
                       "one verdict, on the primary metric (patch PR-AUC)")
     what.add_argument("--ensemble", nargs="+", metavar="RUN", help="with --holdout: the fold runs of one "
-                      "cross-validation (runs/27-f*, each evaluated) as ONE HoldOut model: the majority vote of the "
-                      "fold models, each calling at the decision stored with it (chosen on its own validation part); "
-                      "beside each fold model alone. Writes <runs>/27-ensemble/")
+                      "cross-validation (runs/27-f*; one not yet evaluated is evaluated first) as ONE HoldOut model: "
+                      "the majority vote of the fold models, each calling at the decision stored with it (chosen on "
+                      "its own validation part); beside each fold model alone. Writes <runs>/27-ensemble/")
     what.add_argument("--cv", nargs="+", metavar="RUN", help="the run folders of one cross-validation (runs/27-f*): "
-                      "each is evaluated (its eval/), then their out-of-fold test predictions are pooled into "
+                      "each not yet evaluated is evaluated (its eval/), then their out-of-fold test predictions "
+                      "are pooled into "
                       "<runs>/27-cv/ (or --out), after checking the folds' test parts are disjoint and cover the "
                       "patients")
     p.add_argument("--ensemble-decision", choices=ENSEMBLE_DECISIONS, default="vote", help="how --ensemble calls a "
@@ -195,20 +198,20 @@ def checkpoint_file(given: str, flag: str) -> Path:
     return common.checkpoint_path(given, flag)
 
 
-def data_root_of(ckpt: dict, override: str | None, path) -> str:
+def data_root_of(ckpt: dict, override: str | None, path, flag: str = "--checkpoint") -> str:
     root = override or (ckpt.get("config") or {}).get("data_root")
     if not root:
-        raise DataError(f"--checkpoint {path}: no data_root in its config; pass --data-root")
+        raise DataError(f"{flag} {path}: no data_root in its config; pass --data-root")
     return root
 
 
-def split_parts(ckpt: dict, data: common.HelicoData, path) -> dict[str, list[str]]:
+def split_parts(ckpt: dict, data: common.HelicoData, path, flag: str = "--checkpoint") -> dict[str, list[str]]:
     """{"val": patients, "test": patients} of the checkpoint's split, checked against the data root. The test part
     is empty for a two-part split (or one written before splits had three parts): no untouched set."""
     split = ckpt["split"] if isinstance(ckpt["split"], dict) else {}
     parts = {part: sorted(split.get(part) or []) for part in ("val", "test")}
     if not parts["val"]:
-        raise DataError(f"--checkpoint {path}: its split has no validation patients")
+        raise DataError(f"{flag} {path}: its split has no validation patients")
     if split.get("untouched_test") is False:
         parts["test"] = []
     missing = sorted(set(parts["val"] + parts["test"]) - set(data.cv_patients))
@@ -289,7 +292,8 @@ def patient_model(args, path: Path, sha: str, ckpt: dict, net, normalizer, data,
     key, folder = done["key"], done["folder"]
     net_mil = mil.from_checkpoint(mil_ckpt)
     out = {"probability": {}, "attention": {}, "annotated": {}, "decision": mil_ckpt.get("decision"),
-           "meta": {"checkpoint": str(mil_path), "epoch": mil_ckpt["epoch"], "features": mil_ckpt["features"],
+           "meta": {"checkpoint": str(mil_path), "sha256": common.file_sha256(mil_path), "epoch": mil_ckpt["epoch"],
+                    "features": mil_ckpt["features"],
                     "selection": mil_ckpt["config"].get("selection"), "seed": mil_ckpt["config"].get("seed"),
                     "features_json": read_features_json(mil_path.parent / "features.json")}}
     for p in patients:
@@ -324,15 +328,16 @@ def default_out(holdout: bool) -> str:
     return "eval-holdout" if holdout else "eval"
 
 
-def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
-    """Score and analyze one checkpoint, write its eval folder; returns (metrics dict, folder)."""
-    path = checkpoint_file(args.checkpoint, "--checkpoint")
+def evaluate_checkpoint(args, device, flag: str = "--checkpoint") -> tuple[dict, Path]:
+    """Score and analyze one checkpoint, write its eval folder; returns (metrics dict, folder). `flag`: the one the
+    user typed (--cv and --ensemble evaluate their folds here), named in its messages."""
+    path = checkpoint_file(args.checkpoint, flag)
     out = Path(args.out) if args.out else path.parent / default_out(args.holdout)
     eval_report.check_out_folder(out)
     ckpt = common.load_checkpoint(path)
     net, normalizer = model.from_checkpoint(ckpt, path, args.arch, device)
-    data = common.load_data(data_root_of(ckpt, args.data_root, path))
-    parts = split_parts(ckpt, data, path)
+    data = common.load_data(data_root_of(ckpt, args.data_root, path, flag))
+    parts = split_parts(ckpt, data, path, flag)
     hash_cache = identity.hash_cache_path(None, data.root)
     shared = identity.shared_content(data, cache=hash_cache, progress=False)
     groups = identity.duplicate_groups(shared)  # patients sharing byte-identical images: one resampling cluster
@@ -411,9 +416,17 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
                       "patient_model_note": mil_note or (None if patient_model_out else
                                                          f"no {bags.patient_dir(path) / 'best.pt'}: run "
                                                          f"train_patient.py --checkpoint {path} for the patient model")}
+    flags = number_flags(args, device)
+    result["meta"].update(sha256=sha, evaluation=flags)
     looked = ["test"] * (headline == "test") + ["holdout"] * bool(holdout)
-    if looked:  # counted before anything is written: a report that fails to write still looked
-        result["meta"]["looks"] = record_look(path, sha, looked, result, args, kind="evaluate")
+    where = ledger.path_for(path)
+    keys = {part: ledger.key(kind="evaluate", sha256=sha, part=part, flags=flags,
+                             patient_model=patient_model_out and patient_model_out["meta"]["sha256"],
+                             data=ledger.data_digest(((r.sample.path, r.sample.label, r.sample.patient)
+                                                      for r in rows if r.split in ("val", part)), data.diagnosis))
+            for part in looked}
+    if looked:
+        result["meta"]["looks"] = disclosed_looks(where, [sha], looked, keys)
     shown = pred.subset(pred.split == headline)
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_predictions(tmp / "predictions.csv", pred, threshold)
@@ -442,6 +455,10 @@ def evaluate_checkpoint(args, device) -> tuple[dict, Path]:
         eval_report.write_json(tmp / "metrics.json", result)
         common.atomic_write_text(tmp / "report.md", eval_report.render_report(result, files, patient_rows))
         common.atomic_write_text(tmp / "report.html", html_report.evaluation_page(result, patient_rows, tmp, files))
+        if looked:  # the last step before the report is swapped in: a look is recorded when its numbers are shown
+            record_look(where, result["meta"]["looks"], keys, {
+                "kind": "evaluate", "checkpoint": str(path), "sha256": sha, "parts": looked, "flags": flags,
+                "headline": {p: v for p, v in headline_numbers(result).items() if p in looked}})
     return result, out
 
 
@@ -460,16 +477,23 @@ def headline_numbers(result: dict) -> dict:
     return out
 
 
-def record_look(path, sha: str, parts: list[str], result: dict, args, kind: str) -> dict:
-    """Append this look at test/HoldOut labels to the runs folder's ledger; returns what the report discloses (the
-    looks before this one, this one's number)."""
-    where = ledger.path_for(path)
-    looks = ledger.looks(ledger.read(where), sha, parts)
-    ledger.append(where, {"kind": kind, "checkpoint": str(path), "sha256": sha, "parts": parts,
-                          "flags": {"top_k": args.top_k, "top_share": args.top_share, "bootstrap": args.bootstrap,
-                                    "seed": args.seed},
-                          "headline": {p: v for p, v in headline_numbers(result).items() if p in parts}})
-    return {**looks, "ledger": str(where)}
+# The flags that change a number evaluate.py shows (with the device type, which changes scores under AMP): the same
+# checkpoint, these and the same data again are a repeat of a look, not a new one.
+NUMBER_FLAGS = ("top_k", "top_share", "bootstrap", "seed", "no_amp", "skip_bad_images")
+
+
+def number_flags(args, device) -> dict:
+    return {**{k: getattr(args, k) for k in NUMBER_FLAGS}, "device": getattr(device, "type", str(device))}
+
+
+def disclosed_looks(where: Path, shas: list[str], parts: list[str], keys: dict) -> dict:
+    """What the report says about the looks before this one (ledger.looks), read before anything is shown."""
+    return {**ledger.looks(ledger.read(where), shas, parts, keys), "ledger": str(where)}
+
+
+def record_look(where: Path, seen: dict, keys: dict, entry: dict) -> None:
+    """Append this look to the runs folder's ledger, a repeat where disclosed_looks() found the same evaluation."""
+    ledger.append(where, {**entry, "keys": keys, **ledger.repeats(seen)})
 
 
 def run_evaluation(args, device) -> int:
@@ -479,32 +503,59 @@ def run_evaluation(args, device) -> int:
     return common.EXIT_OK
 
 
-def run_cv(args, device) -> int:
-    """Evaluate every fold run, then pool their out-of-fold test predictions (crossval.py)."""
-    runs = [Path(r) for r in args.cv]
-    if args.holdout:
-        raise DataError("--holdout: not used with --cv (evaluate the fold runs' HoldOut one by one)")
+def check_fold_runs(runs: list[Path], flag: str) -> None:
     if len(runs) < 2 or len(set(runs)) != len(runs):
-        raise DataError(f"--cv: give the run folders of two or more folds, each once (got {len(runs)})")
-    out = Path(args.out) if args.out else crossval.default_out(runs)
-    eval_report.check_out_folder(out)
+        raise DataError(f"{flag}: give the run folders of two or more folds, each once (got {len(runs)})")
+
+
+def fold_data(runs: list[Path], args, flag: str):
+    """The data the folds were trained on (or --data-root), after checking, before anything is scored, that the runs
+    are the folds of one cross-validation (crossval.check_runs): a refusal shows no number and records no look."""
     for run in runs:
         if not (run / "best.pt").is_file():
-            raise DataError(f"--cv {run}: no best.pt (a train.py run folder of one fold?)")
+            raise DataError(f"{flag} {run}: no best.pt (give the train.py run folders of the folds, runs/27-f*)")
+    first = runs[0] / "best.pt"
+    data = common.load_data(data_root_of(common.load_checkpoint(first), args.data_root, first, flag))
+    crossval.check_runs(runs, data.cv_patients, flag)
+    return data
+
+
+def evaluated_folds(runs: list[Path], args, device, flag: str) -> list[crossval.Fold]:
+    """Each fold run with its evaluation of its test part: eval/ (or eval-holdout/) reused when written for this very
+    best.pt with the same number-changing flags, else evaluated here (its own look, or a repeat of it)."""
+    folds = []
     for run in runs:
-        evaluate_checkpoint(argparse.Namespace(**{**vars(args), "checkpoint": str(run / "best.pt"), "out": None}),
-                            device)
-    folds = sorted((crossval.read_fold(r) for r in runs), key=lambda f: (f.split.get("fold") is None,
-                                                                         f.split.get("fold")))
-    data = common.load_data(folds[0].metrics["meta"]["data_root"])
-    crossval.check_folds(folds, data.cv_patients)
+        flags = number_flags(args, device)
+        folder = crossval.current_eval(run, common.file_sha256(run / "best.pt"), flags)
+        if folder is None:
+            print(f"{flag} {run}: no eval/ of this best.pt with these flags; evaluating it now (python evaluate.py "
+                  f"--checkpoint {run / 'best.pt'})", file=sys.stderr)
+            evaluate_checkpoint(argparse.Namespace(**{**vars(args), "checkpoint": str(run / "best.pt"), "out": None,
+                                                      "holdout": False}), device, flag)
+            folder = run / "eval"
+        folds.append(crossval.read_fold(run, folder, flag))
+    return sorted(folds, key=lambda f: f.split["fold"])
+
+
+def run_cv(args, device) -> int:
+    """Evaluate every fold run not yet evaluated, then pool their out-of-fold test predictions (crossval.py)."""
+    runs = [Path(r) for r in args.cv]
+    if args.holdout:
+        raise DataError("--holdout: not used with --cv; the cross-validation's HoldOut model is evaluate.py --holdout "
+                        "--ensemble RUN...")
+    check_fold_runs(runs, "--cv")
+    out = Path(args.out) if args.out else crossval.default_out(runs)
+    eval_report.check_out_folder(out)
+    data = fold_data(runs, args, "--cv")
+    folds = evaluated_folds(runs, args, device, "--cv")
+    crossval.check_folds(folds, data.cv_patients, "--cv")
     result, preds, pats = crossval.summarize(folds, args.bootstrap, args.seed)
-    shas = [common.file_sha256(r / "best.pt") for r in runs]
-    where = ledger.path_for(runs[0] / "best.pt")
-    result["looks"] = {"test": {"look": ledger.group_look(ledger.read(where), "cv", shas), "ledger": str(where)}}
-    ledger.append(where, {"kind": "cv", "checkpoints": [str(r / "best.pt") for r in runs], "sha256s": shas,
-                          "parts": ["test"], "headline": {"test": {k: result["patient"][k] for k in
-                                                                   crossval.PATIENT_KEYS}}})
+    shas = [f.metrics["meta"]["sha256"] for f in folds]
+    where = ledger.path_for(folds[0].run / "best.pt")
+    keys = {"test": ledger.key(kind="cv", sha256s=sorted(shas), flags={"bootstrap": args.bootstrap, "seed": args.seed},
+                               data=ledger.key(predictions=preds, patients=pats))}
+    result["looks"] = disclosed_looks(where, shas, ["test"], keys)
+    text = crossval.render(result)
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_json(tmp / "metrics.json", result)
         eval_report.write_csv(tmp / "predictions.csv", ["fold", *eval_report.PREDICTION_COLUMNS],
@@ -512,8 +563,14 @@ def run_cv(args, device) -> int:
         eval_report.write_csv(tmp / "patients.csv", ["fold", *eval_report.PATIENT_COLUMNS, "rule"],
                               ([r["fold"], *(r.get(c, "") for c in [*eval_report.PATIENT_COLUMNS, "rule"])]
                                for r in pats))
-        common.atomic_write_text(tmp / "report.md", crossval.render(result))
-    print(crossval.render(result))
+        common.atomic_write_text(tmp / "report.md", text)
+        record_look(where, result["looks"], keys, {
+            "kind": "cv", "checkpoints": [str(f.run / "best.pt") for f in folds], "sha256s": shas, "parts": ["test"],
+            "headline": {"test": {k: result["patient"][k] for k in crossval.PATIENT_KEYS}}})
+    print(text)
+    for run in result["patient_model_missing"]:
+        print(f"warning: {run}: no patient model (train_patient.py --checkpoint {run}/best.pt): the patient model "
+              f"is pooled from no fold", file=sys.stderr)
     print(f"wrote {out}/report.md")
     return common.EXIT_OK
 
@@ -577,17 +634,15 @@ def run_ensemble(args, device) -> int:
     runs = [Path(r) for r in args.ensemble]
     if not args.holdout:
         raise DataError("--ensemble: the ensemble is the cross-validation's HoldOut model; add --holdout")
-    if len(runs) < 2 or len(set(runs)) != len(runs):
-        raise DataError(f"--ensemble: give the run folders of two or more folds, each once (got {len(runs)})")
+    check_fold_runs(runs, "--ensemble")
     out = Path(args.out) if args.out else runs[0].parent / f"{crossval.default_out(runs).name[:-3]}-ensemble"
     eval_report.check_out_folder(out)
-    folds = sorted((crossval.read_fold(r) for r in runs), key=lambda f: (f.split.get("fold") is None,
-                                                                         f.split.get("fold")))
+    data = fold_data(runs, args, "--ensemble")
+    folds = evaluated_folds(runs, args, device, "--ensemble")
     paths = [f.run / "best.pt" for f in folds]
     ckpts = [common.load_checkpoint(p) for p in paths]
     shas = [common.file_sha256(p) for p in paths]
-    data = common.load_data(data_root_of(ckpts[0], args.data_root, paths[0]))
-    crossval.check_folds(folds, data.cv_patients)
+    crossval.check_folds(folds, data.cv_patients, "--ensemble")
     hash_cache = identity.hash_cache_path(None, data.root)
     shared = identity.shared_content(data, cache=hash_cache, progress=False)
     splits.check_holdout_independent(data, shared)
@@ -643,25 +698,34 @@ def run_ensemble(args, device) -> int:
     if with_model:
         ensemble["patient_mil"] = vote_metrics(patient_rows, "mil_call", "mil_probability", holdout, groups, draws)
     where = ledger.path_for(paths[0])
-    look = ledger.group_look(ledger.read(where), "ensemble", shas)
     how = ("majority vote of the fold models, each at its own decision chosen on its own validation part"
            if args.ensemble_decision == "vote" else "mean of the fold models' scores, each first calibrated (Platt) "
            "on its own out-of-fold test patients, positive at >= 0.5")
+    keys = {"holdout": ledger.key(kind="ensemble", sha256s=sorted(shas), flags=number_flags(args, device),
+                                  patient_model=with_model, decision=args.ensemble_decision,
+                                  data=ledger.data_digest(((r.sample.path, r.sample.label, r.sample.patient)
+                                                           for r in rows), data.diagnosis))}
     table = {"ensemble": ensemble, "folds": each, "k": len(folds), "holdout_patients": holdout,
              "decision": {"ensemble": args.ensemble_decision, "how": how},
              "flagged": {"ensemble": decision.flagged_share([r["call"] for r in patient_rows]),
                          "folds": [e["flagged"] for e in each]},
-             "looks": {"holdout": {"look": look, "ledger": str(where)}}, "runs": [str(f.run) for f in folds]}
-    ledger.append(where, {"kind": "ensemble", "checkpoints": [str(p) for p in paths], "sha256s": shas,
-                          "parts": ["holdout"], "headline": {"holdout": {f"patient.{k}": ensemble["call"][k]
-                                                                         for k in analysis.PATIENT_METRICS}}})
+             "looks": disclosed_looks(where, shas, ["holdout"], keys), "runs": [str(f.run) for f in folds],
+             "patient_model_missing": crossval.without_model(folds)}
     text = eval_report.render_ensemble(table)
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_json(tmp / "metrics.json", table)
         eval_report.write_csv(tmp / "patients.csv", ENSEMBLE_COLUMNS,
                               ([eval_report.cell(r.get(c)) for c in ENSEMBLE_COLUMNS] for r in patient_rows))
         common.atomic_write_text(tmp / "report.md", text)
+        # a HoldOut look by every fold model; the calibrated mean also reads each fold's test part (its calibration)
+        record_look(where, table["looks"], keys, {
+            "kind": "ensemble", "checkpoints": [str(p) for p in paths], "sha256s": shas, "parts": ["holdout"],
+            **({"uses": {"test": shas}} if args.ensemble_decision == "calibrated-mean" else {}),
+            "headline": {"holdout": {f"patient.{k}": ensemble["call"][k] for k in analysis.PATIENT_METRICS}}})
     print(text)
+    for run in table["patient_model_missing"]:
+        print(f"warning: {run}: no patient model (train_patient.py --checkpoint {run}/best.pt): the ensemble has "
+              f"no patient model", file=sys.stderr)
     print(f"wrote {out}/report.md")
     return common.EXIT_OK
 
@@ -726,13 +790,19 @@ def run_compare(args, device) -> int:
     if part == "test":  # choosing among models on the untouched part: every one of them carries it from now on
         shas = [common.file_sha256(p) for p in paths]
         where = ledger.path_for(paths[0])
-        ledger.append(where, {"kind": "compare-test", "checkpoints": [str(p) for p in paths], "sha256s": shas,
-                              "parts": ["test"], "headline": {"test": {m["checkpoint"]: m[analysis.PRIMARY]
-                                                                       for m in table["models"]}}})
+        flags = number_flags(args, device)
+        keys = {"test": ledger.key(kind="compare-test", sha256s=sorted(shas), flags=flags, data=ledger.data_digest(
+            ((r.sample.path, r.sample.label, r.sample.patient) for r in rows), data.diagnosis))}
+        seen = disclosed_looks(where, shas, ["test"], keys)
         table["ledger"] = str(where)
     with eval_report.replaced_folder(out) as tmp:
         eval_report.write_json(tmp / "compare.json", table)
         common.atomic_write_text(tmp / "compare.md", eval_report.render_compare(table))
+        if part == "test":
+            record_look(where, seen, keys, {"kind": "compare-test", "checkpoints": [str(p) for p in paths],
+                                            "sha256s": shas, "parts": ["test"], "flags": flags, "headline": {
+                                                "test": {m["checkpoint"]: m[analysis.PRIMARY]
+                                                         for m in table["models"]}}})
     print(eval_report.render_compare(table))
     print(f"wrote {out}/compare.md")
     return common.EXIT_OK

@@ -15,7 +15,10 @@
 #
 #   mkdir -p runs                 # sbatch opens runs/slurm-<jobid>.out before this script starts
 #   HELICO_DATA=/shared/HelicoDataSet sbatch run_h_pylori.sh --run-id 26 --epochs 15
-#   sbatch --array=0-4 run_h_pylori.sh --run-id 27 --folds 5   # fold i per array task, in runs/27-f<i>
+#   sbatch --array=0-4 run_h_pylori.sh --run-id 27 --folds 5   # fold i per array task, in runs/27-f<i>; then, once
+#                                 # every fold ended well, one job: runs/27-cv/ (evaluate.py --cv) and
+#                                 # runs/27-ensemble/ (evaluate.py --holdout --ensemble)
+#   bash run_h_pylori.sh --finish-cv --run-id 27 --folds 5   # that last step by hand (after rerunning a failed fold)
 #   # no SLURM, no GPU, no internet, after `make demo` (which writes demo_data); 6 min on 2 busy cores:
 #   HELICO_DATA=demo_data bash run_h_pylori.sh --run-id try-cpu --device cpu --weights none --image-size 64 --epochs 1
 #   bash run_h_pylori.sh --stage-only          # only stage (pre-warm a node); prints the staged path
@@ -23,6 +26,9 @@
 #
 # Steps: audit, train.py, train_patient.py (the patient model of the run's best.pt: gated-attention MIL over each
 # patient's features, runs/<id>/patient/; --no-patient-model skips it), evaluate.py (both side by side).
+# An array of folds (--folds K, task i = fold i): its first task submits, once, a job that waits for the whole array
+# (--dependency=afterok:<array job>) and runs --finish-cv: evaluate.py --cv and evaluate.py --holdout --ensemble over
+# runs/27-f0..f<K-1>, reusing each fold's own evaluation; a failed fold cancels it, and that fold's log says so.
 # Every argument goes to train.py (see `python train.py --help`), and the same list to audit_leakage.py, which accepts
 # train.py's whole command line: the audit checks exactly the split that will be trained. Write flags in full: a
 # mistyped or abbreviated flag (--val for --val-frac) is refused (exit 2) before anything is staged.
@@ -41,7 +47,10 @@
 #                      STAGE_DIR=off trains straight from HELICO_DATA
 #   STAGE_RESERVE_MB   free space to leave on the node disk after staging (default 1024)
 #   STAGE_LOCK_TIMEOUT seconds to wait for another job's copy on this node before giving up (default 7200)
-#   EVAL_ARGS          extra evaluate.py flags, split on spaces (e.g. "--holdout --bootstrap 2000")
+#   EVAL_ARGS          extra evaluate.py flags, split on spaces (e.g. "--holdout --bootstrap 2000"); --finish-cv
+#                      passes them to --cv (without --holdout) and to --holdout --ensemble
+#   CV_SBATCH_ARGS     extra sbatch flags for an array's --finish-cv job, split on spaces (e.g. "--time=2:00:00");
+#                      it gets the array task's CPUs, memory, partition and (no) GPUs by default
 #   CACHE              on (default) or off. on: pass --cache-base <staged copy>-cache to train.py and evaluate.py, which
 #                      build or reuse the packed patch cache there (~0.2 MB per 256px patch, ~43 GB for the full
 #                      dataset), in the folder train.py names for its image size, cache kind and stain reference
@@ -74,14 +83,14 @@ usage() { awk 'NR == 1 || /^#SBATCH/ { next } /^#/ { sub(/^# ?/, ""); print; nex
 # TRAIN_ARGS go to train.py and, the same list, to the audit. --data-root, --runs-dir and --run-id are taken out here
 # because this script decides them (the staged copy; RUNS_DIR; SLURM's job ID) and gives them back resolved; the
 # rest passes through untouched, in order: train.py's parser, not this script, knows what each flag takes.
-TRAIN_ARGS=() RUN_ID="" ARG_DATA_ROOT="" ARG_RUNS_DIR="" ARG_CACHE="" MODE=run PATIENT_MODEL=on
+TRAIN_ARGS=() RUN_ID="" ARG_DATA_ROOT="" ARG_RUNS_DIR="" ARG_CACHE="" MODE=run PATIENT_MODEL=on CV_ID="" FOLD_NOTE=""
 
 parse_args() {
   local arg name value
   while (( $# )); do
     arg=$1 name=${1%%=*}
     case $arg in
-      -h|--help|--stage-only|--clean-stage) shift; continue ;;  # modes, read by main
+      -h|--help|--stage-only|--clean-stage|--finish-cv) shift; continue ;;  # modes, read by main
       --no-patient-model) PATIENT_MODEL=off; shift; continue ;;  # this script's own: no train_patient.py step
     esac
     case $name in
@@ -122,8 +131,17 @@ check_flags() {
 array_fold() {
   [[ -n ${SLURM_ARRAY_TASK_ID:-} ]] && has_flag --folds && ! has_flag --fold || return 0
   TRAIN_ARGS+=(--fold "$SLURM_ARRAY_TASK_ID")
-  RUN_ID=$RUN_ID-f$SLURM_ARRAY_TASK_ID
+  CV_ID=$RUN_ID RUN_ID=$RUN_ID-f$SLURM_ARRAY_TASK_ID
   log "array task $SLURM_ARRAY_TASK_ID: fold $SLURM_ARRAY_TASK_ID, run folder $RUN_ID"
+}
+
+flag_value() {  # the value of --flag V or --flag=V among the arguments given (the last one); fails without one
+  local a want=0 value=""
+  for a in ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}; do
+    if (( want )); then value=$a want=0; elif [[ $a == "$1" ]]; then want=1
+    elif [[ $a == "$1="* ]]; then value=${a#*=}; fi
+  done
+  [[ -n $value ]] && printf '%s\n' "$value"
 }
 
 has_flag() {  # --flag or --flag=value among the arguments given (--fold is not --folds)
@@ -431,7 +449,7 @@ exit_meaning() {
 
 step_failed() {  # exits with the step's own code, so the job's exit code means what the step's does
   local step=$1 rc=$2 what=${3:-}
-  die "$rc" "$step exited $rc: $(exit_meaning "$step" "$rc" | paste -sd' ')${what:+; $what}"
+  die "$rc" "$step exited $rc: $(exit_meaning "$step" "$rc" | paste -sd' ')${what:+; $what}${FOLD_NOTE:+. $FOLD_NOTE}"
 }
 
 run_audit() {
@@ -515,6 +533,70 @@ run_evaluation() {
   (( rc == 0 )) || step_failed evaluate.py "$rc" "training is complete ($best)"
 }
 
+# ------------------------------------------------------------------------------------------- cross-validation
+# The array's first task submits the finishing job once (a requeued task finds the marker naming its array job). It
+# waits for the whole array to end well (afterok); a failed task makes that impossible and SLURM cancels it
+# (--kill-on-invalid-dep), so a failed fold stops it, and the failed task's own error line says so.
+submit_finish_cv() {
+  [[ -n $CV_ID && -n ${SLURM_ARRAY_JOB_ID:-} ]] || return 0
+  local k; k=$(flag_value --folds)
+  FOLD_NOTE="fold $SLURM_ARRAY_TASK_ID of $RUNS/$CV_ID-f* failed, so the cross-validation's evaluation will not run:"
+  FOLD_NOTE+=" fix it, run this fold again, then: bash $CODE_DIR/run_h_pylori.sh --finish-cv --run-id $CV_ID --folds $k"
+  [[ $SLURM_ARRAY_TASK_ID == "${SLURM_ARRAY_TASK_MIN:-0}" ]] || return 0
+  local marker=$RUNS/$CV_ID-cv.job previous=""
+  previous=$(cat "$marker" 2>/dev/null) || true
+  if [[ ${previous%% *} == "$SLURM_ARRAY_JOB_ID" ]]; then
+    log "cross-validation: job ${previous#* } already waits for array $SLURM_ARRAY_JOB_ID"; return 0
+  fi
+  local opts=(--parsable --dependency="afterok:$SLURM_ARRAY_JOB_ID" --kill-on-invalid-dep=yes
+              --job-name="${SLURM_JOB_NAME:-h-pylori}-cv" --chdir="$PWD" --output="$RUNS/slurm-%j.out")
+  [[ -z ${SLURM_CPUS_PER_TASK:-} ]] || opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  [[ -z ${SLURM_MEM_PER_NODE:-} ]] || opts+=(--mem="${SLURM_MEM_PER_NODE}M")
+  [[ -z ${SLURM_JOB_PARTITION:-} ]] || opts+=(--partition="$SLURM_JOB_PARTITION")
+  [[ -n ${SLURM_GPUS_ON_NODE:-} && ${SLURM_GPUS_ON_NODE:-0} != 0 ]] || opts+=(--gres=none)
+  local extra=() job unset=()
+  read -ra extra <<<"${CV_SBATCH_ARGS:-}"
+  # this task's SLURM_* would describe the new job wrongly (sbatch and the job read some of them)
+  for job in $(compgen -e | grep '^SLURM_' | grep -vx 'SLURM_CONF'); do unset+=(-u "$job"); done
+  # from the code's folder, as the array was: the spooled copy finds evaluate.py through SLURM_SUBMIT_DIR
+  job=$(cd "$CODE_DIR" && env ${unset[@]+"${unset[@]}"} sbatch "${opts[@]}" ${extra[@]+"${extra[@]}"} \
+        "$CODE_DIR/run_h_pylori.sh" --finish-cv --run-id "$CV_ID" --folds "$k" --runs-dir "$RUNS" \
+        ${ARG_DATA_ROOT:+--data-root "$ARG_DATA_ROOT"}) \
+    || { warn "cross-validation: could not submit its evaluation job (sbatch failed, above); once every fold has" \
+              "finished run: bash $CODE_DIR/run_h_pylori.sh --finish-cv --run-id $CV_ID --folds $k"; return 0; }
+  job=${job%%;*}
+  mkdir -p "$RUNS" && printf '%s %s\n' "$SLURM_ARRAY_JOB_ID" "$job" >"$marker.tmp" && mv -f "$marker.tmp" "$marker"
+  log "cross-validation: job $job runs once every task of array $SLURM_ARRAY_JOB_ID has ended well:" \
+      "evaluate.py --cv -> $RUNS/$CV_ID-cv/, evaluate.py --holdout --ensemble -> $RUNS/$CV_ID-ensemble/"
+}
+
+# --finish-cv --run-id 27 --folds K: every fold of runs/27-f* has its best.pt, the data is staged, then the pooled
+# out-of-fold evaluation and the HoldOut ensemble, one look each (evaluate.py reuses each fold's own eval/).
+finish_cv() {
+  local k runs=() missing=() i
+  k=$(flag_value --folds) || die 2 "--finish-cv: give --folds K (the folds of --run-id's cross-validation)"
+  [[ $k =~ ^[0-9]+$ ]] && (( k >= 2 )) || die 2 "--finish-cv: --folds $k: expected a number of folds >= 2"
+  [[ -n $RUN_ID ]] || die 2 "--finish-cv: give --run-id (27 for the fold runs runs/27-f0 ... runs/27-f$(( k - 1 )))"
+  for (( i = 0; i < k; i++ )); do
+    runs+=("$RUNS/$RUN_ID-f$i")
+    [[ -f $RUNS/$RUN_ID-f$i/best.pt ]] || missing+=("$i")
+  done
+  (( ${#missing[@]} == 0 )) || die 2 "--finish-cv: fold ${missing[*]} ($RUNS/$RUN_ID-f${missing[0]}${missing[1]+ ...})" \
+    "has no best.pt: it did not finish (see its log); run it again, then run --finish-cv again"
+  resolve_data_root
+  local extra=() cv=() rc=0 a
+  read -ra extra <<<"${EVAL_ARGS:-}"
+  for a in ${extra[@]+"${extra[@]}"}; do [[ $a == --holdout ]] || cv+=("$a"); done
+  log "cross-validation: evaluate.py --cv ${runs[*]}"
+  "$PY" "$CODE_DIR/evaluate.py" --cv "${runs[@]}" --data-root "$DATA_ROOT" ${cv[@]+"${cv[@]}"} || rc=$?
+  (( rc == 0 )) || step_failed "evaluate.py --cv" "$rc" "the folds are complete (${runs[*]})"
+  log "cross-validation: evaluate.py --holdout --ensemble ${runs[*]}"
+  "$PY" "$CODE_DIR/evaluate.py" --holdout --ensemble "${runs[@]}" --data-root "$DATA_ROOT" \
+    ${cv[@]+"${cv[@]}"} || rc=$?
+  (( rc == 0 )) || step_failed "evaluate.py --holdout --ensemble" "$rc" "$RUNS/$RUN_ID-cv/ is written"
+  log "done: $RUNS/$RUN_ID-cv, $RUNS/$RUN_ID-ensemble"
+}
+
 main() {
   local arg
   for arg in "$@"; do
@@ -522,6 +604,7 @@ main() {
       -h|--help) usage; exit 0 ;;
       --stage-only) MODE=stage ;;
       --clean-stage) MODE=clean ;;
+      --finish-cv) MODE=finish ;;
     esac
   done
   find_code_dir
@@ -534,6 +617,7 @@ main() {
   if [[ $MODE == stage ]]; then parse_args "$@"; resolve_data_root; echo "$DATA_ROOT"; return 0; fi
   pick_python
   parse_args "$@"
+  if [[ $MODE == finish ]]; then RUNS=${ARG_RUNS_DIR:-${RUNS_DIR:-runs}}; finish_cv; return 0; fi
   [[ -n $RUN_ID ]] || RUN_ID=${SLURM_JOB_ID:-}  # train.py's own default: a requeued job keeps its ID
   [[ -n $RUN_ID ]] || die 2 "--run-id is required outside SLURM (the run folder to write and to resume from)"
   array_fold
@@ -541,6 +625,7 @@ main() {
   TRAIN_ARGS=(--runs-dir "$RUNS" --run-id "$RUN_ID" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
   [[ ${CACHE:-on} == on || ${CACHE:-on} == off ]] || die 2 "CACHE=$CACHE: expected on or off"
   check_flags
+  submit_finish_cv  # before staging: it passes on HELICO_DATA as given, not this node's copy
   resolve_data_root
   TRAIN_ARGS=(--data-root "$DATA_ROOT" "${TRAIN_ARGS[@]}")
   cache_args

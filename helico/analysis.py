@@ -247,8 +247,8 @@ def decide(rows: list[dict], score: str, prediction: str, rule: dict, patients: 
         return m, b
     exact_cis(m)
     m["by_grade"] = by_grade(known, prediction)
-    m["predictive_values"] = metrics.predictive_values(m["sensitivity"], m["specificity"]) \
-        if np.isfinite([m["sensitivity"], m["specificity"]]).all() else {}
+    (tn, fp), (fn, tp) = m["confusion"]
+    m["predictive_values"] = metrics.predictive_values(tp, tp + fn, tn, tn + fp) if tp + fn and tn + fp else {}
     cluster_of = clusters(patients, groups)[0]
     ck = np.array([cluster_of[r["patient"]] for r in known], dtype=np.int64)
     ok, why = metrics.estimable(ck, y)
@@ -337,25 +337,33 @@ def mil_level(rows: list[dict], probability: dict[str, float], patients: list[st
     return m, {f"patient_mil.{k}": v for k, v in b.items()}
 
 
-def paired_comparison(rows: list[dict], boot: dict) -> dict:
+def paired_comparison(rows: list[dict], patients: list[str], groups=(), draws=None) -> dict:
     """Rule vs patient model on the same patients: exact McNemar on the discordant decisions, and the paired
-    patient-cluster bootstrap interval of the ROC-AUC difference (model - rule: the same resamples for both)."""
+    patient-cluster bootstrap interval of the ROC-AUC difference (model - rule), the point and every resample on the
+    patients where both decide (the same rows for both scores)."""
     both = [r for r in rows if r["label"] >= 0 and r["prediction"] >= 0 and r["mil_prediction"] >= 0]
     y = np.array([r["label"] for r in both], dtype=np.int64)
     rule_ok = np.array([r["prediction"] for r in both]) == y
     mil_ok = np.array([r["mil_prediction"] for r in both]) == y
     b, c = int((rule_ok & ~mil_ok).sum()), int((~rule_ok & mil_ok).sum())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        delta = (metrics.roc_auc(y, [r["mil_probability"] for r in both]) -
-                 metrics.roc_auc(y, [r["score"] for r in both])) if both else float("nan")
+    rule_s = np.array([r["score"] for r in both], dtype=np.float64)
+    mil_s = np.array([r["mil_probability"] for r in both], dtype=np.float64)
+
+    def delta(idx):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {"d": metrics.roc_auc(y[idx], mil_s[idx]) - metrics.roc_auc(y[idx], rule_s[idx])
+                    if len(idx) else float("nan")}
     out = {"patients": len(both), "rule_only_correct": b, "model_only_correct": c,
-           "mcnemar_exact_p": metrics.mcnemar_exact(b, c), "roc_auc_difference": float(delta)}
-    if "patient.roc_auc" in boot and "patient_mil.roc_auc" in boot:
-        lo, hi, undefined = metrics.percentile_interval(boot["patient_mil.roc_auc"] - boot["patient.roc_auc"])
+           "mcnemar_exact_p": metrics.mcnemar_exact(b, c), "roc_auc_difference": float(delta(np.arange(y.size))["d"])}
+    cluster_of = clusters(patients, groups)[0]
+    ck = np.array([cluster_of[r["patient"]] for r in both], dtype=np.int64)
+    ok, why = metrics.estimable(ck, y)
+    if ok and draws is not None:
+        lo, hi, undefined = metrics.percentile_interval(metrics.cluster_bootstrap(ck, draws, delta)["d"])
         out.update(ci95=[lo, hi], ci_method="paired patient-cluster bootstrap", bootstrap_undefined_share=undefined)
     else:
-        out["ci_note"] = "not estimable (fewer than 10 patient clusters in a class, or --bootstrap 0)"
+        out["ci_note"] = no_ci_reason(ok, why, draws) or "not estimable"
     return out
 
 
@@ -393,7 +401,7 @@ def measure_part(pred: Predictions, patients: list[str], diagnosis: dict, patch_
     if mil_probability is not None:
         out["patient_mil"], mil_boot = mil_level(rows, mil_probability, patients, groups, draws, mil_rule, top_k)
         boot.update(mil_boot)
-        out["patient_vs_mil"] = paired_comparison(rows, boot)
+        out["patient_vs_mil"] = paired_comparison(rows, patients, groups, draws)
     return out, rows, boot
 
 

@@ -189,8 +189,9 @@ def disclosure(metrics: dict) -> list[str]:
 PART_NAMES = {"test": "test part", "holdout": "HoldOut"}
 
 
-def looks_lines(looks: dict | None) -> list[str]:
-    """How often the labels behind these numbers have been looked at (the ledger, runs/holdout_ledger.jsonl)."""
+def looks_lines(looks: dict | None, by: str = "this checkpoint") -> list[str]:
+    """How often the labels behind these numbers have been looked at (the ledger, runs/holdout_ledger.jsonl): this
+    look's number or the look it repeats, the earlier ones, damaged lines, the other models' looks, other uses."""
     if not looks:
         return []
     lines = []
@@ -198,13 +199,31 @@ def looks_lines(looks: dict | None) -> list[str]:
         if part not in looks:
             continue
         lk = looks[part]
-        earlier = ", ".join(e["time"] for e in lk["earlier"][-5:])
-        line = f"**Look {lk['look']} at the {PART_NAMES[part]}'s labels by this checkpoint**" + (
-            f" (earlier: {earlier})." if earlier else " (the first).")
-        others = sorted({e.get("checkpoint") or ", ".join(e.get("checkpoints") or []) for e in lk["other_models"]})
+        counted = [e for e in lk["earlier"] if not e.get("repeat")]
+        earlier = ", ".join(f"{e.get('time', '?')}" + (f" `{e['checkpoint']}`" if by != "this checkpoint" and
+                                                        e.get("checkpoint") else f" ({e.get('kind')})"
+                                                        if e.get("kind") != "evaluate" else "")
+                            for e in counted[-5:]) + (" ..." if len(counted) > 5 else "")
+        if lk.get("repeat_of"):
+            line = (f"**Look {lk['look']} at the {PART_NAMES[part]}'s labels by {by}, seen again**: the same "
+                    f"checkpoint, flags and data as look {lk['repeat_of']}, recorded as a repeat and not counted.")
+        else:
+            line = f"**Look {lk['look']} at the {PART_NAMES[part]}'s labels by {by}**" + (
+                f" (earlier: {earlier})." if earlier else " (the first).")
+        if lk.get("unknown_origin"):
+            damaged = lk["unknown_origin"]
+            line += (f" {len(damaged)} of them of unknown origin: damaged ledger line(s) "
+                     f"{', '.join(map(str, damaged[:10]))}{' ...' if len(damaged) > 10 else ''}, counted as looks.")
+        counted_others = [e for e in lk["other_models"] if not e.get("repeat_of")]
+        others = sorted({e.get("checkpoint") or ", ".join(e.get("checkpoints") or []) for e in counted_others})
         if others:
-            line += (f" Other models looked at it {len(lk['other_models'])} time(s): "
+            line += (f" Other models looked at it {len(counted_others)} time(s): "
                      + ", ".join(f"`{o}`" for o in others[:5]) + (" ..." if len(others) > 5 else "") + ".")
+        used = lk.get("used_by") or []
+        if used:
+            line += (f" Its labels were also read against {by} by {len(used)} other evaluation(s) ("
+                     + ", ".join(sorted({e.get("kind", "?") for e in used})) + ", e.g. the ensemble's out-of-fold "
+                     "thresholds).")
         lines.append(line)
     for c in looks.get("chosen_among", []):
         lines.append(f"**The test part was used to choose among {c['models']} models** ({c['time']}, evaluate.py "
@@ -314,11 +333,18 @@ def _grade_and_prevalence(cols: dict) -> list[str]:
     prevs = next(iter(shown.values())).get("predictive_values") or {}
     if prevs:
         lines += ["", "PPV / NPV at stated prevalences of infection (Bayes, from each column's sensitivity and "
-                      "specificity; a split's own infected share is not the clinic's):", ""]
+                      "specificity; a split's own infected share is not the clinic's), [95% CI] from the exact "
+                      "bounds of sensitivity and specificity at 97.5% each (the pair holds 95% jointly):", ""]
         lines += _table(["prevalence", *shown], [[prev, *[
-            f"{fmt(c['predictive_values'][prev]['ppv'])} / {fmt(c['predictive_values'][prev]['npv'])}"
-            if prev in c.get("predictive_values", {}) else "-" for c in shown.values()]] for prev in prevs])
+            predictive_cell(c["predictive_values"][prev]) if prev in c.get("predictive_values", {}) else "-"
+            for c in shown.values()]] for prev in prevs])
     return lines
+
+
+def predictive_cell(v: dict) -> str:
+    """`PPV 0.500 [0.014, 1.000] / NPV 0.990 [0.950, 1.000]`: a predictive value is never shown bare."""
+    ci = lambda k: f" [{fmt(v[k + '_ci95'][0])}, {fmt(v[k + '_ci95'][1])}]" if k + "_ci95" in v else ""
+    return f"PPV {fmt(v['ppv'])}{ci('ppv')} / NPV {fmt(v['npv'])}{ci('npv')}"
 
 
 def _below_chance(cols: dict) -> list[str]:
@@ -551,8 +577,9 @@ def summary_lines(metrics: dict) -> list[str]:
             lines.append("patient model HoldOut, same threshold: "
                          + show(hq, ("accuracy", "sensitivity", "specificity", "roc_auc")))
     if looks:
-        lines.append("looks: " + "; ".join(f"{PART_NAMES[k]}: look {v['look']} by this checkpoint, "
-                                           f"{len(v['other_models'])} by other models" for k, v in looks.items()
+        lines.append("looks: " + "; ".join(f"{PART_NAMES[k]}: look {v['look']} by this checkpoint"
+                                           + (" (seen again: a repeat, not counted)" if v.get("repeat_of") else "")
+                                           + f", {len(v['other_models'])} by other models" for k, v in looks.items()
                                            if k in PART_NAMES)
                      + "".join(f"; test part used to choose among {c['models']} models" for c in
                                looks.get("chosen_among", [])) + f" ({looks.get('ledger')})")
@@ -599,9 +626,13 @@ def render_ensemble(table: dict) -> str:
              f"The ensemble's call: the {table['decision']['how']}. A tie is no call. The mean of the fold models' "
              "scores ranks the patients (ROC-AUC) only. Each fold model's thresholds were chosen on its own "
              "validation part and stored with it, never on the HoldOut. The HoldOut labels reach the metrics only.", "",
-             f"**Look {table['looks']['holdout']['look']} at the HoldOut's labels by this ensemble** (ledger "
-             f"`{table['looks']['holdout']['ledger']}`). Declare this one HoldOut model before looking; each fold "
-             "model's own HoldOut numbers below are for reading the spread, not for choosing.", ""]
+             " ".join(looks_lines(table["looks"], "this ensemble's fold models")), "",
+             "Declare this one HoldOut model before looking; each fold model's own HoldOut numbers below are for "
+             "reading the spread, not for choosing.", ""]
+    if table.get("patient_model_missing"):
+        lines += ["**No patient model in the ensemble**: "
+                  + ", ".join(f"`{r}`" for r in table["patient_model_missing"]) + " has none (train_patient.py "
+                  "--checkpoint RUN/best.pt), so the ensemble's call is the patient rule's vote.", ""]
     cols = {"ensemble: call": ens["call"], "ensemble: rule": ens["patient"]}
     if "patient_mil" in ens:
         cols["ensemble: model"] = ens["patient_mil"]

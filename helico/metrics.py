@@ -207,15 +207,31 @@ def patient_metrics(y, s, threshold: float) -> dict:
     return m
 
 
-def predictive_values(sensitivity: float, specificity: float, prevalences=(0.05, 0.1, 0.3, 0.5)) -> dict:
-    """PPV and NPV at stated prevalences, by Bayes from sensitivity and specificity: a split's own infected share is
-    not the clinic's, and PPV moves with it."""
+PREVALENCES = (0.05, 0.1, 0.3, 0.5)
+JOINT_LEVEL = 0.975  # each of sensitivity and specificity at 97.5%: the pair holds 95% jointly (Bonferroni)
+
+
+def bayes(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:
+    """(PPV, NPV) at `prevalence`; NaN where nobody is called positive (PPV) or negative (NPV)."""
+    tp, fp = sensitivity * prevalence, (1 - specificity) * (1 - prevalence)
+    tn, fn = specificity * (1 - prevalence), (1 - sensitivity) * prevalence
+    return tp / (tp + fp) if tp + fp > 0 else float("nan"), tn / (tn + fn) if tn + fn > 0 else float("nan")
+
+
+def predictive_values(found: int, infected: int, cleared: int, negatives: int, prevalences=PREVALENCES) -> dict:
+    """PPV and NPV at stated prevalences, by Bayes from sensitivity (found / infected) and specificity (cleared /
+    negatives): a split's own infected share is not the clinic's, and PPV moves with it. Each with ppv_ci95 /
+    npv_ci95: both rise with sensitivity and with specificity, so the exact (Clopper-Pearson) bounds of the two at
+    97.5% each, low with low and high with high, bound them with 95% joint coverage."""
+    sens, spec = found / infected, cleared / negatives
+    (s_lo, s_hi), (c_lo, c_hi) = (clopper_pearson(found, infected, JOINT_LEVEL),
+                                  clopper_pearson(cleared, negatives, JOINT_LEVEL))
     out = {}
     for p in prevalences:
-        tp, fp = sensitivity * p, (1 - specificity) * (1 - p)
-        tn, fn = specificity * (1 - p), (1 - sensitivity) * p
-        out[f"{p:g}"] = {"ppv": tp / (tp + fp) if tp + fp > 0 else float("nan"),
-                         "npv": tn / (tn + fn) if tn + fn > 0 else float("nan")}
+        (ppv, npv), (ppv_lo, npv_lo), (ppv_hi, npv_hi) = (bayes(sens, spec, p), bayes(s_lo, c_lo, p),
+                                                          bayes(s_hi, c_hi, p))
+        out[f"{p:g}"] = {"ppv": ppv, "npv": npv, "ppv_ci95": [ppv_lo, ppv_hi], "npv_ci95": [npv_lo, npv_hi],
+                         "ci_method": "exact bounds of sensitivity and specificity at 97.5% each (95% jointly)"}
     return out
 
 

@@ -77,7 +77,10 @@ def make_split(data: HelicoData, seed: int = 0, val_frac: float = 0.2, folds: in
     `fold` is test and val is the first val_frac of each diagnosis among the other folds. test_frac 0: a two-part
     split (with folds, fold `fold` is then val), flagged `untouched_test: false`."""
     if (folds, fold) != (None, None) and (folds is None or folds < 2 or fold is None or not 0 <= fold < folds):
-        raise DataError(f"--folds {folds} --fold {fold}: need K >= 2 and 0 <= fold < K")
+        raise DataError(f"--fold {fold}: give the number of folds too (--folds K)" if folds is None else
+                        f"--folds {folds}: give the fold too (--fold i, 0 <= i < {folds}; under sbatch --array the "
+                        f"task ID)" if fold is None else
+                        f"--folds {folds} --fold {fold}: need K >= 2 and 0 <= fold < K")
     if folds and test_frac not in (None, 0):
         raise DataError(f"--test-frac {test_frac} with --folds: the fold is the test part; only --test-frac 0 "
                         f"(fold = val, no untouched set) goes with --folds")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import common
-from helico import crossval, metrics
+from helico import crossval, ledger, metrics
 import evaluate
 import predict
 import train
@@ -116,6 +116,9 @@ def test_the_cv_headline_auc_compares_pairs_within_a_fold_and_left_out_patients_
                                           [r["fold"] for r in rows])
     got = pooled["patch"]["roc_auc_fold_stratified"]
     assert got == pytest.approx(expected) or (np.isnan(got) and np.isnan(expected))
+    for level in ("patch", "patient"):  # the headline carries the pooled one's interval, or says why not
+        m = pooled[level]
+        assert "roc_auc_fold_stratified" in m.get("ci95", {}) or m.get("ci_note"), m
     patients = read_csv(cv_runs / "27-cv" / "patients.csv")
     left = {r["patient"] for r in patients if r["label"] == "-1" or r["prediction"] == "-1"}
     assert set(pooled["patient"]["excluded"]) == left
@@ -145,8 +148,9 @@ def test_the_ensemble_is_the_fold_models_vote_each_at_its_own_stored_decision(cv
     assert [f["positive"] for f in m["flagged"]["folds"]] == [sum(r["votes"].split("; ")[i] == "positive"
                                                                   for r in rows) for i in range(K)]
     report = (tmp_path / "ens" / "report.md").read_text()
-    assert "the ensemble of 3 fold models" in report and "Look 1 at the HoldOut's labels by this ensemble" in report
-    assert "Flagged HoldOut patients (no label read)" in report
+    assert "the ensemble of 3 fold models" in report and "Flagged HoldOut patients (no label read)" in report
+    look = m["looks"]["holdout"]["look"]
+    assert f"Look {look} at the HoldOut's labels by this ensemble's fold models" in report
     # the HoldOut's labels reach the metrics only: turned over, every score, probability and call stays
     flipped = flipped_diagnoses(demo_root, set(holdout), tmp_path / "flipped")
     assert evaluate.main(["--ensemble", *runs, "--out", str(tmp_path / "ens2"), "--data-root", str(flipped),
@@ -157,7 +161,7 @@ def test_the_ensemble_is_the_fold_models_vote_each_at_its_own_stored_decision(cv
     assert [r["label"] for r in a] != [r["label"] for r in b]
     m2 = json.loads((tmp_path / "ens2" / "metrics.json").read_text(), parse_constant=float)
     assert m2["flagged"] == m["flagged"]
-    assert m2["looks"]["holdout"]["look"] == 2  # the same ensemble, looked at again
+    assert m2["looks"]["holdout"]["look"] == look + 1  # other labels: new numbers, a new look
     # predict.py --ensemble on the HoldOut folders copied without any label: the same scores and calls
     slides = tmp_path / "slides"
     shutil.copytree(demo_root / common.TREES["holdout"], slides)
@@ -170,3 +174,80 @@ def test_the_ensemble_is_the_fold_models_vote_each_at_its_own_stored_decision(cv
         assert abs(float(p["rule_score"]) - float(r["rule_score"])) <= 1e-6
         assert abs(float(p["mil_probability"]) - float(r["mil_probability"])) <= 1e-6
         assert (p["call"], p["votes"]) == (r["call"], r["votes"])
+
+
+def test_an_ensemble_counts_and_lists_its_members_earlier_holdout_looks(cv_runs, tmp_path):
+    runs = [cv_runs / f"27-f{i}" for i in range(K)]
+    flags = ["--holdout", "--device", "cpu", "--workers", "0", "--bootstrap", "0", "--gradcam", "0"]
+    for run in runs[:2]:  # two members looked at the HoldOut alone first
+        assert evaluate.main(["--checkpoint", str(run / "best.pt"), *flags]) == 0
+    where = cv_runs / ledger.NAME
+    n = len(ledger.read(where))
+    # --seed 1: not the evaluation an earlier test may have run (that one again would be a repeat of its look)
+    assert evaluate.main(["--ensemble", *map(str, runs), "--out", str(tmp_path / "ens"), *flags, "--seed", "1"]) == 0
+    m = json.loads((tmp_path / "ens" / "metrics.json").read_text(), parse_constant=float)
+    looks = m["looks"]["holdout"]
+    assert looks["look"] >= 3 and not looks["repeat_of"] and {str(r / "best.pt") for r in runs[:2]} <= {e.get("checkpoint")
+                                                                             for e in looks["earlier"]}
+    report = (tmp_path / "ens" / "report.md").read_text()
+    assert str(runs[0] / "best.pt") in report and str(runs[1] / "best.pt") in report
+    entries = ledger.read(where)
+    assert len(entries) == n + 1  # the folds' eval/ were reused: only the ensemble's own line
+    shas = [common.file_sha256(r / "best.pt") for r in runs]
+    # the vote reads no fold's test part (each fold's decision came from its own validation part)
+    assert entries[-1]["kind"] == "ensemble" and entries[-1]["sha256s"] == shas and "uses" not in entries[-1]
+
+
+def test_a_fold_without_its_patient_model_is_named_in_the_terminal_and_the_report(cv_runs, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for i in range(K):  # the folds as they are, but fold 1 without its patient model
+        shutil.copytree(cv_runs / f"27-f{i}", runs / f"27-f{i}", ignore=shutil.ignore_patterns(
+            *(["patient", "eval", "eval-holdout"] if i == 1 else [])))
+    folders = [str(runs / f"27-f{i}") for i in range(K)]
+    assert evaluate.main(["--cv", *folders, "--device", "cpu", "--workers", "0", "--bootstrap", "0",
+                          "--gradcam", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"{runs / '27-f1'}: no eval/ of this best.pt with these flags; evaluating it now" in err
+    assert f"warning: {runs / '27-f1'}: no patient model" in err
+    report = (runs / "27-cv" / "report.md").read_text()
+    assert "**Patient model left out of the pooling**" in report and str(runs / "27-f1") in report
+    assert evaluate.main(["--ensemble", *folders, "--holdout", "--device", "cpu", "--workers", "0", "--bootstrap",
+                          "0", "--gradcam", "0"]) == 0
+    assert f"warning: {runs / '27-f1'}: no patient model" in capsys.readouterr().err
+    ensemble = json.loads((runs / "27-ensemble" / "metrics.json").read_text(), parse_constant=float)
+    assert ensemble["patient_model_missing"] == [str(runs / "27-f1")] and "patient_mil" not in ensemble["ensemble"]
+    assert "**No patient model in the ensemble**" in (runs / "27-ensemble" / "report.md").read_text()
+
+
+def test_a_fold_without_folds_is_refused_without_none(demo_root, tmp_path, capsys):
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-id", "x", "--fold", "2",
+                       *FOLD_FLAGS]) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "error: --fold 2: give the number of folds too (--folds K)"
+
+
+def test_the_fold_stratified_auc_interval_is_the_pooled_ones_cluster_bootstrap_recomputed_with_sklearn():
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(0)
+    n = 40
+    y = np.tile([0, 1], n // 2)
+    fold = np.repeat([0, 1], n // 2)
+    s = y + rng.normal(size=n) + 2.0 * fold  # fold 1's model scores everything higher
+    patients = [f"P{i:02d}" for i in range(n)]  # cluster c is patient P{c:02d}
+    out = {"roc_auc_fold_stratified": metrics.stratified_roc_auc(y, s, fold), "ci95": {}}
+    crossval.stratified_interval(out, y, s, fold, patients, [], 200, seed=0)
+
+    def stratified(idx):  # pairs within a fold only, each fold weighted by its pairs
+        num = den = 0.0
+        for k in (0, 1):
+            sel = idx[fold[idx] == k]
+            pos, neg = y[sel].sum(), (1 - y[sel]).sum()
+            if pos and neg:
+                num, den = num + roc_auc_score(y[sel], s[sel]) * pos * neg, den + pos * neg
+        return num / den if den else np.nan
+    draws = metrics.cluster_draws(n, 200, 0, stream=1)
+    boot = np.array([stratified(d) for d in draws])
+    jack = np.array([stratified(np.delete(np.arange(n), i)) for i in range(n)])
+    expected = metrics.bca_interval(boot, stratified(np.arange(n)), jack)[:2]
+    assert out["ci95"]["roc_auc_fold_stratified"] == pytest.approx(list(expected))
+    assert out["roc_auc_fold_stratified"] == pytest.approx(stratified(np.arange(n)))

@@ -92,7 +92,13 @@ def test_the_report_gives_sensitivity_by_grade_predictive_values_and_calibration
         assert (g["n"], g["found"]) == (len(mine), sum(r["prediction"] == "1" for r in mine))
         assert g["ci95"] == list(metrics.clopper_pearson(g["found"], g["n"]))
     assert set(p["predictive_values"]) == {"0.05", "0.1", "0.3", "0.5"}
+    (tn, fp), (fn, tp) = p["confusion"]
+    for prev, v in p["predictive_values"].items():  # carried through the exact bounds at 97.5% each
+        expected = metrics.predictive_values(tp, tp + fn, tn, tn + fp)[prev]
+        assert (v["ppv_ci95"], v["npv_ci95"]) == (expected["ppv_ci95"], expected["npv_ci95"])
     report = (out / "report.md").read_text()
+    v = p["predictive_values"]["0.05"]
+    assert f"PPV {eval_report.fmt(v['ppv'])} [{eval_report.fmt(v['ppv_ci95'][0])}, " in report
     assert "Sensitivity by grade (exact binomial 95% CIs)" in report and "PPV / NPV at stated prevalences" in report
     assert "**The scores are not calibrated probabilities**" in report and "figures/reliability.png" in report
     assert "| stain normalization | macenko (ihc mode) |" in report  # the mode the checkpoint holds, not a constant

@@ -616,3 +616,13 @@ def test_an_explicit_fold_wins_over_the_array_task(node, demo_root):
                          CACHE="off", STAGE_DIR="off", SLURM_ARRAY_TASK_ID="1")
     assert r.returncode == 2, r.stderr[-3000:]
     assert "array task" not in r.stderr and "28-f1" not in r.stderr
+
+
+def test_finish_cv_names_the_folds_that_did_not_finish_before_staging_or_evaluating(node, demo_root):
+    (node.runs / "27-f0").mkdir(parents=True)
+    (node.runs / "27-f0" / "best.pt").touch()
+    r = node.copy_demo(demo_root).run("--finish-cv", "--run-id", "27", "--folds", "3")
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"error: --finish-cv: fold 1 2 ({node.runs}/27-f1 ...) has no best.pt") and len(err) < 250
+    assert "staging" not in r.stderr and not (node.runs / "27-cv").exists()

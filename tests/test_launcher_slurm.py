@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from helico import ledger
 
 SCRIPT = ROOT / "run_h_pylori.sh"
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -263,3 +264,38 @@ def test_a_job_stages_trains_checkpoints_on_usr1_requeues_resumes_and_evaluates(
     assert "GPUs: 0 (none allocated or visible: CPU run)" in text and "GPUs: 1" not in text
     assert "run the same command to resume" not in text and "submit the same command again" not in text
     assert (run / "eval" / "metrics.json").is_file()
+
+
+def test_an_array_of_folds_ends_with_one_job_that_pools_them_and_evaluates_the_ensemble(cluster, demo_root, tmp_path):
+    """sbatch --array=0-1 run_h_pylori.sh --run-id 27 --folds 2: each task trains and evaluates its fold; the first
+    submits, once, a job that waits for the whole array and writes runs/27-cv/ and runs/27-ensemble/, one look each."""
+    shared, work = tmp_path / "shared" / "HelicoDataSet", tmp_path / "work"
+    shutil.copytree(demo_root, shared)
+    (work / "runs").mkdir(parents=True)
+    (tmp_path / "node-local").mkdir()
+    env = {**cluster.env, "HELICO_DATA": str(shared), "TMPDIR": str(tmp_path / "node-local"), "PYTHON": sys.executable,
+           "CACHE": "off", "EVAL_ARGS": "--gradcam 0 --bootstrap 0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    r = cluster.run("sbatch", "--parsable", "--array=0-1", "--gres=none", "--cpus-per-task=1", "--mem=900M",
+                    f"--chdir={work}", f"--output={work}/runs/slurm-%A_%a.out", str(SCRIPT), "--run-id", "27",
+                    "--folds", "2", "--device", "cpu", "--weights", "none", "--image-size", "32", "--batch-size", "16",
+                    "--epochs", "1", "--limit-samples", "32", "--workers", "0", "--seed", "0", "--no-patient-model",
+                    env=env, cwd=ROOT)
+    array = r.stdout.strip().split(";")[0]
+    runs = work / "runs"
+    logs = [runs / f"slurm-{array}_{i}.out" for i in (0, 1)] + cluster.logs
+    marker = runs / "27-cv.job"
+    wait_for("the finishing job's submission", marker.exists, 180, every=0.5, logs=logs)
+    submitted_by, finish = marker.read_text().split()
+    assert submitted_by == array
+    assert cluster.job(finish).get("Dependency", "").startswith(f"afterok:{array}"), cluster.job(finish)
+    logs.insert(0, runs / f"slurm-{finish}.out")
+    state = wait_for("the finishing job to end", lambda: cluster.job(finish).get("JobState") in
+                     ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY") and cluster.job(finish), 600,
+                     every=2, logs=logs)
+    text = (runs / f"slurm-{finish}.out").read_text()
+    assert state["JobState"] == "COMPLETED", text[-4000:]
+    assert "done: runs/27-cv, runs/27-ensemble" in text
+    assert (runs / "27-cv" / "report.md").is_file() and (runs / "27-ensemble" / "report.md").is_file()
+    entries = ledger.read(runs / ledger.NAME)
+    kinds = sorted(e["kind"] for e in entries)
+    assert kinds == ["cv", "ensemble", "evaluate", "evaluate"] and not any(e.get("repeat_of") for e in entries)

@@ -1,6 +1,9 @@
-"""Every look at test and HoldOut labels counted (the ledger, runs/holdout_ledger.jsonl), and nothing chosen there:
---compare chooses on validation with each model's own rule; choosing on test is recorded against every model."""
+"""Every look at test and HoldOut labels counted once (the ledger, runs/holdout_ledger.jsonl), and nothing chosen
+there: --compare chooses on validation with each model's own rule; choosing on test is recorded against every model;
+the same evaluation again is a repeat; a damaged ledger raises the count, never lowers it or stops a command."""
+import errno
 import json
+import shutil
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ def two_runs(demo_root, tmp_path_factory):
     runs = tmp_path_factory.mktemp("looks") / "runs"
     assert train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-id", "a", *FLAGS]) == 0
     (runs / "b").mkdir()
+    shutil.copy(runs / "a" / "split.json", runs / "b" / "split.json")
     ckpt = torch.load(runs / "a" / "best.pt", weights_only=True)
     ckpt["model"]["fc.bias"] -= 0.5
     torch.save(ckpt, runs / "b" / "best.pt")
@@ -41,9 +45,15 @@ def test_each_look_is_counted_and_choosing_on_test_follows_every_compared_model(
     assert evaluate.main(["--checkpoint", str(a), *FAST]) == 0  # the test part again, not the HoldOut
     assert (two_runs / "a" / "eval-holdout" / "metrics.json").read_text() == holdout_report  # eval/ beside it
     second = metrics_of(two_runs / "a" / "eval")["meta"]["looks"]
-    assert second["test"]["look"] == 2 and "holdout" not in second
+    # the same checkpoint, flags and data: the test numbers seen again, a repeat of look 1, not look 2
+    assert (second["test"]["look"], second["test"]["repeat_of"]) == (1, 1) and "holdout" not in second
+    assert "seen again**: the same checkpoint, flags and data as look 1" in \
+        (two_runs / "a" / "eval" / "report.md").read_text()
     entries = ledger.read(where)
     assert [e["parts"] for e in entries] == [["test", "holdout"], ["test"]]
+    assert "repeat_of" not in entries[0] and entries[1]["repeat_of"] == {"test": 1}
+    other_flags = {"test": "another key: --top-share 0.2, say"}
+    assert ledger.looks(entries, [entries[0]["sha256"]], ["test"], other_flags)["test"]["look"] == 2
     assert entries[0]["sha256"] == common.file_sha256(a) and "patient.accuracy" in entries[0]["headline"]["holdout"]
     # comparing on validation (the default) reads no test label: not in the ledger
     own = metrics_of(two_runs / "a" / "eval-holdout")["selection"]["patient"]  # a's rule, chosen on validation
@@ -81,11 +91,55 @@ def test_holdout_with_compare_advises_choosing_on_validation(two_runs, capsys):
     assert "choose on the validation part, then evaluate the chosen checkpoint once" in err
 
 
-def test_ledger_lines_are_appended_whole_and_a_torn_line_is_skipped(tmp_path):
+def test_ledger_lines_are_appended_whole_and_a_torn_line_counts_as_a_look_of_unknown_origin(tmp_path, capsys):
     where = tmp_path / ledger.NAME
     ledger.append(where, {"kind": "evaluate", "sha256": "x", "parts": ["test"]})
     with open(where, "a") as f:
         f.write('{"kind": "evalu')  # a line cut by a crash
     ledger.append(where, {"kind": "evaluate", "sha256": "y", "parts": ["holdout"]})
-    assert [e["sha256"] for e in ledger.read(where)] == ["x", "y"]  # the torn line alone is skipped
-    assert ledger.looks(ledger.read(where), "x", ["test"])["test"]["look"] == 2
+    entries = ledger.read(where)
+    assert [e.get("sha256", e["kind"]) for e in entries] == ["x", "unknown", "y"]  # the new line stays whole
+    assert f"{where} line 2: damaged" in capsys.readouterr().err
+    assert ledger.looks(entries, "x", ["test"])["test"]["look"] == 3  # x's own, and one that may have been x's
+
+
+def test_a_damaged_ledger_is_named_counted_and_never_stops_an_evaluation(two_runs, tmp_path, capsys, monkeypatch):
+    """A damaged middle line and bytes that are not UTF-8: a warning naming each line, each counted as a look of
+    unknown origin, exit 0; an evaluation that fails on a full disk before showing a number records nothing."""
+    runs = tmp_path / "runs"
+    (runs / "c").mkdir(parents=True)
+    shutil.copy(two_runs / "a" / "best.pt", runs / "c" / "best.pt")
+    c, where = runs / "c" / "best.pt", runs / ledger.NAME
+    look = {"kind": "evaluate", "sha256": common.file_sha256(c), "parts": ["test"]}
+    where.write_bytes(b"\n".join([json.dumps(look).encode(), b'{"kind": "evaluate", "sha2', json.dumps(look).encode(),
+                                   b"\xff\xfe not utf-8"]))
+    assert evaluate.main(["--checkpoint", str(c), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert f"{where} line 2: damaged" in err and f"{where} line 4: damaged" in err
+    looks = metrics_of(runs / "c" / "eval")["meta"]["looks"]["test"]
+    assert looks["look"] == 5 and looks["unknown_origin"] == [2, 4]  # 2 readable + 2 damaged before this one
+    assert "damaged ledger line(s) 2, 4" in (runs / "c" / "eval" / "report.md").read_text()
+    lines = where.read_bytes().split(b"\n")
+    assert len(ledger.read(where)) == 5 and lines[-1] == b"" and json.loads(lines[-2])["sha256"] == look["sha256"]
+    assert evaluate.main(["--checkpoint", str(c), *FAST]) == 0  # the same command again: one look, one repeat
+    again = metrics_of(runs / "c" / "eval")["meta"]["looks"]["test"]
+    assert (again["look"], again["repeat_of"]) == (5, 5) and ledger.read(where)[-1]["repeat_of"] == {"test": 5}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(runs))
+    monkeypatch.setattr(evaluate.figures, "write_figures", full_disk)
+    before = where.read_bytes()
+    assert evaluate.main(["--checkpoint", str(c), "--top-share", "0.2", *FAST]) == common.EXIT_ENVIRONMENT
+    assert where.read_bytes() == before  # no number shown, no look
+
+
+@pytest.mark.parametrize("flag", ["--cv", "--ensemble"])
+def test_runs_that_are_not_folds_are_refused_in_one_line_naming_the_flag_before_any_look(two_runs, capsys, flag):
+    where = two_runs / ledger.NAME
+    before = where.read_bytes() if where.exists() else b""
+    extra = ["--holdout"] if flag == "--ensemble" else []
+    assert evaluate.main([flag, str(two_runs / "a"), str(two_runs / "b"), *extra, *FAST]) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {flag}: not folds of one cross-validation") and "trained without --folds" in err
+    assert "\n" not in err and len(err) <= 220 and "None" not in err
+    assert (where.read_bytes() if where.exists() else b"") == before  # nothing scored, nothing recorded

@@ -120,12 +120,33 @@ def test_calibration_bins_and_brier_equal_sklearns():
 
 def test_predictive_values_follow_a_population_of_that_prevalence():
     sens, spec = 0.86, 0.96
-    pv = metrics.predictive_values(sens, spec, (0.1, 0.5))
+    pv = metrics.predictive_values(86, 100, 96, 100, (0.1, 0.5))
     for prev, n in ((0.1, 100_000), (0.5, 100_000)):
         pos, neg = n * prev, n * (1 - prev)
         tp, fn, tn, fp = sens * pos, (1 - sens) * pos, spec * neg, (1 - spec) * neg
         assert pv[f"{prev:g}"]["ppv"] == pytest.approx(tp / (tp + fp)) and \
             pv[f"{prev:g}"]["npv"] == pytest.approx(tn / (tn + fn))
+
+
+@pytest.mark.parametrize("found,infected,cleared,negatives", [(2, 2, 3, 3), (5, 7, 2, 2), (0, 3, 4, 6), (40, 50,
+                                                                                                  90, 100)])
+def test_predictive_value_intervals_carry_scipys_exact_bounds_at_97_5_percent_each(found, infected, cleared,
+                                                                                   negatives):
+    from scipy import stats
+    sens = stats.binomtest(found, infected).proportion_ci(confidence_level=0.975, method="exact")
+    spec = stats.binomtest(cleared, negatives).proportion_ci(confidence_level=0.975, method="exact")
+    for prev, v in metrics.predictive_values(found, infected, cleared, negatives).items():
+        p = float(prev)
+        ppv = lambda se, sp: se * p / (se * p + (1 - sp) * (1 - p))
+        npv = lambda se, sp: sp * (1 - p) / (sp * (1 - p) + (1 - se) * p)
+        assert v["ppv_ci95"] == pytest.approx([ppv(sens.low, spec.low), ppv(sens.high, spec.high)], abs=1e-9)
+        assert v["npv_ci95"] == pytest.approx([npv(sens.low, spec.low), npv(sens.high, spec.high)], abs=1e-9)
+        assert v["ppv_ci95"][0] <= v["ppv"] <= v["ppv_ci95"][1] and v["npv_ci95"][0] <= v["npv"] <= v["npv_ci95"][1]
+
+
+def test_three_negatives_cleared_no_longer_print_a_bare_ppv_of_one():
+    v = metrics.predictive_values(2, 2, 3, 3)["0.05"]
+    assert v["ppv"] == 1.0 and v["ppv_ci95"][0] < 0.1 and v["ppv_ci95"][1] == 1.0
 
 
 def test_fold_stratified_auc_compares_pairs_within_a_fold_only():

@@ -99,15 +99,39 @@ def test_paired_comparison_counts_discordant_patients_and_pairs_the_bootstrap():
              "mil_probability": m}
             for i, (y, pr, s, mp, m) in enumerate([(1, 1, .9, 0, .2), (1, 0, .1, 1, .8), (1, 0, .2, 1, .7),
                                                    (0, 0, .1, 0, .1), (0, 1, .6, 0, .3)])]
-    boot = {"patient.roc_auc": np.array([0.5, 0.6]), "patient_mil.roc_auc": np.array([0.7, 0.9])}
-    out = analysis.paired_comparison(rows, boot)
+    out = analysis.paired_comparison(rows, [r["patient"] for r in rows])
     assert (out["rule_only_correct"], out["model_only_correct"], out["patients"]) == (1, 3, 5)
     assert out["mcnemar_exact_p"] == pytest.approx(stats.binomtest(1, 4, 0.5).pvalue)
     y = [1, 1, 1, 0, 0]
     expected = metrics.roc_auc(y, [.2, .8, .7, .1, .3]) - metrics.roc_auc(y, [.9, .1, .2, .1, .6])
     assert out["roc_auc_difference"] == pytest.approx(expected)
-    lo, hi, _ = metrics.percentile_interval(boot["patient_mil.roc_auc"] - boot["patient.roc_auc"])  # paired
-    assert out["ci95"] == [lo, hi] and lo == pytest.approx(0.2025)
+    assert "ci95" not in out and "fewer than 10" in out["ci_note"]  # 3 + 2 patients: no interval
+
+
+def test_the_paired_auc_difference_uses_the_same_patients_in_the_point_and_every_resample():
+    """Patients the patient model cannot decide (no bag) are out of the point; they must be out of every resample
+    too, for both scores: recomputed with scikit-learn on the drawn rows of the patients where both decide."""
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(0)
+    n = 30
+    y = np.r_[np.ones(n // 2, int), np.zeros(n // 2, int)]
+    rule, mil = y + rng.normal(size=n), y + rng.normal(size=n)
+    rows = [{"patient": f"P{i:02d}", "label": int(y[i]), "n_patches": 5, "score": float(rule[i]),
+             "prediction": int(rule[i] > 0.5), "mil_probability": float(mil[i]),
+             "mil_prediction": -1 if i in (0, 1, 20) else int(mil[i] > 0.5)} for i in range(n)]
+    patients = [r["patient"] for r in rows]
+    draws = analysis.part_draws(patients, [], 300, seed=0)
+    out = analysis.paired_comparison(rows, patients, [], draws)
+    both = np.array([r["mil_prediction"] >= 0 for r in rows])
+    assert out["patients"] == both.sum() == n - 3
+    assert out["roc_auc_difference"] == pytest.approx(roc_auc_score(y[both], mil[both]) -
+                                                      roc_auc_score(y[both], rule[both]))
+    deltas = []
+    for d in draws:  # cluster c is patient P{c:02d}; only the patients where both decide
+        idx = np.array([i for i in d if both[i]])
+        if len(set(y[idx])) == 2:
+            deltas.append(roc_auc_score(y[idx], mil[idx]) - roc_auc_score(y[idx], rule[idx]))
+    assert out["ci95"] == pytest.approx(list(np.percentile(deltas, [2.5, 97.5])))
 
 
 # ----------------------------------------------------------------------------------------------- on the demo
