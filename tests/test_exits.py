@@ -200,14 +200,14 @@ def warned(err: str) -> set[str]:
 
 
 def test_skip_bad_images_names_every_skipped_file_on_stderr_and_in_the_run_folder(truncated_root, tmp_path):
-    from helico import sampling
+    from helico import unseen
     root, broken = truncated_root
     code, _, err = script("train.py", "--data-root", root, "--runs-dir", tmp_path, "--run-id", "skip", *FAST,
                           "--workers", "2", "--epochs", "1", "--skip-bad-images")
     assert code == 0, err[-2000:]
     run_dir = tmp_path / "skip"
     split, data = json.loads((run_dir / "split.json").read_text()), common.load_data(root)
-    trained = sampling.stratified_subset(common.select(data.labelled, split["train"], include_aug=True), 48, 0)
+    trained = unseen.encoder_training_samples(data, split["train"], "half", 48, 0)  # what train.py trains on
     seen = {s.path for s in trained} | {s.path for s in common.select(data.labelled, split["val"])}
     expected = seen & set(broken)
     assert expected, "the test data must put a broken file in this run"
