@@ -338,17 +338,15 @@ def evaluate_checkpoint(args, device, flag: str = "--checkpoint") -> tuple[dict,
     net, normalizer = model.from_checkpoint(ckpt, path, args.arch, device)
     data = common.load_data(data_root_of(ckpt, args.data_root, path, flag))
     parts = split_parts(ckpt, data, path, flag)
-    hash_cache = identity.hash_cache_path(None, data.root)
-    shared = identity.shared_content(data, cache=hash_cache, progress=False)
-    groups = identity.duplicate_groups(shared)  # patients sharing byte-identical images: one resampling cluster
+    known = identity.Known(data)
+    groups = known.groups  # patients sharing byte-identical images: one resampling cluster
     holdout = data.holdout_patients if args.holdout else []
     if args.holdout:
         if not holdout:
             raise DataError(f"--holdout: {data.root} has no HoldOut patients (missing {common.TREES['holdout']}/ "
                             f"folder?)")
-        splits.check_holdout_independent(data, shared)  # exit 1: a HoldOut that overlaps CV proves nothing
-    rows, identical = analysis.count_identical_once(analysis.evaluation_rows(data, parts, holdout),
-                                                    identity.identical_files(data, hash_cache, progress=False))
+        splits.check_holdout_independent(data, known.shared)  # exit 1: a HoldOut that overlaps CV proves nothing
+    rows, identical = analysis.count_identical_once(analysis.evaluation_rows(data, parts, holdout), known.identical)
     if not any(r.patch_eval for r in rows):
         raise DataError(f"validation patients of {path} have no labelled patches in {data.root}: empty split")
     cache = prepared_cache(args, ckpt, data, device)
@@ -643,15 +641,13 @@ def run_ensemble(args, device) -> int:
     ckpts = [common.load_checkpoint(p) for p in paths]
     shas = [common.file_sha256(p) for p in paths]
     crossval.check_folds(folds, data.cv_patients, "--ensemble")
-    hash_cache = identity.hash_cache_path(None, data.root)
-    shared = identity.shared_content(data, cache=hash_cache, progress=False)
-    splits.check_holdout_independent(data, shared)
-    groups = identity.duplicate_groups(shared)
+    known = identity.Known(data)
+    splits.check_holdout_independent(data, known.shared)
+    groups = known.groups
     holdout = data.holdout_patients
     if not holdout:
         raise DataError(f"--ensemble: {data.root} has no HoldOut patients")
-    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, {}, holdout),
-                                            identity.identical_files(data, hash_cache, progress=False))
+    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, {}, holdout), known.identical)
     draws = analysis.part_draws(holdout, groups, args.bootstrap, args.seed)
     each, fold_rows = [], []
     for f, c, p, sha in zip(folds, ckpts, paths, shas):
@@ -758,12 +754,11 @@ def run_compare(args, device) -> int:
         raise DataError(f"--compare: the checkpoints share {len(shared)} {part} patient(s) "
                         f"({', '.join(shared) or 'none'}); a paired comparison needs at least {MIN_SHARED_PATIENTS}: "
                         f"train the runs on one split (train.py --split runs/<id>/split.json)")
-    hash_cache = identity.hash_cache_path(None, data.root)
-    groups = identity.duplicate_groups(identity.shared_content(data, cache=hash_cache, progress=False))
+    known = identity.Known(data)
+    groups = known.groups
     own_val = sorted({p for ps in parts for p in ps["val"]} - set(shared))  # where each model's rule is chosen
     scored = {"val": sorted(set(own_val) | set(shared))} if part == "val" else {"val": own_val, "test": shared}
-    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, scored),
-                                            identity.identical_files(data, hash_cache, progress=False))
+    rows, _ = analysis.count_identical_once(analysis.evaluation_rows(data, scored), known.identical)
     if not any(r.patch_eval and r.sample.patient in set(shared) for r in rows):
         raise DataError(f"--compare: the shared {part} patients have no labelled patches in {data.root}")
     draws = analysis.part_draws(shared, groups, args.bootstrap, args.seed)  # the same resamples for every model: paired

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+from helico.analysis import PATCH_METRICS, PATIENT_METRICS
 from common import DataError
 
 OUT_MARKERS = ("metrics.json", "compare.json")  # an existing --out holding one of these may be replaced whole
@@ -281,7 +282,7 @@ def _patch_section(metrics: dict) -> list[str]:
     (tn, fp), (fn, tp) = m["confusion"]
     rows = [[NAMES[k], with_ci(m, k), with_ci(half, k) if k in ("recall", "precision", "f1", "accuracy")
              else "(does not use one)"]
-            for k in ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")]
+            for k in PATCH_METRICS]
     rows.append(["all-negative dummy accuracy", fmt(m["dummy_accuracy"]), fmt(half["dummy_accuracy"])])
     src = metrics.get("by_source", {})
     lines = ["", f"## Patch level, {part}", "", "Annotated windows, each once (Aug copies excluded): "
@@ -295,7 +296,7 @@ def _patch_section(metrics: dict) -> list[str]:
               "Supplemental: Cropped patches of NEGATIVA patients (easy negatives, no positives at all).", ""]
     names = [k for k in ("annotated", "supplemental") if k in src]
     lines += _table(["metric", *names], [[NAMES[k], *[with_ci(src[s], k) for s in names]] for k in
-                                         ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")] +
+                                         PATCH_METRICS] +
                     [["patches (positive)", *[f"{src[s]['n']} ({src[s]['positives']})" for s in names]]])
     neg = metrics.get("cropped_negatives") or {}
     if neg.get("patients"):
@@ -378,7 +379,7 @@ def _patient_section(metrics: dict, patient_rows: list[dict]) -> list[str]:
     if "holdout" in metrics:
         cols["HoldOut (rule applied as is)"] = metrics["holdout"]["patient"]
     lines += [""] + _table(["metric", *cols], [[NAMES[k], *[with_ci(c, k) for c in cols.values()]]
-                                               for k in ("accuracy", "sensitivity", "specificity", "roc_auc")] +
+                                               for k in PATIENT_METRICS] +
                            [["patients (infected)", *[f"{c['n']} ({c['positives']})" for c in cols.values()]]])
     lines += [""] + [n for name, c in cols.items() for n in _interval_notes(c, name.split()[0])]
     lines += _grade_and_prevalence(cols) + _below_chance(cols)
@@ -425,7 +426,7 @@ def _patient_model_section(metrics: dict, rule_cols: dict) -> list[str]:
         if model_of.get(part):
             sides[f"{part}: model"] = model_of[part]
     lines += _table(["metric", *sides], [[NAMES[k], *[with_ci(c, k) for c in sides.values()]]
-                                         for k in ("accuracy", "sensitivity", "specificity", "roc_auc")] +
+                                         for k in PATIENT_METRICS] +
                     [["patients (infected)", *[f"{c['n']} ({c['positives']})" for c in sides.values()]]])
     lines += _grade_and_prevalence({k: v for k, v in sides.items() if k.endswith("model")})
     lines += _below_chance({k: v for k, v in sides.items() if k.endswith("model")})
@@ -499,7 +500,7 @@ def _selection_section(metrics: dict) -> list[str]:
              "positive) of the patients that chose the epoch, the threshold and the patient rule: their numbers are "
              "biased upwards, PR-AUC and ROC-AUC included (the epoch was picked for its validation PR-AUC).", ""]
     lines += _table(["metric", f"at threshold {fmt(m['threshold'])}"],
-                    [[NAMES[k], with_ci(m, k)] for k in ("pr_auc", "roc_auc", "recall", "precision", "f1", "accuracy")])
+                    [[NAMES[k], with_ci(m, k)] for k in PATCH_METRICS])
     notes = _interval_notes(m, "validation patch")
     return lines + ([""] + notes if notes else [])
 
@@ -556,7 +557,7 @@ def summary_lines(metrics: dict) -> list[str]:
     lines = [f"patch   {part}, {m['n']} patches ({m['positives']} positive), threshold {fmt(m['threshold'])}: "
              + show(m, ("pr_auc", "roc_auc", "recall", "precision", "f1")),
              f"patient {part}, {p['n']} patients ({p['positives']} infected), rule {p['rule']} >= {fmt(p['threshold'])}"
-             f" ({how}): " + show(p, ("accuracy", "sensitivity", "specificity", "roc_auc"))]
+             f" ({how}): " + show(p, PATIENT_METRICS)]
     if "selection" in metrics:
         v, q = metrics["selection"].get("patch", {}), metrics["selection"]["patient"]
         lines.append(f"selection set (val, optimistic): patch PR-AUC {with_ci(v, 'pr_auc')}, patient accuracy "
@@ -565,17 +566,17 @@ def summary_lines(metrics: dict) -> list[str]:
     if q and q["rule"]:
         c = metrics["patient_vs_mil"]
         lines.append(f"patient model {part}, {q['n']} patients, probability >= {fmt(q['threshold'])} (chosen on val): "
-                     + show(q, ("accuracy", "sensitivity", "specificity", "roc_auc"))
+                     + show(q, PATIENT_METRICS)
                      + f"; vs rule: McNemar p {fmt(c['mcnemar_exact_p'])}, ROC-AUC difference "
                        f"{fmt(c['roc_auc_difference'])}")
     if "holdout" in metrics:
         h = metrics["holdout"]["patient"]
         lines.append(f"patient HoldOut, {h['n']} patients ({h['positives']} infected), same rule, not re-tuned: "
-                     + show(h, ("accuracy", "sensitivity", "specificity", "roc_auc")))
+                     + show(h, PATIENT_METRICS))
         hq = metrics["holdout"].get("patient_mil")
         if hq and hq["rule"]:
             lines.append("patient model HoldOut, same threshold: "
-                         + show(hq, ("accuracy", "sensitivity", "specificity", "roc_auc")))
+                         + show(hq, PATIENT_METRICS))
     if looks:
         lines.append("looks: " + "; ".join(f"{PART_NAMES[k]}: look {v['look']} by this checkpoint"
                                            + (" (seen again: a repeat, not counted)" if v.get("repeat_of") else "")
@@ -641,7 +642,7 @@ def render_ensemble(table: dict) -> str:
         if "patient_mil" in f:
             cols[f"fold {f['fold']}: model"] = f["patient_mil"]
     lines += _table(["metric", *cols], [[NAMES[k], *[with_ci(c, k) for c in cols.values()]]
-                                        for k in ("accuracy", "sensitivity", "specificity", "roc_auc")] +
+                                        for k in PATIENT_METRICS] +
                     [["patients (infected)", *[f"{c['n']} ({c['positives']})" for c in cols.values()]]])
     lines += _grade_and_prevalence({k: v for k, v in cols.items() if k.startswith("ensemble")})
     lines += _below_chance(cols)

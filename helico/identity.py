@@ -182,6 +182,25 @@ def duplicate_groups(shared: dict[str, list[str]]) -> list[list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------- decoding
+
+class Known:
+    """What evaluation knows of a dataset's files, worked out once per command (the hash cache beside the data):
+    `shared` (shared_content), `groups` (duplicate_groups: one resampling cluster each) and, on first use,
+    `identical` (identical_files: each content counted once)."""
+
+    def __init__(self, data: HelicoData, progress: bool = False):
+        self.data, self.progress = data, progress
+        self.hash_cache = hash_cache_path(None, data.root)
+        self.shared = shared_content(data, cache=self.hash_cache, progress=progress)
+        self.groups = duplicate_groups(self.shared)
+        self._identical = None
+
+    @property
+    def identical(self) -> dict[str, list[str]]:
+        if self._identical is None:  # after the HoldOut check: a dependent HoldOut stops before this hashing
+            self._identical = identical_files(self.data, self.hash_cache, progress=self.progress)
+        return self._identical
+
 def png_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the PNG signature and IHDR chunk (first 24 bytes); None if not a PNG."""
     try:
