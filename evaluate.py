@@ -477,7 +477,7 @@ def headline_numbers(result: dict) -> dict:
 
 # The flags that change a number evaluate.py shows (with the device type, which changes scores under AMP): the same
 # checkpoint, these and the same data again are a repeat of a look, not a new one.
-NUMBER_FLAGS = ("top_k", "top_share", "bootstrap", "seed", "no_amp", "skip_bad_images")
+NUMBER_FLAGS = ("top_k", "top_share", "bootstrap", "seed", "amp", "skip_bad_images")
 
 
 def number_flags(args, device) -> dict:

@@ -52,6 +52,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -168,7 +169,13 @@ def environment(device) -> dict:
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def samples_and_config(args, data, split, world, device):
+class Samples(NamedTuple):
+    train: list   # what the patch model trains on (Aug copies included)
+    val: list     # the validation patients' annotated windows, each content once
+    config: dict  # config.json: the resolved flags and the environment
+
+
+def samples_and_config(args, data, split, world, device) -> Samples:
     """Training/validation samples of the split and the run's config dict (resolved flags + environment)."""
     train = unseen.encoder_training_samples(data, split["train"], args.easy_negatives, args.limit_samples, args.seed)
     # validation (epoch and threshold) on the annotated windows only: the Cropped patches of NEGATIVA patients are
@@ -185,7 +192,7 @@ def samples_and_config(args, data, split, world, device):
     if pos_weight == "auto":
         pos_weight = 1.0 if args.sampler == "balanced" else (len(train) - positives) / positives
     config = {**vars(args), "pos_weight": float(pos_weight), "world_size": world, "environment": environment(device)}
-    return train, val, config
+    return Samples(train, val, config)
 
 
 def plan_run(args, data, world, device) -> dict:
@@ -199,7 +206,7 @@ def plan_run(args, data, world, device) -> dict:
     if ckpt:
         split = ckpt["split"]
         samples = samples_and_config(args, data, split, world, device)
-        run_folder.check_resume(run_dir, samples[2], args.force)
+        run_folder.check_resume(run_dir, samples.config, args.force)
     problems = splits.split_problems(split, data, groups, args.reference_patch if args.macenko else None)
     if problems:
         raise common.DataError(f"split{' ' + args.split if args.split else ''}: {problems[0]} ({len(problems)} "
@@ -282,7 +289,7 @@ class Trainer:
         shard = list(range(len(val)))[rank::world]  # every window on exactly one rank: no padded duplicates
         self.train_loader, self.val_loader, self.feed = batch_feeds(args, train_ds, val_ds, self.sampler, shard,
                                                                     device)
-        self.skipped = run_folder.previously_skipped(self.run_dir)
+        self.skipped = run_folder.Skipped(self.run_dir, writes=rank == 0)
         recorded = train_ds.bad if args.cache and args.skip_bad_images else []  # undecodable when the cache was built
         self.recorded_bad = [path for path, bad in zip(self.train_paths, recorded) if bad]
         # ============ model and optimization ============
@@ -356,21 +363,21 @@ class Trainer:
                 loss, summed, kept = optimization.train_step(self.model, x, labels, self.precision, self.opt,
                                                              self.sched, self.scaler, self.pos_weight)
                 loss_sum, seen = loss_sum + summed, seen + kept
-                flags = torch.stack([(~torch.isfinite(loss)).float(), loss,
+                status = torch.stack([(~torch.isfinite(loss)).float(), loss,
                                      torch.full((), float(run_folder.STOP.is_set()), device=dev)])
                 if self.world > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+                    dist.all_reduce(status, op=dist.ReduceOp.MAX)  # every rank stops at the same step
                 p["step"] += 1
                 images += len(labels) * self.world
                 bar.update()
-                # Read the previous step's flags, not this one's: the host never waits for the GPU to drain.
-                previous, pending = pending, (p["step"], flags)
+                # Read the previous step's status, not this one's: the host never waits for the GPU to drain.
+                previous, pending = pending, (p["step"], status)
                 if previous is not None:
-                    nan_step, stopped = self.read_flags(*previous, bar)
+                    nan_step, stopped = self.read_status(*previous, bar)
                     if nan_step or stopped:
                         break
             if pending is not None and not nan_step:
-                nan_step, stop_now = self.read_flags(*pending, bar)
+                nan_step, stop_now = self.read_status(*pending, bar)
                 stopped = stopped or stop_now
         finally:
             self.batches.close()  # the augmentation generator as if the batch prepared ahead had not been drawn
@@ -384,27 +391,14 @@ class Trainer:
         # DataLoader batches are on the host still: no device sync. Cache batches may already be on the GPU: their
         # undecodable rows were recorded at build time and named once when the run started
         if labels.device.type == "cpu" and (labels == common.BAD).any():
-            self.note_skipped(self.train_paths[k] for k in idx[labels == common.BAD].tolist())
+            self.skipped.note(self.train_paths[k] for k in idx[labels == common.BAD].tolist())
         x = model.model_input(x.to(self.device, non_blocking=True), self.normalizer, self.args.jitter, self.gen,
                               self.precision.channels_last, self.args.hed_jitter)
         return x, labels.to(self.device, non_blocking=True)
 
-    def note_skipped(self, paths):
-        """--skip-bad-images: name each undecodable file once on stderr and list it in runs/<id>/skipped_images.txt."""
-        new = sorted(set(paths) - self.skipped)
-        if not new:
-            return
-        self.skipped.update(new)
-        for path in new:  # tqdm.write: on a line of its own, not onto the progress bar
-            tqdm.write(f"warning: skipped unreadable {path} (--skip-bad-images; listed in "
-                       f"{self.run_dir / run_folder.SKIPPED})", file=sys.stderr)
-        if self.rank == 0:
-            common.atomic_write_text(self.run_dir / run_folder.SKIPPED,
-                                     "".join(f"{p}\n" for p in sorted(self.skipped)))
-
     @staticmethod
-    def read_flags(step, flags, bar):
-        nonfinite, loss, stop = flags.tolist()
+    def read_status(step, status, bar):
+        nonfinite, loss, stop = status.tolist()
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         return (step if nonfinite else None), bool(stop)
 
@@ -428,7 +422,7 @@ class Trainer:
             idx.append(i), labels.append(y), scores.append(torch.sigmoid(logits))
         i, y, s = (torch.cat(t).cpu() if t else torch.zeros(0) for t in (idx, labels, scores))  # one copy each
         bad = y == common.BAD
-        self.note_skipped(self.val_paths[k] for k in i[bad].long().tolist())
+        self.skipped.note(self.val_paths[k] for k in i[bad].long().tolist())
         idx, labels, scores = i[~bad].long().tolist(), y[~bad].long().tolist(), s[~bad].tolist()
         parts = [(idx, labels, scores, float(loss))] * self.world
         if self.world > 1:
@@ -436,24 +430,6 @@ class Trainer:
         by_index = {i: (y, s) for part in parts for i, y, s in zip(*part[:3])}
         y, s = (np.array([by_index[i][k] for i in sorted(by_index)]) for k in (0, 1))
         return y.astype(np.int64), s.astype(np.float64), sum(part[3] for part in parts) / max(len(y), 1)
-
-    def survey_stain(self) -> None:
-        """Once per run (rank 0, with a stain reference): stain_survey.json and one warning line naming the slides
-        whose DAB hue lies far from the reference's (staining.dab_hue_survey; no labels read, no HoldOut pixels)."""
-        where = self.run_dir / "stain_survey.json"
-        if not self.slides[1] or where.is_file():
-            return
-        normalizer = macenko_gpu.MacenkoNormalizer.from_state_dict(self.stain).to(self.device)
-        survey = staining.dab_hue_survey(*self.slides, normalizer, memo=self.survey_memo)
-        common.atomic_write_text(where, json.dumps(survey, indent=1) + "\n")
-        if survey["far"]:
-            angles, unmeasured = survey["angles"], sum(a is None for a in survey["angles"].values())
-            print(f"warning: stain: {len(survey['far'])} of {len(angles)} slides have a DAB hue more than "
-                  f"{survey['threshold_deg']:g} degrees from the reference's ("
-                  + ", ".join(f"{s} {angles[s]:.1f}" for s in survey["far"][:10])
-                  + f"{', ...' if len(survey['far']) > 10 else ''}): normalization keeps the reference's DAB "
-                  f"vector, so their DAB amount changes; consider --reference-patch with tiles of several slides "
-                  f"({unmeasured} slides show too little DAB to measure; {where})", file=sys.stderr)
 
     def fit(self) -> int:
         """The epoch loop; returns the exit code."""
@@ -467,8 +443,10 @@ class Trainer:
                   f"{self.config['pos_weight']:.2f}), validation {self.counts[2]} windows ({self.counts[3]} positive); "
                   f"{self.world} x {self.device}, amp {self.precision.dtype if self.precision.amp else 'off'}, commit "
                   f"{self.config['environment']['git_commit']}; {self.feed}", file=sys.stderr)
-        self.note_skipped(self.recorded_bad)
-        self.survey_stain()
+        self.skipped.note(self.recorded_bad)
+        if self.slides[1]:  # once per run, rank 0, with a stain reference; no labels read, no HoldOut pixels
+            staining.survey_run(self.run_dir / "stain_survey.json", *self.slides, self.stain, self.device,
+                                self.survey_memo)
         while self.epoch < self.args.epochs:
             start = time.perf_counter()
             nan_step, stopped = self.train_epoch()
@@ -613,7 +591,7 @@ def prepare_cache(args, data, plan, device) -> None:
     elif packed_cache.prepare_in(args.cache_base, data, args.image_size, workers, args.cache_normalized,
                                  args.reference_patch, device) is None:
         args.cache, args.cache_normalized = None, False
-        plan["samples"][2].update(cache=None, cache_normalized=False)  # config.json says what was trained from
+        plan["samples"].config.update(cache=None, cache_normalized=False)  # config.json: what was trained from
 
 
 def main(argv=None) -> int:

@@ -49,7 +49,7 @@ def read_csv(path: Path) -> list[dict]:
 
 EVAL_FILES = ("predictions.csv", "patients.csv", "metrics.json")
 # The flags of a fold's own evaluation that change what is pooled (its scores, its patient scores and decisions)
-REUSE_FLAGS = ("top_k", "top_share", "no_amp", "skip_bad_images")
+REUSE_FLAGS = ("top_k", "top_share", "amp", "skip_bad_images")
 
 
 def read_fold(run: Path, eval_dir: Path | None = None, flag: str = "--cv") -> Fold:

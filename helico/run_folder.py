@@ -201,6 +201,26 @@ def previously_skipped(run_dir: Path) -> set[str]:
     return set(skipped.read_text().splitlines()) if skipped.is_file() else set()
 
 
+class Skipped:
+    """--skip-bad-images: each undecodable file named once on stderr and listed in the run folder's
+    skipped_images.txt (kept across resumes); only the process that writes the run folder writes the list."""
+
+    def __init__(self, run_dir: Path, writes: bool):
+        self.run_dir, self.writes, self.paths = run_dir, writes, previously_skipped(run_dir)
+
+    def note(self, paths) -> None:
+        from tqdm import tqdm  # tqdm.write: on a line of its own, not onto the progress bar
+        new = sorted(set(paths) - self.paths)
+        if not new:
+            return
+        self.paths.update(new)
+        for path in new:
+            tqdm.write(f"warning: skipped unreadable {path} (--skip-bad-images; listed in "
+                       f"{self.run_dir / SKIPPED})", file=sys.stderr)
+        if self.writes:
+            common.atomic_write_text(self.run_dir / SKIPPED, "".join(f"{p}\n" for p in sorted(self.paths)))
+
+
 # ----------------------------------------------------------------------------------------------- stop signals
 STOP = threading.Event()  # set by the signal handler, read between steps
 STOPPED_BY: list[str] = []  # the signal that set it, for the closing line

@@ -170,6 +170,26 @@ def dab_hue_survey(root, samples, normalizer, per_slide: int = SURVEY_PATCHES, m
                       lambda survey: isinstance(survey["angles"], dict))
 
 
+def survey_run(where: Path, root, samples, stain_state: dict, device, memo: Path | None) -> None:
+    """A training run's survey, once: `where` (stain_survey.json) and one warning line naming the slides whose DAB
+    hue lies far from the reference's; nothing when `where` already exists."""
+    import sys
+    import macenko_gpu
+    if where.is_file():
+        return
+    normalizer = macenko_gpu.MacenkoNormalizer.from_state_dict(stain_state).to(device)
+    survey = dab_hue_survey(root, samples, normalizer, memo=memo)
+    common.atomic_write_text(where, json.dumps(survey, indent=1) + "\n")
+    if survey["far"]:
+        angles, unmeasured = survey["angles"], sum(a is None for a in survey["angles"].values())
+        print(f"warning: stain: {len(survey['far'])} of {len(angles)} slides have a DAB hue more than "
+              f"{survey['threshold_deg']:g} degrees from the reference's ("
+              + ", ".join(f"{s} {angles[s]:.1f}" for s in survey["far"][:10])
+              + f"{', ...' if len(survey['far']) > 10 else ''}): normalization keeps the reference's DAB "
+              f"vector, so their DAB amount changes; consider --reference-patch with tiles of several slides "
+              f"({unmeasured} slides show too little DAB to measure; {where})", file=sys.stderr)
+
+
 def _surveyed(root, picks: dict, normalizer, per_slide: int) -> dict:
     """dab_hue_survey's survey of `picks` (slide -> paths), decoded here."""
     slides, angles = list(picks), {}
