@@ -306,11 +306,8 @@ def stain_check(m: Model, root: Path, samples) -> dict | None:
         return None
     survey = staining.dab_hue_survey(root, samples, m.normalizer)
     if survey["far"]:
-        print(f"warning: stain: {len(survey['far'])} of {len(survey['angles'])} new slides have a DAB hue more than "
-              f"{survey['threshold_deg']:g} degrees from the checkpoint's reference ("
-              + ", ".join(f"{s} {survey['angles'][s]:.1f}" for s in survey["far"][:10])
-              + "): their DAB amount changes under normalization, so their calls deserve a second look",
-              file=sys.stderr)
+        print(staining.far_warning(survey, "new slides", "their DAB amount changes under normalization, so their "
+                                   "calls deserve a second look"), file=sys.stderr)
     return survey
 
 

@@ -181,13 +181,18 @@ def survey_run(where: Path, root, samples, stain_state: dict, device, memo: Path
     survey = dab_hue_survey(root, samples, normalizer, memo=memo)
     common.atomic_write_text(where, json.dumps(survey, indent=1) + "\n")
     if survey["far"]:
-        angles, unmeasured = survey["angles"], sum(a is None for a in survey["angles"].values())
-        print(f"warning: stain: {len(survey['far'])} of {len(angles)} slides have a DAB hue more than "
-              f"{survey['threshold_deg']:g} degrees from the reference's ("
-              + ", ".join(f"{s} {angles[s]:.1f}" for s in survey["far"][:10])
-              + f"{', ...' if len(survey['far']) > 10 else ''}): normalization keeps the reference's DAB "
-              f"vector, so their DAB amount changes; consider --reference-patch with tiles of several slides "
-              f"({unmeasured} slides show too little DAB to measure; {where})", file=sys.stderr)
+        unmeasured = sum(a is None for a in survey["angles"].values())
+        print(far_warning(survey, "slides", "normalization keeps the reference's DAB vector, so their DAB amount "
+                          "changes; consider --reference-patch with tiles of several slides "
+                          f"({unmeasured} slides show too little DAB to measure; {where})"), file=sys.stderr)
+
+
+def far_warning(survey: dict, slides: str, advice: str) -> str:
+    """The one warning line naming the surveyed slides whose DAB hue lies far from the reference's."""
+    far, angles = survey["far"], survey["angles"]
+    return (f"warning: stain: {len(far)} of {len(angles)} {slides} have a DAB hue more than "
+            f"{survey['threshold_deg']:g} degrees from the reference's ("
+            + ", ".join(f"{s} {angles[s]:.1f}" for s in far[:10]) + f"{', ...' if len(far) > 10 else ''}): {advice}")
 
 
 def _surveyed(root, picks: dict, normalizer, per_slide: int) -> dict:
