@@ -3,10 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := demo_data
-# CPU demo training: 64 px, Macenko, 15 epochs from random init on the 21 training patients (36-patient demo split
-# 21/8/7), then the patient model: the whole `make demo` 2 min 23 s on 2 idle cores with .venv built; seed 0: best
-# epoch 12 (validation PR-AUC 0.864 on the annotated windows), test PR-AUC 0.924 on the annotated windows, 0.886 on
-# all labelled patches (three seeds and how the numbers depend on the CPU: README).
+# CPU demo training: 64 px, Macenko, 15 epochs from random init (no download), small enough for any laptop; what it
+# prints, and how the numbers depend on the CPU and the seed: docs/BENCHMARKS.md.
 DEMO_TRAIN_FLAGS ?= --image-size 64 --batch-size 32 --weights none --epochs 15 --lr 1e-3
 
 .PHONY: demo test clean rsync slurm gpu-check
