@@ -75,7 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="inference batch; lower it if the GPU runs out of "
                    "memory")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes decoding "
-                   "PNGs; most CPU cores of the node (0 = in the main process; default: %(default)s)")
+                   "PNGs; most CPU cores of the node (0 = in the main process)")
     common.add_device_flag(p, what="where the patches are scored")
     common.add_amp_flag(p, "the run's own precision on CUDA (the thresholds were chosen on those scores), off on CPU",
                         "--no-amp is slower and its scores match a float32 run")

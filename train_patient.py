@@ -98,7 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "patch model's penultimate layer, training bags from the patches it never trained on; imagenet: "
                    "the same architecture with torchvision's ImageNet weights, frozen (needs them in torchvision's "
                    f"cache on an offline node); {', '.join(encoders.NAMES)}: that pathology foundation encoder, or "
-                   "timm:ARCH any timm model, with --encoder-weights (needs timm: pip install timm). Default: %(default)s")
+                   "timm:ARCH any timm model, with --encoder-weights (needs timm: pip install timm)")
     p.add_argument("--encoder-weights", metavar="FILE", help="the foundation encoder's weights (.bin/.pt or "
                    ".safetensors, as published), read from disk: nothing is downloaded")
     p.add_argument("--allow-seen-patches", action="store_true", help="with --features checkpoint of a patch run "

@@ -73,9 +73,9 @@ def test_gpu_check_without_cuda_exits_2_at_once_in_one_line(capsys, tmp_path, mo
     assert "--stages resume,warp: unknown warp" in capsys.readouterr().err
 
 
-COMMANDS = ("train", "train_patient", "evaluate", "audit_leakage", "stain", "patch_cache", "make_demo_data", "bench",
+COMMANDS = ("train", "train_patient", "evaluate", "predict", "audit_leakage", "stain", "patch_cache", "make_demo_data", "bench",
             "bench_patient", "bench_startup", "gpu_check", "stain_check")
-WITH_DEVICE = ("train", "train_patient", "evaluate", "stain", "patch_cache", "bench", "bench_patient", "gpu_check",
+WITH_DEVICE = ("train", "train_patient", "evaluate", "predict", "stain", "patch_cache", "bench", "bench_patient", "gpu_check",
                "audit_leakage")  # the audit accepts train.py's flags, unlisted
 
 

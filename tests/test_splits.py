@@ -107,7 +107,7 @@ def test_two_part_split_is_flagged_as_having_no_untouched_set(data, groups):
 
 @pytest.mark.parametrize("kwargs,message", [({"folds": 5, "fold": 5}, "--folds 5 --fold 5"),
                                             ({"folds": 1, "fold": 0}, "--folds 1"),
-                                            ({"fold": 3}, "--folds None --fold 3"),
+                                            ({"fold": 3}, "--fold 3: give the number of folds too"),
                                             ({"val_frac": 1.5}, "--val-frac 1.5"),
                                             ({"val_frac": 0.5, "test_frac": 0.5}, "--test-frac 0.5"),
                                             ({"folds": 5, "fold": 1, "test_frac": 0.3}, "--test-frac 0.3 with --folds")])

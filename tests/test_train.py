@@ -637,7 +637,7 @@ def test_validation_copies_its_results_to_the_host_once_not_per_batch(monkeypatc
     skipped = []
     fake = SimpleNamespace(raw=net, world=1, val_loader=batches, device=torch.device("cpu"), normalizer=None,
                            precision=model.precision(torch.device("cpu"), amp=False), pos_weight=torch.tensor(2.0),
-                           val_paths=[f"p{k}" for k in range(20)], note_skipped=lambda ps: skipped.extend(ps))
+                           val_paths=[f"p{k}" for k in range(20)], skipped=SimpleNamespace(note=lambda ps: skipped.extend(ps)))
     calls, real = [], torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or real(self))
     y, s, loss = train.Trainer.validate(fake)
