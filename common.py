@@ -733,7 +733,7 @@ BAD = -100  # label of a patch that could not be decoded (only with skip_bad)
 
 
 class PatchDataset:
-    """uint8 (3, H, W) tensors (RGBA/grey -> RGB, off-size -> resized), label and sample index.
+    """uint8 (3, H, W) tensors (RGBA/gray -> RGB, off-size -> resized), label and sample index.
 
     Workers only decode: stain normalization, jitter and ImageNet normalization run batched on the device."""
 
@@ -749,7 +749,7 @@ class PatchDataset:
         path = self.root / self.samples[idx].path
         try:
             with Image.open(path) as im:
-                # convert drops alpha (RGBA patches are opaque) and expands grey/palette; on RGB it would only copy
+                # convert drops alpha (RGBA patches are opaque) and expands gray/palette; on RGB it would only copy
                 im = im if im.mode == "RGB" else im.convert("RGB")
                 if self.image_size and im.size != (self.image_size, self.image_size):
                     im = im.resize((self.image_size, self.image_size), Image.BILINEAR)

@@ -17,7 +17,7 @@ Modes (mode=..., stored in the state; every mode is one batched pass, no per-ima
     noise rescaled to the reference's brown. Per patch, not per slide: what is left to estimate (hematoxylin's
     direction and 99th percentile) is set by the thousands of hematoxylin pixels of any tissue patch, and
     per-slide matrices would need slide ids and a pre-pass through the data path.
-  * "macenko": canonical HEnorm/torchstain Macenko on every patch (matches torchstain within 2 grey levels on
+  * "macenko": canonical HEnorm/torchstain Macenko on every patch (matches torchstain within 2 gray levels on
     tissue-rich tiles). On IHC it paints DAB-free nuclei brown and, with a sparse-DAB reference, loses bacteria.
   * "auto": the previous default (single-stain tiles keep one stain), kept only so checkpoints trained with it
     normalize as they were trained; it turns sparse rods blue (projected onto hematoxylin). Not for new runs.
@@ -75,7 +75,7 @@ SETTINGS = ("mode", "io", "alpha", "beta", "dab_scale", "single_stain_angle", "s
 
 def ieee_fp32(method):
     """Run `method` with CUDA float32 matmuls in full IEEE precision, whatever the caller allowed: train.py allows
-    TF32 for the network, and TF32 in Macenko's bmm moved ~1% of output values by one grey level, so train.py's
+    TF32 for the network, and TF32 in Macenko's bmm moved ~1% of output values by one gray level, so train.py's
     normalized patches differed from evaluate.py's and patch_cache.py's (a cache's bytes depended on which script
     built it). PyTorch's newer fp32_precision API only: mixing it with allow_tf32 raises."""
     @functools.wraps(method)
@@ -537,7 +537,7 @@ def _check_uint8(x, ndim, what):
 
 def load_rgb(path) -> torch.Tensor:
     """PNG/JPEG/TIFF -> uint8 (3, H, W) RGB tensor. Transparency is composited onto white (background, not
-    tissue); grey images are replicated to three channels. Raises ValueError naming the file if unreadable."""
+    tissue); gray images are replicated to three channels. Raises ValueError naming the file if unreadable."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")

@@ -19,7 +19,7 @@
 #                                 # every fold ended well, one job: runs/27-cv/ (evaluate.py --cv) and
 #                                 # runs/27-ensemble/ (evaluate.py --holdout --ensemble)
 #   bash run_h_pylori.sh --finish-cv --run-id 27 --folds 5   # that last step by hand (after rerunning a failed fold)
-#   # no SLURM, no GPU, no internet, after `make demo` (which writes demo_data); 6 min on 2 busy cores:
+#   # no SLURM, no GPU, no internet, after `make demo` (which writes demo_data) (a few minutes on a laptop):
 #   HELICO_DATA=demo_data bash run_h_pylori.sh --run-id try-cpu --device cpu --weights none --image-size 64 --epochs 1
 #   bash run_h_pylori.sh --stage-only          # only stage (pre-warm a node); prints the staged path
 #   bash run_h_pylori.sh --clean-stage         # remove this node's staged copy of HELICO_DATA (and its caches)

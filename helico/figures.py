@@ -45,7 +45,7 @@ def plot_learning_curves(records: list[dict], path, chosen: int | None = None) -
         ax.set(xlabel="epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs, never "epoch 1.25"
     if "dummy_pr_auc" in records[-1]:
-        val.axhline(records[-1]["dummy_pr_auc"], ls="--", c="grey", label="dummy PR-AUC (prevalence)")
+        val.axhline(records[-1]["dummy_pr_auc"], ls="--", c="gray", label="dummy PR-AUC (prevalence)")
     loss.set(title="loss (BCE, positive-weighted)")
     val.set(title="validation", ylim=(0, 1.02))
     for ax in (loss, val):
@@ -82,8 +82,8 @@ def write_figures(folder: Path, pred, result: dict, patient_rows: list[dict], pa
             ax_pr.plot(*metrics.pr_step_curve(cy, cs), label=f"{name} (AP {metrics.average_precision(cy, cs):.3f})")
         ax_roc.plot(c["fpr"], c["tpr"], drawstyle="steps-post", label=f"{name} (AUC {metrics.roc_auc(cy, cs):.3f})")
     if _two_classes(y):
-        ax_pr.axhline(y.mean(), ls=":", c="grey", label=f"chance (prevalence {y.mean():.2f})")
-    ax_roc.plot([0, 1], [0, 1], ls=":", c="grey", label="chance")
+        ax_pr.axhline(y.mean(), ls=":", c="gray", label=f"chance (prevalence {y.mean():.2f})")
+    ax_roc.plot([0, 1], [0, 1], ls=":", c="gray", label="chance")
     name = {"val": "validation", "test": "test"}.get(part, part)
     for ax, xl, yl, title in ((ax_pr, "recall", "precision", f"Precision-recall, {name}"),
                               (ax_roc, "false positive rate", "true positive rate", f"ROC, {name}")):
@@ -140,7 +140,7 @@ def reliability(path, curves: dict) -> None:
     """Reliability diagram: per probability bin, mean predicted against observed share (metrics.calibration's bins),
     the diagonal being perfect calibration. curves: name -> calibration dict."""
     fig, ax = subplots(figsize=(5, 4.5))
-    ax.plot([0, 1], [0, 1], ls=":", c="grey", label="calibrated")
+    ax.plot([0, 1], [0, 1], ls=":", c="gray", label="calibrated")
     for name, cal in curves.items():
         b = cal["bins"]
         ax.plot([r["mean_predicted"] for r in b], [r["observed"] for r in b], "o-",

@@ -227,7 +227,7 @@ class Decoded(NamedTuple):
         return self.dhash is not None and self.stable_bits >= MIN_STABLE_BITS
 
 
-FLAT = 2              # grey levels: thumbnail neighbors this close are ordered by noise (re-encoding moves them)
+FLAT = 2              # gray levels: thumbnail neighbors this close are ordered by noise (re-encoding moves them)
 MIN_STABLE_BITS = 16  # of 64: fewer decided by the image itself (under a quarter), and its hash is noise or constant
 
 
@@ -249,7 +249,7 @@ def dhash(im) -> tuple[int, int]:
     """(a 64-bit perceptual difference hash, how many of its bits are stable): the image in grey, shrunk to 9x8, one
     bit per horizontal neighbor pair (left brighter than right). A re-encoded, recompressed or slightly re-colored
     copy keeps nearly every bit; two different tissue patches differ in about half of them. A bit is stable when its
-    neighbors differ by more than FLAT grey levels: in a near-uniform image most are not, and its hash is noise."""
+    neighbors differ by more than FLAT gray levels: in a near-uniform image most are not, and its hash is noise."""
     from PIL import Image
     g = np.asarray(im.convert("L").resize((9, 8), Image.BILINEAR), dtype=np.int16)
     step = g[:, :-1] - g[:, 1:]
