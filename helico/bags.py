@@ -192,6 +192,15 @@ def feature_network(ckpt: dict, net, source: str, checkpoint_sha256: str, encode
     return model.penultimate(net)[0].eval(), checkpoint_sha256
 
 
+def extraction_precision(ckpt: dict, source: str, device, amp: bool | None = None):
+    """The precision features are extracted under: the patch run's own (model.scoring_precision) for its features; a
+    foundation encoder's autocast on CUDA whatever the patch run did (its features feed no stored threshold). `amp`
+    True or False (--amp/--no-amp) overrides either."""
+    if encoders.is_encoder(source):
+        return model.precision(device, amp=device.type == "cuda" if amp is None else amp)
+    return model.scoring_precision(ckpt, device, amp)
+
+
 def ensure(checkpoint_path, sha: str, ckpt: dict, net, normalizer, source: str, data, patients, device, *,
            batch_size: int, workers: int, skip_bad: bool = False, cache=None, amp: bool | None = None,
            resident_max_frac: float = feeds.DEFAULT_MAX_FRAC, expected_key: str | None = None,
@@ -206,9 +215,7 @@ def ensure(checkpoint_path, sha: str, ckpt: dict, net, normalizer, source: str, 
     if expected_key is not None and key != expected_key:
         return None
     folder = patient_dir(checkpoint_path) / "bags" / key[:16]
-    # a foundation encoder runs in bf16 on a GPU whatever the patch run did: its features feed no stored threshold
-    precision = model.precision(device, amp=device.type == "cuda" if amp is None else amp) \
-        if encoders.is_encoder(source) else model.scoring_precision(ckpt, device, amp)
+    precision = extraction_precision(ckpt, source, device, amp)
     stats = extract(body, normalizer, data.root, patient_samples(data, patients), folder, key,
                     int(ckpt["image_size"]), device, batch_size=batch_size, workers=workers, skip_bad=skip_bad,
                     cache=cache, precision=precision,

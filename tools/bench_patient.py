@@ -57,6 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a patch checkpoint: also time the feature extraction on its data")
     p.add_argument("--data-root", help="default: the checkpoint's")
     common.add_device_flag(p, what="where features are extracted")
+    common.add_amp_flag(p, "as train_patient.py extracts: the patch run's precision for its features, autocast on "
+                        "CUDA for a foundation encoder")
     p.add_argument("--batch-size", type=int, default=256, help="extraction batch")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="PNG-decoding processes")
     p.add_argument("--patches", type=int, default=2048, help="patches extracted (the first Cropped ones)")
@@ -113,7 +115,8 @@ def bench_extract(args, device) -> list[dict]:
         with tempfile.TemporaryDirectory() as folder:
             stats = bags.extract(body, normalizer.to(device) if normalizer else None, data.root, wanted, folder,
                                  "bench", int(ckpt["image_size"]), device, batch_size=args.batch_size,
-                                 workers=args.workers, precision=model.scoring_precision(ckpt, device))
+                                 workers=args.workers, precision=bags.extraction_precision(
+                                     ckpt, name, device, args.amp))
         out.append({"stage": "extract", "encoder": name, "img_s": stats["img_s"], "patches": stats["patches"],
                     "seconds": stats["seconds"], "image_size": int(ckpt["image_size"]),
                     "input_size": getattr(getattr(body, "spec", None), "input_size", int(ckpt["image_size"])),
