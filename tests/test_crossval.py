@@ -1,5 +1,4 @@
 """evaluate.py --cv: K fold runs of one split, each evaluated, their out-of-fold test predictions pooled."""
-import csv
 import json
 import shutil
 
@@ -8,6 +7,7 @@ import pytest
 
 import common
 from helico import crossval, ledger, metrics
+from helico.crossval import read_csv  # the one reader of the project's CSVs
 import evaluate
 import predict
 import train
@@ -24,11 +24,6 @@ K = 3
 def demo_root(small_demo_root):
     """K fold runs train and evaluate on it: the 12-patient demo (K test parts of 4 patients) serves."""
     return small_demo_root
-
-
-def read_csv(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """evaluate.py on the tiny trained demo run: every output parses, and every number is recomputed independently
 (scikit-learn on predictions.csv / patients.csv, file counts on disk, the checkpoint's own validation metrics)."""
-import csv
 import hashlib
 import json
 import math
@@ -18,6 +17,7 @@ from sklearn import metrics as skm
 import common
 import evaluate
 from helico import analysis, eval_report, gradcam, metrics, model, packed_cache, staining
+from helico.crossval import read_csv  # the one reader of the project's CSVs
 
 FAST = ["--device", "cpu", "--workers", "0", "--bootstrap", "200", "--seed", "0"]
 LEVELS = ("patch", "patch_at_0.5", "by_source.annotated", "by_source.supplemental", "patient", "selection.patient",
@@ -26,11 +26,6 @@ LEVELS = ("patch", "patch_at_0.5", "by_source.annotated", "by_source.supplementa
 
 def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def read_csv(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def level(metrics: dict, dotted: str) -> dict:

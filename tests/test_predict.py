@@ -1,6 +1,5 @@
 """predict.py and the decision stored with the model (decision.py): new patients get the call evaluate.py gives."""
 import base64
-import csv
 import io
 import shutil
 from html.parser import HTMLParser
@@ -16,16 +15,12 @@ import predict
 import train
 import train_patient
 from helico import decision, metrics
+from helico.crossval import read_csv  # the one reader of the project's CSVs
 
 # 32 px with Macenko (the stain check needs a reference), one epoch: a patch run and its patient model in seconds.
 PATCH_FLAGS = ["--device", "cpu", "--image-size", "32", "--batch-size", "16", "--weights", "none", "--workers", "0",
                "--seed", "0", "--limit-samples", "48", "--epochs", "1"]
 RUN = ["--device", "cpu", "--workers", "0"]
-
-
-def read_csv(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
