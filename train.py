@@ -575,7 +575,7 @@ def store_decision(args, data, device) -> None:
     pred = analysis.Predictions([s for s, k in zip(samples, ok) if k], np.array(["val"] * int(ok.sum())),
                                 np.zeros(int(ok.sum()), bool), np.ones(int(ok.sum()), bool), scores[ok])
     patients = analysis.patient_scores(pred, val, data.diagnosis, float(ckpt["threshold"]), 10)
-    rule = decision.choose_rule(patients)
+    rule = analysis.choose_patient_rule(patients)
     common.atomic_torch_save(common.slim(ckpt, decision.stored_rule(rule, patients, analysis.TOP_SHARE)), path)
     chosen = f"{rule['rule']} >= {rule['threshold']:.3f}" if rule["rule"] else f"none ({rule['reason']})"
     print(f"patient rule chosen on {len(val)} validation patients: {chosen}; stored in {path}", file=sys.stderr)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from helico import analysis
+from helico import analysis, metrics
 
 # Fewer readable patches than this and a patient gets no call: a top-10% mean of a handful of patches is one patch,
 # and a slide that lost most of its patches to unreadable files is not the slide the pathologist sent.
@@ -71,11 +71,6 @@ class Call:
 
 
 # ----------------------------------------------------------------------------------------------- choosing
-def choose_rule(rows: list[dict]) -> dict:
-    """train.py's choice of the patient rule, on analysis.patient_scores rows of the validation patients."""
-    return analysis.choose_patient_rule(rows)
-
-
 def stored_rule(rule: dict, rows: list[dict], top_share: float) -> dict:
     """What best.pt keeps under "decision": the rule, and each validation patient's rule score and label (what
     train_patient.py compares the patient model against, so it needs no patch scoring of its own)."""
@@ -86,11 +81,9 @@ def stored_rule(rule: dict, rows: list[dict], top_share: float) -> dict:
 
 
 def youden_at(y, s, threshold: float) -> float:
-    y, s = np.asarray(y, dtype=np.int64), np.asarray(s, dtype=np.float64)
-    if y.size == 0 or y.min() == y.max():
-        return float("nan")
-    pred = s >= threshold
-    return float(pred[y == 1].mean() + (~pred[y == 0]).mean() - 1)
+    """Youden's J of scores `s` at a fixed threshold (NaN with one class)."""
+    m = metrics.patient_metrics(y, s, threshold)
+    return float(m["sensitivity"] + m["specificity"] - 1)
 
 
 def choose_model(stored: dict | None, probability: dict[str, float], labels: dict[str, int]) -> dict:
