@@ -50,8 +50,8 @@ import torch
 import common
 from common import DataError
 from helico import (
-    analysis, bags, crossval, decision, eval_report, figures, gradcam, html_report, inference, loaders, mil, model,
-    staining
+    analysis, bags, crossval, decision, eval_report, figures, gradcam, html_report, identity, inference, loaders,
+    mil, model, staining
 )
 
 MARKERS = ("patients.csv",)  # an existing --out holding it was written here and may be replaced whole
@@ -141,17 +141,17 @@ def scan_input(root: Path) -> tuple[Path, dict[str, Patient]]:
 
 
 def check_images(root: Path, patients: dict[str, Patient]) -> None:
-    """Read each PNG's header: unreadable ones leave the patch list (named), off-size ones (not the most common size
-    of the input) are named and still scored after resizing, as in evaluation."""
-    from PIL import Image
+    """Read each PNG's header (identity.png_size): unreadable ones leave the patch list (named), off-size ones (not
+    the most common size of the input) are named and still scored after resizing, as in evaluation. Pixels that do
+    not decode are found, and named, by the scoring pass."""
     sizes = {}
     for p in patients.values():
         for rel in p.patches:
-            try:
-                with Image.open(root / rel) as im:
-                    sizes[rel] = im.size
-            except (OSError, SyntaxError, ValueError):
+            size = identity.png_size(root / rel)
+            if size is None:
                 p.unreadable.append(rel)
+            else:
+                sizes[rel] = size
     usual = Counter(sizes.values()).most_common(1)[0][0] if sizes else None
     for p in patients.values():
         p.patches = [rel for rel in p.patches if rel in sizes]
@@ -381,6 +381,8 @@ def run(args) -> int:
             owner = patients[samples[i].patient]
             if samples[i].path not in owner.unreadable:
                 owner.unreadable.append(samples[i].path)
+            if samples[i].path in owner.off_size:  # named once, as what it is: unreadable
+                owner.off_size.remove(samples[i].path)
         ok = np.isfinite(scores)
         fold_rows.append(patient_rows(m, patients, samples, scores, features, ok))
         first_scores = scores if first_scores is None else first_scores + scores
